@@ -1,0 +1,49 @@
+"""adjopt: sparse, large-scale, PDE-constrained adjoint optimization.
+
+A user with a parametric sparse system A(p) u = b(p) and an objective
+f(u, p) gets J(p), its gradient and Hessian-vector products at the cost of a
+handful of solves that share one factorization.
+"""
+
+import logging
+
+from .errors import (
+    AdjoptError,
+    CacheTooSmallError,
+    MissingDerivativeError,
+    NonFiniteError,
+    PatternError,
+    ShapeError,
+    SingularMatrixError,
+    SolverDidNotConverge,
+)
+from .functional import ReducedFunctional
+from .objectives import Compliance, Norm, Objective, SquaredMisfit
+from .operators import (
+    SIMP,
+    AffineVector,
+    CallbackMatrix,
+    CallbackVector,
+    ConstantVector,
+    ElementCoefficientMatrix,
+    ElementCoefficientVector,
+    Exp,
+    Identity,
+    ParametricMatrix,
+)
+from .problem import Problem
+from .solvers import DirectSolver
+from .verify import check_hessian_symmetry, taylor_test
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "ReducedFunctional", "Problem", "taylor_test", "check_hessian_symmetry",
+    "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "Identity", "Exp", "SIMP",
+    "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector",
+    "Objective", "Norm", "SquaredMisfit", "Compliance", "DirectSolver",
+    "AdjoptError", "ShapeError", "NonFiniteError", "PatternError", "SingularMatrixError",
+    "SolverDidNotConverge", "MissingDerivativeError", "CacheTooSmallError",
+]

@@ -1,0 +1,50 @@
+"""Exceptions raised by adjopt.
+
+Every error says what went wrong and what to do about it. They subclass the
+built-in exception a user would expect (``ValueError`` for bad input,
+``RuntimeError`` for numerical failures), so ``except ValueError`` still works.
+"""
+
+from __future__ import annotations
+
+
+class AdjoptError(Exception):
+    """Base class of all adjopt errors."""
+
+
+class ShapeError(AdjoptError, ValueError):
+    """An array has the wrong shape or length."""
+
+
+class NonFiniteError(AdjoptError, ValueError):
+    """An input or intermediate array holds NaN or Inf."""
+
+
+class PatternError(AdjoptError, ValueError):
+    """Connectivity, pattern and local matrices do not fit together."""
+
+
+class SingularMatrixError(AdjoptError, RuntimeError):
+    """The system matrix is singular to working precision."""
+
+
+class SolverDidNotConverge(AdjoptError, RuntimeError):
+    """An iterative solve did not reach its tolerance.
+
+    Attributes
+    ----------
+    residuals : list of float
+        The relative residual history of the failed solve.
+    """
+
+    def __init__(self, message: str, residuals=None):
+        super().__init__(message)
+        self.residuals = list(residuals) if residuals is not None else []
+
+
+class MissingDerivativeError(AdjoptError, NotImplementedError):
+    """A derivative that a computation needs was not provided."""
+
+
+class CacheTooSmallError(AdjoptError, ValueError):
+    """The state cache limit is below the size of a single entry."""

@@ -1,0 +1,20 @@
+"""Parametric sparse matrices A(p) and right-hand sides b(p)."""
+
+from .base import ParametricMatrix
+from .callback import CallbackMatrix
+from .coefficients import SIMP, Coefficient, Exp, Identity
+from .element import ElementCoefficientMatrix
+from .vectors import (
+    AffineVector,
+    CallbackVector,
+    ConstantVector,
+    ElementCoefficientVector,
+    ParametricVector,
+    as_vector,
+)
+
+__all__ = [
+    "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix",
+    "Coefficient", "Identity", "Exp", "SIMP",
+    "ParametricVector", "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector", "as_vector",
+]

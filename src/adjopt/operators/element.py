@@ -1,0 +1,202 @@
+"""Element-coefficient matrices: A(p) = A_0 + sum_e phi(p_e) K_e.
+
+One parameter per element; K_e is the element's local matrix scattered into
+the global pattern through its connectivity row (negative entries mark dofs
+removed by Dirichlet condensation and are skipped). With
+
+    a_e(w, z) = w_e^T K_e z_e
+
+the derivatives are diagonal in the elements:
+
+    contract(p, w, z)_e = phi'(p_e) a_e(w, z)
+    second(p, w, z, dp)_e = phi''(p_e) dp_e a_e(w, z)
+    tangent values        = gather of dp_e phi'(p_e) K_e into the pattern.
+
+The pattern and the slot -> (element, local entry) map are built once;
+assembly is a parallel gather over CSR slots, so no two threads write the
+same entry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import PatternError
+from . import _kernels
+from .base import ParametricMatrix
+from .coefficients import Coefficient, as_coefficient
+
+logger = logging.getLogger(__name__)
+
+
+def _index_dtype(n: int):
+    return np.int32 if n < np.iinfo(np.int32).max else np.int64
+
+
+def build_slot_map(conn: np.ndarray, n: int, extra=None):
+    """Build the CSR pattern of the element scatter and its slot map.
+
+    Parameters
+    ----------
+    conn
+        (E, k) global dof indices; negative entries are skipped.
+    n
+        Matrix size.
+    extra
+        Optional sparse matrix whose pattern is added (e.g. A_0).
+
+    Returns
+    -------
+    indptr, indices, slot_ptr, slot_elem, slot_loc, extra_slots
+        CSR pattern; for each slot s the entries ``slot_ptr[s]:slot_ptr[s+1]``
+        of ``slot_elem``/``slot_loc`` list the (element, local entry k*a+b)
+        pairs that add into it; ``extra_slots`` maps the COO entries of
+        ``extra`` to slots.
+    """
+    n_elem, k = conn.shape
+    kk = k * k
+    rows = np.repeat(conn, k, axis=1).ravel()  # conn[e, a] at local entry a*k+b
+    cols = np.tile(conn, (1, k)).ravel()  # conn[e, b]
+    keep = (rows >= 0) & (cols >= 0)
+    entry = np.flatnonzero(keep)
+    keys = rows[keep].astype(np.int64) * n + cols[keep]
+    del rows, cols, keep
+    n_extra = 0
+    if extra is not None:
+        ex = sp.coo_array(extra)
+        n_extra = ex.nnz
+        keys = np.concatenate([keys, ex.row.astype(np.int64) * n + ex.col])
+    ukeys, inv = np.unique(keys, return_inverse=True)
+    del keys
+    urows = ukeys // n
+    idx_t = _index_dtype(max(n, ukeys.size))
+    indptr = np.zeros(n + 1, dtype=idx_t)
+    np.cumsum(np.bincount(urows, minlength=n), out=indptr[1:])
+    indices = (ukeys - urows * n).astype(idx_t)
+    inv_elem = inv[: entry.size]
+    extra_slots = inv[entry.size :] if n_extra else np.zeros(0, dtype=np.int64)
+    order = np.argsort(inv_elem, kind="stable")
+    slot_ptr = np.zeros(ukeys.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(inv_elem, minlength=ukeys.size), out=slot_ptr[1:])
+    sorted_entry = entry[order]
+    slot_elem = (sorted_entry // kk).astype(_index_dtype(n_elem))
+    slot_loc = (sorted_entry % kk).astype(np.int32)
+    return indptr, indices, slot_ptr, slot_elem, slot_loc, extra_slots
+
+
+class ElementCoefficientMatrix(ParametricMatrix):
+    """A(p) = A_0 + sum_e phi(p_e) K_e with one parameter per element.
+
+    Parameters
+    ----------
+    conn
+        (E, k) integer connectivity: global dof of each local dof; a negative
+        entry drops that local row and column (a condensed Dirichlet dof).
+    local
+        One (k, k) local matrix shared by all elements (congruent elements,
+        stored once) or (E, k, k) local matrices.
+    coefficient
+        phi as a :class:`~adjopt.operators.coefficients.Coefficient` or a name
+        ('identity', 'exp', 'simp'); default identity.
+    n
+        Number of rows (dofs); default ``conn.max() + 1``.
+    A0
+        Optional constant sparse n x n part.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from adjopt.operators import ElementCoefficientMatrix
+    >>> conn = np.array([[0, 1], [1, 2]])
+    >>> K = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    >>> A = ElementCoefficientMatrix(conn, K, A0=np.eye(3))
+    >>> A.assemble(np.array([2.0, 3.0])).toarray()
+    array([[ 3., -2.,  0.],
+           [-2.,  6., -3.],
+           [ 0., -3.,  4.]])
+    """
+
+    def __init__(self, conn, local, coefficient: Coefficient | str | None = None, n: int | None = None, A0=None):
+        conn = np.asarray(conn)
+        if conn.ndim != 2 or not np.issubdtype(conn.dtype, np.integer):
+            raise PatternError(f"conn must be an (n_elem, k) integer array, got dtype {conn.dtype} shape {conn.shape}")
+        n_elem, k = conn.shape
+        if n_elem == 0:
+            raise PatternError("conn has no elements")
+        local = np.asarray(local, dtype=np.float64)
+        if local.shape == (k, k):
+            estride = 0
+            local2 = np.ascontiguousarray(local.reshape(1, k * k))
+        elif local.shape == (n_elem, k, k):
+            estride = 1
+            local2 = np.ascontiguousarray(local.reshape(n_elem, k * k))
+        else:
+            raise PatternError(
+                f"local matrices must have shape ({k}, {k}) (shared) or ({n_elem}, {k}, {k}) (one per element) "
+                f"to match conn of shape {conn.shape}; got {local.shape}"
+            )
+        if not np.all(np.isfinite(local2)):
+            raise PatternError("local matrices contain NaN or Inf")
+        cmax = int(conn.max())
+        if n is None:
+            n = cmax + 1
+        if cmax >= n:
+            bad = int(np.argmax(conn.max(axis=1) >= n))
+            raise PatternError(f"element {bad} refers to dof {int(conn[bad].max())} but the matrix has only n={n} rows")
+        if A0 is not None:
+            A0 = sp.csr_array(A0)
+            if A0.shape != (n, n):
+                raise PatternError(f"A0 must have shape ({n}, {n}), got {A0.shape}")
+        idx_t = _index_dtype(max(n, n_elem))
+        self.conn = np.ascontiguousarray(conn, dtype=idx_t)
+        self.local = local2
+        self._estride = estride
+        self.k = k
+        self.coefficient = as_coefficient(coefficient)
+        self.affine = self.coefficient.affine
+        self.shape = (int(n), int(n))
+        self.n_params = n_elem
+        (self.indptr, self.indices, self._slot_ptr, self._slot_elem, self._slot_loc, extra_slots) = build_slot_map(
+            self.conn, n, A0
+        )
+        self._base = np.zeros(self.indices.shape[0])
+        if A0 is not None:
+            a0 = sp.coo_array(A0)
+            self._base += np.bincount(extra_slots, weights=a0.data, minlength=self._base.size)
+        self._zero = np.zeros_like(self._base)
+        logger.debug("ElementCoefficientMatrix: n=%d, %d elements, nnz=%d, shared local=%s", n, n_elem, self.nnz, estride == 0)
+
+    @property
+    def n_elements(self) -> int:
+        return self.n_params
+
+    def gather(self, coef: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
+        """CSR data of base + sum_e coef[e] K_e (the assembly kernel)."""
+        out = np.empty_like(self._base)
+        _kernels.gather_slots(
+            self._slot_ptr, self._slot_elem, self._slot_loc, self.local, self._estride,
+            np.ascontiguousarray(coef, dtype=np.float64), self._zero if base is None else base, out,
+        )
+        return out
+
+    def values(self, p) -> np.ndarray:
+        p = self.check_p(p)
+        return self.gather(self.coefficient(p), self._base)
+
+    def element_forms(self, w: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """a_e(w, z) = w_e^T K_e z_e for every element (columns summed)."""
+        out = np.empty(self.n_params)
+        _kernels.element_bilinear(self.conn, self.local, self._estride, _kernels.as_columns(w), _kernels.as_columns(z), out)
+        return out
+
+    def _contract(self, p, w, z):
+        return self.coefficient.d1(p) * self.element_forms(w, z)
+
+    def _tangent_values(self, p, dp):
+        return self.gather(dp * self.coefficient.d1(p))
+
+    def _second(self, p, w, z, dp):
+        return self.coefficient.d2(p) * dp * self.element_forms(w, z)

@@ -1,0 +1,136 @@
+"""The LinearSolver protocol and solve counters.
+
+A solver factorizes A once (``factorize(A) -> Factorization``) and the
+factorization solves with A and with A^T (``solve(rhs, transpose=True)``), so
+that the forward, adjoint, tangent and second-adjoint solves of one parameter
+value share it. Every factorization, solve and right-hand side is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._validate import check_finite
+from ..errors import ShapeError, SingularMatrixError
+
+SOLVE_KINDS = ("forward", "adjoint", "tangent", "second_adjoint", "other")
+
+
+@dataclass
+class SolverStats:
+    """Counters of a solver: factorizations, solves by kind, right-hand sides, time."""
+
+    factorizations: int = 0
+    factorization_time: float = 0.0
+    factor_nnz: int = 0
+    solves: Counter = field(default_factory=Counter)
+    rhs: Counter = field(default_factory=Counter)
+    solve_time: Counter = field(default_factory=Counter)
+
+    @property
+    def total_solves(self) -> int:
+        return sum(self.solves.values())
+
+    def reset(self) -> None:
+        """Set every counter to zero."""
+        self.__init__()
+
+    def as_dict(self) -> dict:
+        """Plain-dict view (for JSON)."""
+        return {
+            "factorizations": self.factorizations,
+            "factorization_time": self.factorization_time,
+            "factor_nnz": self.factor_nnz,
+            "solves": dict(self.solves),
+            "total_solves": self.total_solves,
+            "rhs": dict(self.rhs),
+            "solve_time": dict(self.solve_time),
+        }
+
+    def __str__(self):
+        kinds = ", ".join(f"{k}={v}" for k, v in self.solves.items())
+        return (
+            f"{self.factorizations} factorization(s) in {self.factorization_time:.3g} s; "
+            f"{self.total_solves} solve(s) [{kinds}] in {sum(self.solve_time.values()):.3g} s"
+        )
+
+
+class Factorization:
+    """A factorized matrix that solves with A and A^T. Subclasses implement :meth:`_solve`."""
+
+    #: relative residual above which the forward solve declares A singular
+    singular_residual = 1e-6
+
+    def __init__(self, A: sp.sparray, stats: SolverStats):
+        self.A = A
+        self.n = A.shape[0]
+        self.stats = stats
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the factorization (bytes, an estimate)."""
+        return 0
+
+    def solve(self, rhs, transpose: bool = False, kind: str = "other") -> np.ndarray:
+        """Solve A x = rhs (or A^T x = rhs) for (n,) or (n, k) right-hand sides."""
+        rhs = np.asarray(rhs, dtype=np.float64)
+        if rhs.ndim not in (1, 2) or rhs.shape[0] != self.n:
+            raise ShapeError(f"right-hand side must have shape ({self.n},) or ({self.n}, k), got {rhs.shape}")
+        check_finite(rhs, f"right-hand side of the {kind} solve")
+        t0 = time.perf_counter()
+        x = self._solve(rhs, transpose)
+        self.stats.solve_time[kind] += time.perf_counter() - t0
+        self.stats.solves[kind] += 1
+        self.stats.rhs[kind] += 1 if rhs.ndim == 1 else rhs.shape[1]
+        if not np.all(np.isfinite(x)):
+            raise SingularMatrixError(_singular_message("the solution has NaN or Inf entries"))
+        return x
+
+    def check_residual(self, x: np.ndarray, rhs: np.ndarray) -> None:
+        """Raise :class:`SingularMatrixError` if ||A x - rhs|| is not small relative to ||rhs||."""
+        r = np.linalg.norm(self.A @ x - rhs)
+        scale = np.linalg.norm(rhs)
+        if scale > 0 and r > self.singular_residual * scale:
+            raise SingularMatrixError(
+                _singular_message(f"the direct solve left a relative residual of {r / scale:.2g}")
+            )
+
+    def _solve(self, rhs, transpose):
+        raise NotImplementedError
+
+
+def _singular_message(detail: str) -> str:
+    return (
+        f"the system matrix A(p) is singular to working precision ({detail}). The likely cause is a "
+        "missing boundary condition (a pure-Neumann problem: give a Dirichlet boundary), or a "
+        "coefficient that vanishes on part of the domain (check p and the coefficient map)."
+    )
+
+
+class LinearSolver:
+    """Protocol: ``factorize(A) -> Factorization``; owns the :class:`SolverStats`."""
+
+    name = "abstract"
+
+    def __init__(self):
+        self.stats = SolverStats()
+
+    def factorize(self, A) -> Factorization:
+        A = sp.csr_array(A)
+        if A.shape[0] != A.shape[1]:
+            raise ShapeError(f"A must be square, got shape {A.shape}")
+        check_finite(A.data, "the values of A(p)")
+        t0 = time.perf_counter()
+        fac = self._factorize(A)
+        self.stats.factorization_time += time.perf_counter() - t0
+        self.stats.factorizations += 1
+        self.stats.factor_nnz += getattr(fac, "factor_nnz", 0)
+        return fac
+
+    def _factorize(self, A) -> Factorization:
+        raise NotImplementedError
