@@ -15,9 +15,12 @@ last ``window`` steps (the smallest, so the most asymptotic) at which
 
 * the expansion is asymptotic: r_k(h) <= 0.1 r_{k-1}(h) (the highest
   retained term dominates what it leaves), and
-* the remainder is clearly above round-off: r_k(h) >= noise (|J(p)| +
-  |J(p + h dp)| + the retained terms), ``noise = 1e3 eps`` by default
-  (raise it for badly conditioned A(p), whose solves carry more round-off).
+* the remainder is clearly above round-off: r_k(h) >= 100 sigma, where
+  sigma is the round-off of J evaluations measured at this p (three steps
+  of 1e-12 h0, where the true remainder is negligible, so that
+  |J(p + delta dp) - J(p) - delta g.dp| is pure round-off; this includes
+  the conditioning of the solves), and r_k(h) >= noise (|J(p)| + |J(p + h dp)|
+  + the retained terms) with ``noise = 1e3 eps``.
 
 If r_k is at round-off for every step, the expansion is exact to this order
 (J is a polynomial of degree < k along dp) and the test passes as ``exact``.
@@ -47,6 +50,7 @@ class TaylorResult:
     rate: float
     exact: bool
     tol: float
+    roundoff: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -63,7 +67,7 @@ class TaylorResult:
             lines.append(f"{h:11.4e} {r:12.4e} {rate:>7}  {'*' if u else ''}")
             prev = (h, r)
         verdict = "exact to this order (remainder at round-off)" if self.exact else f"observed rate {self.rate:.3f}"
-        lines.append(f"{verdict}: {'PASS' if self.passed else 'FAIL'}")
+        lines.append(f"{verdict} (round-off of J here: {self.roundoff:.1e}): {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
 
     __str__ = table
@@ -117,6 +121,8 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
     gdp = float(np.dot(J.gradient(p), dp)) if order >= 2 else 0.0
     dHd = float(np.dot(dp, J.hessp(p, dp))) if order == 3 else 0.0
     h = 0.1 * max(1.0, np.abs(p).max()) / dnorm if h0 is None else float(h0)
+    deltas = 1e-12 * h * np.array([1.0, 2.0, 3.0])
+    sigma = max(abs(J.value(p + d * dp) - J0 - d * gdp) for d in deltas)
 
     steps, rems, ok = [], [], []
     below = 0
@@ -126,7 +132,7 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
         partial = [Jh - sum(terms[: j + 1]) for j in range(order)]
         r = abs(partial[-1])
         r_prev = abs(partial[-2]) if order >= 2 else abs(J0) + abs(Jh)
-        floor = noise * (abs(J0) + abs(Jh) + sum(abs(t) for t in terms[1:]))
+        floor = max(noise * (abs(J0) + abs(Jh) + sum(abs(t) for t in terms[1:])), 100.0 * sigma)
         steps.append(h)
         rems.append(r)
         ok.append(r <= 0.1 * r_prev and r >= floor)
@@ -147,9 +153,10 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
     idx = np.flatnonzero(used)
     rates = np.log(rems[idx[:-1]] / rems[idx[1:]]) / np.log(steps[idx[:-1]] / steps[idx[1:]]) if idx.size >= 2 else np.array([])
     exact = good.size == 0 and below >= 2 and not np.any(ok)
-    exact = exact and bool(np.all(rems <= 1e3 * noise * (abs(J0) + np.abs(steps * gdp) + 1e-300)))
+    exact = exact and bool(np.all(rems <= 1e3 * max(noise * (abs(J0) + 1e-300), 100.0 * sigma) + 1e3 * noise * np.abs(steps * gdp)))
     rate = float(rates.min()) if rates.size >= 2 else float("nan")
-    res = TaylorResult(order=order, steps=steps, remainders=rems, used=used, rates=rates, rate=rate, exact=exact, tol=tol)
+    res = TaylorResult(order=order, steps=steps, remainders=rems, used=used, rates=rates, rate=rate, exact=exact,
+                       tol=tol, roundoff=sigma)
     logger.debug("%s", res.table())
     return res
 
