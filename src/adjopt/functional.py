@@ -13,6 +13,16 @@ Formulas (DESIGN.md); all solves of one p share one factorization of A(p):
 
 with C(w, z)_k = w^T (dA/dp_k) z. For k right-hand sides (b of shape (n, k))
 the same formulas hold column by column, with one multi-column solve.
+
+With a parameter map rho = M(p) in front of A and b (the objective keeps
+seeing p), the PDE terms are pulled back through M: with
+q = -C(lam, u) + (db/drho)^T lam, the rho-gradient of the PDE part,
+
+    grad J = df/dp + M'^T q
+    H dp   = f_pp dp + f_pu du + M'^T [-C(dl, u) - C(lam, du) - C2(lam, u, drho)
+             + (db/drho)^T dl + lam^T (d2b/drho2 . drho)] + M''[q, dp]
+
+where drho = M' dp drives the tangent and second-adjoint solves.
 """
 
 from __future__ import annotations
@@ -41,7 +51,9 @@ class _State:
     factorization: object
     b: np.ndarray
     u: np.ndarray
+    rho: np.ndarray
     lam: np.ndarray | None = None
+    q: np.ndarray | None = None  # rho-gradient of the PDE part, kept for hessp with a nonlinear map
 
     @property
     def nbytes(self) -> int:
@@ -66,6 +78,9 @@ class ReducedFunctional:
         A :class:`~adjopt.solvers.LinearSolver` or its name; default SuperLU.
     cache_bytes
         Bound of the state cache (factorizations, states, adjoints), LRU.
+    parameter_map
+        Optional :class:`~adjopt.maps.ParameterMap` rho = M(p) applied before A
+        and b (filters, projections, nodal -> element); the objective sees p.
 
     Notes
     -----
@@ -75,7 +90,8 @@ class ReducedFunctional:
     Hessian action.
     """
 
-    def __init__(self, matrix: ParametricMatrix, rhs, objective: Objective, solver=None, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, matrix: ParametricMatrix, rhs, objective: Objective, solver=None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, parameter_map=None):
         if not isinstance(matrix, ParametricMatrix):
             raise TypeError(f"matrix must be a ParametricMatrix, got {type(matrix).__name__}")
         if not isinstance(objective, Objective):
@@ -87,13 +103,19 @@ class ReducedFunctional:
         if self.rhs.n_params is not None and self.rhs.n_params != matrix.n_params:
             raise PatternError(f"b(p) takes {self.rhs.n_params} parameters but A(p) takes {matrix.n_params}")
         self.objective = objective
+        self.map = parameter_map
+        if parameter_map is not None and parameter_map.n_out != matrix.n_params:
+            raise PatternError(
+                f"the parameter map produces {parameter_map.n_out} values but A(rho) takes {matrix.n_params} parameters"
+            )
         self.solver = make_solver(solver)
         self.cache = StateCache(cache_bytes)
 
     # -- bookkeeping -------------------------------------------------------------
     @property
     def n_params(self) -> int:
-        return self.matrix.n_params
+        """Length of p (the map's input when there is a map)."""
+        return self.matrix.n_params if self.map is None else self.map.n_in
 
     @property
     def stats(self):
@@ -110,12 +132,13 @@ class ReducedFunctional:
         st = self.cache.get(p)
         if st is not None:
             return st
-        A = self.matrix.assemble(p)
+        rho = p if self.map is None else self.map.forward(p)
+        A = self.matrix.assemble(rho)
         fac = self.solver.factorize(A)
-        b = self.rhs.value(p)
+        b = self.rhs.value(rho)
         u = fac.solve(b, kind="forward")
         fac.check_residual(u, b)
-        st = _State(A=A, factorization=fac, b=b, u=u)
+        st = _State(A=A, factorization=fac, b=b, u=u, rho=rho)
         self.cache.put(p, st)
         return st
 
@@ -124,6 +147,16 @@ class ReducedFunctional:
             rhs = self.objective.grad_u(st.u, p)
             st.lam = st.factorization.solve(rhs, transpose=True, kind="adjoint")
         return st.lam
+
+    def _pde_gradient(self, p: np.ndarray, st: _State) -> np.ndarray:
+        """q = -C(lam, u) + (db/drho)^T lam, the gradient of the PDE part with respect to rho."""
+        if st.q is None:
+            lam = self._adjoint(p, st)
+            q = -self.matrix.contract(st.rho, lam, st.u)
+            if self.rhs.depends_on_p:
+                q = q + self.rhs.vjp(st.rho, lam)
+            st.q = q
+        return st.q
 
     # -- public API ----------------------------------------------------------------
     def state(self, p) -> np.ndarray:
@@ -148,10 +181,8 @@ class ReducedFunctional:
         """grad J(p) = df/dp - C(lam, u) + (db/dp)^T lam."""
         p = self._p(p)
         st = self._state(p)
-        lam = self._adjoint(p, st)
-        g = self.objective.grad_p(st.u, p) - self.matrix.contract(p, lam, st.u)
-        if self.rhs.depends_on_p:
-            g = g + self.rhs.vjp(p, lam)
+        q = self._pde_gradient(p, st)
+        g = self.objective.grad_p(st.u, p) + (q if self.map is None else self.map.vjp(p, q))
         check_finite(g, "the gradient")
         return g
 
@@ -165,18 +196,26 @@ class ReducedFunctional:
         dp = as_parameter(dp, self.n_params, "dp")
         st = self._state(p)
         lam = self._adjoint(p, st)
-        u, M, f, b = st.u, self.matrix, self.objective, self.rhs
-        rhs_t = -M.tangent(p, dp, u)
+        u, rho, M, f, b, pmap = st.u, st.rho, self.matrix, self.objective, self.rhs, self.map
+        drho = dp if pmap is None else pmap.jvp(p, dp)
+        rhs_t = -M.tangent(rho, drho, u)
         if b.depends_on_p:
-            rhs_t = rhs_t + b.jvp(p, dp)
+            rhs_t = rhs_t + b.jvp(rho, drho)
         du = st.factorization.solve(rhs_t, kind="tangent")
-        rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp) - M.tangent_transpose(p, dp, lam)
+        rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp) - M.tangent_transpose(rho, drho, lam)
         dl = st.factorization.solve(rhs_a, transpose=True, kind="second_adjoint")
-        h = f.hess_pp(u, p, dp) + f.hess_pu(u, p, du) - M.contract(p, dl, u) - M.contract(p, lam, du)
+        h_rho = -M.contract(rho, dl, u) - M.contract(rho, lam, du)
         if not M.affine:
-            h = h - M.second(p, lam, u, dp)
+            h_rho = h_rho - M.second(rho, lam, u, drho)
         if b.depends_on_p:
-            h = h + b.vjp(p, dl) + b.second(p, lam, dp)
+            h_rho = h_rho + b.vjp(rho, dl) + b.second(rho, lam, drho)
+        h = f.hess_pp(u, p, dp) + f.hess_pu(u, p, du)
+        if pmap is None:
+            h = h + h_rho
+        else:
+            h = h + pmap.vjp(p, h_rho)
+            if not pmap.affine:
+                h = h + pmap.second(p, self._pde_gradient(p, st), dp)
         check_finite(h, "the Hessian action")
         return h
 

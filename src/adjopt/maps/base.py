@@ -1,0 +1,139 @@
+"""The parameter-map contract and composition.
+
+A map rho = M(p), R^m -> R^r, provides
+
+    forward(p)         = M(p)                               (r,)
+    jvp(p, dp)         = M'(p) dp                           (r,)
+    vjp(p, g)          = M'(p)^T g                          (m,)
+    second(p, g, dp)   = sum_i g_i (d2 M_i / dp2) dp        (m,)
+
+For a composition rho = M2(M1(p)) the chain rule gives
+
+    vjp     = M1'^T M2'^T g
+    second  = M1''[M2'^T g, dp] + M1'^T M2''[g, M1' dp]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._validate import as_parameter
+from ..errors import PatternError, ShapeError
+
+
+class ParameterMap:
+    """A differentiable map p (length ``n_in``) -> rho (length ``n_out``)."""
+
+    n_in: int
+    n_out: int
+    #: True when M is affine (second-order term zero)
+    affine: bool = False
+
+    def forward(self, p) -> np.ndarray:
+        raise NotImplementedError
+
+    def jvp(self, p, dp) -> np.ndarray:
+        raise NotImplementedError
+
+    def vjp(self, p, g) -> np.ndarray:
+        raise NotImplementedError
+
+    def second(self, p, g, dp) -> np.ndarray:
+        if self.affine:
+            return np.zeros(self.n_in)
+        raise NotImplementedError
+
+    __call__ = forward
+
+    def check_p(self, p, name="p") -> np.ndarray:
+        return as_parameter(p, self.n_in, name)
+
+    def check_out(self, g, name="g") -> np.ndarray:
+        g = np.asarray(g, dtype=np.float64)
+        if g.shape != (self.n_out,):
+            raise ShapeError(f"{name} must have length {self.n_out} (the map's output), got shape {g.shape}")
+        return g
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.n_in} -> {self.n_out})"
+
+
+class IdentityMap(ParameterMap):
+    """rho = p."""
+
+    affine = True
+
+    def __init__(self, n: int):
+        self.n_in = self.n_out = int(n)
+
+    def forward(self, p):
+        return self.check_p(p)
+
+    def jvp(self, p, dp):
+        return self.check_p(dp, "dp")
+
+    def vjp(self, p, g):
+        return self.check_out(g)
+
+
+class Compose(ParameterMap):
+    """rho = M_k(...M_2(M_1(p))): maps applied left to right."""
+
+    def __init__(self, maps):
+        maps = list(maps)
+        if not maps:
+            raise ValueError("compose() needs at least one map")
+        for a, b in zip(maps, maps[1:]):
+            if a.n_out != b.n_in:
+                raise PatternError(f"cannot compose {a!r} with {b!r}: {a.n_out} outputs feed {b.n_in} inputs")
+        self.maps = maps
+        self.n_in, self.n_out = maps[0].n_in, maps[-1].n_out
+        self.affine = all(m.affine for m in maps)
+
+    def _inputs(self, p):
+        xs = [self.check_p(p)]
+        for m in self.maps[:-1]:
+            xs.append(m.forward(xs[-1]))
+        return xs
+
+    def forward(self, p):
+        x = self.check_p(p)
+        for m in self.maps:
+            x = m.forward(x)
+        return x
+
+    def jvp(self, p, dp):
+        xs = self._inputs(p)
+        d = self.check_p(dp, "dp")
+        for m, x in zip(self.maps, xs):
+            d = m.jvp(x, d)
+        return d
+
+    def vjp(self, p, g):
+        xs = self._inputs(p)
+        g = self.check_out(g)
+        for m, x in zip(reversed(self.maps), reversed(xs)):
+            g = m.vjp(x, g)
+        return g
+
+    def second(self, p, g, dp):
+        # forward sweep: inputs and tangents of every stage
+        xs = self._inputs(p)
+        ds = [self.check_p(dp, "dp")]
+        for m, x in zip(self.maps[:-1], xs[:-1]):
+            ds.append(m.jvp(x, ds[-1]))
+        # reverse sweep: adjoint g_i and its second-order tangent s_i (both at stage inputs)
+        g = self.check_out(g)
+        s = np.zeros_like(g)
+        for m, x, d in zip(reversed(self.maps), reversed(xs), reversed(ds)):
+            s = m.vjp(x, s) + (0.0 if m.affine else m.second(x, g, d))
+            g = m.vjp(x, g)
+        return s
+
+    def __repr__(self):
+        return " -> ".join(map(repr, self.maps))
+
+
+def compose(*maps) -> ParameterMap:
+    """Compose maps applied left to right: ``compose(filter, projection, simp)``."""
+    return maps[0] if len(maps) == 1 else Compose(maps)
