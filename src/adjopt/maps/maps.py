@@ -125,8 +125,9 @@ class DensityFilter(_Linear):
             raise ValueError(f"filter radius must be positive, got {radius}")
         tree = cKDTree(centers)
         D = tree.sparse_distance_matrix(tree, radius, output_type="coo_matrix")
-        W = sp.coo_array((radius - D.data, (D.row, D.col)), shape=(len(centers),) * 2).tocsr()
-        W = W + sp.eye_array(len(centers)) * radius  # the element itself (distance 0 is not stored)
+        off = D.row != D.col  # the self-distance 0 may or may not be stored: add it once below
+        W = sp.coo_array((radius - D.data[off], (D.row[off], D.col[off])), shape=(len(centers),) * 2).tocsr()
+        W = W + sp.eye_array(len(centers)) * radius
         if volumes is not None:
             volumes = np.asarray(volumes, dtype=np.float64)
             if volumes.shape != (len(centers),):
