@@ -18,7 +18,17 @@ from .errors import (
     SolverDidNotConverge,
 )
 from .functional import ReducedFunctional
-from .objectives import Compliance, Norm, Objective, SquaredMisfit
+from .objectives import (
+    Compliance,
+    Norm,
+    Objective,
+    ParameterFunctional,
+    SquaredMisfit,
+    TikhonovH1,
+    TikhonovL2,
+    TotalVariation,
+    Volume,
+)
 from .operators import (
     SIMP,
     AffineVector,
@@ -44,6 +54,7 @@ __all__ = [
     "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "Identity", "Exp", "SIMP",
     "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector",
     "Objective", "Norm", "SquaredMisfit", "Compliance", "DirectSolver",
+    "TikhonovL2", "TikhonovH1", "TotalVariation", "Volume", "ParameterFunctional",
     "AdjoptError", "ShapeError", "NonFiniteError", "PatternError", "SingularMatrixError",
     "SolverDidNotConverge", "MissingDerivativeError", "CacheTooSmallError",
 ]
