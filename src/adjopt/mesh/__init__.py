@@ -1,0 +1,27 @@
+"""Meshes for adjopt: the :class:`Mesh` container, structured generators, file I/O.
+
+>>> from adjopt.mesh import unit_square
+>>> m = unit_square(4)
+>>> m.n_nodes, m.n_cells, m.boundary("left").tolist()
+(25, 32, [0, 5, 10, 15, 20])
+"""
+
+from ._errors import InvalidElementError, MeshError, UnknownBoundaryError
+from ._mesh import Mesh
+from ._reference import SUPPORTED as CELL_TYPES
+from .generators import box, rectangle, unit_cube, unit_square
+from .io import read, write_vtu
+
+__all__ = [
+    "CELL_TYPES",
+    "InvalidElementError",
+    "Mesh",
+    "MeshError",
+    "UnknownBoundaryError",
+    "box",
+    "read",
+    "rectangle",
+    "unit_cube",
+    "unit_square",
+    "write_vtu",
+]
