@@ -34,6 +34,7 @@ from .operators import (
     AffineVector,
     CallbackMatrix,
     CallbackVector,
+    ConstantMatrix,
     ConstantVector,
     ElementCoefficientMatrix,
     ElementCoefficientVector,
@@ -51,7 +52,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ReducedFunctional", "Problem", "taylor_test", "check_hessian_symmetry",
-    "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "Identity", "Exp", "SIMP",
+    "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "ConstantMatrix", "Identity", "Exp", "SIMP",
     "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector",
     "Objective", "Norm", "SquaredMisfit", "Compliance", "DirectSolver",
     "TikhonovL2", "TikhonovH1", "TotalVariation", "Volume", "ParameterFunctional",

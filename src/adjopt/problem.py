@@ -22,6 +22,10 @@ class Problem:
         Starting parameter vector.
     bounds
         Optional ``(lower, upper)`` arrays (or scalars) of length m.
+    constraints
+        Inequality constraints g(p) <= 0 as ``(functional, upper)`` pairs meaning
+        ``functional.value(p) <= upper`` (e.g. a volume fraction); each functional has
+        value, gradient and hessp.
     name
         A short name for logs and result files.
     meta
@@ -31,6 +35,7 @@ class Problem:
     functional: object
     p0: np.ndarray
     bounds: tuple | None = None
+    constraints: list = field(default_factory=list)
     name: str = "problem"
     meta: dict = field(default_factory=dict)
 

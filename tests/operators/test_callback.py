@@ -82,3 +82,16 @@ def test_callback_vector_checks():
         b.second(np.zeros(2), np.ones(3), np.ones(2))
     affine = adjopt.CallbackVector(3, 2, value=lambda p: np.ones(3), jacobian=lambda p: np.ones((3, 2)), affine=True)
     np.testing.assert_array_equal(affine.second(np.zeros(2), np.ones(3), np.ones(2)), np.zeros(2))
+
+
+def test_constant_matrix_has_zero_derivatives():
+    A = adjopt.ConstantMatrix(_tridiag(4) + 2 * sp.eye_array(4), n_params=3)
+    p, w = np.ones(3), np.arange(4.0)
+    np.testing.assert_array_equal(A.assemble(p).toarray(), (_tridiag(4) + 2 * sp.eye_array(4)).toarray())
+    np.testing.assert_array_equal(A.contract(p, w, w), np.zeros(3))
+    np.testing.assert_array_equal(A.tangent(p, p, w), np.zeros(4))
+    np.testing.assert_array_equal(A.second(p, w, w, p), np.zeros(3))
+    with pytest.raises(adjopt.ShapeError, match="length 3"):
+        A.values(np.ones(2))
+    with pytest.raises(adjopt.PatternError, match="square"):
+        adjopt.ConstantMatrix(np.ones((2, 3)), 1)

@@ -1,7 +1,7 @@
 """Parametric sparse matrices A(p) and right-hand sides b(p)."""
 
 from .base import ParametricMatrix
-from .callback import CallbackMatrix
+from .callback import CallbackMatrix, ConstantMatrix
 from .coefficients import SIMP, Coefficient, Exp, Identity
 from .element import ElementCoefficientMatrix
 from .vectors import (
@@ -14,7 +14,7 @@ from .vectors import (
 )
 
 __all__ = [
-    "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix",
+    "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "ConstantMatrix",
     "Coefficient", "Identity", "Exp", "SIMP",
     "ParametricVector", "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector", "as_vector",
 ]

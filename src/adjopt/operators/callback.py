@@ -106,3 +106,33 @@ class CallbackMatrix(ParametricMatrix):
         if out.shape != (self.n_params,):
             raise PatternError(f"second(p, w, z, dp) must return shape ({self.n_params},), got {out.shape}")
         return out
+
+
+class ConstantMatrix(ParametricMatrix):
+    """A matrix that does not depend on p (parameters enter only through b(p)).
+
+    Every derivative of A vanishes: contract, tangent and second are zero. Use
+    it for source and control problems, where p is a right-hand side.
+    """
+
+    affine = True
+
+    def __init__(self, A, n_params: int):
+        A = sp.csr_array(A)
+        A.sum_duplicates()
+        A.sort_indices()
+        if A.shape[0] != A.shape[1]:
+            raise PatternError(f"A must be square, got shape {A.shape}")
+        self.shape = (int(A.shape[0]), int(A.shape[1]))
+        self.indptr, self.indices, self._data = A.indptr, A.indices, A.data
+        self.n_params = int(n_params)
+
+    def values(self, p) -> np.ndarray:
+        self.check_p(p)
+        return self._data
+
+    def _contract(self, p, w, z):
+        return np.zeros(self.n_params)
+
+    def _tangent_values(self, p, dp):
+        return np.zeros_like(self._data)
