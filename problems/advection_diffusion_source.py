@@ -21,7 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 
 import adjopt
-from adjopt import fem, mesh as meshes
+from adjopt import fem
+from adjopt import mesh as meshes
 from adjopt.fem.elements import _p1_gradients
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 import adjopt
-from adjopt import fem, mesh as meshes
+from adjopt import fem
+from adjopt import mesh as meshes
 
 
 def exact_control(points: np.ndarray) -> np.ndarray:

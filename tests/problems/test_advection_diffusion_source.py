@@ -1,9 +1,9 @@
 """advection_diffusion_source: a nonsymmetric operator, transposed solves, derivatives and regression values."""
 
+import advection_diffusion_source as ads
 import numpy as np
 import pytest
 
-import advection_diffusion_source as ads
 from adjopt.verify import check_hessian_symmetry, taylor_test
 
 

@@ -1,11 +1,11 @@
 """optimal_control: derivatives, regression values, and convergence to the manufactured optimum."""
 
 import numpy as np
+import optimal_control as oc
 import pytest
 import scipy.sparse.linalg as sla
 
 import adjopt
-import optimal_control as oc
 from adjopt.verify import check_hessian_symmetry, finite_difference_gradient, taylor_test
 
 
