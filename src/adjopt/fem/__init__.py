@@ -25,9 +25,11 @@ from .elements import (
 )
 from .loads import body_force, facet_shape_integrals, point_load, traction
 from .norms import error_norms
+from .observation import observation_operator
 from .quadrature import cell_rule, tetra_rule, triangle_rule
 
 __all__ = [
+    "observation_operator",
     "DofMap",
     "FemError",
     "SingularProblemError",
