@@ -31,6 +31,7 @@ import numpy as np
 
 import adjopt
 from adjopt.fem import body_force, observation_operator
+from adjopt.verify import derivative_report
 
 try:  # sibling module: problems/ is on sys.path when run as a script or from the tests
     import poisson_inversion as _pi
@@ -102,15 +103,8 @@ def main(argv=None) -> None:
     problem = build(n=n)
     J, p = problem.functional, problem.p0
     print(f"{problem.name}: {p.size} parameters, state {J.state(p).shape}, data {problem.meta['data'].shape}")
-    print(f"J(p0)        = {J.value(p):.10e}")
-    print(f"|grad J(p0)| = {np.linalg.norm(J.gradient(p)):.10e}")
     print(f"J(m_true)    = {J.value(problem.meta['m_true']):.10e}")
-    print()
-    print(adjopt.taylor_test(J, p, order=2).table())
-    print()
-    print(adjopt.taylor_test(J, p, order=3).table())
-    print()
-    print("solver:", J.stats)
+    print(derivative_report(J, p))
 
 
 if __name__ == "__main__":

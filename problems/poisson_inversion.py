@@ -40,6 +40,7 @@ from adjopt.fem import assemble, body_force, condense, observation_operator, p1_
 from adjopt.fem.observation import p1_gradient_operator
 from adjopt.maps import NodalToElement
 from adjopt.mesh import unit_cube, unit_square
+from adjopt.verify import derivative_report
 
 REGULARIZATIONS = ("h1", "tv")
 #: bump of the true log-conductivity: amplitude, width, centre (first dim entries)
@@ -170,15 +171,8 @@ def main(argv=None) -> None:
     J, p = problem.functional, problem.p0
     print(f"{problem.name}: {p.size} parameters, {J.matrix.shape[0]} free dofs, "
           f"{problem.meta['observation_points'].shape[0]} observations")
-    print(f"J(p0)        = {J.value(p):.10e}")
-    print(f"|grad J(p0)| = {np.linalg.norm(J.gradient(p)):.10e}")
     print(f"J(m_true)    = {J.value(problem.meta['m_true']):.10e}")
-    print()
-    print(adjopt.taylor_test(J, p, order=2).table())
-    print()
-    print(adjopt.taylor_test(J, p, order=3).table())
-    print()
-    print("solver:", J.stats)
+    print(derivative_report(J, p))
 
 
 if __name__ == "__main__":

@@ -74,22 +74,16 @@ def build() -> adjopt.Problem:
 
 
 def main() -> None:
-    from adjopt.verify import finite_difference_gradient
+    from adjopt.verify import derivative_report, finite_difference_gradient
 
     problem = build()
     J, p = problem.functional, problem.p0
     np.set_printoptions(precision=4, suppress=True)
     print("x            =", J.state(p))
     print("v = -lambda  =", -J.adjoint(p))
-    print("J(p) = ||x|| =", f"{J.value(p):.6f}")
     print("grad (adjoint)          =", J.gradient(p))
     print("grad (central diff. FD) =", finite_difference_gradient(J, p))
-    print()
-    print(adjopt.taylor_test(J, p, order=2).table())
-    print()
-    print(adjopt.taylor_test(J, p, order=3).table())
-    print()
-    print("solver:", J.stats)
+    print(derivative_report(J, p))
 
 
 if __name__ == "__main__":

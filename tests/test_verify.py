@@ -98,3 +98,10 @@ def test_symmetry_and_finite_differences():
 
     assert check_hessian_symmetry(Skew(), P) > 1e-3
     np.testing.assert_allclose(finite_difference_gradient(Quartic(), P), Quartic().gradient(P), rtol=1e-8)
+
+
+def test_derivative_report_lists_value_gradient_and_tables():
+    text = __import__("adjopt.verify", fromlist=["derivative_report"]).derivative_report(Quartic(), P)
+    assert text.startswith("J(p0)        = ")
+    assert "|grad J(p0)| = " in text
+    assert text.count("PASS") == 2 and "order 2" in text and "order 3" in text

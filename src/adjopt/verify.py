@@ -182,3 +182,21 @@ def finite_difference_gradient(J, p, h: float = 1e-6) -> np.ndarray:
         e[k] = h
         g[k] = (J.value(p + e) - J.value(p - e)) / (2 * h)
     return g
+
+
+def derivative_report(J, p) -> str:
+    """J(p), |grad J(p)|, Taylor tables of orders 2 and 3 and the solver counters, as text.
+
+    What every gallery problem prints when run as a script.
+    """
+    lines = [
+        f"J(p0)        = {J.value(p):.12g}",
+        f"|grad J(p0)| = {np.linalg.norm(J.gradient(p)):.12g}",
+        "",
+        taylor_test(J, p, order=2).table(),
+        "",
+        taylor_test(J, p, order=3).table(),
+    ]
+    if hasattr(J, "stats"):
+        lines += ["", f"solver: {J.stats}"]
+    return "\n".join(lines)
