@@ -6,14 +6,30 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import PatternError, ShapeError
+from ..operators.coefficients import SIMP, Exp
 from .base import ParameterMap
 
 
 class _Entrywise(ParameterMap):
-    """rho_i = phi(p_i): jvp = phi' dp, vjp = phi' g, second = phi'' g dp."""
+    """rho_i = phi(p_i): jvp = phi' dp, vjp = phi' g, second = phi'' g dp.
+
+    phi comes from a :class:`~adjopt.operators.coefficients.Coefficient` (``self.phi``)
+    or from the subclass's own ``_f``, ``_d1``, ``_d2``.
+    """
+
+    phi = None
 
     def __init__(self, n: int):
         self.n_in = self.n_out = int(n)
+
+    def _f(self, p):
+        return self.phi(p)
+
+    def _d1(self, p):
+        return self.phi.d1(p)
+
+    def _d2(self, p):
+        return self.phi.d2(p)
 
     def forward(self, p):
         return self._f(self.check_p(p))
@@ -29,29 +45,17 @@ class _Entrywise(ParameterMap):
 
 
 class ExpMap(_Entrywise):
-    """rho = exp(p), entrywise."""
+    """rho = exp(p), entrywise (the :class:`~adjopt.operators.Exp` coefficient as a map)."""
 
-    def _f(self, p):
-        return np.exp(p)
-
-    _d1 = _d2 = _f
+    phi = Exp()
 
 
 class SIMPMap(_Entrywise):
-    """rho = emin + p**q (e0 - emin), entrywise (the SIMP interpolation as a map)."""
+    """rho = emin + p**q (e0 - emin), entrywise (the :class:`~adjopt.operators.SIMP` coefficient as a map)."""
 
     def __init__(self, n: int, q: float = 3.0, e0: float = 1.0, emin: float = 1e-9):
         super().__init__(n)
-        self.q, self.e0, self.emin = float(q), float(e0), float(emin)
-
-    def _f(self, p):
-        return self.emin + p**self.q * (self.e0 - self.emin)
-
-    def _d1(self, p):
-        return self.q * p ** (self.q - 1) * (self.e0 - self.emin)
-
-    def _d2(self, p):
-        return self.q * (self.q - 1) * p ** (self.q - 2) * (self.e0 - self.emin)
+        self.phi = SIMP(q=q, e0=e0, emin=emin)
 
 
 class HeavisideProjection(_Entrywise):
