@@ -42,6 +42,18 @@ class SolverDidNotConverge(AdjoptError, RuntimeError):
         self.residuals = list(residuals) if residuals is not None else []
 
 
+class NotPositiveDefiniteError(AdjoptError, ValueError):
+    """A Cholesky factorization (or CG) met a matrix that is not positive definite."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solve stopped above its tolerance and the solver was told to warn, not raise."""
+
+
+class MissingBackendError(AdjoptError, ImportError):
+    """A solver backend was asked for by name but its package is not installed."""
+
+
 class MissingDerivativeError(AdjoptError, NotImplementedError):
     """A derivative that a computation needs was not provided."""
 

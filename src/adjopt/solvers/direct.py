@@ -40,7 +40,7 @@ class SuperLUFactorization(Factorization):
         # values (8 bytes) + row indices (4 bytes) per factor entry, permutations
         return 12 * self.factor_nnz + 16 * self.n
 
-    def _solve(self, rhs, transpose):
+    def _solve(self, rhs, transpose, kind, tol):
         return self.lu.solve(rhs, trans="T" if transpose else "N")
 
 
