@@ -53,6 +53,7 @@ class _State:
     u: np.ndarray
     rho: np.ndarray
     lam: np.ndarray | None = None
+    lam_tol: float = np.inf  # relative residual the cached lam was solved to (0: direct, exact)
     q: np.ndarray | None = None  # rho-gradient of the PDE part, kept for hessp with a nonlinear map
 
     @property
@@ -142,16 +143,20 @@ class ReducedFunctional:
         self.cache.put(p, st)
         return st
 
-    def _adjoint(self, p: np.ndarray, st: _State) -> np.ndarray:
-        if st.lam is None:
+    def _adjoint(self, p: np.ndarray, st: _State, tol: float | None = None) -> np.ndarray:
+        """lam, solved again only when ``tol`` asks for more accuracy than the cached one has."""
+        want = st.factorization.tolerance("adjoint", tol)
+        if st.lam is None or want < st.lam_tol:
             rhs = self.objective.grad_u(st.u, p)
-            st.lam = st.factorization.solve(rhs, transpose=True, kind="adjoint")
+            st.lam = st.factorization.solve(rhs, transpose=True, kind="adjoint", tol=tol)
+            st.lam_tol = want
+            st.q = None
         return st.lam
 
-    def _pde_gradient(self, p: np.ndarray, st: _State) -> np.ndarray:
+    def _pde_gradient(self, p: np.ndarray, st: _State, tol: float | None = None) -> np.ndarray:
         """q = -C(lam, u) + (db/drho)^T lam, the gradient of the PDE part with respect to rho."""
+        lam = self._adjoint(p, st, tol)
         if st.q is None:
-            lam = self._adjoint(p, st)
             q = -self.matrix.contract(st.rho, lam, st.u)
             if self.rhs.depends_on_p:
                 q = q + self.rhs.vjp(st.rho, lam)
@@ -177,21 +182,31 @@ class ReducedFunctional:
         p = self._p(p)
         return float(self.objective.value(self._state(p).u, p))
 
-    def gradient(self, p) -> np.ndarray:
-        """grad J(p) = df/dp - C(lam, u) + (db/dp)^T lam."""
+    def gradient(self, p, tol: float | None = None) -> np.ndarray:
+        """grad J(p) = df/dp - C(lam, u) + (db/dp)^T lam.
+
+        ``tol`` is the relative tolerance of the adjoint solve (iterative
+        solvers; direct ones are exact): an optimizer that needs the gradient
+        only roughly can pass a loose one. ``None`` takes the solver's default.
+        """
         p = self._p(p)
         st = self._state(p)
-        q = self._pde_gradient(p, st)
+        q = self._pde_gradient(p, st, tol)
         g = self.objective.grad_p(st.u, p) + (q if self.map is None else self.map.vjp(p, q))
         check_finite(g, "the gradient")
         return g
 
-    def value_and_gradient(self, p) -> tuple[float, np.ndarray]:
+    def value_and_gradient(self, p, tol: float | None = None) -> tuple[float, np.ndarray]:
         """(J(p), grad J(p)) from one factorization."""
-        return self.value(p), self.gradient(p)
+        return self.value(p), self.gradient(p, tol)
 
-    def hessp(self, p, dp) -> np.ndarray:
-        """H(p) dp by forward-over-reverse: a tangent and a second-adjoint solve."""
+    def hessp(self, p, dp, tol: float | None = None) -> np.ndarray:
+        """H(p) dp by forward-over-reverse: a tangent and a second-adjoint solve.
+
+        ``tol`` is the relative tolerance of those two solves (iterative
+        solvers), as an inexact Newton method chooses it; ``None`` takes the
+        solver's defaults.
+        """
         p = self._p(p)
         dp = as_parameter(dp, self.n_params, "dp")
         st = self._state(p)
@@ -201,9 +216,9 @@ class ReducedFunctional:
         rhs_t = -M.tangent(rho, drho, u)
         if b.depends_on_p:
             rhs_t = rhs_t + b.jvp(rho, drho)
-        du = st.factorization.solve(rhs_t, kind="tangent")
+        du = st.factorization.solve(rhs_t, kind="tangent", tol=tol)
         rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp) - M.tangent_transpose(rho, drho, lam)
-        dl = st.factorization.solve(rhs_a, transpose=True, kind="second_adjoint")
+        dl = st.factorization.solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
         h_rho = -M.contract(rho, dl, u) - M.contract(rho, lam, du)
         if not M.affine:
             h_rho = h_rho - M.second(rho, lam, u, drho)
@@ -219,13 +234,13 @@ class ReducedFunctional:
         check_finite(h, "the Hessian action")
         return h
 
-    def hessian(self, p) -> sla.LinearOperator:
+    def hessian(self, p, tol: float | None = None) -> sla.LinearOperator:
         """H(p) as a symmetric ``scipy.sparse.linalg.LinearOperator`` (matrix-free)."""
         p = self._p(p).copy()
         m = self.n_params
 
         def mv(v):
-            return self.hessp(p, np.asarray(v).reshape(-1))
+            return self.hessp(p, np.asarray(v).reshape(-1), tol)
 
         return sla.LinearOperator((m, m), matvec=mv, rmatvec=mv, dtype=np.float64)
 

@@ -25,10 +25,12 @@ from .elements import (
 )
 from .loads import body_force, facet_shape_integrals, point_load, traction
 from .norms import error_norms
+from .nullspace import rigid_body_modes
 from .observation import observation_operator
 from .quadrature import cell_rule, tetra_rule, triangle_rule
 
 __all__ = [
+    "rigid_body_modes",
     "observation_operator",
     "DofMap",
     "FemError",

@@ -1,9 +1,10 @@
 """Linear solvers: factorize once per p, solve with A and A^T."""
 
 from .base import SOLVE_KINDS, Factorization, LinearSolver, SolverStats
+from .amg import AMGSolver
 from .direct import DirectSolver, is_symmetric
 
-__all__ = ["LinearSolver", "Factorization", "SolverStats", "SOLVE_KINDS", "DirectSolver", "is_symmetric", "make_solver"]
+__all__ = ["LinearSolver", "Factorization", "SolverStats", "SOLVE_KINDS", "DirectSolver", "AMGSolver", "is_symmetric", "make_solver"]
 
 
 def make_solver(solver=None) -> LinearSolver:
@@ -12,7 +13,7 @@ def make_solver(solver=None) -> LinearSolver:
         return DirectSolver()
     if isinstance(solver, LinearSolver):
         return solver
-    names = {"superlu": DirectSolver, "direct": DirectSolver}
+    names = {"superlu": DirectSolver, "direct": DirectSolver, "amg": AMGSolver}
     if isinstance(solver, str) and solver.lower() in names:
         return names[solver.lower()]()
     raise ValueError(f"unknown solver {solver!r}; known solvers: {sorted(names)} (or pass a LinearSolver instance)")
