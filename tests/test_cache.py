@@ -61,3 +61,35 @@ def test_functional_cache_limit_is_enforced():
     for k in range(4):
         J.value(np.full(2, 1.0 + k))
     assert len(J.cache) == 4 and J.cache.nbytes > 0
+
+
+def test_cache_reports_its_size_and_evictions():
+    c = StateCache(max_bytes=250)
+    for k in range(4):
+        c.put(np.full(2, float(k)), Item(100))
+    info = c.info()
+    assert info == dict(entries=2, nbytes=200, max_bytes=250, hits=0, misses=0, evictions=2)
+    assert "2 entries" in str(c) and "2 evictions" in str(c)
+
+
+def test_default_limit_is_a_quarter_of_the_memory():
+    import os
+
+    from adjopt.cache import DEFAULT_CACHE_BYTES
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert DEFAULT_CACHE_BYTES == total // 4
+
+
+def test_lru_keeps_a_bounded_number_of_factorizations_in_a_long_run():
+    conn = np.array([[0, 1], [1, 2]])
+    A = adjopt.ElementCoefficientMatrix(conn, np.array([[2.0, -1.0], [-1.0, 2.0]]))
+    J = adjopt.ReducedFunctional(A, np.ones(3), adjopt.Norm(), solver="superlu")
+    J.value(np.ones(2))
+    one = J.cache.nbytes
+    J = adjopt.ReducedFunctional(A, np.ones(3), adjopt.Norm(), solver="superlu", cache_bytes=3 * one)
+    for k in range(10):
+        J.gradient(np.full(2, 1.0 + k))
+    assert len(J.cache) == 3 and J.cache.evictions == 7 and J.cache.nbytes <= 3 * one
+    J.value(np.full(2, 10.0))  # the most recent point is still cached: no new factorization
+    assert J.stats.factorizations == 10

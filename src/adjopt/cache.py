@@ -3,12 +3,15 @@
 The key is a hash of p's bytes; a stored copy of p is compared on every hit,
 so a hash collision can never return another point's state. Entries are
 evicted least-recently-used first when the total size would exceed the limit.
+An entry may grow after it is stored (an AMG hierarchy of A^T is built on the
+first adjoint solve); the limit is enforced again at the next insertion.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -17,8 +20,17 @@ from .errors import CacheTooSmallError
 
 logger = logging.getLogger(__name__)
 
-#: default limit: a quarter of a 24 GiB machine
-DEFAULT_CACHE_BYTES = 6 * 2**30
+
+def _default_limit() -> int:
+    """A quarter of the physical memory (6 GiB on a 24 GiB machine); 6 GiB where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 6 * 2**30
+
+
+#: default limit of the state cache: a quarter of the physical memory
+DEFAULT_CACHE_BYTES = _default_limit()
 
 
 def fingerprint(p: np.ndarray) -> bytes:
@@ -39,6 +51,7 @@ class StateCache:
         self._entries: OrderedDict[bytes, tuple[np.ndarray, object]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     @property
     def nbytes(self) -> int:
@@ -69,8 +82,18 @@ class StateCache:
         self._entries.pop(key, None)
         while self._entries and self.nbytes + size > self.max_bytes:
             _, (old_p, _) = self._entries.popitem(last=False)
+            self.evictions += 1
             logger.debug("state cache: evicted the entry of a point with |p|=%.3g", float(np.linalg.norm(old_p)))
         self._entries[key] = (p.copy(), entry)
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def info(self) -> dict:
+        """Entries, bytes held, limit, hits, misses and evictions (for logs and JSON)."""
+        return dict(entries=len(self), nbytes=self.nbytes, max_bytes=self.max_bytes, hits=self.hits,
+                    misses=self.misses, evictions=self.evictions)
+
+    def __str__(self):
+        return (f"state cache: {len(self)} entr{'y' if len(self) == 1 else 'ies'}, {self.nbytes / 2**20:.1f} of "
+                f"{self.max_bytes / 2**20:.0f} MiB; {self.hits} hits, {self.misses} misses, {self.evictions} evictions")

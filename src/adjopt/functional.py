@@ -76,7 +76,9 @@ class ReducedFunctional:
     objective
         An :class:`~adjopt.objectives.Objective` f(u, p).
     solver
-        A :class:`~adjopt.solvers.LinearSolver` or its name; default SuperLU.
+        A :class:`~adjopt.solvers.LinearSolver` or its name (``"auto"``, ``"superlu"``, ``"amg"``,
+        ``"cholmod"``, ``"pardiso"``); default ``"auto"``: the fastest installed for the size and
+        symmetry of A, logged.
     cache_bytes
         Bound of the state cache (factorizations, states, adjoints), LRU.
     parameter_map

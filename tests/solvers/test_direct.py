@@ -68,7 +68,6 @@ def test_bad_inputs():
 
 
 def test_make_solver():
-    assert isinstance(make_solver(None), DirectSolver)
     assert isinstance(make_solver("superlu"), DirectSolver)
     s = DirectSolver()
     assert make_solver(s) is s

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ShapeError
 from .._validate import check_finite
+from ..errors import ShapeError
 
 
 def rigid_body_modes(points, free=None) -> np.ndarray:

@@ -221,6 +221,9 @@ class AMGSolver(LinearSolver):
         Multigrid cycle of the preconditioner (``"V"``, ``"W"``, ``"F"``).
     options
         Extra keyword arguments for the pyamg solver constructor.
+    seed
+        Seed of the random start vectors pyamg's setup draws (spectral radius
+        estimates): the same A gives the same hierarchy and iteration counts.
     """
 
     name = "amg"
@@ -228,7 +231,7 @@ class AMGSolver(LinearSolver):
 
     def __init__(self, tol=DEFAULT_TOL, maxiter: int = 500, method: str = "auto", near_nullspace=None,
                  symmetric: bool | None = None, on_failure: str = "raise", warm_start: bool = True,
-                 restart: int = 50, cycle: str = "V", options: dict | None = None):
+                 restart: int = 50, cycle: str = "V", options: dict | None = None, seed: int = 0):
         super().__init__()
         import pyamg
         import pyamg.krylov
@@ -266,9 +269,21 @@ class AMGSolver(LinearSolver):
         self.warm_start = bool(warm_start)
         self.cycle = cycle
         self.options = dict(options or {})
+        self.seed = int(seed)
         self._last: dict = {}
 
     def _setup(self, A, symmetric: bool):
+        # pyamg draws the start vectors of its spectral-radius estimates from numpy's global RNG: seed it for
+        # the setup so that a hierarchy, and every iteration count after it, is reproducible, and give the
+        # caller's RNG state back untouched
+        state = np.random.get_state()
+        np.random.seed(self.seed)
+        try:
+            return self._build(A, symmetric)
+        finally:
+            np.random.set_state(state)
+
+    def _build(self, A, symmetric: bool):
         pyamg = self._pyamg
         method = self.method if self.method != "auto" else ("sa" if symmetric else "air")
         B = self.near_nullspace

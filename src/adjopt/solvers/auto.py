@@ -1,0 +1,109 @@
+"""``solver="auto"``: the fastest solver installed for the size and symmetry of A.
+
+The choice is made on the first factorization (A(p) keeps its size and
+symmetry as p changes), logged at INFO level, and kept:
+
+- more than ``direct_limit`` unknowns: :class:`~adjopt.solvers.AMGSolver`
+  (a factorization of a large 3D problem does not fit in memory);
+- fewer than ``small_limit`` unknowns: SuperLU, whose factorization takes
+  milliseconds there and which has no start-up cost (PARDISO's first use
+  loads MKL, about 0.6 s);
+- symmetric: CHOLMOD if installed, else PARDISO if installed, else SuperLU
+  with a symmetric ordering; CHOLMOD falls back to the next one if A is
+  symmetric but not positive definite;
+- nonsymmetric: PARDISO if installed, else SuperLU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import NotPositiveDefiniteError
+from .base import LinearSolver
+from .direct import is_symmetric
+
+logger = logging.getLogger(__name__)
+
+#: unknowns above which "auto" uses AMG rather than a factorization
+DIRECT_LIMIT = 300_000
+#: unknowns below which "auto" uses SuperLU whatever else is installed
+SMALL_LIMIT = 50_000
+
+
+def backends() -> dict:
+    """{name: LinearSolver class} of every backend adjopt knows, installed or not."""
+    from .amg import AMGSolver
+    from .cholmod import CholmodSolver
+    from .direct import DirectSolver
+    from .pardiso import PardisoSolver
+
+    return {"superlu": DirectSolver, "cholmod": CholmodSolver, "pardiso": PardisoSolver, "amg": AMGSolver}
+
+
+def installed() -> list[str]:
+    """Names of the backends whose packages are installed."""
+    return [name for name, cls in backends().items() if cls.available()]
+
+
+class AutoSolver(LinearSolver):
+    """Pick a backend on the first factorization; see the module docstring for the rule.
+
+    Parameters
+    ----------
+    direct_limit
+        Unknowns above which AMG is used. 2D problems of a few million
+        unknowns still factor well with CHOLMOD or PARDISO: pass
+        ``solver="cholmod"`` (or raise the limit) for those.
+    small_limit
+        Unknowns below which SuperLU is used.
+    amg_options
+        Keyword arguments for :class:`~adjopt.solvers.AMGSolver` when AMG is chosen.
+    """
+
+    name = "auto"
+
+    def __init__(self, direct_limit: int = DIRECT_LIMIT, amg_options: dict | None = None,
+                 small_limit: int = SMALL_LIMIT):
+        super().__init__()
+        for name, v in (("direct_limit", direct_limit), ("small_limit", small_limit)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        self.direct_limit = direct_limit
+        self.small_limit = small_limit
+        self.amg_options = dict(amg_options or {})
+        self.chosen: LinearSolver | None = None
+
+    def _candidates(self, A) -> list[str]:
+        if A.shape[0] > self.direct_limit:
+            return ["amg"]
+        if A.shape[0] < self.small_limit:
+            return ["superlu"]
+        have = installed()
+        order = ["cholmod", "pardiso", "superlu"] if is_symmetric(A) else ["pardiso", "superlu"]
+        return [name for name in order if name in have]
+
+    def _make(self, name: str) -> LinearSolver:
+        cls = backends()[name]
+        solver = cls(**self.amg_options) if name == "amg" else cls()
+        solver.stats = self.stats  # one set of counters, whoever does the work
+        return solver
+
+    def _factorize(self, A):
+        if self.chosen is not None:
+            return self.chosen._factorize(A)
+        names = self._candidates(A)
+        for i, name in enumerate(names):
+            solver = self._make(name)
+            try:
+                fac = solver._factorize(A)
+            except NotPositiveDefiniteError:
+                if i + 1 == len(names):
+                    raise
+                logger.info("solver='auto': %s refused A (not positive definite); trying %s", name, names[i + 1])
+                continue
+            self.chosen = solver
+            self.name = f"auto:{name}"
+            logger.info("solver='auto' chose %s for n=%d, nnz=%d (installed: %s)", name, A.shape[0], A.nnz,
+                        ", ".join(installed()))
+            return fac
+        raise AssertionError("unreachable: SuperLU and AMG are always installed")
