@@ -14,7 +14,12 @@ u* = sin(pi x) sin(pi y) gives z* = 2 pi^2 u*, w* = -alpha z*, and
 u_d = (1 + 4 pi^4 alpha) sin(pi x) sin(pi y); the discrete optimum converges
 to z* at rate 2 in L2 as the mesh is refined.
 
-Optional bounds on z (``lower``, ``upper``) go to ``Problem.bounds``.
+Optional bounds on z (``lower``, ``upper``) go to ``Problem.bounds``. With
+bounds the manufactured solution is generalised: for an amplitude k, the
+unconstrained control would be k z*; the bound-constrained optimum is
+z*_b = clip(k z*, lower, upper) = P(-w*/alpha), with the adjoint
+w* = -alpha k z*, the state u* = sin(pi x) sin(pi y) driven by z*_b plus the
+source f = 2 pi^2 u* - z*_b, and u_d = u* - 2 pi^2 w*.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ def exact_control(points: np.ndarray) -> np.ndarray:
     return 2 * np.pi**2 * np.sin(np.pi * points[:, 0]) * np.sin(np.pi * points[:, 1])
 
 
-def build(n: int = 32, alpha: float = 1e-3, lower: float | None = None, upper: float | None = None) -> adjopt.Problem:
+def build(n: int = 32, alpha: float = 1e-3, lower: float | None = None, upper: float | None = None,
+          amplitude: float = 1.0) -> adjopt.Problem:
     """The optimal control problem on an n x n triangle mesh of the unit square.
 
     Parameters
@@ -43,11 +49,21 @@ def build(n: int = 32, alpha: float = 1e-3, lower: float | None = None, upper: f
         Control cost (> 0).
     lower, upper
         Optional bounds on the control values.
+    amplitude
+        k in the manufactured solution with bounds (module docstring): the
+        unconstrained control would be k z*; with ``upper`` below its maximum
+        the bound is active on part of the domain and ``meta["z_exact"]`` is
+        the projected (bound-constrained) optimum. 1 and no bounds: the
+        classical problem without a state source.
     """
     if int(n) != n or n < 2:
         raise ValueError(f"n must be an integer >= 2, got {n}")
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
+    if not amplitude > 0:
+        raise ValueError(f"amplitude must be positive, got {amplitude}")
+    lo = -np.inf if lower is None else float(lower)
+    hi = np.inf if upper is None else float(upper)
     msh = meshes.unit_square(int(n), cell="triangle")
     N = msh.n_nodes
     K = fem.assemble(msh.cells, fem.p1_stiffness(msh), N)
@@ -55,16 +71,19 @@ def build(n: int = 32, alpha: float = 1e-3, lower: float | None = None, upper: f
     dofs = fem.condense(N, msh.boundary("all"))
     free = dofs.free
     A = adjopt.ConstantMatrix(K[free][:, free], n_params=N)
-    b = adjopt.AffineVector(None, M[free])  # b(z) = M[free, :] z
-    x, y = msh.points[free, 0], msh.points[free, 1]
-    u_d = (1 + 4 * np.pi**4 * alpha) * np.sin(np.pi * x) * np.sin(np.pi * y)
+    # manufactured: u* = s, w* = -alpha k 2 pi^2 s (s = sin pi x sin pi y), z* = clip(k 2 pi^2 s, lower, upper);
+    # the state source f = 2 pi^2 u* - z* and the data u_d = u* - 2 pi^2 w* make (u*, w*, z*) optimal
+    s_all = np.sin(np.pi * msh.points[:, 0]) * np.sin(np.pi * msh.points[:, 1])
+    z_star = np.clip(amplitude * exact_control(msh.points), lo, hi)
+    source = 2 * np.pi**2 * s_all - z_star
+    b0 = (M @ source)[free] if np.any(source) else None
+    b = adjopt.AffineVector(b0, M[free])  # b(z) = M[free, :] (f + z)
+    u_d = (1 + 4 * np.pi**4 * alpha * amplitude) * s_all[free]
     objective = adjopt.SquaredMisfit(u_d, W=M[free][:, free]) + alpha * adjopt.TikhonovL2(M)
     J = adjopt.ReducedFunctional(A, b, objective)
-    bounds = None
-    if lower is not None or upper is not None:
-        bounds = (-np.inf if lower is None else lower, np.inf if upper is None else upper)
-    return adjopt.Problem(J, np.zeros(N), bounds=bounds, name="optimal_control",
-                          meta=dict(mesh=msh, mass=M, alpha=alpha, z_exact=exact_control(msh.points)))
+    bounds = None if lower is None and upper is None else (lo, hi)
+    return adjopt.Problem(J, np.zeros(N), bounds=bounds, name="optimal_control", mass=M,
+                          meta=dict(mesh=msh, mass=M, alpha=alpha, z_exact=z_star))
 
 
 def solve_unconstrained(problem: adjopt.Problem, rtol: float = 1e-12) -> np.ndarray:

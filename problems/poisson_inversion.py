@@ -39,7 +39,7 @@ import adjopt
 from adjopt.fem import assemble, body_force, condense, observation_operator, p1_mass, p1_stiffness
 from adjopt.fem.observation import p1_gradient_operator
 from adjopt.maps import NodalToElement
-from adjopt.mesh import unit_cube, unit_square
+from adjopt.mesh import Mesh, unit_cube, unit_square
 from adjopt.verify import derivative_report
 
 REGULARIZATIONS = ("h1", "tv")
@@ -71,12 +71,21 @@ def _check_nonneg(value, name: str) -> float:
     return float(value)
 
 
-def make_mesh(n: int, dim: int):
-    """unit_square(n) (triangles) or unit_cube(n) (tetrahedra), with validated options."""
+def make_mesh(n: int, dim: int, grading: float = 1.0):
+    """unit_square(n) (triangles) or unit_cube(n) (tetrahedra), with validated options.
+
+    ``grading`` g >= 1 maps every coordinate x -> x^g: cells shrink towards
+    the origin corner (their sizes then differ by a factor of about g n^(g-1)).
+    """
     n = _check_int(n, "n (cells per side)", 2)
     if isinstance(dim, bool) or dim not in (2, 3):
         raise ValueError(f"dim must be 2 (unit square, triangles) or 3 (unit cube, tetrahedra), got {dim!r}")
-    return unit_square(n) if dim == 2 else unit_cube(n)
+    if not (isinstance(grading, (int, float)) and 1.0 <= grading <= 4.0):
+        raise ValueError(f"grading must be a number in [1, 4], got {grading!r}")
+    mesh = unit_square(n) if dim == 2 else unit_cube(n)
+    if grading != 1.0:
+        mesh = Mesh(mesh.points**grading, mesh.cells, mesh.cell_type, mesh.boundaries)
+    return mesh
 
 
 def make_regularization(mesh, regularization: str, alpha: float):
@@ -124,7 +133,7 @@ def noisy(rng, clean: np.ndarray, noise: float) -> np.ndarray:
 
 
 def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha: float = 1e-3,
-          regularization: str = "h1", seed: int = 0) -> adjopt.Problem:
+          regularization: str = "h1", seed: int = 0, grading: float = 1.0) -> adjopt.Problem:
     """The Poisson log-conductivity inversion as an :class:`adjopt.Problem` (see the module docstring).
 
     Raises
@@ -133,7 +142,7 @@ def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha
         ``n < 2``, ``dim`` not 2 or 3, an unknown ``regularization``, ``n_obs < 1``,
         negative ``noise`` or ``alpha``.
     """
-    mesh = make_mesh(n, dim)
+    mesh = make_mesh(n, dim, grading)
     n_obs = _check_int(n_obs, "n_obs", 1)
     noise = _check_nonneg(noise, "noise")
     alpha = _check_nonneg(alpha, "alpha")
@@ -155,9 +164,13 @@ def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha
     meta = {
         "mesh": mesh, "m_true": mt, "observation_points": pts, "data": data, "data_clean": d_clean,
         "observation_operator": B, "regularization": reg, "dofs": dofs,
-        "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization, seed=seed),
+        "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization, seed=seed,
+                        grading=grading),
     }
-    return adjopt.Problem(J, np.zeros(mesh.n_nodes), name=f"poisson_inversion_{dim}d_{regularization}", meta=meta)
+    N = mesh.n_nodes
+    mass, stiffness = assemble(mesh.cells, p1_mass(mesh), N), assemble(mesh.cells, p1_stiffness(mesh), N)
+    return adjopt.Problem(J, np.zeros(N), name=f"poisson_inversion_{dim}d_{regularization}", meta=meta,
+                          mass=mass, stiffness=stiffness)
 
 
 def main(argv=None) -> None:

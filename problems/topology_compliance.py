@@ -179,7 +179,7 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
             "dofmap": dofmap, "load": load, "volfrac": volfrac, "penal": penal, "rmin": rmin, "emin": emin}
     return adjopt.Problem(J, np.full(n, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=name, meta=meta)
+                          name=name, meta=meta, mass=mesh.cell_volumes())
 
 
 def main(argv=None) -> None:

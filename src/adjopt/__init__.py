@@ -42,6 +42,7 @@ from .operators import (
     Identity,
     ParametricMatrix,
 )
+from .optimize import OptimizeResult, minimize
 from .problem import Problem
 from .solvers import DirectSolver
 from .verify import check_hessian_symmetry, taylor_test
@@ -51,7 +52,7 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "ReducedFunctional", "Problem", "taylor_test", "check_hessian_symmetry",
+    "ReducedFunctional", "Problem", "minimize", "OptimizeResult", "taylor_test", "check_hessian_symmetry",
     "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "ConstantMatrix", "Identity", "Exp", "SIMP",
     "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector",
     "Objective", "Norm", "SquaredMisfit", "Compliance", "DirectSolver",

@@ -202,47 +202,57 @@ class ReducedFunctional:
         """(J(p), grad J(p)) from one factorization."""
         return self.value(p), self.gradient(p, tol)
 
-    def hessp(self, p, dp, tol: float | None = None) -> np.ndarray:
+    def hessp(self, p, dp, tol: float | None = None, gauss_newton: bool = False) -> np.ndarray:
         """H(p) dp by forward-over-reverse: a tangent and a second-adjoint solve.
 
         ``tol`` is the relative tolerance of those two solves (iterative
         solvers), as an inexact Newton method chooses it; ``None`` takes the
-        solver's defaults.
+        solver's defaults. ``gauss_newton=True`` drops every term with the
+        adjoint lam (the curvature of the PDE constraint), leaving the
+        Gauss-Newton Hessian J'^T f_uu J' + f_up/f_pu + f_pp: positive
+        semidefinite for least-squares misfits plus convex regularization, and
+        no adjoint solve is needed.
         """
         p = self._p(p)
         dp = as_parameter(dp, self.n_params, "dp")
         st = self._state(p)
-        lam = self._adjoint(p, st)
+        lam = None if gauss_newton else self._adjoint(p, st)
         u, rho, M, f, b, pmap = st.u, st.rho, self.matrix, self.objective, self.rhs, self.map
         drho = dp if pmap is None else pmap.jvp(p, dp)
         rhs_t = -M.tangent(rho, drho, u)
         if b.depends_on_p:
             rhs_t = rhs_t + b.jvp(rho, drho)
         du = st.factorization.solve(rhs_t, kind="tangent", tol=tol)
-        rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp) - M.tangent_transpose(rho, drho, lam)
+        rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp)
+        if lam is not None:
+            rhs_a = rhs_a - M.tangent_transpose(rho, drho, lam)
         dl = st.factorization.solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
-        h_rho = -M.contract(rho, dl, u) - M.contract(rho, lam, du)
-        if not M.affine:
-            h_rho = h_rho - M.second(rho, lam, u, drho)
+        h_rho = -M.contract(rho, dl, u)
+        if lam is not None:
+            h_rho = h_rho - M.contract(rho, lam, du)
+            if not M.affine:
+                h_rho = h_rho - M.second(rho, lam, u, drho)
         if b.depends_on_p:
-            h_rho = h_rho + b.vjp(rho, dl) + b.second(rho, lam, drho)
+            h_rho = h_rho + b.vjp(rho, dl)
+            if lam is not None:
+                h_rho = h_rho + b.second(rho, lam, drho)
         h = f.hess_pp(u, p, dp) + f.hess_pu(u, p, du)
         if pmap is None:
             h = h + h_rho
         else:
             h = h + pmap.vjp(p, h_rho)
-            if not pmap.affine:
+            if lam is not None and not pmap.affine:
                 h = h + pmap.second(p, self._pde_gradient(p, st), dp)
         check_finite(h, "the Hessian action")
         return h
 
-    def hessian(self, p, tol: float | None = None) -> sla.LinearOperator:
-        """H(p) as a symmetric ``scipy.sparse.linalg.LinearOperator`` (matrix-free)."""
+    def hessian(self, p, tol: float | None = None, gauss_newton: bool = False) -> sla.LinearOperator:
+        """H(p) (or its Gauss-Newton part) as a symmetric ``scipy.sparse.linalg.LinearOperator`` (matrix-free)."""
         p = self._p(p).copy()
         m = self.n_params
 
         def mv(v):
-            return self.hessp(p, np.asarray(v).reshape(-1), tol)
+            return self.hessp(p, np.asarray(v).reshape(-1), tol, gauss_newton)
 
         return sla.LinearOperator((m, m), matvec=mv, rmatvec=mv, dtype=np.float64)
 

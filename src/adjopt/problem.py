@@ -28,6 +28,13 @@ class Problem:
         value, gradient and hessp.
     name
         A short name for logs and result files.
+    mass
+        Optional Gram matrix of the L2 inner product on the parameter space: a
+        sparse (m, m) mass matrix, or an (m,) array of lumped weights (cell
+        volumes for element-wise parameters). The optimizers use it for Riesz
+        maps, which make their iteration counts mesh-independent.
+    stiffness
+        Optional (m, m) stiffness matrix K; with ``mass`` it gives the H1 inner product.
     meta
         Anything else the problem wants to keep (mesh, exact solution, options).
     """
@@ -38,6 +45,8 @@ class Problem:
     constraints: list = field(default_factory=list)
     name: str = "problem"
     meta: dict = field(default_factory=dict)
+    mass: object = None
+    stiffness: object = None
 
     def __post_init__(self):
         self.p0 = as_parameter(self.p0, self.functional.n_params, "p0").copy()
@@ -49,3 +58,11 @@ class Problem:
             if np.any(lo > hi):
                 raise ValueError(f"bounds are inverted at {int(np.argmax(lo > hi))}: lower > upper")
             self.bounds = (lo, hi)
+        m = self.p0.size
+        if self.mass is not None and (np.shape(self.mass) not in ((m,), (m, m))):
+            raise ShapeError(f"mass must be an ({m},) array of weights or an ({m}, {m}) matrix, got shape {np.shape(self.mass)}")
+        if self.stiffness is not None and np.shape(self.stiffness) != (m, m):
+            raise ShapeError(f"stiffness must be ({m}, {m}), got shape {np.shape(self.stiffness)}")
+        for i, con in enumerate(self.constraints):
+            if not (isinstance(con, tuple) and len(con) == 2 and hasattr(con[0], "value") and hasattr(con[0], "gradient")):
+                raise TypeError(f"constraint {i} must be a (functional, upper) pair with value and gradient")

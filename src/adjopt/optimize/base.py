@@ -1,0 +1,370 @@
+"""The iteration loop every driver shares: stopping tests, history, callback, checkpoints, resume.
+
+A driver (:class:`Driver`) knows how to start (evaluate f and its gradient at
+x0) and how to take one iteration; everything else is here. Its whole state
+is a dict of numpy arrays and numbers, so that the loop can write it to an
+``.npz`` checkpoint after every iteration (atomically: a temporary file, then
+``os.replace``) and ``resume=`` can reload it and continue exactly where the
+run stopped: a resumed run ends with the same x as an uninterrupted one.
+
+Stopping tests (``Options``), checked after every iteration:
+
+- ``gtol``, ``gatol``: the stationarity measure (the norm of the gradient in
+  the dual of the chosen inner product, ``sqrt(g^T M^{-1} g)``, projected on
+  the bounds) at most ``max(gatol, gtol * its value at x0)``;
+- ``ftol``: ``|f_k - f_{k-1}| <= ftol * max(1, |f_k|)``;
+- ``xtol``: the step ``||x_k - x_{k-1}||_inf <= xtol`` (the test of the
+  88-line topology code uses 0.01);
+- ``maxiter``, ``max_time`` (seconds of wall time, summed over resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from ..errors import AdjoptError
+
+logger = logging.getLogger(__name__)
+
+#: format version of the checkpoint files
+CHECKPOINT_VERSION = 1
+
+
+class OptimizationError(AdjoptError, RuntimeError):
+    """A driver cannot continue (e.g. the line search found no acceptable step)."""
+
+
+class CheckpointError(AdjoptError, ValueError):
+    """A checkpoint file is missing, unreadable or belongs to another run."""
+
+
+class Stop(Exception):
+    """Raised by a driver's ``iterate`` to end the run: ``success`` and a message saying why."""
+
+    def __init__(self, message: str, success: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.success = success
+
+
+@dataclass
+class Options:
+    """Stopping tests shared by all drivers (see the module docstring)."""
+
+    maxiter: int = 200
+    gtol: float = 1e-6
+    gatol: float = 0.0
+    ftol: float = 0.0
+    xtol: float = 0.0
+    max_time: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.maxiter, bool) or not isinstance(self.maxiter, (int, np.integer)) or self.maxiter < 0:
+            raise ValueError(f"maxiter must be a non-negative integer, got {self.maxiter!r}")
+        for name in ("gtol", "gatol", "ftol", "xtol"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ValueError(f"max_time must be positive seconds or None, got {self.max_time!r}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class OptimizeResult:
+    """What a driver returns (the fields of ``scipy.optimize.OptimizeResult`` and more).
+
+    ``history`` has one dict per iteration (iteration 0 is the start): f, the
+    stationarity measure, step length, evaluation counts and what the method
+    adds (CG iterations per Newton step, trust radius, volume, ...).
+    """
+
+    x: np.ndarray
+    fun: float
+    jac: np.ndarray
+    nit: int
+    success: bool
+    message: str
+    method: str
+    nfev: int = 0
+    njev: int = 0
+    nhessp: int = 0
+    factorizations: int = 0
+    solves: int = 0
+    time: float = 0.0
+    stationarity: float = math.nan
+    history: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    def __str__(self):
+        status = "converged" if self.success else "stopped"
+        return (f"{self.method}: {status} after {self.nit} iterations: {self.message}\n"
+                f"  f = {self.fun:.10g}, stationarity = {self.stationarity:.3g}, {self.nfev} values, {self.njev} "
+                f"gradients, {self.nhessp} Hessian actions, {self.factorizations} factorizations, {self.solves} solves, "
+                f"{self.time:.3g} s")
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict (arrays as lists)."""
+        d = asdict(self)
+        d["x"] = self.x.tolist()
+        d["jac"] = self.jac.tolist()
+        return d
+
+
+class Counted:
+    """A functional wrapper that counts values, gradients and Hessian actions."""
+
+    def __init__(self, functional, counts: dict):
+        self.f = functional
+        self.counts = counts
+
+    def value(self, x) -> float:
+        self.counts["nfev"] += 1
+        return float(self.f.value(x))
+
+    def gradient(self, x, tol=None) -> np.ndarray:
+        self.counts["njev"] += 1
+        return self.f.gradient(x, tol=tol) if tol is not None else self.f.gradient(x)
+
+    def hessp(self, x, v, tol=None, **kw) -> np.ndarray:
+        self.counts["nhessp"] += 1
+        return self.f.hessp(x, v, tol=tol, **kw) if (tol is not None or kw) else self.f.hessp(x, v)
+
+
+class Driver:
+    """One optimization method. Subclasses set ``name`` and implement :meth:`start` and :meth:`iterate`.
+
+    ``start(x0) -> state`` evaluates the objective at x0; ``iterate(state) ->
+    dict`` takes one iteration, updates ``state`` in place (``x``, ``f``, ``g``
+    at least) and returns what the history should record about it. Raising
+    :class:`Stop` ends the run. ``stationarity(state)`` is the measure the
+    ``gtol`` test reads. ``options`` is the method's own option dict.
+    """
+
+    name = "abstract"
+    #: method options and their defaults
+    defaults: dict = {}
+    #: whether the method handles bounds / inequality constraints
+    takes_bounds = False
+    takes_constraints = False
+    needs_constraints = False
+
+    def __init__(self, problem, inner, options: dict, counts: dict):
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {sorted(unknown)} for method {self.name!r}; its options are {sorted(self.defaults)} "
+                f"and the stopping tests {Options.names()}"
+            )
+        self.problem = problem
+        self.inner = inner
+        self.opts = {**self.defaults, **options}
+        self.J = Counted(problem.functional, counts)
+        self.bounds = problem.bounds
+        self.warnings: list[str] = []
+
+    # -- to implement -------------------------------------------------------------
+    def start(self, x0: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def iterate(self, state: dict) -> dict:
+        raise NotImplementedError
+
+    # -- shared helpers -------------------------------------------------------------
+    def project(self, x: np.ndarray) -> np.ndarray:
+        if self.bounds is None:
+            return x
+        return np.clip(x, self.bounds[0], self.bounds[1])
+
+    def stationarity(self, state: dict) -> float:
+        """||g||_{M^{-1}}; with bounds ||x - P(x - D^{-1} g)||_D with D the lumped M.
+
+        The bound-constrained measure uses the diagonal D because the KKT
+        conditions are sign conditions on the entries of g: a positive
+        diagonal keeps the signs, so the measure is zero exactly at a KKT point.
+        """
+        x, g = state["x"], state["g"]
+        if self.bounds is None:
+            return self.inner.dual_norm(g)
+        d = self.inner.diagonal()
+        v = x - self.project(x - g / d)
+        return math.sqrt(max(float(v @ (d * v)), 0.0))
+
+
+# -- checkpoints ---------------------------------------------------------------------
+def write_checkpoint(path, state: dict, meta: dict) -> None:
+    """Write ``state`` (arrays and numbers) and ``meta`` (JSON) to ``path`` atomically."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    arrays = {f"state__{k}": np.asarray(v) for k, v in state.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(state, meta) from a checkpoint written by :func:`write_checkpoint`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path!r}: give the file a run wrote with checkpoint=...")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            state = {}
+            for k in data.files:
+                if k.startswith("state__"):
+                    v = data[k]
+                    state[k[len("state__"):]] = v.item() if v.ndim == 0 else v.copy()
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot read the checkpoint {path!r} ({exc}); it is damaged or not a checkpoint") from exc
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path!r} is a version {meta.get('version')} checkpoint; this adjopt reads version "
+                              f"{CHECKPOINT_VERSION}")
+    return state, meta
+
+
+def _json_safe(v):
+    if isinstance(v, np.ndarray):
+        return [_json_safe(x) for x in v.tolist()]
+    if isinstance(v, (np.floating, float)):
+        return float(v)
+    if isinstance(v, (np.integer, int)):
+        return int(v)
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    return v
+
+
+# -- the loop ----------------------------------------------------------------------------
+def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback=None, checkpoint=None,
+        resume=None) -> OptimizeResult:
+    """Run ``driver`` from ``x0`` (or from the checkpoint ``resume``) until a stopping test holds."""
+    stats = driver.problem.functional.stats if hasattr(driver.problem.functional, "stats") else None
+    base_fact = stats.factorizations if stats else 0
+    base_solves = stats.total_solves if stats else 0
+    t_start = time.perf_counter()
+    if resume is not None:
+        state, meta = read_checkpoint(resume)
+        if meta["method"] != driver.name:
+            raise CheckpointError(f"the checkpoint {os.fspath(resume)!r} is of method {meta['method']!r}, not {driver.name!r}")
+        if state["x"].shape != x0.shape:
+            raise CheckpointError(f"the checkpoint holds {state['x'].size} parameters, the problem has {x0.size}")
+        nit, history, elapsed0, g0 = meta["nit"], meta["history"], meta["elapsed"], meta["g0"]
+        prev = meta["counts"]
+        for k in counts:
+            counts[k] += prev.get(k, 0)
+        driver.warnings = list(meta.get("warnings", []))
+        logger.info("%s: resumed from %s at iteration %d (f = %.10g)", driver.name, os.fspath(resume), nit, state["f"])
+    else:
+        state = driver.start(x0)
+        nit, elapsed0 = 0, 0.0
+        g0 = driver.stationarity(state)
+        history = [dict(nit=0, f=float(state["f"]), stationarity=g0, step=0.0, **dict(counts))]
+        prev = {}
+        logger.info("%s: start, f = %.10g, stationarity %.3g", driver.name, state["f"], g0)
+
+    def elapsed():
+        return elapsed0 + time.perf_counter() - t_start
+
+    def totals():
+        fact = prev.get("factorizations", 0) + ((stats.factorizations - base_fact) if stats else 0)
+        solves = prev.get("solves", 0) + ((stats.total_solves - base_solves) if stats else 0)
+        return fact, solves
+
+    gtarget = max(options.gatol, options.gtol * g0)
+    nit_box = [nit]
+
+    def before_iteration():
+        """(stop, success, message) from the tests that need no new iterate."""
+        gnorm = driver.stationarity(state)
+        if gnorm <= gtarget:
+            return True, True, f"stationarity {gnorm:.3g} <= {gtarget:.3g} (gtol {options.gtol:g}, gatol {options.gatol:g})"
+        if nit_box[0] >= options.maxiter:
+            return True, False, f"maximum number of iterations ({options.maxiter}) reached"
+        if options.max_time is not None and elapsed() >= options.max_time:
+            return True, False, f"wall-time limit ({options.max_time:g} s) reached"
+        return False, False, ""
+
+    def after_iteration(x_old, f_old, record):
+        """Book-keeping of one finished iteration: history, log, checkpoint, callback, step tests."""
+        nit_box[0] += 1
+        nit = nit_box[0]
+        step = float(np.max(np.abs(state["x"] - x_old))) if state["x"].size else 0.0
+        gnorm = driver.stationarity(state)
+        entry = dict(nit=nit, f=float(state["f"]), stationarity=gnorm, step=step, **dict(counts))
+        entry.update({k: _json_safe(v) for k, v in (record or {}).items()})
+        history.append(entry)
+        logger.info("%s: iteration %d, f = %.10g, stationarity %.3g, step %.3g", driver.name, nit, state["f"], gnorm, step)
+        if checkpoint is not None:
+            fact, solves = totals()
+            meta = dict(version=CHECKPOINT_VERSION, method=driver.name, nit=nit, history=history, elapsed=elapsed(),
+                        g0=g0, counts=dict(counts, factorizations=fact, solves=solves), warnings=driver.warnings)
+            write_checkpoint(checkpoint, state, meta)
+        if callback is not None:
+            callback(dict(nit=nit, x=state["x"].copy(), f=float(state["f"]), stationarity=gnorm))
+        if options.ftol > 0 and abs(f_old - float(state["f"])) <= options.ftol * max(1.0, abs(float(state["f"]))):
+            return True, True, f"relative change of f below ftol {options.ftol:g}"
+        if options.xtol > 0 and step <= options.xtol:
+            return True, True, f"step {step:.3g} <= xtol {options.xtol:g} (max-norm)"
+        return before_iteration()
+
+    if getattr(driver, "external_loop", False):
+        # the driver runs a loop of its own (scipy) and reports each iteration through `report`
+        outcome = {}
+
+        def report(x_old, f_old, record=None) -> bool:
+            stop, ok, msg = after_iteration(x_old, f_old, record)
+            if stop:
+                outcome.update(success=ok, message=msg)
+            return stop
+
+        stop, success, message = before_iteration()
+        if not stop:
+            try:
+                driver.solve(state, options.maxiter - nit_box[0], report)
+                success, message = outcome.get("success", False), outcome.get("message", "")
+            except Stop as st:
+                success, message = outcome.get("success", st.success), outcome.get("message", st.message)
+    else:
+        while True:
+            stop, success, message = before_iteration()
+            if stop:
+                break
+            f_old, x_old = float(state["f"]), np.array(state["x"], copy=True)
+            try:
+                record = driver.iterate(state)
+            except Stop as st:
+                success, message = st.success, st.message
+                break
+            stop, success, message = after_iteration(x_old, f_old, record)
+            if stop:
+                break
+    nit = nit_box[0]
+    fact, solves = totals()
+    result = OptimizeResult(
+        x=np.array(state["x"], copy=True), fun=float(state["f"]), jac=np.array(state["g"], copy=True), nit=nit,
+        success=success, message=message, method=driver.name, nfev=counts["nfev"], njev=counts["njev"],
+        nhessp=counts["nhessp"], factorizations=fact, solves=solves, time=elapsed(),
+        stationarity=driver.stationarity(state), history=history, warnings=list(driver.warnings),
+    )
+    (logger.info if success else logger.warning)("%s: %s", driver.name, message)
+    return result

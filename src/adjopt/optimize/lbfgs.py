@@ -1,0 +1,153 @@
+"""L-BFGS in a chosen inner product, with optional bounds; and scipy's L-BFGS-B, mass-scaled.
+
+``LBFGS`` ("lbfgs"): the two-loop recursion with the initial inverse Hessian
+gamma M^{-1} (M the Gram matrix of the inner product), so the first step is
+the function-space steepest descent and the iteration counts do not grow with
+the mesh. Bounds by projection: variables at a bound whose gradient pushes
+outwards are held fixed, the quasi-Newton direction moves the others, and a
+projected Armijo backtracking picks the step. Its whole state (x, f, g and
+the pairs s, y) lives in the checkpoint, so a resumed run is exact.
+
+``ScipyLBFGSB`` ("lbfgsb"): scipy's L-BFGS-B (Byrd, Lu, Nocedal, Zhu) on the
+scaled variables z = sqrt(w) * p, w the lumped mass (``inner.diagonal()``),
+so that its Euclidean inner product is the lumped L2 one. Use it for bound
+constraints when a mature active-set method matters more than exact
+resumption: scipy keeps its memory internally, so a resume restarts it from
+the checkpointed x with an empty memory (the run still converges, but not
+through the same iterates).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .base import Driver, Stop
+from .linesearch import backtrack
+
+
+def _active(x, g, bounds, eps: float = 0.0) -> np.ndarray:
+    """Variables at a bound with the gradient pushing outwards."""
+    lo, hi = bounds
+    return ((x <= lo + eps) & (g > 0)) | ((x >= hi - eps) & (g < 0))
+
+
+class LBFGS(Driver):
+    """Limited-memory BFGS in the inner product of the problem (see the module docstring)."""
+
+    name = "lbfgs"
+    defaults = dict(memory=10, c1=1e-4, max_backtracks=30)
+    takes_bounds = True
+
+    def start(self, x0):
+        x = self.project(np.array(x0, dtype=np.float64))
+        f = self.J.value(x)
+        if not math.isfinite(f):
+            raise ValueError(f"the objective is not finite at the starting point (f = {f})")
+        g = self.J.gradient(x)
+        m = x.size
+        return dict(x=x, f=f, g=g, S=np.zeros((0, m)), Y=np.zeros((0, m)))
+
+    def direction(self, state) -> np.ndarray:
+        """-H g by the two-loop recursion with H0 = gamma M^{-1}; fixed variables held at zero."""
+        g, S, Y = state["g"], state["S"], state["Y"]
+        fixed = _active(state["x"], g, self.bounds) if self.bounds is not None else None
+        q = g.copy()
+        if fixed is not None:
+            q[fixed] = 0.0
+        k = S.shape[0]
+        rho = 1.0 / np.einsum("ij,ij->i", S, Y) if k else np.zeros(0)
+        alpha = np.zeros(k)
+        for i in range(k - 1, -1, -1):
+            alpha[i] = rho[i] * (S[i] @ q)
+            q -= alpha[i] * Y[i]
+        r = self.inner.riesz(q)
+        if k:
+            yl = Y[-1]
+            gamma = float(S[-1] @ yl) / float(yl @ self.inner.riesz(yl))
+        else:
+            gamma = 1.0 / max(self.inner.dual_norm(q), np.finfo(float).tiny)  # a first step of unit length in M
+        r *= gamma
+        for i in range(k):
+            beta = rho[i] * (Y[i] @ r)
+            r += (alpha[i] - beta) * S[i]
+        d = -r
+        if fixed is not None:
+            d[fixed] = 0.0
+        return d
+
+    def iterate(self, state):
+        x, f, g = state["x"], state["f"], state["g"]
+        d = self.direction(state)
+        restarted = False
+        if not float(g @ d) < 0:  # not a descent direction (bounds cut it): restart from steepest descent
+            state["S"], state["Y"] = state["S"][:0], state["Y"][:0]
+            d = self.direction(state)
+            restarted = True
+            if not float(g @ d) < 0:
+                raise Stop("no descent direction: the projected gradient vanishes", success=True)
+        t, x_new, f_new, trials = backtrack(self.J, x, f, g, d, self.project, 1.0, self.opts["c1"],
+                                            self.opts["max_backtracks"])
+        g_new = self.J.gradient(x_new)
+        s, y = x_new - x, g_new - g
+        sy = float(s @ y)
+        updated = sy > 1e-12 * math.sqrt(float(s @ self.inner.apply(s)) * float(y @ self.inner.riesz(y)))
+        if updated:
+            mem = self.opts["memory"]
+            state["S"] = np.vstack([state["S"], s])[-mem:]
+            state["Y"] = np.vstack([state["Y"], y])[-mem:]
+        state.update(x=x_new, f=f_new, g=g_new)
+        return dict(t=t, backtracks=trials - 1, updated=updated, restarted=restarted)
+
+
+class ScipyLBFGSB(Driver):
+    """scipy's L-BFGS-B on lumped-mass-scaled variables; every scipy iteration goes through the shared loop."""
+
+    name = "lbfgsb"
+    defaults = dict(memory=10, maxls=20)
+    takes_bounds = True
+    external_loop = True
+
+    def start(self, x0):
+        x = self.project(np.array(x0, dtype=np.float64))
+        f = self.J.value(x)
+        if not math.isfinite(f):
+            raise ValueError(f"the objective is not finite at the starting point (f = {f})")
+        return dict(x=x, f=f, g=self.J.gradient(x))
+
+    def solve(self, state, maxiter: int, report) -> None:
+        from scipy.optimize import minimize
+
+        sw = np.sqrt(self.inner.diagonal())
+        seen = {}
+
+        def fun(z):
+            x = z / sw
+            f = self.J.value(x)
+            if not math.isfinite(f):
+                return math.inf, np.zeros_like(z)  # L-BFGS-B's line search backs off from an infinite value
+            g = self.J.gradient(x)
+            seen.clear()
+            seen[z.tobytes()] = (x, f, g)
+            return f, g / sw
+
+        def callback(intermediate_result):
+            z = intermediate_result.x
+            if z.tobytes() not in seen:
+                fun(z)
+            x_old, f_old = state["x"].copy(), float(state["f"])
+            x, f, g = seen[z.tobytes()]
+            state.update(x=x.copy(), f=f, g=g.copy())
+            if report(x_old, f_old):
+                raise StopIteration
+
+        bounds = None
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            bounds = list(zip(lo * sw, hi * sw))
+        res = minimize(fun, state["x"] * sw, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
+                       options=dict(maxiter=max(maxiter, 1), maxcor=self.opts["memory"], maxls=self.opts["maxls"],
+                                    gtol=0.0, ftol=0.0))
+        # scipy's own tests (with gtol = ftol = 0 only "no decrease at all": round-off) or its line search failed
+        raise Stop(f"L-BFGS-B stopped: {res.message}", success=bool(res.success))
