@@ -21,3 +21,17 @@ def test_readme_quickstart_has_two_commands():
     block = text.split("<!-- ci:quickstart:start -->")[1].split("<!-- ci:quickstart:end -->")[0]
     cmds = [line for line in block.splitlines() if line and not line.startswith("```")]
     assert len(cmds) == 2
+
+
+def test_readme_optimization_example_runs(tmp_path, monkeypatch, capsys):
+    import sys
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "adjopt.minimize" in c)
+    monkeypatch.syspath_prepend(ROOT)
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("problems", None)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "oc: converged after 127 iterations" in out and "f = 218.8" in out
+    assert (tmp_path / "mbb.npz").exists()
