@@ -23,9 +23,14 @@ state is u on the free (interior) nodes.
   stiffness and mass matrices) or R = TotalVariation(G, areas, eps=1e-2)
   (``"tv"``, G the P1 gradient operator).
 * p0 = 0 (conductivity 1 everywhere).
+* alpha = 10 by default: with Newton-CG at n = 32 the L2 error of the
+  reconstruction against m_true is 0.43 / 0.39 / 0.39 / 0.43 for alpha =
+  1 / 3 / 10 / 30 (relative, mass norm); smaller alpha over-fits the noise
+  (misfit 3 at alpha 1, against n_obs/2 = 25 for data at the noise level).
 
 Run ``python problems/poisson_inversion.py [n] [dim] [regularization]`` to print J(p0),
-|grad J(p0)| and Taylor tables of orders 2 and 3 (there is no optimizer yet).
+|grad J(p0)| and Taylor tables of orders 2 and 3; ``adjopt run poisson_inversion``
+optimizes it.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ def noisy(rng, clean: np.ndarray, noise: float) -> np.ndarray:
     return clean + noise * np.max(np.abs(clean)) * rng.standard_normal(clean.shape)
 
 
-def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha: float = 1e-3,
+def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha: float = 10.0,
           regularization: str = "h1", seed: int = 0, grading: float = 1.0) -> adjopt.Problem:
     """The Poisson log-conductivity inversion as an :class:`adjopt.Problem` (see the module docstring).
 
