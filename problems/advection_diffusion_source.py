@@ -27,6 +27,9 @@ from adjopt.fem.elements import _p1_gradients
 from adjopt.verify import derivative_report
 
 
+#: how ``adjopt run advection_diffusion_source`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="newton-cg", gtol=1e-8)
+
 def true_source(points: np.ndarray) -> np.ndarray:
     """Two Gaussian blobs upstream of the observation region."""
     x, y = points[:, 0], points[:, 1]
@@ -90,7 +93,9 @@ def build(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_obs: int = 60
     objective = adjopt.SquaredMisfit(data, B=B) + alpha * (adjopt.TikhonovH1(K) + 0.1 * adjopt.TikhonovL2(M))
     J = adjopt.ReducedFunctional(A, b, objective)
     return adjopt.Problem(J, np.zeros(N), name="advection_diffusion_source",
-                          meta=dict(mesh=msh, m_true=m_true, observed=free[obs], velocity=velocity, kappa=kappa))
+                          meta=dict(mesh=msh, m_true=m_true, observed=free[obs], velocity=velocity, kappa=kappa, dofs=dofs,
+                                    options=dict(n=n, kappa=kappa, velocity=tuple(velocity), n_obs=n_obs, noise=noise,
+                                                 alpha=alpha, seed=seed)))
 
 
 def main() -> None:

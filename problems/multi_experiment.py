@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 import adjopt
-from adjopt.fem import body_force, observation_operator
+from adjopt.fem import assemble, body_force, observation_operator, p1_mass, p1_stiffness
 from adjopt.verify import derivative_report
 
 try:  # sibling module: problems/ is on sys.path when run as a script or from the tests
@@ -42,6 +42,9 @@ except ImportError:  # loaded by file path
 SOURCE_WIDTH = 0.1
 SOURCE_RADIUS = 0.25
 
+
+#: how ``adjopt run multi_experiment`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="newton-cg", preconditioner="h1", gtol=1e-8)
 
 def source_centers(n_sources: int) -> np.ndarray:
     """(k, 2) source positions on a circle of radius 0.25 around the centre of the square."""
@@ -94,7 +97,9 @@ def build(n: int = 24, n_sources: int = 4, n_obs: int = 40, noise: float = 0.01,
         "options": dict(n=n, n_sources=k, n_obs=n_obs, noise=noise, alpha=alpha, seed=seed,
                         regularization=regularization),
     }
-    return adjopt.Problem(J, np.zeros(mesh.n_nodes), name=f"multi_experiment_{k}", meta=meta)
+    N = mesh.n_nodes
+    mass, stiffness = assemble(mesh.cells, p1_mass(mesh), N), assemble(mesh.cells, p1_stiffness(mesh), N)
+    return adjopt.Problem(J, np.zeros(N), name=f"multi_experiment_{k}", meta=meta, mass=mass, stiffness=stiffness)
 
 
 def main(argv=None) -> None:

@@ -32,6 +32,9 @@ from adjopt import mesh as meshes
 from adjopt.verify import derivative_report
 
 
+#: how ``adjopt run optimal_control`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="newton-cg", gtol=1e-10)
+
 def exact_control(points: np.ndarray) -> np.ndarray:
     """z*(x, y) = 2 pi^2 sin(pi x) sin(pi y)."""
     return 2 * np.pi**2 * np.sin(np.pi * points[:, 0]) * np.sin(np.pi * points[:, 1])
@@ -83,7 +86,8 @@ def build(n: int = 32, alpha: float = 1e-3, lower: float | None = None, upper: f
     J = adjopt.ReducedFunctional(A, b, objective)
     bounds = None if lower is None and upper is None else (lo, hi)
     return adjopt.Problem(J, np.zeros(N), bounds=bounds, name="optimal_control", mass=M,
-                          meta=dict(mesh=msh, mass=M, alpha=alpha, z_exact=z_star))
+                          meta=dict(mesh=msh, mass=M, alpha=alpha, z_exact=z_star, dofs=dofs,
+                                    options=dict(n=n, alpha=alpha, lower=lower, upper=upper, amplitude=amplitude)))
 
 
 def solve_unconstrained(problem: adjopt.Problem, rtol: float = 1e-12) -> np.ndarray:

@@ -57,6 +57,9 @@ L2_WEIGHT = 0.1
 TV_EPS = 1e-2
 
 
+#: how ``adjopt run poisson_inversion`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="newton-cg", preconditioner="h1", gtol=1e-8)
+
 def m_true(points: np.ndarray) -> np.ndarray:
     """The true log-conductivity at ``points`` (N, dim): a Gaussian bump (see the module docstring)."""
     x = np.asarray(points, dtype=np.float64)

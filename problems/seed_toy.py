@@ -27,6 +27,9 @@ _SLOT_Q = _Q_INDEX.ravel()
 _SLOT_DIAG = np.eye(N).ravel()
 
 
+#: how ``adjopt run seed_toy`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="newton-cg", gtol=1e-10)
+
 def _q(p):
     return np.array([p[0] + p[1], p[2] ** 2, p[3] - p[2], p[0] ** 3])
 

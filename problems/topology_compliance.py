@@ -52,6 +52,9 @@ DEFAULT_SIZES = {"mbb": (60, 20, None), "cantilever3d": (16, 8, 8)}
 NU = 0.3
 
 
+#: how ``adjopt run topology_compliance`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="oc", xtol=0.01, gtol=0.0, maxiter=500)
+
 def _count(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer number of elements >= 1, got {value!r}")
@@ -177,7 +180,9 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     volume = adjopt.ParameterFunctional(adjopt.Volume(mesh.cell_volumes(), parameter_map=pmap), n)
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
-            "dofmap": dofmap, "load": load, "volfrac": volfrac, "penal": penal, "rmin": rmin, "emin": emin}
+            "dofmap": dofmap, "dofs": dofmap, "load": load, "volfrac": volfrac, "penal": penal, "rmin": rmin,
+            "emin": emin, "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal,
+                                          rmin=rmin, emin=emin, filter=filter)}
     return adjopt.Problem(J, np.full(n, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
                           name=name, meta=meta, mass=mesh.cell_volumes())
 

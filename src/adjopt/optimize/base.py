@@ -320,7 +320,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
                         g0=g0, counts=dict(counts, factorizations=fact, solves=solves), warnings=driver.warnings)
             write_checkpoint(checkpoint, state, meta)
         if callback is not None:
-            callback(dict(nit=nit, x=state["x"].copy(), f=float(state["f"]), stationarity=gnorm))
+            callback(dict(entry, x=state["x"].copy()))
         if options.ftol > 0 and abs(f_old - float(state["f"])) <= options.ftol * max(1.0, abs(float(state["f"]))):
             return True, True, f"relative change of f below ftol {options.ftol:g}"
         if options.xtol > 0 and step <= options.xtol:

@@ -44,7 +44,8 @@ def minimize(problem: Problem, method: str = "lbfgs", inner_product=None, x0=Non
     x0
         Start (default ``problem.p0``); projected onto the bounds if outside them (and said so).
     callback
-        Called after every iteration with a dict (nit, x, f, stationarity).
+        Called after every iteration with that iteration's history entry (nit,
+        f, stationarity, step, counts, method extras such as cg_iterations) and x.
     checkpoint
         Path of an ``.npz`` written atomically after every iteration.
     resume

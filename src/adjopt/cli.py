@@ -1,0 +1,411 @@
+"""The ``adjopt`` command: demo, list, run, check and bench on gallery problems or your own problem file.
+
+    adjopt demo                                   # poisson_inversion, results in ./adjopt-results/demo
+    adjopt list                                   # the gallery problems, their options and defaults
+    adjopt run poisson_inversion --n 128 --alpha 3 --method newton-cg --out results/pi
+    adjopt run my_problem.py --method lbfgs       # any file with a build(**options) -> adjopt.Problem
+    adjopt check topology_compliance --nelx 30    # Taylor tests and Hessian symmetry; exit 1 if a rate is off
+    adjopt bench poisson_inversion --sizes 32 64 128
+
+Exit status: 0 success, 1 a check failed or the run did not converge, 2 bad
+input (unknown problem or option, a problem file that fails to import, an
+output folder that exists or cannot be written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("adjopt.cli")
+
+DEMO = dict(problem="poisson_inversion", options=dict(n=96), out=os.path.join("adjopt-results", "demo"))
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported without a traceback, exit status 2."""
+
+
+# -- the gallery ----------------------------------------------------------------------------
+def gallery_dir() -> Path:
+    """The folder of gallery problems: $ADJOPT_GALLERY, else problems/ of the checkout adjopt runs from."""
+    env = os.environ.get("ADJOPT_GALLERY")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "problems"
+
+
+def gallery() -> dict[str, Path]:
+    """{name: file} of the gallery problems (modules with a build() function)."""
+    folder = gallery_dir()
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.stem.startswith("_") and "def build(" in p.read_text()}
+
+
+def load_module(spec: str):
+    """The module of a gallery name or a path to a .py file; UsageError if unknown, exit 2 on import errors."""
+    path = Path(spec)
+    if spec.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"no problem file {spec!r}")
+        name = f"adjopt_user_problem_{path.stem}"
+    else:
+        known = gallery()
+        if spec not in known:
+            raise UsageError(f"unknown problem {spec!r}; the gallery has: {', '.join(known) or '(none found)'} "
+                             "(or give a path to a .py file with a build() function)")
+        path, name = known[spec], spec
+    sys.path.insert(0, str(path.parent))  # gallery modules import their siblings
+    try:
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        mod_spec.loader.exec_module(module)
+    except Exception:
+        sys.stderr.write(f"adjopt: the problem file {path} raised while it was imported:\n{traceback.format_exc()}")
+        raise SystemExit(2) from None
+    if not callable(getattr(module, "build", None)):
+        raise UsageError(f"{path} has no build() function; a problem file defines build(**options) -> adjopt.Problem")
+    return module
+
+
+def build_options(module) -> dict:
+    """{name: default} of build()'s keyword options."""
+    return {k: p.default for k, p in inspect.signature(module.build).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _convert(name: str, text: str, default):
+    """The value of --name text, typed like the default."""
+    try:
+        if isinstance(default, bool):
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, (tuple, list)):
+            return type(default)(float(v) for v in text.split(","))
+        if default is None:
+            for cast in (int, float):
+                try:
+                    return cast(text)
+                except ValueError:
+                    pass
+            return None if text.lower() == "none" else text
+        return text
+    except ValueError:
+        kind = "true/false" if isinstance(default, bool) else type(default).__name__
+        raise UsageError(f"option --{name} takes a {kind} (default {default!r}), got {text!r}") from None
+
+
+def split_options(tokens: list[str], problem_opts: dict, method_opts: dict) -> tuple[dict, dict]:
+    """--name value pairs into (problem options, method options), typed and validated."""
+    prob, meth = {}, {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or i + 1 >= len(tokens):
+            raise UsageError(f"expected --option value pairs after the problem, got {' '.join(tokens[i:])!r}")
+        name = tok[2:].replace("-", "_")
+        value = tokens[i + 1]
+        if name in problem_opts:
+            prob[name] = _convert(name, value, problem_opts[name])
+        elif name in method_opts:
+            meth[name] = _convert(name, value, method_opts[name])
+        else:
+            raise UsageError(f"unknown option --{tok[2:]}; the problem's options are "
+                             f"{', '.join('--' + k for k in problem_opts) or '(none)'}; the method's are "
+                             f"{', '.join('--' + k for k in method_opts) or '(none)'}")
+        i += 2
+    return prob, meth
+
+
+def make_problem(module, options: dict):
+    try:
+        return module.build(**options)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{module.__name__}.build rejected the options {options}: {exc}") from exc
+
+
+# -- progress --------------------------------------------------------------------------------
+class Progress:
+    """The per-iteration callback: a rich line per iteration and a bar, or JSON lines, or nothing."""
+
+    def __init__(self, maxiter: int, quiet: bool = False, log_json=None, title: str = ""):
+        self.quiet = quiet
+        self.log_json = log_json
+        self.t0 = time.perf_counter()
+        self.maxiter = maxiter
+        self.last = None
+        self.bar = None
+        if not quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+            self.console = Console(stderr=False)
+            self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), console=self.console, transient=True)
+            self.task = self.bar.add_task(title, total=maxiter)
+            self.console.print(f"{'it':>5} {'J':>16} {'|g|':>10} {'step':>9} {'CG':>5} {'solves':>7} {'time s':>8}")
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, info: dict, solves: int | None = None):
+        line = dict(nit=info["nit"], f=info["f"], stationarity=info["stationarity"], step=info.get("step", math.nan),
+                    cg=info.get("cg_iterations"), solves=solves, time=time.perf_counter() - self.t0)
+        self.last = line
+        if self.log_json is not None:
+            self.log_json.write(json.dumps(line) + "\n")
+            self.log_json.flush()
+        if self.bar is not None:
+            cg = "" if line["cg"] is None else str(line["cg"])
+            solves = "" if line["solves"] is None else str(line["solves"])
+            self.bar.console.print(f"{line['nit']:>5} {line['f']:>16.10g} {line['stationarity']:>10.3g} "
+                                   f"{line['step']:>9.3g} {cg:>5} {solves:>7} {line['time']:>8.2f}")
+            self.bar.update(self.task, completed=min(line["nit"], self.maxiter))
+
+
+# -- subcommands --------------------------------------------------------------------------------
+def _method_defaults(method: str) -> dict:
+    from .optimize import methods
+
+    known = methods()
+    if method not in known:
+        raise UsageError(f"unknown method {method!r}; the methods are {', '.join(sorted(known))}")
+    return dict(known[method].defaults)
+
+
+def _prepare_out(out: Path, force: bool, resume: bool) -> None:
+    """Refuse an existing non-empty folder (unless --force or --resume); make sure it can be written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (force or resume):
+        raise UsageError(f"the output folder {out} exists and is not empty; pass --force to overwrite it, --resume to "
+                         "continue its run, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output folder {out} ({exc.strerror}); choose another --out") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"the output folder {out} is not writable; choose another --out or fix its permissions")
+
+
+def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None = None) -> int:
+    import adjopt
+    from .solvers import make_solver
+
+    module = load_module(name or args.problem)
+    run_defaults = dict(getattr(module, "RUN_DEFAULTS", {}))
+    method = args.method or run_defaults.pop("method", None)
+    run_defaults.pop("method", None)
+    popts = build_options(module)
+    prob_opts, meth_opts = split_options(extra, popts, _method_defaults(method) if method else {})
+    prob_opts = {**(preset or {}), **prob_opts}
+    problem = make_problem(module, prob_opts)
+    if method is None:
+        method = "oc" if len(problem.constraints) == 1 else ("mma" if problem.constraints else "lbfgs")
+        _, meth_opts = split_options(extra, popts, _method_defaults(method))
+    method_defaults = _method_defaults(method)
+    stop = {k: run_defaults.pop(k) for k in list(run_defaults) if k in ("gtol", "gatol", "xtol", "ftol", "maxiter")}
+    meth_opts = {**{k: v for k, v in run_defaults.items() if k in method_defaults}, **meth_opts}
+    if args.max_iter is not None:
+        stop["maxiter"] = args.max_iter
+    for key in ("gtol", "xtol"):
+        if getattr(args, key) is not None:
+            stop[key] = getattr(args, key)
+    stop.setdefault("maxiter", 200)
+    if args.solver:
+        problem.functional.solver = make_solver(args.solver)
+        problem.functional.cache.clear()
+    out = Path(args.out or os.path.join("adjopt-results", problem.name))
+    _prepare_out(out, args.force, args.resume)
+    checkpoint = out / "checkpoint.npz"
+    resume = checkpoint if args.resume and checkpoint.exists() else None
+    if args.resume and resume is None:
+        logger.warning("--resume: no checkpoint in %s, starting from the beginning", out)
+    log_json = open(args.log_json, "a") if args.log_json else None
+    try:
+        with Progress(stop["maxiter"], quiet=args.quiet, log_json=log_json, title=f"{problem.name} / {method}") as prog:
+            stats = getattr(problem.functional, "stats", None)
+
+            def callback(info):
+                prog(info, solves=None if stats is None else stats.total_solves)
+
+            result = adjopt.minimize(problem, method=method, checkpoint=checkpoint, resume=resume, callback=callback,
+                                     **stop, **meth_opts)
+    finally:
+        if log_json is not None:
+            log_json.close()
+    from .results import write_results
+
+    written = write_results(out, problem, result, force=True, pictures=not args.no_pictures)
+    summary = str(result)
+    if args.quiet:
+        print(summary.splitlines()[0])
+    else:
+        print(summary)
+        print(f"results in {out}/: " + ", ".join(sorted(Path(p).name for p in written.values())))
+    return 0 if result.success else 1
+
+
+def cmd_demo(args, extra) -> int:
+    args.problem = DEMO["problem"]
+    args.out = args.out or DEMO["out"]
+    return cmd_run(args, extra, name=DEMO["problem"], preset=DEMO["options"])
+
+
+def cmd_list(args, extra) -> int:
+    known = gallery()
+    if not known:
+        print(f"no gallery problems found in {gallery_dir()} (set ADJOPT_GALLERY)")
+        return 2
+    for name in known:
+        module = load_module(name)
+        doc = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+        opts = ", ".join(f"--{k} {v!r}" for k, v in build_options(module).items())
+        print(f"{name}: {doc}\n    options: {opts or '(none)'}")
+    return 0
+
+
+def cmd_check(args, extra) -> int:
+    from .verify import check_hessian_symmetry, taylor_test
+
+    module = load_module(args.problem)
+    prob_opts, _ = split_options(extra, build_options(module), {})
+    problem = make_problem(module, prob_opts)
+    J = problem.functional
+    rng = np.random.default_rng(args.seed)
+    p = problem.p0.copy()
+    if problem.bounds is not None:  # an interior point, so that every direction is admissible
+        lo, hi = problem.bounds
+        width = np.where(np.isfinite(hi - lo), hi - lo, 1.0)
+        p = np.clip(p, lo + 0.1 * width, hi - 0.1 * width)
+    rows, ok = [], True
+    for order, need in ((2, 1.9), (3, 2.9)):
+        r = taylor_test(J, p, rng.standard_normal(p.size), order=order, seed=args.seed)
+        good = r.passed and (r.exact or r.rate >= need)
+        ok &= good
+        what = "gradient" if order == 2 else "Hessian action"
+        rows.append((f"Taylor order {order} ({what})", "exact" if r.exact else f"{r.rate:.3f}", f">= {need}", good))
+    asym = check_hessian_symmetry(J, p)
+    rows.append(("Hessian symmetry |<Hv,w>-<v,Hw>|/scale", f"{asym:.2e}", "<= 1e-8", asym <= 1e-8))
+    ok &= asym <= 1e-8
+    print(f"{problem.name}: {J.n_params} parameters")
+    width = max(len(r[0]) for r in rows)
+    for name, got, want, good in rows:
+        print(f"  {name:<{width}}  {got:>10}  {want:<8}  {'PASS' if good else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def cmd_bench(args, extra) -> int:
+    module = load_module(args.problem)
+    popts = build_options(module)
+    prob_opts, _ = split_options(extra, popts, {})
+    size_opt = args.size_option or next((k for k in ("n", "nelx") if k in popts), None)
+    if size_opt not in popts:
+        raise UsageError(f"--size-option {size_opt!r} is not an option of {args.problem}; its options are "
+                         f"{', '.join(popts)}")
+    rows = []
+    for size in args.sizes:
+        problem = make_problem(module, {**prob_opts, size_opt: size})
+        J, p = problem.functional, problem.p0
+        v = np.random.default_rng(0).standard_normal(p.size)
+        t0 = time.perf_counter()
+        J.value(p)
+        t1 = time.perf_counter()
+        J.gradient(p)
+        t2 = time.perf_counter()
+        J.hessp(p, v)
+        t3 = time.perf_counter()
+        rows.append(dict(size=size, n_params=int(p.size), n_state=int(J.matrix.shape[0]) if hasattr(J, "matrix") else None,
+                         value_s=t1 - t0, gradient_s=t2 - t1, hessp_s=t3 - t2, solver=getattr(J.solver, "name", "?")))
+        r = rows[-1]
+        print(f"{size_opt}={size:<6} params {r['n_params']:>9} state {r['n_state']:>9}  value {r['value_s']:8.3f} s  "
+              f"gradient {r['gradient_s']:8.3f} s  hessp {r['hessp_s']:8.3f} s  ({r['solver']})", flush=True)
+    out = Path(args.json or f"bench_{Path(args.problem).stem}.json")
+    data = dict(problem=args.problem, options=prob_opts, size_option=size_opt, results=rows)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out} ({exc.strerror}); choose another --json") from exc
+    print(f"wrote {out}")
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="adjopt", description="adjoint-based optimization of discretised PDEs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def run_flags(p, with_problem=True):
+        if with_problem:
+            p.add_argument("problem", help="a gallery name (adjopt list) or a path to a .py file with build()")
+        p.add_argument("--method", help="lbfgs, lbfgsb, newton-cg, newton-tr, oc, mma (default: the problem's)")
+        p.add_argument("--solver", help="auto, superlu, cholmod, pardiso, amg (default: auto)")
+        p.add_argument("--max-iter", type=int, dest="max_iter")
+        p.add_argument("--gtol", type=float)
+        p.add_argument("--xtol", type=float)
+        p.add_argument("--out", help="results folder (default adjopt-results/<problem>)")
+        p.add_argument("--force", action="store_true", help="overwrite an existing results folder")
+        p.add_argument("--resume", action="store_true", help="continue from the folder's checkpoint")
+        p.add_argument("--no-pictures", action="store_true", dest="no_pictures")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress, one summary line")
+        p.add_argument("--log-json", dest="log_json", help="append one JSON line per iteration to this file")
+
+    run_flags(sub.add_parser("run", help="optimize a problem; --option value pairs go to build() or the method"))
+    run_flags(sub.add_parser("demo", help=f"run {DEMO['problem']} and write {DEMO['out']}"), with_problem=False)
+    sub.add_parser("list", help="the gallery problems and their options")
+    p = sub.add_parser("check", help="Taylor tests and Hessian symmetry (exit 1 if a rate is off)")
+    p.add_argument("problem")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("bench", help="time value, gradient and hessp per size")
+    p.add_argument("problem")
+    p.add_argument("--sizes", type=int, nargs="+", required=True)
+    p.add_argument("--size-option", dest="size_option", help="the build() option the sizes set (default n or nelx)")
+    p.add_argument("--json", help="output JSON file (default bench_<problem>.json)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args, extra = parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = dict(run=cmd_run, demo=cmd_demo, list=cmd_list, check=cmd_check, bench=cmd_bench)
+    if args.command == "list" and extra:
+        print(f"adjopt: list takes no options, got {' '.join(extra)}", file=sys.stderr)
+        return 2
+    try:
+        return handlers[args.command](args, extra)
+    except UsageError as exc:
+        print(f"adjopt: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
