@@ -26,7 +26,6 @@ from adjopt import mesh as meshes
 from adjopt.fem.elements import _p1_gradients
 from adjopt.verify import derivative_report
 
-
 #: how ``adjopt run advection_diffusion_source`` optimizes it unless told otherwise
 RUN_DEFAULTS = dict(method="newton-cg", gtol=1e-8)
 

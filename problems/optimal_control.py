@@ -31,7 +31,6 @@ from adjopt import fem
 from adjopt import mesh as meshes
 from adjopt.verify import derivative_report
 
-
 #: how ``adjopt run optimal_control`` optimizes it unless told otherwise
 RUN_DEFAULTS = dict(method="newton-cg", gtol=1e-10)
 

@@ -158,7 +158,8 @@ class Progress:
         self.bar = None
         if not quiet:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
             self.console = Console(stderr=False)
             self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -217,6 +218,7 @@ def _prepare_out(out: Path, force: bool, resume: bool) -> None:
 
 def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None = None) -> int:
     import adjopt
+
     from .solvers import make_solver
 
     module = load_module(name or args.problem)
