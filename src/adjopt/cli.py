@@ -363,7 +363,9 @@ def cmd_bench(args, extra) -> int:
 
 # -- entry point ------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="adjopt", description="adjoint-based optimization of discretised PDEs")
+    # no abbreviations: --n must reach build(), not match --no-pictures
+    ap = argparse.ArgumentParser(prog="adjopt", description="adjoint-based optimization of discretised PDEs",
+                                 allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
 
     def run_flags(p, with_problem=True):
@@ -381,13 +383,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress, one summary line")
         p.add_argument("--log-json", dest="log_json", help="append one JSON line per iteration to this file")
 
-    run_flags(sub.add_parser("run", help="optimize a problem; --option value pairs go to build() or the method"))
-    run_flags(sub.add_parser("demo", help=f"run {DEMO['problem']} and write {DEMO['out']}"), with_problem=False)
+    run_flags(sub.add_parser("run", allow_abbrev=False, help="optimize a problem; --option value pairs go to build() or the method"))
+    run_flags(sub.add_parser("demo", allow_abbrev=False, help=f"run {DEMO['problem']} and write {DEMO['out']}"), with_problem=False)
     sub.add_parser("list", help="the gallery problems and their options")
-    p = sub.add_parser("check", help="Taylor tests and Hessian symmetry (exit 1 if a rate is off)")
+    p = sub.add_parser("check", allow_abbrev=False, help="Taylor tests and Hessian symmetry (exit 1 if a rate is off)")
     p.add_argument("problem")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("bench", help="time value, gradient and hessp per size")
+    p = sub.add_parser("bench", allow_abbrev=False, help="time value, gradient and hessp per size")
     p.add_argument("problem")
     p.add_argument("--sizes", type=int, nargs="+", required=True)
     p.add_argument("--size-option", dest="size_option", help="the build() option the sizes set (default n or nelx)")

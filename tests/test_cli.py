@@ -1,0 +1,183 @@
+"""The adjopt command end to end, in subprocesses: files, contents, exit codes, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def adjopt(*args, cwd=None, check=None, timeout=120):
+    proc = subprocess.run([sys.executable, "-m", "adjopt.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, proc.stdout + proc.stderr
+    return proc
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_list_shows_the_gallery_with_options():
+    out = adjopt("list", check=0).stdout
+    for name in ("poisson_inversion", "optimal_control", "topology_compliance", "advection_diffusion_source"):
+        assert name in out
+    assert "--alpha 10.0" in out and "--nelx None" in out
+
+
+def test_run_writes_a_complete_results_folder(tmp_path):
+    meshio = pytest.importorskip("meshio")
+    out = tmp_path / "pi"
+    proc = adjopt("run", "poisson_inversion", "--n", 8, "--out", out, "--log-json", tmp_path / "log.jsonl", check=0)
+    assert "newton-cg: converged" in proc.stdout and f"results in {out}" in proc.stdout
+    hist = json.loads((out / "history.json").read_text())
+    f = [h["f"] for h in hist["history"]]
+    assert len(f) >= 3 and all(b <= a for a, b in zip(f, f[1:])) and f[-1] < 0.1 * f[0]
+    assert hist["options"]["n"] == 8
+    rows = (out / "history.csv").read_text().strip().splitlines()
+    assert len(rows) == len(f) + 1
+    res = np.load(out / "result.npz")
+    assert res["x"].shape == (81,)
+    vtu = meshio.read(out / "fields.vtu")
+    np.testing.assert_allclose(vtu.point_data["parameter"], res["x"])
+    assert "state" in vtu.point_data and "adjoint" in vtu.point_data
+    for name in ("convergence.png", "parameter.png", "state.png"):
+        w, h = png_size(out / name)
+        assert w > 200 and h > 200
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["nit"] for line in lines] == list(range(1, len(f)))
+    assert not list(out.glob("*.tmp"))
+
+
+def test_run_topology_with_oc_quietly(tmp_path):
+    out = tmp_path / "topo"
+    proc = adjopt("run", "topology_compliance", "--nelx", 24, "--nely", 8, "--out", out, "-q", check=0)
+    assert proc.stdout.strip().startswith("oc: converged")
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["history"][-1]["volume"] <= 0.5 + 1e-3
+    assert png_size(out / "parameter.png")[0] > 200
+
+
+def test_existing_folder_needs_force(tmp_path):
+    out = tmp_path / "r"
+    adjopt("run", "optimal_control", "--n", 6, "--out", out, "-q", check=0)
+    proc = adjopt("run", "optimal_control", "--n", 6, "--out", out, "-q", check=2)
+    assert "exists and is not empty; pass --force" in proc.stderr
+    adjopt("run", "optimal_control", "--n", 6, "--out", out, "-q", "--force", check=0)
+
+
+def test_check_passes_on_the_gallery_and_fails_on_a_wrong_gradient(tmp_path):
+    proc = adjopt("check", "poisson_inversion", "--n", 6, check=0)
+    assert proc.stdout.count("PASS") == 3
+    bad = tmp_path / "bad_gradient.py"
+    bad.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.join(ROOT, "problems")!r})
+        import adjopt, poisson_inversion
+
+        class Wrong(adjopt.ReducedFunctional):
+            def gradient(self, p, tol=None):
+                return 1.01 * super().gradient(p, tol)
+
+        def build(n: int = 6):
+            pb = poisson_inversion.build(n=n)
+            J = pb.functional
+            pb.functional = Wrong(J.matrix, J.rhs, J.objective, parameter_map=J.map)
+            return pb
+    """))
+    proc = adjopt("check", bad, check=1)
+    assert "FAIL" in proc.stdout
+
+
+def test_bench_writes_json(tmp_path):
+    js = tmp_path / "b.json"
+    proc = adjopt("bench", "poisson_inversion", "--sizes", 6, 8, "--json", js, check=0)
+    assert "wrote" in proc.stdout
+    rows = json.loads(js.read_text())["results"]
+    assert [r["size"] for r in rows] == [6, 8] and all(r["gradient_s"] > 0 and r["hessp_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "poisson_inverson"), "unknown problem 'poisson_inverson'; the gallery has: advection_diffusion_source"),
+    (("run", "poisson_inversion", "--nn", "8"), "unknown option --nn; the problem's options are --n, --dim"),
+    (("run", "poisson_inversion", "--n", "eight"), "option --n takes a int (default 32), got 'eight'"),
+    (("run", "poisson_inversion", "--n", "1"), "rejected the options"),
+    (("run", "poisson_inversion", "--method", "bfgs"), "unknown method 'bfgs'; the methods are lbfgs"),
+    (("run", "missing_file.py"), "no problem file"),
+])
+def test_bad_input_exits_with_status_2(args, message):
+    proc = adjopt(*args, check=2)
+    assert message in proc.stderr
+
+
+def test_a_problem_file_that_raises_on_import(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("import numpy\nraise RuntimeError('the mesh file is missing')\ndef build():\n    pass\n")
+    proc = adjopt("run", bad, check=2)
+    assert "Traceback" in proc.stderr and "the mesh file is missing" in proc.stderr
+
+
+def test_an_output_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = adjopt("run", "optimal_control", "--n", 6, "--out", blocker / "sub", check=2)
+    assert "cannot create the output folder" in proc.stderr
+
+
+def test_sigkill_then_resume_gives_the_same_final_J(tmp_path):
+    slow = tmp_path / "slow_inversion.py"
+    slow.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.join(ROOT, "problems")!r})
+        import poisson_inversion
+
+        RUN_DEFAULTS = dict(method="lbfgs", gtol=1e-8)
+
+        def build(n: int = 12, delay: float = 0.0):
+            pb = poisson_inversion.build(n=n)
+            J = pb.functional
+            value = J.value
+            def slow_value(p):
+                time.sleep(delay)
+                return value(p)
+            J.value = slow_value
+            return pb
+    """))
+    ref = adjopt("run", slow, "--out", tmp_path / "ref", "-q", check=0)
+    f_ref = json.loads((tmp_path / "ref" / "history.json").read_text())["fun"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "adjopt.cli", "run", str(slow), "--delay", "0.05", "--out", str(out),
+                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ck = out / "checkpoint.npz"
+    deadline = time.time() + 60
+    from adjopt.optimize import read_checkpoint
+
+    while time.time() < deadline:
+        if ck.exists():
+            try:
+                if read_checkpoint(ck)[1]["nit"] >= 4:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = read_checkpoint(ck)[1]["nit"]
+    assert killed_at >= 4
+    resumed = adjopt("run", slow, "--out", out, "--resume", "-q", check=0)
+    assert resumed.stdout.startswith("lbfgs: converged")
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["fun"] == pytest.approx(f_ref, rel=1e-12)
+    assert hist["nit"] == json.loads((tmp_path / "ref" / "history.json").read_text())["nit"]
