@@ -59,7 +59,7 @@ def sources(points: np.ndarray, n_sources: int) -> np.ndarray:
     return np.exp(-r2 / (2 * SOURCE_WIDTH**2)) / (2 * np.pi * SOURCE_WIDTH**2)
 
 
-def build(n: int = 24, n_sources: int = 4, n_obs: int = 40, noise: float = 0.01, alpha: float = 1e-3,
+def build(n: int = 24, n_sources: int = 4, n_obs: int = 40, noise: float = 0.01, alpha: float = 10.0,
           seed: int = 0, regularization: str = "h1") -> adjopt.Problem:
     """The multi-experiment inversion as an :class:`adjopt.Problem` (see the module docstring).
 
