@@ -35,3 +35,11 @@ def test_readme_optimization_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "oc: converged after 127 iterations" in out and "f = 218.8" in out
     assert (tmp_path / "mbb.npz").exists()
+
+
+def test_readme_callback_example_recovers_the_coefficient(capsys):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "CallbackMatrix(" in c)
+    exec(compile(code, "README.md", "exec"), {})
+    nit, err = capsys.readouterr().out.split()
+    assert int(nit) <= 20 and float(err) < 1e-6
