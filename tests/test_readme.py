@@ -27,7 +27,7 @@ def test_readme_optimization_example_runs(tmp_path, monkeypatch, capsys):
     import sys
 
     text = open(os.path.join(ROOT, "README.md")).read()
-    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "adjopt.minimize" in c)
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "topology_compliance.build" in c)
     monkeypatch.syspath_prepend(ROOT)
     monkeypatch.chdir(tmp_path)
     sys.modules.pop("problems", None)
