@@ -8,10 +8,12 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..mesh import Mesh
-from ..mesh._reference import shape_functions, tensor_gauss
+from ..mesh._reference import CELLS, shape_functions, tensor_gauss
+from . import _kernels
 from ._errors import FemError
 from .assembly import _size, assemble_vector
-from .elements import mass_matrices
+from .elements import check_jacobians
+from .quadrature import cell_rule
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +21,30 @@ logger = logging.getLogger(__name__)
 def _finite(arr: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(arr)):
         raise FemError(f"{name} contains NaN or Inf")
+
+
+def _mass_integrals(mesh: Mesh, f=None) -> np.ndarray:
+    """Row sums ``int N_a`` (E, k) of the unit consistent mass matrices, or ``M_e f_e`` (E, k, m).
+
+    Same quadrature as :func:`adjopt.fem.mass_matrices` (degree 2 on simplices,
+    2x2 / 2x2x2 Gauss on quads / hexahedra) and the same Jacobian check, but
+    the (E, k, k) local matrices are never formed. ``f`` is (N, m) nodal values.
+    """
+    degree = 2 if CELLS[mesh.cell_type].simplex else 3
+    xq, wq = cell_rule(mesh.cell_type, degree)
+    nq, dn = shape_functions(mesh.cell_type, xq)
+    nq, dn, wq = np.ascontiguousarray(nq), np.ascontiguousarray(dn), np.ascontiguousarray(wq)
+    # affine cells (constant reference gradients): det J is the same at every point, keep one column
+    detj = np.empty((mesh.n_cells, 1 if np.all(dn == dn[:1]) else wq.size))
+    E, k = mesh.cells.shape
+    if f is None:
+        out = np.empty((E, k))
+        _kernels.mass_rowsum_kernel(mesh.points, mesh.cells, nq, dn, wq, out, detj)
+    else:
+        out = np.empty((E, k, f.shape[1]))
+        _kernels.mass_apply_kernel(mesh.points, mesh.cells, nq, dn, wq, np.ascontiguousarray(f), out, detj)
+    check_jacobians(mesh, detj)
+    return out
 
 
 def body_force(mesh: Mesh, f) -> np.ndarray:
@@ -32,7 +58,9 @@ def body_force(mesh: Mesh, f) -> np.ndarray:
     * (dim,) constant vector: ``b[i*dim + c] = f_c int N_i`` -> (N*dim,);
     * (N, dim) nodal vector field: ``b[i*dim + c] = (M f[:, c])_i`` -> (N*dim,).
 
-    Assembled with ``np.bincount`` over ``mesh.cells``.
+    The element integrals use the quadrature of :func:`mass_matrices`
+    without forming the local mass matrices; assembled with ``np.bincount``
+    over ``mesh.cells``.
 
     Raises
     ------
@@ -44,18 +72,18 @@ def body_force(mesh: Mesh, f) -> np.ndarray:
     fv = np.asarray(f, dtype=np.float64)
     _finite(fv, "f")
     N, d = mesh.n_nodes, mesh.dim
-    M = mass_matrices(mesh)  # (E, k, k)
     cells = mesh.cells
     if fv.ndim == 0:
-        return assemble_vector(cells, float(fv) * M.sum(axis=2), N)
+        return assemble_vector(cells, float(fv) * _mass_integrals(mesh), N)
     if fv.shape == (N,):
-        return assemble_vector(cells, np.einsum("eab,eb->ea", M, fv[cells]), N)
+        return assemble_vector(cells, _mass_integrals(mesh, fv[:, None])[:, :, 0], N)
     if fv.shape == (d,):
-        w = M.sum(axis=2)  # int N_a per cell
+        w = _mass_integrals(mesh)  # int N_a per cell
         local = w[:, :, None] * fv[None, None, :]
     elif fv.shape == (N, d):
-        local = np.einsum("eab,ebc->eac", M, fv[cells])
+        local = _mass_integrals(mesh, fv)
     else:
+        _mass_integrals(mesh)  # invalid cells are reported before a bad f, as they always were
         raise ShapeError(f"f must be a scalar, ({N},) nodal values, ({d},) a constant vector or "
                          f"({N}, {d}) a nodal vector field; got shape {fv.shape}")
     out = np.bincount((cells[:, :, None] * d + np.arange(d)).ravel(), weights=local.ravel(),
