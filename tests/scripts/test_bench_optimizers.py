@@ -1,0 +1,51 @@
+"""The optimizer benchmark runs end to end at tiny sizes and writes its JSON atomically."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bench_optimizers_writes_json(tmp_path):
+    out = tmp_path / "opt.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_optimizers.py"), "--n", "6", "8",
+                          "--grading", "1.0", "--methods", "newton-cg", "lbfgs", "--out", str(out)],
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert "iterations" in res.stdout and "spread" in res.stdout and "wrote" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["info"]["cpus"] >= 1 and "git" in data["info"]
+    assert data["config"]["cache_bytes"] == 512 * 2**20
+    rows = data["results"]
+    # "newton-cg" is one configuration, "lbfgs" two (l2 and h1), at two sizes
+    assert sorted({r["label"] for r in rows}) == ["lbfgs:h1", "lbfgs:l2", "newton-cg:l2"]
+    assert len(rows) == 3 * 2 and {r["n"] for r in rows} == {6, 8} and {r["grading"] for r in rows} == {1.0}
+    for r in rows:
+        assert r["success"] and r["flag"] == "" and r["nit"] > 0 and r["nfev"] > 0 and r["njev"] > 0
+        assert r["factorizations"] > 0 and r["solves"] > 0 and r["time_s"] > 0
+        assert r["parameters"] == (r["n"] + 1) ** 2 and r["peak_rss_GiB"] > 0
+        assert math.isfinite(r["fun"]) and math.isfinite(r["error"]) and 0 < r["error"] < 1
+        assert 0 <= r["dist_best"] < 1e-2  # all reach the same optimum
+        assert r["l2_stationarity"] < 1e-4
+        if r["method"] == "newton-cg":
+            assert r["cg_iterations"] >= r["nit"] and r["nhessp"] == r["cg_iterations"]
+            assert sum(r["history"]["cg_iterations"]) == r["cg_iterations"]
+        else:
+            assert r["cg_iterations"] is None and r["nhessp"] == 0
+    for n in (6, 8):  # same problem, same optimum: J agrees closely across the methods
+        funs = [r["fun"] for r in rows if r["n"] == n]
+        assert max(funs) - min(funs) <= 1e-5 * min(funs)
+    summ = data["summary"]["1"]
+    assert summ["newton-cg:l2"]["iterations"] == [r["nit"] for r in rows if r["label"] == "newton-cg:l2"]
+    assert summ["newton-cg:l2"]["spread"]["difference"] >= 0 and summ["lbfgs:l2"]["spread"]["ratio"] >= 1
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_bench_optimizers_rejects_unknown_method(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_optimizers.py"), "--n", "4",
+                          "--methods", "bfgs", "--no-warmup", "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown method" in res.stderr
+    assert not list(tmp_path.iterdir())
