@@ -1,0 +1,235 @@
+"""Shared helpers of the benchmark scripts: machine facts, timing, memory, bandwidth, JSON and plots.
+
+Imported by the ``scripts/bench_*.py`` files (``from _bench_common import ...``
+works because Python puts a script's own folder first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+import scipy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2.0**30
+
+
+def version(module: str) -> str | None:
+    """``module.__version__``, or None when it is not installed."""
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages (other processes skew timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def total_memory_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def git_state() -> dict | None:
+    """Commit and locally modified library files of the repository."""
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        st = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src", "problems"], capture_output=True,
+                            text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return dict(commit=head.stdout.strip(), modified=[ln[3:] for ln in st.stdout.splitlines()])
+
+
+def machine_info(**extra) -> dict:
+    """Machine, versions, threads, load and git state, for the ``info`` block of a benchmark's JSON."""
+    return dict(machine=platform.machine(), processor=platform.processor(), python=platform.python_version(),
+                numpy=np.__version__, scipy=scipy.__version__, numba=numba.__version__, pyamg=version("pyamg"),
+                threads=numba.get_num_threads(), cpus=os.cpu_count(), loadavg=loadavg(),
+                memory_GiB=total_memory_gib(), git=git_state(), **extra)
+
+
+def finite(v):
+    """A JSON-safe copy: NaN/Inf -> None, numpy scalars -> Python numbers."""
+    if isinstance(v, dict):
+        return {str(k): finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` as JSON atomically (temporary file + rename): never a half-written file."""
+    d = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as fh:
+        json.dump(finite(data), fh, indent=1)
+    os.replace(fh.name, path)
+
+
+def best_time(f, repeat: int = 5, warmup: bool = True) -> float:
+    """Minimum wall time of ``repeat`` calls of ``f`` (after one untimed call when ``warmup``)."""
+    if warmup:
+        f()
+    best = math.inf
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def median_time(f, repeat: int = 5) -> float:
+    """Median wall time of ``repeat`` calls of ``f``."""
+    times = []
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def copy_bandwidth(nbytes: int = 2**28, repeat: int = 5) -> float:
+    """The machine's copy bandwidth in bytes/s: ``np.copyto`` of a large array, counting read + write.
+
+    The ceiling for kernels that stream through memory (assembly, contraction).
+    """
+    n = max(1, nbytes // 8)
+    a = np.ones(n)
+    b = np.empty(n)
+    t = best_time(lambda: np.copyto(b, a), repeat)
+    return 2 * a.nbytes / t
+
+
+def release_memory() -> None:
+    """Collect garbage and return the freed heap to the system (glibc ``malloc_trim``; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset the peak resident memory (VmHWM) where the kernel allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory since the last :func:`reset_peak` (VmHWM), else of the whole process."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 2.0**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2.0**20
+
+
+def rss_gib() -> float | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 2.0**20
+
+
+class Meter:
+    """Sequential phases: wall time and peak resident memory of each (VmHWM reset per phase)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.can_reset = reset_peak()
+        self.peak = peak_rss_gib()
+
+    @contextmanager
+    def phase(self, name: str, **extra):
+        self.peak = max(self.peak, peak_rss_gib())
+        if self.can_reset:
+            reset_peak()
+        row = dict(phase=name, seconds=0.0, **extra)
+        self.rows.append(row)
+        t0 = time.perf_counter()
+        try:
+            yield row
+        finally:
+            row["seconds"] = time.perf_counter() - t0
+            p = peak_rss_gib()
+            self.peak = max(self.peak, p)
+            row["peak_GiB"] = p if self.can_reset else None
+
+    def overall_peak_gib(self) -> float:
+        self.peak = max(self.peak, peak_rss_gib())
+        return self.peak
+
+
+def loglog_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "") -> bool:
+    """Write a log-log PNG of ``{label: (x, y)}``; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, (x, y) in series.items():
+        pts = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and a > 0 and b > 0]
+        if pts:
+            ax.loglog(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile(dir=d, delete=False, suffix=".png") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(fh.name, path)
+    return True
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """A plain text table, columns right-aligned."""
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
