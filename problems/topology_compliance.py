@@ -107,7 +107,7 @@ def _cantilever3d(nelx: int, nely: int, nelz: int):
 
 def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, nelz: int | None = None,
           volfrac: float = 0.5, penal: float = 3.0, rmin: float = 1.5, emin: float = 1e-9,
-          filter: bool = True) -> adjopt.Problem:
+          filter: bool = True, solver=None) -> adjopt.Problem:
     """The minimum-compliance problem as an :class:`adjopt.Problem`.
 
     Parameters
@@ -128,6 +128,9 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     filter
         Use the density filter as the parameter map (the matrix and the
         volume see rho = H p); ``False``: rho = p.
+    solver
+        The linear solver of the functional (a name or a
+        :class:`~adjopt.solvers.LinearSolver`); default ``"auto"``.
 
     Returns
     -------
@@ -175,7 +178,7 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n=dofmap.n_free)
     b = dofmap.restrict_vector(load)
     pmap = DensityFilter(mesh.cell_centers(), rmin) if filter else None
-    J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap)
+    J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap, solver=solver)
     n = mesh.n_cells
     volume = adjopt.ParameterFunctional(adjopt.Volume(mesh.cell_volumes(), parameter_map=pmap), n)
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
