@@ -137,7 +137,11 @@ class ReducedFunctional:
             return st
         rho = p if self.map is None else self.map.forward(p)
         A = self.matrix.assemble(rho)
-        fac = self.solver.factorize(A)
+        if getattr(self.solver, "uses_operator", False):
+            # solvers that know the discretisation (geometric multigrid) also see A(.) and rho
+            fac = self.solver.factorize(A, operator=self.matrix, rho=rho)
+        else:
+            fac = self.solver.factorize(A)
         b = self.rhs.value(rho)
         u = fac.solve(b, kind="forward")
         fac.check_residual(u, b)
