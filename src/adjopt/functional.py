@@ -84,6 +84,15 @@ class ReducedFunctional:
     parameter_map
         Optional :class:`~adjopt.maps.ParameterMap` rho = M(p) applied before A
         and b (filters, projections, nodal -> element); the objective sees p.
+    self_adjoint
+        ``None`` (default): detected. When the objective is f = l^T u
+        (``objective.linear_load``, e.g. :class:`~adjopt.Compliance`), b = l
+        is constant and A(p) is symmetric (``matrix.symmetric``), the adjoint
+        equation A^T lam = l is the state equation, so lam = u and no adjoint
+        solve is made; in a Hessian action the second adjoint equals the
+        tangent (dl = du), so it costs one solve instead of two. ``False``
+        turns the shortcut off (the general path); ``True`` insists (error if
+        the conditions do not hold).
 
     Notes
     -----
@@ -94,7 +103,7 @@ class ReducedFunctional:
     """
 
     def __init__(self, matrix: ParametricMatrix, rhs, objective: Objective, solver=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, parameter_map=None):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, parameter_map=None, self_adjoint: bool | None = None):
         if not isinstance(matrix, ParametricMatrix):
             raise TypeError(f"matrix must be a ParametricMatrix, got {type(matrix).__name__}")
         if not isinstance(objective, Objective):
@@ -113,6 +122,28 @@ class ReducedFunctional:
             )
         self.solver = make_solver(solver)
         self.cache = StateCache(cache_bytes)
+        detected = self._detect_self_adjoint()
+        if self_adjoint is None:
+            self.self_adjoint = detected
+        elif self_adjoint is True and not detected:
+            raise ValueError(
+                "self_adjoint=True needs an objective f = l^T u (objective.linear_load, e.g. Compliance(b)) with the "
+                "constant right-hand side b = l and a symmetric A(p) (matrix.symmetric); this problem is not"
+            )
+        elif self_adjoint not in (True, False):
+            raise ValueError(f"self_adjoint must be None (detect), True or False, got {self_adjoint!r}")
+        else:
+            self.self_adjoint = bool(self_adjoint)
+        if self.self_adjoint:
+            logger.debug("ReducedFunctional: self-adjoint (lam = u), no adjoint solves")
+
+    def _detect_self_adjoint(self) -> bool:
+        """f = l^T u, b = l constant and A(p) symmetric: then A^T lam = l is A u = b, so lam = u."""
+        load = getattr(self.objective, "linear_load", None)
+        if load is None or self.rhs.depends_on_p or not getattr(self.matrix, "symmetric", False):
+            return False
+        b = self.rhs.value(None)
+        return b.shape == np.shape(load) and bool(np.array_equal(b, load))
 
     # -- bookkeeping -------------------------------------------------------------
     @property
@@ -152,6 +183,9 @@ class ReducedFunctional:
     def _adjoint(self, p: np.ndarray, st: _State, tol: float | None = None) -> np.ndarray:
         """lam, solved again only when ``tol`` asks for more accuracy than the cached one has."""
         want = st.factorization.tolerance("adjoint", tol)
+        if st.lam is None and self.self_adjoint:
+            st.lam, st.lam_tol = st.u, st.factorization.tolerance("forward")
+            st.q = None
         if st.lam is None or want < st.lam_tol:
             rhs = self.objective.grad_u(st.u, p)
             st.lam = st.factorization.solve(rhs, transpose=True, kind="adjoint", tol=tol)
@@ -227,10 +261,14 @@ class ReducedFunctional:
         if b.depends_on_p:
             rhs_t = rhs_t + b.jvp(rho, drho)
         du = st.factorization.solve(rhs_t, kind="tangent", tol=tol)
-        rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp)
-        if lam is not None:
-            rhs_a = rhs_a - M.tangent_transpose(rho, drho, lam)
-        dl = st.factorization.solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
+        if self.self_adjoint and lam is not None and lam is u:
+            # f_uu = f_up = 0 and A = A^T, lam = u: the second-adjoint equation is the tangent equation
+            dl = du
+        else:
+            rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp)
+            if lam is not None:
+                rhs_a = rhs_a - M.tangent_transpose(rho, drho, lam)
+            dl = st.factorization.solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
         h_rho = -M.contract(rho, dl, u)
         if lam is not None:
             h_rho = h_rho - M.contract(rho, lam, du)

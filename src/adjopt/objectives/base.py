@@ -28,6 +28,9 @@ class Objective:
     """Base class of objectives f(u, p)."""
 
     depends_on_p: bool = False
+    #: for f(u, p) = l^T u (no other dependence): the vector l, else None. With b = l constant and A
+    #: symmetric the adjoint is the state itself (self-adjoint problem, e.g. compliance)
+    linear_load = None
 
     def value(self, u, p) -> float:
         raise NotImplementedError(f"{type(self).__name__} must implement value(u, p)")

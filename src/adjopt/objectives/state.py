@@ -115,6 +115,7 @@ class Compliance(Objective):
     def __init__(self, load):
         self.load = np.asarray(load.toarray() if sp.issparse(load) else load, dtype=np.float64)
         check_finite(self.load, "load")
+        self.linear_load = self.load
 
     def value(self, u, p):
         if u.shape != self.load.shape:

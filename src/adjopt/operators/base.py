@@ -34,6 +34,8 @@ class ParametricMatrix:
     n_params: int
     #: True when A depends affinely on p, so that ``second`` is identically zero.
     affine: bool = False
+    #: True when A(p) is symmetric for every p (declared by the subclass; never guessed)
+    symmetric: bool = False
 
     @property
     def nnz(self) -> int:

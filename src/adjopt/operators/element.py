@@ -183,6 +183,14 @@ class ElementCoefficientMatrix(ParametricMatrix):
             a0 = sp.coo_array(A0)
             self._base += np.bincount(extra_slots, weights=a0.data, minlength=self._base.size)
         self._zero = np.zeros_like(self._base)
+        # symmetric for every p when every local matrix and A0 are (to round-off)
+        lk = local2.reshape(-1, k, k)
+        tol = 1e-13 * max(float(np.abs(local2).max()), np.finfo(float).tiny)
+        sym = bool(np.all(np.abs(lk - lk.transpose(0, 2, 1)) <= tol))
+        if sym and A0 is not None:
+            d = abs(A0 - A0.T)
+            sym = d.nnz == 0 or float(d.max()) <= 1e-13 * max(float(abs(A0).max()), np.finfo(float).tiny)
+        self.symmetric = sym
         logger.debug("ElementCoefficientMatrix: n=%d, %d elements, nnz=%d, shared local=%s", n, n_elem, self.nnz, estride == 0)
 
     @property
