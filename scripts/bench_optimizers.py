@@ -9,6 +9,13 @@ alpha=1.0, grading=g)`` (H1 regularization, noise 1 %, default seed):
 (n + 1)^2 nodal log-conductivity parameters on ``unit_square(n)``; with
 grading g every coordinate is mapped x -> x^g (cells shrink towards the origin).
 A fresh problem is built for every run (no state cache shared between runs).
+``--problem optimal_control`` runs ``problems/optimal_control.py`` instead
+(``build(n, alpha=1e-3, grading=g)``: L2-regularized distributed control,
+full-state observation, manufactured optimum; it has no stiffness, so use
+``--methods lbfgs:l2 lbfgsb``): there the parameter space is L2 and the L2
+Riesz map is the one that makes L-BFGS mesh independent, while for the
+H1-regularized inversion it is the H1 map (the regularization's h^-2
+spectrum makes L2 counts grow).
 
 Memory: the state cache of each run's functional is limited to ``--cache-mib``
 (default 512 MiB; the drivers only revisit the last few points, so the counts
@@ -27,6 +34,7 @@ Configurations (``adjopt.minimize(problem, method, inner_product, gtol, maxiter,
 * ``newton-tr:l2``       Newton, Steihaug trust region, l2, preconditioner "h1";
 * ``lbfgs:l2``           adjopt's L-BFGS in the L2 inner product (consistent mass);
 * ``lbfgs:h1``           adjopt's L-BFGS in the H1 inner product (K + M);
+* ``lbfgs:h1-m60``       the same with 60 stored pairs instead of 10 (4x fewer iterations here);
 * ``lbfgsb:l2-lumped``   scipy's L-BFGS-B on lumped-mass-scaled variables;
 * ``lbfgsb:euclidean``   plain scipy L-BFGS-B.
 
@@ -80,6 +88,7 @@ from adjopt.optimize.inner import make_inner_product
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "problems"))
+import optimal_control  # noqa: E402
 import poisson_inversion  # noqa: E402
 
 #: the configurations: label -> (method, inner product, method options)
@@ -88,11 +97,28 @@ CONFIGS = {
     "newton-tr:l2": ("newton-tr", "l2", {"preconditioner": "h1"}),
     "lbfgs:l2": ("lbfgs", "l2", {}),
     "lbfgs:h1": ("lbfgs", "h1", {}),
+    "lbfgs:h1-m60": ("lbfgs", "h1", {"memory": 60}),
     "lbfgsb:l2-lumped": ("lbfgsb", "l2-lumped", {}),
     "lbfgsb:euclidean": ("lbfgsb", "euclidean", {}),
 }
 NEWTON = ("newton-cg", "newton-tr")
-PROBLEM = dict(dim=2, n_obs=40, alpha=1.0)
+#: --problem: name -> (module, build options, meta key of the true parameter)
+PROBLEMS = {
+    "poisson_inversion": (poisson_inversion, dict(dim=2, n_obs=40, alpha=1.0), "m_true"),
+    "optimal_control": (optimal_control, dict(alpha=1e-3), "z_exact"),
+}
+PROBLEM_NAME = "poisson_inversion"
+PROBLEM = PROBLEMS[PROBLEM_NAME][1]
+
+
+def set_problem(name: str) -> None:
+    """Select the problem every run builds (``--problem``)."""
+    global PROBLEM_NAME, PROBLEM
+    PROBLEM_NAME, PROBLEM = name, PROBLEMS[name][1]
+
+
+def build_problem(n: int, **kw):
+    return PROBLEMS[PROBLEM_NAME][0].build(n, **kw)
 
 
 def select(names: list[str]) -> list[str]:
@@ -125,7 +151,7 @@ def run_one(label: str, n: int, grading: float, gtol: float, maxiter: int, max_t
     method, inner, opts = CONFIGS[label]
     kw = dict(PROBLEM, grading=grading) if seed is None else dict(PROBLEM, grading=grading, seed=seed)
     t0 = time.perf_counter()
-    problem = poisson_inversion.build(n, **kw)
+    problem = build_problem(n, **kw)
     if cache_bytes:
         # the drivers revisit only the last few points; the default limit (a quarter of the RAM) lets one long
         # L-BFGS run keep thousands of factorizations (~14 MB each at n=128)
@@ -136,7 +162,7 @@ def run_one(label: str, n: int, grading: float, gtol: float, maxiter: int, max_t
         stop["max_time"] = max_time
     per_run_peak = _reset_peak()
     res = adjopt.minimize(problem, method=method, inner_product=inner, **stop, **opts)
-    M, mt = problem.mass, problem.meta["m_true"]
+    M, mt = problem.mass, problem.meta[PROBLEMS[PROBLEM_NAME][2]]
     cg = [int(h["cg_iterations"]) for h in res.history if "cg_iterations" in h]
     solver = problem.functional.solver
     chosen = getattr(solver, "chosen", None) or solver
@@ -231,7 +257,7 @@ def print_tables(results: list[dict], labels: list[str], ns: list[int], gradings
             ("time", "time [s] of the optimizer loop", False),
         ]
         print()
-        print(f"=== grading {g:g} ({mesh}), poisson_inversion 2D, alpha={PROBLEM['alpha']:g}, n_obs={PROBLEM['n_obs']} ===")
+        print(f"=== grading {g:g} ({mesh}), {PROBLEM_NAME} {PROBLEM} ===")
         for what, title, with_spread in blocks:
             print(f"-- {title}")
             head = f"{'config':<30}" + "".join(f"{'n=' + str(n):>{width}}" for n in ns)
@@ -273,7 +299,7 @@ def warm_up(labels: list[str]) -> float:
     t0 = time.perf_counter()
     for lab in labels:
         method, inner, opts = CONFIGS[lab]
-        adjopt.minimize(poisson_inversion.build(4, **PROBLEM), method=method, inner_product=inner, maxiter=2, **opts)
+        adjopt.minimize(build_problem(4, **PROBLEM), method=method, inner_product=inner, maxiter=2, **opts)
     return time.perf_counter() - t0
 
 
@@ -308,6 +334,8 @@ def main() -> None:
                     help="state-cache limit of each run's functional in MiB (0: the library default, a quarter of the RAM)")
     ap.add_argument("--seed", type=int, default=None, help="observation/noise seed (default: build()'s default)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the JIT warm-up on a tiny mesh")
+    ap.add_argument("--problem", choices=sorted(PROBLEMS), default="poisson_inversion",
+                    help="poisson_inversion (H1-regularized, the default) or optimal_control (L2-regularized)")
     ap.add_argument("--out", default="bench_optimizers.json")
     args = ap.parse_args()
     if any(n < 2 for n in args.n):
@@ -322,6 +350,9 @@ def main() -> None:
         labels = select(args.methods)
     except ValueError as exc:
         ap.error(str(exc))
+    set_problem(args.problem)
+    if args.problem == "optimal_control" and args.seed is not None:
+        ap.error("--seed is for poisson_inversion (optimal_control has no random data)")
     ns = sorted(set(args.n))
     gradings = list(dict.fromkeys(args.grading))
     max_time = args.max_time or None
@@ -330,11 +361,11 @@ def main() -> None:
     git = _git_state()
     load_before = _loadavg()  # other processes on the machine skew the timings; recorded in the JSON
     warmup = 0.0 if args.no_warmup else warm_up(labels)
-    config = dict(problem="poisson_inversion", **PROBLEM, seed=args.seed, n=ns, gradings=gradings,
+    config = dict(problem=PROBLEM_NAME, **PROBLEM, seed=args.seed, n=ns, gradings=gradings,
                   configurations={lab: dict(method=m, inner_product=ip, options=o) for lab, (m, ip, o) in CONFIGS.items()
                                   if lab in labels},
                   gtol=args.gtol, maxiter=args.maxiter, max_time=max_time, cache_bytes=cache_bytes, warmup_s=warmup)
-    print(f"poisson_inversion 2D, alpha={PROBLEM['alpha']:g}, n_obs={PROBLEM['n_obs']}; gtol {args.gtol:g}, "
+    print(f"{PROBLEM_NAME} {PROBLEM}; gtol {args.gtol:g}, "
           f"maxiter {args.maxiter}, max_time {max_time if max_time else 'none'} s; warm-up {warmup:.1f} s", flush=True)
 
     def info():

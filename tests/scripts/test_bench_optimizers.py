@@ -19,9 +19,9 @@ def test_bench_optimizers_writes_json(tmp_path):
     assert data["complete"] and data["info"]["cpus"] >= 1 and "git" in data["info"]
     assert data["config"]["cache_bytes"] == 512 * 2**20
     rows = data["results"]
-    # "newton-cg" is one configuration, "lbfgs" two (l2 and h1), at two sizes
-    assert sorted({r["label"] for r in rows}) == ["lbfgs:h1", "lbfgs:l2", "newton-cg:l2"]
-    assert len(rows) == 3 * 2 and {r["n"] for r in rows} == {6, 8} and {r["grading"] for r in rows} == {1.0}
+    # "newton-cg" is one configuration, "lbfgs" three (l2, h1, h1 with 60 pairs), at two sizes
+    assert sorted({r["label"] for r in rows}) == ["lbfgs:h1", "lbfgs:h1-m60", "lbfgs:l2", "newton-cg:l2"]
+    assert len(rows) == 4 * 2 and {r["n"] for r in rows} == {6, 8} and {r["grading"] for r in rows} == {1.0}
     for r in rows:
         assert r["success"] and r["flag"] == "" and r["nit"] > 0 and r["nfev"] > 0 and r["njev"] > 0
         assert r["factorizations"] > 0 and r["solves"] > 0 and r["time_s"] > 0
@@ -49,3 +49,18 @@ def test_bench_optimizers_rejects_unknown_method(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "unknown method" in res.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_optimizers_on_optimal_control(tmp_path):
+    out = tmp_path / "oc.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_optimizers.py"), "--problem", "optimal_control",
+                    "--n", "6", "12", "--grading", "2.0", "--methods", "lbfgs:l2", "lbfgsb:euclidean", "--gtol", "1e-8",
+                    "--out", str(out)], capture_output=True, text=True, check=True, timeout=120)
+    data = json.loads(out.read_text())
+    assert data["config"]["problem"] == "optimal_control" and data["config"]["alpha"] == 1e-3
+    rows = {(r["label"], r["n"]): r for r in data["results"]}
+    assert len(rows) == 4 and all(r["success"] for r in rows.values())
+    # the error is measured against the manufactured optimum (meta z_exact) and shrinks with the mesh
+    assert rows[("lbfgs:l2", 12)]["error"] < 0.5 * rows[("lbfgs:l2", 6)]["error"]
+    # on the graded mesh the Euclidean inner product needs several times the L2 iterations
+    assert rows[("lbfgsb:euclidean", 12)]["nit"] >= 3 * rows[("lbfgs:l2", 12)]["nit"]
