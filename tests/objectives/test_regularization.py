@@ -64,6 +64,20 @@ def test_volume_fraction():
     np.testing.assert_array_equal(V.hessp(np.zeros(3), np.ones(3)), 0.0)
 
 
+def test_volume_through_an_affine_map_equals_the_volume_of_the_mapped_design():
+    from adjopt.maps import DensityFilter
+
+    rng = np.random.default_rng(5)
+    centers = rng.uniform(0, 4, (40, 2))
+    vols = rng.uniform(0.5, 1.5, 40)
+    H = DensityFilter(centers, 1.2)
+    V = Volume(vols, H)
+    assert V._v is not None  # the precomputed H^T w path
+    for _ in range(3):
+        p = rng.uniform(0, 1, 40)
+        assert V.value_p(p) == pytest.approx(float(vols @ H.forward(p)) / vols.sum(), rel=1e-14)
+
+
 def test_misfit_plus_regularization_in_functional():
     case = element_case(30, coefficient="exp", objective="misfit")
     base = case.functional

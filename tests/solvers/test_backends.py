@@ -128,6 +128,25 @@ def test_cholmod_solves_and_counters(cholmod):
     assert s.name == "cholmod" and s.requires == "sksparse" and s.extra == "cholmod"
 
 
+@pytest.mark.parametrize("mode", ["simplicial", "supernodal"])
+def test_cholmod_analyses_a_pattern_once(cholmod, mode):
+    s = cholmod(mode=mode)
+    A = laplacian()
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal(A.shape[0])
+    facs = []
+    for scale in (1.0, 3.0, 0.5):  # same pattern, new values: one analysis, three numeric factorizations
+        B = sp.csr_array((A.data * scale, A.indices, A.indptr), shape=A.shape)
+        fac = s.factorize(B)
+        facs.append((fac, B))
+    assert s.analyses == 1 and s.stats.factorizations == 3
+    for fac, B in facs:  # every factor stays valid (no in-place reuse of one factor)
+        np.testing.assert_allclose(B @ fac.solve(b), b, rtol=0, atol=1e-10 * np.abs(b).max())
+    assert facs[0][0].factor_nnz == facs[2][0].factor_nnz > 0
+    s.factorize(tridiag(A.shape[0]))  # another pattern: analysed again
+    assert s.analyses == 2
+
+
 def test_cholmod_factor_nnz_exact_for_a_tridiagonal_matrix(cholmod):
     # natural ordering: L of a tridiagonal SPD matrix is bidiagonal, 2n - 1 entries, no fill
     fac = cholmod(mode="simplicial", ordering_method="natural").factorize(tridiag(50))

@@ -116,14 +116,25 @@ class CholmodSolver(LinearSolver):
         self._cholmod = _import_cholmod()
         self.mode = mode
         self.ordering_method = ordering_method
+        # the symbolic analysis (fill-reducing ordering, elimination tree, supernodes) depends on the pattern
+        # only; an optimizer factorizes one pattern many times, so it is done once per pattern and reused
+        self._symbolic = None  # (indptr, indices, analysed Factor, nnz(L) or None)
+        self.analyses = 0
 
     def _factorize(self, A):
         if not is_symmetric(A):
             raise NotPositiveDefiniteError(_not_spd_message("A(p) is not symmetric (max|A - A^T| > 1e-12 max|A|)"))
         t0 = time.perf_counter()
+        Ac = A.tocsc()
+        sym = self._symbolic
+        if sym is None or not (np.array_equal(sym[0], Ac.indptr) and np.array_equal(sym[1], Ac.indices)):
+            analysed = self._cholmod.analyze(Ac, mode=self.mode, ordering_method=self.ordering_method)
+            sym = self._symbolic = [Ac.indptr.copy(), Ac.indices.copy(), analysed, None]
+            self.analyses += 1
         try:
-            # CHOLMOD reads the lower triangle only, hence the symmetry check above
-            factor = self._cholmod.cholesky(A.tocsc(), mode=self.mode, ordering_method=self.ordering_method)
+            # CHOLMOD reads the lower triangle only, hence the symmetry check above; cholesky() on the
+            # analysed factor returns a new numeric factor that shares the ordering
+            factor = sym[2].cholesky(Ac)
         except self._cholmod.CholmodNotPositiveDefiniteError as exc:  # supernodal L L^T: a pivot <= 0
             raise NotPositiveDefiniteError(
                 _not_spd_message(f"the Cholesky factorization met a non-positive pivot in column {exc.column}")
@@ -140,9 +151,12 @@ class CholmodSolver(LinearSolver):
             )
         # scikit-sparse 0.4 exposes no nonzero count of the factor (Factor has no nnz/nzmax attribute and
         # Common no lnz), so L() is the only way: it copies the factor, converts the copy to a simplicial
-        # L L^T and returns it as a scipy CSC matrix. O(nnz(L)) time and a transient second copy, once per
-        # factorization; the factor used for the solves is untouched.
-        factor_nnz = factor.L().nnz
+        # L L^T and returns it as a scipy CSC matrix: O(nnz(L)) time and a transient second copy; the factor
+        # used for the solves is untouched.
+        # The count depends on the symbolic analysis only, so it is taken once per pattern.
+        if sym[3] is None:
+            sym[3] = factor.L().nnz
+        factor_nnz = sym[3]
         logger.debug(
             "CHOLMOD: n=%d nnz(A)=%d nnz(L)=%d mode=%s ordering=%s in %.3g s",
             A.shape[0], A.nnz, factor_nnz, self.mode, self.ordering_method, time.perf_counter() - t0,
