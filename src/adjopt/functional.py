@@ -28,6 +28,8 @@ where drho = M' dp drives the tangent and second-adjoint solves.
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +124,9 @@ class ReducedFunctional:
             )
         self.solver = make_solver(solver)
         self.cache = StateCache(cache_bytes)
+        #: wall seconds spent by phase since construction (or reset_stats): "filter" (the parameter map),
+        #: "assembly", "factorize", "solve" (every kind), "sensitivity" (contractions, objective derivatives)
+        self.times = Counter()
         detected = self._detect_self_adjoint()
         if self_adjoint is None:
             self.self_adjoint = detected
@@ -157,7 +162,9 @@ class ReducedFunctional:
         return self.solver.stats
 
     def reset_stats(self) -> None:
+        """Zero the solver counters and the phase times."""
         self.solver.stats.reset()
+        self.times.clear()
 
     def _p(self, p) -> np.ndarray:
         return as_parameter(p, self.n_params)
@@ -166,16 +173,25 @@ class ReducedFunctional:
         st = self.cache.get(p)
         if st is not None:
             return st
+        times, clock = self.times, time.perf_counter
+        t0 = clock()
         rho = p if self.map is None else self.map.forward(p)
+        t1 = clock()
         A = self.matrix.assemble(rho)
+        b = self.rhs.value(rho)
+        t2 = clock()
         if getattr(self.solver, "uses_operator", False):
             # solvers that know the discretisation (geometric multigrid) also see A(.) and rho
             fac = self.solver.factorize(A, operator=self.matrix, rho=rho)
         else:
             fac = self.solver.factorize(A)
-        b = self.rhs.value(rho)
+        t3 = clock()
         u = fac.solve(b, kind="forward")
         fac.check_residual(u, b)
+        times["filter"] += t1 - t0
+        times["assembly"] += t2 - t1
+        times["factorize"] += t3 - t2
+        times["solve"] += clock() - t3
         st = _State(A=A, factorization=fac, b=b, u=u, rho=rho)
         self.cache.put(p, st)
         return st
@@ -188,7 +204,9 @@ class ReducedFunctional:
             st.q = None
         if st.lam is None or want < st.lam_tol:
             rhs = self.objective.grad_u(st.u, p)
+            t0 = time.perf_counter()
             st.lam = st.factorization.solve(rhs, transpose=True, kind="adjoint", tol=tol)
+            self.times["solve"] += time.perf_counter() - t0
             st.lam_tol = want
             st.q = None
         return st.lam
@@ -197,10 +215,12 @@ class ReducedFunctional:
         """q = -C(lam, u) + (db/drho)^T lam, the gradient of the PDE part with respect to rho."""
         lam = self._adjoint(p, st, tol)
         if st.q is None:
+            t0 = time.perf_counter()
             q = -self.matrix.contract(st.rho, lam, st.u)
             if self.rhs.depends_on_p:
                 q = q + self.rhs.vjp(st.rho, lam)
             st.q = q
+            self.times["sensitivity"] += time.perf_counter() - t0
         return st.q
 
     # -- public API ----------------------------------------------------------------
@@ -232,7 +252,12 @@ class ReducedFunctional:
         p = self._p(p)
         st = self._state(p)
         q = self._pde_gradient(p, st, tol)
-        g = self.objective.grad_p(st.u, p) + (q if self.map is None else self.map.vjp(p, q))
+        t0 = time.perf_counter()
+        g = self.objective.grad_p(st.u, p)
+        t1 = time.perf_counter()
+        g = g + (q if self.map is None else self.map.vjp(p, q))
+        self.times["sensitivity"] += t1 - t0
+        self.times["filter"] += time.perf_counter() - t1
         check_finite(g, "the gradient")
         return g
 
@@ -255,12 +280,16 @@ class ReducedFunctional:
         dp = as_parameter(dp, self.n_params, "dp")
         st = self._state(p)
         lam = None if gauss_newton else self._adjoint(p, st)
+        clock = time.perf_counter
+        t_start, t_solves = clock(), 0.0
         u, rho, M, f, b, pmap = st.u, st.rho, self.matrix, self.objective, self.rhs, self.map
         drho = dp if pmap is None else pmap.jvp(p, dp)
         rhs_t = -M.tangent(rho, drho, u)
         if b.depends_on_p:
             rhs_t = rhs_t + b.jvp(rho, drho)
+        t0 = clock()
         du = st.factorization.solve(rhs_t, kind="tangent", tol=tol)
+        t_solves += clock() - t0
         if self.self_adjoint and lam is not None and lam is u:
             # f_uu = f_up = 0 and A = A^T, lam = u: the second-adjoint equation is the tangent equation
             dl = du
@@ -268,7 +297,9 @@ class ReducedFunctional:
             rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp)
             if lam is not None:
                 rhs_a = rhs_a - M.tangent_transpose(rho, drho, lam)
+            t0 = clock()
             dl = st.factorization.solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
+            t_solves += clock() - t0
         h_rho = -M.contract(rho, dl, u)
         if lam is not None:
             h_rho = h_rho - M.contract(rho, lam, du)
@@ -286,6 +317,8 @@ class ReducedFunctional:
             if lam is not None and not pmap.affine:
                 h = h + pmap.second(p, self._pde_gradient(p, st), dp)
         check_finite(h, "the Hessian action")
+        self.times["solve"] += t_solves
+        self.times["sensitivity"] += clock() - t_start - t_solves  # tangent assembly, contractions, maps
         return h
 
     def hessian(self, p, tol: float | None = None, gauss_newton: bool = False) -> sla.LinearOperator:

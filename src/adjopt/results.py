@@ -305,7 +305,19 @@ def _history_json(problem, result) -> bytes:
     return (json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n").encode()
 
 
+def _flat(entry: dict) -> dict:
+    """Nested dicts (the per-iteration ``phases``) as columns ``phases.assembly``, ..."""
+    out = {}
+    for k, v in entry.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{sub}": x for sub, x in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
 def _history_csv(history) -> bytes:
+    history = [_flat(e) for e in history]
     columns: list[str] = []
     for entry in history:
         for k in entry:

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import topology_compliance as tc  # noqa: E402
 from reference.top88 import top88  # noqa: E402
 
+import adjopt  # noqa: E402
 from adjopt.optimize.base import Options, run  # noqa: E402
 from adjopt.optimize.design import MMA, OC  # noqa: E402
 from adjopt.optimize.inner import make_inner_product  # noqa: E402
@@ -301,3 +302,18 @@ def test_oc_rejects_a_constraint_decreasing_in_some_variable():
                 constraints=[(Linear([1.0, -1.0, 1.0]), 0.5)])
     with pytest.raises(OptimizationError, match="use method 'mma'"):
         _run(OC, p)
+
+
+def test_history_records_time_and_phases_per_iteration():
+    pb = tc.build("mbb", 30, 10)
+    r = adjopt.minimize(pb, method="oc", maxiter=4, xtol=0.0, gtol=0.0)
+    assert "phases" not in r.history[0]
+    for h in r.history[1:]:
+        ph = h["phases"]
+        assert {"assembly", "factorize", "solve", "sensitivity", "filter", "update"} <= set(ph)
+        assert all(v >= 0 for v in ph.values())
+        assert sum(ph.values()) == pytest.approx(h["time"], rel=1e-9)
+    # the functional's own totals are the sums over the iterations plus the start
+    J = pb.functional
+    assert sum(h["phases"]["factorize"] for h in r.history[1:]) < J.times["factorize"]
+    assert J.stats.factorizations == 5 and J.stats.solves["adjoint"] == 0  # compliance: self-adjoint

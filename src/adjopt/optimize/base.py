@@ -87,7 +87,12 @@ class OptimizeResult:
 
     ``history`` has one dict per iteration (iteration 0 is the start): f, the
     stationarity measure, step length, evaluation counts and what the method
-    adds (CG iterations per Newton step, trust radius, volume, ...).
+    adds (CG iterations per Newton step, trust radius, volume, ...). Every
+    iteration after the start also has ``time`` (its wall seconds) and
+    ``phases``: seconds by phase of the functional (``filter``, ``assembly``,
+    ``factorize``, ``solve``, ``sensitivity``; see ``ReducedFunctional.times``)
+    and ``update``, the rest (the driver's own work: line search logic, OC
+    bisection, MMA subproblem, the previous iteration's checkpoint).
     """
 
     x: np.ndarray
@@ -292,6 +297,20 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
 
     gtarget = max(options.gatol, options.gtol * g0)
     nit_box = [nit]
+    times = getattr(driver.problem.functional, "times", None)  # phase seconds of a ReducedFunctional
+    clock = [time.perf_counter(), dict(times) if times is not None else {}]
+
+    def phases() -> dict:
+        """Seconds of the iteration that just ended, by phase; "update" is the driver's own work."""
+        now = time.perf_counter()
+        total = now - clock[0]
+        out = {}
+        if times is not None:
+            out = {k: v - clock[1].get(k, 0.0) for k, v in times.items() if v - clock[1].get(k, 0.0) > 0}
+            clock[1] = dict(times)
+        out["update"] = max(total - sum(out.values()), 0.0)
+        clock[0] = now
+        return dict(time=total, phases=out)
 
     def before_iteration():
         """(stop, success, message) from the tests that need no new iterate."""
@@ -312,6 +331,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         gnorm = driver.stationarity(state)
         entry = dict(nit=nit, f=float(state["f"]), stationarity=gnorm, step=step, **dict(counts))
         entry.update({k: _json_safe(v) for k, v in (record or {}).items()})
+        entry.update(phases())
         history.append(entry)
         logger.info("%s: iteration %d, f = %.10g, stationarity %.3g, step %.3g", driver.name, nit, state["f"], gnorm, step)
         if checkpoint is not None:
