@@ -164,3 +164,24 @@ def test_vector_bad_input():
         adjopt.ConstantVector(np.ones((2, 2, 2)))
     with pytest.raises(adjopt.NonFiniteError):
         adjopt.ConstantVector(np.array([1.0, np.nan]))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_symmetric_locals_fused_tangent_and_transpose(shared):
+    rng, conn, locs = _random(8, negative=True)
+    locs = locs + locs.transpose(0, 2, 1)
+    n, m = 9, 7
+    A = ElementCoefficientMatrix(conn, locs[0] if shared else locs, coefficient="exp", n=n)
+    assert A.symmetric
+    assert not ElementCoefficientMatrix(conn, np.triu(locs[0]), n=n).symmetric
+    p, dp = rng.standard_normal((2, m))
+    dAdp = _dense(conn, np.broadcast_to(locs[0], locs.shape) if shared else locs, dp * np.exp(p), n)
+    w = rng.standard_normal(n)
+    np.testing.assert_allclose(A.tangent(p, dp, w), dAdp @ w, atol=1e-13)
+    np.testing.assert_allclose(A.tangent_transpose(p, dp, w), dAdp.T @ w, atol=1e-13)
+    W = rng.standard_normal((n, 2))
+    np.testing.assert_allclose(A.tangent_transpose(p, dp, W), dAdp.T @ W, atol=1e-13)
+    # the contraction of one column (branch-free kernel) equals the dense form
+    z = rng.standard_normal(n)
+    np.testing.assert_allclose(A.contract(p, w, z), [w @ _dense(conn, locs if not shared else np.broadcast_to(
+        locs[0], locs.shape), np.eye(m)[e] * np.exp(p), n) @ z for e in range(m)], atol=1e-13)

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
 from ..errors import PatternError
 from . import _kernels
+from .._validate import as_parameter, as_state_like
 from .base import ParametricMatrix
 from .coefficients import Coefficient, as_coefficient
 
@@ -93,13 +95,14 @@ def build_slot_map(conn: np.ndarray, n: int, extra=None):
         extra_slots = np.empty(n_extra, dtype=np.int64)
         extra_slots[order[~is_elem] - n_entry] = slot_of[~is_elem]
         order, slot_of = order[is_elem], slot_of[is_elem]
-    slot_ptr = np.zeros(ukeys.size + 1, dtype=np.int64)
+    # the narrowest index types that fit: the assembly kernel streams through these arrays
+    slot_ptr = np.zeros(ukeys.size + 1, dtype=_index_dtype(n_entry))
     np.cumsum(np.bincount(slot_of, minlength=ukeys.size), out=slot_ptr[1:])
     del slot_of
     sorted_entry = entry[order]  # stable: within a slot, element entries keep their order
     del order
     slot_elem = (sorted_entry // kk).astype(_index_dtype(n_elem))
-    slot_loc = (sorted_entry % kk).astype(np.int32)
+    slot_loc = (sorted_entry % kk).astype(np.int16 if kk <= np.iinfo(np.int16).max else np.int32)
     return indptr, indices, slot_ptr, slot_elem, slot_loc, extra_slots
 
 
@@ -178,11 +181,12 @@ class ElementCoefficientMatrix(ParametricMatrix):
         (self.indptr, self.indices, self._slot_ptr, self._slot_elem, self._slot_loc, extra_slots) = build_slot_map(
             self.conn, n, A0
         )
-        self._base = np.zeros(self.indices.shape[0])
+        # the constant part's values in the pattern; empty (= zero, not read by the kernel) without A0
+        self._base = np.zeros(0)
         if A0 is not None:
             a0 = sp.coo_array(A0)
-            self._base += np.bincount(extra_slots, weights=a0.data, minlength=self._base.size)
-        self._zero = np.zeros_like(self._base)
+            self._base = np.bincount(extra_slots, weights=a0.data, minlength=self.indices.shape[0]).astype(np.float64)
+        self._zero = np.zeros(0)
         # symmetric for every p when every local matrix and A0 are (to round-off)
         lk = local2.reshape(-1, k, k)
         tol = 1e-13 * max(float(np.abs(local2).max()), np.finfo(float).tiny)
@@ -199,7 +203,7 @@ class ElementCoefficientMatrix(ParametricMatrix):
 
     def gather(self, coef: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
         """CSR data of base + sum_e coef[e] K_e (the assembly kernel)."""
-        out = np.empty_like(self._base)
+        out = np.empty(self.nnz)
         _kernels.gather_slots(
             self._slot_ptr, self._slot_elem, self._slot_loc, self.local, self._estride,
             np.ascontiguousarray(coef, dtype=np.float64), self._zero if base is None else base, out,
@@ -213,8 +217,34 @@ class ElementCoefficientMatrix(ParametricMatrix):
     def element_forms(self, w: np.ndarray, z: np.ndarray) -> np.ndarray:
         """a_e(w, z) = w_e^T K_e z_e for every element (columns summed)."""
         out = np.empty(self.n_params)
-        _kernels.element_bilinear(self.conn, self.local, self._estride, _kernels.as_columns(w), _kernels.as_columns(z), out)
+        if w.ndim == 1 and z.ndim == 1:
+            _kernels.element_bilinear1(self.conn, self.local, self._estride, np.ascontiguousarray(w),
+                                       np.ascontiguousarray(z), 8 * numba.get_num_threads(), out)
+        else:
+            _kernels.element_bilinear(self.conn, self.local, self._estride, _kernels.as_columns(w),
+                                      _kernels.as_columns(z), out)
         return out
+
+    def _gather_matvec(self, coef: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """(sum_e coef_e K_e) z in one pass, without storing the matrix values."""
+        z2 = _kernels.as_columns(z)
+        out = np.empty((self.shape[0], z2.shape[1]))
+        _kernels.gather_matvec(self.indptr, self.indices, self._slot_ptr, self._slot_elem, self._slot_loc, self.local,
+                               self._estride, np.ascontiguousarray(coef, dtype=np.float64), z2, out)
+        return out.reshape((self.shape[0],) + z.shape[1:])
+
+    def tangent(self, p, dp, z) -> np.ndarray:
+        """(dA/dp . dp) z = sum_e dp_e phi'(p_e) K_e z_e, fused with the gather (no matrix is formed)."""
+        p = self.check_p(p)
+        dp = as_parameter(dp, self.n_params, "dp")
+        z = as_state_like(z, self.shape[1], "z")
+        return self._gather_matvec(dp * self.coefficient.d1(p), z)
+
+    def tangent_transpose(self, p, dp, w) -> np.ndarray:
+        """(dA/dp . dp)^T w; the fused kernel when every K_e is symmetric (then the tangent is)."""
+        if not self.symmetric:
+            return super().tangent_transpose(p, dp, w)
+        return self.tangent(p, dp, w)
 
     def _contract(self, p, w, z):
         return self.coefficient.d1(p) * self.element_forms(w, z)
