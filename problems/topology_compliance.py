@@ -131,6 +131,8 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     solver
         The linear solver of the functional (a name or a
         :class:`~adjopt.solvers.LinearSolver`); default ``"auto"``.
+        ``"gmg"``: geometric multigrid CG (:class:`~adjopt.solvers.GMGSolver`)
+        on this grid, for large meshes (element counts divisible by a power of 2).
 
     Returns
     -------
@@ -176,6 +178,12 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     dofmap = fem.condense(dim * mesh.n_nodes, fixed)
     conn = dofmap.restrict(fem.vector_dofs(mesh.cells, dim))
     A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n=dofmap.n_free)
+    if isinstance(solver, str) and solver.lower() == "gmg":
+        # geometric multigrid CG needs the grid: built here for this mesh and these supports
+        from adjopt.solvers import GMGSolver
+
+        shape = (nelx, nely) if nelz is None else (nelx, nely, nelz)
+        solver = GMGSolver.structured(shape=shape, dofs_per_node=dim, fixed=dofmap.fixed)
     b = dofmap.restrict_vector(load)
     pmap = DensityFilter(mesh.cell_centers(), rmin) if filter else None
     J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap, solver=solver)

@@ -3,6 +3,8 @@
 Backends: SuperLU (``"superlu"``, always there), AMG-preconditioned Krylov
 (``"amg"``, pyamg), CHOLMOD (``"cholmod"``, extra ``cholmod``) and PARDISO
 (``"pardiso"``, extra ``pardiso``); ``"auto"`` picks the fastest installed.
+:class:`GMGSolver` (geometric multigrid CG on structured grids) needs the grid,
+so it is constructed, not named.
 """
 
 from .amg import AMGSolver
@@ -10,11 +12,12 @@ from .auto import DIRECT_LIMIT, AutoSolver, backends, installed
 from .base import SOLVE_KINDS, Factorization, LinearSolver, SolverStats
 from .cholmod import CholmodSolver
 from .direct import DirectSolver, is_symmetric
+from .gmg import GMGSolver
 from .pardiso import PardisoError, PardisoSolver
 
 __all__ = [
     "LinearSolver", "Factorization", "SolverStats", "SOLVE_KINDS", "DirectSolver", "AMGSolver", "CholmodSolver",
-    "PardisoSolver", "PardisoError", "AutoSolver", "DIRECT_LIMIT", "is_symmetric", "make_solver", "backends", "installed",
+    "PardisoSolver", "PardisoError", "GMGSolver", "AutoSolver", "DIRECT_LIMIT", "is_symmetric", "make_solver", "backends", "installed",
 ]
 
 #: names accepted by :func:`make_solver` besides the backends' own
