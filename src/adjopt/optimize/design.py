@@ -167,17 +167,22 @@ class OC(Driver):
         xlo = np.maximum(self.lo, x - step)
         xhi = np.minimum(self.hi, x + step)
         ratio = np.maximum(-dc / dvn, 0.0)
+        # x (ratio / l)^eta = [x ratio^eta] l^-eta: the array part once, a scalar per bisection step, and
+        # the clip into one reused buffer (two passes over x per step besides the constraint)
+        xr = x * (np.sqrt(ratio) if self.eta == 0.5 else ratio**self.eta)
         l1, l2 = self.l1, self.l2
         lmid, xnew, nb = l2, xhi, 0
+        buf = np.empty_like(x)
         while (l2 - l1) / (l1 + l2) > self.btol and nb < self.max_bisections:
             nb += 1
             lmid = 0.5 * (l2 + l1)
-            B = np.sqrt(ratio / lmid) if self.eta == 0.5 else (ratio / lmid) ** self.eta
-            xnew = np.maximum(xlo, np.minimum(xhi, x * B))
+            np.multiply(xr, lmid**-self.eta, out=buf)
+            xnew = np.clip(buf, xlo, xhi, out=buf)
             if self.con.value(xnew) > self.upper:
                 l1 = lmid
             else:
                 l2 = lmid
+        xnew = xnew.copy()
         volume = float(self.con.value(xnew))
         change = float(np.max(np.abs(xnew - x))) if x.size else 0.0
         if volume > self.upper * (1 + 1e-6) + 1e-12 and lmid >= 0.99 * self.l2:
