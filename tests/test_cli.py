@@ -69,6 +69,20 @@ def test_run_topology_with_oc_quietly(tmp_path):
     assert png_size(out / "parameter.png")[0] > 200
 
 
+def test_run_topology_with_the_geometric_multigrid_solver(tmp_path):
+    # 5 iterations, not converged: exit status 1; the same compliances as the direct solver (GMG solves to 1e-8)
+    hists = {}
+    for solver in ("gmg", "superlu"):
+        out = tmp_path / solver
+        adjopt("run", "topology_compliance", "--nelx", 32, "--nely", 16, "--solver", solver, "--max-iter", 5,
+               "--out", out, "-q", "--no-pictures", check=1)
+        hists[solver] = [h["f"] for h in json.loads((out / "history.json").read_text())["history"]]
+    fa, fb = hists["gmg"], hists["superlu"]
+    assert len(fa) == len(fb) == 6 and max(abs(a - b) / b for a, b in zip(fa, fb)) < 1e-7
+    proc = adjopt("run", "poisson_inversion", "--n", 8, "--solver", "gmg", "--out", tmp_path / "x", check=2)
+    assert "--solver gmg needs the grid" in proc.stderr
+
+
 def test_existing_folder_needs_force(tmp_path):
     out = tmp_path / "r"
     adjopt("run", "optimal_control", "--n", 6, "--out", out, "-q", check=0)

@@ -228,6 +228,10 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     popts = build_options(module)
     prob_opts, meth_opts = split_options(extra, popts, _method_defaults(method) if method else {})
     prob_opts = {**(preset or {}), **prob_opts}
+    # a build(solver=...) makes its own solver (geometric multigrid needs the grid); else it is replaced below
+    solver_by_build = bool(args.solver) and "solver" in popts
+    if solver_by_build:
+        prob_opts["solver"] = args.solver
     problem = make_problem(module, prob_opts)
     if method is None:
         method = "oc" if len(problem.constraints) == 1 else ("mma" if problem.constraints else "lbfgs")
@@ -241,8 +245,14 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
         if getattr(args, key) is not None:
             stop[key] = getattr(args, key)
     stop.setdefault("maxiter", 200)
-    if args.solver:
-        problem.functional.solver = make_solver(args.solver)
+    if args.solver and not solver_by_build:
+        try:
+            problem.functional.solver = make_solver(args.solver)
+        except ValueError as exc:
+            if args.solver == "gmg":
+                raise UsageError("--solver gmg needs the grid: only problems whose build() takes a solver option "
+                                 "(topology_compliance) can use it") from exc
+            raise
         problem.functional.cache.clear()
     out = Path(args.out or os.path.join("adjopt-results", problem.name))
     _prepare_out(out, args.force, args.resume)
