@@ -20,7 +20,7 @@ What is measured
 1. **Per design iteration, MBB** (``--mbb``). adjopt:
    ``adjopt.minimize(problem, method="oc", maxiter=iters+1, xtol=0, gtol=0,
    callback=...)`` on a fresh problem per solver (``--solvers``; any name
-   ``make_solver`` accepts: a name that raises ``MissingBackendError`` or
+   ``make_solver`` accepts, and "gmg": a name that raises ``MissingBackendError`` or
    ``ValueError`` is skipped and recorded with the reason). The iteration
    times are the differences of the callback timestamps; the first iteration
    (which also holds the start, J and its gradient at p0, and any JIT
@@ -338,7 +338,10 @@ def history_time(history: list[dict], timed: slice) -> dict | None:
 
 
 def check_solver(name: str) -> str | None:
-    """None when ``make_solver(name)`` works, else the reason to skip the name."""
+    """None when ``make_solver(name)`` works (or the name is "gmg", built by ``build(solver="gmg")``
+    from the grid), else the reason to skip the name."""
+    if name == "gmg":
+        return None
     try:
         make_solver(name)
     except (MissingBackendError, ValueError) as exc:
