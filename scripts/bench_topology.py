@@ -623,9 +623,12 @@ def summarize(data) -> dict:
     big = [r for r in data["cantilever3d"] if r["dofs"] >= TARGET_3D_MIN_DOFS]
     rows3 = []
     for row in big:
-        sol = {s: dict(seconds=r["value_and_gradient_s"], peak_GiB=r.get("peak_GiB"),
-                       met=r["value_and_gradient_s"] <= TARGET_3D_S and r.get("peak_GiB") is not None
-                       and r["peak_GiB"] * 2**30 <= TARGET_3D_GB * 1e9)
+        # the memory target is the peak of the whole run: building the problem (the pattern) included
+        sol = {s: dict(seconds=r["value_and_gradient_s"], peak_GiB=r.get("overall_peak_GiB", r.get("peak_GiB")),
+                       build_peak_GiB=r.get("build_peak_GiB"),
+                       met=r["value_and_gradient_s"] <= TARGET_3D_S
+                       and r.get("overall_peak_GiB", r.get("peak_GiB")) is not None
+                       and r.get("overall_peak_GiB", r.get("peak_GiB")) * 2**30 <= TARGET_3D_GB * 1e9)
                for s, r in row["adjopt"].items() if r.get("status") == "ok"}
         rows3.append(dict(size=row["size"], dofs=row["dofs"], solvers=sol,
                           met=any(v["met"] for v in sol.values()) if sol else None))

@@ -185,3 +185,39 @@ def test_symmetric_locals_fused_tangent_and_transpose(shared):
     z = rng.standard_normal(n)
     np.testing.assert_allclose(A.contract(p, w, z), [w @ _dense(conn, locs if not shared else np.broadcast_to(
         locs[0], locs.shape), np.eye(m)[e] * np.exp(p), n) @ z for e in range(m)], atol=1e-13)
+
+
+def _reference_slot_map(conn, n, extra=None):
+    """The slot map by plain Python: slot = sorted unique (row, col); its (element, local entry) list in entry order."""
+    n_elem, k = conn.shape
+    pairs = {}
+    for e in range(n_elem):
+        for a in range(k):
+            for b in range(k):
+                i, j = conn[e, a], conn[e, b]
+                if i >= 0 and j >= 0:
+                    pairs.setdefault((i, j), []).append((e, a * k + b))
+    if extra is not None:
+        ex = sp.coo_array(extra)
+        for i, j in zip(ex.row, ex.col):
+            pairs.setdefault((int(i), int(j)), [])
+    return sorted(pairs), pairs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_build_slot_map_matches_a_plain_reference(seed):
+    from adjopt.operators.element import build_slot_map
+
+    rng, conn, _ = _random(seed, n=11, n_elem=9, k=4, negative=seed % 2 == 1)
+    extra = sp.random_array((11, 11), density=0.15, rng=rng) if seed >= 3 else None
+    indptr, indices, slot_ptr, slot_elem, slot_loc, extra_slots = build_slot_map(conn, 11, extra)
+    keys, pairs = _reference_slot_map(conn, 11, extra)
+    got = [(i, int(j)) for i in range(11) for j in indices[indptr[i]:indptr[i + 1]]]
+    assert got == keys
+    for s, key in enumerate(keys):
+        lst = list(zip(slot_elem[slot_ptr[s]:slot_ptr[s + 1]].tolist(), slot_loc[slot_ptr[s]:slot_ptr[s + 1]].tolist()))
+        assert lst == pairs[key]
+    if extra is not None:
+        ex = sp.coo_array(extra)
+        assert [keys[s] for s in extra_slots] == list(zip(ex.row.tolist(), ex.col.tolist()))
+    assert slot_loc.dtype == np.int16 and slot_ptr.dtype == np.int32

@@ -63,44 +63,52 @@ def build_slot_map(conn: np.ndarray, n: int, extra=None):
     rows = np.repeat(conn, k, axis=1).ravel()  # conn[e, a] at local entry a*k+b
     cols = np.tile(conn, (1, k)).ravel()  # conn[e, b]
     keep = (rows >= 0) & (cols >= 0)
-    entry = np.flatnonzero(keep)
+    entry = np.flatnonzero(keep).astype(_index_dtype(rows.size))  # int32 where it fits: the largest temporaries
     keys = rows[keep].astype(np.int64) * n + cols[keep]
     del rows, cols, keep
+    n_entry = entry.size
     n_extra = 0
     if extra is not None:
         ex = sp.coo_array(extra)
         n_extra = ex.nnz
         keys = np.concatenate([keys, ex.row.astype(np.int64) * n + ex.col])
     # one stable sort of the keys gives the pattern and the slot order at once (np.unique with
-    # return_inverse sorts again and a second argsort of the inverse a third time: 4x slower at 1M elements)
+    # return_inverse sorts again and a second argsort of the inverse a third time: 4x slower at 1M elements).
+    # Arrays are freed as soon as they are used: the peak is keys, their order, the sorted keys and entry.
     order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    del keys
-    first = np.empty(sorted_keys.size, dtype=bool)
+    keys = keys[order]  # sorted
+    first = np.empty(keys.size, dtype=bool)
     first[:1] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
-    ukeys = sorted_keys[first]
-    del sorted_keys
-    slot_of = np.cumsum(first, dtype=np.int64) - 1  # slot of each sorted entry
-    del first
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    ukeys = keys[first]
+    del keys
     urows = ukeys // n
     idx_t = _index_dtype(max(n, ukeys.size))
     indptr = np.zeros(n + 1, dtype=idx_t)
     np.cumsum(np.bincount(urows, minlength=n), out=indptr[1:])
     indices = (ukeys - urows * n).astype(idx_t)
-    n_entry = entry.size
+    del urows
+    n_slots = ukeys.size
+    del ukeys
+    ptr_t = _index_dtype(n_entry)
     extra_slots = np.zeros(0, dtype=np.int64)
     if n_extra:
+        slot_of = np.cumsum(first, dtype=np.int64) - 1  # slot of each sorted entry
         is_elem = order < n_entry
         extra_slots = np.empty(n_extra, dtype=np.int64)
         extra_slots[order[~is_elem] - n_entry] = slot_of[~is_elem]
-        order, slot_of = order[is_elem], slot_of[is_elem]
-    # the narrowest index types that fit: the assembly kernel streams through these arrays
-    slot_ptr = np.zeros(ukeys.size + 1, dtype=_index_dtype(n_entry))
-    np.cumsum(np.bincount(slot_of, minlength=ukeys.size), out=slot_ptr[1:])
-    del slot_of
+        order = order[is_elem]
+        slot_ptr = np.zeros(n_slots + 1, dtype=ptr_t)
+        np.cumsum(np.bincount(slot_of[is_elem], minlength=n_slots), out=slot_ptr[1:])
+        del slot_of, is_elem
+    else:
+        # every sorted entry is an element entry: a slot starts where its key first appears
+        slot_ptr = np.empty(n_slots + 1, dtype=ptr_t)
+        slot_ptr[:-1] = np.flatnonzero(first)
+        slot_ptr[-1] = n_entry
+    del first
     sorted_entry = entry[order]  # stable: within a slot, element entries keep their order
-    del order
+    del order, entry
     slot_elem = (sorted_entry // kk).astype(_index_dtype(n_elem))
     slot_loc = (sorted_entry % kk).astype(np.int16 if kk <= np.iinfo(np.int16).max else np.int32)
     return indptr, indices, slot_ptr, slot_elem, slot_loc, extra_slots
