@@ -198,7 +198,9 @@ class Meter:
 
 
 def loglog_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "") -> bool:
-    """Write a log-log PNG of ``{label: (x, y)}``; False (and nothing written) without matplotlib."""
+    """Write a log-log PNG of ``{label: (x, y)}``; False (and nothing written) without matplotlib or a path."""
+    if not path:
+        return False
     try:
         import matplotlib
 
