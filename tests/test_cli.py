@@ -168,7 +168,7 @@ def test_sigkill_then_resume_gives_the_same_final_J(tmp_path):
             J.value = slow_value
             return pb
     """))
-    ref = adjopt("run", slow, "--out", tmp_path / "ref", "-q", check=0)
+    adjopt("run", slow, "--out", tmp_path / "ref", "-q", check=0)
     f_ref = json.loads((tmp_path / "ref" / "history.json").read_text())["fun"]
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "adjopt.cli", "run", str(slow), "--delay", "0.05", "--out", str(out),

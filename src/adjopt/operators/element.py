@@ -25,9 +25,9 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from .._validate import as_parameter, as_state_like
 from ..errors import PatternError
 from . import _kernels
-from .._validate import as_parameter, as_state_like
 from .base import ParametricMatrix
 from .coefficients import Coefficient, as_coefficient
 
