@@ -33,8 +33,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validate import check_finite
-from ..errors import ConvergenceWarning, NotPositiveDefiniteError, ShapeError, SolverDidNotConverge
-from .base import SOLVE_KINDS, Factorization, LinearSolver
+from ..errors import NotPositiveDefiniteError, ShapeError
+from .base import SOLVE_KINDS, Factorization, LinearSolver, report_nonconvergence
 from .direct import is_symmetric
 
 logger = logging.getLogger(__name__)
@@ -182,11 +182,7 @@ class AMGFactorization(Factorization):
             "for vector problems (fem.rigid_body_modes), or use a direct solver; a solve that stalls near 1 "
             "often means A(p) is singular (a missing Dirichlet condition) or the coefficient vanishes."
         )
-        if self.solver.on_failure == "warn":
-            logger.warning(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=4)
-        else:
-            raise SolverDidNotConverge(msg, history)
+        report_nonconvergence(self.solver.on_failure, msg, history)
 
 
 class AMGSolver(LinearSolver):

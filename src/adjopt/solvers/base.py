@@ -12,7 +12,9 @@ Krylov iteration is counted.
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,7 +22,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validate import check_finite
-from ..errors import ShapeError, SingularMatrixError
+from ..errors import ConvergenceWarning, ShapeError, SingularMatrixError, SolverDidNotConverge
+
+logger = logging.getLogger(__name__)
 
 SOLVE_KINDS = ("forward", "adjoint", "tangent", "second_adjoint", "other")
 
@@ -143,6 +147,16 @@ class Factorization:
 
     def _solve(self, rhs, transpose, kind, tol):
         raise NotImplementedError
+
+
+def report_nonconvergence(on_failure: str, message: str, history) -> None:
+    """An iterative solve missed its tolerance: raise :class:`SolverDidNotConverge` (with the residual
+    history), or log and warn with :class:`ConvergenceWarning` when ``on_failure == "warn"``."""
+    if on_failure == "warn":
+        logger.warning(message)
+        warnings.warn(message, ConvergenceWarning, stacklevel=5)
+    else:
+        raise SolverDidNotConverge(message, history)
 
 
 def _singular_message(detail: str) -> str:

@@ -95,17 +95,16 @@ import logging
 import math
 import numbers
 import time
-import warnings
 
 import numba
 import numpy as np
 import scipy.sparse as sp
 
 from .._validate import check_finite
-from ..errors import ConvergenceWarning, NotPositiveDefiniteError, ShapeError, SolverDidNotConverge
+from ..errors import NotPositiveDefiniteError, ShapeError
 from ..operators import _kernels
 from ..operators.element import build_slot_map
-from .base import SOLVE_KINDS, Factorization, LinearSolver
+from .base import SOLVE_KINDS, Factorization, LinearSolver, report_nonconvergence
 
 logger = logging.getLogger(__name__)
 
@@ -774,11 +773,7 @@ class GMGFactorization(Factorization):
             "of this kind (GMGSolver(tol={...})), raise the smoother degree, or use a direct solver; a solve that "
             "stalls near 1 often means A(p) is singular (a missing Dirichlet condition, or emin = 0)."
         )
-        if self.solver.on_failure == "warn":
-            logger.warning(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=4)
-        else:
-            raise SolverDidNotConverge(msg, history)
+        report_nonconvergence(self.solver.on_failure, msg, history)
 
 
 class GMGSolver(LinearSolver):
