@@ -67,16 +67,10 @@ peak resident memory of the run (of the process so far where VmHWM cannot be res
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
 import math
 import os
 import platform
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 
 import numba
@@ -90,6 +84,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "problems"))
 import optimal_control  # noqa: E402
 import poisson_inversion  # noqa: E402
+from _bench_common import git_state as _git_state  # noqa: E402
+from _bench_common import loadavg as _loadavg  # noqa: E402
+from _bench_common import peak_rss_gib as _peak_rss_gib  # noqa: E402
+from _bench_common import release_memory, write_json  # noqa: E402
+from _bench_common import reset_peak as _reset_peak  # noqa: E402
+from _bench_common import total_memory_gib as _total_memory_gib  # noqa: E402
+from _bench_common import version as _version  # noqa: E402
 
 #: the configurations: label -> (method, inner product, method options)
 CONFIGS = {
@@ -303,24 +304,6 @@ def warm_up(labels: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _finite(v):
-    """JSON without NaN/Infinity (null instead)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
-
-
-def write_json(path: str, data: dict) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as fh:
-        json.dump(_finite(data), fh, indent=1)
-    os.replace(fh.name, path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[32, 64, 128, 256], help="cells per side (several values)")
@@ -394,71 +377,6 @@ def main() -> None:
     write_json(args.out, dict(info=info(), config=config, complete=True, results=results,
                               summary=summarize(results, labels, ns, gradings)))
     print(f"wrote {args.out}")
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return None
-
-
-def release_memory() -> None:
-    """Collect garbage and return the freed heap to the system (glibc ``malloc_trim``; a no-op elsewhere)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak() -> bool:
-    """Reset the peak resident memory (VmHWM) where the kernel allows it; then the peak is the next run's own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_gib() -> float:
-    """Peak resident memory since the last reset (VmHWM), else of the whole process (ru_maxrss, KiB on Linux)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2.0**20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2.0**20
-
-
-def _git_state() -> dict | None:
-    """Commit and locally modified files of the repository (the library may be edited while this runs)."""
-    try:
-        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        st = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "src", "problems"], capture_output=True,
-                            text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return dict(commit=head.stdout.strip(), modified=[ln[3:] for ln in st.stdout.splitlines()])
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _total_memory_gib() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2.0**30
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 if __name__ == "__main__":
