@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from .._validate import check_finite
 from ..errors import NotPositiveDefiniteError, ShapeError
-from .base import SOLVE_KINDS, Factorization, LinearSolver, report_nonconvergence
+from .base import Factorization, LinearSolver, per_kind_tolerances, report_nonconvergence
 from .direct import is_symmetric
 
 logger = logging.getLogger(__name__)
@@ -43,21 +43,6 @@ METHODS = ("auto", "sa", "rootnode", "air", "ruge_stuben")
 #: default relative tolerance of every solve kind
 DEFAULT_TOL = 1e-10
 
-
-def _per_kind(tol) -> dict:
-    """{kind: tol} from a float or a partial dict (the rest get DEFAULT_TOL)."""
-    if isinstance(tol, dict):
-        unknown = set(tol) - set(SOLVE_KINDS)
-        if unknown:
-            raise ValueError(f"unknown solve kind(s) {sorted(unknown)} in tol; the kinds are {SOLVE_KINDS}")
-        out = {k: DEFAULT_TOL for k in SOLVE_KINDS}
-        out.update(tol)
-    else:
-        out = {k: tol for k in SOLVE_KINDS}
-    for k, t in out.items():
-        if not (isinstance(t, (int, float)) and 0 < t < 1):
-            raise ValueError(f"the {k} tolerance must be a relative tolerance in (0, 1), got {t!r}")
-    return {k: float(t) for k, t in out.items()}
 
 
 def _hierarchy_nnz(ml) -> int:
@@ -236,7 +221,7 @@ class AMGSolver(LinearSolver):
         self._pyamg = pyamg
         self._cg = pyamg.krylov.cg
         self._gmres = pyamg.krylov.fgmres
-        self.tol = _per_kind(tol)
+        self.tol = per_kind_tolerances(tol, DEFAULT_TOL)
         if isinstance(maxiter, bool) or not isinstance(maxiter, (int, np.integer)) or maxiter < 1:
             raise ValueError(f"maxiter must be a positive integer, got {maxiter!r}")
         if isinstance(restart, bool) or not isinstance(restart, (int, np.integer)) or restart < 1:

@@ -149,6 +149,22 @@ class Factorization:
         raise NotImplementedError
 
 
+def per_kind_tolerances(tol, default: float) -> dict:
+    """{kind: relative tolerance} from a float (every kind) or a partial dict (the rest get ``default``)."""
+    if isinstance(tol, dict):
+        unknown = set(tol) - set(SOLVE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown solve kind(s) {sorted(unknown)} in tol; the kinds are {SOLVE_KINDS}")
+        out = {k: default for k in SOLVE_KINDS}
+        out.update(tol)
+    else:
+        out = {k: tol for k in SOLVE_KINDS}
+    for k, t in out.items():
+        if isinstance(t, bool) or not (isinstance(t, (int, float)) and 0 < t < 1):
+            raise ValueError(f"the {k} tolerance must be a relative tolerance in (0, 1), got {t!r}")
+    return {k: float(t) for k, t in out.items()}
+
+
 def report_nonconvergence(on_failure: str, message: str, history) -> None:
     """An iterative solve missed its tolerance: raise :class:`SolverDidNotConverge` (with the residual
     history), or log and warn with :class:`ConvergenceWarning` when ``on_failure == "warn"``."""

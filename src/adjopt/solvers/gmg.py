@@ -104,7 +104,7 @@ from .._validate import check_finite
 from ..errors import NotPositiveDefiniteError, ShapeError
 from ..operators import _kernels
 from ..operators.element import build_slot_map
-from .base import SOLVE_KINDS, Factorization, LinearSolver, report_nonconvergence
+from .base import Factorization, LinearSolver, per_kind_tolerances, report_nonconvergence
 
 logger = logging.getLogger(__name__)
 
@@ -449,21 +449,6 @@ def _check_count(value, name: str, minimum: int) -> int:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
-
-def _per_kind(tol) -> dict:
-    """{kind: tol} from a float or a partial dict (the rest get DEFAULT_TOL)."""
-    if isinstance(tol, dict):
-        unknown = set(tol) - set(SOLVE_KINDS)
-        if unknown:
-            raise ValueError(f"unknown solve kind(s) {sorted(unknown)} in tol; the kinds are {SOLVE_KINDS}")
-        out = {k: DEFAULT_TOL for k in SOLVE_KINDS}
-        out.update(tol)
-    else:
-        out = {k: tol for k in SOLVE_KINDS}
-    for k, t in out.items():
-        if isinstance(t, bool) or not (isinstance(t, (int, float)) and 0 < t < 1):
-            raise ValueError(f"the {k} tolerance must be a relative tolerance in (0, 1), got {t!r}")
-    return {k: float(t) for k, t in out.items()}
 
 
 # -- the numeric hierarchy of one parameter value -----------------------------------------------------------
@@ -853,7 +838,7 @@ class GMGSolver(LinearSolver):
             raise ValueError(f"shape must be (nx, ny) or (nx, ny, nz) element counts, got {shape!r}")
         shape = tuple(_check_count(s, "every element count of shape", 1) for s in shape)
         dim = _check_count(dofs_per_node, "dofs_per_node", 1)
-        self.tol = _per_kind(tol)
+        self.tol = per_kind_tolerances(tol, DEFAULT_TOL)
         self.maxiter = _check_count(maxiter, "maxiter", 1)
         self.coarse_dofs = _check_count(coarse_dofs, "coarse_dofs", 1)
         self.max_levels = None if max_levels is None else _check_count(max_levels, "max_levels", 1)
