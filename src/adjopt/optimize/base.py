@@ -187,6 +187,14 @@ class Driver:
         raise NotImplementedError
 
     # -- shared helpers -------------------------------------------------------------
+    def first_point(self, x0) -> tuple[np.ndarray, float, np.ndarray]:
+        """(x, f, g) at the projected start; a ValueError when f is not finite there."""
+        x = self.project(np.array(x0, dtype=np.float64))
+        f = self.J.value(x)
+        if not math.isfinite(f):
+            raise ValueError(f"the objective is not finite at the starting point (f = {f})")
+        return x, f, self.J.gradient(x)
+
     def project(self, x: np.ndarray) -> np.ndarray:
         if self.bounds is None:
             return x

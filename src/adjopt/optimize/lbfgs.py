@@ -41,13 +41,8 @@ class LBFGS(Driver):
     takes_bounds = True
 
     def start(self, x0):
-        x = self.project(np.array(x0, dtype=np.float64))
-        f = self.J.value(x)
-        if not math.isfinite(f):
-            raise ValueError(f"the objective is not finite at the starting point (f = {f})")
-        g = self.J.gradient(x)
-        m = x.size
-        return dict(x=x, f=f, g=g, S=np.zeros((0, m)), Y=np.zeros((0, m)))
+        x, f, g = self.first_point(x0)
+        return dict(x=x, f=f, g=g, S=np.zeros((0, x.size)), Y=np.zeros((0, x.size)))
 
     def direction(self, state) -> np.ndarray:
         """-H g by the two-loop recursion with H0 = gamma M^{-1}; fixed variables held at zero."""
@@ -110,11 +105,8 @@ class ScipyLBFGSB(Driver):
     external_loop = True
 
     def start(self, x0):
-        x = self.project(np.array(x0, dtype=np.float64))
-        f = self.J.value(x)
-        if not math.isfinite(f):
-            raise ValueError(f"the objective is not finite at the starting point (f = {f})")
-        return dict(x=x, f=f, g=self.J.gradient(x))
+        x, f, g = self.first_point(x0)
+        return dict(x=x, f=f, g=g)
 
     def solve(self, state, maxiter: int, report) -> None:
         from scipy.optimize import minimize

@@ -60,11 +60,7 @@ class _NewtonBase(Driver):
             raise ValueError(f"eta_max must be in (0, 1), got {self.opts['eta_max']}")
 
     def start(self, x0):
-        x = self.project(np.array(x0, dtype=np.float64))
-        f = self.J.value(x)
-        if not math.isfinite(f):
-            raise ValueError(f"the objective is not finite at the starting point (f = {f})")
-        g = self.J.gradient(x)
+        x, f, g = self.first_point(x0)
         return dict(x=x, f=f, g=g, gnorm0=max(self.P.dual_norm(g), np.finfo(float).tiny), k=0)
 
     def forcing(self, state, gnorm) -> float:
