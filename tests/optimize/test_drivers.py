@@ -203,6 +203,14 @@ def test_line_search_backs_off_from_failed_evaluations(quadratic, kind):
     np.testing.assert_allclose(r.x, z, atol=1e-6 * np.abs(z).max())
 
 
+@pytest.mark.parametrize("method", ["lbfgs", "lbfgsb", "newton-cg", "newton-tr"])
+def test_an_objective_that_is_not_finite_at_the_start_is_refused(quadratic, method):
+    pb, _ = quadratic
+    flaky = Flaky(pb.functional, lambda x: "nan")
+    with pytest.raises(ValueError, match="not finite at the starting point"):
+        adjopt.minimize(adjopt.Problem(flaky, pb.p0, mass=pb.mass), method=method)
+
+
 def test_a_run_that_cannot_evaluate_stops_with_the_last_good_x(quadratic, tmp_path):
     pb, _ = quadratic
     calls = {"n": 0}
