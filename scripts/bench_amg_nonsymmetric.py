@@ -38,18 +38,14 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import tempfile
 import time
 import warnings
 
 import numpy as np
 import pyamg
 import pyamg.krylov
-import scipy
+from _bench_common import loadavg, machine_info, write_json  # noqa: E402  (the script's own folder)
 
 from adjopt import fem, mesh
 
@@ -137,12 +133,6 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -158,7 +148,7 @@ def main() -> None:
         ap.error("--n must be >= 3")
     if any(not k > 0 for k in args.kappa):
         ap.error("every --kappa must be positive")
-    load_before = _loadavg()  # other processes on the machine skew the timings; recorded in the JSON
+    load_before = loadavg()  # other processes on the machine skew the timings; recorded in the JSON
     print(f"SUPG advection-diffusion, velocity {VELOCITY}, unit_square({args.n}) triangles, "
           f"{(args.n - 1) ** 2} unknowns; FGMRES(restart {RESTART}) to {args.tol:g}, at most {args.maxiter} its")
     print(f"{'kappa':>8} {'cell Pe':>8} {'method':>9} {'op':>4} {'lev':>3} {'opcx':>5} {'setup s':>8} "
@@ -170,16 +160,10 @@ def main() -> None:
         stalled = ", ".join(f"{r['operator']} at kappa={r['kappa']:g}" for r in s["stalled"]) or "none"
         print(f"{method:>9}: converged everywhere: {'yes' if s['converged_all'] else 'no'}; "
               f"iterations when converged {rng}; stalled: {stalled}")
-    info = dict(machine=platform.machine(), python=platform.python_version(), numpy=np.__version__,
-                scipy=scipy.__version__, pyamg=pyamg.__version__, cpus=os.cpu_count(),
-                loadavg_before=load_before, loadavg_after=_loadavg())
+    info = machine_info(loadavg_before=load_before, loadavg_after=loadavg())
     config = dict(n=args.n, kappas=args.kappa, velocity=list(VELOCITY), methods=args.methods, tol=args.tol,
                   maxiter=args.maxiter, restart=RESTART, seed=args.seed, unknowns=(args.n - 1) ** 2)
-    out = dict(info=info, config=config, results=rows, summary=summ)
-    d = os.path.dirname(os.path.abspath(args.out))
-    with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as fh:
-        json.dump(out, fh, indent=2)
-    os.replace(fh.name, args.out)
+    write_json(args.out, dict(info=info, config=config, results=rows, summary=summ))
     print(f"wrote {args.out}")
 
 

@@ -28,17 +28,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
 import resource
-import tempfile
 import time
 from contextlib import contextmanager
 
-import numba
 import numpy as np
-import scipy
+from _bench_common import loadavg, machine_info, write_json  # noqa: E402  (the script's own folder)
 
 import adjopt
 from adjopt import fem, mesh
@@ -311,44 +306,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.n < 2:
         ap.error("--n must be >= 2 (at least one interior node)")
-    load_before = _loadavg()  # other processes on the machine skew the timings; recorded in the JSON
+    load_before = loadavg()  # other processes on the machine skew the timings; recorded in the JSON
     warmup = 0.0 if args.no_warmup else warm_up()
     gc.collect()
     r = run(args.n, args.solver, args.tol, args.maxiter)
     r["warmup_s"] = warmup
     print_table(r)
-    info = dict(machine=platform.machine(), processor=platform.processor(), python=platform.python_version(),
-                numpy=np.__version__, scipy=scipy.__version__, numba=numba.__version__,
-                pyamg=_version("pyamg"), threads=numba.get_num_threads(), cpus=os.cpu_count(),
-                loadavg_before=load_before, loadavg_after=_loadavg(),
-                memory_GiB=_total_memory_gib())
-    out = dict(info=info, result=r)
-    d = os.path.dirname(os.path.abspath(args.out))
-    with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as fh:
-        json.dump(out, fh, indent=2)
-    os.replace(fh.name, args.out)
+    info = machine_info(loadavg_before=load_before, loadavg_after=loadavg())
+    write_json(args.out, dict(info=info, result=r))
     print(f"wrote {args.out}")
 
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return None
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _total_memory_gib() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 if __name__ == "__main__":

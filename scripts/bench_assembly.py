@@ -10,14 +10,10 @@ writes only the CSR values. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import tempfile
 import time
 
-import numba
 import numpy as np
+from _bench_common import machine_info, write_json  # noqa: E402  (the script's own folder)
 
 import adjopt
 from adjopt import fem, mesh
@@ -65,13 +61,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['n_elements']:>10} {r['nnz']:>10} {r['pattern_s']:>10.3f} {r['values_s']:>9.4f} "
               f"{r['values_GBps']:>6.2f} {r['contract_s']:>10.4f} {r['tangent_s']:>9.4f}")
-    info = dict(machine=platform.machine(), python=platform.python_version(), numpy=np.__version__,
-                numba=numba.__version__, threads=numba.get_num_threads(), cpus=os.cpu_count())
-    out = dict(info=info, results=rows)
-    d = os.path.dirname(os.path.abspath(args.out))
-    with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as fh:
-        json.dump(out, fh, indent=2)
-    os.replace(fh.name, args.out)
+    write_json(args.out, dict(info=machine_info(), results=rows))
     print(f"wrote {args.out}")
 
 
