@@ -254,25 +254,43 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
                                  "(topology_compliance) can use it") from exc
             raise
         problem.functional.cache.clear()
+    comm = None
+    if getattr(args, "backend", "serial") == "petsc":
+        problem, comm = _distribute(problem, args)
+    rank0 = comm is None or comm.rank == 0  # under MPI only rank 0 writes files and prints
     out = Path(args.out or os.path.join("adjopt-results", problem.name))
-    _prepare_out(out, args.force, args.resume)
+    if comm is None:
+        _prepare_out(out, args.force, args.resume)
+    else:
+        err = None
+        if rank0:
+            try:
+                _prepare_out(out, args.force, args.resume)
+            except UsageError as exc:
+                err = str(exc)
+        err = comm.bcast(err)
+        if err:
+            raise UsageError(err)
     checkpoint = out / "checkpoint.npz"
     resume = checkpoint if args.resume and checkpoint.exists() else None
     if args.resume and resume is None:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", out)
-    log_json = open(args.log_json, "a") if args.log_json else None
+    log_json = open(args.log_json, "a") if args.log_json and rank0 else None
     try:
-        with Progress(stop["maxiter"], quiet=args.quiet, log_json=log_json, title=f"{problem.name} / {method}") as prog:
+        with Progress(stop["maxiter"], quiet=args.quiet or not rank0, log_json=log_json,
+                      title=f"{problem.name} / {method}") as prog:
             stats = getattr(problem.functional, "stats", None)
 
             def callback(info):
                 prog(info, solves=None if stats is None else stats.total_solves)
 
-            result = adjopt.minimize(problem, method=method, checkpoint=checkpoint, resume=resume, callback=callback,
-                                     **stop, **meth_opts)
+            result = adjopt.minimize(problem, method=method, checkpoint=checkpoint if rank0 else None, resume=resume,
+                                     callback=callback, **stop, **meth_opts)
     finally:
         if log_json is not None:
             log_json.close()
+    if not rank0:
+        return 0 if result.success else 1
     from .results import write_results
 
     written = write_results(out, problem, result, force=True, pictures=not args.no_pictures)
@@ -283,6 +301,22 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
         print(summary)
         print(f"results in {out}/: " + ", ".join(sorted(Path(p).name for p in written.values())))
     return 0 if result.success else 1
+
+
+def _distribute(problem, args):
+    """(problem on PETSc, its communicator) for --backend petsc; a UsageError names what is missing."""
+    if args.solver:
+        raise UsageError("--solver picks a serial solver; with --backend petsc choose the Krylov method and "
+                         "preconditioner with PETSc options, e.g. PETSC_OPTIONS='-adjopt_ksp_type gmres -adjopt_pc_type hypre'")
+    try:
+        from .backends.petsc import distribute
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
+    distributed = distribute(problem)
+    comm = distributed.functional.comm
+    if comm.rank != 0:
+        logging.getLogger("adjopt").setLevel(logging.WARNING)
+    return distributed, comm
 
 
 def cmd_demo(args, extra) -> int:
@@ -383,6 +417,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("problem", help="a gallery name (adjopt list) or a path to a .py file with build()")
         p.add_argument("--method", help="lbfgs, lbfgsb, newton-cg, newton-tr, oc, mma (default: the problem's)")
         p.add_argument("--solver", help="auto, superlu, cholmod, pardiso, amg (default: auto)")
+        p.add_argument("--backend", choices=("serial", "petsc"), default="serial",
+                       help="petsc: distributed over the MPI ranks of mpiexec (optional extra mpi)")
         p.add_argument("--max-iter", type=int, dest="max_iter")
         p.add_argument("--gtol", type=float)
         p.add_argument("--xtol", type=float)

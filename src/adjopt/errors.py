@@ -60,3 +60,7 @@ class MissingDerivativeError(AdjoptError, NotImplementedError):
 
 class CacheTooSmallError(AdjoptError, ValueError):
     """The state cache limit is below the size of a single entry."""
+
+
+class PartitionError(AdjoptError, ValueError):
+    """A mesh cannot be split over the requested number of MPI ranks."""

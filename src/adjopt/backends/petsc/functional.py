@@ -1,0 +1,641 @@
+"""A distributed :class:`~adjopt.ReducedFunctional`: A(p) u = b on PETSc, derivatives by adjoints.
+
+The formulas are the serial ones (DESIGN.md), evaluated on distributed vectors:
+
+    A u = b                                   forward      (KSP solve)
+    A^T lam = df/du                           adjoint      (KSP solveTranspose, same KSP and PC)
+    grad J = df/dp + L^T ( -C(lam, u) )       C(w, z)_e = w_e^T (dA/drho_e) z_e
+
+    A du   = -(dA/drho . drho) u                               tangent
+    A^T dl = f_uu du - (dA/drho . drho)^T lam                  second adjoint
+    H dp   = f_pp dp + L^T ( -C(dl, u) - C(lam, du) - C2(lam, u, drho) )
+
+with rho = L p the (linear) parameter map and drho = L dp. C, C2 and the
+tangent are the serial numba kernels of an
+:class:`~adjopt.ElementCoefficientMatrix` built on each rank's own elements,
+applied to ghosted copies of w and z gathered by one PETSc scatter built at
+construction (the tangent adds its element contributions back through the same
+scatter in reverse).
+
+Two interfaces, both collective (every rank calls them):
+
+* PETSc vectors in the distributed numbering (:meth:`value_vec`,
+  :meth:`gradient_vec`, :meth:`hessp_vec`; :meth:`create_parameter_vec`,
+  :meth:`to_vec`, :meth:`to_numpy`): parameters, gradients and Hessian
+  actions stay distributed. TAO uses these (:func:`~adjopt.backends.petsc.minimize_tao`).
+* numpy arrays in the serial numbering, the same full vector on every rank
+  (:meth:`value`, :meth:`gradient`, :meth:`hessp`): the serial interface, so
+  adjopt's own drivers, Taylor tests and the CLI run unchanged under mpiexec.
+  The parameter vector is then replicated (m doubles per rank, and one
+  allgather per gradient or Hessian action).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import numpy as np
+import scipy.sparse as sp
+from mpi4py import MPI
+from petsc4py import PETSc
+
+from ...errors import NonFiniteError, PatternError, ShapeError, SolverDidNotConverge
+from ...objectives.base import Objective, Scaled, Sum
+from ...objectives.regularization import _Quadratic
+from ...objectives.state import Compliance, SquaredMisfit
+from ...operators.element import ElementCoefficientMatrix
+from ...operators.vectors import as_vector
+from ...solvers.base import SolverStats
+from ..partition import Layout, Numbering, make_layout, partition_elements
+
+logger = logging.getLogger(__name__)
+
+_INT = PETSc.IntType
+_REASONS = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
+SUPPORTED_TERMS = "SquaredMisfit (weights a vector), Compliance, TikhonovL2 and TikhonovH1, scaled and summed"
+
+
+def agree(comm, ok: bool, message: str, exc=ValueError) -> None:
+    """Raise ``exc`` on every rank when ``ok`` is False on any rank (the first failing rank's message).
+
+    The ranks exchange one flag each, so a check that fails on one rank only
+    (a NaN in its part of p, a vector of another length) stops all of them
+    instead of leaving the others waiting in the next collective call.
+    """
+    flags = comm.allgather(None if ok else str(message))
+    bad = [(r, m) for r, m in enumerate(flags) if m is not None]
+    if bad:
+        r, m = bad[0]
+        raise exc(m if comm.size == 1 else f"{m} (on rank {r} of {comm.size})")
+
+
+def _block_numbering(n: int, n_ranks: int) -> Numbering:
+    """Rank r owns rows [r n / R, (r + 1) n / R) (some ranks may own none)."""
+    bounds = (np.arange(n_ranks + 1, dtype=np.int64) * n) // n_ranks
+    return Numbering(np.arange(n), np.arange(n), bounds)
+
+
+def _vec(comm, numbering: Numbering, rank: int, full=None) -> PETSc.Vec:
+    """A distributed Vec in ``numbering``; filled with the owned entries of ``full`` (serial order)."""
+    v = PETSc.Vec().createMPI((numbering.local_size(rank), numbering.size), comm=comm)
+    if full is None:
+        v.set(0.0)
+    else:
+        v.setArray(np.asarray(full, dtype=np.float64)[numbering.owned(rank)])
+    return v
+
+
+def _mat(comm, S, rows: Numbering, cols: Numbering, rank: int) -> PETSc.Mat:
+    """A distributed AIJ Mat from a (replicated) scipy sparse S: this rank's rows, columns renumbered."""
+    S = sp.csr_array(S)
+    mine = S[rows.owned(rank)]
+    mine = sp.csr_array((mine.data, cols.perm[mine.indices], mine.indptr), shape=mine.shape)
+    mine.sort_indices()
+    M = PETSc.Mat().createAIJ(
+        size=((rows.local_size(rank), rows.size), (cols.local_size(rank), cols.size)),
+        csr=(mine.indptr.astype(_INT), mine.indices.astype(_INT), mine.data.astype(np.float64)), comm=comm,
+    )
+    M.assemble()
+    return M
+
+
+def _flatten(objective: Objective, c: float = 1.0):
+    """[(c, term)] of a sum of scaled terms."""
+    if isinstance(objective, Sum):
+        return [ct for t in objective.terms for ct in _flatten(t, c)]
+    if isinstance(objective, Scaled):
+        return _flatten(objective.term, c * objective.c)
+    return [(c, objective)]
+
+
+class _StateTerm:
+    """c f(u) with f a misfit or a linear form, on distributed state vectors."""
+
+    def __init__(self, c: float, term, comm, dofs: Numbering, rank: int, n: int):
+        self.c = float(c)
+        self.linear = None
+        if isinstance(term, Compliance):
+            if term.load.shape != (n,):
+                raise ShapeError(f"the PETSc backend takes one load case: Compliance load must have shape ({n},), "
+                                 f"got {term.load.shape}")
+            self.linear = _vec(comm, dofs, rank, term.load)
+            return
+        d = term.d
+        if d.ndim != 1:
+            raise ShapeError(f"the PETSc backend takes one experiment: the data must be (n_obs,), got {d.shape}")
+        if term.W is not None and not isinstance(term.W, np.ndarray):
+            raise NotImplementedError("the PETSc backend takes SquaredMisfit weights as a vector, not a matrix")
+        obs = _block_numbering(d.shape[0], comm.size) if term.B is not None else dofs
+        self.B = None if term.B is None else _mat(comm, sp.csr_array(term.B), obs, dofs, rank)
+        self.d = _vec(comm, obs, rank, d)
+        self.w = None if term.W is None else _vec(comm, obs, rank, term.W)
+        self.r, self.wr = self.d.duplicate(), self.d.duplicate()
+        self.t = None if self.B is None else self.B.createVecRight()
+
+    def _weighted_residual(self, u):
+        r, wr = self.r, self.wr
+        if self.B is None:
+            u.copy(r)
+        else:
+            self.B.mult(u, r)
+        r.axpy(-1.0, self.d)
+        r.copy(wr)
+        if self.w is not None:
+            wr.pointwiseMult(wr, self.w)
+        return r, wr
+
+    def value(self, u) -> float:
+        if self.linear is not None:
+            return self.c * self.linear.dot(u)
+        r, wr = self._weighted_residual(u)
+        return 0.5 * self.c * r.dot(wr)
+
+    def add_grad_u(self, u, out) -> None:
+        if self.linear is not None:
+            out.axpy(self.c, self.linear)
+            return
+        _, wr = self._weighted_residual(u)
+        self._add_transposed(wr, out)
+
+    def add_hess_uu(self, du, out) -> None:
+        if self.linear is not None:
+            return
+        r = self.r
+        if self.B is None:
+            du.copy(r)
+        else:
+            self.B.mult(du, r)
+        if self.w is not None:
+            r.pointwiseMult(r, self.w)
+        self._add_transposed(r, out)
+
+    def _add_transposed(self, v, out):
+        if self.B is None:
+            out.axpy(self.c, v)
+        else:
+            self.B.multTranspose(v, self.t)
+            out.axpy(self.c, self.t)
+
+
+class _ParameterTerm:
+    """c 0.5 (p - p_ref)^T Q (p - p_ref) on distributed parameter vectors."""
+
+    def __init__(self, c: float, term: _Quadratic, comm, params: Numbering, rank: int):
+        self.c = float(c)
+        M = term.M
+        self.Q = self.q = None
+        if M is not None and isinstance(M, np.ndarray):
+            self.q = _vec(comm, params, rank, M)
+        elif M is not None:
+            self.Q = _mat(comm, M, params, params, rank)
+        if term.p_ref is None:
+            self.p_ref = None
+        else:
+            self.p_ref = _vec(comm, params, rank, np.broadcast_to(term.p_ref, (params.size,)))
+
+    def _apply(self, v, out) -> None:
+        if self.Q is not None:
+            self.Q.mult(v, out)
+        elif self.q is not None:
+            out.pointwiseMult(v, self.q)
+        else:
+            v.copy(out)
+
+    def _d(self, p):
+        d = p.copy()
+        if self.p_ref is not None:
+            d.axpy(-1.0, self.p_ref)
+        return d
+
+    def value(self, p) -> float:
+        d = self._d(p)
+        Qd = d.duplicate()
+        self._apply(d, Qd)
+        return 0.5 * self.c * d.dot(Qd)
+
+    def add_grad_p(self, p, out) -> None:
+        d = self._d(p)
+        Qd = d.duplicate()
+        self._apply(d, Qd)
+        out.axpy(self.c, Qd)
+
+    def add_hess_pp(self, dp, out) -> None:
+        Qd = dp.duplicate()
+        self._apply(dp, Qd)
+        out.axpy(self.c, Qd)
+
+
+@dataclass
+class _State:
+    p: np.ndarray  # this rank's part of p (the cache key)
+    rho: np.ndarray  # this rank's elements' rho
+    u: PETSc.Vec
+    u_ghost: np.ndarray
+    lam: PETSc.Vec | None = None
+    lam_ghost: np.ndarray | None = None
+
+
+class _SolverInfo:
+    """What the CLI and the drivers read of a serial solver: a name and counters."""
+
+    def __init__(self, name: str, stats: SolverStats):
+        self.name, self.stats = name, stats
+
+
+class DistributedReducedFunctional:
+    """J(p) = f(u(p), p) subject to A(p) u = b, distributed over the ranks of ``comm`` with PETSc.
+
+    Parameters
+    ----------
+    matrix
+        An :class:`~adjopt.ElementCoefficientMatrix` (A(rho) = A0 + sum_e phi(rho_e) K_e),
+        the same on every rank.
+    rhs
+        The constant right-hand side b, shape (n,).
+    objective
+        A sum of scaled terms of the kinds listed in :data:`SUPPORTED_TERMS`.
+    parameter_map
+        ``None`` (p = rho, one parameter per element) or a linear map with a
+        sparse matrix ``L`` (rho = L p: :class:`~adjopt.maps.NodalToElement`,
+        :class:`~adjopt.maps.DensityFilter`).
+    comm
+        An mpi4py communicator; default ``MPI.COMM_WORLD``.
+    partition, coordinates, parts
+        How the elements are split (see
+        :func:`~adjopt.backends.partition.partition_elements`): ``"block"``
+        (default, contiguous element ranges), ``"slab"`` (equal-count slabs
+        across the longest extent of ``coordinates``, the element centres),
+        or an explicit array ``parts`` (one rank per element).
+    ksp_type, pc_type
+        The Krylov method (default ``"cg"`` when A is symmetric, else
+        ``"gmres"``) and preconditioner (default ``"gamg"``; ``"hypre"`` or
+        ``"lu"`` with ``pc_factor_mat_solver_type`` mumps where the PETSc build
+        has them). PETSc options with the prefix ``adjopt_`` override both
+        (``-adjopt_ksp_type``, ``-adjopt_pc_type``, ``-adjopt_ksp_monitor``).
+    rtol, max_it
+        Relative tolerance of every solve (in the unpreconditioned residual
+        norm) and the iteration limit; a solve that stops short raises
+        :class:`~adjopt.errors.SolverDidNotConverge` on every rank.
+    self_adjoint
+        As in the serial functional: ``None`` detects f = b^T u with A
+        symmetric, when lam = u and dl = du (no adjoint solves).
+
+    Notes
+    -----
+    A symmetric A (``matrix.symmetric``) solves its adjoint equations with
+    ``KSPSolve`` (A^T = A); otherwise with ``KSPSolveTranspose`` on the same
+    KSP and preconditioner. Every setup, solve and Krylov iteration is counted
+    in :attr:`stats` by kind, as in the serial solvers; :attr:`times` holds
+    the phase seconds (filter, assembly, factorize = preconditioner setup,
+    solve, sensitivity).
+    """
+
+    def __init__(self, matrix, rhs, objective, parameter_map=None, *, comm=None, partition: str = "block",
+                 coordinates=None, parts=None, ksp_type: str | None = None, pc_type: str = "gamg",
+                 rtol: float = 1e-10, max_it: int = 10000, self_adjoint: bool | None = None):
+        comm = MPI.COMM_WORLD if comm is None else comm
+        self.comm, self.rank, self.size = comm, comm.rank, comm.size
+        if not isinstance(matrix, ElementCoefficientMatrix):
+            raise TypeError(f"the PETSc backend distributes an ElementCoefficientMatrix (A = A0 + sum_e phi(rho_e) K_e), "
+                            f"got {type(matrix).__name__}; run other ParametricMatrix kinds with the serial functional")
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be an Objective, got {type(objective).__name__}")
+        if not (isinstance(rtol, float) and 0 < rtol < 1) or isinstance(max_it, bool) or not isinstance(max_it, int) or max_it < 1:
+            raise ValueError(f"rtol must be a float in (0, 1) and max_it an integer >= 1, got rtol={rtol!r}, max_it={max_it!r}")
+        n = matrix.shape[0]
+        b = as_vector(rhs)
+        if b.depends_on_p:
+            raise NotImplementedError("the PETSc backend takes a constant right-hand side b; b(p) runs serially")
+        b = np.asarray(b.value(None), dtype=np.float64)
+        if b.shape != (n,):
+            raise ShapeError(f"the PETSc backend takes one right-hand side of shape ({n},), got {b.shape}")
+        L = None
+        if parameter_map is not None:
+            L = getattr(parameter_map, "L", None)
+            if L is None:
+                raise NotImplementedError(f"the PETSc backend takes a linear parameter map with a sparse matrix L "
+                                          f"(NodalToElement, DensityFilter), got {parameter_map!r}")
+            if L.shape[0] != matrix.n_params:
+                raise PatternError(f"the parameter map produces {L.shape[0]} values but A(rho) takes {matrix.n_params}")
+        self.matrix, self.objective, self.map = matrix, objective, parameter_map
+        self.n_params = matrix.n_params if L is None else int(L.shape[1])
+
+        # -- the layout: the same on every rank (computed from the same replicated inputs) --
+        part = partition_elements(matrix.n_params, self.size, partition, coordinates, parts)
+        self.layout: Layout = make_layout(matrix.conn, n, part, self.size, L)
+        lay, rank = self.layout, self.rank
+        if L is None:
+            # one parameter per element: the parameter and element numberings coincide
+            lay.params = lay.elements
+
+        # -- this rank's elements as a serial operator on its local (owned + ghost) dofs --
+        own = lay.elements.owned(rank)
+        conn = matrix.conn[own].astype(np.int64)
+        conn = np.where(conn >= 0, lay.dofs.perm[np.maximum(conn, 0)], -1)
+        self._ghosts = np.unique(conn[conn >= 0])
+        conn_loc = np.where(conn >= 0, np.searchsorted(self._ghosts, np.maximum(conn, 0)), -1)
+        k = matrix.k
+        local = matrix.local.reshape(-1, k, k)
+        local = local[0] if local.shape[0] == 1 and matrix._estride == 0 else local[own]
+        self._ecm = ElementCoefficientMatrix(conn_loc, local, matrix.coefficient, n=self._ghosts.size)
+        self.symmetric = bool(matrix.symmetric)
+
+        # -- A(p): COO pattern of this rank's element entries (+ its rows of A0), preallocated once --
+        ecm = self._ecm
+        rows = self._ghosts[np.repeat(np.arange(ecm.shape[0]), np.diff(ecm.indptr))]
+        cols = self._ghosts[ecm.indices]
+        self._a0 = np.zeros(0)
+        if matrix._base.size:
+            A0 = sp.csr_array((matrix._base, matrix.indices, matrix.indptr), shape=matrix.shape)[lay.dofs.owned(rank)].tocoo()
+            rows = np.concatenate([rows, lay.dofs.ranges[rank] + A0.row])
+            cols = np.concatenate([cols, lay.dofs.perm[A0.col]])
+            self._a0 = A0.data
+        nloc, N = lay.dofs.local_size(rank), lay.dofs.size
+        A = PETSc.Mat().create(comm=comm)
+        A.setSizes(((nloc, N), (nloc, N)))
+        A.setType(PETSc.Mat.Type.AIJ)
+        A.setPreallocationCOO(rows.astype(_INT), cols.astype(_INT))
+        if self.symmetric:
+            A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+        self.A = A
+        self.b = _vec(comm, lay.dofs, rank, b)
+
+        # -- the ghost scatter (global state -> this rank's element dofs), built once --
+        self._wloc = PETSc.Vec().createSeq(self._ghosts.size, comm=PETSc.COMM_SELF)
+        gis = PETSc.IS().createGeneral(self._ghosts.astype(_INT), comm=PETSc.COMM_SELF)
+        self._scatter = PETSc.Scatter().create(self.b, gis, self._wloc, None)
+
+        # -- parameter map, objective terms --
+        self.L = None if L is None else _mat(comm, L, lay.elements, lay.params, rank)
+        self._rho = _vec(comm, lay.elements, rank)
+        self._state_terms, self._param_terms = [], []
+        for c, term in _flatten(objective):
+            if isinstance(term, (SquaredMisfit, Compliance)):
+                self._state_terms.append((term, _StateTerm(c, term, comm, lay.dofs, rank, n)))
+            elif isinstance(term, _Quadratic):
+                self._param_terms.append(_ParameterTerm(c, term, comm, lay.params, rank))
+            else:
+                raise NotImplementedError(f"the PETSc backend supports objectives made of {SUPPORTED_TERMS}; "
+                                          f"got a {type(term).__name__} term")
+        detected = (self.symmetric and len(self._state_terms) == 1 and not self._param_terms
+                    and isinstance(self._state_terms[0][0], Compliance)
+                    and np.array_equal(self._state_terms[0][0].load, b))
+        if self_adjoint is True and not detected:
+            raise ValueError("self_adjoint=True needs f = b^T u (Compliance with the right-hand side) and a symmetric A")
+        self.self_adjoint = detected if self_adjoint is None else bool(self_adjoint)
+
+        # -- the Krylov solver --
+        ksp = PETSc.KSP().create(comm=comm)
+        ksp.setOptionsPrefix("adjopt_")
+        ksp.setType(ksp_type or ("cg" if self.symmetric else "gmres"))
+        ksp.getPC().setType(pc_type)
+        ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+        ksp.setTolerances(rtol=rtol, atol=0.0, max_it=max_it)
+        ksp.setFromOptions()
+        self.ksp, self.rtol = ksp, rtol
+        self.stats = SolverStats()
+        self.times = Counter()
+        self.solver = _SolverInfo(f"petsc:{ksp.getType()}+{ksp.getPC().getType()}", self.stats)
+        self._st: _State | None = None
+        logger.info("DistributedReducedFunctional on %d rank(s): %d elements, %d dofs, %d parameters; %s",
+                    self.size, matrix.n_params, N, self.n_params, self.solver.name)
+
+    # -- bookkeeping ----------------------------------------------------------------
+    @classmethod
+    def from_functional(cls, J, **options) -> DistributedReducedFunctional:
+        """The distributed twin of a serial :class:`~adjopt.ReducedFunctional` (same matrix, rhs, objective, map)."""
+        return cls(J.matrix, J.rhs, J.objective, J.map, **options)
+
+    def reset_stats(self) -> None:
+        """Zero the solver counters and the phase times."""
+        self.stats.reset()
+        self.times.clear()
+
+    def create_parameter_vec(self) -> PETSc.Vec:
+        """A zero parameter Vec in the distributed numbering."""
+        return _vec(self.comm, self.layout.params, self.rank)
+
+    def to_vec(self, p, name: str = "p") -> PETSc.Vec:
+        """The full serial-order vector p (the same on every rank) as a distributed parameter Vec."""
+        p = np.asarray(p, dtype=np.float64)
+        shapes = self.comm.allgather(p.shape)
+        if len(set(shapes)) > 1:
+            raise ShapeError(f"{name} has shapes {shapes} on ranks 0 .. {self.size - 1}: every rank must pass the same "
+                             f"full vector of length {self.n_params}")
+        if shapes[0] != (self.n_params,):
+            raise ShapeError(f"{name} must have length {self.n_params} (one value per parameter), got shape {shapes[0]}")
+        v = self.create_parameter_vec()
+        v.setArray(p[self.layout.params.owned(self.rank)])
+        return v
+
+    def to_numpy(self, v: PETSc.Vec, numbering: Numbering | None = None) -> np.ndarray:
+        """The full serial-order array of a distributed Vec, on every rank (one allgather)."""
+        numbering = self.layout.params if numbering is None else numbering
+        counts = np.diff(numbering.ranges)
+        full = np.empty(numbering.size)
+        self.comm.Allgatherv(np.ascontiguousarray(v.getArray(readonly=True)), [full, counts])
+        out = np.empty(numbering.size)
+        out[numbering.order] = full
+        return out
+
+    def _ghosted(self, v: PETSc.Vec) -> np.ndarray:
+        self._scatter.scatter(v, self._wloc, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+        return self._wloc.getArray(readonly=True).copy()
+
+    def _accumulate(self, values: np.ndarray, out: PETSc.Vec) -> PETSc.Vec:
+        """out += the element contributions ``values`` (one per local dof), summed over ranks."""
+        self._wloc.setArray(values)
+        self._scatter.scatter(self._wloc, out, PETSc.InsertMode.ADD_VALUES, PETSc.ScatterMode.REVERSE)
+        return out
+
+    def _solve(self, rhs: PETSc.Vec, kind: str, transpose: bool = False) -> PETSc.Vec:
+        x = rhs.duplicate()
+        x.set(0.0)
+        t0 = time.perf_counter()
+        if transpose and not self.symmetric:
+            self.ksp.solveTranspose(rhs, x)
+        else:
+            self.ksp.solve(rhs, x)
+        dt = time.perf_counter() - t0
+        reason, its = self.ksp.getConvergedReason(), self.ksp.getIterationNumber()
+        s = self.stats
+        s.solves[kind] += 1
+        s.rhs[kind] += 1
+        s.iterations[kind] += its
+        s.solve_time[kind] += dt
+        self.times["solve"] += dt
+        if reason < 0:
+            raise SolverDidNotConverge(
+                f"the {kind} solve ({self.solver.name}) did not converge: {_REASONS.get(reason, reason)} after {its} "
+                f"iterations at relative tolerance {self.rtol:g}. Raise max_it, loosen rtol or pick another "
+                "preconditioner (pc_type=, or -adjopt_pc_type on the command line)"
+            )
+        return x
+
+    # -- the state at p, cached for the last p ------------------------------------------
+    def _state(self, p: PETSc.Vec) -> _State:
+        if p.getSize() != self.n_params:
+            raise ShapeError(f"p must be a Vec of global size {self.n_params}, got {p.getSize()}")
+        mine = p.getArray(readonly=True)
+        agree(self.comm, bool(np.all(np.isfinite(mine))), "p holds NaN or Inf", NonFiniteError)
+        st = self._st
+        hit = st is not None and st.p.shape == mine.shape and np.array_equal(st.p, mine)
+        if self.comm.allreduce(hit, op=MPI.LAND):
+            return st
+        clock, times = time.perf_counter, self.times
+        t0 = clock()
+        if self.L is None:
+            p.copy(self._rho)
+        else:
+            self.L.mult(p, self._rho)
+        rho = self._rho.getArray(readonly=True).copy()
+        t1 = clock()
+        vals = self._ecm.values(rho)
+        if self._a0.size:
+            vals = np.concatenate([vals, self._a0])
+        self.A.setValuesCOO(vals, PETSc.InsertMode.INSERT_VALUES)
+        self.A.assemble()
+        t2 = clock()
+        self.ksp.setOperators(self.A)
+        self.ksp.setUp()
+        t3 = clock()
+        self.stats.factorizations += 1
+        self.stats.factorization_time += t3 - t2
+        times["filter"] += t1 - t0
+        times["assembly"] += t2 - t1
+        times["factorize"] += t3 - t2
+        u = self._solve(self.b, "forward")
+        self._st = st = _State(p=mine.copy(), rho=rho, u=u, u_ghost=self._ghosted(u))
+        return st
+
+    def _adjoint(self, st: _State) -> PETSc.Vec:
+        if st.lam is None:
+            if self.self_adjoint:
+                st.lam, st.lam_ghost = st.u, st.u_ghost
+            else:
+                rhs = st.u.duplicate()
+                rhs.set(0.0)
+                for _, t in self._state_terms:
+                    t.add_grad_u(st.u, rhs)
+                st.lam = self._solve(rhs, "adjoint", transpose=True)
+                st.lam_ghost = self._ghosted(st.lam)
+        return st.lam
+
+    def _to_parameters(self, h_rho: np.ndarray, out: PETSc.Vec) -> None:
+        """out = L^T h_rho (h_rho: this rank's element values)."""
+        self._rho.setArray(h_rho)
+        if self.L is None:
+            self._rho.copy(out)
+        else:
+            self.L.multTranspose(self._rho, out)
+
+    # -- the Vec interface ------------------------------------------------------------------
+    def value_vec(self, p: PETSc.Vec) -> float:
+        """J(p) for a distributed parameter Vec (collective)."""
+        st = self._state(p)
+        t0 = time.perf_counter()
+        J = sum(t.value(st.u) for _, t in self._state_terms) + sum(t.value(p) for t in self._param_terms)
+        self.times["sensitivity"] += time.perf_counter() - t0
+        return float(J)
+
+    def gradient_vec(self, p: PETSc.Vec, out: PETSc.Vec | None = None) -> PETSc.Vec:
+        """grad J(p) into ``out`` (a new Vec when None), collective."""
+        st = self._state(p)
+        self._adjoint(st)
+        out = self.create_parameter_vec() if out is None else out
+        t0 = time.perf_counter()
+        q = -self._ecm.contract(st.rho, st.lam_ghost, st.u_ghost)
+        self._to_parameters(q, out)
+        for t in self._param_terms:
+            t.add_grad_p(p, out)
+        self.times["sensitivity"] += time.perf_counter() - t0
+        return out
+
+    def hessp_vec(self, p: PETSc.Vec, dp: PETSc.Vec, out: PETSc.Vec | None = None) -> PETSc.Vec:
+        """H(p) dp into ``out`` by a tangent and a second-adjoint solve, collective."""
+        st = self._state(p)
+        self._adjoint(st)
+        if dp.getSize() != self.n_params:
+            raise ShapeError(f"dp must be a Vec of global size {self.n_params}, got {dp.getSize()}")
+        agree(self.comm, bool(np.all(np.isfinite(dp.getArray(readonly=True)))), "dp holds NaN or Inf", NonFiniteError)
+        clock = time.perf_counter
+        t_start, solve0 = clock(), self.times["solve"]
+        ecm, rho = self._ecm, st.rho
+        if self.L is None:
+            dp.copy(self._rho)
+        else:
+            self.L.mult(dp, self._rho)
+        drho = self._rho.getArray(readonly=True).copy()
+        rhs = st.u.duplicate()
+        rhs.set(0.0)
+        self._accumulate(-ecm.tangent(rho, drho, st.u_ghost), rhs)
+        du = self._solve(rhs, "tangent")
+        du_ghost = self._ghosted(du)
+        if self.self_adjoint:
+            dl_ghost = du_ghost
+        else:
+            rhs.set(0.0)
+            for _, t in self._state_terms:
+                t.add_hess_uu(du, rhs)
+            self._accumulate(-ecm.tangent_transpose(rho, drho, st.lam_ghost), rhs)
+            dl_ghost = self._ghosted(self._solve(rhs, "second_adjoint", transpose=True))
+        h = -ecm.contract(rho, dl_ghost, st.u_ghost) - ecm.contract(rho, st.lam_ghost, du_ghost)
+        if not ecm.affine:
+            h -= ecm.second(rho, st.lam_ghost, st.u_ghost, drho)
+        out = self.create_parameter_vec() if out is None else out
+        self._to_parameters(h, out)
+        for t in self._param_terms:
+            t.add_hess_pp(dp, out)
+        self.times["sensitivity"] += clock() - t_start - (self.times["solve"] - solve0)
+        return out
+
+    # -- the serial (numpy, replicated) interface -----------------------------------------
+    def value(self, p) -> float:
+        """J(p) for the full parameter vector p (serial order, the same on every rank)."""
+        return self.value_vec(self.to_vec(p))
+
+    def gradient(self, p, tol: float | None = None) -> np.ndarray:
+        """grad J(p) as a full array on every rank (``tol`` is accepted for the drivers; the solves use ``rtol``)."""
+        return self.to_numpy(self.gradient_vec(self.to_vec(p)))
+
+    def value_and_gradient(self, p, tol: float | None = None):
+        v = self.to_vec(p)
+        return self.value_vec(v), self.to_numpy(self.gradient_vec(v))
+
+    def hessp(self, p, dp, tol: float | None = None, gauss_newton: bool = False) -> np.ndarray:
+        """H(p) dp as a full array on every rank."""
+        if gauss_newton:
+            raise NotImplementedError("the PETSc backend computes the full Hessian action; gauss_newton runs serially")
+        return self.to_numpy(self.hessp_vec(self.to_vec(p), self.to_vec(dp, "dp")))
+
+    def state(self, p) -> np.ndarray:
+        """u(p) on the free dofs, serial order, on every rank."""
+        return self.to_numpy(self._state(self.to_vec(p)).u, self.layout.dofs)
+
+    def __call__(self, p) -> float:
+        return self.value(p)
+
+    def __repr__(self):
+        return (f"DistributedReducedFunctional({self.matrix!r}, ranks={self.size}, solver={self.solver.name}, "
+                f"objective={self.objective!r})")
+
+
+def distribute(problem, comm=None, partition: str | None = None, **options):
+    """A copy of a gallery :class:`~adjopt.Problem` whose functional runs on PETSc over ``comm``.
+
+    ``partition=None`` takes ``"slab"`` when ``problem.meta`` has the mesh
+    (element centres as coordinates) and ``"block"`` otherwise. Bounds,
+    constraints, mass and stiffness are kept: they act on the full parameter
+    vector, which the serial interface replicates.
+    """
+    mesh = problem.meta.get("mesh") if isinstance(problem.meta, dict) else None
+    J = problem.functional
+    if partition is None:
+        partition = "slab" if mesh is not None and len(mesh.cells) == J.matrix.n_params else "block"
+    if partition == "slab" and "coordinates" not in options and mesh is not None:
+        options["coordinates"] = mesh.cell_centers()
+    F = DistributedReducedFunctional.from_functional(J, comm=comm, partition=partition, **options)
+    return replace(problem, functional=F)

@@ -1,0 +1,205 @@
+"""The PETSc backend against the serial functional: run under ``mpiexec -n 2 python -m pytest tests/mpi``.
+
+Every test also runs on one rank (plain ``pytest``) when petsc4py is
+installed, and skips without it. All assertions are on data that every rank
+holds in full (gathered vectors, reduced values), so the ranks pass or fail
+together.
+"""
+
+import numpy as np
+import pytest
+
+petsc4py = pytest.importorskip("petsc4py")
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from problems import poisson_inversion, topology_compliance  # noqa: E402
+
+import adjopt  # noqa: E402
+from adjopt.backends.partition import partition_elements  # noqa: E402
+from adjopt.backends.petsc import DistributedReducedFunctional, distribute, minimize_tao  # noqa: E402
+from adjopt.errors import NonFiniteError, PartitionError, ShapeError, SolverDidNotConverge  # noqa: E402
+
+COMM = MPI.COMM_WORLD
+RTOL = 1e-12  # Krylov tolerance of the comparisons with the (direct) serial path
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def poisson():
+    problem = poisson_inversion.build(n=16, n_obs=20)
+    return problem, distribute(problem, rtol=RTOL)
+
+
+@pytest.fixture(scope="module")
+def mbb():
+    problem = topology_compliance.build(nelx=24, nely=8)
+    return problem, distribute(problem, rtol=RTOL)
+
+
+def _point(problem, seed=1):
+    rng = np.random.default_rng(seed)  # the same on every rank
+    lo, hi = problem.bounds if problem.bounds is not None else (-np.inf, np.inf)
+    return np.clip(problem.p0 + 0.2 * rng.standard_normal(problem.p0.size), lo, hi)
+
+
+@pytest.mark.parametrize("case", ["poisson", "mbb"])
+def test_value_gradient_and_hessp_equal_the_serial_path(case, request):
+    problem, dist = request.getfixturevalue(case)
+    J, F = problem.functional, dist.functional
+    p = _point(problem)
+    dp = np.random.default_rng(2).standard_normal(p.size)
+    assert abs(F.value(p) - J.value(p)) <= 1e-8 * abs(J.value(p))
+    assert rel(F.gradient(p), J.gradient(p)) <= 1e-8
+    assert rel(F.hessp(p, dp), J.hessp(p, dp)) <= 1e-7
+    assert rel(F.state(p), J.state(p)) <= 1e-9
+    # every rank holds the same full gradient
+    g = F.gradient(p)
+    assert all(np.array_equal(g, h) for h in COMM.allgather(g))
+
+
+@pytest.mark.parametrize("case", ["poisson", "mbb"])
+def test_taylor_rates_on_the_distributed_functional(case, request):
+    problem, dist = request.getfixturevalue(case)
+    F = dist.functional
+    p = _point(problem, seed=3)
+    dp = np.random.default_rng(4).standard_normal(p.size)
+    r2 = adjopt.taylor_test(F, p, dp, order=2)
+    r3 = adjopt.taylor_test(F, p, dp, order=3)
+    assert r2.passed and min(r2.rates) > 1.9
+    assert r3.passed and min(r3.rates) > 2.9
+
+
+def test_solve_counts_follow_the_serial_rules(poisson, mbb):
+    for (problem, dist), adjoint_solves in ((poisson, 1), (mbb, 0)):
+        F = dist.functional
+        p, dp = _point(problem, seed=5), np.ones(problem.p0.size)
+        F.reset_stats()
+        F.value(p), F.gradient(p), F.hessp(p, dp)
+        s = F.stats
+        assert s.factorizations == 1  # one preconditioner setup serves every solve at p
+        assert s.solves["forward"] == 1 and s.solves["tangent"] == 1
+        # the compliance problem is self-adjoint: lam = u and dl = du, no adjoint solves
+        assert s.solves["adjoint"] == adjoint_solves and s.solves["second_adjoint"] == adjoint_solves
+        assert s.iterations["forward"] > 0
+        assert set(F.times) >= {"assembly", "factorize", "solve", "sensitivity"}
+
+
+def test_partitions_give_the_same_gradient(poisson):
+    problem, dist = poisson
+    p = _point(problem, seed=6)
+    g = dist.functional.gradient(p)
+    blocks = distribute(problem, partition="block", rtol=RTOL).functional
+    # an arbitrary explicit partition (interleaved elements) still gives the same numbers
+    n_el = problem.functional.matrix.n_params
+    parts = np.arange(n_el) % COMM.size
+    scattered = distribute(problem, parts=parts, partition="block", rtol=RTOL).functional
+    assert rel(blocks.gradient(p), g) <= 1e-8
+    assert rel(scattered.gradient(p), g) <= 1e-8
+
+
+def test_vec_interface_keeps_parameters_distributed(poisson):
+    problem, dist = poisson
+    F = dist.functional
+    p = _point(problem, seed=7)
+    pv = F.to_vec(p)
+    assert pv.getSize() == p.size and pv.getLocalSize() == F.layout.params.local_size(COMM.rank)
+    g = F.gradient_vec(pv)
+    assert rel(F.to_numpy(g), problem.functional.gradient(p)) <= 1e-8
+    assert np.allclose(F.to_numpy(pv), p)
+
+
+def test_tao_newton_and_blmvm_reach_the_serial_optimum():
+    problem = poisson_inversion.build(n=12, n_obs=20)
+    F = distribute(problem, rtol=RTOL).functional
+    serial = adjopt.minimize(problem, method="newton-cg", gtol=1e-10, maxiter=50)
+    g0 = np.linalg.norm(problem.functional.gradient(problem.p0))
+    res_n = minimize_tao(F, problem.p0, method="nls", gatol=1e-9 * g0, maxiter=50)
+    res_t = minimize_tao(F, problem.p0, method="ntr", gatol=1e-9 * g0, maxiter=50)
+    res_l = minimize_tao(F, problem.p0, method="blmvm", gatol=1e-6 * g0, maxiter=500)
+    for res, tol in ((res_n, 1e-6), (res_t, 1e-6), (res_l, 1e-3)):
+        assert res.success, str(res)
+        assert abs(res.fun - serial.fun) <= 1e-7 * abs(serial.fun)
+        assert rel(res.x, serial.x) <= tol
+    # Newton with exact Hessian actions takes few iterations; L-BFGS many more
+    assert res_n.nit <= 12 and res_t.nit <= 12 and res_l.nit > 2 * res_n.nit
+    assert res_n.stats["solves"]["tangent"] > 0 and "tangent" not in res_l.stats["solves"]
+
+
+def test_tao_honours_bounds():
+    problem = poisson_inversion.build(n=8, n_obs=10)
+    F = distribute(problem, rtol=RTOL).functional
+    res = minimize_tao(F, problem.p0, method="blmvm", bounds=(-0.1, 0.1), gatol=1e-8, maxiter=300)
+    assert res.x.min() >= -0.1 - 1e-14 and res.x.max() <= 0.1 + 1e-14
+    assert np.isclose(res.x.max(), 0.1)  # the truth peaks at 1: the upper bound is active
+    with pytest.raises(ValueError, match="unconstrained"):
+        minimize_tao(F, problem.p0, method="lmvm", bounds=(-1, 1))
+
+
+def test_tao_gradient_norm_is_the_dual_norm_of_the_inner_product():
+    problem = poisson_inversion.build(n=8, n_obs=10)
+    F = distribute(problem, rtol=RTOL).functional
+    res = minimize_tao(F, problem.p0, method="blmvm", inner=problem.mass, gatol=1e30, maxiter=5)
+    g = problem.functional.gradient(problem.p0)
+    M = problem.mass.toarray()
+    # stopped at once (gatol huge); the reported norm is sqrt(g^T M^-1 g), not |g|
+    assert res.nit == 0
+    assert np.isclose(res.gnorm, np.sqrt(g @ np.linalg.solve(M, g)), rtol=1e-8)
+    lumped = np.asarray(problem.mass.sum(axis=1)).ravel()
+    res = minimize_tao(F, problem.p0, method="lmvm", inner=lumped, gatol=1e30, maxiter=5)
+    assert np.isclose(res.gnorm, np.sqrt(g @ (g / lumped)), rtol=1e-8)
+    with pytest.raises(ValueError, match="unknown TAO method"):
+        minimize_tao(F, problem.p0, method="bfgs")
+    with pytest.raises(ValueError, match="positive weights"):
+        minimize_tao(F, problem.p0, inner=np.zeros(3))
+
+
+# -- bad input: clear errors on every rank, no hang -------------------------------------------
+
+def test_more_ranks_than_elements_fails_on_every_rank():
+    conn = np.array([[0, 1]])
+    A = adjopt.ElementCoefficientMatrix(conn, np.array([[1.0, -1.0], [-1.0, 2.0]]), n=2)
+    if COMM.size == 1:
+        with pytest.raises(PartitionError, match="cannot split 1 element"):
+            partition_elements(1, 2)
+        return
+    with pytest.raises(PartitionError, match=f"cannot split 1 element.*over {COMM.size} MPI ranks"):
+        DistributedReducedFunctional(A, np.ones(2), adjopt.Compliance(np.ones(2)))
+
+
+def test_mismatched_parameter_lengths_and_nan_fail_on_every_rank(poisson):
+    problem, dist = poisson
+    F, m = dist.functional, problem.p0.size
+    # rank 0 passes one entry too many when there are several ranks (else every rank does)
+    bad = np.zeros(m + 1 if COMM.rank == 0 else m)
+    with pytest.raises(ShapeError, match=f"length {m}"):
+        F.value(bad)
+    p = np.zeros(m)
+    if COMM.rank == COMM.size - 1:
+        p[F.layout.params.owned(COMM.rank)[0]] = np.nan  # only the last rank's own part is bad
+    with pytest.raises(NonFiniteError, match="NaN"):
+        F.value_vec(F.to_vec(p))
+    assert np.isfinite(F.value(np.zeros(m)))  # still usable afterwards
+
+
+def test_unsupported_pieces_are_refused_clearly(poisson):
+    problem, _ = poisson
+    J = problem.functional
+    tv = poisson_inversion.build(n=8, regularization="tv").functional
+    with pytest.raises(NotImplementedError, match="TotalVariation"):
+        DistributedReducedFunctional.from_functional(tv)
+    with pytest.raises(TypeError, match="ElementCoefficientMatrix"):
+        DistributedReducedFunctional(adjopt.ConstantMatrix(np.eye(3), 3), np.ones(3), adjopt.Compliance(np.ones(3)))
+    with pytest.raises(NotImplementedError, match="linear parameter map"):
+        DistributedReducedFunctional(J.matrix, J.rhs, J.objective, adjopt.maps.ExpMap(J.matrix.n_params))
+    with pytest.raises(ValueError, match="rtol"):
+        DistributedReducedFunctional.from_functional(J, rtol=2.0)
+
+
+def test_a_solve_that_does_not_converge_raises_on_every_rank(poisson):
+    problem, _ = poisson
+    F = distribute(problem, max_it=1, rtol=1e-12).functional
+    with pytest.raises(SolverDidNotConverge, match="forward solve .* did not converge"):
+        F.value(problem.p0)
