@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 import traceback
 from pathlib import Path
 
@@ -289,8 +290,11 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     finally:
         if log_json is not None:
             log_json.close()
-    if not rank0:
-        return 0 if result.success else 1
+    if comm is not None:
+        # state and adjoint at the result are collective: every rank computes them, then rank 0 writes
+        problem = replace(problem, functional=_Fields(problem.functional, result.x))
+        if not rank0:
+            return 0 if result.success else 1
     from .results import write_results
 
     written = write_results(out, problem, result, force=True, pictures=not args.no_pictures)
@@ -301,6 +305,31 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
         print(summary)
         print(f"results in {out}/: " + ", ".join(sorted(Path(p).name for p in written.values())))
     return 0 if result.success else 1
+
+
+class _Fields:
+    """What the results writer asks of a functional, evaluated at x by every rank of a distributed one."""
+
+    def __init__(self, F, x):
+        self.n_params, self.stats = F.n_params, F.stats
+        self._fields = {}
+        for what in ("state", "adjoint"):
+            try:
+                self._fields[what] = (getattr(F, what)(x), None)
+            except Exception as exc:  # the same failure on every rank; the writer records it
+                self._fields[what] = (None, exc)
+
+    def _get(self, what):
+        value, exc = self._fields[what]
+        if exc is not None:
+            raise exc
+        return value
+
+    def state(self, p):
+        return self._get("state")
+
+    def adjoint(self, p):
+        return self._get("adjoint")
 
 
 def _distribute(problem, args):

@@ -615,6 +615,11 @@ class DistributedReducedFunctional:
         """u(p) on the free dofs, serial order, on every rank."""
         return self.to_numpy(self._state(self.to_vec(p)).u, self.layout.dofs)
 
+    def adjoint(self, p) -> np.ndarray:
+        """lam(p), the solution of A^T lam = df/du, on the free dofs, serial order, on every rank."""
+        st = self._state(self.to_vec(p))
+        return self.to_numpy(self._adjoint(st), self.layout.dofs)
+
     def __call__(self, p) -> float:
         return self.value(p)
 

@@ -1,0 +1,27 @@
+"""``adjopt run --backend petsc`` without petsc4py: a usage error that names the extra."""
+
+import sys
+
+import pytest
+
+from adjopt import cli
+
+
+def test_backend_petsc_without_petsc4py_exits_2_naming_the_extra(monkeypatch, tmp_path, capsys):
+    for name in list(sys.modules):
+        if name.startswith("adjopt.backends.petsc"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "petsc4py", None)
+    monkeypatch.setitem(sys.modules, "petsc4py.PETSc", None)
+    code = cli.main(["run", "seed_toy", "--backend", "petsc", "--out", str(tmp_path / "r"), "-q"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert 'pip install "adjopt[mpi]"' in err and "petsc4py" in err
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_unknown_backend_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "seed_toy", "--backend", "dask"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'dask'" in capsys.readouterr().err

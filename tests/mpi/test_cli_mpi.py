@@ -1,0 +1,47 @@
+"""``adjopt run --backend petsc`` under mpiexec: the same run as the serial one, files written once by rank 0."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("petsc4py")
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from adjopt import cli  # noqa: E402
+
+COMM = MPI.COMM_WORLD
+
+
+def test_run_with_the_petsc_backend_matches_the_serial_run(tmp_path, capsys):
+    out = COMM.bcast(str(tmp_path / "mpi") if COMM.rank == 0 else None)  # one folder for all ranks
+    args = ["run", "poisson_inversion", "--n", "10", "--no-pictures", "-q"]
+    assert cli.main([*args, "--backend", "petsc", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert ("newton-cg: converged" in printed) == (COMM.rank == 0)  # only rank 0 prints
+    assert cli.main([*args, "--out", str(tmp_path / f"serial{COMM.rank}")]) == 0
+    COMM.Barrier()
+    with open(f"{out}/history.json") as fh:
+        dist = json.load(fh)
+    ser = json.loads((tmp_path / f"serial{COMM.rank}" / "history.json").read_text())
+    f_dist, f_ser = dist["history"][-1]["f"], ser["history"][-1]["f"]
+    assert abs(f_dist - f_ser) <= 1e-8 * abs(f_ser)
+    x_dist, x_ser = np.load(f"{out}/result.npz")["x"], np.load(tmp_path / f"serial{COMM.rank}" / "result.npz")["x"]
+    assert np.linalg.norm(x_dist - x_ser) <= 1e-6 * np.linalg.norm(x_ser)
+    # the state and adjoint fields were computed collectively and written
+    res = np.load(f"{out}/result.npz")
+    assert res["state"].shape == res["adjoint"].shape == (81,) and np.abs(res["adjoint"]).max() > 0
+
+
+def test_the_petsc_backend_refuses_a_serial_solver_and_a_non_empty_folder(tmp_path, capsys):
+    out = COMM.bcast(str(tmp_path / "busy") if COMM.rank == 0 else None)
+    if COMM.rank == 0:
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / "x.txt").write_text("taken")
+    COMM.Barrier()
+    base = ["run", "poisson_inversion", "--n", "6", "--backend", "petsc", "-q", "--no-pictures"]
+    assert cli.main([*base, "--solver", "amg", "--out", out + "2"]) == 2
+    assert "PETSC_OPTIONS" in capsys.readouterr().err
+    # rank 0 finds the folder taken; every rank stops with the same message (none waits for the others)
+    assert cli.main([*base, "--out", out]) == 2
+    assert "not empty" in capsys.readouterr().err
