@@ -23,8 +23,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
