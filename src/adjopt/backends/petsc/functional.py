@@ -42,7 +42,7 @@ import scipy.sparse as sp
 from mpi4py import MPI
 from petsc4py import PETSc
 
-from ...errors import NonFiniteError, PatternError, ShapeError, SolverDidNotConverge
+from ...errors import NonFiniteError, PatternError, ShapeError, SingularMatrixError, SolverDidNotConverge
 from ...objectives.base import Objective, Scaled, Sum
 from ...objectives.regularization import _Quadratic
 from ...objectives.state import Compliance, SquaredMisfit
@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 _INT = PETSc.IntType
 _REASONS = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
+#: options of the default preconditioner (prefix adjopt_; set by the user first, PETSC_OPTIONS, they win)
+GAMG_DEFAULTS = {"mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor"}
 SUPPORTED_TERMS = "SquaredMisfit (weights a vector), Compliance, TikhonovL2 and TikhonovH1, scaled and summed"
 
 
@@ -273,7 +275,9 @@ class DistributedReducedFunctional:
         The Krylov method (default ``"cg"`` when A is symmetric, else
         ``"gmres"``) and preconditioner (default ``"gamg"``; ``"hypre"`` or
         ``"lu"`` with ``pc_factor_mat_solver_type`` mumps where the PETSc build
-        has them). PETSc options with the prefix ``adjopt_`` override both
+        has them). GAMG smooths with symmetric SOR (:data:`GAMG_DEFAULTS`).
+        PETSc options with the prefix ``adjopt_`` (in ``PETSC_OPTIONS`` or
+        ``petsc4py.PETSc.Options()``) override all of these
         (``-adjopt_ksp_type``, ``-adjopt_pc_type``, ``-adjopt_ksp_monitor``).
     rtol, max_it
         Relative tolerance of every solve (in the unpreconditioned residual
@@ -388,6 +392,13 @@ class DistributedReducedFunctional:
         self.self_adjoint = detected if self_adjoint is None else bool(self_adjoint)
 
         # -- the Krylov solver --
+        if pc_type == "gamg":
+            # symmetric SOR smoothing, not GAMG's default Chebyshev/Jacobi: on SIMP elasticity (contrast 1e-9) the
+            # Chebyshev eigenvalue estimates made the preconditioner indefinite (CG stopped: DIVERGED_INDEFINITE_PC)
+            opts = PETSc.Options()
+            for key, value in GAMG_DEFAULTS.items():
+                if not opts.hasName("adjopt_" + key):
+                    opts["adjopt_" + key] = value
         ksp = PETSc.KSP().create(comm=comm)
         ksp.setOptionsPrefix("adjopt_")
         ksp.setType(ksp_type or ("cg" if self.symmetric else "gmres"))
@@ -471,7 +482,7 @@ class DistributedReducedFunctional:
             raise SolverDidNotConverge(
                 f"the {kind} solve ({self.solver.name}) did not converge: {_REASONS.get(reason, reason)} after {its} "
                 f"iterations at relative tolerance {self.rtol:g}. Raise max_it, loosen rtol or pick another "
-                "preconditioner (pc_type=, or -adjopt_pc_type on the command line)"
+                "preconditioner (pc_type=, or PETSC_OPTIONS='-adjopt_pc_type ...')"
             )
         return x
 
@@ -485,6 +496,7 @@ class DistributedReducedFunctional:
         hit = st is not None and st.p.shape == mine.shape and np.array_equal(st.p, mine)
         if self.comm.allreduce(hit, op=MPI.LAND):
             return st
+        self._st = None  # A is about to change: the cached state no longer belongs to it
         clock, times = time.perf_counter, self.times
         t0 = clock()
         if self.L is None:
@@ -498,6 +510,7 @@ class DistributedReducedFunctional:
             vals = np.concatenate([vals, self._a0])
         self.A.setValuesCOO(vals, PETSc.InsertMode.INSERT_VALUES)
         self.A.assemble()
+        self._check_matrix(vals)
         t2 = clock()
         self.ksp.setOperators(self.A)
         self.ksp.setUp()
@@ -510,6 +523,19 @@ class DistributedReducedFunctional:
         u = self._solve(self.b, "forward")
         self._st = st = _State(p=mine.copy(), rho=rho, u=u, u_ghost=self._ghosted(u))
         return st
+
+    def _check_matrix(self, vals: np.ndarray) -> None:
+        """NaN/Inf entries or a zero diagonal stop every rank here, before a solve (where PETSc would
+        raise on one rank only and leave the others waiting)."""
+        agree(self.comm, bool(np.all(np.isfinite(vals))),
+              "A(p) has NaN or Inf entries at this p (the coefficient overflowed: is p far outside its range?)",
+              NonFiniteError)
+        diag = self.A.getDiagonal().getArray(readonly=True)
+        zero = np.flatnonzero(diag == 0)
+        agree(self.comm, zero.size == 0,
+              f"A(p) is singular: {zero.size} zero(s) on its diagonal (first at global row "
+              f"{int(self.layout.dofs.ranges[self.rank] + zero[0]) if zero.size else -1}); a dof without a Dirichlet "
+              "condition and without stiffness (coefficient 0 or underflowed)?", SingularMatrixError)
 
     def _adjoint(self, st: _State) -> PETSc.Vec:
         if st.lam is None:

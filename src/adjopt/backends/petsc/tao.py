@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 from petsc4py import PETSc
 
-from ...errors import NonFiniteError, SolverDidNotConverge
+from ...errors import NonFiniteError, SingularMatrixError, SolverDidNotConverge
 from .functional import DistributedReducedFunctional, _mat, agree
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def minimize_tao(F: DistributedReducedFunctional, p0, method: str = "blmvm", bou
     def objgrad(tao, xk, gk):
         try:
             f = F.value_vec(xk)
-        except (SolverDidNotConverge, NonFiniteError) as exc:
+        except (SolverDidNotConverge, NonFiniteError, SingularMatrixError) as exc:
             # a trial point of a line search outside the domain (exp overflow, a failed solve): reject it
             logger.debug("TAO trial point rejected: %s", exc)
             gk.set(0.0)
