@@ -89,3 +89,26 @@ def test_the_petsc_backend_without_petsc4py_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "petsc4py.PETSc", None)
     with pytest.raises(MissingBackendError, match=r"pip install \"adjopt\[mpi\]\""):
         importlib.import_module("adjopt.backends.petsc")
+
+
+def test_graph_partition_cuts_fewer_dofs_than_blocks_on_a_shuffled_mesh():
+    pytest.importorskip("pymetis")
+    mesh = unit_square(16)
+    rng = np.random.default_rng(0)
+    conn = mesh.cells[rng.permutation(len(mesh.cells))]  # an unordered numbering: blocks are scattered
+    shared = {}
+    for method in ("block", "graph"):
+        parts = partition_elements(len(conn), 4, method, conn=conn)
+        assert np.bincount(parts, minlength=4).min() > 0.8 * len(conn) / 4  # balanced
+        owner_sets = [set(conn[parts == r].ravel()) for r in range(4)]
+        shared[method] = sum(len(a & b) for i, a in enumerate(owner_sets) for b in owner_sets[i + 1:])
+    assert shared["graph"] < 0.25 * shared["block"]
+    assert partition_elements(len(conn), 1, "graph", conn=conn).tolist() == [0] * len(conn)
+
+
+def test_graph_partition_errors(monkeypatch):
+    with pytest.raises(PartitionError, match="needs the connectivity"):
+        partition_elements(8, 2, "graph")
+    monkeypatch.setitem(sys.modules, "pymetis", None)
+    with pytest.raises(PartitionError, match="needs pymetis"):
+        partition_elements(2, 2, "graph", conn=np.array([[0, 1], [1, 2]]))

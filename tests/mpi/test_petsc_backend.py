@@ -235,3 +235,11 @@ def test_a_singular_or_overflowing_matrix_stops_every_rank_before_the_solve(pois
     # the failed points left no stale state behind: p is solved again, with its own matrix
     assert rel(F.gradient(p), g) == 0.0
     assert rel(F.gradient(p), J.gradient(p)) <= 1e-8
+
+
+def test_graph_partition_gives_the_same_gradient(poisson):
+    pytest.importorskip("pymetis")
+    problem, dist = poisson
+    p = _point(problem, seed=9)
+    F = distribute(problem, partition="graph", rtol=RTOL).functional
+    assert rel(F.gradient(p), dist.functional.gradient(p)) <= 1e-8

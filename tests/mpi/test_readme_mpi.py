@@ -20,3 +20,4 @@ def test_readme_distributed_example_runs():
     problem, F, g, res = scope["problem"], scope["F"], scope["g"], scope["res"]
     assert np.linalg.norm(g - problem.functional.gradient(problem.p0)) <= 1e-8 * np.linalg.norm(g)
     assert res.success and np.linalg.norm(problem.functional.gradient(res.x)) < 1e-3
+    assert F.stats.solves["adjoint"] > 0 and F.n_params == problem.p0.size == 17 * 17

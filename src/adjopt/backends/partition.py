@@ -31,10 +31,11 @@ from ..errors import PartitionError
 
 logger = logging.getLogger(__name__)
 
-PARTITION_METHODS = ("block", "slab")
+PARTITION_METHODS = ("block", "slab", "graph")
 
 
-def partition_elements(n_elements: int, n_ranks: int, method: str = "block", coordinates=None, parts=None) -> np.ndarray:
+def partition_elements(n_elements: int, n_ranks: int, method: str = "block", coordinates=None, parts=None,
+                       conn=None) -> np.ndarray:
     """The rank of every element, shape (n_elements,), int32.
 
     Parameters
@@ -46,7 +47,10 @@ def partition_elements(n_elements: int, n_ranks: int, method: str = "block", coo
         structured generators, which number x fastest, these are slabs across
         the slowest direction); ``"slab"``: equal-count slabs across the
         longest extent of ``coordinates`` (element centres, (n_elements, dim)),
-        for any mesh whose numbering is not ordered.
+        for any mesh whose numbering is not ordered; ``"graph"``: METIS
+        (pymetis) on the graph of elements that share a dof (``conn``, (E, k),
+        negative entries ignored), for unstructured meshes: fewer shared dofs
+        between ranks than slabs give.
     parts
         An explicit partition instead (an integer array with one rank per
         element), e.g. from a graph partitioner such as ``pymetis.part_graph``.
@@ -55,7 +59,8 @@ def partition_elements(n_elements: int, n_ranks: int, method: str = "block", coo
     ------
     PartitionError
         More ranks than elements, an unknown method, missing or non-finite
-        coordinates, or an explicit partition of the wrong length, with ranks
+        coordinates, ``"graph"`` without pymetis or without ``conn``, a graph
+        partition that leaves a rank empty, or an explicit partition of the wrong length, with ranks
         outside ``0 .. n_ranks - 1`` or with a rank that receives no element.
     """
     if isinstance(n_ranks, bool) or not isinstance(n_ranks, numbers.Integral) or n_ranks < 1:
@@ -84,7 +89,42 @@ def partition_elements(n_elements: int, n_ranks: int, method: str = "block", coo
         out = np.empty(n_elements, dtype=np.int32)
         out[order] = partition_elements(n_elements, n_ranks, "block")
         return out
+    if method == "graph":
+        return _graph_parts(conn, n_elements, n_ranks)
     raise PartitionError(f"unknown partition method {method!r}; known: {', '.join(PARTITION_METHODS)} (or pass parts=)")
+
+
+def _graph_parts(conn, n_elements: int, n_ranks: int) -> np.ndarray:
+    """METIS k-way partition of the element graph (elements adjacent when they share a dof)."""
+    if conn is None:
+        raise PartitionError("partition method 'graph' needs the connectivity (conn=, shape (n_elements, k))")
+    conn = np.asarray(conn)
+    if conn.ndim != 2 or conn.shape[0] != n_elements:
+        raise PartitionError(f"conn must have shape ({n_elements}, k), got {conn.shape}")
+    try:
+        import pymetis
+    except ImportError:
+        raise PartitionError("partition method 'graph' needs pymetis (pip install pymetis; it is in the extra mpi), "
+                             "or pass parts= from another partitioner, or use 'slab'") from None
+    if n_ranks == 1:
+        return np.zeros(n_elements, dtype=np.int32)
+    valid = conn >= 0
+    rows = np.broadcast_to(np.arange(n_elements)[:, None], conn.shape)[valid]
+    incidence = sp.csr_array((np.ones(rows.size), (rows, conn[valid])), shape=(n_elements, int(conn.max()) + 1))
+    graph = sp.csr_array(incidence @ incidence.T)
+    graph.setdiag(0)
+    graph.eliminate_zeros()
+    xadj, adjncy = graph.indptr.astype(np.int64), graph.indices.astype(np.int64)
+    if hasattr(pymetis, "CSRAdjacency"):  # pymetis >= 2025.2; xadj=/adjncy= are deprecated there
+        _, part = pymetis.part_graph(n_ranks, adjacency=pymetis.CSRAdjacency(xadj, adjncy))
+    else:
+        _, part = pymetis.part_graph(n_ranks, xadj=xadj, adjncy=adjncy)
+    part = np.asarray(part, dtype=np.int32)
+    empty = np.flatnonzero(np.bincount(part, minlength=n_ranks) == 0)
+    if empty.size:
+        raise PartitionError(f"the graph partitioner left rank(s) {empty.tolist()} without elements (is the mesh "
+                             "disconnected or too small?); use fewer ranks, 'slab', or parts=")
+    return part
 
 
 def _check_parts(parts, n_elements: int, n_ranks: int) -> np.ndarray:

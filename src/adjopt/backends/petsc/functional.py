@@ -270,7 +270,8 @@ class DistributedReducedFunctional:
         :func:`~adjopt.backends.partition.partition_elements`): ``"block"``
         (default, contiguous element ranges), ``"slab"`` (equal-count slabs
         across the longest extent of ``coordinates``, the element centres),
-        or an explicit array ``parts`` (one rank per element).
+        ``"graph"`` (METIS through pymetis on the element graph, for
+        unstructured meshes), or an explicit array ``parts`` (one rank per element).
     ksp_type, pc_type
         The Krylov method (default ``"cg"`` when A is symmetric, else
         ``"gmres"``) and preconditioner (default ``"gamg"``; ``"hypre"`` or
@@ -328,7 +329,7 @@ class DistributedReducedFunctional:
         self.n_params = matrix.n_params if L is None else int(L.shape[1])
 
         # -- the layout: the same on every rank (computed from the same replicated inputs) --
-        part = partition_elements(matrix.n_params, self.size, partition, coordinates, parts)
+        part = partition_elements(matrix.n_params, self.size, partition, coordinates, parts, conn=matrix.conn)
         self.layout: Layout = make_layout(matrix.conn, n, part, self.size, L)
         lay, rank = self.layout, self.rank
         if L is None:
