@@ -175,6 +175,18 @@ def test_more_ranks_than_elements_fails_on_every_rank():
         DistributedReducedFunctional(A, np.ones(2), adjopt.Compliance(np.ones(2)))
 
 
+def test_a_mesh_that_cannot_be_partitioned_fails_on_every_rank():
+    K = np.array([[1.0, -1.0], [-1.0, 2.0]])
+    conn = np.array([[0, 1], [1, 2], [2, 0]])
+    A = adjopt.ElementCoefficientMatrix(conn, K, n=4)  # dof 3 belongs to no element
+    with pytest.raises(PartitionError, match="belong to no element"):
+        DistributedReducedFunctional(A, np.ones(4), adjopt.Compliance(np.ones(4)))
+    B = adjopt.ElementCoefficientMatrix(conn, K, n=3)
+    with pytest.raises(PartitionError, match="NaN"):
+        DistributedReducedFunctional(B, np.ones(3), adjopt.Compliance(np.ones(3)), partition="slab",
+                                     coordinates=[[0.0, 0.0], [np.nan, 1.0], [1.0, 1.0]])
+
+
 def test_mismatched_parameter_lengths_and_nan_fail_on_every_rank(poisson):
     problem, dist = poisson
     F, m = dist.functional, problem.p0.size
