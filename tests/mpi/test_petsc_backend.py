@@ -255,3 +255,34 @@ def test_graph_partition_gives_the_same_gradient(poisson):
     p = _point(problem, seed=9)
     F = distribute(problem, partition="graph", rtol=RTOL).functional
     assert rel(F.gradient(p), dist.functional.gradient(p)) <= 1e-8
+
+
+def _chain(n_el=40, symmetric=False):
+    """A 1D chain: exp(p_e) (diffusion + convection) element matrices plus a constant A0 (nonsymmetric)."""
+    conn = np.stack([np.arange(n_el), np.arange(1, n_el + 1)], axis=1)
+    K = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    if not symmetric:
+        K = K + 0.4 * np.array([[-0.5, 0.5], [-0.5, 0.5]])
+    n = n_el + 1
+    A0 = 0.5 * np.eye(n) + (0.0 if symmetric else 0.1) * np.eye(n, k=1)
+    A = adjopt.ElementCoefficientMatrix(conn, K, "exp", n=n, A0=A0)
+    rng = np.random.default_rng(11)
+    objective = adjopt.SquaredMisfit(rng.standard_normal(n)) + 0.3 * adjopt.TikhonovL2(p_ref=0.2)
+    return adjopt.ReducedFunctional(A, np.linspace(1.0, 2.0, n), objective)
+
+
+def test_nonsymmetric_matrix_with_A0_solves_its_adjoints_with_solve_transpose():
+    J = _chain()
+    assert not J.matrix.symmetric
+    F = DistributedReducedFunctional.from_functional(J, rtol=RTOL)
+    assert F.solver.name.startswith("petsc:gmres")
+    p = 0.3 * np.random.default_rng(12).standard_normal(J.n_params)
+    dp = np.random.default_rng(13).standard_normal(J.n_params)
+    assert abs(F.value(p) - J.value(p)) <= 1e-9 * abs(J.value(p))
+    assert rel(F.gradient(p), J.gradient(p)) <= 1e-8
+    assert rel(F.hessp(p, dp), J.hessp(p, dp)) <= 1e-7
+    assert adjopt.taylor_test(F, p, dp, order=2).passed
+    assert adjopt.taylor_test(F, p, dp, order=3).passed
+    assert F.stats.solves["adjoint"] > 0 and F.stats.solves["second_adjoint"] > 0
+    with pytest.raises(ShapeError, match="observes a state of length 3"):
+        DistributedReducedFunctional(J.matrix, J.rhs, adjopt.SquaredMisfit(np.ones(3)))

@@ -130,6 +130,9 @@ class _StateTerm:
             raise ShapeError(f"the PETSc backend takes one experiment: the data must be (n_obs,), got {d.shape}")
         if term.W is not None and not isinstance(term.W, np.ndarray):
             raise NotImplementedError("the PETSc backend takes SquaredMisfit weights as a vector, not a matrix")
+        if (term.B is None and d.shape != (n,)) or (term.B is not None and term.B.shape[1] != n):
+            raise ShapeError(f"the misfit observes a state of length {term.B.shape[1] if term.B is not None else d.shape[0]}"
+                             f" but A(p) has {n} rows")
         obs = _block_numbering(d.shape[0], comm.size) if term.B is not None else dofs
         self.B = None if term.B is None else _mat(comm, sp.csr_array(term.B), obs, dofs, rank)
         self.d = _vec(comm, obs, rank, d)
@@ -276,7 +279,9 @@ class DistributedReducedFunctional:
         The Krylov method (default ``"cg"`` when A is symmetric, else
         ``"gmres"``) and preconditioner (default ``"gamg"``; ``"hypre"`` or
         ``"lu"`` with ``pc_factor_mat_solver_type`` mumps where the PETSc build
-        has them). GAMG smooths with symmetric SOR (:data:`GAMG_DEFAULTS`).
+        has them). GAMG on a symmetric A smooths with symmetric SOR
+        (:data:`GAMG_DEFAULTS`); on a nonsymmetric A with PETSc's defaults
+        (Chebyshev/Jacobi, which apply transposed).
         PETSc options with the prefix ``adjopt_`` (in ``PETSC_OPTIONS`` or
         ``petsc4py.PETSc.Options()``) override all of these
         (``-adjopt_ksp_type``, ``-adjopt_pc_type``, ``-adjopt_ksp_monitor``).
@@ -393,13 +398,12 @@ class DistributedReducedFunctional:
         self.self_adjoint = detected if self_adjoint is None else bool(self_adjoint)
 
         # -- the Krylov solver --
-        if pc_type == "gamg":
-            # symmetric SOR smoothing, not GAMG's default Chebyshev/Jacobi: on SIMP elasticity (contrast 1e-9) the
-            # Chebyshev eigenvalue estimates made the preconditioner indefinite (CG stopped: DIVERGED_INDEFINITE_PC)
-            opts = PETSc.Options()
-            for key, value in GAMG_DEFAULTS.items():
-                if not opts.hasName("adjopt_" + key):
-                    opts["adjopt_" + key] = value
+        # symmetric A: GAMG smooths with symmetric SOR, not its default Chebyshev/Jacobi: on SIMP elasticity
+        # (contrast 1e-9) the Chebyshev eigenvalue estimates made the preconditioner indefinite (CG stopped with
+        # DIVERGED_INDEFINITE_PC). A nonsymmetric A keeps PETSc's defaults: SOR has no transpose application,
+        # which KSPSolveTranspose needs.
+        self._pc_defaults = dict(GAMG_DEFAULTS) if pc_type == "gamg" and self.symmetric else {}
+        self._set_up = False
         ksp = PETSc.KSP().create(comm=comm)
         ksp.setOptionsPrefix("adjopt_")
         ksp.setType(ksp_type or ("cg" if self.symmetric else "gmres"))
@@ -514,7 +518,7 @@ class DistributedReducedFunctional:
         self._check_matrix(vals)
         t2 = clock()
         self.ksp.setOperators(self.A)
-        self.ksp.setUp()
+        self._setup()
         t3 = clock()
         self.stats.factorizations += 1
         self.stats.factorization_time += t3 - t2
@@ -524,6 +528,24 @@ class DistributedReducedFunctional:
         u = self._solve(self.b, "forward")
         self._st = st = _State(p=mine.copy(), rho=rho, u=u, u_ghost=self._ghosted(u))
         return st
+
+    def _setup(self) -> None:
+        """KSPSetUp; the first one (which creates the multigrid smoothers from the options) with this
+        functional's preconditioner defaults in the options database, wherever the user has not set them."""
+        if self._set_up or not self._pc_defaults:
+            self.ksp.setUp()
+            self._set_up = True
+            return
+        opts = PETSc.Options()
+        added = [k for k in self._pc_defaults if not opts.hasName("adjopt_" + k)]
+        for k in added:
+            opts["adjopt_" + k] = self._pc_defaults[k]
+        try:
+            self.ksp.setUp()
+            self._set_up = True
+        finally:
+            for k in added:
+                opts.delValue("adjopt_" + k)
 
     def _check_matrix(self, vals: np.ndarray) -> None:
         """NaN/Inf entries or a zero diagonal stop every rank here, before a solve (where PETSc would
