@@ -286,3 +286,16 @@ def test_nonsymmetric_matrix_with_A0_solves_its_adjoints_with_solve_transpose():
     assert F.stats.solves["adjoint"] > 0 and F.stats.solves["second_adjoint"] > 0
     with pytest.raises(ShapeError, match="observes a state of length 3"):
         DistributedReducedFunctional(J.matrix, J.rhs, adjopt.SquaredMisfit(np.ones(3)))
+
+
+def test_elasticity_gets_the_rigid_body_modes_as_near_nullspace():
+    problem = topology_compliance.build(nelx=96, nely=32)
+    p = np.clip(0.5 + 0.4 * np.random.default_rng(14).standard_normal(problem.p0.size), 0.0, 1.0)
+    its = {}
+    for label, opts in (("modes", {}), ("none", {"near_nullspace": None})):
+        F = distribute(problem, rtol=1e-8, **opts).functional
+        F.value(p)
+        its[label] = F.stats.iterations["forward"]
+    assert its["modes"] <= 30 and 3 * its["modes"] < its["none"]
+    with pytest.raises(ShapeError, match="near_nullspace"):
+        distribute(problem, near_nullspace=np.ones((5, 3)))

@@ -43,6 +43,7 @@ from mpi4py import MPI
 from petsc4py import PETSc
 
 from ...errors import NonFiniteError, PatternError, ShapeError, SingularMatrixError, SolverDidNotConverge
+from ...fem.nullspace import rigid_body_modes
 from ...objectives.base import Objective, Scaled, Sum
 from ...objectives.regularization import _Quadratic
 from ...objectives.state import Compliance, SquaredMisfit
@@ -292,6 +293,11 @@ class DistributedReducedFunctional:
     self_adjoint
         As in the serial functional: ``None`` detects f = b^T u with A
         symmetric, when lam = u and dl = du (no adjoint solves).
+    near_nullspace
+        Optional (n, k) near-nullspace of A in the serial dof order, for the
+        algebraic multigrid (``MatSetNearNullSpace``): the rigid body modes of
+        elasticity (:func:`adjopt.fem.rigid_body_modes`), which
+        :func:`distribute` passes for vector problems. Orthonormalized here.
 
     Notes
     -----
@@ -305,7 +311,7 @@ class DistributedReducedFunctional:
 
     def __init__(self, matrix, rhs, objective, parameter_map=None, *, comm=None, partition: str = "block",
                  coordinates=None, parts=None, ksp_type: str | None = None, pc_type: str = "gamg",
-                 rtol: float = 1e-10, max_it: int = 10000, self_adjoint: bool | None = None):
+                 rtol: float = 1e-10, max_it: int = 10000, self_adjoint: bool | None = None, near_nullspace=None):
         comm = MPI.COMM_WORLD if comm is None else comm
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         if not isinstance(matrix, ElementCoefficientMatrix):
@@ -372,6 +378,12 @@ class DistributedReducedFunctional:
             A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         self.A = A
         self.b = _vec(comm, lay.dofs, rank, b)
+        if near_nullspace is not None:
+            Z = np.asarray(near_nullspace, dtype=np.float64)
+            if Z.ndim != 2 or Z.shape[0] != n or not np.all(np.isfinite(Z)):
+                raise ShapeError(f"near_nullspace must be a finite ({n}, k) array (one row per dof), got shape {Z.shape}")
+            Q = np.linalg.qr(Z)[0]
+            A.setNearNullSpace(PETSc.NullSpace().create(vectors=[_vec(comm, lay.dofs, rank, q) for q in Q.T], comm=comm))
 
         # -- the ghost scatter (global state -> this rank's element dofs), built once --
         self._wloc = PETSc.Vec().createSeq(self._ghosts.size, comm=PETSc.COMM_SELF)
@@ -680,13 +692,22 @@ class DistributedReducedFunctional:
 def distribute(problem, comm=None, partition: str | None = None, **options):
     """A copy of a gallery :class:`~adjopt.Problem` whose functional runs on PETSc over ``comm``.
 
+    When ``problem.meta`` has the mesh and a ``dofmap`` with ``dim`` dofs per
+    node (elasticity), the rigid body modes on the free dofs become the
+    near-nullspace of the multigrid preconditioner.
+
     ``partition=None`` takes ``"slab"`` when ``problem.meta`` has the mesh
     (element centres as coordinates) and ``"block"`` otherwise. Bounds,
     constraints, mass and stiffness are kept: they act on the full parameter
     vector, which the serial interface replicates.
     """
-    mesh = problem.meta.get("mesh") if isinstance(problem.meta, dict) else None
+    meta = problem.meta if isinstance(problem.meta, dict) else {}
+    mesh, dofmap = meta.get("mesh"), meta.get("dofmap")
     J = problem.functional
+    if (mesh is not None and dofmap is not None and "near_nullspace" not in options and mesh.dim > 1
+            and getattr(dofmap, "n_dofs", None) == mesh.dim * mesh.n_nodes and dofmap.n_free == J.matrix.shape[0]):
+        # a vector problem (elasticity) on the mesh: the rigid body modes let GAMG coarsen it well
+        options["near_nullspace"] = rigid_body_modes(mesh.points, dofmap.free)
     if partition is None:
         partition = "slab" if mesh is not None and len(mesh.cells) == J.matrix.n_params else "block"
     if partition == "slab" and "coordinates" not in options and mesh is not None:
