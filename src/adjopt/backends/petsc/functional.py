@@ -393,12 +393,15 @@ class DistributedReducedFunctional:
         # -- parameter map, objective terms --
         self.L = None if L is None else _mat(comm, L, lay.elements, lay.params, rank)
         self._rho = _vec(comm, lay.elements, rank)
-        self._state_terms, self._param_terms = [], []
+        self._state_terms, self._param_terms, self._param_gram = [], [], []
         for c, term in _flatten(objective):
             if isinstance(term, (SquaredMisfit, Compliance)):
                 self._state_terms.append((term, _StateTerm(c, term, comm, lay.dofs, rank, n)))
             elif isinstance(term, _Quadratic):
                 self._param_terms.append(_ParameterTerm(c, term, comm, lay.params, rank))
+                M = term.M
+                self._param_gram.append(c * (sp.eye_array(self.n_params) if M is None else
+                                             sp.diags_array(M) if isinstance(M, np.ndarray) else sp.csr_array(M)))
             else:
                 raise NotImplementedError(f"the PETSc backend supports objectives made of {SUPPORTED_TERMS}; "
                                           f"got a {type(term).__name__} term")
@@ -584,6 +587,19 @@ class DistributedReducedFunctional:
                 st.lam = self._solve(rhs, "adjoint", transpose=True)
                 st.lam_ghost = self._ghosted(st.lam)
         return st.lam
+
+    def regularization_hessian(self) -> PETSc.Mat | None:
+        """f_pp, the Hessian of the objective's quadratic parameter terms (sum c M), as a distributed Mat.
+
+        ``None`` when the objective has no such term. Newton methods use it
+        as the preconditioner of their Hessian solves (it is the Hessian of
+        the regularization, which dominates the reduced Hessian's high
+        frequencies).
+        """
+        if not self._param_gram:
+            return None
+        S = sp.csr_array(sum(self._param_gram[1:], self._param_gram[0]))
+        return _mat(self.comm, S, self.layout.params, self.layout.params, self.rank)
 
     def _to_parameters(self, h_rho: np.ndarray, out: PETSc.Vec) -> None:
         """out = L^T h_rho (h_rho: this rank's element values)."""

@@ -3,7 +3,9 @@
 ``minimize_tao(F, p0, method="blmvm")`` runs bounded L-BFGS (TAO's
 ``blmvm``; ``lmvm`` without bounds); ``method="nls"`` (Newton line search) or
 ``"ntr"`` (Newton trust region) solve each Newton step with a Krylov method
-on a shell matrix whose action is :meth:`~DistributedReducedFunctional.hessp_vec`.
+on a shell matrix whose action is :meth:`~DistributedReducedFunctional.hessp_vec`,
+preconditioned by the regularization's Hessian (GAMG), as adjopt's own
+Newton-CG is.
 Parameters, gradients and Hessian actions stay distributed throughout.
 
 The Riesz map: with ``inner=`` (the Gram matrix M of the parameter inner
@@ -79,7 +81,8 @@ class _ShellHessian:
 
 
 def minimize_tao(F: DistributedReducedFunctional, p0, method: str = "blmvm", bounds=None, inner=None,
-                 gatol: float = 1e-8, grtol: float = 0.0, maxiter: int = 200, callback=None) -> TaoResult:
+                 gatol: float = 1e-8, grtol: float = 0.0, maxiter: int = 200, callback=None,
+                 preconditioner: str | None = "regularization") -> TaoResult:
     """Minimize F with TAO from ``p0`` (full array in serial order, the same on every rank; collective).
 
     Parameters
@@ -95,7 +98,14 @@ def minimize_tao(F: DistributedReducedFunctional, p0, method: str = "blmvm", bou
         Stop when |g|_M <= gatol or |g|_M <= grtol |J|, or after ``maxiter`` iterations.
     callback
         ``callback(info)`` after each iteration with ``nit``, ``fun``, ``gnorm`` (every rank).
+    preconditioner
+        Of the Newton methods' Krylov solves on the shell Hessian:
+        ``"regularization"`` (default): GAMG on the Hessian of the objective's
+        quadratic parameter terms (:meth:`DistributedReducedFunctional.regularization_hessian`;
+        none when there are no such terms); ``None``: unpreconditioned.
     """
+    if preconditioner not in ("regularization", None):
+        raise ValueError(f"preconditioner must be 'regularization' or None, got {preconditioner!r}")
     if method not in TAO_METHODS:
         raise ValueError(f"unknown TAO method {method!r}; known: {', '.join(TAO_METHODS)}")
     if method == "lmvm" and bounds is not None:
@@ -130,10 +140,15 @@ def minimize_tao(F: DistributedReducedFunctional, p0, method: str = "blmvm", bou
         def hessian(tao, xk, Hm, Pm):
             ctx.at(xk)
 
-        tao.setHessian(hessian, H, H)
+        P = F.regularization_hessian() if preconditioner == "regularization" else None
+        tao.setHessian(hessian, H, H if P is None else P)
         ksp = tao.getKSP()
         if ksp is not None:
-            ksp.getPC().setType("none")
+            pc = ksp.getPC()
+            pc.setType("none" if P is None else "gamg")
+            # the multigrid smoothers apply the assembled P, not the shell Hessian: with the shell (PETSc's
+            # default here) each preconditioner application cost about four more Hessian actions
+            pc.setUseAmat(False)
         if method == "nls":
             # backtracking from the full Newton step: on 2 ranks the More-Thuente search of the first (long)
             # step of the Poisson inversion failed, Armijo converged (the same run on 1 rank: both did)
