@@ -322,3 +322,37 @@ def test_tao_newton_is_preconditioned_by_the_regularization_hessian():
     assert chain is not None and np.isclose(chain.getDiagonal().sum(), 0.3 * 40)  # 40 element parameters
     mbb = distribute(topology_compliance.build(nelx=8, nely=4)).functional
     assert mbb.regularization_hessian() is None
+
+
+def test_self_adjoint_and_gauss_newton_requests_that_do_not_apply_are_refused(poisson):
+    problem, dist = poisson
+    with pytest.raises(ValueError, match="self_adjoint=True needs"):
+        DistributedReducedFunctional.from_functional(problem.functional, self_adjoint=True)
+    with pytest.raises(NotImplementedError, match="gauss_newton"):
+        dist.functional.hessp(problem.p0, problem.p0, gauss_newton=True)
+    with pytest.raises(TypeError, match="objective must be an Objective"):
+        DistributedReducedFunctional(problem.functional.matrix, problem.functional.rhs, "misfit")
+
+
+def test_inputs_the_backend_does_not_distribute_are_refused_clearly():
+    J = _chain()
+    A, n = J.matrix, J.matrix.shape[0]
+    misfit = adjopt.SquaredMisfit(np.ones(n))
+    with pytest.raises(NotImplementedError, match="constant right-hand side"):
+        DistributedReducedFunctional(A, adjopt.AffineVector(np.ones(n), np.ones((n, A.n_params))), misfit)
+    with pytest.raises(ShapeError, match="one right-hand side"):
+        DistributedReducedFunctional(A, np.ones((n, 2)), misfit)
+    with pytest.raises(adjopt.PatternError, match="produces 3 values"):
+        DistributedReducedFunctional(A, np.ones(n), misfit, adjopt.maps.NodalToElement(np.array([[0, 1], [1, 2], [2, 3]])))
+    with pytest.raises(ShapeError, match="one load case"):
+        DistributedReducedFunctional(A, np.ones(n), adjopt.Compliance(np.ones((n, 2))))
+    with pytest.raises(ShapeError, match="one experiment"):
+        DistributedReducedFunctional(A, np.ones(n), adjopt.SquaredMisfit(np.ones((n, 2))))
+    with pytest.raises(NotImplementedError, match="weights as a vector"):
+        DistributedReducedFunctional(A, np.ones(n), adjopt.SquaredMisfit(np.ones(n), W=np.eye(n)))
+    F = DistributedReducedFunctional.from_functional(J)
+    other = DistributedReducedFunctional.from_functional(_chain(n_el=30))
+    with pytest.raises(ShapeError, match="global size 40"):
+        F.value_vec(other.create_parameter_vec())
+    with pytest.raises(ShapeError, match="dp must be a Vec of global size 40"):
+        F.hessp_vec(F.create_parameter_vec(), other.create_parameter_vec())
