@@ -33,25 +33,13 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
-from _bench_common import loadavg, machine_info, write_json  # noqa: E402  (the script's own folder)
+from _bench_common import _status_kib, loadavg, machine_info, write_json  # noqa: E402  (the script's own folder)
 
 import adjopt
 from adjopt import fem, mesh
 from adjopt.solvers import AMGSolver, is_symmetric, make_solver
 
 GiB = 2.0**30
-
-
-def _status_kib(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM), or None where there is no /proc."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _maxrss_kib() -> int:
