@@ -222,6 +222,9 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
 
     from .solvers import make_solver
 
+    if getattr(args, "backend", "serial") == "petsc" and args.solver:
+        raise UsageError("--solver picks a serial solver; with --backend petsc choose the Krylov method and "
+                         "preconditioner with PETSc options, e.g. PETSC_OPTIONS='-adjopt_ksp_type gmres -adjopt_pc_type hypre'")
     module = load_module(name or args.problem)
     run_defaults = dict(getattr(module, "RUN_DEFAULTS", {}))
     method = args.method or run_defaults.pop("method", None)
@@ -334,9 +337,6 @@ class _Fields:
 
 def _distribute(problem, args):
     """(problem on PETSc, its communicator) for --backend petsc; a UsageError names what is missing."""
-    if args.solver:
-        raise UsageError("--solver picks a serial solver; with --backend petsc choose the Krylov method and "
-                         "preconditioner with PETSc options, e.g. PETSC_OPTIONS='-adjopt_ksp_type gmres -adjopt_pc_type hypre'")
     try:
         from .backends.petsc import distribute
     except ImportError as exc:
