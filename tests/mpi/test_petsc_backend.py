@@ -356,3 +356,35 @@ def test_inputs_the_backend_does_not_distribute_are_refused_clearly():
         F.value_vec(other.create_parameter_vec())
     with pytest.raises(ShapeError, match="dp must be a Vec of global size 40"):
         F.hessp_vec(F.create_parameter_vec(), other.create_parameter_vec())
+
+
+def test_a_per_call_tolerance_loosens_the_adjoint_and_hessian_solves(poisson):
+    problem, dist = poisson
+    F, J = dist.functional, problem.functional
+    p = _point(problem, seed=16)
+    dp = np.random.default_rng(17).standard_normal(p.size)
+    F.value(p)
+    F.reset_stats()
+    g_loose = F.gradient(p, tol=1e-4)
+    loose_its = F.stats.iterations["adjoint"]
+    g = F.gradient(p)  # asks for more than the cached adjoint has: solved again at rtol
+    assert F.stats.solves["adjoint"] == 2 and F.stats.iterations["adjoint"] > 2 * loose_its
+    F.gradient(p, tol=1e-3)  # the cached adjoint is accurate enough: no solve
+    assert F.stats.solves["adjoint"] == 2
+    assert rel(g, J.gradient(p)) <= 1e-8 and 1e-12 < rel(g_loose, g) <= 1e-2
+    h_loose = F.hessp(p, dp, tol=1e-3)
+    assert 1e-12 < rel(h_loose, J.hessp(p, dp)) <= 1e-1
+    with pytest.raises(ValueError, match="tol must be in"):
+        F.hessp(p, dp, tol=2.0)
+
+
+def test_the_ranks_of_a_node_share_its_cores():
+    import os
+
+    import numba
+
+    problem = poisson_inversion.build(n=8, n_obs=5)
+    distribute(problem)
+    node_size = COMM.Split_type(MPI.COMM_TYPE_SHARED).size
+    if "NUMBA_NUM_THREADS" not in os.environ:
+        assert numba.get_num_threads() <= max(1, numba.config.NUMBA_NUM_THREADS // node_size)

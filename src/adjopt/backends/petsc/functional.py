@@ -33,10 +33,12 @@ Two interfaces, both collective (every rank calls them):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 from mpi4py import MPI
@@ -73,6 +75,22 @@ def agree(comm, ok: bool, message: str, exc=ValueError) -> None:
     if bad:
         r, m = bad[0]
         raise exc(m if comm.size == 1 else f"{m} (on rank {r} of {comm.size})")
+
+
+def _share_cores(comm) -> None:
+    """Split the numba threads among the ranks of a node (unless NUMBA_NUM_THREADS says otherwise).
+
+    numba starts as many threads as the node has cores in every rank; with
+    several ranks per node they would compete for the same cores.
+    """
+    if "NUMBA_NUM_THREADS" in os.environ:
+        return
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    per_rank = max(1, numba.config.NUMBA_NUM_THREADS // node.size)
+    node.Free()
+    if per_rank < numba.get_num_threads():
+        numba.set_num_threads(per_rank)
+        logger.debug("numba threads per rank: %d", per_rank)
 
 
 def _block_numbering(n: int, n_ranks: int) -> Numbering:
@@ -242,6 +260,7 @@ class _State:
     u_ghost: np.ndarray
     lam: PETSc.Vec | None = None
     lam_ghost: np.ndarray | None = None
+    lam_tol: float = np.inf
 
 
 class _SolverInfo:
@@ -314,6 +333,7 @@ class DistributedReducedFunctional:
                  rtol: float = 1e-10, max_it: int = 10000, self_adjoint: bool | None = None, near_nullspace=None):
         comm = MPI.COMM_WORLD if comm is None else comm
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
+        _share_cores(comm)
         if not isinstance(matrix, ElementCoefficientMatrix):
             raise TypeError(f"the PETSc backend distributes an ElementCoefficientMatrix (A = A0 + sum_e phi(rho_e) K_e), "
                             f"got {type(matrix).__name__}; run other ParametricMatrix kinds with the serial functional")
@@ -482,9 +502,20 @@ class DistributedReducedFunctional:
         self._scatter.scatter(self._wloc, out, PETSc.InsertMode.ADD_VALUES, PETSc.ScatterMode.REVERSE)
         return out
 
-    def _solve(self, rhs: PETSc.Vec, kind: str, transpose: bool = False) -> PETSc.Vec:
+    def _rtol(self, tol) -> float:
+        """The relative tolerance of a solve: ``rtol`` unless the caller asks for another (inexact Newton)."""
+        if tol is None:
+            return self.rtol
+        tol = float(tol)
+        if not 0.0 < tol < 1.0:
+            raise ValueError(f"tol must be in (0, 1), got {tol!r}")
+        return tol
+
+    def _solve(self, rhs: PETSc.Vec, kind: str, transpose: bool = False, tol: float | None = None) -> PETSc.Vec:
         x = rhs.duplicate()
         x.set(0.0)
+        rtol = self._rtol(tol)
+        self.ksp.setTolerances(rtol=rtol)
         t0 = time.perf_counter()
         if transpose and not self.symmetric:
             self.ksp.solveTranspose(rhs, x)
@@ -501,7 +532,7 @@ class DistributedReducedFunctional:
         if reason < 0:
             raise SolverDidNotConverge(
                 f"the {kind} solve ({self.solver.name}) did not converge: {_REASONS.get(reason, reason)} after {its} "
-                f"iterations at relative tolerance {self.rtol:g}. Raise max_it, loosen rtol or pick another "
+                f"iterations at relative tolerance {rtol:g}. Raise max_it, loosen rtol or pick another "
                 "preconditioner (pc_type=, or PETSC_OPTIONS='-adjopt_pc_type ...')"
             )
         return x
@@ -575,17 +606,18 @@ class DistributedReducedFunctional:
               f"{int(self.layout.dofs.ranges[self.rank] + zero[0]) if zero.size else -1}); a dof without a Dirichlet "
               "condition and without stiffness (coefficient 0 or underflowed)?", SingularMatrixError)
 
-    def _adjoint(self, st: _State) -> PETSc.Vec:
-        if st.lam is None:
-            if self.self_adjoint:
-                st.lam, st.lam_ghost = st.u, st.u_ghost
-            else:
-                rhs = st.u.duplicate()
-                rhs.set(0.0)
-                for _, t in self._state_terms:
-                    t.add_grad_u(st.u, rhs)
-                st.lam = self._solve(rhs, "adjoint", transpose=True)
-                st.lam_ghost = self._ghosted(st.lam)
+    def _adjoint(self, st: _State, tol: float | None = None) -> PETSc.Vec:
+        """lam, solved again only when ``tol`` asks for more accuracy than the cached one has."""
+        if st.lam is None and self.self_adjoint:
+            st.lam, st.lam_ghost, st.lam_tol = st.u, st.u_ghost, self.rtol
+        want = self._rtol(tol)
+        if st.lam is None or want < st.lam_tol:
+            rhs = st.u.duplicate()
+            rhs.set(0.0)
+            for _, t in self._state_terms:
+                t.add_grad_u(st.u, rhs)
+            st.lam = self._solve(rhs, "adjoint", transpose=True, tol=want)
+            st.lam_ghost, st.lam_tol = self._ghosted(st.lam), want
         return st.lam
 
     def regularization_hessian(self) -> PETSc.Mat | None:
@@ -618,10 +650,10 @@ class DistributedReducedFunctional:
         self.times["sensitivity"] += time.perf_counter() - t0
         return float(J)
 
-    def gradient_vec(self, p: PETSc.Vec, out: PETSc.Vec | None = None) -> PETSc.Vec:
-        """grad J(p) into ``out`` (a new Vec when None), collective."""
+    def gradient_vec(self, p: PETSc.Vec, out: PETSc.Vec | None = None, tol: float | None = None) -> PETSc.Vec:
+        """grad J(p) into ``out`` (a new Vec when None), collective; ``tol``: the adjoint solve's relative tolerance."""
         st = self._state(p)
-        self._adjoint(st)
+        self._adjoint(st, tol)
         out = self.create_parameter_vec() if out is None else out
         t0 = time.perf_counter()
         q = -self._ecm.contract(st.rho, st.lam_ghost, st.u_ghost)
@@ -631,8 +663,13 @@ class DistributedReducedFunctional:
         self.times["sensitivity"] += time.perf_counter() - t0
         return out
 
-    def hessp_vec(self, p: PETSc.Vec, dp: PETSc.Vec, out: PETSc.Vec | None = None) -> PETSc.Vec:
-        """H(p) dp into ``out`` by a tangent and a second-adjoint solve, collective."""
+    def hessp_vec(self, p: PETSc.Vec, dp: PETSc.Vec, out: PETSc.Vec | None = None,
+                  tol: float | None = None) -> PETSc.Vec:
+        """H(p) dp into ``out`` by a tangent and a second-adjoint solve, collective.
+
+        ``tol`` is the relative tolerance of those two solves, as an inexact
+        Newton method chooses it (``None``: ``rtol``); lam keeps ``rtol``.
+        """
         st = self._state(p)
         self._adjoint(st)
         if dp.getSize() != self.n_params:
@@ -649,7 +686,7 @@ class DistributedReducedFunctional:
         rhs = st.u.duplicate()
         rhs.set(0.0)
         self._accumulate(-ecm.tangent(rho, drho, st.u_ghost), rhs)
-        du = self._solve(rhs, "tangent")
+        du = self._solve(rhs, "tangent", tol=tol)
         du_ghost = self._ghosted(du)
         if self.self_adjoint:
             dl_ghost = du_ghost
@@ -658,7 +695,7 @@ class DistributedReducedFunctional:
             for _, t in self._state_terms:
                 t.add_hess_uu(du, rhs)
             self._accumulate(-ecm.tangent_transpose(rho, drho, st.lam_ghost), rhs)
-            dl_ghost = self._ghosted(self._solve(rhs, "second_adjoint", transpose=True))
+            dl_ghost = self._ghosted(self._solve(rhs, "second_adjoint", transpose=True, tol=tol))
         h = -ecm.contract(rho, dl_ghost, st.u_ghost) - ecm.contract(rho, st.lam_ghost, du_ghost)
         if not ecm.affine:
             h -= ecm.second(rho, st.lam_ghost, st.u_ghost, drho)
@@ -675,18 +712,18 @@ class DistributedReducedFunctional:
         return self.value_vec(self.to_vec(p))
 
     def gradient(self, p, tol: float | None = None) -> np.ndarray:
-        """grad J(p) as a full array on every rank (``tol`` is accepted for the drivers; the solves use ``rtol``)."""
-        return self.to_numpy(self.gradient_vec(self.to_vec(p)))
+        """grad J(p) as a full array on every rank; ``tol``: the adjoint solve's relative tolerance (default ``rtol``)."""
+        return self.to_numpy(self.gradient_vec(self.to_vec(p), tol=tol))
 
     def value_and_gradient(self, p, tol: float | None = None):
         v = self.to_vec(p)
-        return self.value_vec(v), self.to_numpy(self.gradient_vec(v))
+        return self.value_vec(v), self.to_numpy(self.gradient_vec(v, tol=tol))
 
     def hessp(self, p, dp, tol: float | None = None, gauss_newton: bool = False) -> np.ndarray:
-        """H(p) dp as a full array on every rank."""
+        """H(p) dp as a full array on every rank; ``tol``: the tangent and second-adjoint solves' tolerance."""
         if gauss_newton:
             raise NotImplementedError("the PETSc backend computes the full Hessian action; gauss_newton runs serially")
-        return self.to_numpy(self.hessp_vec(self.to_vec(p), self.to_vec(dp, "dp")))
+        return self.to_numpy(self.hessp_vec(self.to_vec(p), self.to_vec(dp, "dp"), tol=tol))
 
     def state(self, p) -> np.ndarray:
         """u(p) on the free dofs, serial order, on every rank."""
