@@ -311,13 +311,15 @@ def test_tao_newton_is_preconditioned_by_the_regularization_hessian():
     P.mult(F.to_vec(dp), Pv)
     assert rel(F.to_numpy(Pv), reg.hess_pp(None, problem.p0, dp)) <= 1e-12  # f_pp of the regularization
     g0 = np.linalg.norm(problem.functional.gradient(problem.p0))
-    runs = {pc: minimize_tao(F, problem.p0, method="ntr", gatol=1e-7 * g0, maxiter=50, preconditioner=pc)
+    runs = {pc: minimize_tao(F, problem.p0, method="ntr", gatol=1e-7 * g0, maxiter=50, preconditioner=pc, newton_rtol=1e-5)
             for pc in ("regularization", None)}
     assert all(r.success for r in runs.values())
     # 156 against 303 Hessian actions here (n = 32); the gap grows with the mesh
     assert 1.5 * runs["regularization"].stats["solves"]["tangent"] < runs[None].stats["solves"]["tangent"]
     with pytest.raises(ValueError, match="preconditioner"):
         minimize_tao(F, problem.p0, method="ntr", preconditioner="h1")
+    with pytest.raises(ValueError, match="newton_rtol"):
+        minimize_tao(F, problem.p0, method="nls", newton_rtol=0.0)
     chain = DistributedReducedFunctional.from_functional(_chain()).regularization_hessian()
     assert chain is not None and np.isclose(chain.getDiagonal().sum(), 0.3 * 40)  # 40 element parameters
     mbb = distribute(topology_compliance.build(nelx=8, nely=4)).functional

@@ -82,7 +82,7 @@ class _ShellHessian:
 
 def minimize_tao(F: DistributedReducedFunctional, p0, method: str = "blmvm", bounds=None, inner=None,
                  gatol: float = 1e-8, grtol: float = 0.0, maxiter: int = 200, callback=None,
-                 preconditioner: str | None = "regularization") -> TaoResult:
+                 preconditioner: str | None = "regularization", newton_rtol: float = 1e-2) -> TaoResult:
     """Minimize F with TAO from ``p0`` (full array in serial order, the same on every rank; collective).
 
     Parameters
@@ -103,7 +103,14 @@ def minimize_tao(F: DistributedReducedFunctional, p0, method: str = "blmvm", bou
         ``"regularization"`` (default): GAMG on the Hessian of the objective's
         quadratic parameter terms (:meth:`DistributedReducedFunctional.regularization_hessian`;
         none when there are no such terms); ``None``: unpreconditioned.
+    newton_rtol
+        Relative tolerance of the Newton methods' inner Krylov solves
+        (PETSc's own default is 1e-5). On the Poisson inversion at n=128, 1e-2
+        reached the same optimum with 215 instead of 386 Hessian actions
+        (12 s instead of 20 s).
     """
+    if not 0.0 < newton_rtol < 1.0:
+        raise ValueError(f"newton_rtol must be in (0, 1), got {newton_rtol!r}")
     if preconditioner not in ("regularization", None):
         raise ValueError(f"preconditioner must be 'regularization' or None, got {preconditioner!r}")
     if method not in TAO_METHODS:
@@ -144,6 +151,7 @@ def minimize_tao(F: DistributedReducedFunctional, p0, method: str = "blmvm", bou
         tao.setHessian(hessian, H, H if P is None else P)
         ksp = tao.getKSP()
         if ksp is not None:
+            ksp.setTolerances(rtol=newton_rtol)
             pc = ksp.getPC()
             pc.setType("none" if P is None else "gamg")
             # the multigrid smoothers apply the assembled P, not the shell Hessian: with the shell (PETSc's
