@@ -390,3 +390,19 @@ def test_the_ranks_of_a_node_share_its_cores():
     node_size = COMM.Split_type(MPI.COMM_TYPE_SHARED).size
     if "NUMBA_NUM_THREADS" not in os.environ:
         assert numba.get_num_threads() <= max(1, numba.config.NUMBA_NUM_THREADS // node_size)
+
+
+def test_warm_starts_save_iterations_and_keep_the_accuracy():
+    problem = topology_compliance.build(nelx=48, nely=16)
+    p = np.full(problem.p0.size, 0.5)
+    runs = {}
+    for warm in (False, True):
+        F = distribute(problem, rtol=1e-10, warm_start=warm).functional
+        F.value(p)
+        F.reset_stats()
+        g = F.gradient(p + 1e-3)  # a nearby point, as an optimizer's next iterate
+        runs[warm] = (F.stats.iterations["forward"], g)
+    assert runs[True][0] < runs[False][0]
+    assert rel(runs[True][1], problem.functional.gradient(p + 1e-3)) <= 1e-8
+    with pytest.raises(ValueError, match="warm_start"):
+        distribute(problem, warm_start="yes")

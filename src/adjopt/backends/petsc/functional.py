@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 _INT = PETSc.IntType
 _REASONS = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
+#: solve kinds that start from the previous solution of the same kind (tangents change direction every call)
+WARM_KINDS = ("forward", "adjoint")
 #: options of the default preconditioner (prefix adjopt_; set by the user first, PETSC_OPTIONS, they win)
 GAMG_DEFAULTS = {"mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor"}
 SUPPORTED_TERMS = "SquaredMisfit (weights a vector), Compliance, TikhonovL2 and TikhonovH1, scaled and summed"
@@ -317,6 +319,14 @@ class DistributedReducedFunctional:
         algebraic multigrid (``MatSetNearNullSpace``): the rigid body modes of
         elasticity (:func:`adjopt.fem.rigid_body_modes`), which
         :func:`distribute` passes for vector problems. Orthonormalized here.
+    warm_start
+        Start the forward and adjoint solves from the previous p's solution
+        (when it is better than zero): consecutive iterates of an optimizer
+        are close. The stopping test stays relative to |b|, so the accuracy
+        is unchanged, but J(p) then depends on the history at the level of
+        ``rtol``: a line search near the optimum can stall on that (TAO's
+        Newton line search did), so it is off by default. 40 OC iterations on
+        the 192x64 MBB beam took 13% fewer CG iterations with it.
 
     Notes
     -----
@@ -330,7 +340,8 @@ class DistributedReducedFunctional:
 
     def __init__(self, matrix, rhs, objective, parameter_map=None, *, comm=None, partition: str = "block",
                  coordinates=None, parts=None, ksp_type: str | None = None, pc_type: str = "gamg",
-                 rtol: float = 1e-10, max_it: int = 10000, self_adjoint: bool | None = None, near_nullspace=None):
+                 rtol: float = 1e-10, max_it: int = 10000, self_adjoint: bool | None = None, near_nullspace=None,
+                 warm_start: bool = False):
         comm = MPI.COMM_WORLD if comm is None else comm
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
@@ -451,6 +462,9 @@ class DistributedReducedFunctional:
         self.times = Counter()
         self.solver = _SolverInfo(f"petsc:{ksp.getType()}+{ksp.getPC().getType()}", self.stats)
         self._st: _State | None = None
+        if not isinstance(warm_start, (bool, np.bool_)):
+            raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
+        self.warm_start, self._last = bool(warm_start), {}
         logger.info("DistributedReducedFunctional on %d rank(s): %d elements, %d dofs, %d parameters; %s",
                     self.size, matrix.n_params, N, self.n_params, self.solver.name)
 
@@ -513,7 +527,20 @@ class DistributedReducedFunctional:
 
     def _solve(self, rhs: PETSc.Vec, kind: str, transpose: bool = False, tol: float | None = None) -> PETSc.Vec:
         x = rhs.duplicate()
-        x.set(0.0)
+        last = self._last.get(kind) if self.warm_start else None
+        if last is not None:
+            # the previous p's solution (consecutive iterates are close), unless it is worse than zero:
+            # |b - A x0| >= |b| after a far jump (a rejected line-search trial) would even trip KSP's divergence test
+            r = rhs.duplicate()
+            (self.A.multTranspose if transpose and not self.symmetric else self.A.mult)(last, r)
+            r.aypx(-1.0, rhs)
+            if not r.norm() < rhs.norm():  # also when NaN
+                last = None
+        if last is not None:
+            last.copy(x)
+        else:
+            x.set(0.0)
+        self.ksp.setInitialGuessNonzero(last is not None)
         rtol = self._rtol(tol)
         self.ksp.setTolerances(rtol=rtol)
         t0 = time.perf_counter()
@@ -530,11 +557,14 @@ class DistributedReducedFunctional:
         s.solve_time[kind] += dt
         self.times["solve"] += dt
         if reason < 0:
+            self._last.pop(kind, None)
             raise SolverDidNotConverge(
                 f"the {kind} solve ({self.solver.name}) did not converge: {_REASONS.get(reason, reason)} after {its} "
                 f"iterations at relative tolerance {rtol:g}. Raise max_it, loosen rtol or pick another "
                 "preconditioner (pc_type=, or PETSC_OPTIONS='-adjopt_pc_type ...')"
             )
+        if self.warm_start and kind in WARM_KINDS:
+            self._last[kind] = x
         return x
 
     # -- the state at p, cached for the last p ------------------------------------------

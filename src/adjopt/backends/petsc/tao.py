@@ -129,12 +129,12 @@ def minimize_tao(F: DistributedReducedFunctional, p0, method: str = "blmvm", bou
     def objgrad(tao, xk, gk):
         try:
             f = F.value_vec(xk)
+            F.gradient_vec(xk, gk)
         except (SolverDidNotConverge, NonFiniteError, SingularMatrixError) as exc:
             # a trial point of a line search outside the domain (exp overflow, a failed solve): reject it
             logger.debug("TAO trial point rejected: %s", exc)
             gk.set(0.0)
             return np.inf
-        F.gradient_vec(xk, gk)
         return f
 
     tao.setObjectiveGradient(objgrad, g)
