@@ -137,7 +137,11 @@ def test_tao_newton_and_blmvm_reach_the_serial_optimum():
 def test_tao_honours_bounds():
     problem = poisson_inversion.build(n=8, n_obs=10)
     F = distribute(problem, rtol=RTOL).functional
-    res = minimize_tao(F, problem.p0, method="blmvm", bounds=(-0.1, 0.1), gatol=1e-8, maxiter=300)
+    calls = []
+    res = minimize_tao(F, problem.p0, method="blmvm", bounds=(-0.1, 0.1), gatol=1e-8, maxiter=300,
+                       callback=calls.append)
+    assert [c["nit"] for c in calls] == list(range(res.nit + 1)) and calls == res.history
+    assert calls[-1]["fun"] == res.fun and calls[0]["fun"] > res.fun
     assert res.x.min() >= -0.1 - 1e-14 and res.x.max() <= 0.1 + 1e-14
     assert np.isclose(res.x.max(), 0.1)  # the truth peaks at 1: the upper bound is active
     with pytest.raises(ValueError, match="unconstrained"):
