@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
-from _bench_common import _status_kib, loadavg, machine_info, write_json  # noqa: E402  (the script's own folder)
+from _bench_common import _status_kib, loadavg, machine_info, reset_peak, write_json  # noqa: E402  (the script's own folder)
 
 import adjopt
 from adjopt import fem, mesh
@@ -61,15 +61,7 @@ class Meter:
     def __init__(self):
         self.rows: list[dict] = []
         self.peak_kib = _maxrss_kib()
-        self.can_reset = self._reset()
-
-    def _reset(self) -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            return True
-        except OSError:
-            return False
+        self.can_reset = reset_peak()
 
     def _peak_since_reset(self) -> int:
         hwm = _status_kib("VmHWM")
@@ -78,7 +70,7 @@ class Meter:
     def _start(self) -> None:
         self.peak_kib = max(self.peak_kib, self._peak_since_reset())
         if self.can_reset:
-            self._reset()
+            reset_peak()
 
     @contextmanager
     def phase(self, name: str, **extra):
