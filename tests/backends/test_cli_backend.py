@@ -25,3 +25,21 @@ def test_unknown_backend_is_refused(capsys):
         cli.main(["run", "seed_toy", "--backend", "dask"])
     assert exc.value.code == 2
     assert "invalid choice: 'dask'" in capsys.readouterr().err
+
+
+def test_fields_of_a_distributed_run_keep_a_failed_evaluation_for_the_writer():
+    class Functional:
+        n_params, stats = 3, None
+
+        def state(self, x):
+            return x * 2.0
+
+        def adjoint(self, x):
+            raise RuntimeError("adjoint solve did not converge")
+
+    import numpy as np
+
+    fields = cli._Fields(Functional(), np.ones(3))
+    assert fields.state(None).tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(RuntimeError, match="did not converge"):
+        fields.adjoint(None)

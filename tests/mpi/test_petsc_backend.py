@@ -322,6 +322,10 @@ def test_tao_newton_is_preconditioned_by_the_regularization_hessian():
     assert 1.5 * runs["regularization"].stats["solves"]["tangent"] < runs[None].stats["solves"]["tangent"]
     with pytest.raises(ValueError, match="preconditioner"):
         minimize_tao(F, problem.p0, method="ntr", preconditioner="h1")
+    with pytest.raises(ValueError, match="not both 0"):
+        minimize_tao(F, problem.p0, gatol=0.0, grtol=0.0)
+    with pytest.raises(ValueError, match="maxiter >= 1"):
+        minimize_tao(F, problem.p0, maxiter=0)
     with pytest.raises(ValueError, match="newton_rtol"):
         minimize_tao(F, problem.p0, method="nls", newton_rtol=0.0)
     chain = DistributedReducedFunctional.from_functional(_chain()).regularization_hessian()
