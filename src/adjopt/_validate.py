@@ -8,7 +8,11 @@ from .errors import NonFiniteError, ShapeError
 
 
 def as_parameter(p, n_params: int, name: str = "p") -> np.ndarray:
-    """Return ``p`` as a float64 vector of length ``n_params``, checked finite."""
+    """Return ``p`` as a float64 vector of length ``n_params``, checked finite and real.
+
+    The result may share memory with ``p``; callers that keep it past the call take :func:`owned`.
+    """
+    refuse_complex(p, name)
     arr = np.asarray(p, dtype=np.float64)
     if arr.ndim != 1 or arr.shape[0] != n_params:
         raise ShapeError(
@@ -17,6 +21,41 @@ def as_parameter(p, n_params: int, name: str = "p") -> np.ndarray:
         )
     check_finite(arr, name)
     return arr
+
+
+def refuse_complex(v, name: str) -> None:
+    """Raise ``TypeError`` for complex input (a cast to float64 would silently drop the imaginary part)."""
+    if np.iscomplexobj(v):
+        raise TypeError(
+            f"{name} is complex ({np.asarray(v).dtype}); adjopt works on real parameters and states: pass the real "
+            f"part (np.real) if the imaginary part is zero, or split real and imaginary parts into two real parameters"
+        )
+
+
+def owned(arr, dtype=np.float64) -> np.ndarray:
+    """A read-only copy of ``arr`` that adjopt owns: what it keeps past a call never aliases the caller's array."""
+    out = np.array(arr, dtype=dtype, copy=True, order="C")
+    out.flags.writeable = False
+    return out
+
+
+def owned_operator(M):
+    """A copy of a matrix adjopt keeps: scipy sparse as CSR (float64), dense as a read-only array."""
+    import scipy.sparse as sp
+
+    if sp.issparse(M):
+        return sp.csr_array(M, dtype=np.float64, copy=True)
+    refuse_complex(M, "the matrix")
+    return owned(M)
+
+
+def check_tolerance(tol, name: str = "tol") -> float | None:
+    """``None`` (the solver's default) or a relative tolerance in (0, 1), as a float."""
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)) or not 0 < tol < 1:
+        raise ValueError(f"{name} must be None (the solver's default) or a relative tolerance in (0, 1), got {tol!r}")
+    return float(tol)
 
 
 def check_finite(arr: np.ndarray, name: str) -> None:
@@ -31,6 +70,7 @@ def check_finite(arr: np.ndarray, name: str) -> None:
 
 def as_state_like(v, n: int, name: str) -> np.ndarray:
     """Return ``v`` as float64 of shape ``(n,)`` or ``(n, k)`` (k right-hand sides)."""
+    refuse_complex(v, name)
     arr = np.asarray(v, dtype=np.float64)
     if arr.ndim not in (1, 2) or arr.shape[0] != n:
         raise ShapeError(f"{name} must have shape ({n},) or ({n}, k), got {arr.shape}")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse.linalg as sla
 
-from ._validate import as_parameter, check_finite
+from ._validate import as_parameter, check_finite, check_tolerance, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
 from .errors import PatternError
 from .objectives import Objective
@@ -57,13 +57,15 @@ class _State:
     lam: np.ndarray | None = None
     lam_tol: float = np.inf  # relative residual the cached lam was solved to (0: direct, exact)
     q: np.ndarray | None = None  # rho-gradient of the PDE part, kept for hessp with a nonlinear map
+    shared: bool = False  # the factorization serves every p (A does not depend on p): held once, not per entry
 
     @property
     def nbytes(self) -> int:
         A = self.A
-        a_bytes = A.data.nbytes + A.indices.nbytes + A.indptr.nbytes
+        a_bytes = 0 if self.shared else A.data.nbytes + A.indices.nbytes + A.indptr.nbytes
+        fac_bytes = 0 if self.shared else self.factorization.nbytes
         # u, b and room for lam
-        return a_bytes + self.factorization.nbytes + 3 * self.u.nbytes
+        return a_bytes + fac_bytes + 3 * self.u.nbytes
 
 
 class ReducedFunctional:
@@ -124,6 +126,8 @@ class ReducedFunctional:
             )
         self.solver = make_solver(solver)
         self.cache = StateCache(cache_bytes)
+        #: (solver, factorization) of a matrix that does not depend on p (``matrix.constant``): one for every p
+        self._fixed = None
         #: wall seconds spent by phase since construction (or reset_stats): "filter" (the parameter map),
         #: "assembly", "factorize", "solve" (every kind), "sensitivity" (contractions, objective derivatives)
         self.times = Counter()
@@ -167,7 +171,22 @@ class ReducedFunctional:
         self.times.clear()
 
     def _p(self, p) -> np.ndarray:
-        return as_parameter(p, self.n_params)
+        """p checked, as a read-only copy: nothing cached or handed on aliases the caller's array."""
+        return owned(as_parameter(p, self.n_params))
+
+    def _factorize(self, A, rho):
+        """(factorization, shared): a matrix that does not depend on p is factorized once per solver."""
+        constant = getattr(self.matrix, "constant", False)
+        if constant and self._fixed is not None and self._fixed[0] is self.solver:
+            return self._fixed[1], True
+        if getattr(self.solver, "uses_operator", False):
+            # solvers that know the discretisation (geometric multigrid) also see A(.) and rho
+            fac = self.solver.factorize(A, operator=self.matrix, rho=rho)
+        else:
+            fac = self.solver.factorize(A)
+        if constant:
+            self._fixed = (self.solver, fac)
+        return fac, constant
 
     def _state(self, p: np.ndarray) -> _State:
         st = self.cache.get(p)
@@ -175,24 +194,23 @@ class ReducedFunctional:
             return st
         times, clock = self.times, time.perf_counter
         t0 = clock()
-        rho = p if self.map is None else self.map.forward(p)
+        # p is owned (see _p); whatever is computed from it and kept is owned too (a map or a callback may
+        # hand back a buffer it reuses)
+        rho = p if self.map is None else owned(self.map.forward(p))
         t1 = clock()
         A = self.matrix.assemble(rho)
         b = self.rhs.value(rho)
+        if self.rhs.depends_on_p:
+            b = owned(b)
         t2 = clock()
-        if getattr(self.solver, "uses_operator", False):
-            # solvers that know the discretisation (geometric multigrid) also see A(.) and rho
-            fac = self.solver.factorize(A, operator=self.matrix, rho=rho)
-        else:
-            fac = self.solver.factorize(A)
+        fac, shared = self._factorize(A, rho)
         t3 = clock()
         u = fac.solve(b, kind="forward")
-        fac.check_residual(u, b)
         times["filter"] += t1 - t0
         times["assembly"] += t2 - t1
         times["factorize"] += t3 - t2
         times["solve"] += clock() - t3
-        st = _State(A=A, factorization=fac, b=b, u=u, rho=rho)
+        st = _State(A=A, factorization=fac, b=b, u=u, rho=rho, shared=shared)
         self.cache.put(p, st)
         return st
 
@@ -242,6 +260,22 @@ class ReducedFunctional:
         p = self._p(p)
         return float(self.objective.value(self._state(p).u, p))
 
+    def value_error(self, p) -> float:
+        """An estimate of |value(p) - J(p)| from an inexact (iterative) forward solve; 0 with a factorization.
+
+        With u_h the computed state, r = b - A u_h its residual and lam the
+        adjoint at u_h, J(u) - J(u_h) = lam^T r + 0.5 e^T f_uu e (e = u - u_h):
+        the dual-weighted residual |lam^T r| is the error up to a term of
+        second order in e. It costs an adjoint solve when none is cached.
+        Round-off is not included. The Taylor test uses it as a noise floor.
+        """
+        p = self._p(p)
+        st = self._state(p)
+        if st.factorization.tolerance("forward") == 0.0:
+            return 0.0
+        lam = self._adjoint(p, st)
+        return abs(float(np.vdot(lam, st.b - st.A @ st.u)))
+
     def gradient(self, p, tol: float | None = None) -> np.ndarray:
         """grad J(p) = df/dp - C(lam, u) + (db/dp)^T lam.
 
@@ -249,6 +283,7 @@ class ReducedFunctional:
         solvers; direct ones are exact): an optimizer that needs the gradient
         only roughly can pass a loose one. ``None`` takes the solver's default.
         """
+        tol = check_tolerance(tol)
         p = self._p(p)
         st = self._state(p)
         q = self._pde_gradient(p, st, tol)
@@ -276,6 +311,7 @@ class ReducedFunctional:
         semidefinite for least-squares misfits plus convex regularization, and
         no adjoint solve is needed.
         """
+        tol = check_tolerance(tol)
         p = self._p(p)
         dp = as_parameter(dp, self.n_params, "dp")
         st = self._state(p)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_parameter
+from ._validate import as_parameter, owned_operator
 from .errors import ShapeError
 
 
@@ -55,6 +55,10 @@ class Problem:
                 lo, hi = (np.broadcast_to(np.asarray(b, dtype=float), self.p0.shape).copy() for b in self.bounds)
             except ValueError as exc:
                 raise ShapeError(f"bounds must be a (lower, upper) pair of scalars or vectors of length {self.p0.size}") from exc
+            for name, v in (("lower", lo), ("upper", hi)):
+                if np.any(np.isnan(v)):
+                    raise ValueError(f"the {name} bound is NaN at {np.count_nonzero(np.isnan(v))} entries (first at "
+                                     f"{int(np.argmax(np.isnan(v)))}); use -inf / inf for no bound")
             if np.any(lo > hi):
                 raise ValueError(f"bounds are inverted at {int(np.argmax(lo > hi))}: lower > upper")
             self.bounds = (lo, hi)
@@ -63,6 +67,9 @@ class Problem:
             raise ShapeError(f"mass must be an ({m},) array of weights or an ({m}, {m}) matrix, got shape {np.shape(self.mass)}")
         if self.stiffness is not None and np.shape(self.stiffness) != (m, m):
             raise ShapeError(f"stiffness must be ({m}, {m}), got shape {np.shape(self.stiffness)}")
+        # copies: the optimizers keep them for the whole run, the caller may reuse its arrays
+        self.mass = None if self.mass is None else owned_operator(self.mass)
+        self.stiffness = None if self.stiffness is None else owned_operator(self.stiffness)
         for i, con in enumerate(self.constraints):
             if not (isinstance(con, tuple) and len(con) == 2 and hasattr(con[0], "value") and hasattr(con[0], "gradient")):
                 raise TypeError(f"constraint {i} must be a (functional, upper) pair with value and gradient")

@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 
 import adjopt
+from adjopt.errors import PatternError, ShapeError
 from adjopt.operators import ElementCoefficientMatrix, ElementCoefficientVector
 
 
@@ -221,3 +222,47 @@ def test_build_slot_map_matches_a_plain_reference(seed):
         ex = sp.coo_array(extra)
         assert [keys[s] for s in extra_slots] == list(zip(ex.row.tolist(), ex.col.tolist()))
     assert slot_loc.dtype == np.int16 and slot_ptr.dtype == np.int32
+
+
+# -- lengths and layouts are checked, not read out of bounds ---------------------------------------
+def _small():
+    conn = np.array([[0, 1], [1, 2], [2, 3]])
+    K = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    return ElementCoefficientMatrix(conn, K, n=4)
+
+
+def test_gather_checks_the_lengths_of_coef_and_base():
+    A = _small()
+    np.testing.assert_allclose(A.gather(np.ones(3)), A.assemble(np.ones(3)).data)
+    with pytest.raises(ShapeError, match=r"one value per element, shape \(3,\)"):
+        A.gather(np.ones(2))
+    with pytest.raises(ShapeError, match="one value per slot"):
+        A.gather(np.ones(3), base=np.ones(A.nnz - 1))
+
+
+def test_element_forms_checks_w_and_z():
+    A = _small()
+    w = np.arange(4.0)
+    np.testing.assert_allclose(A.element_forms(w, w), [1.0, 1.0, 1.0])
+    with pytest.raises(ShapeError, match="w must have shape"):
+        A.element_forms(np.ones(3), np.ones(4))
+    with pytest.raises(ShapeError, match="z has shape"):
+        A.element_forms(np.ones((4, 2)), np.ones(4))
+
+
+def test_a_transposed_connectivity_is_named():
+    conn = np.array([[0, 1], [1, 2], [2, 3]])
+    locs = np.tile(np.array([[1.0, -1.0], [-1.0, 1.0]]), (3, 1, 1))
+    with pytest.raises(PatternError, match=r"conn looks transposed.*conn\.T"):
+        ElementCoefficientMatrix(conn.T, locs, n=4)
+
+
+def test_the_callers_conn_and_local_matrices_are_copied():
+    conn = np.array([[0, 1], [1, 2], [2, 3]])
+    K = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    A = ElementCoefficientMatrix(conn, K, n=4)
+    before = A.assemble(np.ones(3)).toarray()
+    K *= 7.0
+    conn[:] = 0
+    np.testing.assert_array_equal(A.assemble(np.ones(3)).toarray(), before)
+    np.testing.assert_allclose(A.contract(np.ones(3), np.arange(4.0), np.arange(4.0)), [1.0, 1.0, 1.0])

@@ -90,7 +90,7 @@ class _Linear(ParameterMap):
     affine = True
 
     def __init__(self, L):
-        self.L = sp.csr_array(L)
+        self.L = sp.csr_array(L, dtype=np.float64, copy=True)
         self._LT = self.L.T.tocsr()
         self.n_out, self.n_in = self.L.shape
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_parameter
+from .._validate import as_parameter, owned
 from ..errors import ShapeError
 from .base import Objective
 
@@ -20,11 +20,11 @@ def _as_operator(M, n: int | None, name: str):
     if M is None:
         return None, n
     if sp.issparse(M) or np.ndim(M) == 2:
-        M = sp.csr_array(M)
+        M = sp.csr_array(M, dtype=np.float64, copy=True)
         if M.shape[0] != M.shape[1]:
             raise ShapeError(f"{name} must be square, got shape {M.shape}")
         return M, M.shape[0]
-    M = np.asarray(M, dtype=np.float64)
+    M = owned(M)
     if M.ndim != 1:
         raise ShapeError(f"{name} must be a matrix or a vector of weights, got shape {M.shape}")
     return M, M.shape[0]
@@ -69,7 +69,7 @@ class _Quadratic(ParameterObjective):
 
     def __init__(self, M=None, p_ref=None, n: int | None = None):
         self.M, self.n = _as_operator(M, n, "M")
-        self.p_ref = None if p_ref is None else np.asarray(p_ref, dtype=np.float64)
+        self.p_ref = None if p_ref is None else owned(p_ref)
         if self.p_ref is not None and self.n is not None and self.p_ref.shape not in ((), (self.n,)):
             raise ShapeError(f"p_ref must be a scalar or have length {self.n}, got shape {self.p_ref.shape}")
 
@@ -142,8 +142,8 @@ class TotalVariation(ParameterObjective):
     """
 
     def __init__(self, G, areas, eps: float = 1e-3):
-        self.G = sp.csr_array(G)
-        self.areas = np.asarray(areas, dtype=np.float64)
+        self.G = sp.csr_array(G, dtype=np.float64, copy=True)
+        self.areas = owned(areas)
         E = self.areas.shape[0]
         if self.G.shape[0] % max(E, 1) != 0 or E == 0:
             raise ShapeError(f"G has {self.G.shape[0]} rows, which is not dim x {E} elements")
@@ -183,7 +183,7 @@ class Volume(ParameterObjective):
     """
 
     def __init__(self, volumes, parameter_map=None):
-        self.volumes = np.asarray(volumes, dtype=np.float64)
+        self.volumes = owned(volumes)
         if self.volumes.ndim != 1:
             raise ShapeError(f"volumes must be a vector, got shape {self.volumes.shape}")
         self.map = parameter_map

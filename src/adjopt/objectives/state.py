@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import check_finite
+from .._validate import check_finite, owned, owned_operator, refuse_complex
 from ..errors import ShapeError
 from .base import Objective
 
@@ -52,23 +52,24 @@ class SquaredMisfit(Objective):
     """
 
     def __init__(self, d, B=None, W=None):
-        self.d = np.asarray(d, dtype=np.float64)
+        refuse_complex(d, "data d")
+        self.d = owned(d)  # a copy: the caller may reuse its data array
         check_finite(self.d, "data d")
         if self.d.ndim not in (1, 2):
             raise ShapeError(f"data d must be (n_obs,) or (n_obs, k), got {self.d.shape}")
         n_obs = self.d.shape[0]
         if B is not None:
-            B = sp.csr_array(B) if sp.issparse(B) else np.asarray(B, dtype=np.float64)
+            B = owned_operator(B)
             if B.ndim != 2 or B.shape[0] != n_obs:
                 raise ShapeError(f"observation operator B must have {n_obs} rows (one per datum), got shape {B.shape}")
         self.B = B
         if W is not None:
             if sp.issparse(W) or np.ndim(W) == 2:
-                W = sp.csr_array(W)
+                W = sp.csr_array(W, dtype=np.float64, copy=True)
                 if W.shape != (n_obs, n_obs):
                     raise ShapeError(f"weight matrix W must be {n_obs} x {n_obs}, got {W.shape}")
             else:
-                W = np.asarray(W, dtype=np.float64)
+                W = owned(W)
                 if W.shape != (n_obs,):
                     raise ShapeError(f"weight vector W must have length {n_obs}, got {W.shape}")
         self.W = W
@@ -113,7 +114,7 @@ class Compliance(Objective):
     """
 
     def __init__(self, load):
-        self.load = np.asarray(load.toarray() if sp.issparse(load) else load, dtype=np.float64)
+        self.load = owned(load.toarray() if sp.issparse(load) else load)
         check_finite(self.load, "load")
         self.linear_load = self.load
 

@@ -25,8 +25,8 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_parameter, as_state_like
-from ..errors import PatternError
+from .._validate import as_parameter, as_state_like, refuse_complex
+from ..errors import PatternError, ShapeError
 from . import _kernels
 from .base import ParametricMatrix
 from .coefficients import Coefficient, as_coefficient
@@ -153,7 +153,8 @@ class ElementCoefficientMatrix(ParametricMatrix):
         n_elem, k = conn.shape
         if n_elem == 0:
             raise PatternError("conn has no elements")
-        local = np.asarray(local, dtype=np.float64)
+        refuse_complex(local, "local matrices")
+        local = np.array(local, dtype=np.float64, copy=True)  # a copy: adjopt owns what it keeps
         if local.shape == (k, k):
             estride = 0
             local2 = np.ascontiguousarray(local.reshape(1, k * k))
@@ -161,9 +162,13 @@ class ElementCoefficientMatrix(ParametricMatrix):
             estride = 1
             local2 = np.ascontiguousarray(local.reshape(n_elem, k * k))
         else:
+            hint = ""
+            if local.shape in ((k, n_elem, n_elem), (n_elem, n_elem)):
+                hint = (f"; conn looks transposed (one row per element is expected: pass conn.T, of shape "
+                        f"({k}, {n_elem}))")
             raise PatternError(
                 f"local matrices must have shape ({k}, {k}) (shared) or ({n_elem}, {k}, {k}) (one per element) "
-                f"to match conn of shape {conn.shape}; got {local.shape}"
+                f"to match conn of shape {conn.shape}; got {local.shape}{hint}"
             )
         if not np.all(np.isfinite(local2)):
             raise PatternError("local matrices contain NaN or Inf")
@@ -178,7 +183,7 @@ class ElementCoefficientMatrix(ParametricMatrix):
             if A0.shape != (n, n):
                 raise PatternError(f"A0 must have shape ({n}, {n}), got {A0.shape}")
         idx_t = _index_dtype(max(n, n_elem))
-        self.conn = np.ascontiguousarray(conn, dtype=idx_t)
+        self.conn = np.array(conn, dtype=idx_t, copy=True, order="C")
         self.local = local2
         self._estride = estride
         self.k = k
@@ -210,20 +215,32 @@ class ElementCoefficientMatrix(ParametricMatrix):
         return self.n_params
 
     def gather(self, coef: np.ndarray, base: np.ndarray | None = None) -> np.ndarray:
-        """CSR data of base + sum_e coef[e] K_e (the assembly kernel)."""
+        """CSR data of base + sum_e coef[e] K_e (the assembly kernel).
+
+        ``coef`` has one value per element; ``base`` (optional) one per slot of the pattern.
+        """
+        coef = np.ascontiguousarray(coef, dtype=np.float64)
+        if coef.shape != (self.n_params,):
+            raise ShapeError(f"coef must have one value per element, shape ({self.n_params},), got {coef.shape}")
+        if base is not None:
+            base = np.ascontiguousarray(base, dtype=np.float64)
+            if base.shape != (self.nnz,):
+                raise ShapeError(f"base must have one value per slot of the pattern, shape ({self.nnz},), "
+                                 f"got {base.shape}")
         out = np.empty(self.nnz)
         _kernels.gather_slots(
             self._slot_ptr, self._slot_elem, self._slot_loc, self.local, self._estride,
-            np.ascontiguousarray(coef, dtype=np.float64), self._zero if base is None else base, out,
+            coef, self._zero if base is None else base, out,
         )
         return out
 
     def values(self, p) -> np.ndarray:
         p = self.check_p(p)
-        return self.gather(self.coefficient(p), self._base)
+        return self.gather(self.coefficient(p), self._base if self._base.size else None)
 
     def element_forms(self, w: np.ndarray, z: np.ndarray) -> np.ndarray:
-        """a_e(w, z) = w_e^T K_e z_e for every element (columns summed)."""
+        """a_e(w, z) = w_e^T K_e z_e for every element (columns summed); w, z of shape (n,) or (n, k)."""
+        w, z = self._check_pair(w, z, "w", "z")
         out = np.empty(self.n_params)
         if w.ndim == 1 and z.ndim == 1:
             _kernels.element_bilinear1(self.conn, self.local, self._estride, np.ascontiguousarray(w),

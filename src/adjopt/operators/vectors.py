@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_parameter, as_state_like, check_finite
+from .._validate import as_parameter, as_state_like, check_finite, owned, owned_operator, refuse_complex
 from ..errors import MissingDerivativeError, PatternError, ShapeError
 from . import _kernels
 from .coefficients import Coefficient, as_coefficient
@@ -53,7 +53,8 @@ class ConstantVector(ParametricVector):
     depends_on_p = False
 
     def __init__(self, b):
-        b = np.asarray(b.toarray() if sp.issparse(b) else b, dtype=np.float64)
+        refuse_complex(b, "b")
+        b = owned(b.toarray() if sp.issparse(b) else b)  # a copy: the caller may change its b
         if b.ndim not in (1, 2):
             raise ShapeError(f"b must have shape (n,) or (n, k), got {b.shape}")
         check_finite(b, "b")
@@ -74,11 +75,11 @@ class AffineVector(ParametricVector):
     """b(p) = b0 + B p with B of shape (n, m) (dense or sparse)."""
 
     def __init__(self, b0, B):
-        self.B = sp.csr_array(B) if sp.issparse(B) else np.asarray(B, dtype=np.float64)
+        self.B = owned_operator(B)
         if self.B.ndim != 2:
             raise ShapeError(f"B must be an (n, m) matrix, got shape {self.B.shape}")
         self.n, self.n_params = int(self.B.shape[0]), int(self.B.shape[1])
-        b0 = np.zeros(self.n) if b0 is None else np.asarray(b0, dtype=np.float64)
+        b0 = np.zeros(self.n) if b0 is None else owned(b0)
         if b0.shape != (self.n,):
             raise ShapeError(f"b0 must have shape ({self.n},) to match B of shape {self.B.shape}, got {b0.shape}")
         self.b0 = b0
@@ -108,21 +109,23 @@ class ElementCoefficientVector(ParametricVector):
         if conn.ndim != 2 or not np.issubdtype(conn.dtype, np.integer):
             raise PatternError(f"conn must be an (n_elem, k) integer array, got shape {conn.shape}")
         n_elem, k = conn.shape
-        local = np.asarray(local, dtype=np.float64)
+        local = np.array(local, dtype=np.float64, copy=True)  # a copy: adjopt owns what it keeps
         if local.shape == (k,):
-            self._estride, self.local = 0, local.reshape(1, k).copy()
+            self._estride, self.local = 0, local.reshape(1, k)
         elif local.shape == (n_elem, k):
-            self._estride, self.local = 1, np.ascontiguousarray(local)
+            self._estride, self.local = 1, local
         else:
             raise PatternError(f"local vectors must have shape ({k},) or ({n_elem}, {k}), got {local.shape}")
         self.n = int(conn.max()) + 1 if n is None else int(n)
         if conn.max() >= self.n:
             raise PatternError(f"conn refers to dof {int(conn.max())} but n={self.n}")
-        self.conn = np.ascontiguousarray(conn)
+        self.conn = np.array(conn, copy=True, order="C")
         self.n_params = n_elem
         self.coefficient = as_coefficient(coefficient)
         self.affine = self.coefficient.affine
-        self.b0 = np.zeros(self.n) if b0 is None else np.asarray(b0, dtype=np.float64)
+        self.b0 = np.zeros(self.n) if b0 is None else owned(b0)
+        if self.b0.shape != (self.n,):
+            raise ShapeError(f"b0 must have shape ({self.n},), got {self.b0.shape}")
         keep = self.conn >= 0
         self._dofs = self.conn[keep]
         self._elem_of = np.broadcast_to(np.arange(n_elem)[:, None], conn.shape)[keep]
@@ -171,7 +174,9 @@ class CallbackVector(ParametricVector):
         return J
 
     def value(self, p):
-        b = np.asarray(self._value(self._p(p)), dtype=np.float64)
+        b = self._value(self._p(p))
+        refuse_complex(b, "value(p)")
+        b = np.array(b, dtype=np.float64, copy=True)  # the callback may reuse its buffer
         if b.shape != (self.n,):
             raise PatternError(f"value(p) must return shape ({self.n},), got {b.shape}")
         return b

@@ -81,7 +81,7 @@ class AMGFactorization(Factorization):
     def tolerance(self, kind: str, tol: float | None = None) -> float:
         return self.solver.tol[kind] if tol is None else float(tol)
 
-    def check_residual(self, x, rhs) -> None:
+    def check_residual(self, x, rhs, transpose=False, kind="other") -> None:
         """Nothing to do: every Krylov solve has checked its true residual already."""
 
     def _operator(self, transpose: bool):
@@ -233,7 +233,7 @@ class AMGSolver(LinearSolver):
         if cycle not in ("V", "W", "F"):
             raise ValueError(f"cycle must be 'V', 'W' or 'F', got {cycle!r}")
         if near_nullspace is not None:
-            B = np.asarray(near_nullspace, dtype=np.float64)
+            B = np.array(near_nullspace, dtype=np.float64, copy=True)  # kept for every setup: adjopt's own copy
             if B.ndim == 1:
                 B = B[:, None]
             if B.ndim != 2 or B.shape[1] < 1:
