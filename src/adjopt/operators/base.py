@@ -36,6 +36,8 @@ class ParametricMatrix:
     affine: bool = False
     #: True when A(p) is symmetric for every p (declared by the subclass; never guessed)
     symmetric: bool = False
+    #: True when A does not depend on p at all: the functional then factorizes it once for every p
+    constant: bool = False
 
     @property
     def nnz(self) -> int:

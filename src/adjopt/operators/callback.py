@@ -1,25 +1,77 @@
 """Parametric matrices defined by user callbacks: bring your own A(p).
 
-The user gives a fixed CSR pattern, ``values(p) -> data`` and the Jacobian
-``jacobian(p) -> J`` with J[s, k] = d data_s / d p_k (sparse, nnz x m). Then
+The user gives a fixed sparsity pattern, ``values(p) -> data`` in the
+pattern's own entry order and the Jacobian ``jacobian(p) -> J`` with
+J[s, k] = d data_s / d p_k (sparse, nnz x m). adjopt maps the caller's
+entries onto its canonical CSR pattern (sorted column indices, duplicates
+summed) with a fixed 0/1 matrix P (canonical slot <- caller's entry), so
 
-    contract(p, w, z) = J^T (w[rows] * z[cols])      (a gather per slot)
-    tangent values    = J dp
+    A(p) data   = P values(p)
+    dA/dp       = P J(p)
+    contract(p, w, z)_k = sum_s (P J)[s, k] w[row_s] z[col_s]     (a gather per slot)
+    tangent values      = P J dp
 
-and the second-order term comes from a ``second(p, w, z, dp)`` callback, or is
-zero when the user declares ``affine=True``.
+and the second-order term
+
+    C2(w, z, dp)_k = sum_j dp_j w^T (d2A / dp_k dp_j) z
+
+comes from a ``second(p, w, z, dp)`` callback, or is zero when the user
+declares ``affine=True``.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
+from .._validate import check_finite, refuse_complex
 from ..errors import MissingDerivativeError, PatternError
 from . import _kernels
 from .base import ParametricMatrix
+
+
+def _count(value, name: str) -> int:
+    """A positive integer (a count of parameters), or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _caller_entries(pattern):
+    """(rows, cols, shape) of the pattern's stored entries, in the caller's order.
+
+    CSR (or a tuple ``(indptr, indices, shape)``): the order of ``data``; CSC:
+    its own ``data`` order; COO: the order of its triplets. Any other format
+    (or a dense array) has no entry order of its own: its canonical CSR order
+    (rows, then sorted columns) is used. Nothing of the caller's is modified.
+    """
+    if isinstance(pattern, tuple):
+        if len(pattern) != 3:
+            raise PatternError("a pattern tuple must be (indptr, indices, shape)")
+        indptr, indices, shape = pattern
+        indptr, indices = np.asarray(indptr), np.asarray(indices)
+        shape = tuple(int(v) for v in shape)
+        if indptr.ndim != 1 or indptr.size != shape[0] + 1 or indptr[0] != 0 or indptr[-1] != indices.size \
+                or np.any(np.diff(indptr) < 0):
+            raise PatternError(f"indptr must be a nondecreasing array of {shape[0] + 1} offsets from 0 to "
+                               f"len(indices) = {indices.size}")
+        rows = np.repeat(np.arange(shape[0]), np.diff(indptr))
+        return rows, indices.astype(np.int64), shape
+    if sp.issparse(pattern) and pattern.format == "csr":
+        rows = np.repeat(np.arange(pattern.shape[0]), np.diff(pattern.indptr))
+        return rows, pattern.indices.astype(np.int64), pattern.shape
+    if sp.issparse(pattern) and pattern.format == "csc":
+        cols = np.repeat(np.arange(pattern.shape[1]), np.diff(pattern.indptr))
+        return pattern.indices.astype(np.int64), cols, pattern.shape
+    if sp.issparse(pattern) and pattern.format == "coo":
+        return np.asarray(pattern.row, dtype=np.int64), np.asarray(pattern.col, dtype=np.int64), pattern.shape
+    mat = sp.csr_array(pattern, copy=True)
+    mat.sum_duplicates()
+    mat.sort_indices()
+    return np.repeat(np.arange(mat.shape[0]), np.diff(mat.indptr)), mat.indices.astype(np.int64), mat.shape
 
 
 class CallbackMatrix(ParametricMatrix):
@@ -28,17 +80,24 @@ class CallbackMatrix(ParametricMatrix):
     Parameters
     ----------
     pattern
-        A scipy sparse matrix whose (canonical CSR) pattern is A's pattern, or
-        a tuple ``(indptr, indices, shape)``.
+        A scipy sparse matrix whose stored entries are A's pattern (CSR in
+        any column order and with duplicates, CSC or COO: the values come in
+        that matrix's own entry order), or a tuple ``(indptr, indices,
+        shape)`` in CSR layout. Duplicate entries are summed into one slot;
+        the caller's matrix is not modified nor kept.
     n_params
-        Number of parameters m.
+        Number of parameters m (a positive integer).
     values
-        ``values(p) -> (nnz,)``: the CSR data of A(p) in the pattern's order.
+        ``values(p) -> (nnz,)``: A(p)'s values, one per stored entry of the
+        pattern, in the pattern's order. A reused output buffer is fine: the
+        values are copied.
     jacobian
-        ``jacobian(p) -> (nnz, m)`` sparse or dense: d data / d p.
+        ``jacobian(p) -> (nnz, m)`` sparse or dense: d values / d p, rows in
+        the same order.
     second
-        Optional ``second(p, w, z, dp) -> (m,)``: C2 of DESIGN.md, with w and z
-        given as (n, k) arrays.
+        Optional ``second(p, w, z, dp) -> (m,)``, the second-order contraction
+        C2(w, z, dp)_k = sum_j dp_j w^T (d2A / dp_k dp_j) z, with w and z
+        given as (n, k) arrays (k right-hand sides; sum over the columns).
     affine
         Declare A affine in p (C2 = 0). Without ``second`` and without
         ``affine=True``, Hessian actions raise :class:`MissingDerivativeError`.
@@ -53,20 +112,34 @@ class CallbackMatrix(ParametricMatrix):
         second: Callable | None = None,
         affine: bool = False,
     ):
-        if isinstance(pattern, tuple):
-            indptr, indices, shape = pattern
-            mat = sp.csr_array((np.ones(len(indices)), indices, indptr), shape=shape)
-        else:
-            mat = sp.csr_array(pattern)
-        mat.sum_duplicates()
-        mat.sort_indices()
-        if mat.shape[0] != mat.shape[1]:
-            raise PatternError(f"A must be square, the pattern has shape {mat.shape}")
-        self.shape = (int(mat.shape[0]), int(mat.shape[1]))
-        self.indptr = mat.indptr
-        self.indices = mat.indices
-        self.n_params = int(n_params)
-        self._rows = np.repeat(np.arange(self.shape[0], dtype=self.indices.dtype), np.diff(self.indptr))
+        self.n_params = _count(n_params, "n_params")
+        for name, cb in (("values", values), ("jacobian", jacobian), ("second", second)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
+        rows, cols, shape = _caller_entries(pattern)
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise PatternError(f"A must be square, the pattern has shape {shape}")
+        n = int(shape[0])
+        if rows.size and (cols.min() < 0 or cols.max() >= n):
+            raise PatternError(f"the pattern has column indices outside [0, {n})")
+        if rows.size == 0:
+            raise PatternError("the pattern has no entries")
+        keys = rows.astype(np.int64) * n + cols
+        ukeys, slot = np.unique(keys, return_inverse=True)
+        idx_t = np.int32 if max(n, ukeys.size) < np.iinfo(np.int32).max else np.int64
+        urows = ukeys // n
+        self.shape = (n, n)
+        self.indptr = np.zeros(n + 1, dtype=idx_t)
+        np.cumsum(np.bincount(urows, minlength=n), out=self.indptr[1:])
+        self.indices = (ukeys - urows * n).astype(idx_t)
+        self._rows = urows.astype(idx_t)
+        #: number of values the callbacks give (the caller's stored entries, duplicates included)
+        self.n_given = int(keys.size)
+        # canonical slot <- caller's entry; None when the caller's order is the canonical one
+        canonical = self.n_given == ukeys.size and bool(np.all(slot == np.arange(slot.size)))
+        self._slot = None if canonical else slot.reshape(-1)
+        self._P = None if canonical else sp.csr_array(
+            (np.ones(self.n_given), (self._slot, np.arange(self.n_given))), shape=(ukeys.size, self.n_given))
         self._values_cb = values
         self._jacobian_cb = jacobian
         self._second_cb = second
@@ -74,19 +147,26 @@ class CallbackMatrix(ParametricMatrix):
 
     def values(self, p) -> np.ndarray:
         p = self.check_p(p)
-        data = np.asarray(self._values_cb(p), dtype=np.float64)
-        if data.shape != (self.nnz,):
-            raise PatternError(f"values(p) returned shape {data.shape}, but the pattern has nnz={self.nnz} entries")
+        data = self._values_cb(p)
+        refuse_complex(data, "values(p)")
+        data = np.array(data, dtype=np.float64, copy=True)  # the callback may reuse its buffer
+        if data.shape != (self.n_given,):
+            raise PatternError(f"values(p) returned shape {data.shape}, but the pattern has {self.n_given} entries")
+        check_finite(data, "values(p)")
+        if self._slot is not None:
+            data = np.bincount(self._slot, weights=data, minlength=self.nnz)
         return data
 
     def jacobian(self, p) -> sp.csr_array:
-        """d data / d p as a sparse (nnz, m) array, checked against the pattern."""
+        """d data / d p as a sparse (nnz, m) array in the canonical pattern, checked against the pattern."""
         J = self._jacobian_cb(p)
-        J = sp.csr_array(J) if (sp.issparse(J) or np.ndim(J) == 2) else None
-        if J is None or J.shape != (self.nnz, self.n_params):
+        refuse_complex(J.data if sp.issparse(J) else J, "jacobian(p)")
+        J = sp.csr_array(J, dtype=np.float64, copy=True) if (sp.issparse(J) or np.ndim(J) == 2) else None
+        if J is None or J.shape != (self.n_given, self.n_params):
             got = None if J is None else J.shape
-            raise PatternError(f"jacobian(p) must have shape (nnz, m) = ({self.nnz}, {self.n_params}), got {got}")
-        return J
+            raise PatternError(f"jacobian(p) must have shape (nnz, m) = ({self.n_given}, {self.n_params}), got {got}")
+        check_finite(J.data, "jacobian(p)")
+        return J if self._P is None else sp.csr_array(self._P @ J)
 
     def _contract(self, p, w, z):
         prod = np.empty(self.nnz)
@@ -116,16 +196,19 @@ class ConstantMatrix(ParametricMatrix):
     """
 
     affine = True
+    constant = True
 
     def __init__(self, A, n_params: int):
-        A = sp.csr_array(A)
+        A = sp.csr_array(A, dtype=np.float64, copy=True)  # a copy: the caller's matrix is neither kept nor sorted
         A.sum_duplicates()
         A.sort_indices()
         if A.shape[0] != A.shape[1]:
             raise PatternError(f"A must be square, got shape {A.shape}")
+        check_finite(A.data, "the values of A")
         self.shape = (int(A.shape[0]), int(A.shape[1]))
-        self.indptr, self.indices, self._data = A.indptr, A.indices, A.data
-        self.n_params = int(n_params)
+        self.indptr, self.indices = A.indptr, A.indices
+        self._data = A.data  # A is a copy: adjopt owns it
+        self.n_params = _count(n_params, "n_params")
 
     def values(self, p) -> np.ndarray:
         self.check_p(p)
