@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import check_finite
+from .._validate import check_finite, check_tolerance, refuse_complex
 from ..errors import ConvergenceWarning, ShapeError, SingularMatrixError, SolverDidNotConverge
 
 logger = logging.getLogger(__name__)
 
 SOLVE_KINDS = ("forward", "adjoint", "tangent", "second_adjoint", "other")
+#: seed of the random right-hand side that probes a direct factorization for singularity
+_PROBE_SEED = 20261203
 
 
 @dataclass
@@ -91,9 +93,28 @@ class Factorization:
 
     ``_solve(rhs, transpose, kind, tol)`` gets validated (n,) or (n, k)
     right-hand sides; a direct factorization ignores ``kind`` and ``tol``.
+
+    A direct factorization does not always stop at a singular A: round-off
+    turns the zero pivot of a pure-Neumann problem into a tiny one, and a
+    consistent right-hand side then "solves" to a small residual with an
+    arbitrary null-space component. Two checks refuse such an A with
+    :class:`~adjopt.errors.SingularMatrixError`:
+
+    - the first solve on a factorization carries one extra column, a seeded
+      random right-hand side r (almost surely not in the range of a singular
+      A), solved with the user's columns in one multi-column call; a relative
+      residual ||A x_r - r|| / ||r|| above :attr:`singular_residual` means A is
+      singular to working precision (a nonsingular A, even at the contrast
+      1e-9 of SIMP, leaves 1e-12 or less);
+    - every solve, of every kind, checks its own residual ||A x - rhs|| (or
+      ||A^T x - rhs||) per column against :attr:`singular_residual` ||rhs||:
+      one sparse product, O(nnz(A)).
+
+    Iterative solvers (``exact = False``) check their true residual against
+    their tolerance themselves and override :meth:`check_residual`.
     """
 
-    #: relative residual above which the forward solve declares A singular
+    #: relative residual above which a direct solve (or the singularity probe) declares A singular
     singular_residual = 1e-6
     #: True for direct factorizations: every solve is exact to round-off, whatever the tolerance
     exact = True
@@ -102,6 +123,8 @@ class Factorization:
         self.A = A
         self.n = A.shape[0]
         self.stats = stats
+        #: whether the singularity probe has run (direct factorizations; see the class docstring)
+        self.probed = not self.exact
 
     @property
     def nbytes(self) -> int:
@@ -118,32 +141,63 @@ class Factorization:
         ``kind`` (one of :data:`SOLVE_KINDS`) labels the counters and picks an
         iterative solver's default tolerance; ``tol`` overrides that relative
         tolerance for this solve (ignored by direct factorizations).
+
+        Raises
+        ------
+        SingularMatrixError
+            The solution is not finite, or (direct factorizations) its residual
+            or the singularity probe's is not small: A is singular.
         """
         if kind not in SOLVE_KINDS:
             raise ValueError(f"unknown solve kind {kind!r}; use one of {SOLVE_KINDS}")
-        if tol is not None and not 0 < tol < 1:
-            raise ValueError(f"tol must be a relative tolerance in (0, 1), got {tol}")
+        tol = check_tolerance(tol)
+        refuse_complex(rhs, f"the right-hand side of the {kind} solve")
         rhs = np.asarray(rhs, dtype=np.float64)
         if rhs.ndim not in (1, 2) or rhs.shape[0] != self.n:
             raise ShapeError(f"right-hand side must have shape ({self.n},) or ({self.n}, k), got {rhs.shape}")
         check_finite(rhs, f"right-hand side of the {kind} solve")
         t0 = time.perf_counter()
-        x = self._solve(rhs, transpose, kind, tol)
-        self.stats.solve_time[kind] += time.perf_counter() - t0
+        probe = None
+        if not self.probed:
+            probe = np.random.default_rng(_PROBE_SEED).standard_normal(self.n)
+            cols = rhs.reshape(self.n, -1)
+            x = self._solve(np.column_stack([cols, probe]), transpose, kind, tol)
+            x, x_probe = x[:, :-1].reshape(rhs.shape), x[:, -1]
+        else:
+            x = self._solve(rhs, transpose, kind, tol)
         self.stats.solves[kind] += 1
         self.stats.rhs[kind] += 1 if rhs.ndim == 1 else rhs.shape[1]
-        if not np.all(np.isfinite(x)):
-            raise SingularMatrixError(_singular_message("the solution has NaN or Inf entries"))
+        try:
+            if not np.all(np.isfinite(x)):
+                raise SingularMatrixError(_singular_message(f"the {kind} solve returned NaN or Inf entries"))
+            if probe is not None:
+                self._check_probe(x_probe, probe, transpose)
+                self.probed = True
+            self.check_residual(x, rhs, transpose, kind)
+        finally:
+            self.stats.solve_time[kind] += time.perf_counter() - t0
         return x
 
-    def check_residual(self, x: np.ndarray, rhs: np.ndarray) -> None:
-        """Raise :class:`SingularMatrixError` if ||A x - rhs|| is not small relative to ||rhs||."""
-        r = np.linalg.norm(self.A @ x - rhs)
-        scale = np.linalg.norm(rhs)
-        if scale > 0 and r > self.singular_residual * scale:
-            raise SingularMatrixError(
-                _singular_message(f"the direct solve left a relative residual of {r / scale:.2g}")
-            )
+    def _check_probe(self, x, r, transpose: bool) -> None:
+        op = self.A.T if transpose else self.A
+        res = np.linalg.norm(op @ x - r) / np.linalg.norm(r) if np.all(np.isfinite(x)) else np.inf
+        if not res <= self.singular_residual:
+            raise SingularMatrixError(_singular_message(
+                f"a solve with a random right-hand side left a relative residual of {res:.2g}, so A x = b has no "
+                "solution for most b"
+            ))
+
+    def check_residual(self, x: np.ndarray, rhs: np.ndarray, transpose: bool = False, kind: str = "other") -> None:
+        """Raise :class:`SingularMatrixError` if a column of A x - rhs (A^T x - rhs) is not small against its rhs."""
+        op = self.A.T if transpose else self.A
+        r = np.linalg.norm((op @ x - rhs).reshape(self.n, -1), axis=0)
+        scale = np.linalg.norm(rhs.reshape(self.n, -1), axis=0)
+        bad = (scale > 0) & ~(r <= self.singular_residual * scale)
+        if np.any(bad):
+            j = int(np.argmax(bad))
+            raise SingularMatrixError(_singular_message(
+                f"the {kind} solve{' with A^T' if transpose else ''} left a relative residual of {r[j] / scale[j]:.2g}"
+            ))
 
     def _solve(self, rhs, transpose, kind, tol):
         raise NotImplementedError

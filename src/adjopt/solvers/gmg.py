@@ -611,7 +611,7 @@ class GMGFactorization(Factorization):
     def tolerance(self, kind: str, tol: float | None = None) -> float:
         return self.solver.tol[kind] if tol is None else float(tol)
 
-    def check_residual(self, x, rhs) -> None:
+    def check_residual(self, x, rhs, transpose=False, kind="other") -> None:
         """Nothing to do: every CG solve has checked its true residual already."""
 
     # -- the V-cycle ---------------------------------------------------------------------------------------

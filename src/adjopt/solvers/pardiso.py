@@ -265,6 +265,7 @@ class PardisoSolver(LinearSolver):
             except SingularMatrixError:
                 fac._finalizer()  # release the handle now, not when the traceback lets go of fac
                 raise
+            fac.probed = True  # the first solve need not probe again
         logger.debug(
             "PARDISO: n=%d nnz(A)=%d nnz(L+U)=%d perturbed pivots=%d memory=%d KB in %.3g s",
             n, A.nnz, fac.factor_nnz, fac.perturbed_pivots, fac.nbytes // 1024, time.perf_counter() - t0,

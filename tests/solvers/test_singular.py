@@ -1,0 +1,127 @@
+"""A singular A(p) is refused by every direct solver, whatever the right-hand side.
+
+The case that used to pass silently: a pure-Neumann Poisson problem (no
+Dirichlet condition). Its right-hand side is consistent, so a direct solver
+that perturbs or keeps the tiny last pivot returns a "solution" with a small
+residual and an arbitrary constant added: J jumped from 29190 to 75292 under
+a 1e-10 change of p, the adjoint's relative residual was 73, and the Taylor
+test passed.
+"""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import adjopt
+from adjopt import fem
+from adjopt.errors import NotPositiveDefiniteError, SingularMatrixError
+from adjopt.mesh import rectangle
+from adjopt.solvers import installed
+
+DIRECT = [s for s in ("superlu", "cholmod", "pardiso") if s in installed()]
+
+
+def neumann_poisson(n=16, solver="superlu"):
+    """Poisson with exp(m) conductivity and no Dirichlet condition, a consistent load and a misfit."""
+    mesh = rectangle(n, n)
+    A = adjopt.ElementCoefficientMatrix(mesh.cells, fem.p1_stiffness(mesh), coefficient="exp")
+    b = fem.assemble_vector(mesh.cells, fem.p1_mass(mesh).sum(axis=2), mesh.n_nodes)
+    b -= b.mean()  # consistent: orthogonal to the constants, the kernel of A^T
+    data = np.sin(mesh.points[:, 0])
+    J = adjopt.ReducedFunctional(A, b, adjopt.SquaredMisfit(data), solver=solver)
+    return J, np.zeros(A.n_params)
+
+
+@pytest.mark.parametrize("solver", DIRECT)
+def test_pure_neumann_value_is_refused_naming_the_boundary_condition(solver):
+    J, p = neumann_poisson(solver=solver)
+    with pytest.raises((SingularMatrixError, NotPositiveDefiniteError), match="Dirichlet"):
+        J.value(p)
+
+
+@pytest.mark.parametrize("solver", DIRECT)
+def test_pure_neumann_gradient_and_taylor_test_are_refused(solver):
+    J, p = neumann_poisson(solver=solver)
+    with pytest.raises((SingularMatrixError, NotPositiveDefiniteError)):
+        J.gradient(p)
+    with pytest.raises((SingularMatrixError, NotPositiveDefiniteError)):
+        adjopt.taylor_test(J, p, order=2)
+
+
+def test_the_same_problem_with_one_dirichlet_node_solves():
+    # the control: fix one node (drop its row and column) and every check passes
+    mesh = rectangle(16, 16)
+    conn = np.where(mesh.cells == 0, -1, mesh.cells - 1)
+    A = adjopt.ElementCoefficientMatrix(conn, fem.p1_stiffness(mesh), coefficient="exp", n=mesh.n_nodes - 1)
+    b = fem.assemble_vector(mesh.cells, fem.p1_mass(mesh).sum(axis=2), mesh.n_nodes)[1:]
+    J = adjopt.ReducedFunctional(A, b, adjopt.SquaredMisfit(np.sin(mesh.points[1:, 0])), solver="superlu")
+    p = np.zeros(A.n_params)
+    assert np.isfinite(J.value(p))
+    assert adjopt.taylor_test(J, p, order=2).passed
+
+
+def _singular_factorization(solver):
+    """A factorization of a singular matrix whose probe has been switched off: only the residual checks remain."""
+    A = sp.csr_array(sp.diags_array([[-1.0] * 9, [1.0] + [2.0] * 8 + [1.0], [-1.0] * 9], offsets=[-1, 0, 1]))
+    A = sp.csr_array(A + 1e-15 * sp.eye_array(10))  # a pure-Neumann 1D Laplacian, singular to working precision
+    fac = adjopt.solvers.make_solver(solver)._factorize(A)
+    fac.probed = True
+    return A, fac
+
+
+@pytest.mark.parametrize("solver", ["superlu", "pardiso"])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("kind", ["adjoint", "tangent", "second_adjoint"])
+def test_every_solve_kind_checks_its_residual(solver, transpose, kind, monkeypatch):
+    if solver not in installed():
+        pytest.skip(f"{solver} not installed")
+    from adjopt.solvers.pardiso import PardisoFactorization
+
+    monkeypatch.setattr(PardisoFactorization, "_probe_singular", lambda self: None)  # its factorization-time probe
+    A, fac = _singular_factorization(solver)
+    inconsistent = np.linspace(1.0, 2.0, 10)  # not orthogonal to the constants
+    with pytest.raises(SingularMatrixError, match=f"the {kind} solve.*relative residual"):
+        fac.solve(inconsistent, transpose=transpose, kind=kind)
+    # a consistent right-hand side has a solution: it passes
+    consistent = inconsistent - inconsistent.mean()
+    x = fac.solve(consistent, transpose=transpose, kind=kind)
+    assert np.linalg.norm(A @ x - consistent) <= 1e-6 * np.linalg.norm(consistent)
+
+
+def test_residual_check_is_per_column():
+    A, fac = _singular_factorization("superlu")
+    good = np.linspace(-1.0, 1.0, 10)
+    bad = 1e-3 * np.ones(10)  # a small but inconsistent column next to a large consistent one
+    with pytest.raises(SingularMatrixError, match="relative residual"):
+        fac.solve(np.column_stack([100 * good, bad]), kind="forward")
+
+
+def test_the_probe_runs_once_per_factorization_and_is_not_counted():
+    A = sp.csr_array(sp.diags_array([[-1.0] * 9, [2.0] * 10, [-1.0] * 9], offsets=[-1, 0, 1]))
+    solver = adjopt.solvers.DirectSolver()
+    fac = solver.factorize(A)
+    assert not fac.probed
+    x = fac.solve(np.ones(10), kind="forward")
+    np.testing.assert_allclose(A @ x, np.ones(10), atol=1e-12)
+    assert fac.probed
+    fac.solve(np.ones((10, 3)), kind="tangent")
+    assert solver.stats.rhs == {"forward": 1, "tangent": 3}
+    assert solver.stats.solves == {"forward": 1, "tangent": 1}
+
+
+def test_an_ill_conditioned_but_nonsingular_simp_matrix_is_accepted():
+    # SIMP contrast 1e-9: pivots span 10 orders of magnitude, yet A is nonsingular and must pass
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "problems"))
+    import topology_compliance
+
+    pb = topology_compliance.build(nelx=30, nely=10)
+    J = pb.functional
+    p = np.full(J.n_params, 1e-3)
+    p[: J.n_params // 2] = 1.0
+    for solver in DIRECT:
+        J.solver = adjopt.solvers.make_solver(solver)
+        J.cache.clear()
+        assert np.isfinite(J.value(p)) and np.all(np.isfinite(J.gradient(p)))
