@@ -261,3 +261,75 @@ def test_gauss_newton_hessian_is_the_dense_jacobian_product():
     H = np.column_stack([J.hessp(p, e) for e in np.eye(m)])
     assert np.linalg.norm(H - HG) > 1e-6 * np.linalg.norm(H)  # the full Hessian has the lam terms
     assert np.linalg.eigvalsh(0.5 * (HG + HG.T)).min() > 0
+
+
+# -- a matrix that does not depend on p ------------------------------------------------------------
+def _constant_matrix_problem(solver="superlu"):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "problems"))
+    import optimal_control
+
+    pb = optimal_control.build(n=12)
+    pb.functional.solver = adjopt.solvers.make_solver(solver)
+    pb.functional.cache.clear()
+    return pb
+
+
+@pytest.mark.parametrize("solver", ["superlu", "amg"])
+def test_a_constant_matrix_is_factorized_once_for_every_p(solver):
+    pb = _constant_matrix_problem(solver)
+    J = pb.functional
+    rng = np.random.default_rng(0)
+    points = [pb.p0 + rng.standard_normal(pb.p0.size) for _ in range(6)]
+    for p in points:
+        J.value(p)
+        J.gradient(p)
+        J.hessp(p, rng.standard_normal(p.size))
+    assert J.stats.factorizations == 1
+    assert J.stats.solves["forward"] == 6 and J.stats.solves["adjoint"] == 6
+    # the shared factorization gives the same numbers as a fresh functional
+    fresh = _constant_matrix_problem(solver).functional
+    p = points[3]
+    tol = 1e-12 if solver == "superlu" else 1e-7
+    np.testing.assert_allclose(J.gradient(p), fresh.gradient(p), rtol=tol, atol=tol * np.abs(fresh.gradient(p)).max())
+
+
+def test_a_new_solver_on_a_constant_matrix_factorizes_again():
+    pb = _constant_matrix_problem()
+    J = pb.functional
+    J.value(pb.p0)
+    J.solver = adjopt.solvers.make_solver("superlu")
+    J.value(pb.p0 + 1.0)
+    assert J.solver.stats.factorizations == 1  # the new solver made its own, once
+
+
+def test_the_shared_factorization_is_not_counted_per_cache_entry():
+    pb = _constant_matrix_problem()
+    J = pb.functional
+    J.value(pb.p0)
+    one = J.cache.nbytes
+    J.value(pb.p0 + 1.0)
+    assert J.cache.nbytes == 2 * one
+    assert one == 3 * J.state(pb.p0).nbytes  # u, b and lam: the factorization is held once, outside the entries
+
+
+@pytest.mark.parametrize("tol", [-1.0, 0.0, 1.0, 2.0, float("nan"), "1e-3", True])
+def test_a_bad_tolerance_is_refused_even_when_the_adjoint_is_cached(tol):
+    case = element_case(0)
+    J, p = case.functional, case.p
+    J.gradient(p)
+    with pytest.raises(ValueError, match="tol must be None"):
+        J.gradient(p, tol=tol)
+    with pytest.raises(ValueError, match="tol must be None"):
+        J.hessp(p, np.ones(p.size), tol=tol)
+
+
+def test_complex_p_and_dp_are_refused():
+    case = element_case(0)
+    J, p = case.functional, case.p
+    with pytest.raises(TypeError, match="p is complex"):
+        J.value(p + 0j)
+    with pytest.raises(TypeError, match="dp is complex"):
+        J.hessp(p, np.ones(p.size) * (1 + 1j))
