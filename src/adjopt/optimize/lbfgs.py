@@ -141,5 +141,6 @@ class ScipyLBFGSB(Driver):
         res = minimize(fun, state["x"] * sw, jac=True, method="L-BFGS-B", bounds=bounds, callback=callback,
                        options=dict(maxiter=max(maxiter, 1), maxcor=self.opts["memory"], maxls=self.opts["maxls"],
                                     gtol=0.0, ftol=0.0))
-        # scipy's own tests (with gtol = ftol = 0 only "no decrease at all": round-off) or its line search failed
-        raise Stop(f"L-BFGS-B stopped: {res.message}", success=bool(res.success))
+        # scipy's own tests (with gtol = ftol = 0 only "no decrease at all": round-off) or its line search failed:
+        # either way short of adjopt's gtol, which the shared loop would have reported as success
+        raise Stop(f"L-BFGS-B stopped short of the gradient tolerance: {res.message}", success=False)

@@ -19,7 +19,7 @@ from .base import Stop
 
 logger = logging.getLogger(__name__)
 
-#: a predicted decrease below ROUNDOFF * |f| cannot be measured in f: the run has converged to round-off
+#: a predicted decrease below ROUNDOFF * |f| cannot be measured in f: the run stops (short of gtol, so not a success)
 ROUNDOFF = 100 * np.finfo(float).eps
 
 
@@ -44,8 +44,8 @@ def backtrack(J, x, f, g, d, project, t0: float = 1.0, c1: float = 1e-4, max_ste
     nan_seen = False
     predicted = -float(g @ (project(x + t0 * d) - x))
     if predicted <= ROUNDOFF * max(abs(f), np.finfo(float).tiny):
-        raise Stop(f"converged to round-off: the predicted decrease {predicted:.3g} is below the precision of "
-                   f"f = {f:.6g}", success=True)
+        raise Stop(f"stopped at round-off short of the gradient tolerance: the predicted decrease {predicted:.3g} is "
+                   f"below the precision of f = {f:.6g} (loosen gtol, or scale the objective)", success=False)
     for trial in range(1, max_steps + 1):
         xt = project(x + t * d)
         s = xt - x

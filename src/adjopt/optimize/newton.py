@@ -122,8 +122,8 @@ class NewtonTR(_NewtonBase):
             d, Hd, cg_its, hit = _steihaug(H, g, self.P, eta * gnorm, state["radius"], self.opts["cg_maxiter"])
             pred = -(float(g @ d) + 0.5 * float(d @ Hd))
             if 0 <= pred <= ROUNDOFF * max(abs(f), np.finfo(float).tiny):
-                raise Stop(f"converged to round-off: the predicted decrease {pred:.3g} is below the precision of "
-                           f"f = {f:.6g}", success=True)
+                raise Stop(f"stopped at round-off short of the gradient tolerance: the predicted decrease {pred:.3g} "
+                           f"is below the precision of f = {f:.6g} (loosen gtol, or scale the objective)", success=False)
             dnorm = self.P.norm(d)
             if math.isinf(state["radius"]):
                 state["radius"] = dnorm
