@@ -104,4 +104,123 @@ def test_derivative_report_lists_value_gradient_and_tables():
     text = __import__("adjopt.verify", fromlist=["derivative_report"]).derivative_report(Quartic(), P)
     assert text.startswith("J(p0)        = ")
     assert "|grad J(p0)| = " in text
-    assert text.count("PASS") == 2 and "order 2" in text and "order 3" in text
+    assert text.count("PASS") == 4 and "order 2" in text and "order 3" in text  # order 3: J, grad J, verdict
+    assert "Hessian action: PASS" in text
+
+
+# -- every solver adjopt ships: correct derivatives pass, slightly wrong ones fail ------------------
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import adjopt  # noqa: E402
+from adjopt.solvers import installed  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "problems"))
+import poisson_inversion  # noqa: E402
+import topology_compliance  # noqa: E402
+
+SOLVERS = [s for s in ("superlu", "cholmod", "pardiso", "amg") if s in installed()]
+
+
+class Perturbed:
+    """J with a gradient scaled by (1 + eps_g), or a Hessian action whose tangent solve uses (1 - eps_k) A."""
+
+    def __init__(self, J, eps_g=0.0, eps_k=0.0):
+        self.J, self.eps_g, self.eps_k = J, eps_g, eps_k
+        self.solver = J.solver
+
+    def value(self, p):
+        return self.J.value(p)
+
+    def value_error(self, p):
+        return self.J.value_error(p)
+
+    def gradient(self, p):
+        return (1 + self.eps_g) * self.J.gradient(p)
+
+    def hessp(self, p, dp):
+        if not self.eps_k:
+            return self.J.hessp(p, dp)
+        st = self.J._state(self.J._p(p))
+        fac = st.factorization
+        solve = fac.solve
+
+        def scaled(rhs, transpose=False, kind="other", tol=None):  # (1 - eps) A du = rhs
+            x = solve(rhs, transpose, kind, tol)
+            return x / (1 - self.eps_k) if kind == "tangent" else x
+
+        fac.solve = scaled
+        try:
+            return self.J.hessp(p, dp)
+        finally:
+            del fac.solve
+
+
+def _inversion(solver):
+    pb = poisson_inversion.build(n=24)
+    J = pb.functional
+    J.solver = adjopt.solvers.make_solver(solver)
+    J.cache.clear()
+    return J, pb.p0 + 0.3 * np.random.default_rng(1).standard_normal(pb.p0.size)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_correct_derivatives_pass_with_every_solver(solver):
+    J, p = _inversion(solver)
+    for order in (2, 3):
+        r = taylor_test(J, p, order=order)
+        assert r.passed and abs(r.rate - order) < 0.1, r.table()
+    assert abs(r.gradient_check.rate - 3) < 0.1, r.table()  # central differences of the gradient
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_gradient_off_by_1e_3_fails_with_every_solver(solver):
+    J, p = _inversion(solver)
+    r = taylor_test(Perturbed(J, eps_g=1e-3), p, order=2)
+    assert not r.passed and r.rate < 1.8, r.table()
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_hessian_from_a_jacobian_scaled_by_0_999999_fails_with_every_solver(solver):
+    J, p = _inversion(solver)
+    r = taylor_test(Perturbed(J, eps_k=1e-6), p, order=3)
+    assert not r.passed and r.gradient_check.rate < 1.5, r.table()
+
+
+def test_warm_starts_are_switched_off_during_the_test_and_restored():
+    J, p = _inversion("amg")
+    seen = []
+
+    class Spy(Perturbed):
+        def value(self, q):
+            seen.append(J.solver.warm_start)
+            return J.value(q)
+
+    assert J.solver.warm_start
+    assert taylor_test(Spy(J), p, order=2).passed
+    assert seen[0] is True and not any(seen[1:])  # J(p) may come from the cache; every step after is cold
+    assert J.solver.warm_start
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_geometric_multigrid(eps):
+    pb = topology_compliance.build(nelx=24, nely=8, solver="gmg")
+    J = pb.functional
+    p = np.clip(pb.p0 + 0.1 * np.random.default_rng(2).standard_normal(pb.p0.size), 0.05, 1.0)
+    r2 = taylor_test(Perturbed(J, eps_g=eps), p, order=2)
+    r3 = taylor_test(Perturbed(J, eps_k=eps * 1e-3), p, order=3)
+    if eps == 0.0:
+        assert r2.passed and r3.passed, r2.table() + "\n" + r3.table()
+    else:
+        assert not r2.passed and not r3.passed, r2.table() + "\n" + r3.table()
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-9])
+def test_value_error_is_zero_for_a_factorization_and_estimates_the_amg_error(tol):
+    Jd, p = _inversion("superlu")
+    Ja, _ = _inversion("amg")
+    Ja.solver = adjopt.solvers.AMGSolver(tol=tol)
+    assert Jd.value_error(p) == 0.0
+    for q in (p, p + 0.01, p - 0.3):
+        actual, estimate = abs(Ja.value(q) - Jd.value(q)), Ja.value_error(q)
+        assert 0.5 * actual <= estimate <= 2 * actual + 1e-9 * abs(Jd.value(q)), (actual, estimate)

@@ -7,27 +7,50 @@ For a direction dp and step h the Taylor remainders are
     r3(h) = |J(p + h dp) - J(p) - h g.dp - h^2/2 dp.H dp|            ~ h^3
 
 and the observed rate between two steps is log(r(h1)/r(h2)) / log(h1/h2).
+The Hessian action is checked a second way too, by central differences of
+the gradient (the even terms cancel):
+
+    rg(h) = ||grad J(p + h dp) - grad J(p - h dp) - 2 h H dp||       ~ h^3
+
+An error e in H dp adds 2 h e, rate 1, which overtakes the h^3 term at
+h ~ sqrt(e): rg resolves Hessian errors of a relative 1e-6 at steps where r3
+has long reached round-off.
 
 Fixed step ranges either start outside the asymptotic regime or run into
 round-off. :func:`taylor_test` chooses its window instead: it halves h from a
-scale-aware start until the remainder reaches round-off, and then uses the
-last ``window`` steps (the smallest, so the most asymptotic) at which
+scale-aware start until the remainder reaches its noise floor, and then uses
+the last ``window`` steps (the smallest, so the most asymptotic) at which
 
 * the expansion is asymptotic: r_k(h) <= 0.1 r_{k-1}(h) (the highest
   retained term dominates what it leaves), and
-* the remainder is clearly above round-off: r_k(h) >= 100 sigma, where
-  sigma is the round-off of J evaluations measured at this p (three steps
-  of 1e-12 h0, where the true remainder is negligible, so that
-  |J(p + delta dp) - J(p) - delta g.dp| is pure round-off; this includes
-  the conditioning of the solves), and r_k(h) >= noise (|J(p)| + |J(p + h dp)|
-  + the retained terms) with ``noise = 1e3 eps``.
+* the remainder is clearly above the noise of the evaluations: r_k(h) >= the
+  floor, the largest of
 
-If r_k is at round-off for every step, the expansion is exact to this order
+  - 100 sigma, where sigma is the noise measured at this p: three steps of
+    1e-12 h0, where the true remainder is negligible, so that
+    |J(p + delta dp) - J(p) - delta g.dp| is pure noise (round-off, the
+    conditioning of the solves, and the error of iterative solves);
+  - ``noise`` (|J(p)| + |J(p + h dp)| + the retained terms), ``noise = 1e3 eps``;
+  - 10 times the errors of inexact solves at p and at p + h dp, when J
+    estimates them (``J.value_error(q)``: the dual-weighted residual
+    |lam^T (b - A u)| of an iterative forward solve, the error up to second
+    order). A tiny step cannot measure these: a Krylov solve from the same
+    start on a nearly equal matrix makes nearly the same error, so that
+    sigma misses the error that changes with the number of iterations.
+
+Iterative solvers that warm-start make J(p + h dp) depend on the points
+evaluated before it: a tiny step then takes zero Krylov iterations and the
+noise looks like zero. The test switches warm starts off while it runs (every
+``warm_start`` attribute of J, its solver and the solver ``"auto"`` chose),
+so that every evaluation depends on its point alone.
+
+If r_k is at the floor for every step, the expansion is exact to this order
 (J is a polynomial of degree < k along dp) and the test passes as ``exact``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -40,7 +63,14 @@ EPS = np.finfo(float).eps
 
 @dataclass
 class TaylorResult:
-    """Outcome of :func:`taylor_test`."""
+    """Outcome of :func:`taylor_test`.
+
+    ``rate`` is the smallest observed rate in the window (``nan`` when fewer
+    than three steps are usable: no asymptotic window above the noise);
+    ``passed`` needs it to reach ``expected - tol`` (or ``exact``). For order
+    3, ``gradient_check`` holds the central-difference test of the gradient
+    (expected rate 3), which must pass too.
+    """
 
     order: int
     steps: np.ndarray
@@ -51,23 +81,62 @@ class TaylorResult:
     exact: bool
     tol: float
     roundoff: float = 0.0
+    floors: np.ndarray | None = None
+    expected: float | None = None
+    quantity: str = "J"
+    gradient_check: TaylorResult | None = None
+
+    def __post_init__(self):
+        if self.expected is None:
+            self.expected = float(self.order)
+
+    @property
+    def own_passed(self) -> bool:
+        """This series alone (without ``gradient_check``)."""
+        return self.exact or (bool(np.isfinite(self.rate)) and self.rate >= self.expected - self.tol)
 
     @property
     def passed(self) -> bool:
-        """True when the smallest rate in the window reaches ``order - tol`` (or the expansion is exact)."""
-        return self.exact or (bool(np.isfinite(self.rate)) and self.rate >= self.order - self.tol)
+        """True when the smallest rate in the window reaches ``expected - tol`` (or the expansion is exact),
+        and, for order 3, the gradient check passes too."""
+        return self.own_passed and (self.gradient_check is None or self.gradient_check.passed)
+
+    @property
+    def verdict(self) -> str:
+        """What the test judged on: the rate, "exact", or why there is no rate."""
+        if self.exact:
+            return "exact"
+        if np.isfinite(self.rate):
+            return f"{self.rate:.3f}"
+        return "no window"
+
+    def _series_table(self) -> list[str]:
+        what = "Hessian action" if self.quantity == "grad J" else ("gradient" if self.order == 2 else
+                                                                      "Hessian action" if self.order == 3 else "value")
+        lines = [f"Taylor test of the {what} on {self.quantity}, order {self.order} (expected rate {self.expected:g})",
+                 f"{'h':>11} {'remainder':>12} {'floor':>10} {'rate':>7}  used"]
+        prev = None
+        floors = self.floors if self.floors is not None else np.zeros_like(self.steps)
+        for h, r, fl, u in zip(self.steps, self.remainders, floors, self.used):
+            rate = "" if prev is None or prev[1] <= 0 or r <= 0 else f"{np.log(prev[1] / r) / np.log(prev[0] / h):7.3f}"
+            lines.append(f"{h:11.4e} {r:12.4e} {fl:10.2e} {rate:>7}  {'*' if u else ''}")
+            prev = (h, r)
+        if self.exact:
+            verdict = "exact to this order (remainder at the noise floor)"
+        elif np.isfinite(self.rate):
+            verdict = f"observed rate {self.rate:.3f}"
+        else:
+            verdict = "no asymptotic window above the noise floor (fewer than 3 usable steps)"
+        lines.append(f"{verdict} (noise of {self.quantity} here: {self.roundoff:.1e}): "
+                     f"{'PASS' if self.own_passed else 'FAIL'}")
+        return lines
 
     def table(self) -> str:
-        """A plain-text table: step, remainder, rate, used."""
-        lines = [f"Taylor test, order {self.order} (expected rate {self.order})",
-                 f"{'h':>11} {'remainder':>12} {'rate':>7}  used"]
-        prev = None
-        for h, r, u in zip(self.steps, self.remainders, self.used):
-            rate = "" if prev is None or prev[1] <= 0 or r <= 0 else f"{np.log(prev[1] / r) / np.log(prev[0] / h):7.3f}"
-            lines.append(f"{h:11.4e} {r:12.4e} {rate:>7}  {'*' if u else ''}")
-            prev = (h, r)
-        verdict = "exact to this order (remainder at round-off)" if self.exact else f"observed rate {self.rate:.3f}"
-        lines.append(f"{verdict} (round-off of J here: {self.roundoff:.1e}): {'PASS' if self.passed else 'FAIL'}")
+        """A plain-text table: step, remainder, noise floor, rate, used (and the gradient check for order 3)."""
+        lines = self._series_table()
+        if self.gradient_check is not None:
+            lines += [""] + self.gradient_check._series_table()
+            lines.append(f"Hessian action: {'PASS' if self.passed else 'FAIL'}")
         return "\n".join(lines)
 
     __str__ = table
@@ -78,6 +147,63 @@ def _default_direction(p: np.ndarray, seed: int) -> np.ndarray:
     return rng.standard_normal(p.shape[0])
 
 
+@contextlib.contextmanager
+def independent_evaluations(J):
+    """Within: no warm starts (J's, its solver's, and the solver ``"auto"`` chose), so that an evaluation
+    depends on its point alone, not on the points evaluated before it."""
+    solver = getattr(J, "solver", None)
+    holders = [obj for obj in (J, solver, getattr(solver, "chosen", None)) if hasattr(obj, "warm_start")]
+    saved = [(obj, obj.warm_start) for obj in holders]
+    try:
+        for obj, _ in saved:
+            obj.warm_start = False
+        yield
+    finally:
+        for obj, value in saved:
+            obj.warm_start = value
+
+
+def _series(remainder, h: float, max_steps: int, floor_of):
+    """Halve h until two remainders in a row are below their floor.
+
+    ``remainder(h) -> (r, r_prev, scale)``; ``floor_of(scale)`` is the noise floor of that step.
+    Returns (steps, remainders, floors, ok, below).
+    """
+    steps, rems, floors, ok = [], [], [], []
+    below = 0
+    for _ in range(max_steps):
+        r, r_prev, scale = remainder(h)
+        floor = floor_of(scale)
+        steps.append(h)
+        rems.append(r)
+        floors.append(floor)
+        ok.append(r <= 0.1 * r_prev and r >= floor)
+        below = below + 1 if r < floor else 0
+        if below >= 2:
+            break
+        h *= 0.5
+    return np.array(steps), np.array(rems), np.array(floors), np.array(ok), below
+
+
+def _judge(steps, rems, floors, ok, below, window: int, order: int, tol: float, sigma: float, expected: float,
+           quantity: str, exact_scale: np.ndarray) -> TaylorResult:
+    """The window (the last ``window`` consecutive usable steps), its rates and the verdict."""
+    used = np.zeros_like(ok)
+    good = np.flatnonzero(ok)
+    if good.size:
+        last = good[-1]
+        first = last
+        while first - 1 >= 0 and ok[first - 1] and last - first + 1 < window:
+            first -= 1
+        used[first : last + 1] = True
+    idx = np.flatnonzero(used)
+    rates = np.log(rems[idx[:-1]] / rems[idx[1:]]) / np.log(steps[idx[:-1]] / steps[idx[1:]]) if idx.size >= 2 else np.array([])
+    exact = good.size == 0 and below >= 2 and bool(np.all(rems <= 1e3 * exact_scale))
+    rate = float(rates.min()) if rates.size >= 2 else float("nan")
+    return TaylorResult(order=order, steps=steps, remainders=rems, used=used, rates=rates, rate=rate, exact=exact,
+                        tol=tol, roundoff=sigma, floors=floors, expected=expected, quantity=quantity)
+
+
 def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_steps: int = 40,
                 window: int = 5, tol: float = 0.1, seed: int = 0, noise: float = 1e3 * EPS) -> TaylorResult:
     """Taylor test of J at p along dp, for order 1 (value), 2 (gradient) or 3 (Hessian action).
@@ -85,11 +211,13 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
     Parameters
     ----------
     J
-        An object with ``value(p)``, and ``gradient(p)`` (order >= 2) and ``hessp(p, dp)`` (order 3).
+        An object with ``value(p)``, and ``gradient(p)`` (order >= 2) and ``hessp(p, dp)`` (order 3);
+        optionally ``value_error(p)`` (an estimate of the error of inexact solves in value(p)).
     p, dp
         Point and direction; dp defaults to a seeded standard-normal vector.
     order
-        1, 2 or 3.
+        1, 2 or 3. Order 3 also runs the central-difference test of the gradient (expected
+        rate 3) and passes only when both pass.
     h0
         First step; default ``0.1 max(1, |p|_inf) / |dp|_inf``.
     max_steps
@@ -104,59 +232,61 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
     Returns
     -------
     TaylorResult
-        Steps, remainders, the window used, the observed rates and ``passed``.
+        Steps, remainders, floors, the window used, the observed rates and ``passed``.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     if window < 3:
         raise ValueError(f"window must be at least 3 (two rates), got {window}")
-    p = np.asarray(p, dtype=float)
-    dp = _default_direction(p, seed) if dp is None else np.asarray(dp, dtype=float)
+    p = np.array(p, dtype=float)
+    dp = _default_direction(p, seed) if dp is None else np.array(dp, dtype=float)
     if dp.shape != p.shape:
         raise ValueError(f"dp has shape {dp.shape} but p has shape {p.shape}")
     dnorm = np.abs(dp).max()
-    if dnorm == 0:
-        raise ValueError("dp is zero; give a nonzero direction")
+    if not dnorm > 0 or not np.isfinite(dnorm):
+        raise ValueError("dp is zero or not finite; give a nonzero, finite direction")
     J0 = J.value(p)
-    gdp = float(np.dot(J.gradient(p), dp)) if order >= 2 else 0.0
-    dHd = float(np.dot(dp, J.hessp(p, dp))) if order == 3 else 0.0
-    h = 0.1 * max(1.0, np.abs(p).max()) / dnorm if h0 is None else float(h0)
-    deltas = 1e-12 * h * np.array([1.0, 2.0, 3.0])
-    sigma = max(abs(J.value(p + d * dp) - J0 - d * gdp) for d in deltas)
+    with independent_evaluations(J):
+        g0 = np.asarray(J.gradient(p), dtype=float) if order >= 2 else None
+        gdp = float(np.dot(g0, dp)) if order >= 2 else 0.0
+        Hdp = np.asarray(J.hessp(p, dp), dtype=float) if order == 3 else None
+        dHd = float(np.dot(dp, Hdp)) if order == 3 else 0.0
+        h = 0.1 * max(1.0, np.abs(p).max()) / dnorm if h0 is None else float(h0)
+        deltas = 1e-12 * h * np.array([1.0, 2.0, 3.0])
+        sigma = max(abs(J.value(p + d * dp) - J0 - d * gdp) for d in deltas)
+        err = getattr(J, "value_error", None)
+        err0 = float(err(p)) if err is not None else 0.0
+        floor_abs = max(100.0 * sigma, 10.0 * err0)
 
-    steps, rems, ok = [], [], []
-    below = 0
-    for _ in range(max_steps):
-        Jh = J.value(p + h * dp)
-        terms = [J0, h * gdp, 0.5 * h * h * dHd][:order]
-        partial = [Jh - sum(terms[: j + 1]) for j in range(order)]
-        r = abs(partial[-1])
-        r_prev = abs(partial[-2]) if order >= 2 else abs(J0) + abs(Jh)
-        floor = max(noise * (abs(J0) + abs(Jh) + sum(abs(t) for t in terms[1:])), 100.0 * sigma)
-        steps.append(h)
-        rems.append(r)
-        ok.append(r <= 0.1 * r_prev and r >= floor)
-        below = below + 1 if r < floor else 0
-        if below >= 2:
-            break
-        h *= 0.5
+        def remainder(h):
+            q = p + h * dp
+            Jh = J.value(q)
+            terms = [J0, h * gdp, 0.5 * h * h * dHd][:order]
+            partial = [Jh - sum(terms[: j + 1]) for j in range(order)]
+            r_prev = abs(partial[-2]) if order >= 2 else abs(J0) + abs(Jh)
+            # the errors of inexact solves at both points (estimated closely, so a factor 10 is margin enough)
+            solve_noise = 10.0 * (err0 + float(err(q))) if err is not None else 0.0
+            return abs(partial[-1]), r_prev, (abs(J0) + abs(Jh) + sum(abs(t) for t in terms[1:]), solve_noise)
 
-    steps, rems, ok = np.array(steps), np.array(rems), np.array(ok)
-    used = np.zeros_like(ok)
-    good = np.flatnonzero(ok)
-    if good.size:
-        last = good[-1]
-        first = last
-        while first - 1 >= 0 and ok[first - 1] and last - first + 1 < window:
-            first -= 1
-        used[first : last + 1] = True
-    idx = np.flatnonzero(used)
-    rates = np.log(rems[idx[:-1]] / rems[idx[1:]]) / np.log(steps[idx[:-1]] / steps[idx[1:]]) if idx.size >= 2 else np.array([])
-    exact = good.size == 0 and below >= 2 and not np.any(ok)
-    exact = exact and bool(np.all(rems <= 1e3 * max(noise * (abs(J0) + 1e-300), 100.0 * sigma) + 1e3 * noise * np.abs(steps * gdp)))
-    rate = float(rates.min()) if rates.size >= 2 else float("nan")
-    res = TaylorResult(order=order, steps=steps, remainders=rems, used=used, rates=rates, rate=rate, exact=exact,
-                       tol=tol, roundoff=sigma)
+        series = _series(remainder, h, max_steps, lambda scale: max(noise * scale[0], floor_abs, scale[1]))
+        exact_scale = max(noise * (abs(J0) + 1e-300), floor_abs) + noise * np.abs(series[0] * gdp)
+        res = _judge(*series, window, order, tol, sigma, float(order), "J", exact_scale)
+
+        if order == 3:
+            def central(h):
+                return np.asarray(J.gradient(p + h * dp), dtype=float) - np.asarray(J.gradient(p - h * dp), dtype=float)
+
+            sigma_g = max(float(np.linalg.norm(central(d) - 2 * d * Hdp)) for d in deltas)
+            g_scale = float(np.linalg.norm(g0))
+
+            def g_remainder(h):
+                diff = central(h)
+                return (float(np.linalg.norm(diff - 2 * h * Hdp)), float(np.linalg.norm(diff)),
+                        2 * g_scale + 2 * h * float(np.linalg.norm(Hdp)))
+
+            gseries = _series(g_remainder, h, max_steps, lambda scale: max(noise * scale, 100.0 * sigma_g))
+            g_exact = max(noise * g_scale, 100.0 * sigma_g) + noise * gseries[0] * float(np.linalg.norm(Hdp))
+            res.gradient_check = _judge(*gseries, window, 3, tol, sigma_g, 3.0, "grad J", g_exact)
     logger.debug("%s", res.table())
     return res
 

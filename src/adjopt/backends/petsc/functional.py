@@ -755,6 +755,16 @@ class DistributedReducedFunctional:
             raise NotImplementedError("the PETSc backend computes the full Hessian action; gauss_newton runs serially")
         return self.to_numpy(self.hessp_vec(self.to_vec(p), self.to_vec(dp, "dp"), tol=tol))
 
+    def value_error(self, p) -> float:
+        """An estimate of |value(p) - J(p)| from the Krylov forward solve: the dual-weighted residual
+        |lam^T (b - A u)| (see ``ReducedFunctional.value_error``; collective)."""
+        st = self._state(self.to_vec(p))
+        lam = self._adjoint(st)
+        r = self.b.duplicate()
+        self.A.mult(st.u, r)
+        r.aypx(-1.0, self.b)  # r = b - A u
+        return abs(float(lam.dot(r)))
+
     def state(self, p) -> np.ndarray:
         """u(p) on the free dofs, serial order, on every rank."""
         return self.to_numpy(self._state(self.to_vec(p)).u, self.layout.dofs)
