@@ -333,3 +333,15 @@ def test_complex_p_and_dp_are_refused():
         J.value(p + 0j)
     with pytest.raises(TypeError, match="dp is complex"):
         J.hessp(p, np.ones(p.size) * (1 + 1j))
+
+
+def test_cached_state_and_adjoint_cannot_be_made_writable():
+    case = element_case(0)
+    J, p = case.functional, case.p
+    g = J.gradient(p).copy()
+    for arr in (J.state(p), J.adjoint(p)):
+        with pytest.raises(ValueError):
+            arr.flags.writeable = True
+        with pytest.raises(ValueError):
+            arr[0] = 1.0
+    np.testing.assert_array_equal(J.gradient(p), g)

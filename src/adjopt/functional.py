@@ -45,6 +45,13 @@ from .solvers import make_solver
 logger = logging.getLogger(__name__)
 
 
+def _frozen(x: np.ndarray) -> np.ndarray:
+    """x as a read-only array that owns its memory (a view of a writable array could be made writable again)."""
+    x = np.require(x, requirements=["O"])
+    x.flags.writeable = False
+    return x
+
+
 @dataclass
 class _State:
     """Everything cached for one parameter value."""
@@ -205,7 +212,7 @@ class ReducedFunctional:
         t2 = clock()
         fac, shared = self._factorize(A, rho)
         t3 = clock()
-        u = fac.solve(b, kind="forward")
+        u = _frozen(fac.solve(b, kind="forward"))  # cached: state() hands out views that cannot be made writable
         times["filter"] += t1 - t0
         times["assembly"] += t2 - t1
         times["factorize"] += t3 - t2
@@ -223,7 +230,7 @@ class ReducedFunctional:
         if st.lam is None or want < st.lam_tol:
             rhs = self.objective.grad_u(st.u, p)
             t0 = time.perf_counter()
-            st.lam = st.factorization.solve(rhs, transpose=True, kind="adjoint", tol=tol)
+            st.lam = _frozen(st.factorization.solve(rhs, transpose=True, kind="adjoint", tol=tol))
             self.times["solve"] += time.perf_counter() - t0
             st.lam_tol = want
             st.q = None

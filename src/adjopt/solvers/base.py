@@ -162,7 +162,7 @@ class Factorization:
             probe = np.random.default_rng(_PROBE_SEED).standard_normal(self.n)
             cols = rhs.reshape(self.n, -1)
             x = self._solve(np.column_stack([cols, probe]), transpose, kind, tol)
-            x, x_probe = x[:, :-1].reshape(rhs.shape), x[:, -1]
+            x, x_probe = np.ascontiguousarray(x[:, :-1]).reshape(rhs.shape), x[:, -1]
         else:
             x = self._solve(rhs, transpose, kind, tol)
         self.stats.solves[kind] += 1
