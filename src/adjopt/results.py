@@ -25,7 +25,9 @@
     matplotlib is not installed.
 
 Every file is written under a temporary name in the folder and moved into
-place with ``os.replace``, so a crash never leaves a half-written file.
+place with ``os.replace``, so a crash never leaves a half-written file; a
+kill can leave the temporary file itself, which :func:`remove_temporaries`
+removes (the ``adjopt`` command does so when it locks the folder).
 
 Meta keys read (all optional): ``mesh``, ``dofs`` / ``dofmap`` (a Dirichlet
 :class:`~adjopt.fem.dirichlet.DofMap` to expand states from the free dofs),
@@ -46,6 +48,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import stat
 import textwrap
@@ -57,11 +60,16 @@ from .errors import AdjoptError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ResultsExistError", "ResultsWriteError", "fields", "write_results"]
+__all__ = ["ResultsExistError", "ResultsWriteError", "fields", "remove_temporaries", "write_results"]
 
 #: names of the files write_results may write (a forced rewrite removes stale ones among these only)
 RESULT_FILES = ("history.json", "history.csv", "result.npz", "fields.vtu", "convergence.png", "parameter.png",
                 "state.png")
+
+#: the temporary names adjopt writes under before os.replace: _atomic_write (.NAME.PID.HEX8.tmp), write_vtu and
+#: write_checkpoint (tempfile.mkstemp: 8 characters of [a-z0-9_])
+_TEMPORARY = re.compile(r"\.(?:%s)\.\d+\.[0-9a-f]{8}\.tmp|\.fields\.vtu\.[a-z0-9_]{8}\.tmp\.vtu|\.checkpoint-[a-z0-9_]{8}\.tmp"
+                        % "|".join(map(re.escape, RESULT_FILES)))
 
 #: what the fields of the gallery problems mean (by problem-name prefix); meta["labels"] overrides
 _GALLERY_LABELS = {
@@ -687,6 +695,23 @@ def _prepare(folder: Path, force: bool) -> None:
                                     f"({exc.filename or folder}); a parent may be a file; {what_to_do}") from exc
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ResultsWriteError(f"cannot write to the results folder '{folder}': no write permission; {what_to_do}")
+
+
+def remove_temporaries(folder) -> list[Path]:
+    """Remove the temporary files that a killed :func:`write_results` or checkpoint write left in ``folder``.
+
+    Only adjopt's own temporary names are touched (``.history.json.<pid>.<hex>.tmp``,
+    ``.fields.vtu.<random>.tmp.vtu``, ``.checkpoint-<random>.tmp``, ...), never other files. Call it only
+    while no other process writes to ``folder`` (the ``adjopt`` command holds the folder's lock): the
+    temporary file of a running write looks the same. Returns the paths removed.
+    """
+    with os.scandir(folder) as entries:
+        stale = [e.path for e in entries if _TEMPORARY.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            logger.info("removed '%s', a temporary file of an interrupted write", path)
+    return [Path(p) for p in stale]
 
 
 def _write_guarded(path: Path, folder: Path, fn):

@@ -5,7 +5,10 @@ x0) and how to take one iteration; everything else is here. Its whole state
 is a dict of numpy arrays and numbers, so that the loop can write it to an
 ``.npz`` checkpoint after every iteration (atomically: a temporary file, then
 ``os.replace``) and ``resume=`` can reload it and continue exactly where the
-run stopped: a resumed run ends with the same x as an uninterrupted one.
+run stopped: a resumed run ends with the same x as an uninterrupted one. The
+checkpoint records the problem's name, its build options
+(``problem.meta["options"]``), the number of parameters and the method; a
+resume refuses a checkpoint that differs in any of these.
 
 Stopping tests (``Options``), checked after every iteration:
 
@@ -26,6 +29,7 @@ import math
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -34,8 +38,13 @@ from ..errors import AdjoptError
 
 logger = logging.getLogger(__name__)
 
-#: format version of the checkpoint files
-CHECKPOINT_VERSION = 1
+#: format version of the checkpoint files (2 added the problem's name, options and size to the meta)
+CHECKPOINT_VERSION = 2
+#: versions read_checkpoint accepts (a version 1 checkpoint is checked by method and size only)
+READABLE_VERSIONS = (1, 2)
+#: what a checkpoint records about its run, and how a mismatch is said ("is of ...")
+IDENTITY = {"problem": "problem {!r}, not {!r}", "options": "problem options {}, not {}",
+            "n_params": "{} parameters, not {}", "method": "method {!r}, not {!r}"}
 
 
 class OptimizationError(AdjoptError, RuntimeError):
@@ -43,7 +52,7 @@ class OptimizationError(AdjoptError, RuntimeError):
 
 
 class CheckpointError(AdjoptError, ValueError):
-    """A checkpoint file is missing, unreadable or belongs to another run."""
+    """A checkpoint file is missing, unreadable or belongs to another run (another problem, options, size or method)."""
 
 
 class Stop(Exception):
@@ -228,9 +237,11 @@ def write_checkpoint(path, state: dict, meta: dict) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):
+            exc.filename = path  # name the checkpoint (disk full, ...), not its temporary file
         raise
 
 
@@ -239,20 +250,84 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path!r}: give the file a run wrote with checkpoint=...")
+
+    def unreadable(why):
+        return CheckpointError(f"cannot read the checkpoint {path!r} ({why}); it is damaged or not a checkpoint: give "
+                               "the checkpoint file a run wrote with checkpoint=...")
+
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise unreadable("not an .npz archive")
+        with data:
             meta = json.loads(str(data["meta"]))
             state = {}
             for k in data.files:
                 if k.startswith("state__"):
                     v = data[k]
                     state[k[len("state__"):]] = v.item() if v.ndim == 0 else v.copy()
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"cannot read the checkpoint {path!r} ({exc}); it is damaged or not a checkpoint") from exc
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path!r} is a version {meta.get('version')} checkpoint; this adjopt reads version "
-                              f"{CHECKPOINT_VERSION}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        first = str(exc).split(". ")[0]  # numpy's pickle message goes on about allow_pickle
+        raise unreadable(f"{type(exc).__name__}: {first}") from exc
+    if not isinstance(meta, dict):
+        raise unreadable("its meta is not a JSON object")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path!r} is a version {meta.get('version')} checkpoint; this adjopt reads versions "
+                              f"{' and '.join(map(str, READABLE_VERSIONS))}: resume it with the adjopt that wrote it")
+    missing = sorted({"method", "nit", "history", "elapsed", "g0", "counts"} - set(meta)) + (["x"] if "x" not in state else [])
+    if missing:
+        raise unreadable(f"it has no {', '.join(missing)}")
     return state, meta
+
+
+def identity(problem, method: str, n_params: int) -> dict:
+    """What a checkpoint records about its run: problem name, build options (JSON), size, method."""
+    meta = getattr(problem, "meta", None) or {}
+    options = json.loads(json.dumps(_plain(meta.get("options"))))
+    return dict(problem=getattr(problem, "name", None), options=options, n_params=int(n_params), method=method)
+
+
+def check_identity(path, meta: dict, expected: dict) -> None:
+    """CheckpointError naming both values when the checkpoint ``meta`` is of another run than ``expected``."""
+    keys = list(IDENTITY)
+    if "problem" not in meta:  # written before the problem was recorded (version 1)
+        logger.warning("the checkpoint %r was written by an older adjopt without the problem's name and options: only "
+                       "the method and the number of parameters are checked; make sure it is of this problem",
+                       os.fspath(path))
+        keys = ["n_params", "method"]
+    wrong = []
+    for key in keys:
+        old, new = meta.get(key), expected[key]
+        if old == new:
+            continue
+        if key == "options":
+            if isinstance(old, dict) and isinstance(new, dict):  # only the options that differ
+                differ = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+                old, new = ({k: d[k] for k in differ if k in d} for d in (old, new))
+            old, new = json.dumps(old, sort_keys=True), json.dumps(new, sort_keys=True)
+        wrong.append(IDENTITY[key].format(old, new))
+    if wrong:
+        raise CheckpointError(f"the checkpoint {os.fspath(path)!r} is of {' and of '.join(wrong)}; resume with the "
+                              "problem, options and method of the run that wrote it")
+
+
+def _plain(v):
+    """JSON types: tuples and arrays as lists, numpy scalars as numbers, other objects by type (no addresses)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(w) for k, w in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_plain(w) for w in (v.tolist() if isinstance(v, np.ndarray) else v)]
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else repr(float(v))
+    if v is None or isinstance(v, str):
+        return v
+    return f"<{type(v).__name__}>"
 
 
 def _json_safe(v):
@@ -275,10 +350,11 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
     base_fact = stats.factorizations if stats else 0
     base_solves = stats.total_solves if stats else 0
     t_start = time.perf_counter()
+    ident = identity(driver.problem, driver.name, x0.size)
     if resume is not None:
         state, meta = read_checkpoint(resume)
-        if meta["method"] != driver.name:
-            raise CheckpointError(f"the checkpoint {os.fspath(resume)!r} is of method {meta['method']!r}, not {driver.name!r}")
+        meta.setdefault("n_params", int(state["x"].size))  # version 1 did not record it
+        check_identity(resume, meta, ident)
         if state["x"].shape != x0.shape:
             raise CheckpointError(f"the checkpoint holds {state['x'].size} parameters, the problem has {x0.size}")
         nit, history, elapsed0, g0 = meta["nit"], meta["history"], meta["elapsed"], meta["g0"]
@@ -344,7 +420,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         logger.info("%s: iteration %d, f = %.10g, stationarity %.3g, step %.3g", driver.name, nit, state["f"], gnorm, step)
         if checkpoint is not None:
             fact, solves = totals()
-            meta = dict(version=CHECKPOINT_VERSION, method=driver.name, nit=nit, history=history, elapsed=elapsed(),
+            meta = dict(version=CHECKPOINT_VERSION, **ident, nit=nit, history=history, elapsed=elapsed(),
                         g0=g0, counts=dict(counts, factorizations=fact, solves=solves), warnings=driver.warnings)
             write_checkpoint(checkpoint, state, meta)
         if callback is not None:

@@ -47,9 +47,11 @@ def minimize(problem: Problem, method: str = "lbfgs", inner_product=None, x0=Non
         Called after every iteration with that iteration's history entry (nit,
         f, stationarity, step, counts, method extras such as cg_iterations) and x.
     checkpoint
-        Path of an ``.npz`` written atomically after every iteration.
+        Path of an ``.npz`` written atomically after every iteration; it records
+        ``problem.name``, ``problem.meta["options"]``, the number of parameters and the method.
     resume
-        Path of a checkpoint to continue from.
+        Path of a checkpoint to continue from; :class:`~adjopt.optimize.CheckpointError`
+        when it is unreadable or of another problem, options, size or method.
     **options
         Stopping tests (``maxiter``, ``gtol``, ``gatol``, ``ftol``, ``xtol``,
         ``max_time``) and the method's own options.
