@@ -414,3 +414,34 @@ def test_warm_starts_save_iterations_and_keep_the_accuracy():
     assert rel(runs[True][1], problem.functional.gradient(p + 1e-3)) <= 1e-8
     with pytest.raises(ValueError, match="warm_start"):
         distribute(problem, warm_start="yes")
+
+
+class _ScaledGradient:
+    """The distributed functional with its gradient off by a relative 1e-3."""
+
+    def __init__(self, F):
+        self.F, self.warm_start = F, F.warm_start
+
+    def value(self, p):
+        return self.F.value(p)
+
+    def value_error(self, p):
+        return self.F.value_error(p)
+
+    def gradient(self, p):
+        return 1.001 * self.F.gradient(p)
+
+
+def test_taylor_test_at_the_default_tolerance_with_warm_starts():
+    # the Krylov error of J (rtol 1e-10) and the warm starts must not pass a wrong gradient or fail a right one
+    problem = poisson_inversion.build(n=16, n_obs=20)
+    F = distribute(problem, warm_start=True).functional
+    p = _point(problem, seed=3)
+    dp = np.random.default_rng(4).standard_normal(p.size)
+    r2, r3 = adjopt.taylor_test(F, p, dp, order=2), adjopt.taylor_test(F, p, dp, order=3)
+    assert r2.passed and r3.passed, r2.table() + "\n" + r3.table()
+    assert F.warm_start  # switched off during the test only
+    assert not adjopt.taylor_test(_ScaledGradient(F), p, dp, order=2).passed
+    # the dual-weighted residual estimates the Krylov error of J
+    serial = problem.functional.value(p)
+    assert abs(F.value(p) - serial) <= 10 * F.value_error(p) + 1e-12 * abs(serial)
