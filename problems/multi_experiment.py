@@ -33,9 +33,9 @@ import adjopt
 from adjopt.fem import assemble, body_force, observation_operator, p1_mass, p1_stiffness
 from adjopt.verify import derivative_report
 
-try:  # sibling module: problems/ is on sys.path when run as a script or from the tests
-    import poisson_inversion as _pi
-except ImportError:  # loaded by file path
+if __package__:  # imported as problems.multi_experiment
+    from . import poisson_inversion as _pi
+else:  # a script, or loaded by file path (adjopt run): problems/ is (or is put) on sys.path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import poisson_inversion as _pi
 

@@ -69,8 +69,10 @@ def write_problem(tmp_path, name, body):
     return path
 
 
+# gtol 1e-7 (59 iterations): at 1e-8 L-BFGS ends at round-off, in a failed line search (exit status 1), in 2 runs
+# of 10 with the linear solves perturbed by 1e-14, as rounding on another CPU or BLAS can do
 SLOW = """
-    RUN_DEFAULTS = dict(method="lbfgs", gtol=1e-8)
+    RUN_DEFAULTS = dict(method="lbfgs", gtol=1e-7)
 
     def build(n: int = 8, delay: float = 0.0):
         pb = poisson_inversion.build(n=n)

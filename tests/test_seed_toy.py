@@ -57,4 +57,4 @@ def test_script_prints_the_notes_numbers():
                          capture_output=True, text=True, check=True).stdout
     assert "[ 2.8     0.4667  0.8    -1.5333]" in out
     assert "[-0.1711 -1.0255  0.4305 -0.4239]" in out
-    assert out.count("PASS") == 2
+    assert out.count("PASS") == 4 and "Hessian action: PASS" in out  # order 2; order 3 on J, on grad J, verdict

@@ -37,9 +37,16 @@ def quadratic(optimum):
 @pytest.mark.parametrize("method", ["lbfgs", "lbfgsb", "newton-cg", "newton-tr"])
 def test_unconstrained_quadratic_reaches_the_discrete_optimum(quadratic, method):
     pb, z = quadratic
-    r = adjopt.minimize(pb, method=method, gtol=1e-10, maxiter=300)
+    # gtol 1e-7, not 1e-10: the round-off of J (0.068) stops L-BFGS at about 2e-8 of the start gradient and
+    # Newton at 1e-9, short of 1e-10 (not a success), and where scipy's L-BFGS-B ends down there, and how (its
+    # convergence test or an abnormal line search), depends on the last bits of f
+    r = adjopt.minimize(pb, method=method, gtol=1e-7, maxiter=300)
     assert r.success, r.message
-    assert np.linalg.norm(r.x - z) <= 1e-7 * np.linalg.norm(z)
+    assert r.stationarity <= 1e-7 * r.history[0]["stationarity"], r.message  # stopped by the stationarity test
+    # J is quadratic with Hessian alpha M + (positive semidefinite), so ||x - z||_M <= ||grad J(x)||_{M^-1} / alpha:
+    # the error the stopping test allows (measured 0.91 to 0.98 of it; z is a CG solution, 4e-12 relative)
+    e, M = r.x - z, pb.mass
+    assert math.sqrt(e @ (M @ e)) <= r.stationarity / pb.meta["alpha"] + 1e-9 * math.sqrt(z @ (M @ z))
     assert r.nit == len(r.history) - 1 and r.history[0]["nit"] == 0
     assert r.nfev >= r.nit and r.njev >= 1 and r.factorizations >= 1
     if method.startswith("newton"):
@@ -52,7 +59,8 @@ def test_bound_constrained_control_reaches_the_manufactured_solution(method):
     errors = []
     for n in (8, 16):
         pb = oc.build(n=n, upper=UPPER, amplitude=1.5)
-        r = adjopt.minimize(pb, method=method, gtol=1e-8, maxiter=200)
+        # gtol 1e-7: at 1e-8 scipy's L-BFGS-B sometimes ends in an abnormal line search at round-off
+        r = adjopt.minimize(pb, method=method, gtol=1e-7, maxiter=200)
         assert r.success, r.message
         assert r.x.max() <= UPPER and np.count_nonzero(r.x >= UPPER - 1e-9) > 0  # the bound is active
         errors.append(oc.l2_error(pb, r.x))
@@ -77,8 +85,12 @@ def test_newton_cg_iterations_do_not_grow_with_the_mesh():
 
 
 def _control_counts(n, method, inner, grading):
-    r = adjopt.minimize(oc.build(n=n, grading=grading), method=method, inner_product=inner, gtol=1e-8, maxiter=500)
+    # gtol 1e-7: reached by every method well above round-off, so the counts do not move when the solves are
+    # perturbed by 1e-13; at 1e-8 the runs end near the precision of f (L2 L-BFGS 5 or 6 iterations at n = 32,
+    # L-BFGS-B 16 to 20 at n = 16 graded, and its Euclidean run failed 3 times in 8 in the line search)
+    r = adjopt.minimize(oc.build(n=n, grading=grading), method=method, inner_product=inner, gtol=1e-7, maxiter=500)
     assert r.success, r.message
+    assert r.stationarity <= 1e-7 * r.history[0]["stationarity"], r.message
     return r.nit
 
 
@@ -86,21 +98,45 @@ def _control_counts(n, method, inner, grading):
 def test_lbfgs_in_l2_iterations_do_not_grow_with_the_mesh(grading):
     # L2-regularized control: the reduced Hessian is alpha I + compact in L2, so L2 L-BFGS is mesh independent
     counts = [_control_counts(n, "lbfgs", "l2", grading) for n in (16, 32, 64)]
-    assert max(counts) <= 1.3 * min(counts) and max(counts) <= 8, counts
+    assert max(counts) <= 1.3 * min(counts) and max(counts) <= 8, counts  # 5/4/4 uniform, 6/6/5 graded
     lumped = [_control_counts(n, "lbfgsb", "l2-lumped", grading) for n in (16, 32, 64)]
-    assert max(lumped) <= 1.4 * min(lumped) and lumped[-1] <= lumped[0], lumped  # 16/13/12 uniform, 15/14/12 graded
+    assert max(lumped) <= 1.4 * min(lumped) and lumped[-1] <= lumped[0], lumped  # 13/11/10 uniform, 14/12/12 graded
     if grading > 1:
-        # on a graded mesh the Euclidean inner product is far from L2: many more iterations
+        # on a graded mesh the Euclidean inner product is far from L2: many more iterations (48 here)
         euclid = _control_counts(32, "lbfgsb", "euclidean", grading)
-        assert euclid >= 4 * max(lumped), (euclid, lumped)
+        assert euclid >= 3 * max(lumped), (euclid, lumped)
+
+
+def _lbfgs_median_iterations(n, inner, seeds=range(5)):
+    """Median over observation layouts (seeds) of the L-BFGS iterations that reduce the gradient 1000-fold.
+
+    On the H1-regularized inversion with alpha = 100 the regularization's h^-2 spectrum dominates the
+    reduced Hessian already at n = 12 (with alpha = 1 the data term does, up to n of about 64). gtol = 1e-3,
+    not 1e-6: the first ~30 iterations of L-BFGS are not chaotic (the counts stay the same when x0 is
+    perturbed by 1e-8, far more than the rounding differences between CPUs, BLAS and thread counts), while
+    the counts of a 200-iteration run to 1e-6 move by +-20 % under a 1e-12 perturbation. The median over
+    five layouts of the 40 observation points takes out the layout-to-layout spread (23 to 38 at one n).
+    """
+    counts = []
+    for seed in seeds:
+        pb = pi.build(n=n, alpha=100.0, n_obs=40, seed=seed)
+        r = adjopt.minimize(pb, method="lbfgs", inner_product=inner, gtol=1e-3, maxiter=500)
+        assert r.success, r.message
+        counts.append(r.nit)
+    return float(np.median(counts)), counts
 
 
 def test_lbfgs_in_h1_iterations_do_not_grow_with_the_mesh():
-    # H1-regularized inversion: the regularization's h^-2 spectrum makes H1 the parameter space (L2 is not)
-    # (158, 180, 211 here; 153, 181 at n = 32, 64: the spread comes from where the 40 observation points fall
-    # relative to the mesh, not from a trend; with the L2 inner product the counts grow 4x from n = 32 to 256)
-    counts = [_inversion_counts(n, "lbfgs", "h1", memory=60, maxiter=600) for n in (12, 24, 48)]
-    assert max(counts) <= 1.4 * min(counts), counts
+    # H1-regularized inversion: the regularization's h^-2 spectrum makes H1 the parameter space (L2 is not).
+    # Medians measured: H1 30 / 31 / 31 at n = 12 / 24 / 48; L2 19 / 42 / 91 and Euclidean 13 / 23 / 49,
+    # so the bound below fails (4.8x, 3.8x) if the Riesz map is L2 or Euclidean
+    h1 = {n: _lbfgs_median_iterations(n, "h1") for n in (12, 24, 48)}
+    medians = [m for m, _ in h1.values()]
+    assert max(medians) <= 1.3 * min(medians), h1
+    # the same set-up does show the mesh dependence of the L2 inner product (doubling with each refinement):
+    # the bound above is not met trivially because the problem is too easy to see it
+    l2 = {n: _lbfgs_median_iterations(n, "l2", seeds=range(3)) for n in (12, 48)}  # little spread: 3 layouts
+    assert l2[48][0] >= 3 * l2[12][0] and l2[48][0] >= 2 * h1[48][0], (l2, h1)
 
 
 def test_gauss_newton_first_steps_then_newton():
@@ -111,10 +147,17 @@ def test_gauss_newton_first_steps_then_newton():
     assert np.linalg.norm(r.x - ref.x) <= 1e-5 * np.linalg.norm(ref.x)
 
 
+# L-BFGS to 1e-7 (about 160 iterations, 8 of 8 at gtol with the linear solves perturbed by 1e-14): at 1e-9 it
+# ends at round-off or in a failed line search (7 runs of 8; 2 of 8 at 1e-8); Newton reaches 1e-9 in 10 steps
+RESUME_GTOL = {"lbfgs": 1e-7, "newton-cg": 1e-9, "newton-tr": 1e-9}
+
+
 @pytest.mark.parametrize("method", ["lbfgs", "newton-cg", "newton-tr"])
 def test_resume_after_an_exception_gives_the_same_x(tmp_path, method):
+    gtol = RESUME_GTOL[method]
     pb = pi.build(n=10, alpha=1.0, n_obs=30)
-    full = adjopt.minimize(pb, method=method, gtol=1e-9, maxiter=300)
+    full = adjopt.minimize(pb, method=method, gtol=gtol, maxiter=300)
+    assert full.success, full.message
     ck = tmp_path / "run.npz"
 
     def boom(info):
@@ -122,11 +165,11 @@ def test_resume_after_an_exception_gives_the_same_x(tmp_path, method):
             raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        adjopt.minimize(pb, method=method, gtol=1e-9, maxiter=300, checkpoint=ck, callback=boom)
+        adjopt.minimize(pb, method=method, gtol=gtol, maxiter=300, checkpoint=ck, callback=boom)
     state, meta = read_checkpoint(ck)
     assert meta["nit"] == 3 and len(meta["history"]) == 4
     pb2 = pi.build(n=10, alpha=1.0, n_obs=30)  # a fresh functional: nothing cached
-    resumed = adjopt.minimize(pb2, method=method, gtol=1e-9, maxiter=300, checkpoint=ck, resume=ck)
+    resumed = adjopt.minimize(pb2, method=method, gtol=gtol, maxiter=300, checkpoint=ck, resume=ck)
     assert resumed.nit == full.nit and resumed.success
     np.testing.assert_allclose(resumed.x, full.x, rtol=0, atol=1e-12)
     assert [h["f"] for h in resumed.history] == pytest.approx([h["f"] for h in full.history], rel=1e-12)
@@ -161,8 +204,11 @@ def test_resume_after_sigkill_of_a_subprocess(tmp_path):
 
 
 def test_lbfgsb_resume_continues_to_the_optimum(tmp_path):
+    # gtol 1e-7: at 1e-9 scipy's L-BFGS-B ends at round-off, in an abnormal line search in 6 runs of 8 with the
+    # linear solves perturbed by 1e-14
     pb = oc.build(n=10, upper=UPPER, amplitude=1.5)
-    full = adjopt.minimize(pb, method="lbfgsb", gtol=1e-9)
+    full = adjopt.minimize(pb, method="lbfgsb", gtol=1e-7)
+    assert full.success, full.message
     ck = tmp_path / "b.npz"
 
     def stop_at_4(info):
@@ -170,10 +216,14 @@ def test_lbfgsb_resume_continues_to_the_optimum(tmp_path):
             raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError):
-        adjopt.minimize(pb, method="lbfgsb", gtol=1e-9, checkpoint=ck, callback=stop_at_4)
-    r = adjopt.minimize(oc.build(n=10, upper=UPPER, amplitude=1.5), method="lbfgsb", gtol=1e-9, resume=ck)
+        adjopt.minimize(pb, method="lbfgsb", gtol=1e-7, checkpoint=ck, callback=stop_at_4)
+    r = adjopt.minimize(oc.build(n=10, upper=UPPER, amplitude=1.5), method="lbfgsb", gtol=1e-7, resume=ck)
     assert r.success and r.nit > 4
-    np.testing.assert_allclose(r.x, full.x, atol=1e-6 * np.abs(full.x).max())
+    # resumed with an empty memory, it takes other iterates to the same optimum: J is alpha-convex in the mass
+    # norm, so each run ends about stationarity / alpha from it (with the bounds the measure is the projected one
+    # and this is an estimate, not a bound: the distance measured is 0.5 of the sum, at most 0.8 for other stops)
+    e, M = r.x - full.x, pb.mass
+    assert math.sqrt(e @ (M @ e)) <= (r.stationarity + full.stationarity) / pb.meta["alpha"]
 
 
 class Flaky:
@@ -186,9 +236,10 @@ class Flaky:
         return getattr(self.J, name)
 
     def value(self, x):
-        if self.bad(x) == "nan":
+        bad = self.bad(x)  # once per value: bad may count the calls
+        if bad == "nan":
             return math.nan
-        if self.bad(x) == "raise":
+        if bad == "raise":
             raise adjopt.SingularMatrixError("A(p) is singular here")
         return self.J.value(x)
 
@@ -196,10 +247,17 @@ class Flaky:
 @pytest.mark.parametrize("kind", ["nan", "raise"])
 def test_line_search_backs_off_from_failed_evaluations(quadratic, kind):
     pb, z = quadratic
-    limit = 1.5 * np.abs(z).max()
-    flaky = Flaky(pb.functional, lambda x: kind if np.abs(x).max() > limit else None)
-    r = adjopt.minimize(adjopt.Problem(flaky, pb.p0, mass=pb.mass), method="lbfgs", gtol=1e-8, maxiter=300)
-    assert r.success
+    calls = {"n": 0}
+
+    def bad(x):  # the first two trial points of the second iteration fail (values 3 and 4; 1 is the start)
+        calls["n"] += 1
+        return kind if calls["n"] in (3, 4) else None
+
+    # (a region |x| > 1.5 max|z| that fails, as this test had, is never visited: L-BFGS steps from 0.1 z to z)
+    flaky = Flaky(pb.functional, bad)
+    r = adjopt.minimize(adjopt.Problem(flaky, pb.p0, mass=pb.mass), method="lbfgs", gtol=1e-7, maxiter=300)
+    assert r.success, r.message
+    assert r.history[2]["backtracks"] == 2 and r.history[2]["t"] == 0.25  # backed off twice, then went on
     np.testing.assert_allclose(r.x, z, atol=1e-6 * np.abs(z).max())
 
 
@@ -217,7 +275,7 @@ def test_a_run_that_cannot_evaluate_stops_with_the_last_good_x(quadratic, tmp_pa
 
     def bad(x):
         calls["n"] += 1
-        return "nan" if calls["n"] > 4 else None
+        return "nan" if calls["n"] > 2 else None  # the start and the first trial point evaluate
 
     flaky = Flaky(pb.functional, bad)
     ck = tmp_path / "c.npz"

@@ -36,7 +36,9 @@ def test_bench_optimizers_writes_json(tmp_path):
             assert r["cg_iterations"] is None and r["nhessp"] == 0
     for n in (6, 8):  # same problem, same optimum: J agrees closely across the methods
         funs = [r["fun"] for r in rows if r["n"] == n]
-        assert max(funs) - min(funs) <= 1e-5 * min(funs)
+        # to what the stopping test allows: L-BFGS in H1 stops at 1e-6 of the H1-dual gradient norm and ends up to
+        # 1.1e-5 above the lowest J (n = 6; 1.5e-6 to 1.1e-5 in 13 runs with the linear solves perturbed by 1e-14)
+        assert max(funs) - min(funs) <= 1e-4 * min(funs)
     summ = data["summary"]["1"]
     assert summ["newton-cg:l2"]["iterations"] == [r["nit"] for r in rows if r["label"] == "newton-cg:l2"]
     assert summ["newton-cg:l2"]["spread"]["difference"] >= 0 and summ["lbfgs:l2"]["spread"]["ratio"] >= 1
@@ -54,8 +56,10 @@ def test_bench_optimizers_rejects_unknown_method(tmp_path):
 def test_bench_optimizers_on_optimal_control(tmp_path):
     out = tmp_path / "oc.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_optimizers.py"), "--problem", "optimal_control",
-                    "--n", "6", "12", "--grading", "2.0", "--methods", "lbfgs:l2", "lbfgsb:euclidean", "--gtol", "1e-8",
+                    "--n", "6", "12", "--grading", "2.0", "--methods", "lbfgs:l2", "lbfgsb:euclidean", "--gtol", "1e-7",
                     "--out", str(out)], capture_output=True, text=True, check=True, timeout=120)
+    # gtol 1e-7: at 1e-8 the Euclidean L-BFGS-B run ends at round-off, in an abnormal line search in 3 to 5 runs
+    # of 10 with the linear solves perturbed by 1e-14; at 1e-7 it stops at gtol (46 iterations at n = 12, 6 in L2)
     data = json.loads(out.read_text())
     assert data["config"]["problem"] == "optimal_control" and data["config"]["alpha"] == 1e-3
     rows = {(r["label"], r["n"]): r for r in data["results"]}
