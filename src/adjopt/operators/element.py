@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from .._validate import as_parameter, as_state_like, refuse_complex
 from ..errors import PatternError, ShapeError
-from . import _kernels
+from . import _kernels, _pattern
 from .base import ParametricMatrix
 from .coefficients import Coefficient, as_coefficient
 
@@ -39,7 +39,7 @@ def _index_dtype(n: int):
 
 
 def build_slot_map(conn: np.ndarray, n: int, extra=None):
-    """Build the CSR pattern of the element scatter and its slot map.
+    """Build the CSR pattern of the element scatter and its slot map (see :mod:`._pattern`).
 
     Parameters
     ----------
@@ -55,62 +55,43 @@ def build_slot_map(conn: np.ndarray, n: int, extra=None):
     indptr, indices, slot_ptr, slot_elem, slot_loc, extra_slots
         CSR pattern; for each slot s the entries ``slot_ptr[s]:slot_ptr[s+1]``
         of ``slot_elem``/``slot_loc`` list the (element, local entry k*a+b)
-        pairs that add into it; ``extra_slots`` maps the COO entries of
-        ``extra`` to slots.
+        pairs that add into it, in increasing element order; ``extra_slots``
+        maps the COO entries of ``extra`` (in ``sp.coo_array(extra)`` order) to slots.
     """
     n_elem, k = conn.shape
-    kk = k * k
-    rows = np.repeat(conn, k, axis=1).ravel()  # conn[e, a] at local entry a*k+b
-    cols = np.tile(conn, (1, k)).ravel()  # conn[e, b]
-    keep = (rows >= 0) & (cols >= 0)
-    entry = np.flatnonzero(keep).astype(_index_dtype(rows.size))  # int32 where it fits: the largest temporaries
-    keys = rows[keep].astype(np.int64) * n + cols[keep]
-    del rows, cols, keep
-    n_entry = entry.size
-    n_extra = 0
+    if n >= np.iinfo(np.int32).max:
+        raise PatternError(f"n = {n} dofs: adjopt's patterns hold up to 2^31 - 1 rows")
+    conn = np.ascontiguousarray(conn)
+    ptr, elem, loc = _pattern.incidence(conn, n)
     if extra is not None:
         ex = sp.coo_array(extra)
-        n_extra = ex.nnz
-        keys = np.concatenate([keys, ex.row.astype(np.int64) * n + ex.col])
-    # one stable sort of the keys gives the pattern and the slot order at once (np.unique with
-    # return_inverse sorts again and a second argsort of the inverse a third time: 4x slower at 1M elements).
-    # Arrays are freed as soon as they are used: the peak is keys, their order, the sorted keys and entry.
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]  # sorted
-    first = np.empty(keys.size, dtype=bool)
-    first[:1] = True
-    np.not_equal(keys[1:], keys[:-1], out=first[1:])
-    ukeys = keys[first]
-    del keys
-    urows = ukeys // n
-    idx_t = _index_dtype(max(n, ukeys.size))
-    indptr = np.zeros(n + 1, dtype=idx_t)
-    np.cumsum(np.bincount(urows, minlength=n), out=indptr[1:])
-    indices = (ukeys - urows * n).astype(idx_t)
-    del urows
-    n_slots = ukeys.size
-    del ukeys
-    ptr_t = _index_dtype(n_entry)
-    extra_slots = np.zeros(0, dtype=np.int64)
-    if n_extra:
-        slot_of = np.cumsum(first, dtype=np.int64) - 1  # slot of each sorted entry
-        is_elem = order < n_entry
-        extra_slots = np.empty(n_extra, dtype=np.int64)
-        extra_slots[order[~is_elem] - n_entry] = slot_of[~is_elem]
-        order = order[is_elem]
-        slot_ptr = np.zeros(n_slots + 1, dtype=ptr_t)
-        np.cumsum(np.bincount(slot_of[is_elem], minlength=n_slots), out=slot_ptr[1:])
-        del slot_of, is_elem
+        xrow, xcol = ex.row.astype(np.int64), ex.col.astype(np.int64)
+        x_ent = np.argsort(xrow, kind="stable")
+        x_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(xrow, minlength=n), out=x_ptr[1:])
+        x_col = xcol[x_ent]
     else:
-        # every sorted entry is an element entry: a slot starts where its key first appears
-        slot_ptr = np.empty(n_slots + 1, dtype=ptr_t)
-        slot_ptr[:-1] = np.flatnonzero(first)
-        slot_ptr[-1] = n_entry
-    del first
-    sorted_entry = entry[order]  # stable: within a slot, element entries keep their order
-    del order, entry
-    slot_elem = (sorted_entry // kk).astype(_index_dtype(n_elem))
-    slot_loc = (sorted_entry % kk).astype(np.int16 if kk <= np.iinfo(np.int16).max else np.int32)
+        x_ptr, x_col, x_ent = np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    nchunks = max(1, min(n, 2 * numba.get_num_threads()))
+    row_slots = np.empty(n, dtype=np.int64)
+    row_entries = np.empty(n, dtype=np.int64)
+    _pattern.count_rows(conn, ptr, elem, x_ptr, x_col, n, nchunks, row_slots, row_entries)
+    n_slots, n_entry = int(row_slots.sum()), int(row_entries.sum())
+    idx_t = _index_dtype(max(n, n_slots))
+    ptr_t = _index_dtype(n_entry)
+    indptr = np.zeros(n + 1, dtype=idx_t)
+    np.cumsum(row_slots, out=indptr[1:])
+    entry_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(row_entries, out=entry_ptr[1:])
+    indices = np.empty(n_slots, dtype=idx_t)
+    slot_ptr = np.empty(n_slots + 1, dtype=ptr_t)
+    slot_ptr[-1] = n_entry
+    slot_elem = np.empty(n_entry, dtype=_index_dtype(n_elem))
+    slot_loc = np.empty(n_entry, dtype=np.int16 if k * k <= np.iinfo(np.int16).max else np.int32)
+    extra_slots = np.empty(x_ent.size, dtype=np.int64)
+    max_row = int(row_slots.max()) if n else 0
+    _pattern.fill_rows(conn, ptr, elem, loc, x_ptr, x_col, x_ent, n, nchunks, max_row, indptr, entry_ptr, indices,
+                       slot_ptr, slot_elem, slot_loc, extra_slots)
     return indptr, indices, slot_ptr, slot_elem, slot_loc, extra_slots
 
 
