@@ -224,3 +224,50 @@ def test_value_error_is_zero_for_a_factorization_and_estimates_the_amg_error(tol
     for q in (p, p + 0.01, p - 0.3):
         actual, estimate = abs(Ja.value(q) - Jd.value(q)), Ja.value_error(q)
         assert 0.5 * actual <= estimate <= 2 * actual + 1e-9 * abs(Jd.value(q)), (actual, estimate)
+
+
+# -- findings of a hostile user: false FAILs and false PASSes ------------------------------------
+def test_a_correct_gradient_passes_at_a_stationary_point():
+    # there g.dp ~ 0, so r2 ~ r1 ~ h^2 and the ordering test r2 <= 0.1 r1 never holds: the retained term is
+    # negligible instead, and the window is taken where it is
+    q = Quartic()
+    p0 = np.zeros(3)  # grad J(0) = 0
+    r = taylor_test(q, p0, order=2)
+    assert r.passed and abs(r.rate - 2) < 0.1, r.table()
+    wrong = Quartic()
+    wrong.gradient = lambda p: Quartic().gradient(p) + 1e-3  # nonzero where the true gradient vanishes
+    assert not taylor_test(wrong, p0, order=2).passed
+
+
+@pytest.mark.parametrize("seed", [2, 19])
+def test_a_correct_hessian_passes_where_j_reaches_round_off_early(seed):
+    # poisson_inversion n=32 at p0: J's third-order remainders reach round-off before they are asymptotic (no
+    # window, or rates that still drift); the central differences of the gradient decide
+    pb = poisson_inversion.build(n=32)
+    r = taylor_test(pb.functional, pb.p0, order=3, seed=seed)
+    assert r.passed, r.table()
+    assert r.status in ("pass", "inconclusive") and r.gradient_check.status == "pass"
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-5])
+def test_a_loose_iterative_solver_never_passes_a_wrong_gradient(tol):
+    J, p = _inversion("amg")
+    J.solver = adjopt.solvers.AMGSolver(tol=tol)
+    for scale in (0.0, -1.0, 2.0):
+        r = taylor_test(Perturbed(J, eps_g=scale - 1.0), p, order=2)
+        assert not r.passed and not r.exact, r.table()
+
+
+def test_an_unresolvable_test_says_so_and_what_to_do():
+    J, p = _inversion("amg")
+    J.solver = adjopt.solvers.AMGSolver(tol=1e-4)
+    r = taylor_test(J, p, order=2)  # the remainders drown in the solver's error (about 1e-4 of J)
+    assert not r.passed and r.status == "inconclusive", r.table()
+    assert "tighten the solver's tolerance" in r.table()
+
+
+@pytest.mark.parametrize("kw", [dict(h0=0.0), dict(h0=-1.0), dict(h0=float("nan")), dict(order=True),
+                                dict(order=2.5), dict(window=3.5), dict(max_steps=2)])
+def test_bad_arguments_of_the_step_rule_are_refused(kw):
+    with pytest.raises(ValueError):
+        taylor_test(Quartic(), P, **kw)
