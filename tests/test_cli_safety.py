@@ -501,3 +501,90 @@ def test_ctrl_c_in_check_and_bench_exits_130(monkeypatch, capsys):
     assert cli.main(["bench", "poisson_inversion", "--sizes", "4", "--debug"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and "KeyboardInterrupt" in err and err.strip().endswith("\nadjopt: interrupted")
+
+
+# -- findings of a hostile review -----------------------------------------------------------------------
+BUILD_SINGULAR = """
+    import numpy as np
+
+    def build(n: int = 20):
+        conn = np.stack([np.arange(n), np.arange(n) + 1], axis=1)  # no Dirichlet dof: A(p) is singular
+        A = adjopt.ElementCoefficientMatrix(conn, n * np.array([[1.0, -1.0], [-1.0, 1.0]]), coefficient="exp",
+                                            n=n + 1)
+        b = np.zeros(n + 1)
+        b[0], b[-1] = 1.0, -1.0
+        J = adjopt.ReducedFunctional(A, b, adjopt.SquaredMisfit(np.zeros(n + 1)))
+        return adjopt.Problem(J, np.zeros(n))
+"""
+BUILD_NAN_START = """
+    import numpy as np
+
+    def build(n: int = 20):
+        conn = np.stack([np.arange(n) - 1, np.arange(n)], axis=1)
+        conn[-1, 1] = -1
+        A = adjopt.ElementCoefficientMatrix(conn, n * np.array([[1.0, -1.0], [-1.0, 1.0]]), coefficient="exp",
+                                            n=n - 1)
+        J = adjopt.ReducedFunctional(A, np.ones(n - 1), adjopt.Norm())
+        return adjopt.Problem(J, np.full(n, 800.0))  # exp(800) overflows: J(p0) is not finite
+"""
+BUILD_EXITS = """
+    def build(n: int = 3):
+        sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize("body, message", [(BUILD_SINGULAR, "SingularMatrixError: the system matrix A(p) is singular"),
+                                           (BUILD_NAN_START, "NonFiniteError")])
+def test_a_problem_that_fails_at_its_start_is_one_line_and_exit_2(tmp_path, command, body, message):
+    path = write_problem(tmp_path, "fails", body)
+    extra = ("--out", tmp_path / "out", "--solver", "amg") if command == "run" else ()
+    proc = adjopt_cmd(command, path, *extra, check=2)
+    assert message in one_line(proc.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "poisson_inversion", "--n", 8, "--method", "oc"), "method 'oc' needs exactly one inequality constraint"),
+    (("run", "topology_compliance", "--nelx", 6, "--nely", 2, "--method", "newton-tr"),
+     "method 'newton-tr' does not take bounds"),
+    (("run", "poisson_inversion", "--max-iter", 1.5), "argument --max-iter: invalid int value: '1.5'"),
+    (("run", "poisson_inversion", "--n", 8, "--n", 9), "option --n is given twice"),
+    (("run", "{exits}"), "exits.build() called sys.exit(0) instead of returning an adjopt.Problem"),
+])
+def test_more_bad_input_gives_one_line_and_exit_2(tmp_path, args, message):
+    exits = write_problem(tmp_path, "exits", BUILD_EXITS)
+    out = tmp_path / "out"
+    proc = adjopt_cmd(*(str(a).format(exits=exits) for a in args), "--out", out, check=2)
+    assert message in one_line(proc.stderr)
+    assert not out.exists()
+
+
+def test_options_may_be_given_as_name_equals_value(tmp_path):
+    out = tmp_path / "out"
+    adjopt_cmd("run", "poisson_inversion", "--n=6", "--out", out, "-q", "--no-pictures", check=0)
+    assert json.loads((out / "history.json").read_text())["options"]["n"] == 6
+
+
+def test_ctrl_c_before_anything_was_written_says_so(tmp_path):
+    slow = write_problem(tmp_path, "slow_build", """
+        def build(n: int = 8):
+            time.sleep(60)
+    """)
+    proc = start("run", slow, "--out", tmp_path / "out")
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted before the first iteration finished; nothing was written" in one_line(err)
+    assert "--resume" not in err and not (tmp_path / "out").exists()
+
+
+def test_resuming_a_finished_run_returns_its_result(tmp_path):
+    out = tmp_path / "out"
+    adjopt_cmd("run", "topology_compliance", "--nelx", 12, "--nely", 4, "--out", out, "-q", "--no-pictures", check=0)
+    first = json.loads((out / "history.json").read_text())
+    adjopt_cmd("run", "topology_compliance", "--nelx", 12, "--nely", 4, "--out", out, "-q", "--no-pictures",
+               "--resume", check=0)
+    again = json.loads((out / "history.json").read_text())
+    assert again["nit"] == first["nit"] and again["fun"] == first["fun"]  # no extra step

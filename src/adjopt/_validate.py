@@ -32,21 +32,45 @@ def refuse_complex(v, name: str) -> None:
         )
 
 
-def owned(arr, dtype=np.float64) -> np.ndarray:
-    """A read-only copy of ``arr`` that adjopt owns: what it keeps past a call never aliases the caller's array."""
-    out = np.array(arr, dtype=dtype, copy=True, order="C")
+def owned(arr, name: str = "the array") -> np.ndarray:
+    """A read-only, finite, real float64 copy of ``arr`` that adjopt owns: what it keeps past a call never
+    aliases the caller's array. Complex input raises ``TypeError``, NaN or Inf :class:`NonFiniteError`."""
+    refuse_complex(arr, name)
+    out = np.array(arr, dtype=np.float64, copy=True, order="C")
+    check_finite(out, name)
     out.flags.writeable = False
     return out
 
 
-def owned_operator(M):
-    """A copy of a matrix adjopt keeps: scipy sparse as CSR (float64), dense as a read-only array."""
+def owned_operator(M, name: str = "the matrix"):
+    """A copy of a matrix adjopt keeps: scipy sparse as CSR (float64), dense as with :func:`owned`."""
     import scipy.sparse as sp
 
     if sp.issparse(M):
-        return sp.csr_array(M, dtype=np.float64, copy=True)
-    refuse_complex(M, "the matrix")
-    return owned(M)
+        refuse_complex(M.data, name)
+        M = sp.csr_array(M, dtype=np.float64, copy=True)
+        check_finite(M.data, name)
+        return M
+    return owned(M, name)
+
+
+def check_symmetric(M, name: str, what: str) -> None:
+    """Raise ``ValueError`` unless the sparse matrix M is symmetric to 1e-12 of max|M|; ``what`` says why."""
+    diff = M - M.T
+    scale = float(abs(M).max()) if M.nnz else 0.0
+    if diff.nnz and float(abs(diff).max()) > 1e-12 * scale:
+        raise ValueError(f"{name} must be symmetric: {what}; pass (M + M.T) / 2 if that is what you mean "
+                         f"(max |M - M^T| = {float(abs(diff).max()):.3g}, max |M| = {scale:.3g})")
+
+
+def as_count(value, name: str, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (a count: parameters, rows), or ``ValueError`` (bools and floats are refused)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
 
 
 def check_tolerance(tol, name: str = "tol") -> float | None:

@@ -89,6 +89,10 @@ class StateCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def entries(self):
+        """The cached entries (oldest first), for a caller that must update what they hold."""
+        return [entry for _, entry in self._entries.values()]
+
     def info(self) -> dict:
         """Entries, bytes held, limit, hits, misses and evictions (for logs and JSON)."""
         return dict(entries=len(self), nbytes=self.nbytes, max_bytes=self.max_bytes, hits=self.hits,

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import AdjoptError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: runs do not lock their folder
@@ -147,13 +149,23 @@ def _convert(name: str, text: str, default):
 def split_options(tokens: list[str], problem_opts: dict, method_opts: dict) -> tuple[dict, dict]:
     """--name value pairs into (problem options, method options), typed and validated."""
     prob, meth = {}, {}
-    i = 0
+    pairs, i = [], 0
     while i < len(tokens):
         tok = tokens[i]
+        if tok.startswith("--") and "=" in tok:  # --name=value
+            pairs.append(tuple(tok.split("=", 1)))
+            i += 1
+            continue
         if not tok.startswith("--") or i + 1 >= len(tokens):
             raise UsageError(f"expected --option value pairs after the problem, got {' '.join(tokens[i:])!r}")
+        pairs.append((tok, tokens[i + 1]))
+        i += 2
+    seen = set()
+    for tok, value in pairs:
         name = tok[2:].replace("-", "_")
-        value = tokens[i + 1]
+        if name in seen:
+            raise UsageError(f"option --{tok[2:]} is given twice; give it once")
+        seen.add(name)
         if name in problem_opts:
             prob[name] = _convert(name, value, problem_opts[name])
         elif name in method_opts:
@@ -162,7 +174,6 @@ def split_options(tokens: list[str], problem_opts: dict, method_opts: dict) -> t
             raise UsageError(f"unknown option --{tok[2:]}; the problem's options are "
                              f"{', '.join('--' + k for k in problem_opts) or '(none)'}; the method's are "
                              f"{', '.join('--' + k for k in method_opts) or '(none)'}")
-        i += 2
     return prob, meth
 
 
@@ -179,6 +190,9 @@ def make_problem(module, options: dict):
     except Exception as exc:
         raise UsageError(f"{call} raised {type(exc).__name__}: {exc}; fix the problem file {module.__file__} or its "
                          "options (--debug shows the traceback)") from exc
+    except SystemExit as exc:
+        raise UsageError(f"{call} called sys.exit({exc.code!r}) instead of returning an adjopt.Problem; fix the "
+                         f"problem file {module.__file__}") from exc
     if not isinstance(problem, adjopt.Problem):
         raise UsageError(f"{stem}.build returned a {type(problem).__name__}, not an adjopt.Problem; build(**options) "
                          "must return adjopt.Problem(functional, p0, ...)")
@@ -576,7 +590,7 @@ def cmd_bench(args, extra) -> int:
     size_opt = args.size_option or next((k for k in ("n", "nelx") if k in popts), None)
     if size_opt not in popts:
         raise UsageError(f"--size-option {size_opt!r} is not an option of {args.problem}; its options are "
-                         f"{', '.join(popts)}")
+                         f"{', '.join(popts) or '(none: give --size-option the name build() takes)'}")
     rows = []
     for size in args.sizes:
         problem = make_problem(module, {**prob_opts, size_opt: size})
@@ -607,11 +621,17 @@ def cmd_bench(args, extra) -> int:
 
 
 # -- entry point ------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as one ``adjopt: ...`` line (exit 2), like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
     # no abbreviations: --n must reach build(), not match --no-pictures
-    ap = argparse.ArgumentParser(prog="adjopt", description="adjoint-based optimization of discretised PDEs",
-                                 allow_abbrev=False)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="adjopt", description="adjoint-based optimization of discretised PDEs", allow_abbrev=False)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def run_flags(p, with_problem=True):
         if with_problem:
@@ -660,7 +680,11 @@ def _resume_command(argv: list[str], out) -> str:
 
 def main(argv=None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    args, extra = parser().parse_known_args(argv)
+    try:
+        args, extra = parser().parse_known_args(argv)
+    except UsageError as exc:
+        print(f"adjopt: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = dict(run=cmd_run, demo=cmd_demo, list=cmd_list, check=cmd_check, bench=cmd_bench)
     if args.command == "list" and extra:
@@ -673,12 +697,23 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"adjopt: {exc}", file=sys.stderr)
         return 2
+    except AdjoptError as exc:
+        # the problem itself fails (a singular A(p0), J(p0) not finite, a solve that does not converge at the
+        # start): bad input, said in one line; a failure at a trial point never gets here (the drivers back off)
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"adjopt: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if getattr(args, "debug", False):
             traceback.print_exc()
         hint = ""
         if args.command in ("run", "demo"):
-            hint = "; continue with --resume: " + _resume_command(argv, getattr(args, "out_used", args.out))
+            out = getattr(args, "out_used", None)
+            if out is not None and (Path(out) / "checkpoint.npz").exists():
+                hint = "; continue with --resume: " + _resume_command(argv, out)
+            else:
+                hint = " before the first iteration finished; nothing was written"
         print(f"adjopt: interrupted{hint}", file=sys.stderr)
         return 130
 

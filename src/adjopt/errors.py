@@ -42,8 +42,13 @@ class SolverDidNotConverge(AdjoptError, RuntimeError):
         self.residuals = list(residuals) if residuals is not None else []
 
 
-class NotPositiveDefiniteError(AdjoptError, ValueError):
-    """A Cholesky factorization (or CG) met a matrix that is not positive definite."""
+class NotPositiveDefiniteError(SingularMatrixError, ValueError):
+    """A Cholesky factorization (or CG) met a matrix that is not positive definite.
+
+    A singular matrix is not positive definite either, so this is a :class:`SingularMatrixError`
+    (``except SingularMatrixError`` catches a singular A whatever the solver); it is a ``ValueError``
+    too, as it always was.
+    """
 
 
 class ConvergenceWarning(UserWarning):

@@ -28,6 +28,7 @@ where drho = M' dp drives the tangent and second-adjoint solves.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import scipy.sparse.linalg as sla
 
 from ._validate import as_parameter, check_finite, check_tolerance, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
-from .errors import PatternError
+from .errors import NonFiniteError, PatternError
 from .objectives import Objective
 from .operators import ParametricMatrix, as_vector
 from .solvers import make_solver
@@ -119,39 +120,97 @@ class ReducedFunctional:
             raise TypeError(f"matrix must be a ParametricMatrix, got {type(matrix).__name__}")
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be an Objective, got {type(objective).__name__}")
-        self.matrix = matrix
-        self.rhs = as_vector(rhs)
+        self._matrix = matrix
+        self._rhs = as_vector(rhs)
         if self.rhs.n != matrix.shape[0]:
             raise PatternError(f"b has {self.rhs.n} rows but A(p) is {matrix.shape[0]} x {matrix.shape[1]}")
         if self.rhs.n_params is not None and self.rhs.n_params != matrix.n_params:
             raise PatternError(f"b(p) takes {self.rhs.n_params} parameters but A(p) takes {matrix.n_params}")
-        self.objective = objective
-        self.map = parameter_map
+        self._objective = objective
+        self._map = parameter_map
         if parameter_map is not None and parameter_map.n_out != matrix.n_params:
             raise PatternError(
                 f"the parameter map produces {parameter_map.n_out} values but A(rho) takes {matrix.n_params} parameters"
             )
-        self.solver = make_solver(solver)
+        self._solver = make_solver(solver)
         self.cache = StateCache(cache_bytes)
         #: (solver, factorization) of a matrix that does not depend on p (``matrix.constant``): one for every p
         self._fixed = None
         #: wall seconds spent by phase since construction (or reset_stats): "filter" (the parameter map),
         #: "assembly", "factorize", "solve" (every kind), "sensitivity" (contractions, objective derivatives)
         self.times = Counter()
+        if self_adjoint not in (None, True, False):
+            raise ValueError(f"self_adjoint must be None (detect), True or False, got {self_adjoint!r}")
+        self._self_adjoint_request = self_adjoint
+        self._set_self_adjoint()
+
+    def _set_self_adjoint(self) -> None:
         detected = self._detect_self_adjoint()
-        if self_adjoint is None:
-            self.self_adjoint = detected
-        elif self_adjoint is True and not detected:
+        request = self._self_adjoint_request
+        if request is True and not detected:
             raise ValueError(
                 "self_adjoint=True needs an objective f = l^T u (objective.linear_load, e.g. Compliance(b)) with the "
                 "constant right-hand side b = l and a symmetric A(p) (matrix.symmetric); this problem is not"
             )
-        elif self_adjoint not in (True, False):
-            raise ValueError(f"self_adjoint must be None (detect), True or False, got {self_adjoint!r}")
-        else:
-            self.self_adjoint = bool(self_adjoint)
+        self.self_adjoint = detected if request is None else bool(request)
         if self.self_adjoint:
             logger.debug("ReducedFunctional: self-adjoint (lam = u), no adjoint solves")
+
+    # -- what the functional is made of: A, b and the map are fixed; the objective and the solver may change
+    @property
+    def matrix(self) -> ParametricMatrix:
+        """A(p) (fixed: build a new functional for another one)."""
+        return self._matrix
+
+    @property
+    def rhs(self):
+        """b(p), a :class:`~adjopt.operators.ParametricVector` (fixed)."""
+        return self._rhs
+
+    @property
+    def map(self):
+        """The parameter map rho = M(p), or None (fixed)."""
+        return self._map
+
+    @matrix.setter
+    def matrix(self, value):
+        raise AttributeError("the matrix of a ReducedFunctional cannot be replaced: its cached states were solved "
+                             "with it; build a new ReducedFunctional")
+
+    @rhs.setter
+    def rhs(self, value):
+        raise AttributeError("the right-hand side of a ReducedFunctional cannot be replaced: its cached states were "
+                             "solved with it; build a new ReducedFunctional")
+
+    @map.setter
+    def map(self, value):
+        raise AttributeError("the parameter map of a ReducedFunctional cannot be replaced: its cached states were "
+                             "computed with it; build a new ReducedFunctional")
+
+    @property
+    def objective(self) -> Objective:
+        """f(u, p). Setting another one keeps the cached states and factorizations and forgets the adjoints."""
+        return self._objective
+
+    @objective.setter
+    def objective(self, value: Objective):
+        if not isinstance(value, Objective):
+            raise TypeError(f"objective must be an Objective, got {type(value).__name__}")
+        self._objective = value
+        for st in self.cache.entries():
+            st.lam, st.lam_tol, st.q = None, np.inf, None
+        self._set_self_adjoint()
+
+    @property
+    def solver(self):
+        """The :class:`~adjopt.solvers.LinearSolver`. Setting another one (or a name) empties the state cache."""
+        return self._solver
+
+    @solver.setter
+    def solver(self, value):
+        self._solver = make_solver(value)
+        self.cache.clear()
+        self._fixed = None
 
     def _detect_self_adjoint(self) -> bool:
         """f = l^T u, b = l constant and A(p) symmetric: then A^T lam = l is A u = b, so lam = u."""
@@ -203,12 +262,12 @@ class ReducedFunctional:
         t0 = clock()
         # p is owned (see _p); whatever is computed from it and kept is owned too (a map or a callback may
         # hand back a buffer it reuses)
-        rho = p if self.map is None else owned(self.map.forward(p))
+        rho = p if self.map is None else owned(self.map.forward(p), "the parameter map's output rho = M(p)")
         t1 = clock()
         A = self.matrix.assemble(rho)
         b = self.rhs.value(rho)
         if self.rhs.depends_on_p:
-            b = owned(b)
+            b = owned(b, "the right-hand side b(p)")
         t2 = clock()
         fac, shared = self._factorize(A, rho)
         t3 = clock()
@@ -263,9 +322,19 @@ class ReducedFunctional:
         return lam
 
     def value(self, p) -> float:
-        """J(p) = f(u(p), p)."""
+        """J(p) = f(u(p), p).
+
+        Raises :class:`~adjopt.errors.NonFiniteError` when J(p) is NaN or Inf (data, weights or a reference
+        holding NaN/Inf, or an objective that overflows), rather than handing an optimizer a value it
+        cannot compare.
+        """
         p = self._p(p)
-        return float(self.objective.value(self._state(p).u, p))
+        v = float(self.objective.value(self._state(p).u, p))
+        if not math.isfinite(v):
+            raise NonFiniteError(
+                f"J(p) = {v}: the objective is not finite at this p. Its data, weights or reference values may "
+                "hold NaN or Inf, or it overflows (check the scale of p, b and the data)")
+        return v
 
     def value_error(self, p) -> float:
         """An estimate of |value(p) - J(p)| from an inexact (iterative) forward solve; 0 with a factorization.

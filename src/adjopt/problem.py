@@ -68,8 +68,8 @@ class Problem:
         if self.stiffness is not None and np.shape(self.stiffness) != (m, m):
             raise ShapeError(f"stiffness must be ({m}, {m}), got shape {np.shape(self.stiffness)}")
         # copies: the optimizers keep them for the whole run, the caller may reuse its arrays
-        self.mass = None if self.mass is None else owned_operator(self.mass)
-        self.stiffness = None if self.stiffness is None else owned_operator(self.stiffness)
+        self.mass = None if self.mass is None else owned_operator(self.mass, "mass")
+        self.stiffness = None if self.stiffness is None else owned_operator(self.stiffness, "stiffness")
         for i, con in enumerate(self.constraints):
             if not (isinstance(con, tuple) and len(con) == 2 and hasattr(con[0], "value") and hasattr(con[0], "gradient")):
                 raise TypeError(f"constraint {i} must be a (functional, upper) pair with value and gradient")

@@ -102,3 +102,24 @@ def test_make_solver_names_and_errors(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("pypardiso") else real(name, *a))
     with pytest.raises(MissingBackendError, match=r'pip install "adjopt\[pardiso\]"'):
         make_solver("pardiso")
+
+
+def test_auto_chooses_again_when_cholmod_refuses_a_later_a():
+    # A(p) = L + p C: symmetric at p = 0, where "auto" picks CHOLMOD, nonsymmetric elsewhere
+    pytest.importorskip("sksparse.cholmod")
+    n = 200
+    L = sp.diags_array([-1.0, 2.0, -1.0], offsets=[-1, 0, 1], shape=(n, n)).tocsr()
+    C = sp.diags_array([-0.5, 0.5], offsets=[-1, 1], shape=(n, n)).tocsr()
+    pattern = sp.csr_array(L + C)
+    rows = np.repeat(np.arange(n), np.diff(pattern.indptr))
+    Ld = np.asarray(L[rows, pattern.indices]).ravel()
+    Cd = np.asarray(C[rows, pattern.indices]).ravel()
+    A = adjopt.CallbackMatrix(pattern, 1, lambda p: Ld + p[0] * Cd, lambda p: sp.csr_array(Cd[:, None]), affine=True)
+    J = adjopt.ReducedFunctional(A, np.ones(n) / n**2, adjopt.SquaredMisfit(np.zeros(n)),
+                                 solver=AutoSolver(small_limit=0))
+    J.value(np.zeros(1))
+    assert J.solver.name == "auto:cholmod"
+    fresh = adjopt.ReducedFunctional(A, np.ones(n) / n**2, adjopt.SquaredMisfit(np.zeros(n)), solver="superlu")
+    p = np.array([0.1])
+    np.testing.assert_allclose(J.value(p), fresh.value(p), rtol=1e-12)
+    assert J.solver.name in ("auto:pardiso", "auto:superlu")

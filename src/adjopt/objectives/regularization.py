@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_parameter, owned
+from .._validate import as_parameter, check_symmetric, owned, owned_operator
 from ..errors import ShapeError
 from .base import Objective
 
@@ -20,11 +20,13 @@ def _as_operator(M, n: int | None, name: str):
     if M is None:
         return None, n
     if sp.issparse(M) or np.ndim(M) == 2:
-        M = sp.csr_array(M, dtype=np.float64, copy=True)
+        M = owned_operator(sp.csr_array(M) if not sp.issparse(M) else M, name)
         if M.shape[0] != M.shape[1]:
             raise ShapeError(f"{name} must be square, got shape {M.shape}")
+        check_symmetric(M, name, "the penalty 0.5 p^T M p has the gradient M p only for a symmetric M (a "
+                                 "triangle of a symmetric matrix is not enough)")
         return M, M.shape[0]
-    M = owned(M)
+    M = owned(M, name)
     if M.ndim != 1:
         raise ShapeError(f"{name} must be a matrix or a vector of weights, got shape {M.shape}")
     return M, M.shape[0]
@@ -69,17 +71,22 @@ class _Quadratic(ParameterObjective):
 
     def __init__(self, M=None, p_ref=None, n: int | None = None):
         self.M, self.n = _as_operator(M, n, "M")
-        self.p_ref = None if p_ref is None else owned(p_ref)
+        self.p_ref = None if p_ref is None else owned(p_ref, "p_ref")
         if self.p_ref is not None and self.n is not None and self.p_ref.shape not in ((), (self.n,)):
             raise ShapeError(f"p_ref must be a scalar or have length {self.n}, got shape {self.p_ref.shape}")
 
     def _apply(self, v):
+        """M v as a new array (never v itself: the caller may write into what a gradient returns)."""
         if self.M is None:
-            return v
+            return np.array(v, dtype=np.float64, copy=True)
         return self.M * v if isinstance(self.M, np.ndarray) else self.M @ v
 
     def _d(self, p):
-        return p if self.p_ref is None else p - self.p_ref
+        if self.p_ref is None:
+            return p
+        if self.p_ref.ndim and self.p_ref.shape != np.shape(p):
+            raise ShapeError(f"p_ref has length {self.p_ref.shape[0]} but p has length {np.shape(p)[0]}")
+        return p - self.p_ref
 
     def value_p(self, p):
         d = self._d(p)
@@ -143,7 +150,7 @@ class TotalVariation(ParameterObjective):
 
     def __init__(self, G, areas, eps: float = 1e-3):
         self.G = sp.csr_array(G, dtype=np.float64, copy=True)
-        self.areas = owned(areas)
+        self.areas = owned(areas, "areas")
         E = self.areas.shape[0]
         if self.G.shape[0] % max(E, 1) != 0 or E == 0:
             raise ShapeError(f"G has {self.G.shape[0]} rows, which is not dim x {E} elements")
@@ -183,7 +190,7 @@ class Volume(ParameterObjective):
     """
 
     def __init__(self, volumes, parameter_map=None):
-        self.volumes = owned(volumes)
+        self.volumes = owned(volumes, "volumes")
         if self.volumes.ndim != 1:
             raise ShapeError(f"volumes must be a vector, got shape {self.volumes.shape}")
         self.map = parameter_map

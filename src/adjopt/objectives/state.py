@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import check_finite, owned, owned_operator, refuse_complex
+from .._validate import check_finite, check_symmetric, owned, owned_operator, refuse_complex
 from ..errors import ShapeError
 from .base import Objective
 
@@ -53,23 +53,25 @@ class SquaredMisfit(Objective):
 
     def __init__(self, d, B=None, W=None):
         refuse_complex(d, "data d")
-        self.d = owned(d)  # a copy: the caller may reuse its data array
+        self.d = owned(d, "data d")  # a copy: the caller may reuse its data array
         check_finite(self.d, "data d")
         if self.d.ndim not in (1, 2):
             raise ShapeError(f"data d must be (n_obs,) or (n_obs, k), got {self.d.shape}")
         n_obs = self.d.shape[0]
         if B is not None:
-            B = owned_operator(B)
+            B = owned_operator(B, "the observation operator B")
             if B.ndim != 2 or B.shape[0] != n_obs:
                 raise ShapeError(f"observation operator B must have {n_obs} rows (one per datum), got shape {B.shape}")
         self.B = B
         if W is not None:
             if sp.issparse(W) or np.ndim(W) == 2:
-                W = sp.csr_array(W, dtype=np.float64, copy=True)
+                W = owned_operator(W if sp.issparse(W) else sp.csr_array(W), "the weight matrix W")
                 if W.shape != (n_obs, n_obs):
                     raise ShapeError(f"weight matrix W must be {n_obs} x {n_obs}, got {W.shape}")
+                check_symmetric(W, "the weight matrix W", "the misfit 0.5 r^T W r has the gradient B^T W r only "
+                                "for a symmetric W")
             else:
-                W = owned(W)
+                W = owned(W, "the weights W")
                 if W.shape != (n_obs,):
                     raise ShapeError(f"weight vector W must have length {n_obs}, got {W.shape}")
         self.W = W
@@ -114,7 +116,7 @@ class Compliance(Objective):
     """
 
     def __init__(self, load):
-        self.load = owned(load.toarray() if sp.issparse(load) else load)
+        self.load = owned(load.toarray() if sp.issparse(load) else load, "load")
         check_finite(self.load, "load")
         self.linear_load = self.load
 

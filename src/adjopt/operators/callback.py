@@ -21,23 +21,16 @@ declares ``affine=True``.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import check_finite, refuse_complex
+from .._threads import threads_for
+from .._validate import as_count, check_finite, refuse_complex
 from ..errors import MissingDerivativeError, PatternError
 from . import _kernels
 from .base import ParametricMatrix
-
-
-def _count(value, name: str) -> int:
-    """A positive integer (a count of parameters), or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _caller_entries(pattern):
@@ -53,6 +46,8 @@ def _caller_entries(pattern):
             raise PatternError("a pattern tuple must be (indptr, indices, shape)")
         indptr, indices, shape = pattern
         indptr, indices = np.asarray(indptr), np.asarray(indices)
+        if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+            raise PatternError(f"indptr and indices must be integer arrays, got {indptr.dtype} and {indices.dtype}")
         shape = tuple(int(v) for v in shape)
         if indptr.ndim != 1 or indptr.size != shape[0] + 1 or indptr[0] != 0 or indptr[-1] != indices.size \
                 or np.any(np.diff(indptr) < 0):
@@ -112,7 +107,7 @@ class CallbackMatrix(ParametricMatrix):
         second: Callable | None = None,
         affine: bool = False,
     ):
-        self.n_params = _count(n_params, "n_params")
+        self.n_params = as_count(n_params, "n_params")
         for name, cb in (("values", values), ("jacobian", jacobian), ("second", second)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
@@ -170,7 +165,9 @@ class CallbackMatrix(ParametricMatrix):
 
     def _contract(self, p, w, z):
         prod = np.empty(self.nnz)
-        _kernels.slot_products(self._rows, self.indices, _kernels.as_columns(w), _kernels.as_columns(z), prod)
+        w2, z2 = _kernels.as_columns(w), _kernels.as_columns(z)
+        with threads_for(self.nnz * w2.shape[1]):
+            _kernels.slot_products(self._rows, self.indices, w2, z2, prod)
         return self.jacobian(p).T @ prod
 
     def _tangent_values(self, p, dp):
@@ -199,6 +196,7 @@ class ConstantMatrix(ParametricMatrix):
     constant = True
 
     def __init__(self, A, n_params: int):
+        refuse_complex(A.data if sp.issparse(A) else A, "A")
         A = sp.csr_array(A, dtype=np.float64, copy=True)  # a copy: the caller's matrix is neither kept nor sorted
         A.sum_duplicates()
         A.sort_indices()
@@ -208,7 +206,7 @@ class ConstantMatrix(ParametricMatrix):
         self.shape = (int(A.shape[0]), int(A.shape[1]))
         self.indptr, self.indices = A.indptr, A.indices
         self._data = A.data  # A is a copy: adjopt owns it
-        self.n_params = _count(n_params, "n_params")
+        self.n_params = as_count(n_params, "n_params")
 
     def values(self, p) -> np.ndarray:
         self.check_p(p)

@@ -48,7 +48,9 @@ class Exp(Coefficient):
     """phi(p) = exp(p): a log-parametrised positive coefficient (e.g. conductivity)."""
 
     def __call__(self, p):
-        return np.exp(p)
+        # an overflow (p > 709) gives inf, which the solver refuses with a clear error; no RuntimeWarning
+        with np.errstate(over="ignore"):
+            return np.exp(p)
 
     d1 = __call__
     d2 = __call__

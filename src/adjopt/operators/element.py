@@ -25,7 +25,8 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_parameter, as_state_like, refuse_complex
+from .._threads import threads_for
+from .._validate import as_count, as_parameter, as_state_like, check_finite, refuse_complex
 from ..errors import PatternError, ShapeError
 from . import _kernels, _pattern
 from .base import ParametricMatrix
@@ -154,13 +155,16 @@ class ElementCoefficientMatrix(ParametricMatrix):
         if not np.all(np.isfinite(local2)):
             raise PatternError("local matrices contain NaN or Inf")
         cmax = int(conn.max())
-        if n is None:
-            n = cmax + 1
+        if cmax < 0:
+            raise PatternError("conn has no dof: every entry is negative (every dof condensed)")
+        n = cmax + 1 if n is None else as_count(n, "n")
         if cmax >= n:
             bad = int(np.argmax(conn.max(axis=1) >= n))
             raise PatternError(f"element {bad} refers to dof {int(conn[bad].max())} but the matrix has only n={n} rows")
         if A0 is not None:
-            A0 = sp.csr_array(A0)
+            refuse_complex(A0.data if sp.issparse(A0) else A0, "A0")
+            A0 = sp.csr_array(A0, dtype=np.float64)
+            check_finite(A0.data, "A0")
             if A0.shape != (n, n):
                 raise PatternError(f"A0 must have shape ({n}, {n}), got {A0.shape}")
         idx_t = _index_dtype(max(n, n_elem))
@@ -209,10 +213,11 @@ class ElementCoefficientMatrix(ParametricMatrix):
                 raise ShapeError(f"base must have one value per slot of the pattern, shape ({self.nnz},), "
                                  f"got {base.shape}")
         out = np.empty(self.nnz)
-        _kernels.gather_slots(
-            self._slot_ptr, self._slot_elem, self._slot_loc, self.local, self._estride,
-            coef, self._zero if base is None else base, out,
-        )
+        with threads_for(self._slot_elem.shape[0]):
+            _kernels.gather_slots(
+                self._slot_ptr, self._slot_elem, self._slot_loc, self.local, self._estride,
+                coef, self._zero if base is None else base, out,
+            )
         return out
 
     def values(self, p) -> np.ndarray:
@@ -223,20 +228,22 @@ class ElementCoefficientMatrix(ParametricMatrix):
         """a_e(w, z) = w_e^T K_e z_e for every element (columns summed); w, z of shape (n,) or (n, k)."""
         w, z = self._check_pair(w, z, "w", "z")
         out = np.empty(self.n_params)
-        if w.ndim == 1 and z.ndim == 1:
-            _kernels.element_bilinear1(self.conn, self.local, self._estride, np.ascontiguousarray(w),
-                                       np.ascontiguousarray(z), 8 * numba.get_num_threads(), out)
-        else:
-            _kernels.element_bilinear(self.conn, self.local, self._estride, _kernels.as_columns(w),
-                                      _kernels.as_columns(z), out)
+        with threads_for(self.n_params * self.k * self.k * (1 if w.ndim == 1 else w.shape[1])):
+            if w.ndim == 1 and z.ndim == 1:
+                _kernels.element_bilinear1(self.conn, self.local, self._estride, np.ascontiguousarray(w),
+                                           np.ascontiguousarray(z), 8 * numba.get_num_threads(), out)
+            else:
+                _kernels.element_bilinear(self.conn, self.local, self._estride, _kernels.as_columns(w),
+                                          _kernels.as_columns(z), out)
         return out
 
     def _gather_matvec(self, coef: np.ndarray, z: np.ndarray) -> np.ndarray:
         """(sum_e coef_e K_e) z in one pass, without storing the matrix values."""
         z2 = _kernels.as_columns(z)
         out = np.empty((self.shape[0], z2.shape[1]))
-        _kernels.gather_matvec(self.indptr, self.indices, self._slot_ptr, self._slot_elem, self._slot_loc, self.local,
-                               self._estride, np.ascontiguousarray(coef, dtype=np.float64), z2, out)
+        with threads_for(self._slot_elem.shape[0] * z2.shape[1]):
+            _kernels.gather_matvec(self.indptr, self.indices, self._slot_ptr, self._slot_elem, self._slot_loc,
+                                   self.local, self._estride, np.ascontiguousarray(coef, dtype=np.float64), z2, out)
         return out.reshape((self.shape[0],) + z.shape[1:])
 
     def tangent(self, p, dp, z) -> np.ndarray:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_parameter, as_state_like, check_finite, owned, owned_operator, refuse_complex
+from .._threads import threads_for
+from .._validate import as_count, as_parameter, as_state_like, check_finite, owned, owned_operator, refuse_complex
 from ..errors import MissingDerivativeError, PatternError, ShapeError
 from . import _kernels
 from .coefficients import Coefficient, as_coefficient
@@ -54,7 +55,7 @@ class ConstantVector(ParametricVector):
 
     def __init__(self, b):
         refuse_complex(b, "b")
-        b = owned(b.toarray() if sp.issparse(b) else b)  # a copy: the caller may change its b
+        b = owned(b.toarray() if sp.issparse(b) else b, "b")  # a copy: the caller may change its b
         if b.ndim not in (1, 2):
             raise ShapeError(f"b must have shape (n,) or (n, k), got {b.shape}")
         check_finite(b, "b")
@@ -75,11 +76,11 @@ class AffineVector(ParametricVector):
     """b(p) = b0 + B p with B of shape (n, m) (dense or sparse)."""
 
     def __init__(self, b0, B):
-        self.B = owned_operator(B)
+        self.B = owned_operator(B, "B")
         if self.B.ndim != 2:
             raise ShapeError(f"B must be an (n, m) matrix, got shape {self.B.shape}")
         self.n, self.n_params = int(self.B.shape[0]), int(self.B.shape[1])
-        b0 = np.zeros(self.n) if b0 is None else owned(b0)
+        b0 = np.zeros(self.n) if b0 is None else owned(b0, "b0")
         if b0.shape != (self.n,):
             raise ShapeError(f"b0 must have shape ({self.n},) to match B of shape {self.B.shape}, got {b0.shape}")
         self.b0 = b0
@@ -109,7 +110,9 @@ class ElementCoefficientVector(ParametricVector):
         if conn.ndim != 2 or not np.issubdtype(conn.dtype, np.integer):
             raise PatternError(f"conn must be an (n_elem, k) integer array, got shape {conn.shape}")
         n_elem, k = conn.shape
+        refuse_complex(local, "local vectors")
         local = np.array(local, dtype=np.float64, copy=True)  # a copy: adjopt owns what it keeps
+        check_finite(local, "local vectors")
         if local.shape == (k,):
             self._estride, self.local = 0, local.reshape(1, k)
         elif local.shape == (n_elem, k):
@@ -123,7 +126,7 @@ class ElementCoefficientVector(ParametricVector):
         self.n_params = n_elem
         self.coefficient = as_coefficient(coefficient)
         self.affine = self.coefficient.affine
-        self.b0 = np.zeros(self.n) if b0 is None else owned(b0)
+        self.b0 = np.zeros(self.n) if b0 is None else owned(b0, "b0")
         if self.b0.shape != (self.n,):
             raise ShapeError(f"b0 must have shape ({self.n},), got {self.b0.shape}")
         keep = self.conn >= 0
@@ -137,7 +140,8 @@ class ElementCoefficientVector(ParametricVector):
     def _forms(self, lam):
         out = np.empty(self.n_params)
         lam = _kernels.as_columns(as_state_like(lam, self.n, "lam"))
-        _kernels.element_linear(self.conn, self.local, self._estride, lam, out)
+        with threads_for(self.conn.size * lam.shape[1]):
+            _kernels.element_linear(self.conn, self.local, self._estride, lam, out)
         return out
 
     def value(self, p):
@@ -162,13 +166,17 @@ class CallbackVector(ParametricVector):
     """
 
     def __init__(self, n: int, n_params: int, value: Callable, jacobian: Callable, second: Callable | None = None, affine: bool = False):
-        self.n, self.n_params = int(n), int(n_params)
+        self.n, self.n_params = as_count(n, "n"), as_count(n_params, "n_params")
+        for name, cb in (("value", value), ("jacobian", jacobian), ("second", second)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
         self._value, self._jac, self._second = value, jacobian, second
         self.affine = bool(affine) and second is None
 
     def _J(self, p):
         J = self._jac(p)
-        J = sp.csr_array(J) if sp.issparse(J) else np.asarray(J, dtype=np.float64)
+        refuse_complex(J.data if sp.issparse(J) else J, "jacobian(p)")
+        J = sp.csr_array(J, dtype=np.float64) if sp.issparse(J) else np.asarray(J, dtype=np.float64)
         if J.shape != (self.n, self.n_params):
             raise PatternError(f"jacobian(p) must have shape ({self.n}, {self.n_params}), got {J.shape}")
         return J

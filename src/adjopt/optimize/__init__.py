@@ -4,11 +4,12 @@ All share one loop (:mod:`adjopt.optimize.base`): stopping tests, history,
 a callback, checkpoints after every iteration and exact resume.
 """
 
-from .base import CheckpointError, OptimizationError, OptimizeResult, Options, read_checkpoint
+from .base import CheckpointError, MethodSetupError, OptimizationError, OptimizeResult, Options, read_checkpoint
 from .inner import Diagonal, Euclidean, InnerProduct, Matrix, make_inner_product
 from .minimize import methods, minimize
 
 __all__ = [
-    "minimize", "methods", "OptimizeResult", "Options", "CheckpointError", "OptimizationError", "read_checkpoint",
+    "minimize", "methods", "OptimizeResult", "Options", "CheckpointError", "MethodSetupError", "OptimizationError",
+    "read_checkpoint",
     "InnerProduct", "Euclidean", "Diagonal", "Matrix", "make_inner_product",
 ]

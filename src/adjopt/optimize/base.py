@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from ..errors import AdjoptError
+from ..errors import AdjoptError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ IDENTITY = {"problem": "problem {!r}, not {!r}", "options": "problem options {},
 
 class OptimizationError(AdjoptError, RuntimeError):
     """A driver cannot continue (e.g. the line search found no acceptable step)."""
+
+
+class MethodSetupError(AdjoptError, ValueError):
+    """The method cannot run on this problem with these options (bounds or constraints it does not take,
+    an unknown option, a start of the wrong shape)."""
 
 
 class CheckpointError(AdjoptError, ValueError):
@@ -201,7 +206,7 @@ class Driver:
         x = self.project(np.array(x0, dtype=np.float64))
         f = self.J.value(x)
         if not math.isfinite(f):
-            raise ValueError(f"the objective is not finite at the starting point (f = {f})")
+            raise NonFiniteError(f"the objective is not finite at the starting point (f = {f})")
         return x, f, self.J.gradient(x)
 
     def project(self, x: np.ndarray) -> np.ndarray:
@@ -362,8 +367,11 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         for k in counts:
             counts[k] += prev.get(k, 0)
         driver.warnings = list(meta.get("warnings", []))
-        logger.info("%s: resumed from %s at iteration %d (f = %.10g)", driver.name, os.fspath(resume), nit, state["f"])
+        finished = meta.get("finished")
+        logger.info("%s: resumed from %s at iteration %d (f = %.10g)%s", driver.name, os.fspath(resume), nit,
+                    state["f"], ": that run had finished" if finished else "")
     else:
+        finished = None
         state = driver.start(x0)
         nit, elapsed0 = 0, 0.0
         g0 = driver.stationarity(state)
@@ -396,16 +404,25 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         clock[0] = now
         return dict(time=total, phases=out)
 
+    budget = [False]  # the run stopped at maxiter or max_time: a resume with a larger budget goes on
+
     def before_iteration():
         """(stop, success, message) from the tests that need no new iterate."""
         gnorm = driver.stationarity(state)
         if gnorm <= gtarget:
             return True, True, f"stationarity {gnorm:.3g} <= {gtarget:.3g} (gtol {options.gtol:g}, gatol {options.gatol:g})"
         if nit_box[0] >= options.maxiter:
+            budget[0] = True
             return True, False, f"maximum number of iterations ({options.maxiter}) reached"
         if options.max_time is not None and elapsed() >= options.max_time:
+            budget[0] = True
             return True, False, f"wall-time limit ({options.max_time:g} s) reached"
         return False, False, ""
+
+    def checkpoint_meta(**extra) -> dict:
+        fact, solves = totals()
+        return dict(version=CHECKPOINT_VERSION, **ident, nit=nit_box[0], history=history, elapsed=elapsed(), g0=g0,
+                    counts=dict(counts, factorizations=fact, solves=solves), warnings=driver.warnings, **extra)
 
     def after_iteration(x_old, f_old, record):
         """Book-keeping of one finished iteration: history, log, checkpoint, callback, step tests."""
@@ -419,10 +436,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         history.append(entry)
         logger.info("%s: iteration %d, f = %.10g, stationarity %.3g, step %.3g", driver.name, nit, state["f"], gnorm, step)
         if checkpoint is not None:
-            fact, solves = totals()
-            meta = dict(version=CHECKPOINT_VERSION, **ident, nit=nit, history=history, elapsed=elapsed(),
-                        g0=g0, counts=dict(counts, factorizations=fact, solves=solves), warnings=driver.warnings)
-            write_checkpoint(checkpoint, state, meta)
+            write_checkpoint(checkpoint, state, checkpoint_meta())
         if callback is not None:
             callback(dict(entry, x=state["x"].copy()))
         if options.ftol > 0 and abs(f_old - float(state["f"])) <= options.ftol * max(1.0, abs(float(state["f"]))):
@@ -431,7 +445,10 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
             return True, True, f"step {step:.3g} <= xtol {options.xtol:g} (max-norm)"
         return before_iteration()
 
-    if getattr(driver, "external_loop", False):
+    if finished:
+        # a checkpoint of a run that had ended: resuming it is asking for its result, not for one more step
+        success, message = bool(finished["success"]), str(finished["message"])
+    elif getattr(driver, "external_loop", False):
         # the driver runs a loop of its own (scipy) and reports each iteration through `report`
         outcome = {}
 
@@ -462,6 +479,10 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
             stop, success, message = after_iteration(x_old, f_old, record)
             if stop:
                 break
+    if checkpoint is not None and not finished and not budget[0]:
+        # the end of a run that stopped by itself (converged, or could not go on) goes into the checkpoint
+        # too, so that a resume of it returns this result instead of taking another step
+        write_checkpoint(checkpoint, state, checkpoint_meta(finished=dict(success=bool(success), message=message)))
     nit = nit_box[0]
     fact, solves = totals()
     result = OptimizeResult(

@@ -17,6 +17,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
+from .._validate import check_symmetric
+
 from ..errors import ShapeError
 
 INNER_PRODUCTS = ("euclidean", "l2", "l2-lumped", "h1")
@@ -107,10 +109,19 @@ class Matrix(InnerProduct):
         if not np.all(d > 0):
             raise ValueError("the Gram matrix has an empty row: it is not positive definite")
         self._diag = d
+        check_symmetric(sp.csr_array(M), f"the Gram matrix of the {name} inner product",
+                        "an inner product is symmetric")
         try:
-            self._lu = sla.splu(M)
+            # diagonal pivoting with a symmetric ordering: the pivots are those of L D L^T, all positive
+            # exactly when M is positive definite (Sylvester's law of inertia)
+            self._lu = sla.splu(M, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
         except RuntimeError as exc:
             raise ValueError(f"the Gram matrix is singular ({exc}): it is not positive definite") from exc
+        pivots = self._lu.U.diagonal()
+        if not np.all(pivots > 0):
+            raise ValueError(f"the Gram matrix of the {name} inner product is not positive definite "
+                             f"({int(np.count_nonzero(~(pivots > 0)))} non-positive pivot(s)): give a mass matrix "
+                             "(and stiffness) that is symmetric positive definite")
 
     def apply(self, v):
         return self.M @ v

@@ -7,7 +7,8 @@ import logging
 import numpy as np
 
 from ..problem import Problem
-from .base import OptimizeResult, Options, run
+from ..errors import AdjoptError
+from .base import MethodSetupError, OptimizeResult, Options, run
 from .inner import make_inner_product
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,17 @@ def minimize(problem: Problem, method: str = "lbfgs", inner_product=None, x0=Non
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"minimize takes an adjopt.Problem, got {type(problem).__name__}")
+    try:
+        driver, x, stop, counts = _setup(problem, method, inner_product, x0, resume, options)
+    except ValueError as exc:
+        if isinstance(exc, AdjoptError):
+            raise
+        raise MethodSetupError(str(exc)) from exc
+    return run(driver, x, stop, counts, callback=callback, checkpoint=checkpoint, resume=resume)
+
+
+def _setup(problem, method, inner_product, x0, resume, options):
+    """(driver, start, stopping tests, counters), or a ValueError saying why the method cannot run."""
     known = methods()
     if not isinstance(method, str) or method.lower() not in known:
         raise ValueError(f"unknown method {method!r}; the methods are {sorted(known)}")
@@ -85,4 +97,4 @@ def minimize(problem: Problem, method: str = "lbfgs", inner_product=None, x0=Non
             logger.warning("%s", msg)
             driver.warnings.append(msg)
             x = np.clip(x, lo, hi)
-    return run(driver, x, stop, counts, callback=callback, checkpoint=checkpoint, resume=resume)
+    return driver, x, stop, counts

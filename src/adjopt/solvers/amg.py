@@ -33,8 +33,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validate import check_finite
-from ..errors import NotPositiveDefiniteError, ShapeError
-from .base import Factorization, LinearSolver, per_kind_tolerances, report_nonconvergence
+from ..errors import NotPositiveDefiniteError, ShapeError, SingularMatrixError
+from .base import Factorization, LinearSolver, _singular_message, per_kind_tolerances, report_nonconvergence
 from .direct import is_symmetric
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,32 @@ METHODS = ("auto", "sa", "rootnode", "air", "ruge_stuben")
 #: default relative tolerance of every solve kind
 DEFAULT_TOL = 1e-10
 
+
+
+#: smallest / largest singular value of the coarsest level below which A counts as singular
+COARSE_SINGULAR = 1e-12
+#: coarsest levels up to this size get the (dense) singularity check
+COARSE_CHECK_MAX = 2000
+
+
+def _check_coarse(ml) -> None:
+    """Raise :class:`SingularMatrixError` when the coarsest level of the hierarchy is singular.
+
+    A Krylov solve does not notice a singular A with a consistent right-hand side: it converges to one of
+    its solutions, with a null-space part that depends on the start (a warm start from another problem,
+    say), and pyamg's coarse solver is a pseudo-inverse. A Galerkin coarse operator keeps the null space of
+    A (the constants of a pure-Neumann problem are in the range of the prolongation), so the smallest
+    singular value of the coarsest level, a matrix of a few unknowns, tells: measured 2e-15 of the largest
+    for pure-Neumann Poisson, 0.1 and more for SIMP elasticity at the contrast 1e-9.
+    """
+    C = ml.levels[-1].A
+    if C.shape[0] > COARSE_CHECK_MAX:
+        logger.debug("AMG: coarsest level of %d unknowns: no singularity check", C.shape[0])
+        return
+    d = np.linalg.svd(C.toarray() if sp.issparse(C) else np.asarray(C), compute_uv=False)
+    if d.size and not d[-1] > COARSE_SINGULAR * d[0]:
+        raise SingularMatrixError(_singular_message(
+            f"the coarsest multigrid level has a singular value {d[-1] / d[0]:.1e} times its largest"))
 
 
 def _hierarchy_nnz(ml) -> int:
@@ -294,10 +320,16 @@ class AMGSolver(LinearSolver):
         return pyamg.ruge_stuben_solver(A, **opts)
 
     def _factorize(self, A) -> AMGFactorization:
+        zero = np.flatnonzero(A.diagonal() == 0)
+        if zero.size:  # the smoothers divide by the diagonal (and pyamg prints a line per zero it meets)
+            raise SingularMatrixError(_singular_message(
+                f"{zero.size} zero(s) on the diagonal, the first in row {zero[0]}: a dof without stiffness; AMG's "
+                "smoothers need a nonzero diagonal (a saddle-point matrix needs solver='superlu' or 'pardiso')"))
         sym = is_symmetric(A) if self.symmetric is None else bool(self.symmetric)
         if not sym and self.method == "auto" and self.near_nullspace is not None:
             logger.info("AMG: A is nonsymmetric; AIR ignores the near-nullspace (use method='sa' to keep it)")
         ml = self._setup(A, sym)
+        _check_coarse(ml)
         logger.debug("AMG: n=%d nnz(A)=%d, %d levels, operator complexity %.2f, symmetric=%s",
                      A.shape[0], A.nnz, len(ml.levels), ml.operator_complexity(), sym)
         return AMGFactorization(A, self.stats, self, ml, sym)

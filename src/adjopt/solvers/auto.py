@@ -72,6 +72,7 @@ class AutoSolver(LinearSolver):
         self.small_limit = small_limit
         self.amg_options = dict(amg_options or {})
         self.chosen: LinearSolver | None = None
+        self._refused: set[str] = set()  # backends that refused an A(p) of this functional
 
     def _candidates(self, A) -> list[str]:
         if A.shape[0] > self.direct_limit:
@@ -80,7 +81,7 @@ class AutoSolver(LinearSolver):
             return ["superlu"]
         have = installed()
         order = ["cholmod", "pardiso", "superlu"] if is_symmetric(A) else ["pardiso", "superlu"]
-        return [name for name in order if name in have]
+        return [name for name in order if name in have and name not in self._refused]
 
     def _make(self, name: str) -> LinearSolver:
         cls = backends()[name]
@@ -90,7 +91,17 @@ class AutoSolver(LinearSolver):
 
     def _factorize(self, A):
         if self.chosen is not None:
-            return self.chosen._factorize(A)
+            try:
+                return self.chosen._factorize(A)
+            except NotPositiveDefiniteError:
+                # A(p) was symmetric positive definite where the choice was made and is not at this p (a
+                # parameter that makes it nonsymmetric): choose again, without CHOLMOD
+                if self.chosen.name != "cholmod":
+                    raise
+                logger.info("solver='auto': CHOLMOD refused A(p) at this p (not symmetric positive definite); "
+                            "choosing again without it")
+                self._refused.add("cholmod")
+                self.chosen = None
         names = self._candidates(A)
         for i, name in enumerate(names):
             solver = self._make(name)

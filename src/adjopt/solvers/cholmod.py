@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from ..errors import MissingBackendError, NotPositiveDefiniteError
-from .base import Factorization, LinearSolver
+from ..errors import MissingBackendError, NotPositiveDefiniteError, SingularMatrixError
+from .base import Factorization, LinearSolver, _singular_message
 from .direct import is_symmetric
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,10 @@ class CholmodSolver(LinearSolver):
         # exactly when every entry of D is > 0 (D() reads the diagonal in place, O(n), no copy).
         d = factor.D()
         bad = np.flatnonzero(~(d > 0))
+        if bad.size and np.all(np.abs(d[bad]) <= 1e-10 * np.max(np.abs(d))):
+            # pivots at round-off, not clearly negative: a singular positive semidefinite A (pure Neumann)
+            raise SingularMatrixError(_singular_message(
+                f"the L D L^T factorization has {bad.size} pivot(s) at round-off, the first {d[bad[0]]:.3g}"))
         if bad.size:
             raise NotPositiveDefiniteError(
                 _not_spd_message(f"the L D L^T factorization has {bad.size} non-positive pivot(s) of {A.shape[0]}, "
