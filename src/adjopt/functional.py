@@ -47,10 +47,8 @@ logger = logging.getLogger(__name__)
 
 
 def _frozen(x: np.ndarray) -> np.ndarray:
-    """x as a read-only array that owns its memory (a view of a writable array could be made writable again)."""
-    x = np.require(x, requirements=["O"])
-    x.flags.writeable = False
-    return x
+    """x as an array on an immutable buffer: neither it nor a view of it (nor its base) can be made writable."""
+    return np.frombuffer(np.ascontiguousarray(x).tobytes(), dtype=x.dtype).reshape(x.shape)
 
 
 @dataclass
