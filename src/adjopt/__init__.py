@@ -7,6 +7,7 @@ handful of solves that share one factorization.
 
 import logging
 
+from . import _threads  # noqa: F401  (first: OpenMP's wait policy is read when numba loads it)
 from .errors import (
     AdjoptError,
     CacheTooSmallError,

@@ -1,0 +1,49 @@
+"""Threads: small kernels run on the calling thread, OpenMP's workers sleep instead of spinning."""
+
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+import adjopt
+from adjopt import _threads
+
+
+def test_small_work_runs_on_one_thread_and_the_count_is_restored(monkeypatch):
+    if numba.get_num_threads() < 2:
+        pytest.skip("one numba thread: nothing to switch")
+    n = numba.get_num_threads()
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 1000)
+    with _threads.threads_for(999):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == n
+    with _threads.threads_for(1000):
+        assert numba.get_num_threads() == n
+    with pytest.raises(RuntimeError), _threads.threads_for(0):
+        raise RuntimeError("a kernel failed")
+    assert numba.get_num_threads() == n
+
+
+def test_kernels_give_the_same_numbers_on_one_thread_and_on_many(monkeypatch):
+    conn = np.stack([np.arange(400), np.arange(400) + 1], axis=1)
+    A = adjopt.ElementCoefficientMatrix(conn, np.array([[1.0, -1.0], [-1.0, 1.0]]), A0=np.eye(401) * 1e-3)
+    p, w = np.linspace(0, 1, 400), np.linspace(-1, 1, 401)
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 0)
+    parallel = A.values(p), A.contract(p, w, w), A.tangent(p, p, w)
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 10**12)
+    serial = A.values(p), A.contract(p, w, w), A.tangent(p, p, w)
+    for a, b in zip(parallel, serial):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("env, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                           ({"ADJOPT_THREADING": "keep"}, None)])
+def test_importing_adjopt_lets_openmp_workers_sleep_unless_told_otherwise(env, expected):
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "ADJOPT_THREADING")}
+    proc = subprocess.run([sys.executable, "-c", "import os, adjopt; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                          env={**base, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(expected)
