@@ -90,6 +90,40 @@ def test_lru_keeps_a_bounded_number_of_factorizations_in_a_long_run():
     J = adjopt.ReducedFunctional(A, np.ones(3), adjopt.Norm(), solver="superlu", cache_bytes=3 * one)
     for k in range(10):
         J.gradient(np.full(2, 1.0 + k))
-    assert len(J.cache) == 3 and J.cache.evictions == 7 and J.cache.nbytes <= 3 * one
+    # only the 2 most recently used points hold a factorization: the older ones are smaller, so more fit
+    assert J.cache.nbytes <= 3 * one and 3 <= len(J.cache) < 10 and J.cache.evictions == 10 - len(J.cache)
+    assert sum(st.factorization is not None for st in J.cache.entries()) == 2
     J.value(np.full(2, 10.0))  # the most recent point is still cached: no new factorization
     assert J.stats.factorizations == 10
+
+
+def test_an_older_point_is_factorized_again_only_when_a_solve_needs_it():
+    conn = np.array([[0, 1], [1, 2]])
+    A = adjopt.ElementCoefficientMatrix(conn, np.array([[2.0, -1.0], [-1.0, 2.0]]), coefficient="exp")
+    J = adjopt.ReducedFunctional(A, np.ones(3), adjopt.SquaredMisfit(np.zeros(3)), solver="superlu")
+    points = [np.full(2, 0.1 * k) for k in range(4)]
+    grads = [J.gradient(p).copy() for p in points]
+    assert J.stats.factorizations == 4
+    np.testing.assert_array_equal(J.gradient(points[0]), grads[0])  # u and lam cached: no solve needed
+    assert J.stats.factorizations == 4
+    h = J.hessp(points[0], np.ones(2))  # two solves at an old point: factorized again, once
+    assert J.stats.factorizations == 5
+    fresh = adjopt.ReducedFunctional(A, np.ones(3), adjopt.SquaredMisfit(np.zeros(3)), solver="superlu")
+    np.testing.assert_array_equal(h, fresh.hessp(points[0], np.ones(2)))
+    with pytest.raises(ValueError, match="keep_factorizations must be a positive integer"):
+        adjopt.ReducedFunctional(A, np.ones(3), adjopt.Norm(), keep_factorizations=0)
+
+
+def test_cholmod_refactorizes_in_the_memory_of_a_released_factorization():
+    pytest.importorskip("sksparse.cholmod")
+    conn = np.array([[0, 1], [1, 2], [2, 3]])
+    A = adjopt.ElementCoefficientMatrix(conn, np.array([[2.0, -1.0], [-1.0, 2.0]]), coefficient="exp")
+    J = adjopt.ReducedFunctional(A, np.ones(4), adjopt.SquaredMisfit(np.zeros(4)), solver="cholmod",
+                                 keep_factorizations=1)
+    J.value(np.zeros(3))
+    factor = J._use(J._state(J._p(np.zeros(3)))).factor
+    g = J.gradient(np.full(3, 0.5))  # the first point's factor is recycled for this one
+    assert J._use(J._state(J._p(np.full(3, 0.5)))).factor is factor
+    fresh = adjopt.ReducedFunctional(A, np.ones(4), adjopt.SquaredMisfit(np.zeros(4)), solver="superlu")
+    np.testing.assert_allclose(g, fresh.gradient(np.full(3, 0.5)), rtol=1e-12)
+    np.testing.assert_allclose(J.gradient(np.zeros(3)), fresh.gradient(np.zeros(3)), rtol=1e-12)

@@ -142,7 +142,7 @@ class Perturbed:
         if not self.eps_k:
             return self.J.hessp(p, dp)
         st = self.J._state(self.J._p(p))
-        fac = st.factorization
+        fac = self.J._use(st)
         solve = fac.solve
 
         def scaled(rhs, transpose=False, kind="other", tol=None):  # (1 - eps) A du = rhs

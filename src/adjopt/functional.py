@@ -30,18 +30,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse.linalg as sla
 
-from ._validate import as_parameter, check_finite, check_tolerance, owned
+from ._validate import as_count, as_parameter, check_finite, check_tolerance, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
 from .errors import NonFiniteError, PatternError
 from .objectives import Objective
 from .operators import ParametricMatrix, as_vector
-from .solvers import make_solver
+from .solvers import SOLVE_KINDS, make_solver
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +64,19 @@ class _State:
     lam_tol: float = np.inf  # relative residual the cached lam was solved to (0: direct, exact)
     q: np.ndarray | None = None  # rho-gradient of the PDE part, kept for hessp with a nonlinear map
     shared: bool = False  # the factorization serves every p (A does not depend on p): held once, not per entry
+    tolerances: dict | None = None  # {kind: default relative tolerance}; None for a direct factorization (exact)
+
+    def tolerance(self, kind: str, tol: float | None = None) -> float:
+        """The relative residual a ``kind`` solve with ``tol`` reaches (0: direct), without the factorization."""
+        if self.tolerances is None:
+            return 0.0
+        return self.tolerances[kind] if tol is None else float(tol)
 
     @property
     def nbytes(self) -> int:
         A = self.A
         a_bytes = 0 if self.shared else A.data.nbytes + A.indices.nbytes + A.indptr.nbytes
-        fac_bytes = 0 if self.shared else self.factorization.nbytes
+        fac_bytes = 0 if self.shared or self.factorization is None else self.factorization.nbytes
         # u, b and room for lam
         return a_bytes + fac_bytes + 3 * self.u.nbytes
 
@@ -91,6 +98,10 @@ class ReducedFunctional:
         symmetry of A, logged.
     cache_bytes
         Bound of the state cache (factorizations, states, adjoints), LRU.
+    keep_factorizations
+        How many points keep their factorization (the most recently used; default 2: the current iterate
+        and a trial point). Older cached points keep u, lam and A(p) and are factorized again if a solve
+        needs them; the factorization they give up is recycled (CHOLMOD refactorizes in its memory).
     parameter_map
         Optional :class:`~adjopt.maps.ParameterMap` rho = M(p) applied before A
         and b (filters, projections, nodal -> element); the objective sees p.
@@ -113,7 +124,8 @@ class ReducedFunctional:
     """
 
     def __init__(self, matrix: ParametricMatrix, rhs, objective: Objective, solver=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, parameter_map=None, self_adjoint: bool | None = None):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, parameter_map=None, self_adjoint: bool | None = None,
+                 keep_factorizations: int = 2):
         if not isinstance(matrix, ParametricMatrix):
             raise TypeError(f"matrix must be a ParametricMatrix, got {type(matrix).__name__}")
         if not isinstance(objective, Objective):
@@ -134,6 +146,9 @@ class ReducedFunctional:
         self.cache = StateCache(cache_bytes)
         #: (solver, factorization) of a matrix that does not depend on p (``matrix.constant``): one for every p
         self._fixed = None
+        self.keep_factorizations = as_count(keep_factorizations, "keep_factorizations")
+        #: the states that hold a factorization, least recently used first
+        self._live: OrderedDict[int, _State] = OrderedDict()
         #: wall seconds spent by phase since construction (or reset_stats): "filter" (the parameter map),
         #: "assembly", "factorize", "solve" (every kind), "sensitivity" (contractions, objective derivatives)
         self.times = Counter()
@@ -208,6 +223,7 @@ class ReducedFunctional:
     def solver(self, value):
         self._solver = make_solver(value)
         self.cache.clear()
+        self._live.clear()
         self._fixed = None
 
     def _detect_self_adjoint(self) -> bool:
@@ -243,6 +259,8 @@ class ReducedFunctional:
         constant = getattr(self.matrix, "constant", False)
         if constant and self._fixed is not None and self._fixed[0] is self.solver:
             return self._fixed[1], True
+        if not constant:
+            self._make_room()
         if getattr(self.solver, "uses_operator", False):
             # solvers that know the discretisation (geometric multigrid) also see A(.) and rho
             fac = self.solver.factorize(A, operator=self.matrix, rho=rho)
@@ -251,6 +269,25 @@ class ReducedFunctional:
         if constant:
             self._fixed = (self.solver, fac)
         return fac, constant
+
+    def _make_room(self) -> None:
+        """Release the factorizations of the least recently used points beyond ``keep_factorizations - 1``,
+        before a new one is made (so that the solver can refactorize in the memory of a released one)."""
+        while len(self._live) >= self.keep_factorizations:
+            _, old = self._live.popitem(last=False)
+            fac, old.factorization = old.factorization, None
+            if fac is not None:
+                self.solver.recycle(fac)
+
+    def _use(self, st: _State):
+        """The factorization of a cached point, made again if it was released; marks it recently used."""
+        if st.factorization is None:
+            logger.debug("ReducedFunctional: factorizing a cached point again (its factorization was released)")
+            st.factorization, _ = self._factorize(st.A, st.rho)
+        if not st.shared:
+            self._live[id(st)] = st
+            self._live.move_to_end(id(st))
+        return st.factorization
 
     def _state(self, p: np.ndarray) -> _State:
         st = self.cache.get(p)
@@ -274,20 +311,22 @@ class ReducedFunctional:
         times["assembly"] += t2 - t1
         times["factorize"] += t3 - t2
         times["solve"] += clock() - t3
-        st = _State(A=A, factorization=fac, b=b, u=u, rho=rho, shared=shared)
+        tolerances = None if fac.exact else {kind: fac.tolerance(kind) for kind in SOLVE_KINDS}
+        st = _State(A=A, factorization=fac, b=b, u=u, rho=rho, shared=shared, tolerances=tolerances)
+        self._use(st)
         self.cache.put(p, st)
         return st
 
     def _adjoint(self, p: np.ndarray, st: _State, tol: float | None = None) -> np.ndarray:
         """lam, solved again only when ``tol`` asks for more accuracy than the cached one has."""
-        want = st.factorization.tolerance("adjoint", tol)
+        want = st.tolerance("adjoint", tol)
         if st.lam is None and self.self_adjoint:
-            st.lam, st.lam_tol = st.u, st.factorization.tolerance("forward")
+            st.lam, st.lam_tol = st.u, st.tolerance("forward")
             st.q = None
         if st.lam is None or want < st.lam_tol:
             rhs = self.objective.grad_u(st.u, p)
             t0 = time.perf_counter()
-            st.lam = _frozen(st.factorization.solve(rhs, transpose=True, kind="adjoint", tol=tol))
+            st.lam = _frozen(self._use(st).solve(rhs, transpose=True, kind="adjoint", tol=tol))
             self.times["solve"] += time.perf_counter() - t0
             st.lam_tol = want
             st.q = None
@@ -345,7 +384,7 @@ class ReducedFunctional:
         """
         p = self._p(p)
         st = self._state(p)
-        if st.factorization.tolerance("forward") == 0.0:
+        if st.tolerance("forward") == 0.0:
             return 0.0
         lam = self._adjoint(p, st)
         return abs(float(np.vdot(lam, st.b - st.A @ st.u)))
@@ -398,7 +437,7 @@ class ReducedFunctional:
         if b.depends_on_p:
             rhs_t = rhs_t + b.jvp(rho, drho)
         t0 = clock()
-        du = st.factorization.solve(rhs_t, kind="tangent", tol=tol)
+        du = self._use(st).solve(rhs_t, kind="tangent", tol=tol)
         t_solves += clock() - t0
         if self.self_adjoint and lam is not None and lam is u:
             # f_uu = f_up = 0 and A = A^T, lam = u: the second-adjoint equation is the tangent equation
@@ -408,7 +447,7 @@ class ReducedFunctional:
             if lam is not None:
                 rhs_a = rhs_a - M.tangent_transpose(rho, drho, lam)
             t0 = clock()
-            dl = st.factorization.solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
+            dl = self._use(st).solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
             t_solves += clock() - t0
         h_rho = -M.contract(rho, dl, u)
         if lam is not None:

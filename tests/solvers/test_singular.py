@@ -165,3 +165,21 @@ def test_amg_refuses_a_zero_diagonal_before_pyamg_prints_about_it(capfd):
     with pytest.raises(SingularMatrixError, match=r"1 zero\(s\) on the diagonal, the first in row 5"):
         adjopt.solvers.AMGSolver().factorize(A)
     assert "zero diagonal" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("solver", DIRECT)
+def test_a_solve_gives_the_same_bits_whether_it_comes_first_or_not(solver):
+    # the probe is a solve of its own: a user's solve never shares a multi-column call with it
+    A = sp.csr_array(sp.diags_array([[-1.0] * 29, [2.5] * 30, [-1.0] * 29], offsets=[-1, 0, 1]))
+    rhs = np.random.default_rng(0).standard_normal(30)
+    s = adjopt.solvers.make_solver(solver)
+    first = s.factorize(A).solve(rhs, kind="tangent")
+    fac = s.factorize(A)
+    fac.solve(np.ones(30), kind="forward")
+    np.testing.assert_array_equal(fac.solve(rhs, kind="tangent"), first)
+
+
+def test_cholmod_pivots_certify_a_nonsingular_matrix_without_a_probe():
+    pytest.importorskip("sksparse.cholmod")
+    A = sp.csr_array(sp.diags_array([[-1.0] * 29, [2.5] * 30, [-1.0] * 29], offsets=[-1, 0, 1]))
+    assert adjopt.solvers.make_solver("cholmod").factorize(A).probed

@@ -89,6 +89,10 @@ class AutoSolver(LinearSolver):
         solver.stats = self.stats  # one set of counters, whoever does the work
         return solver
 
+    def recycle(self, factorization) -> None:
+        if self.chosen is not None:
+            self.chosen.recycle(factorization)
+
     def _factorize(self, A):
         if self.chosen is not None:
             try:
