@@ -47,3 +47,16 @@ def test_importing_adjopt_lets_openmp_workers_sleep_unless_told_otherwise(env, e
                           env={**base, **env}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(expected)
+
+
+def test_blas_free_reductions_match_numpy():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal(20_001), rng.standard_normal(20_001)  # above OpenBLAS's threaded-dot size
+    assert _threads.dot(a, b) == pytest.approx(float(a @ b), rel=1e-12)
+    assert _threads.norm(a) == pytest.approx(float(np.linalg.norm(a)), rel=1e-13)
+    M = rng.standard_normal((500, 3))
+    np.testing.assert_allclose(_threads.column_norms(M), np.linalg.norm(M, axis=0), rtol=1e-13)
+    assert _threads.norm(M) == pytest.approx(float(np.linalg.norm(M)), rel=1e-13)  # Frobenius, as np.vdot flattens
+    assert isinstance(_threads.dot(a[:3], b[:3]), float)
+    with pytest.raises(ValueError):
+        _threads.dot(a, b[:-1])

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse.linalg as sla
 
+from ._threads import dot
 from ._validate import as_count, as_parameter, check_finite, check_tolerance, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
 from .errors import NonFiniteError, PatternError
@@ -387,7 +388,7 @@ class ReducedFunctional:
         if st.tolerance("forward") == 0.0:
             return 0.0
         lam = self._adjoint(p, st)
-        return abs(float(np.vdot(lam, st.b - st.A @ st.u)))
+        return abs(dot(lam, st.b - st.A @ st.u))
 
     def gradient(self, p, tol: float | None = None) -> np.ndarray:
         """grad J(p) = df/dp - C(lam, u) + (db/dp)^T lam.

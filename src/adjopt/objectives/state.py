@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from .._threads import dot, norm
 from .._validate import check_finite, check_symmetric, owned, owned_operator, refuse_complex
 from ..errors import ShapeError
 from .base import Objective
@@ -17,10 +18,10 @@ class Norm(Objective):
     """
 
     def value(self, u, p):
-        return float(np.linalg.norm(u))
+        return norm(u)
 
     def _norm(self, u):
-        nrm = np.linalg.norm(u)
+        nrm = norm(u)
         if nrm == 0:
             raise ValueError("Norm is not differentiable at u = 0; the state vanished (is b zero?)")
         return nrm
@@ -30,7 +31,7 @@ class Norm(Objective):
 
     def hess_uu(self, u, p, du):
         nrm = self._norm(u)
-        return du / nrm - u * (np.vdot(u, du) / nrm**3)
+        return du / nrm - u * (dot(u, du) / nrm**3)
 
     def __repr__(self):
         return "Norm()"
@@ -97,7 +98,7 @@ class SquaredMisfit(Objective):
 
     def value(self, u, p):
         r = self.residual(u)
-        return 0.5 * float(np.vdot(r, self._weigh(r)))
+        return 0.5 * dot(r, self._weigh(r))
 
     def grad_u(self, u, p):
         return self._obs_T(self._weigh(self.residual(u)))
@@ -123,7 +124,7 @@ class Compliance(Objective):
     def value(self, u, p):
         if u.shape != self.load.shape:
             raise ShapeError(f"state has shape {u.shape} but the load has shape {self.load.shape}")
-        return float(np.vdot(self.load, u))
+        return dot(self.load, u)
 
     def grad_u(self, u, p):
         return self.load

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from .._threads import dot
 from ..errors import AdjoptError, NonFiniteError
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ class Driver:
             return self.inner.dual_norm(g)
         d = self.inner.diagonal()
         v = x - self.project(x - g / d)
-        return math.sqrt(max(float(v @ (d * v)), 0.0))
+        return math.sqrt(max(dot(v, d * v), 0.0))
 
 
 # -- checkpoints ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
+from .._threads import dot
 from .._validate import check_symmetric
 
 from ..errors import ShapeError
@@ -45,14 +46,14 @@ class InnerProduct:
         raise NotImplementedError
 
     def inner(self, a: np.ndarray, b: np.ndarray) -> float:
-        return float(a @ self.apply(b))
+        return dot(a, self.apply(b))
 
     def norm(self, v: np.ndarray) -> float:
         return math.sqrt(max(self.inner(v, v), 0.0))
 
     def dual_norm(self, g: np.ndarray) -> float:
         """sqrt(g^T M^{-1} g), the norm of a gradient."""
-        return math.sqrt(max(float(g @ self.riesz(g)), 0.0))
+        return math.sqrt(max(dot(g, self.riesz(g)), 0.0))
 
     def __repr__(self):
         return f"{type(self).__name__}(n={self.n})"

@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from .._threads import dot
 from .base import Driver, Stop
 from .linesearch import backtrack
 
@@ -55,17 +56,17 @@ class LBFGS(Driver):
         rho = 1.0 / np.einsum("ij,ij->i", S, Y) if k else np.zeros(0)
         alpha = np.zeros(k)
         for i in range(k - 1, -1, -1):
-            alpha[i] = rho[i] * (S[i] @ q)
+            alpha[i] = rho[i] * dot(S[i], q)
             q -= alpha[i] * Y[i]
         r = self.inner.riesz(q)
         if k:
             yl = Y[-1]
-            gamma = float(S[-1] @ yl) / float(yl @ self.inner.riesz(yl))
+            gamma = dot(S[-1], yl) / dot(yl, self.inner.riesz(yl))
         else:
             gamma = 1.0 / max(self.inner.dual_norm(q), np.finfo(float).tiny)  # a first step of unit length in M
         r *= gamma
         for i in range(k):
-            beta = rho[i] * (Y[i] @ r)
+            beta = rho[i] * dot(Y[i], r)
             r += (alpha[i] - beta) * S[i]
         d = -r
         if fixed is not None:
@@ -76,18 +77,18 @@ class LBFGS(Driver):
         x, f, g = state["x"], state["f"], state["g"]
         d = self.direction(state)
         restarted = False
-        if not float(g @ d) < 0:  # not a descent direction (bounds cut it): restart from steepest descent
+        if not dot(g, d) < 0:  # not a descent direction (bounds cut it): restart from steepest descent
             state["S"], state["Y"] = state["S"][:0], state["Y"][:0]
             d = self.direction(state)
             restarted = True
-            if not float(g @ d) < 0:
+            if not dot(g, d) < 0:
                 raise Stop("no descent direction: the projected gradient vanishes", success=True)
         t, x_new, f_new, trials = backtrack(self.J, x, f, g, d, self.project, 1.0, self.opts["c1"],
                                             self.opts["max_backtracks"])
         g_new = self.J.gradient(x_new)
         s, y = x_new - x, g_new - g
-        sy = float(s @ y)
-        updated = sy > 1e-12 * math.sqrt(float(s @ self.inner.apply(s)) * float(y @ self.inner.riesz(y)))
+        sy = dot(s, y)
+        updated = sy > 1e-12 * math.sqrt(dot(s, self.inner.apply(s)) * dot(y, self.inner.riesz(y)))
         if updated:
             mem = self.opts["memory"]
             state["S"] = np.vstack([state["S"], s])[-mem:]

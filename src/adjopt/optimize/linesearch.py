@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from .._threads import dot
 from ..errors import AdjoptError
 from .base import Stop
 
@@ -42,14 +43,14 @@ def backtrack(J, x, f, g, d, project, t0: float = 1.0, c1: float = 1e-4, max_ste
     """
     t = t0
     nan_seen = False
-    predicted = -float(g @ (project(x + t0 * d) - x))
+    predicted = -dot(g, project(x + t0 * d) - x)
     if predicted <= ROUNDOFF * max(abs(f), np.finfo(float).tiny):
         raise Stop(f"stopped at round-off short of the gradient tolerance: the predicted decrease {predicted:.3g} is "
                    f"below the precision of f = {f:.6g} (loosen gtol, or scale the objective)", success=False)
     for trial in range(1, max_steps + 1):
         xt = project(x + t * d)
         s = xt - x
-        slope = float(g @ s)
+        slope = dot(g, s)
         if slope >= 0 and not np.any(s):
             break  # the projected step vanished
         ft = safe_value(J, xt)

@@ -30,6 +30,7 @@ import math
 
 import numpy as np
 
+from .._threads import dot
 from .base import Driver, Stop
 from .inner import Diagonal, InnerProduct, Matrix
 from .lbfgs import _active
@@ -93,7 +94,7 @@ class NewtonCG(_NewtonBase):
         H = self.hess(state, eta)
         Hf = H if free is None else (lambda v: np.where(free, H(np.where(free, v, 0.0)), 0.0))
         d, cg_its, neg = _pcg(Hf, gf, P, eta * gnorm, self.opts["cg_maxiter"])
-        if not float(g @ d) < 0:
+        if not dot(g, d) < 0:
             d = -P.riesz(gf)
         t, x_new, f_new, trials = backtrack(self.J, x, f, g, d, self.project, 1.0, self.opts["c1"],
                                             self.opts["max_backtracks"])
@@ -120,7 +121,7 @@ class NewtonTR(_NewtonBase):
         H = self.hess(state, eta)
         for _ in range(60):
             d, Hd, cg_its, hit = _steihaug(H, g, self.P, eta * gnorm, state["radius"], self.opts["cg_maxiter"])
-            pred = -(float(g @ d) + 0.5 * float(d @ Hd))
+            pred = -(dot(g, d) + 0.5 * dot(d, Hd))
             if 0 <= pred <= ROUNDOFF * max(abs(f), np.finfo(float).tiny):
                 raise Stop(f"stopped at round-off short of the gradient tolerance: the predicted decrease {pred:.3g} "
                            f"is below the precision of f = {f:.6g} (loosen gtol, or scale the objective)", success=False)
@@ -150,17 +151,17 @@ def _pcg(H, g, P, tol, maxiter):
     r = -g.copy()
     z = P.riesz(r)
     p = z.copy()
-    rz = float(r @ z)
+    rz = dot(r, z)
     for it in range(1, maxiter + 1):
         Hp = H(p)
-        curv = float(p @ Hp)
+        curv = dot(p, Hp)
         if curv <= 0:
             return (z if it == 1 else d), it, True
         alpha = rz / curv
         d += alpha * p
         r -= alpha * Hp
         z = P.riesz(r)
-        rz_new = float(r @ z)
+        rz_new = dot(r, z)
         if math.sqrt(max(rz_new, 0.0)) <= tol:
             return d, it, False
         p = z + (rz_new / rz) * p
@@ -183,10 +184,10 @@ def _steihaug(H, g, P, tol, radius, maxiter):
     r = -g.copy()
     z = P.riesz(r)
     p = z.copy()
-    rz = float(r @ z)
+    rz = dot(r, z)
     for it in range(1, maxiter + 1):
         Hp = H(p)
-        curv = float(p @ Hp)
+        curv = dot(p, Hp)
         if curv <= 0:
             if math.isinf(radius):  # no region yet: take the preconditioned steepest descent (or the iterate)
                 return (z, H(z), it, False) if it == 1 else (d, Hd, it, False)
@@ -200,7 +201,7 @@ def _steihaug(H, g, P, tol, radius, maxiter):
         Hd += alpha * Hp
         r -= alpha * Hp
         z = P.riesz(r)
-        rz_new = float(r @ z)
+        rz_new = dot(r, z)
         if math.sqrt(max(rz_new, 0.0)) <= tol:
             return d, Hd, it, False
         p = z + (rz_new / rz) * p

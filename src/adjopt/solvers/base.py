@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from .._threads import column_norms, norm
 from .._validate import check_finite, check_tolerance, refuse_complex
 from ..errors import ConvergenceWarning, NonFiniteError, ShapeError, SingularMatrixError, SolverDidNotConverge
 
@@ -187,7 +188,7 @@ class Factorization:
         """The singularity probe (see the class docstring); :class:`SingularMatrixError` if A is singular."""
         r = np.random.default_rng(_PROBE_SEED).standard_normal(self.n)
         x = self._solve(r, False, "other", None)
-        res = np.linalg.norm(self.A @ x - r) / np.linalg.norm(r) if np.all(np.isfinite(x)) else np.inf
+        res = norm(self.A @ x - r) / norm(r) if np.all(np.isfinite(x)) else np.inf
         if not res <= self.singular_residual:
             raise SingularMatrixError(_singular_message(
                 f"a solve with a random right-hand side left a relative residual of {res:.2g}, so A x = b has no "
@@ -198,8 +199,8 @@ class Factorization:
     def check_residual(self, x: np.ndarray, rhs: np.ndarray, transpose: bool = False, kind: str = "other") -> None:
         """Raise :class:`SingularMatrixError` if a column of A x - rhs (A^T x - rhs) is not small against its rhs."""
         op = self.A.T if transpose else self.A
-        r = np.linalg.norm((op @ x - rhs).reshape(self.n, -1), axis=0)
-        scale = np.linalg.norm(rhs.reshape(self.n, -1), axis=0)
+        r = column_norms((op @ x - rhs).reshape(self.n, -1))
+        scale = column_norms(rhs.reshape(self.n, -1))
         if not getattr(self, "_warned", False) and np.any((scale > 0) & (r > self.ill_conditioned * scale)):
             self._warned = True
             logger.info("the %s solve left a relative residual of %.1e: A(p) is ill-conditioned, the results are "
