@@ -86,7 +86,17 @@ evaluates the volume (a dot product of the element count) about 40 times per
 iteration: at 300x100 on a shared 2-core machine adjopt's non-solver time was
 0.39 s per iteration, 0.03 s with ``OPENBLAS_NUM_THREADS=1``. The thread
 variables of the environment and the BLAS that CHOLMOD links are recorded in
-``info`` (``thread_env``, ``cholmod_blas``); compare runs with the same ones.
+``info`` (``thread_env``, ``cholmod_blas``, ``cholmod_blas_kind``, and
+``threadpools``: every BLAS and OpenMP library loaded in this process, with
+its threads, by threadpoolctl); compare runs with the same ones. A CHOLMOD
+baseline on the reference BLAS (what ``libsuitesparse-dev`` alone brings on
+Debian) is labelled so in the tables, and no target that compares with it
+is called met or not met ("not measured", with the reason).
+
+Targets of the performance issue, in ``summary`` too: per iteration <= 1/2 of
+the CHOLMOD baseline below 61k dofs; adjopt's ``cholmod`` path within 10 % of
+the plain loop at every size (``cholmod_path_vs_plain_loop``); the full
+150x50 run at most half the loop's time (``full_run_time``, from ``--full``).
 
 Output: tables on stdout, the JSON ``--out`` (atomic, rewritten after every
 size with ``"complete": false`` until the end; ``info`` from
@@ -128,6 +138,10 @@ PHASES = ("assembly", "solve", "sensitivity", "filter", "update")
 # targets of the issue "Topology optimization at scale"
 TARGET_RATIO = 1.0 / 3.0
 TARGET_RATIO_MIN_DOFS = 60_000  # "at >= 61k dofs": 300x100 has 2 * 301 * 101 = 60,802
+TARGET_RATIO_SMALL = 0.5  # below TARGET_RATIO_MIN_DOFS (150x50, 15k dofs)
+TARGET_CHOLMOD_PATH = 1.10  # adjopt's CHOLMOD path within 10 % of the plain loop's, at every size
+TARGET_FULL_TIME_SIZE = (150, 50)
+TARGET_FULL_TIME_RATIO = 0.5  # the full 150x50 run at most half the 88-line loop's time
 TARGET_1200x400_S = 2.0
 TARGET_FULL_REL = 0.005
 TARGET_FULL_SIZES = ((60, 20), (150, 50), (300, 100))
@@ -590,19 +604,45 @@ def measure_3d(size, args, solvers, meter) -> dict:
 # =====================================================================================================
 def summarize(data) -> dict:
     summ = {}
-    # per design iteration vs the CHOLMOD baseline at >= 61k dofs
+    fast = fast_cholmod_baseline(data.get("info", {}))
+    summ["cholmod_baseline_blas"] = dict(kind=data.get("info", {}).get("cholmod_blas_kind"), fast=fast)
+    not_fast = ("the CHOLMOD baseline runs on the reference BLAS, which is no fast baseline: install OpenBLAS "
+                "(apt-get install libopenblas-dev) and run again")
+    # per design iteration vs the CHOLMOD baseline: <= 1/3 at >= 61k dofs, <= 1/2 below
     per = []
     for row in data["mbb"]:
-        if row["dofs"] < TARGET_RATIO_MIN_DOFS:
-            continue
+        limit = TARGET_RATIO if row["dofs"] >= TARGET_RATIO_MIN_DOFS else TARGET_RATIO_SMALL
         ratios = {s: r.get("ratio_vs_cholmod") for s, r in row["adjopt"].items() if r.get("ratio_vs_cholmod")}
         best = min(ratios, key=ratios.get) if ratios else None
-        per.append(dict(size=row["size"], dofs=row["dofs"], ratios=ratios, best_solver=best,
+        per.append(dict(size=row["size"], dofs=row["dofs"], limit=limit, ratios=ratios, best_solver=best,
                         best_ratio=ratios.get(best) if best else None,
-                        met=(ratios[best] <= TARGET_RATIO) if best else None))
+                        met=(ratios[best] <= limit) if best and fast else None))
     summ["per_iteration_vs_cholmod_baseline"] = dict(
-        target=f"adjopt s/iteration <= 1/3 of the CHOLMOD baseline at >= 61k dofs (ratio <= {TARGET_RATIO:.3f})",
-        sizes=per, met=_all_met(per))
+        target=f"adjopt s/iteration <= 1/3 of the CHOLMOD baseline at >= 61k dofs, <= {TARGET_RATIO_SMALL:g} below",
+        sizes=per, met=_all_met(per), note=None if fast else not_fast)
+    # adjopt's CHOLMOD path against the plain loop's CHOLMOD
+    path = []
+    for row in data["mbb"]:
+        r = row["adjopt"].get("cholmod", {})
+        if r.get("ratio_vs_cholmod"):
+            path.append(dict(size=row["size"], dofs=row["dofs"], ratio=r["ratio_vs_cholmod"],
+                             met=(r["ratio_vs_cholmod"] <= TARGET_CHOLMOD_PATH) if fast else None))
+    summ["cholmod_path_vs_plain_loop"] = dict(
+        target=f"adjopt with solver='cholmod' within {TARGET_CHOLMOD_PATH - 1:.0%} of the plain loop at every size",
+        sizes=path, met=_all_met(path) if path else None, note=None if fast else not_fast)
+    # the full 150x50 run: at most half the loop's time
+    row = next((r for r in data["full"] if (r["nelx"], r["nely"]) == TARGET_FULL_TIME_SIZE), None)
+    item = dict(target=f"the full {size_name(TARGET_FULL_TIME_SIZE)} run at most {TARGET_FULL_TIME_RATIO:g} of the "
+                       "88-line loop's time", met=None)
+    if row is not None and row.get("baseline", {}).get("time_s"):
+        tb = row["baseline"]["time_s"]
+        times = {s: r["time_s"] for s, r in row["adjopt"].items() if r.get("status") == "ok"}
+        best = min(times, key=times.get) if times else None
+        item.update(baseline=row["baseline"]["baseline"], baseline_s=tb, seconds=times, best_solver=best,
+                    ratio=times[best] / tb if best else None)
+        if best and (row["baseline"]["baseline"] != "cholmod" or fast):
+            item["met"] = times[best] / tb <= TARGET_FULL_TIME_RATIO
+    summ["full_run_time"] = item
     # 1200x400 <= 2 s
     row = next((r for r in data["mbb"] if (r["nelx"], r["nely"]) == (1200, 400)), None)
     times = {s: r["s_per_iter"] for s, r in row["adjopt"].items() if r.get("status") == "ok"} if row else {}
@@ -656,6 +696,16 @@ def print_summary(summ):
     for r in s["sizes"]:
         ratios = ", ".join(f"{k} {v:.3g}" for k, v in r["ratios"].items()) or "no ratio"
         print(f"    {r['size']} ({r['dofs']} dofs): {ratios}")
+    if s.get("note"):
+        print(f"    ({s['note']})")
+    s = summ["cholmod_path_vs_plain_loop"]
+    print(f"  {s['target']}: {mark[s['met']]}")
+    for r in s["sizes"]:
+        print(f"    {r['size']} ({r['dofs']} dofs): {r['ratio']:.3g}")
+    s = summ["full_run_time"]
+    print(f"  {s['target']}: {mark[s['met']]}" + (
+        f" (best {s['best_solver']} {s['seconds'][s['best_solver']]:.3g} s against {s['baseline_s']:.3g} s, "
+        f"ratio {s['ratio']:.3g})" if s.get("best_solver") else ""))
     s = summ["mbb_1200x400"]
     print(f"  {s['target']}: {mark[s['met']]}" + (f" ({s['best_solver']} {s['best_seconds']:.3g} s)"
                                                   if s["best_solver"] else ""))
@@ -670,12 +720,17 @@ def print_summary(summ):
             f"{k} {v['seconds']:.3g} s {_fmt(v['peak_GiB'])} GiB" for k, v in r["solvers"].items()))
 
 
+#: [False] when the CHOLMOD baseline runs on the reference BLAS (set in main from info; labels the tables)
+FAST_BASELINE = [True]
+
+
 def mbb_table(rows) -> str:
     out = []
     for row in rows:
         for name, r in row["baselines"].items():
             ph = r.get("phases") or {}
-            out.append([row["size"], row["dofs"], f"baseline {name}", _fmt(r.get("s_per_iter"), ".4g"),
+            label = f"baseline {name}" + (" (reference BLAS)" if name == "cholmod" and not FAST_BASELINE[0] else "")
+            out.append([row["size"], row["dofs"], label, _fmt(r.get("s_per_iter"), ".4g"),
                         *(_fmt(ph.get(k), ".3g") for k in PHASES), "-", "-", "-", r["status"]])
         for name, r in row["adjopt"].items():
             sp_ = r.get("stats_phases") or {}
@@ -785,6 +840,11 @@ def main(argv=None) -> int:
                     baseline_spsolve="scipy.sparse.linalg.spsolve, SuperLU, use_umfpack=False"),
         complete=False, skipped=skipped, mbb=[], full=[], cantilever3d=[], errors=[])
     errors = data["errors"]
+    FAST_BASELINE[0] = fast_cholmod_baseline(data["info"])
+    print(f"CHOLMOD's BLAS: {data['info'].get('cholmod_blas')} ({data['info'].get('cholmod_blas_kind')})", flush=True)
+    if "cholmod" in args.baselines and not FAST_BASELINE[0]:
+        print("warning: the CHOLMOD baseline runs on the reference BLAS; it is no fast baseline and the targets "
+              "that compare with it are reported as not measured (apt-get install libopenblas-dev)", flush=True)
 
     def save():
         write_json(args.out, data)
@@ -868,15 +928,31 @@ def main(argv=None) -> int:
     return 0
 
 
-def _blas_info() -> dict:
-    """Thread settings of the environment and the BLAS library CHOLMOD (scikit-sparse) resolves to.
+def blas_kind(path: str | None) -> str:
+    """'openblas', 'mkl', 'blis', 'reference' (netlib: Debian's /usr/lib/.../blas/libblas.so.3) or 'unknown'."""
+    if not path:
+        return "unknown"
+    low = path.lower()
+    for kind in ("openblas", "mkl", "blis", "atlas"):
+        if kind in low:
+            return kind
+    if "/blas/libblas" in low or os.path.basename(low).startswith("libblas.so"):
+        return "reference"
+    return "unknown"
 
-    numpy's OpenBLAS runs a dot product of a few 10k entries on all cores; on a loaded machine each such
-    call can cost milliseconds (OC calls the volume ~40 times per iteration). CHOLMOD's supernodal
-    factorization runs on the system BLAS, which may be the slow reference one.
+
+def _blas_info() -> dict:
+    """Thread settings, the BLAS CHOLMOD (scikit-sparse) resolves to, and every BLAS/OpenMP pool of this process.
+
+    CHOLMOD's supernodal factorization runs on the system BLAS (``ldd`` of scikit-sparse's module,
+    followed through Debian's alternatives), which may be the reference BLAS: 3x slower than OpenBLAS
+    on this benchmark. ``threadpools`` is threadpoolctl's view after scikit-sparse is imported: which
+    libraries (numpy's bundled OpenBLAS, the system's, libgomp) run in this process, with their threads.
+    The baselines and adjopt run in this one process, so this is the BLAS of both.
     """
     env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                          "NUMBA_NUM_THREADS")}
+                                          "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_CORETYPE",
+                                          "OPENBLAS_L2_SIZE")}
     blas = None
     try:
         import subprocess
@@ -884,13 +960,25 @@ def _blas_info() -> dict:
         from sksparse import cholmod
         out = subprocess.run(["ldd", cholmod.__file__], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
-            if "libblas" in line and "=>" in line:
+            if ("libblas" in line or "openblas" in line or "mkl" in line) and "=>" in line:
                 blas = os.path.realpath(line.split("=>")[1].split("(")[0].strip())
-    except (ImportError, OSError, ValueError, IndexError):
+                break
+    except Exception:  # noqa: BLE001 - informational only (no scikit-sparse, no ldd)
         pass
-    except Exception:  # noqa: BLE001 - informational only
+    pools = []
+    try:
+        import threadpoolctl
+
+        pools = [{k: d.get(k) for k in ("prefix", "user_api", "internal_api", "filepath", "version", "num_threads",
+                                        "threading_layer")} for d in threadpoolctl.threadpool_info()]
+    except Exception:  # noqa: BLE001
         pass
-    return dict(thread_env=env, cholmod_blas=blas)
+    return dict(thread_env=env, cholmod_blas=blas, cholmod_blas_kind=blas_kind(blas), threadpools=pools)
+
+
+def fast_cholmod_baseline(info: dict) -> bool:
+    """True when the CHOLMOD baseline may be called one: its BLAS is not the reference BLAS."""
+    return info.get("cholmod_blas_kind") not in ("reference",)
 
 
 def _sksparse_version():

@@ -91,6 +91,19 @@ def test_bench_topology_tiny(tmp_path):
     for key in ("per_iteration_vs_cholmod_baseline", "mbb_1200x400", "full_run_compliance", "cantilever3d"):
         assert "target" in summ[key] and "met" in summ[key]
     assert summ["mbb_1200x400"]["met"] is None  # not run
+    for key in ("cholmod_path_vs_plain_loop", "full_run_time"):
+        assert "target" in summ[key] and "met" in summ[key]
+    assert summ["full_run_time"]["met"] is None  # 150x50 not run in full
+    (per,) = summ["per_iteration_vs_cholmod_baseline"]["sizes"]
+    assert per["size"] == "30x10" and per["limit"] == 0.5  # below 61k dofs: half the baseline
+    info = data["info"]
+    assert info["cholmod_blas_kind"] in ("openblas", "mkl", "blis", "atlas", "reference", "unknown")
+    assert isinstance(info["threadpools"], list)
+    if HAVE_CHOLMOD:
+        assert info["cholmod_blas"] and "CHOLMOD's BLAS" in res.stdout
+        (path,) = summ["cholmod_path_vs_plain_loop"]["sizes"]
+        assert path["ratio"] == row["adjopt"]["cholmod"]["ratio_vs_cholmod"]
+        assert summ["cholmod_baseline_blas"]["fast"] == (info["cholmod_blas_kind"] != "reference")
     assert summ["full_run_compliance"]["sizes"][0]["size"] == "60x20"
 
     if importlib.util.find_spec("matplotlib") is not None:
@@ -129,3 +142,38 @@ def test_phase_and_time_helpers(monkeypatch):
     # the baseline is the 88-line code: top88(60, 20, 0.5, 3, 1.5, ft=2) as in tests/optimize/test_design.py
     out = mod.MBB88(60, 20).run("spsolve", maxiter=500, tolx=0.01)
     assert out["nit"] == 127 and abs(out["history"][-1] - 218.80322107310297) < 1e-8 * 218.8
+
+
+def test_a_reference_blas_baseline_is_not_called_a_cholmod_baseline(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    spec = importlib.util.spec_from_file_location("bench_topology_mod2", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.blas_kind("/usr/lib/x86_64-linux-gnu/blas/libblas.so.3.11.0") == "reference"
+    assert mod.blas_kind("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3") == "openblas"
+    assert mod.blas_kind("/opt/intel/mkl/lib/libmkl_rt.so") == "mkl"
+    assert mod.blas_kind(None) == "unknown"
+
+    def row(base_s, adjopt_s):
+        return dict(size="300x100", dofs=60802, nelx=300, nely=100, baselines={"cholmod": dict(s_per_iter=base_s)},
+                    adjopt={"cholmod": dict(status="ok", s_per_iter=adjopt_s, ratio_vs_cholmod=adjopt_s / base_s),
+                            "gmg": dict(status="ok", s_per_iter=adjopt_s / 4, ratio_vs_cholmod=adjopt_s / 4 / base_s)})
+
+    full = [dict(nelx=150, nely=50, baseline=dict(baseline="cholmod", time_s=20.0),
+                 adjopt={"gmg": dict(status="ok", time_s=9.0, rel_diff=0.0)})]
+    data = dict(mbb=[row(1.0, 1.05)], full=full, cantilever3d=[], info=dict(cholmod_blas_kind="openblas"))
+    summ = mod.summarize(data)
+    assert summ["per_iteration_vs_cholmod_baseline"]["met"] is True  # gmg 0.2625 <= 1/3
+    assert summ["cholmod_path_vs_plain_loop"]["met"] is True  # 1.05 <= 1.10
+    assert summ["full_run_time"]["met"] is True and summ["full_run_time"]["ratio"] == 0.45
+    data["mbb"] = [row(1.0, 1.2)]
+    summ = mod.summarize(data)
+    assert summ["cholmod_path_vs_plain_loop"]["met"] is False
+    assert summ["per_iteration_vs_cholmod_baseline"]["met"] is True  # 0.3 <= 1/3
+    # the same numbers against a reference-BLAS CHOLMOD: nothing is met or missed, and the reason is given
+    data["info"] = dict(cholmod_blas_kind="reference")
+    summ = mod.summarize(data)
+    assert summ["cholmod_baseline_blas"]["fast"] is False
+    for key in ("per_iteration_vs_cholmod_baseline", "cholmod_path_vs_plain_loop", "full_run_time"):
+        assert summ[key]["met"] is None, key
+    assert "reference BLAS" in summ["per_iteration_vs_cholmod_baseline"]["note"]

@@ -465,7 +465,7 @@ class MMA(Driver):
 
     def _kkt(self, x, g, fval, dfdx, lam) -> float:
         """sqrt(||x - P(x - M^{-1} grad L)||_M^2 + sum (lam_i g_i)^2 + sum max(g_i, 0)^2): zero exactly at a KKT point."""
-        gl = g + lam @ dfdx if self.m else g
+        gl = g + np.einsum("i,ij->j", lam, dfdx) if self.m else g
         r = self.inner.riesz(gl)
         pg = x - np.clip(x - r, self.lo, self.hi)
         t = self.inner.norm(pg) ** 2 + float(np.sum((lam * fval) ** 2)) + float(np.sum(np.maximum(fval, 0.0) ** 2))

@@ -1023,7 +1023,8 @@ class GMGSolver(LinearSolver):
                 # K_C = sum_c E_c P_c^T KE P_c = E[children] @ G
                 G = np.einsum("cai,ab,cbj->cij", self._local_P, local.reshape(k, k), self._local_P).reshape(-1, k * k)
                 G = 0.5 * (G + G.reshape(-1, k, k).transpose(0, 2, 1).reshape(-1, k * k))
-                K = np.ascontiguousarray(coef[lv.children] @ G)
+                # einsum, not a BLAS matmul: numpy's BLAS threads would spin on the cores of the next kernels
+                K = np.einsum("ec,ck->ek", coef[lv.children], G)
             else:
                 fine = coef[:, None] * local if l_idx == 1 else K
                 K = np.empty((lv.n_elements, k * k))
