@@ -47,10 +47,18 @@ def test_auto_without_the_optional_backends_uses_superlu(monkeypatch):
     assert isinstance(s.chosen, DirectSolver)
 
 
-def test_auto_uses_superlu_for_small_problems():
+def test_auto_never_uses_pardiso_for_small_problems(monkeypatch):
     s = AutoSolver()
     s.factorize(laplacian())
+    expected = "cholmod" if "cholmod" in installed() else "superlu"  # symmetric: CHOLMOD when installed
+    assert s.name == f"auto:{expected}"
+    s = AutoSolver()
+    s.factorize(advective())  # nonsymmetric: SuperLU, not PARDISO and its MKL start-up
     assert isinstance(s.chosen, DirectSolver) and s.name == "auto:superlu"
+    monkeypatch.setattr(auto, "installed", lambda: ["superlu", "pardiso", "amg"])
+    s = AutoSolver()
+    s.factorize(laplacian())
+    assert s.name == "auto:superlu"
     with pytest.raises(ValueError, match="small_limit"):
         AutoSolver(small_limit=1.5)
 

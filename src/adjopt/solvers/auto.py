@@ -5,9 +5,11 @@ symmetry as p changes), logged at INFO level, and kept:
 
 - more than ``direct_limit`` unknowns: :class:`~adjopt.solvers.AMGSolver`
   (a factorization of a large 3D problem does not fit in memory);
-- fewer than ``small_limit`` unknowns: SuperLU, whose factorization takes
-  milliseconds there and which has no start-up cost (PARDISO's first use
-  loads MKL, about 0.6 s);
+- fewer than ``small_limit`` unknowns: CHOLMOD for a symmetric A when it is
+  installed, else SuperLU; never PARDISO there, whose first use loads MKL
+  (about 0.6 s, more than a whole small run). CHOLMOD has no such cost and
+  factorizes 2D elasticity 2.4-2.7x faster than SuperLU from 6.6k to 15k
+  unknowns (6.9 against 4.5 ms at 1.7k), measured on the development machine;
 - symmetric: CHOLMOD if installed, else PARDISO if installed, else SuperLU
   with a symmetric ordering; CHOLMOD falls back to the next one if A is
   symmetric but not positive definite;
@@ -26,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 #: unknowns above which "auto" uses AMG rather than a factorization
 DIRECT_LIMIT = 300_000
-#: unknowns below which "auto" uses SuperLU whatever else is installed
+#: unknowns below which "auto" does not use PARDISO (CHOLMOD for symmetric A when installed, else SuperLU)
 SMALL_LIMIT = 50_000
 
 
@@ -55,7 +57,7 @@ class AutoSolver(LinearSolver):
         unknowns still factor well with CHOLMOD or PARDISO: pass
         ``solver="cholmod"`` (or raise the limit) for those.
     small_limit
-        Unknowns below which SuperLU is used.
+        Unknowns below which PARDISO is not used (its start-up costs more than it saves).
     amg_options
         Keyword arguments for :class:`~adjopt.solvers.AMGSolver` when AMG is chosen.
     """
@@ -77,9 +79,10 @@ class AutoSolver(LinearSolver):
     def _candidates(self, A) -> list[str]:
         if A.shape[0] > self.direct_limit:
             return ["amg"]
-        if A.shape[0] < self.small_limit:
-            return ["superlu"]
         have = installed()
+        if A.shape[0] < self.small_limit:
+            small = ["cholmod", "superlu"] if is_symmetric(A) else ["superlu"]
+            return [name for name in small if name in have and name not in self._refused]
         order = ["cholmod", "pardiso", "superlu"] if is_symmetric(A) else ["pardiso", "superlu"]
         return [name for name in order if name in have and name not in self._refused]
 
