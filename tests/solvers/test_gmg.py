@@ -339,3 +339,97 @@ def test_gradient_with_gmg_matches_direct():
     s = solver_for(problem, coarse_dofs=50, tol=1e-12)
     J = tc.build("mbb", 32, 16, solver=s).functional
     np.testing.assert_allclose(J.gradient(p), ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+
+
+def test_structured_solver_chooses_gmg_from_the_measured_size(monkeypatch, caplog):
+    from adjopt.solvers import AutoSolver, gmg, structured_solver
+
+    monkeypatch.setitem(gmg.GMG_AUTO_MIN_DOFS, 2, 500)
+    fixed = np.arange(0, 2 * 33 * 17, 2 * 33)  # x-dofs of the left edge of a 32 x 16 grid
+    with caplog.at_level(logging.INFO, logger="adjopt.solvers.gmg"):
+        s = structured_solver((32, 16), 2, fixed, coarse_dofs=100)
+    assert isinstance(s, GMGSolver) and len(s.levels) >= 2 and "chose geometric multigrid" in caplog.text
+    assert isinstance(structured_solver((32, 16), 2, fixed, solver="auto", coarse_dofs=100), GMGSolver)
+    # 1105 free dofs <= coarse_dofs (20,000 by default): one level, which is a factorization
+    assert isinstance(structured_solver((32, 16), 2, fixed), AutoSolver)
+    assert isinstance(structured_solver((8, 4), 2, [0]), AutoSolver)  # 88 free dofs: below the crossover
+    assert isinstance(structured_solver((31, 17), 2, [0]), AutoSolver)  # odd counts: one level, no multigrid
+    # a support off the coarse nodes: a factorization instead (the error is for an explicit "gmg")
+    assert isinstance(structured_solver((32, 16), 2, [0, 1, 3], coarse_dofs=100), AutoSolver)
+    with pytest.raises(ValueError, match="does not sit on a node"):
+        structured_solver((32, 16), 2, [0, 1, 3], solver="gmg", coarse_dofs=100)
+    # explicit choices are kept; bad options are errors, not a silent fallback
+    assert structured_solver((32, 16), 2, fixed, solver="superlu").name == "superlu"
+    assert isinstance(structured_solver((8, 4), 2, [0], solver="gmg"), GMGSolver)
+    with pytest.raises(ValueError, match="unknown smoother"):
+        structured_solver((32, 16), 2, fixed, smoother="nope")
+    with pytest.raises(ValueError, match="unknown solver"):
+        structured_solver((32, 16), 2, fixed, solver="nope")
+
+
+# -- reused coarse levels (reuse_hierarchy) and the element bound of the smoother -------------------------
+def test_the_element_bound_bounds_the_spectrum_of_the_fine_level():
+    problem = tc.build("mbb", 16, 8, emin=1e-9, solver="superlu")
+    M, rho, A, _ = system(problem, simp_design(problem.p0.size, seed=6))
+    s = solver_for(problem, coarse_dofs=20)
+    fac = s.factorize(A, operator=M, rho=rho)
+    K = M.local.reshape(8, 8)
+    d = np.sqrt(np.diag(K))
+    bound = np.linalg.eigvalsh(K / np.outer(d, d))[-1]
+    assert fac.ops[0].rho == pytest.approx(bound, rel=1e-12)
+    Ad = A.toarray()
+    dd = np.sqrt(np.diag(Ad))
+    lam_max = np.linalg.eigvalsh(Ad / np.outer(dd, dd))[-1]
+    assert lam_max <= bound * (1 + 1e-12) and lam_max > 0.5 * bound  # an upper bound, and not a loose one
+
+
+def test_reused_coarse_levels_solve_to_the_tolerance_and_are_rebuilt_when_they_cost(monkeypatch):
+    problem = tc.build("mbb", 64, 32, emin=1e-9, solver="superlu")
+    x0 = simp_design(problem.p0.size, seed=7)
+    M, rho0, A0, b = system(problem, x0)
+    near = np.clip(x0 + 0.02 * np.random.default_rng(1).standard_normal(x0.size), 0, 1)  # a small OC-like step
+    _, rho1, A1, _ = system(problem, near)
+    s = solver_for(problem, coarse_dofs=200, warm_start=False)
+    fac0 = s.factorize(A0, operator=M, rho=rho0)
+    fac0.solve(b, kind="forward")
+    assert not fac0.lagged and s.lagged_setups == 0
+    fac1 = s.factorize(A1, operator=M, rho=rho1)
+    assert fac1.lagged and s.lagged_setups == 1
+    assert fac1.ops[1] is fac0.ops[1]  # the coarse levels are shared, the finest level is A1's
+    u1 = fac1.solve(b, kind="forward")
+    assert np.linalg.norm(A1 @ u1 - b) <= 1e-8 * np.linalg.norm(b)
+    np.testing.assert_allclose(u1, spla.spsolve(A1.tocsc(), b), rtol=0, atol=1e-6 * np.abs(u1).max())
+    # a different design: the lagged levels cost more iterations than the fresh ones -> rebuilt next time
+    _, rho2, A2, _ = system(problem, 1.0 - x0)
+    fac2 = s.factorize(A2, operator=M, rho=rho2)
+    assert fac2.lagged
+    u2 = fac2.solve(b, kind="forward")
+    assert np.linalg.norm(A2 @ u2 - b) <= 1e-8 * np.linalg.norm(b)
+    fresh_its = s._fresh["iterations"]
+    if s._fresh["stale"]:
+        fac3 = s.factorize(A2, operator=M, rho=rho2)
+        assert not fac3.lagged and s._fresh["iterations"] is None  # a new hierarchy, not yet used
+    else:
+        assert fac2.last_residuals and len(fac2.last_residuals) - 1 <= fresh_its + 1
+    # no reuse when asked not to
+    s = solver_for(problem, coarse_dofs=200, reuse_hierarchy=False)
+    s.factorize(A0, operator=M, rho=rho0).solve(b)
+    assert not s.factorize(A1, operator=M, rho=rho1).lagged and s.lagged_setups == 0
+    with pytest.raises(ValueError, match="rebuild_ratio"):
+        solver_for(problem, rebuild_ratio=0.5)
+
+
+def test_a_lagged_solve_that_does_not_converge_is_redone_on_fresh_levels(monkeypatch, caplog):
+    problem = tc.build("mbb", 64, 32, emin=1e-9, solver="superlu")
+    x0 = simp_design(problem.p0.size, seed=7)
+    M, rho0, A0, b = system(problem, x0)
+    _, rho1, A1, _ = system(problem, 1.0 - x0)
+    s = solver_for(problem, coarse_dofs=200, warm_start=False)
+    s.factorize(A0, operator=M, rho=rho0).solve(b)
+    monkeypatch.setattr(GMGSolver, "_lagged_budget", lambda self: 1)  # a lagged solve gets one iteration
+    fac = s.factorize(A1, operator=M, rho=rho1)
+    assert fac.lagged
+    with caplog.at_level(logging.INFO, logger="adjopt.solvers.gmg"):
+        u = fac.solve(b, kind="forward")
+    assert not fac.lagged and "rebuilt them" in caplog.text
+    assert np.linalg.norm(A1 @ u - b) <= 1e-8 * np.linalg.norm(b)

@@ -12,12 +12,12 @@ from .auto import DIRECT_LIMIT, AutoSolver, backends, installed
 from .base import SOLVE_KINDS, Factorization, LinearSolver, SolverStats
 from .cholmod import CholmodSolver
 from .direct import DirectSolver, is_symmetric
-from .gmg import GMGSolver
+from .gmg import GMG_AUTO_MIN_DOFS, GMGSolver, structured_solver
 from .pardiso import PardisoError, PardisoSolver
 
 __all__ = [
     "LinearSolver", "Factorization", "SolverStats", "SOLVE_KINDS", "DirectSolver", "AMGSolver", "CholmodSolver",
-    "PardisoSolver", "PardisoError", "GMGSolver", "AutoSolver", "DIRECT_LIMIT", "is_symmetric", "make_solver", "backends", "installed",
+    "PardisoSolver", "PardisoError", "GMGSolver", "structured_solver", "GMG_AUTO_MIN_DOFS", "AutoSolver", "DIRECT_LIMIT", "is_symmetric", "make_solver", "backends", "installed",
 ]
 
 #: names accepted by :func:`make_solver` besides the backends' own
