@@ -73,13 +73,28 @@ def _positive(value, name: str) -> float:
     return v
 
 
+def _nodes_at(mesh, points) -> np.ndarray:
+    """Indices of the mesh nodes at ``points`` (exact grid coordinates; the first such node of each).
+
+    One pass over the mesh keeps the nodes within 1e-9 of the box around the points (a corner, an
+    edge); only those are compared with every point.
+    """
+    pts = np.asarray(points, dtype=float).reshape(-1, mesh.dim)
+    inside = np.all((mesh.points >= pts.min(axis=0) - 1e-9) & (mesh.points <= pts.max(axis=0) + 1e-9), axis=1)
+    near = np.flatnonzero(inside)
+    if near.size == 0:
+        raise RuntimeError(f"no mesh node at {pts[0].tolist()}")
+    d = np.abs(mesh.points[near][None, :, :] - pts[:, None, :]).max(axis=2)  # (points, nodes near)
+    best = np.argmin(d, axis=1)
+    far = np.flatnonzero(d[np.arange(pts.shape[0]), best] > 1e-9)
+    if far.size:
+        raise RuntimeError(f"no mesh node at {pts[far[0]].tolist()}")
+    return near[best]
+
+
 def _node_at(mesh, point) -> int:
     """Index of the mesh node at ``point`` (exact grid coordinates)."""
-    d = np.abs(mesh.points - np.asarray(point, dtype=float)).max(axis=1)
-    i = int(np.argmin(d))
-    if d[i] > 1e-9:
-        raise RuntimeError(f"no mesh node at {point}")
-    return i
+    return int(_nodes_at(mesh, point)[0])
 
 
 def _mbb(nelx: int, nely: int):
@@ -97,7 +112,7 @@ def _cantilever3d(nelx: int, nely: int, nelz: int):
     mesh = box(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron")
     n_dofs = 3 * mesh.n_nodes
     fixed = fem.boundary_dofs(mesh, "left", components=[0, 1, 2])
-    nodes = np.array([_node_at(mesh, (nelx, 0.0, z)) for z in range(nelz + 1)])
+    nodes = _nodes_at(mesh, [(nelx, 0.0, z) for z in range(nelz + 1)])
     w = np.full(nelz + 1, 1.0 / nelz)
     w[[0, -1]] *= 0.5
     load = fem.point_load(n_dofs, 3 * nodes + 1, -w)
@@ -130,7 +145,10 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         volume see rho = H p); ``False``: rho = p.
     solver
         The linear solver of the functional (a name or a
-        :class:`~adjopt.solvers.LinearSolver`); default ``"auto"``.
+        :class:`~adjopt.solvers.LinearSolver`); default ``"auto"``: geometric
+        multigrid where it is faster than a factorization (from 40k free dofs
+        in 2D when the grid coarsens, :func:`adjopt.solvers.structured_solver`),
+        else the fastest factorization installed.
         ``"gmg"``: geometric multigrid CG (:class:`~adjopt.solvers.GMGSolver`)
         on this grid, for large meshes (element counts divisible by a power of 2).
 
@@ -178,24 +196,27 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     dofmap = fem.condense(dim * mesh.n_nodes, fixed)
     conn = dofmap.restrict(fem.vector_dofs(mesh.cells, dim))
     A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n=dofmap.n_free)
-    if isinstance(solver, str) and solver.lower() == "gmg":
-        # geometric multigrid CG needs the grid: built here for this mesh and these supports
-        from adjopt.solvers import GMGSolver
+    del conn  # A keeps its own copy
+    if solver is None or (isinstance(solver, str) and solver.lower() in ("gmg", "auto")):
+        # geometric multigrid CG needs the grid: built here for this mesh and these supports; "auto" takes it
+        # where it is faster than a factorization (adjopt.solvers.structured_solver)
+        from adjopt.solvers import structured_solver
 
         shape = (nelx, nely) if nelz is None else (nelx, nely, nelz)
-        solver = GMGSolver.structured(shape=shape, dofs_per_node=dim, fixed=dofmap.fixed)
+        solver = structured_solver(shape, dim, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
     pmap = DensityFilter(mesh.cell_centers(), rmin) if filter else None
     J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap, solver=solver)
     n = mesh.n_cells
-    volume = adjopt.ParameterFunctional(adjopt.Volume(mesh.cell_volumes(), parameter_map=pmap), n)
+    volumes = mesh.cell_volumes()  # Volume and the Problem keep their own copies
+    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), n)
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
             "dofmap": dofmap, "dofs": dofmap, "load": load, "volfrac": volfrac, "penal": penal, "rmin": rmin,
             "emin": emin, "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal,
                                           rmin=rmin, emin=emin, filter=filter)}
     return adjopt.Problem(J, np.full(n, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=name, meta=meta, mass=mesh.cell_volumes())
+                          name=name, meta=meta, mass=volumes)
 
 
 def main(argv=None) -> None:

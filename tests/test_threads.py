@@ -60,3 +60,17 @@ def test_blas_free_reductions_match_numpy():
     assert isinstance(_threads.dot(a[:3], b[:3]), float)
     with pytest.raises(ValueError):
         _threads.dot(a, b[:-1])
+
+
+def test_blas_free_reductions_on_integers_complex_and_bad_shapes():
+    big = np.array([2**62, 2**62])
+    assert _threads.norm(big) == pytest.approx(float(np.linalg.norm(big.astype(float))), rel=1e-15)  # no overflow
+    assert _threads.dot(np.array([1, 2]), np.array([3, 4])) == 11.0
+    z = np.array([3 + 4j, 1j])
+    assert _threads.norm(z) == pytest.approx(float(np.linalg.norm(z)))  # numpy's, not a wrong real number
+    np.testing.assert_allclose(_threads.column_norms(np.array([[3 + 4j], [0j]])), [5.0])
+    with pytest.raises(TypeError, match="complex"):
+        _threads.dot(z, z)
+    with pytest.raises(ValueError, match=r"\(n, k\)"):
+        _threads.column_norms(np.ones(3))
+    assert _threads.norm(np.array([])) == 0.0 and np.isnan(_threads.norm(np.array([np.nan, 1.0])))

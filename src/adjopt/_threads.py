@@ -76,17 +76,33 @@ def threads_for(work: int):
         numba.set_num_threads(n)
 
 
+def _real(a, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind == "c":
+        raise TypeError(f"{name} is complex; adjopt's reductions are for real arrays")
+    return a if a.dtype == np.float64 else a.astype(np.float64)  # integers: no overflow, no wrap-around
+
+
 def dot(a, b) -> float:
-    """sum(a * b) of two real vectors without numpy's BLAS threads (see the module docstring)."""
-    return float(np.einsum("i,i->", np.ravel(a), np.ravel(b)))
+    """sum(a * b) of two real arrays (flattened) without numpy's BLAS threads (see the module docstring)."""
+    return float(np.einsum("i,i->", _real(a, "a").ravel(), _real(b, "b").ravel()))
 
 
 def norm(a) -> float:
-    """The 2-norm of a real vector without numpy's BLAS threads (see the module docstring)."""
-    a = np.ravel(a)
+    """The 2-norm of a real array (Frobenius for 2-D) without numpy's BLAS threads; complex: numpy's norm."""
+    a = np.asarray(a)
+    if a.dtype.kind == "c":
+        return float(np.linalg.norm(a.ravel()))
+    a = _real(a, "a").ravel()
     return float(np.sqrt(np.einsum("i,i->", a, a)))
 
 
 def column_norms(a: np.ndarray) -> np.ndarray:
-    """The 2-norms of the columns of a real (n, k) array without numpy's BLAS threads."""
+    """The 2-norms of the columns of an (n, k) array without numpy's BLAS threads; complex: numpy's norms."""
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"column_norms needs an (n, k) array, got shape {a.shape}")
+    if a.dtype.kind == "c":
+        return np.linalg.norm(a, axis=0)
+    a = _real(a, "a")
     return np.sqrt(np.einsum("ij,ij->j", a, a))

@@ -433,3 +433,38 @@ def test_a_lagged_solve_that_does_not_converge_is_redone_on_fresh_levels(monkeyp
         u = fac.solve(b, kind="forward")
     assert not fac.lagged and "rebuilt them" in caplog.text
     assert np.linalg.norm(A1 @ u - b) <= 1e-8 * np.linalg.norm(b)
+
+
+def test_structured_solver_checks_its_arguments_whichever_solver_it_returns():
+    from adjopt.solvers import structured_solver
+
+    for shape in [(0, 32), (64.5, 32), (True, 32), (64,), (64, 32, 4, 2)]:
+        with pytest.raises(ValueError):
+            structured_solver(shape, 2, [0])
+    with pytest.raises(ValueError, match="dofs_per_node"):
+        structured_solver((8, 4), 0, [0])
+    with pytest.raises(ValueError, match="fixed dofs must be in"):
+        structured_solver((8, 4), 2, [10**6])
+    with pytest.raises(TypeError, match="bogus"):
+        structured_solver((8, 4), 2, [0], bogus=1)
+    with pytest.raises(ValueError, match="reuse_hierarchy"):
+        GMGSolver((8, 4), 2, [0], reuse_hierarchy="yes")
+
+
+def test_the_element_bound_follows_the_element_matrix():
+    from adjopt import fem
+    from adjopt.mesh import rectangle
+
+    problem = tc.build("mbb", 16, 8, emin=1e-9, solver="superlu")
+    M, rho, A, _ = system(problem, simp_design(problem.p0.size, seed=6))
+    stiff = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=1.0, nu=0.49)[0]
+    M2 = adjopt.ElementCoefficientMatrix(M.conn, stiff, M.coefficient, n=M.shape[0])
+    s = solver_for(problem, coarse_dofs=20)
+    bounds = []
+    for op in (M, M2):
+        fac = s.factorize(op.assemble(rho), operator=op, rho=rho)
+        K = op.local.reshape(8, 8)
+        d = np.sqrt(np.diag(K))
+        bounds.append(np.linalg.eigvalsh(K / np.outer(d, d))[-1])
+        assert fac.ops[0].rho == pytest.approx(bounds[-1], rel=1e-12)
+    assert bounds[1] > bounds[0] * 1.1  # nu = 0.49 has a larger bound than nu = 0.3

@@ -929,6 +929,10 @@ class GMGSolver(LinearSolver):
         self.cycle = cycle
         self.warm_start = bool(warm_start)
         self.seed = int(seed)
+        for name, v in (("reuse_hierarchy", reuse_hierarchy), ("warm_start", warm_start),
+                        ("matrix_free", matrix_free)):
+            if not isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {v!r}")
         self.reuse_hierarchy = bool(reuse_hierarchy)
         if isinstance(rebuild_ratio, bool) or not isinstance(rebuild_ratio, numbers.Real) or not 1 <= rebuild_ratio < math.inf:
             raise ValueError(f"rebuild_ratio must be a number >= 1, got {rebuild_ratio!r}")
@@ -1145,11 +1149,11 @@ class GMGSolver(LinearSolver):
         """
         if operator.local.shape[0] != 1 or not float(np.min(coef)) >= 0.0:
             return None
-        if self._bound is None:
+        if self._bound is None or self._bound[0] is not operator.local:  # per element matrix (it may change)
             K = operator.local.reshape(self._k, self._k)
             d = np.sqrt(np.diag(K))
-            self._bound = float(np.linalg.eigvalsh(K / d[:, None] / d[None, :])[-1])
-        return self._bound
+            self._bound = (operator.local, float(np.linalg.eigvalsh(K / d[:, None] / d[None, :])[-1]))
+        return self._bound[1]
 
     def _build(self, A, operator, coef):
         """A fresh hierarchy for A: (ops, transfers, coarse_solve, coarse_nnz, free)."""
@@ -1270,7 +1274,7 @@ class GMGSolver(LinearSolver):
 #: free dofs from which ``solver="auto"`` takes geometric multigrid on a structured grid (2D, 3D): below, a
 #: CHOLMOD factorization per design is faster (measured on the MBB beam and the 3D cantilever, see
 #: :func:`structured_solver`)
-GMG_AUTO_MIN_DOFS = {2: 40_000, 3: 10_000}
+GMG_AUTO_MIN_DOFS = {2: 40_000, 3: 20_000}
 
 
 def structured_solver(shape, dofs_per_node: int, fixed=(), solver=None, **options) -> LinearSolver:
@@ -1284,10 +1288,20 @@ def structured_solver(shape, dofs_per_node: int, fixed=(), solver=None, **option
 
     The crossover was measured per OC design iteration on the development
     machine (2 cores, CHOLMOD on OpenBLAS): in 2D, CHOLMOD is faster at 15k
-    dofs and GMG from 61k on; in 3D, GMG wins from about 10k dofs (a 3D
-    factor fills much more).
+    dofs and GMG from 61k on. In 3D a factor fills much more, and GMG is
+    taken as soon as the default hierarchy has 2 levels (``coarse_dofs`` =
+    20k free dofs). ``shape``, ``dofs_per_node``, ``fixed`` and the names of
+    ``options`` are checked whichever solver is returned.
     """
+    import inspect
+
     from . import make_solver
+
+    try:
+        inspect.signature(GMGSolver).bind(shape, dofs_per_node, fixed, **options)
+    except TypeError as exc:
+        raise TypeError(f"structured_solver: {exc} (options are GMGSolver's keyword arguments)") from None
+    GMGSolver(shape, dofs_per_node, fixed, max_levels=1)  # checks the grid and the fixed dofs (one level: cheap)
 
     if isinstance(solver, str) and solver.lower() == "gmg":
         return GMGSolver(shape, dofs_per_node, fixed, **options)
