@@ -68,7 +68,12 @@ def test_bench_kernels_tiny_run(tmp_path):
             assert b["total"] == sum(v for key, v in b.items() if key != "total") > 0
             assert math.isclose(r["GBps"][k], b["total"] / t / 1e9, rel_tol=1e-9)
             assert math.isclose(r["copy_fraction"][k], r["GBps"][k] / r["GBps_copy_ceiling"], rel_tol=1e-9)
+            d = r["bytes_data"][k]  # the operation's own inputs and outputs: a floor below the implementation's
+            assert d["total"] == sum(v for key, v in d.items() if key != "total") > 0
+            assert math.isclose(r["copy_fraction_data"][k], d["total"] / t / 1e9 / r["GBps_copy_ceiling"], rel_tol=1e-9)
             assert math.isclose(r["per_element_ns"][k], 1e9 * t / elements, rel_tol=1e-9)
+        assert r["bytes_data"]["values"]["total"] <= r["bytes"]["values"]["total"]
+        assert r["values_path"] == ("templates" if r["family"] == "q1-elasticity" else "rows")
         # the numpy baseline was checked against adjopt in the run
         npy = r["numpy"]
         assert npy["verified"] and npy["same_pattern"]
@@ -83,7 +88,7 @@ def test_bench_kernels_tiny_run(tmp_path):
         if r["skfem"] is not None:  # only when scikit-fem happens to be installed
             assert "assemble_s" in r["skfem"] or "error" in r["skfem"]
     summ = data["summary"]
-    assert summ["bandwidth"]["met"] is None  # nothing at >= 1M elements here
+    assert summ["bandwidth"]["met"] is None and summ["bandwidth_data"]["met"] is None  # nothing at >= 1M here
     assert summ["verified"]["met"] is True and summ["verified"]["max_rel_diff"] < 1e-10
     for key in ("numpy_speedup", "flatness"):
         assert summ[key]["met"] in (True, False) and summ[key]["values"]

@@ -2,6 +2,13 @@
 
 Each map acts entrywise and provides phi, phi' and phi''; ``affine`` tells the
 operators that phi'' vanishes (so the second-order contraction C2 is zero).
+
+The built-in maps also describe themselves to the numba kernels
+(:meth:`Coefficient.kernel_spec`), which then evaluate phi, phi' or phi'' inside
+the assembly and contraction loops (``_kernels.coef_eval``: the same operations
+in the same order as the numpy methods here; an integer SIMP exponent up to 8
+is applied by repeated products, within an ulp or two of ``pow``). A subclass
+(or any other Coefficient) goes through its numpy methods.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ class Coefficient:
         """phi''(p), entrywise."""
         raise NotImplementedError
 
+    def kernel_spec(self) -> tuple[int, int, float, float, float] | None:
+        """(code, integer exponent or -1, q, e0, emin) for ``_kernels.coef_eval``, or None: evaluate by numpy.
+
+        Only the exact built-in classes answer: a subclass may change the map."""
+        return None
+
 
 class Identity(Coefficient):
     """phi(p) = p."""
@@ -40,6 +53,9 @@ class Identity(Coefficient):
     def d2(self, p):
         return np.zeros_like(p)
 
+    def kernel_spec(self):
+        return (0, -1, 1.0, 1.0, 0.0) if type(self) is Identity else None
+
     def __repr__(self):
         return "Identity()"
 
@@ -54,6 +70,9 @@ class Exp(Coefficient):
 
     d1 = __call__
     d2 = __call__
+
+    def kernel_spec(self):
+        return (1, -1, 1.0, 1.0, 0.0) if type(self) is Exp else None
 
     def __repr__(self):
         return "Exp()"
@@ -85,6 +104,12 @@ class SIMP(Coefficient):
 
     def d2(self, p):
         return self.q * (self.q - 1) * p ** (self.q - 2) * (self.e0 - self.emin)
+
+    def kernel_spec(self):
+        if type(self) is not SIMP:
+            return None
+        iq = int(self.q) if self.q.is_integer() and self.q <= 8 else -1
+        return (2, iq, self.q, self.e0, self.emin)
 
     def __repr__(self):
         return f"SIMP(q={self.q}, e0={self.e0}, emin={self.emin})"
