@@ -25,9 +25,8 @@ def _conn(conn, n: int) -> np.ndarray:
     c = np.asarray(conn)
     if c.dtype.kind not in "iu" or c.ndim != 2:
         raise ShapeError(f"connectivity must be an integer (E, k) array, got dtype {c.dtype} shape {c.shape}")
-    too_big = np.flatnonzero(np.any(c >= n, axis=1))
-    if too_big.size:
-        e = int(too_big[0])
+    if c.size and c.max() >= n:  # one reduction; the offending row is looked up only on failure
+        e = int(np.flatnonzero(np.any(c >= n, axis=1))[0])
         raise FemError(f"connectivity row {e} = {c[e].tolist()} refers to a dof >= n = {n}; "
                        f"n must be the number of dofs")
     return c.astype(np.int64, copy=False)

@@ -74,9 +74,10 @@ class DofMap:
         Negative entries of ``conn`` stay -1.
         """
         c = _conn(conn, self.n_dofs)
-        out = np.full(c.shape, -1, dtype=np.int64)
-        ok = c >= 0
-        out[ok] = self.full_to_free[c[ok]]
+        if c.size == 0 or c.min() >= 0:
+            return self.full_to_free.take(c)  # one gather (a full connectivity)
+        out = self.full_to_free.take(np.maximum(c, 0))
+        out[c < 0] = -1
         return out
 
     def restrict_vector(self, v) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
+from .._threads import threads_for
 from ..errors import PatternError, ShapeError
 from ..operators.coefficients import SIMP, Exp
 from .base import ParameterMap
@@ -89,8 +91,9 @@ class _Linear(ParameterMap):
 
     affine = True
 
-    def __init__(self, L):
-        self.L = sp.csr_array(L, dtype=np.float64, copy=True)
+    def __init__(self, L, copy: bool = True):
+        # copy=False: L is the subclass's own new matrix (nobody else holds it); no second copy
+        self.L = sp.csr_array(L, dtype=np.float64, copy=copy)
         self._LT = self.L.T.tocsr()
         self.n_out, self.n_in = self.L.shape
 
@@ -104,10 +107,174 @@ class _Linear(ParameterMap):
         return self._LT @ self.check_out(g)
 
 
+def _lattice(centers: np.ndarray):
+    """``(shape, deviation)`` when the points are a regular grid numbered x fastest, else None.
+
+    ``shape`` are the point counts per axis; the grid is ``centers[0] + idx * h`` with ``h`` > 0 per
+    axis (of an axis with more than one point), and no coordinate deviates from it by more than
+    ``deviation`` (<= 1e-3 of the smallest spacing; round-off of generated centres). O(E), no sort.
+    """
+    n, dim = centers.shape
+    if not 1 <= dim <= 3 or n == 0 or not np.all(np.isfinite(centers)):
+        return None
+    shape, stride = [], 1
+    for a in range(dim):
+        x = centers[::stride, a]
+        if a == dim - 1:
+            na = x.size
+        else:
+            drop = np.flatnonzero(x[1:] <= x[:-1])  # where the coordinate starts over: the next row
+            na = int(drop[0]) + 1 if drop.size else x.size
+        if (n // stride) % na:
+            return None
+        shape.append(na)
+        stride *= na
+    if stride != n:
+        return None
+    grid = centers.reshape(tuple(shape[::-1]) + (dim,))  # (nz, ny, nx, dim): axis a of the grid is -2-a
+    dev, hmin = 0.0, np.inf
+    for a in range(dim):
+        na = shape[a]
+        line = np.moveaxis(grid[..., a], dim - 1 - a, -1)  # axis a last
+        first = float(line.flat[0])
+        h = (float(line.flat[na - 1]) - first) / (na - 1) if na > 1 else 0.0
+        if na > 1:
+            if not h > 0:
+                return None
+            hmin = min(hmin, h)
+        dev = max(dev, float(np.abs(line - (first + h * np.arange(na))).max()))
+    if dev > 1e-3 * hmin:  # hmin = inf when every axis has a single point
+        return None
+    return tuple(shape), dev
+
+
+def _stencil(centers: np.ndarray, shape, dev: float, radius: float) -> np.ndarray:
+    """Grid offsets (S, 3) that can hold a neighbour within ``radius``, sorted like the columns of a row.
+
+    A superset: the grid distance of every offset kept is at most ``radius`` plus twice the largest
+    deviation of a point from the grid (and a relative 1e-9), so every pair within ``radius`` is found
+    (the exact test is on the points themselves). Offsets along axes with one point are 0.
+    """
+    dim = len(shape)
+    h = np.zeros(dim)
+    for a in range(dim):
+        if shape[a] > 1:
+            step = int(np.prod(shape[:a]))
+            h[a] = (centers[(shape[a] - 1) * step, a] - centers[0, a]) / (shape[a] - 1)
+    reach = radius * (1 + 1e-9) + 2.0 * dev * np.sqrt(dim) + 1e-12 * float(np.abs(centers[[0, -1]]).max())
+    ranges = []
+    for a in range(dim):
+        m = 0 if shape[a] == 1 else int(min(shape[a] - 1.0, np.floor(reach / h[a])))
+        ranges.append(np.arange(-m, m + 1))
+    offs = np.stack([g.ravel() for g in np.meshgrid(*ranges, indexing="ij")], axis=1)  # (S, dim)
+    near = (np.abs(offs) * h).clip(min=0.0)
+    offs = offs[np.sqrt((near * near).sum(axis=1)) <= reach]
+    out = np.zeros((offs.shape[0], 3), dtype=np.int64)
+    out[:, :dim] = offs
+    order = np.lexsort((out[:, 0], out[:, 1], out[:, 2]))  # z, then y, then x: increasing column
+    return np.ascontiguousarray(out[order])
+
+
+@numba.njit(parallel=True, cache=True)
+def _stencil_rows(c3, nx, ny, nz, offs, radius, count, indptr, indices, data):
+    """count=True: indptr[e + 1] = entries of row e; else fill row e of W + radius I (columns ascending).
+
+    W_ec = radius - |x_e - x_c| for c != e with |x_e - x_c|^2 <= radius^2, computed as the KD-tree
+    computes it (squared differences added over the axes in order, then the square root; c3 holds the
+    centres padded with zero coordinates to 3 axes, which add exact zeros); zeros are dropped, the
+    diagonal is radius: the matrix ``W + eye * radius`` of the KD-tree path, entry for entry.
+    """
+    r2 = radius * radius
+    nxy = nx * ny
+    for e in numba.prange(nx * ny * nz):
+        i = e % nx
+        j = (e // nx) % ny
+        l = e // nxy
+        x0, x1, x2 = c3[e, 0], c3[e, 1], c3[e, 2]
+        q = 0 if count else indptr[e]
+        for s in range(offs.shape[0]):
+            oi, oj, ol = offs[s, 0], offs[s, 1], offs[s, 2]
+            if i + oi < 0 or i + oi >= nx or j + oj < 0 or j + oj >= ny or l + ol < 0 or l + ol >= nz:
+                continue
+            c = e + oi + nx * oj + nxy * ol
+            if c == e:
+                w = radius
+            else:
+                d0 = x0 - c3[c, 0]
+                d1 = x1 - c3[c, 1]
+                d2 = x2 - c3[c, 2]
+                sq = 0.0
+                sq += d0 * d0
+                sq += d1 * d1
+                sq += d2 * d2
+                if sq > r2:
+                    continue
+                w = radius - np.sqrt(sq)
+                if w == 0.0:
+                    continue
+            if not count:
+                indices[q] = c
+                data[q] = w
+            q += 1
+        if count:
+            indptr[e + 1] = q
+
+
+def _kdtree_weights(centers: np.ndarray, radius: float):
+    """``W + radius I`` of :class:`DensityFilter` from a KD-tree: any centres (the general path)."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(centers)
+    D = tree.sparse_distance_matrix(tree, radius, output_type="coo_matrix")
+    off = D.row != D.col  # the self-distance 0 may or may not be stored: add it once below
+    W = sp.coo_array((radius - D.data[off], (D.row[off], D.col[off])), shape=(len(centers),) * 2).tocsr()
+    return W + sp.eye_array(len(centers)) * radius
+
+
+def _grid_weights(centers: np.ndarray, radius: float):
+    """``W + radius I`` of :class:`DensityFilter` from a fixed stencil when the centres are a regular grid
+    numbered x fastest (see :func:`_lattice`), else None. The same CSR (canonical) as the KD-tree path."""
+    if not np.isfinite(radius):
+        return None
+    grid = _lattice(centers)
+    if grid is None:
+        return None
+    shape, dev = grid
+    radius = float(radius)
+    offs = _stencil(centers, shape, dev, radius)
+    n, dim = centers.shape
+    c3 = np.zeros((n, 3))
+    c3[:, :dim] = centers
+    nx, ny, nz = (tuple(shape) + (1, 1))[:3]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    empty_i, empty_d = np.zeros(0, dtype=np.int32), np.zeros(0)
+    with threads_for(n * offs.shape[0]):
+        _stencil_rows(c3, nx, ny, nz, offs, radius, True, indptr, empty_i, empty_d)
+        np.cumsum(indptr, out=indptr)
+        nnz = int(indptr[-1])
+        idx_t = np.int32 if max(n, nnz) < np.iinfo(np.int32).max else np.int64
+        indptr = indptr.astype(idx_t)
+        indices = np.empty(nnz, dtype=idx_t)
+        data = np.empty(nnz)
+        _stencil_rows(c3, nx, ny, nz, offs, radius, False, indptr, indices, data)
+    W = sp.csr_array((data, indices, indptr), shape=(n, n))
+    W.has_canonical_format = True
+    return W
+
+
 class DensityFilter(_Linear):
     """Cone-weighted linear density filter (Bruns & Tortorelli 2001; Bourdin 2001):
 
         rho_e = sum_i w_ei v_i p_i / sum_i w_ei v_i,    w_ei = max(0, r - |x_e - x_i|)
+
+    The neighbours within r come from a KD-tree (``scipy.spatial.cKDTree``),
+    or, when the centres are a regular grid numbered x fastest (the cell
+    centres of :func:`~adjopt.mesh.rectangle` and :func:`~adjopt.mesh.box`),
+    from the fixed stencil of grid offsets within r, with the distances
+    computed from the centres as the KD-tree computes them: the same matrix,
+    entry for entry (432k cells of a box, r = 1.5, on 2 busy cores: 0.2 s
+    instead of 2.8-3.5 s for the neighbours, 0.45-0.6 s instead of 2.2-3.0 s
+    for the whole filter).
 
     Parameters
     ----------
@@ -120,25 +287,21 @@ class DensityFilter(_Linear):
     """
 
     def __init__(self, centers, radius: float, volumes=None):
-        from scipy.spatial import cKDTree
-
         centers = np.asarray(centers, dtype=np.float64)
         if centers.ndim != 2:
             raise ShapeError(f"centers must be an (E, dim) array, got shape {centers.shape}")
         if not radius > 0:
             raise ValueError(f"filter radius must be positive, got {radius}")
-        tree = cKDTree(centers)
-        D = tree.sparse_distance_matrix(tree, radius, output_type="coo_matrix")
-        off = D.row != D.col  # the self-distance 0 may or may not be stored: add it once below
-        W = sp.coo_array((radius - D.data[off], (D.row[off], D.col[off])), shape=(len(centers),) * 2).tocsr()
-        W = W + sp.eye_array(len(centers)) * radius
+        W = _grid_weights(centers, radius)
+        if W is None:
+            W = _kdtree_weights(centers, radius)
         if volumes is not None:
             volumes = np.asarray(volumes, dtype=np.float64)
             if volumes.shape != (len(centers),):
                 raise ShapeError(f"volumes must have length {len(centers)}, got shape {volumes.shape}")
             W = W @ sp.diags_array(volumes)
         W = sp.diags_array(1.0 / np.asarray(W.sum(axis=1)).ravel()) @ W
-        super().__init__(W)
+        super().__init__(W, copy=False)
         self.radius = float(radius)
 
 
