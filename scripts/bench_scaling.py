@@ -71,10 +71,33 @@ of ``--threads`` runs in its own subprocess (this script with a hidden
 OPENBLAS_NUM_THREADS and MKL_NUM_THREADS set; the worker streams one JSON line
 per row back. ``thread_scaling`` lists t(1 thread) / t(k threads).
 
+Limits, same run: a gradient after a value is at least one adjoint solve
+on the value's factorization, which costs what the forward solve does (the
+same pair of triangular solves for a symmetric A); a Hessian action is at
+least its two solves (tangent and second adjoint). So per row, with
+t_solve = ``forward_solve_s`` (the forward solve of the value, on its factor,
+with its residual check, as ``J.stats`` times it):
+
+* ``limit_value_gradient`` = 1 + t_solve / t_value, and
+  ``value_gradient_over_limit`` = ratio_value_gradient - limit_value_gradient,
+  the share of a value spent in the gradient beyond one solve;
+* ``hessp_over_two_solves`` = hessp_s / (2 t_solve);
+* ``adjoint_over_forward`` = adjoint_solve_s / forward_solve_s (1 when the
+  adjoint solve runs as fast as the forward one).
+
+From the best times, like the other ratios; ``limits_per_repetition`` has
+the same numbers for each repetition alone (one value, gradient and solve
+each), as a check that mixing best times does not make them.
+
 Output: a progress line per row, then the tables and the summary of the
-targets (direct 2D at >= 250,000 unknowns: (value+gradient)/value <= 1.05 and
-hessp/value <= 0.1; AMG 3D at >= 1,000,000 unknowns: (value+gradient)/value
-<= 1.5), each met / not met / not measured, with the numbers. The JSON
+targets (direct 2D at >= 250,000 unknowns: (value+gradient)/value <= 1.05,
+hessp/value <= 0.1, (value+gradient)/value at most 0.02 above its limit,
+hessp <= 1.2 x its two solves; AMG 3D at >= 1,000,000 unknowns:
+(value+gradient)/value <= 1.5), each met / not met / not measured, with the
+numbers. ``info.blas`` (and the worker's) records the BLAS libraries
+(threadpoolctl: numpy's own, the one CHOLMOD links, OpenMP) with their
+threads, and which of them CHOLMOD runs on (``cholmod_blas``, from ``ldd`` of
+scikit-sparse's module, followed through Debian's alternatives). The JSON
 (``--out``) is rewritten atomically after every row (``"complete": false``
 until the end); the PNG (``--plot``) shows time per unknown against unknowns.
 Exit status 2 for bad input, 1 when a row failed, a worker died or rows are missing.
@@ -128,7 +151,17 @@ TARGETS = (
      2, "direct", 250_000, "ratio_hessp", 0.1),
     ("amg_3d_value_gradient", "AMG 3D: (value+gradient)/value <= 1.5 at >= 1,000,000 unknowns",
      3, "amg", 1_000_000, "ratio_value_gradient", 1.5),
+    ("direct_2d_value_gradient_limit",
+     "direct 2D: (value+gradient)/value at most 0.02 above its limit 1 + t_solve/t_value at >= 250,000 unknowns",
+     2, "direct", 250_000, "value_gradient_over_limit", 0.02),
+    ("direct_2d_hessp_two_solves", "direct 2D: hessp <= 1.2 x its two solves (2 t_solve) at >= 250,000 unknowns",
+     2, "direct", 250_000, "hessp_over_two_solves", 1.2),
 )
+#: fields shown next to a target's ratio in the summary: (field, label)
+TARGET_CONTEXT = {
+    "direct_2d_value_gradient_limit": (("ratio_value_gradient", "(v+g)/v"), ("limit_value_gradient", "limit")),
+    "direct_2d_hessp_two_solves": (("hessp_s", "hessp s"), ("forward_solve_s", "t_solve s")),
+}
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -252,6 +285,63 @@ def data_solve_by(factory, record: dict):
         yield
     finally:
         pi.solve = original
+
+
+def blas_info() -> dict:
+    """The BLAS and OpenMP libraries of this process (threadpoolctl) and the one CHOLMOD runs on.
+
+    ``cholmod_blas`` is the libblas that scikit-sparse's module links (``ldd``, followed through Debian's
+    alternatives); ``cholmod_pools`` are threadpoolctl's entries of the libraries in its folder (Debian's
+    OpenBLAS: libblas.so.3 is a front for libopenblasp-*.so beside it). Informational: None or empty where
+    scikit-sparse, ldd or threadpoolctl are missing.
+    """
+    env = {k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    blas = None
+    try:
+        from sksparse import cholmod
+
+        out = subprocess.run(["ldd", cholmod.__file__], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if ("libblas" in line or "openblas" in line or "mkl" in line) and "=>" in line:
+                blas = os.path.realpath(line.split("=>")[1].split("(")[0].strip())
+                break
+    except Exception:  # noqa: BLE001 - informational only (no scikit-sparse, no ldd)
+        pass
+    pools = []
+    try:
+        import threadpoolctl
+
+        pools = [{k: d.get(k) for k in ("prefix", "user_api", "internal_api", "filepath", "version", "num_threads",
+                                        "threading_layer", "architecture")} for d in threadpoolctl.threadpool_info()]
+    except Exception:  # noqa: BLE001
+        pass
+    folder = os.path.dirname(blas) if blas else None
+    mine = [d for d in pools if folder and d["filepath"] and os.path.dirname(os.path.realpath(d["filepath"])) == folder]
+    return dict(thread_env=env, cholmod_blas=blas, cholmod_pools=mine, threadpools=pools)
+
+
+def blas_line(info: dict | None) -> str:
+    """One line: the BLAS CHOLMOD runs on and numpy's own, with their threads."""
+    if not info:
+        return "BLAS: not recorded"
+    def desc(d):
+        return (f"{d.get('internal_api')} {d.get('version')} ({d.get('threading_layer')}, {d.get('architecture')}, "
+                f"{d.get('num_threads')} threads) {d.get('filepath')}")
+    chol = "; ".join(desc(d) for d in info.get("cholmod_pools") or []) or str(info.get("cholmod_blas"))
+    numpy_blas = [d for d in info.get("threadpools") or [] if "numpy" in (d.get("filepath") or "")]
+    return f"CHOLMOD's BLAS: {chol}" + (f"; numpy's BLAS: {desc(numpy_blas[0])}" if numpy_blas else "")
+
+
+def limits(value_s: float, value_gradient_s: float, hessp_s: float, solve_s: float, adjoint_s: float) -> dict:
+    """The limits of a row (see the module docstring): 1 + t_solve/t_value, hessp / (2 t_solve) and the rest.
+
+    The gap is that of (value+gradient)/value as the row reports it: best value+gradient over best value (one
+    repetition each), not best value plus best gradient, which may come from two repetitions.
+    """
+    limit = 1.0 + solve_s / value_s
+    ratio = value_gradient_s / value_s
+    return dict(limit_value_gradient=limit, value_gradient_over_limit=ratio - limit,
+                hessp_over_two_solves=hessp_s / (2.0 * solve_s), adjoint_over_forward=adjoint_s / solve_s)
 
 
 def solver_label(kind: str, args) -> str:
@@ -388,6 +478,10 @@ def measure_row(problem, n: int, dim: int, kind: str, args, meter: Meter) -> dic
         **best,
         ratio_value_gradient=best["value_gradient_s"] / best["value_s"],
         ratio_hessp=best["hessp_s"] / best["value_s"],
+        **limits(best["value_s"], best["value_gradient_s"], best["hessp_s"], best["forward_solve_s"],
+                 best["adjoint_solve_s"]),
+        limits_per_repetition=[limits(rep["value_s"], rep["value_gradient_s"], rep["hessp_s"],
+                                      rep["forward_solve_s"], rep["adjoint_solve_s"]) for rep in reps],
         median=median, repetitions=reps,
         **pieces,
         value_rest_s=best["value_s"] - pieces["map_s"] - pieces["assembly_s"] - best["factorization_s"]
@@ -477,6 +571,7 @@ def worker(args) -> int:
     info["threads_requested"] = threads
     info["numba_threads_ok"] = numba.get_num_threads() == threads
     info["warmup_s"] = 0.0 if args.no_warmup else warm_up(args)
+    info["blas"] = blas_info()  # after the warm-up: the direct backend (scikit-sparse) is loaded
     meter = Meter()
     info["peak_per_phase"] = meter.can_reset
     emit("info", info)
@@ -502,7 +597,9 @@ def progress_line(r: dict) -> str:
     if "error" in r:
         return f"{head} ERROR {r['error']}"
     return (f"{head} value {r['value_s']:.4g} s, value+grad {r['value_gradient_s']:.4g} s "
-            f"({r['ratio_value_gradient']:.3f}x), hessp {r['hessp_s']:.4g} s ({r['ratio_hessp']:.3f}x), "
+            f"({r['ratio_value_gradient']:.3f}x, limit {r['limit_value_gradient']:.3f}), hessp {r['hessp_s']:.4g} s "
+            f"({r['ratio_hessp']:.3f}x, {r['hessp_over_two_solves']:.2f}x its two solves), "
+            f"solves: forward {r['forward_solve_s']:.3g} s, adjoint {r['adjoint_solve_s']:.3g} s, "
             f"FD {fmt(r.get('fd_s'))} s ({r.get('fd_mode')}), refactorize {r['refactorize_ratio']:.2f}x, "
             f"peak {r['peak_rss_bytes_per_unknown']:.0f} B/unknown")
 
@@ -525,6 +622,19 @@ def main_table(rows: list[dict]) -> str:
                     fmt(r.get("fd_s"), ".3g"), r.get("fd_mode", "-"), fmt(r.get("fd_ratio"), ".3g"),
                     fmt(r.get("fd_rel_err"), ".1e"), fmt(r["refactorize_gradient_s"], ".4g"),
                     fmt(r["refactorize_ratio"], ".2f"), fmt(r["refactorize_max_rel_diff"], ".1e")])
+    return table(out, header)
+
+
+def limit_table(rows: list[dict]) -> str:
+    header = ["dim", "unknowns", "solver", "thr", "value s", "t_solve s", "adjoint s", "adj/fwd", "(v+g)/v", "limit",
+              "over limit", "hessp s", "hessp/(2 t_solve)"]
+    out = []
+    for r in measured(rows):
+        out.append([r["dim"], r["unknowns"], r["solver"], r["threads"], fmt(r["value_s"], ".4g"),
+                    fmt(r["forward_solve_s"], ".4g"), fmt(r["adjoint_solve_s"], ".4g"),
+                    fmt(r["adjoint_over_forward"], ".2f"), fmt(r["ratio_value_gradient"], ".3f"),
+                    fmt(r["limit_value_gradient"], ".3f"), fmt(r["value_gradient_over_limit"], "+.3f"),
+                    fmt(r["hessp_s"], ".4g"), fmt(r["hessp_over_two_solves"], ".2f")])
     return table(out, header)
 
 
@@ -571,9 +681,10 @@ def summarize(rows: list[dict]) -> dict:
     summary = {}
     for key, label, dim, kind, min_n, field, bound in TARGETS:
         cand = [r for r in ok if r["dim"] == dim and r["solver_kind"] == kind]
-        hits = [r for r in cand if r["unknowns"] >= min_n]
+        hits = [r for r in cand if r["unknowns"] >= min_n and r.get(field) is not None]
         meas = [dict(threads=r["threads"], n=r["n"], unknowns=r["unknowns"], solver=r["solver"], ratio=r[field],
-                     met=bool(r[field] <= bound)) for r in hits]
+                     met=bool(r[field] <= bound), **{f: r.get(f) for f, _ in TARGET_CONTEXT.get(key, ())})
+                for r in hits]
         if meas:
             met, note = all(x["met"] for x in meas), ""
         else:
@@ -594,13 +705,20 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
+def _target_numbers(key: str, x: dict) -> str:
+    """A target's measurement in the summary: its ratio (signed for a gap) and the fields it is made of."""
+    ratio = f"{x['ratio']:+.3f}" if key.endswith("_limit") else f"{x['ratio']:.3f}"
+    ctx = ", ".join(f"{label} {fmt(x.get(field), '.4g')}" for field, label in TARGET_CONTEXT.get(key, ()))
+    return (f"n={x['n']} ({x['unknowns']:,} unknowns, {x['solver']}, {x['threads']} thr): {ratio}"
+            + (f" [{ctx}]" if ctx else "") + ("" if x["met"] else " (over)"))
+
+
 def summary_text(summary: dict) -> str:
     lines = ["Targets:"]
     for key, *_ in TARGETS:
         s = summary[key]
         state = {True: "MET", False: "NOT MET", None: "NOT MEASURED"}[s["met"]]
-        nums = "; ".join(f"n={x['n']} ({x['unknowns']:,} unknowns, {x['solver']}, {x['threads']} thr): "
-                         f"{x['ratio']:.3f}{'' if x['met'] else ' (over)'}" for x in s["measured"])
+        nums = "; ".join(_target_numbers(key, x) for x in s["measured"])
         lines.append(f"  {s['target']}: {state}" + (f" -- {nums}" if nums else f" -- {s['note']}"))
     c = summary["checks"]
     lines.append(f"Checks: refactorize gradient = adjopt gradient to {fmt(c['refactorize_max_rel_diff'], '.1e')} "
@@ -694,6 +812,8 @@ def main(argv=None) -> int:
                        for d, sizes in ((2, args.sizes2d), (3, args.sizes3d)) for n in sizes for k in args.solvers
                        if (t, d, n, k) not in got]  # a worker that died (out of memory?) before the row
     data["thread_scaling"] = thread_scaling(rows)
+    blas = [w["info"]["blas"] for w in data["workers"] if w.get("info") and w["info"].get("blas")]
+    data["info"]["blas"] = blas[-1] if blas else None  # the workers' (thread counts differ, libraries do not)
     data["summary"] = summarize(rows)
     data["total_s"] = time.perf_counter() - t0
     data["info"]["loadavg_after"] = machine_info()["loadavg"]
@@ -706,6 +826,9 @@ def main(argv=None) -> int:
     print()
     print("Phases (seconds, best of repeat; map and assembly timed apart, factorization includes the symmetry check):")
     print(phase_table(rows))
+    print()
+    print("Limits (same run; t_solve = the value's forward solve on its factor; over limit = (v+g)/v - limit):")
+    print(limit_table(rows))
     if data["thread_scaling"]:
         print()
         print("Thread scaling (t(1 thread) / t(k threads)):")
@@ -715,6 +838,7 @@ def main(argv=None) -> int:
                     ["dim", "unknowns", "solver", "threads", "value", "value+grad", "hessp", "factor/setup"]))
     print()
     print(summary_text(data["summary"]))
+    print(blas_line(data["info"]["blas"]))
     print(f"wrote {args.out}" + (f" and {args.plot}" if data["plot"] else " (no plot: matplotlib missing or no rows)"))
     if data["missing"]:
         print(f"missing rows (worker died): {data['missing']}")

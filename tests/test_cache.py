@@ -127,3 +127,73 @@ def test_cholmod_refactorizes_in_the_memory_of_a_released_factorization():
     fresh = adjopt.ReducedFunctional(A, np.ones(4), adjopt.SquaredMisfit(np.zeros(4)), solver="superlu")
     np.testing.assert_allclose(g, fresh.gradient(np.full(3, 0.5)), rtol=1e-12)
     np.testing.assert_allclose(J.gradient(np.zeros(3)), fresh.gradient(np.zeros(3)), rtol=1e-12)
+
+
+def test_a_lookup_of_the_most_recent_point_needs_no_hash(monkeypatch):
+    import adjopt.cache as cache_mod
+
+    hashed = []
+    real = cache_mod.fingerprint
+    monkeypatch.setattr(cache_mod, "fingerprint", lambda p: hashed.append(p.copy()) or real(p))
+    c = StateCache(max_bytes=1000)
+    p1, p2 = np.linspace(0.0, 1.0, 5), np.linspace(1.0, 2.0, 5)
+    p1.flags.writeable = False  # the functional's points are read-only copies
+    assert c.get(p1) is None and len(hashed) == 1  # a miss hashes p once ...
+    c.put(p1, Item(1))
+    assert len(hashed) == 1  # ... and the insertion of that (read-only) p reuses the hash
+    a = c.get(p1.copy())  # an equal copy of the most recent point: compared, not hashed
+    assert a is not None and len(hashed) == 1 and c.hits == 1
+    assert c.get(p2) is None and len(hashed) == 2
+    c.put(p2, Item(2))  # writable: hashed again (it may have changed since the lookup)
+    assert len(hashed) == 3
+    assert c.get(p1).nbytes == 1 and len(hashed) == 4  # not the most recent: found through its hash
+    assert c.get(p1).nbytes == 1 and len(hashed) == 4  # now it is the most recent again
+    assert c.get(p2).nbytes == 2 and len(hashed) == 5
+    assert c.hits == 4 and c.misses == 2
+
+
+def test_the_fast_path_compares_every_entry_and_the_dtype():
+    c = StateCache(max_bytes=1000)
+    p = np.arange(4.0)
+    c.put(p, Item(1))
+    q = p.copy()
+    q[-1] = np.nextafter(q[-1], 10.0)  # one ulp away in the last entry
+    assert c.get(q) is None
+    assert c.get(np.arange(4)) is None  # equal values, another dtype: another point
+    assert c.get(p[:3]) is None  # a prefix
+    assert c.get(p.copy()) is not None
+
+
+def test_a_p_changed_between_lookup_and_insertion_is_stored_under_its_new_values():
+    c = StateCache(max_bytes=1000)
+    p = np.zeros(3)
+    assert c.get(p) is None
+    p[0] = 1.0  # the caller changed p in place before inserting it: it is hashed again
+    c.put(p, Item(1))
+    c.put(np.full(3, 5.0), Item(2))  # p is no longer the most recent entry: found through its hash only
+    assert c.get(np.zeros(3)) is None
+    assert c.get(np.array([1.0, 0.0, 0.0])).nbytes == 1
+
+
+def test_the_functional_hashes_a_point_once_for_value_gradient_and_hessp(monkeypatch):
+    import adjopt.cache as cache_mod
+
+    hashed = []
+    real = cache_mod.fingerprint
+    monkeypatch.setattr(cache_mod, "fingerprint", lambda p: hashed.append(1) or real(p))
+    conn = np.array([[0, 1], [1, 2]])
+    A = adjopt.ElementCoefficientMatrix(conn, np.array([[2.0, -1.0], [-1.0, 2.0]]), coefficient="exp",
+                                        A0=np.eye(3))
+    J = adjopt.ReducedFunctional(A, np.ones(3), adjopt.SquaredMisfit(np.zeros(3)), solver="superlu")
+    p = np.array([0.1, -0.2])
+    v = J.value(p)
+    g = J.gradient(p)
+    h = J.hessp(p, np.array([1.0, 0.5]))
+    assert len(hashed) == 1 and J.cache.hits == 2 and J.cache.misses == 1
+    # the same numbers as a functional that hashes every time
+    monkeypatch.undo()
+    K = adjopt.ReducedFunctional(A, np.ones(3), adjopt.SquaredMisfit(np.zeros(3)), solver="superlu")
+    K.cache.get = lambda q, _get=K.cache.get: (K.cache._entries.clear(), None)[1]  # no hits at all
+    assert K.value(p) == v
+    np.testing.assert_array_equal(K.gradient(p), g)
+    np.testing.assert_allclose(K.hessp(p, np.array([1.0, 0.5])), h, rtol=1e-14)

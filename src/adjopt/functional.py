@@ -47,6 +47,13 @@ from .solvers import SOLVE_KINDS, make_solver
 logger = logging.getLogger(__name__)
 
 
+def _columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a and b side by side as one (n, k_a + k_b) array: the operators sum a contraction over columns and act
+    column by column in a tangent, so two actions of one operator become one pass (one coefficient derivative,
+    one read of the element matrices)."""
+    return np.concatenate([a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)], axis=1)
+
+
 def _frozen(x: np.ndarray) -> np.ndarray:
     """x as an array on an immutable buffer: neither it nor a view of it (nor its base) can be made writable."""
     return np.frombuffer(np.ascontiguousarray(x).tobytes(), dtype=x.dtype).reshape(x.shape)
@@ -434,27 +441,41 @@ class ReducedFunctional:
         t_start, t_solves = clock(), 0.0
         u, rho, M, f, b, pmap = st.u, st.rho, self.matrix, self.objective, self.rhs, self.map
         drho = dp if pmap is None else pmap.jvp(p, dp)
-        rhs_t = -M.tangent(rho, drho, u)
+        self_adjoint = self.self_adjoint and lam is not None and lam is u
+        # A(p) symmetric for every p: so is dA/dp . drho, whose transpose action on lam is then its action;
+        # (dA . drho) u and (dA . drho) lam come from one two-column pass of the tangent kernel
+        paired = lam is not None and not self_adjoint and getattr(M, "symmetric", False)
+        if paired:
+            k = u.size // u.shape[0]
+            both = M.tangent(rho, drho, _columns(u, lam))
+            rhs_t, t_lam = -both[:, :k].reshape(u.shape), both[:, k:].reshape(u.shape)
+        else:
+            rhs_t = -M.tangent(rho, drho, u)
         if b.depends_on_p:
             rhs_t = rhs_t + b.jvp(rho, drho)
         t0 = clock()
         du = self._use(st).solve(rhs_t, kind="tangent", tol=tol)
         t_solves += clock() - t0
-        if self.self_adjoint and lam is not None and lam is u:
+        if self_adjoint:
             # f_uu = f_up = 0 and A = A^T, lam = u: the second-adjoint equation is the tangent equation
             dl = du
         else:
             rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp)
             if lam is not None:
-                rhs_a = rhs_a - M.tangent_transpose(rho, drho, lam)
+                rhs_a = rhs_a - (t_lam if paired else M.tangent_transpose(rho, drho, lam))
             t0 = clock()
             dl = self._use(st).solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
             t_solves += clock() - t0
-        h_rho = -M.contract(rho, dl, u)
-        if lam is not None:
-            h_rho = h_rho - M.contract(rho, lam, du)
-            if not M.affine:
-                h_rho = h_rho - M.second(rho, lam, u, drho)
+        if lam is None:
+            h_rho = -M.contract(rho, dl, u)
+        elif self_adjoint:
+            # dl = du and lam = u: C(dl, u) = C(lam, du) = du^T (dA/drho_k) u, as dA/drho_k is symmetric
+            h_rho = -2.0 * M.contract(rho, du, u)
+        else:
+            # C(dl, u) + C(lam, du) in one contraction of two columns (summed over columns)
+            h_rho = -M.contract(rho, _columns(dl, lam), _columns(u, du))
+        if lam is not None and not M.affine:
+            h_rho = h_rho - M.second(rho, lam, u, drho)
         if b.depends_on_p:
             h_rho = h_rho + b.vjp(rho, dl)
             if lam is not None:

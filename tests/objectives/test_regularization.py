@@ -115,3 +115,135 @@ def test_bad_input():
         ParameterFunctional(TikhonovL2())
     with pytest.raises(adjopt.ShapeError):
         ParameterFunctional(TikhonovL2(n=3)).value(np.ones(2))
+
+
+def _h1_l2(n=30, seed=0):
+    G, h = _p1_gradient_1d(n)
+    K = G.T @ sp.diags_array(h) @ G
+    M = sp.diags_array(np.random.default_rng(seed).uniform(0.5, 1.5, n + 1))
+    return K, M
+
+
+@pytest.mark.parametrize("make", [lambda K, M: TikhonovH1(K, p_ref=0.2), lambda K, M: TikhonovL2(M),
+                                  lambda K, M: TikhonovL2(n=K.shape[0]), lambda K, M: TikhonovL2(M.diagonal())])
+def test_quadratic_gradient_after_a_value_is_the_kept_product(make, monkeypatch):
+    K, M = _h1_l2()
+    term = make(K, M)
+    Mop = K if isinstance(term, TikhonovH1) else (M if term.M is not None else sp.eye_array(K.shape[0]))
+    rng = np.random.default_rng(1)
+    p, q = rng.standard_normal(K.shape[0]), rng.standard_normal(K.shape[0])
+    ref = term.p_ref if term.p_ref is not None else 0.0
+
+    def expected_grad(x):
+        return Mop @ (x - ref)
+
+    products = []
+    real = type(term)._apply
+    monkeypatch.setattr(type(term), "_apply", lambda self, v: products.append(1) or real(self, v))
+    assert term.value(None, p) == pytest.approx(0.5 * (p - ref) @ Mop @ (p - ref), rel=1e-13)
+    g = term.grad_p(None, p.copy())  # an equal p (another array): the value's product, not a new one
+    assert len(products) == 1
+    np.testing.assert_allclose(g, expected_grad(p), rtol=1e-13)
+    g[:] = 7.0  # the caller owns what it got: the next gradient is not that array
+    g2 = term.grad_p(None, p)
+    assert len(products) == 2  # handed over once: computed again
+    np.testing.assert_allclose(g2, expected_grad(p), rtol=1e-13)
+    # a value at p, then the gradient at another point: computed for that point
+    term.value(None, p)
+    np.testing.assert_allclose(term.grad_p(None, q), expected_grad(q), rtol=1e-13)
+    # p changed in place between the value and the gradient: the gradient of the changed p
+    x = p.copy()
+    term.value(None, x)
+    x[3] += 1.0
+    np.testing.assert_allclose(term.grad_p(None, x), expected_grad(x), rtol=1e-13)
+
+
+def test_regularized_functional_gradient_is_unchanged_by_the_kept_product():
+    case = element_case(3, n=8, n_elem=6, coefficient="exp")
+    J, p = case.functional, case.p
+    K, M = _h1_l2(n=p.size - 1)
+    reg = 0.3 * TikhonovH1(K) + 0.1 * TikhonovL2(M)
+    Jr = adjopt.ReducedFunctional(J.matrix, J.rhs, J.objective + reg, solver="superlu")
+    Jc = adjopt.ReducedFunctional(J.matrix, J.rhs, J.objective + reg, solver="superlu")
+    g_after_value = (Jr.value(p), Jr.gradient(p))[1]
+    g_alone = Jc.gradient(p)  # no value before: the products are computed by the gradient
+    np.testing.assert_array_equal(g_after_value, g_alone)
+    np.testing.assert_allclose(g_alone - J.gradient(p), 0.3 * (K @ p) + 0.1 * (M @ p), rtol=1e-12, atol=1e-14)
+
+
+def test_total_variation_value_is_the_weighted_sum():
+    G, h = _p1_gradient_1d(20)
+    p = np.random.default_rng(2).standard_normal(21)
+    tv = TotalVariation(G, h, eps=1e-2)
+    g = (G @ p).reshape(-1, 1)
+    assert tv.value(None, p) == pytest.approx(float(np.sum(h * np.sqrt(g[:, 0] ** 2 + 1e-4))), rel=1e-14)
+
+
+def _spy(monkeypatch, cls, names):
+    """Record the calls of ``cls``'s methods ``names`` (by name)."""
+    seen = []
+    for name in names:
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, _n=name, _r=real: seen.append(_n) or _r(self, *a))
+    return seen
+
+
+def test_a_sum_leaves_out_derivatives_that_are_zero_by_construction(monkeypatch):
+    rng = np.random.default_rng(4)
+    n, m = 7, 5
+    B = rng.standard_normal((3, n))
+    misfit = adjopt.SquaredMisfit(rng.standard_normal(3), B=B)
+    K = sp.diags_array(rng.uniform(1, 2, m))
+    f = misfit + 10.0 * (TikhonovH1(K) + 0.1 * TikhonovL2(n=m))
+    u, du, p, dp = rng.standard_normal(n), rng.standard_normal(n), rng.standard_normal(m), rng.standard_normal(m)
+    from adjopt.objectives.regularization import ParameterObjective
+
+    zero_u = _spy(monkeypatch, ParameterObjective, ["grad_u", "hess_uu", "hess_up", "hess_pu"])
+    zero_p = _spy(monkeypatch, adjopt.objectives.Objective, ["grad_p", "hess_pp", "hess_up", "hess_pu"])
+    g_u, g_p = f.grad_u(u, p), f.grad_p(u, p)
+    h_uu, h_up, h_pu, h_pp = f.hess_uu(u, p, du), f.hess_up(u, p, dp), f.hess_pu(u, p, du), f.hess_pp(u, p, dp)
+    # the regularization's u-derivatives and the misfit's p-derivatives were not called, except once each
+    # for the mixed ones, where every term is zero (the first term gives the zero of the right shape)
+    assert zero_u == [] and zero_p == ["hess_up", "hess_pu"]
+    r = B @ u - misfit.d
+    np.testing.assert_allclose(g_u, B.T @ r, rtol=1e-14)
+    np.testing.assert_allclose(g_p, 10.0 * (K @ p + 0.1 * p), rtol=1e-14)
+    np.testing.assert_allclose(h_uu, B.T @ (B @ du), rtol=1e-14)
+    np.testing.assert_array_equal(h_up, np.zeros(n))
+    np.testing.assert_array_equal(h_pu, np.zeros(m))
+    np.testing.assert_allclose(h_pp, 10.0 * (K @ dp + 0.1 * dp), rtol=1e-14)
+    assert f.zero_derivative("hess_up") and f.zero_derivative("hess_pu") and not f.zero_derivative("grad_u")
+
+
+def test_an_overridden_derivative_is_always_called_whatever_depends_on_p_says():
+    # an objective that forgot depends_on_p = True but implements grad_p: its gradient is not dropped
+    class Tilted(adjopt.objectives.Objective):
+        def value(self, u, p):
+            return float(np.sum(u) * np.sum(p))
+
+        def grad_u(self, u, p):
+            return np.full_like(u, np.sum(p))
+
+        def grad_p(self, u, p):
+            return np.full(np.shape(p)[0], np.sum(u))
+
+    class Bias(TikhonovL2):
+        def grad_u(self, u, p):  # a parameter term that overrides a u-derivative is called too
+            return np.ones_like(u)
+
+    f = Tilted() + TikhonovL2(n=3) + Bias(n=3)
+    u, p = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, -1.0, 2.0])
+    assert not Tilted().depends_on_p and not Tilted().zero_derivative("grad_p")
+    np.testing.assert_allclose(f.grad_p(u, p), 10.0 + 2 * p)
+    np.testing.assert_allclose(f.grad_u(u, p), 1.5 + np.ones(4))
+    g = f.grad_u(u, p)
+    g[:] = 0.0  # a new array, even where one term is left
+    np.testing.assert_allclose(f.grad_u(u, p), 2.5)
+
+
+def test_a_sum_of_one_compliance_term_does_not_hand_out_the_load():
+    load = np.array([1.0, 2.0, 3.0])
+    f = adjopt.Compliance(load) + TikhonovL2(n=2)
+    g = f.grad_u(np.zeros(3), np.zeros(2))
+    np.testing.assert_array_equal(g, load)
+    assert g is not f.terms[0].load and g.flags.writeable

@@ -50,6 +50,18 @@ def test_bench_scaling_tiny_sizes(tmp_path):
         assert r["ratio_value_gradient"] == pytest.approx(r["value_gradient_s"] / r["value_s"], rel=1e-12)
         assert r["ratio_hessp"] == pytest.approx(r["hessp_s"] / r["value_s"], rel=1e-12)
         assert r["ratio_value_gradient"] > 1
+        # the limits of the same run: one solve more than a value, two solves for a Hessian action
+        assert r["limit_value_gradient"] == pytest.approx(1 + r["forward_solve_s"] / r["value_s"], rel=1e-12)
+        assert r["value_gradient_over_limit"] == pytest.approx(
+            r["ratio_value_gradient"] - r["limit_value_gradient"], rel=1e-9, abs=1e-12)
+        assert r["hessp_over_two_solves"] == pytest.approx(r["hessp_s"] / (2 * r["forward_solve_s"]), rel=1e-12)
+        assert r["adjoint_over_forward"] == pytest.approx(r["adjoint_solve_s"] / r["forward_solve_s"], rel=1e-12)
+        assert r["hessp_over_two_solves"] > 0 and r["limit_value_gradient"] > 1
+        (lim,) = r["limits_per_repetition"]
+        (rep,) = r["repetitions"]
+        assert lim["limit_value_gradient"] == pytest.approx(1 + rep["forward_solve_s"] / rep["value_s"], rel=1e-12)
+        assert lim["hessp_over_two_solves"] == pytest.approx(rep["hessp_s"] / (2 * rep["forward_solve_s"]),
+                                                             rel=1e-12)
         assert r["refactorize_ratio"] == pytest.approx(r["refactorize_gradient_s"] / r["gradient_s"], rel=1e-12)
         assert r["fd_ratio"] == pytest.approx(r["fd_s"] / r["value_gradient_s"], rel=1e-12)
         assert r["factorizations_per_repetition"] == 1  # value, gradient and hessp share one factorization
@@ -77,8 +89,17 @@ def test_bench_scaling_tiny_sizes(tmp_path):
                        for k in ("direct", "amg"))
         assert amg["value"] == pytest.approx(direct["value"], rel=1e-6)
         assert amg["gradient_norm"] == pytest.approx(direct["gradient_norm"], rel=1e-5)
+    assert "Limits (same run" in res.stdout and "hessp/(2 t_solve)" in res.stdout
+    blas = data["info"]["blas"]
+    assert blas == worker["info"]["blas"] and "CHOLMOD's BLAS" in res.stdout
+    if any(r["solver"] == "cholmod" for r in rows):  # scikit-sparse: the BLAS it links, and its threads
+        assert blas["cholmod_blas"] and os.path.exists(blas["cholmod_blas"])
+        pytest.importorskip("threadpoolctl")
+        assert blas["threadpools"] and blas["cholmod_pools"]
+        assert all(d["user_api"] == "blas" and d["num_threads"] >= 1 for d in blas["cholmod_pools"])
     summ = data["summary"]
-    for key in ("direct_2d_value_gradient", "direct_2d_hessp", "amg_3d_value_gradient"):
+    for key in ("direct_2d_value_gradient", "direct_2d_hessp", "amg_3d_value_gradient",
+                "direct_2d_value_gradient_limit", "direct_2d_hessp_two_solves"):
         assert summ[key]["met"] is None and summ[key]["measured"] == [] and "not measured" in summ[key]["note"]
     assert summ["checks"]["refactorize_all_ok"] and summ["checks"]["rows_measured"] == 6
     assert data["thread_scaling"] == []  # one thread count only
@@ -99,10 +120,11 @@ def _module():
 def test_bench_scaling_summary_logic():
     """Targets are met, missed or not measured from the rows at or above their size."""
 
-    def row(dim, kind, n, unknowns, vg, hv, threads=2):
+    def row(dim, kind, n, unknowns, vg, hv, threads=2, limit=1.03, two=1.5):
         return dict(dim=dim, solver_kind=kind, solver="cholmod" if kind == "direct" else "amg", n=n,
                     unknowns=unknowns, threads=threads, ratio_value_gradient=vg, ratio_hessp=hv,
-                    refactorize_max_rel_diff=0.0, refactorize_ok=True)
+                    limit_value_gradient=limit, value_gradient_over_limit=vg - limit, hessp_over_two_solves=two,
+                    hessp_s=0.3, forward_solve_s=0.1, refactorize_max_rel_diff=0.0, refactorize_ok=True)
 
     rows = [row(2, "direct", 256, 65_025, 2.0, 1.0),  # below the size of the targets: ignored
             row(2, "direct", 512, 261_121, 1.04, 0.2), row(2, "direct", 512, 261_121, 1.03, 0.09, threads=1),
@@ -114,8 +136,22 @@ def test_bench_scaling_summary_logic():
     assert s["direct_2d_hessp"]["met"] is False  # 0.2 at 2 threads is over 0.1
     assert s["amg_3d_value_gradient"]["met"] is None and "250,047" in s["amg_3d_value_gradient"]["note"]
     assert s["checks"]["rows_failed"] == 1 and s["checks"]["rows_measured"] == 4
+    # 1.04 is 0.01 above its limit 1.03, 1.03 is on it: met; hessp 1.5 x its two solves: not met
+    lim = s["direct_2d_value_gradient_limit"]
+    assert lim["met"] is True and [x["ratio"] for x in lim["measured"]] == pytest.approx([0.01, 0.0], abs=1e-12)
+    assert [x["limit_value_gradient"] for x in lim["measured"]] == [1.03, 1.03]
+    two = s["direct_2d_hessp_two_solves"]
+    assert two["met"] is False and [x["ratio"] for x in two["measured"]] == [1.5, 1.5]
+    rows[1]["hessp_over_two_solves"] = rows[2]["hessp_over_two_solves"] = 1.1
+    assert _module().summarize(rows)["direct_2d_hessp_two_solves"]["met"] is True
+    rows[1]["value_gradient_over_limit"] = 0.03
+    assert _module().summarize(rows)["direct_2d_value_gradient_limit"]["met"] is False
+    # a row recorded before these fields existed is not measured for them
+    old = [{k: v for k, v in r.items() if k != "hessp_over_two_solves"} for r in rows]
+    assert _module().summarize(old)["direct_2d_hessp_two_solves"]["met"] is None
     text = _module().summary_text(s)
     assert "MET" in text and "NOT MET" in text and "NOT MEASURED" in text
+    assert "+0.010 [(v+g)/v 1.04, limit 1.03]" in text and "1.500 [hessp s 0.3, t_solve s 0.1] (over)" in text
 
 
 @pytest.mark.parametrize("args, message", [
@@ -153,3 +189,10 @@ def test_bench_scaling_falls_back_to_superlu(monkeypatch):
     assert mod.resolve_direct("superlu") == ("superlu", "")
     used, note = mod.resolve_direct("pardiso")
     assert used is None and "pypardiso" in note
+
+
+def test_bench_scaling_limits():
+    """1 + t_solve/t_value, the gap of (value+gradient)/value above it, hessp over its two solves."""
+    lim = _module().limits(value_s=1.0, value_gradient_s=1.06, hessp_s=0.1, solve_s=0.04, adjoint_s=0.05)
+    assert lim == pytest.approx(dict(limit_value_gradient=1.04, value_gradient_over_limit=0.02,
+                                     hessp_over_two_solves=1.25, adjoint_over_forward=1.25))

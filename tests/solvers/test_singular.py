@@ -183,3 +183,49 @@ def test_cholmod_pivots_certify_a_nonsingular_matrix_without_a_probe():
     pytest.importorskip("sksparse.cholmod")
     A = sp.csr_array(sp.diags_array([[-1.0] * 29, [2.5] * 30, [-1.0] * 29], offsets=[-1, 0, 1]))
     assert adjopt.solvers.make_solver("cholmod").factorize(A).probed
+
+
+def _spd(n=12):
+    return sp.csr_array(sp.diags_array([[-1.0] * (n - 1), [2.5] * n, [-1.0] * (n - 1)], offsets=[-1, 0, 1]))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_cholmod_residual_check_of_a_transposed_solve_uses_a_and_catches_a_wrong_solution(transpose, monkeypatch):
+    if "cholmod" not in installed():
+        pytest.skip("cholmod not installed")
+    from adjopt.solvers.cholmod import CholmodFactorization
+
+    A = _spd()
+    fac = adjopt.solvers.make_solver("cholmod").factorize(A)
+    assert isinstance(fac, CholmodFactorization) and fac.self_transpose
+    rhs = np.linspace(1.0, 2.0, 12)
+    x = fac.solve(rhs, transpose=transpose, kind="adjoint")
+    np.testing.assert_allclose(A @ x, rhs, rtol=1e-13)
+    # the transposed product is never formed: A = A^T for a CHOLMOD factor
+    monkeypatch.setattr(type(A), "T", property(lambda self: pytest.fail("A.T was formed")))
+    fac.solve(rhs, transpose=True, kind="second_adjoint")
+    monkeypatch.undo()
+    # a factor that returns a wrong solution is caught, transposed or not
+    monkeypatch.setattr(CholmodFactorization, "_solve", lambda self, r, t, k, tol: 1.01 * np.linalg.solve(
+        A.toarray(), r))
+    with pytest.raises(SingularMatrixError, match="relative residual of 0.01"):
+        fac.solve(rhs, transpose=transpose, kind="adjoint")
+
+
+def test_superlu_residual_check_of_a_transposed_solve_uses_a_transpose():
+    # nonsymmetric A: an x with A x = rhs is not the solution of A^T x = rhs, and the check says so
+    A = sp.csr_array(np.array([[4.0, 1.0, 0.0], [0.0, 3.0, 2.0], [1.0, 0.0, 5.0]]))
+    fac = adjopt.solvers.DirectSolver().factorize(A)
+    assert not fac.self_transpose
+    rhs = np.array([1.0, 2.0, 3.0])
+    xt = fac.solve(rhs, transpose=True, kind="adjoint")
+    np.testing.assert_allclose(A.T @ xt, rhs, rtol=1e-14)
+    x = np.linalg.solve(A.toarray(), rhs)
+    with pytest.raises(SingularMatrixError, match="with A\\^T left a relative residual"):
+        fac.check_residual(x, rhs, transpose=True, kind="adjoint")
+    fac.check_residual(x, rhs, transpose=False, kind="forward")  # the right check for it passes
+    # per column, and the right-hand side is not changed by the in-place residual
+    R = np.column_stack([rhs, 2 * rhs])
+    R0 = R.copy()
+    fac.check_residual(np.linalg.solve(A.toarray().T, R), R, transpose=True)
+    np.testing.assert_array_equal(R, R0)

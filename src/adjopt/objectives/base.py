@@ -13,6 +13,12 @@ gradient and Hessian-vector product need (u is (n,) or (n, k)):
 Objectives that do not depend on p (``depends_on_p = False``) get zero
 p-derivatives for free. A missing derivative raises
 :class:`~adjopt.errors.MissingDerivativeError` naming the method to write.
+
+A :class:`Sum` leaves out the terms whose derivative is zero by construction
+(:meth:`Objective.zero_derivative`: the base class's zero, not overridden),
+rather than adding arrays of zeros: a misfit plus a regularization made
+three zero vectors of the state's length per gradient and five per Hessian
+action. An overridden derivative is always called.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ class Objective:
 
     def value(self, u, p) -> float:
         raise NotImplementedError(f"{type(self).__name__} must implement value(u, p)")
+
+    def zero_derivative(self, name: str) -> bool:
+        """True when the derivative ``name`` (e.g. ``"grad_p"``) is zero by construction: this class does not
+        override the base class's zero (here: the p-derivatives of an objective with ``depends_on_p = False``)."""
+        if name in _P_DERIVATIVES:
+            return not self.depends_on_p and _inherited(self, name, Objective)
+        return False
 
     def _missing(self, method: str, needed_by: str):
         raise MissingDerivativeError(
@@ -91,8 +104,19 @@ class Objective:
         return self + (-other)
 
 
+#: derivatives that vanish when f does not depend on p, and those that vanish when it does not depend on u
+_P_DERIVATIVES = ("grad_p", "hess_pp", "hess_up", "hess_pu")
+_U_DERIVATIVES = ("grad_u", "hess_uu", "hess_up", "hess_pu")
+
+
+def _inherited(obj, name: str, base: type) -> bool:
+    """obj's method ``name`` is ``base``'s own (not overridden by a subclass)."""
+    return getattr(type(obj), name, None) is getattr(base, name)
+
+
 class Sum(Objective):
-    """f = sum_i f_i; every derivative is the sum of the terms' derivatives."""
+    """f = sum_i f_i; every derivative is the sum of the terms' derivatives (terms whose derivative is zero
+    by construction are left out, see :meth:`Objective.zero_derivative`)."""
 
     def __init__(self, terms):
         flat = []
@@ -104,8 +128,13 @@ class Sum(Objective):
     def value(self, u, p):
         return float(sum(t.value(u, p) for t in self.terms))
 
+    def zero_derivative(self, name: str) -> bool:
+        return all(t.zero_derivative(name) for t in self.terms)
+
     def _sum(self, name, *args):
-        return sum(getattr(t, name)(*args) for t in self.terms)
+        terms = [t for t in self.terms if not t.zero_derivative(name)] or self.terms[:1]  # a zero of the shape
+        # sum() starts from 0: the result is a new array even for one term (a term may return its own data)
+        return sum(getattr(t, name)(*args) for t in terms)
 
     def grad_u(self, u, p):
         return self._sum("grad_u", u, p)
@@ -137,6 +166,9 @@ class Scaled(Objective):
             c, term = c * term.c, term.term
         self.c, self.term = c, term
         self.depends_on_p = term.depends_on_p
+
+    def zero_derivative(self, name: str) -> bool:
+        return self.term.zero_derivative(name)
 
     def value(self, u, p):
         return self.c * self.term.value(u, p)

@@ -127,6 +127,10 @@ class Factorization:
     ill_conditioned = 1e-8
     #: True for direct factorizations: every solve is exact to round-off, whatever the tolerance
     exact = True
+    #: True when a transposed solve is the solve itself, A = A^T (CHOLMOD reads one triangle of a matrix it
+    #: checked to be symmetric): its residual is then taken with A's rows (CSR) rather than with A.T's columns,
+    #: whose product is a scatter (1.8 ms against 1.3 ms for 1.8M nonzeros)
+    self_transpose = False
 
     def __init__(self, A: sp.sparray, stats: SolverStats):
         self.A = A
@@ -198,8 +202,10 @@ class Factorization:
 
     def check_residual(self, x: np.ndarray, rhs: np.ndarray, transpose: bool = False, kind: str = "other") -> None:
         """Raise :class:`SingularMatrixError` if a column of A x - rhs (A^T x - rhs) is not small against its rhs."""
-        op = self.A.T if transpose else self.A
-        r = column_norms((op @ x - rhs).reshape(self.n, -1))
+        op = self.A.T if transpose and not self.self_transpose else self.A
+        r = op @ x
+        r -= rhs  # in place: one temporary, not two
+        r = column_norms(r.reshape(self.n, -1))
         scale = column_norms(rhs.reshape(self.n, -1))
         if not getattr(self, "_warned", False) and np.any((scale > 0) & (r > self.ill_conditioned * scale)):
             self._warned = True

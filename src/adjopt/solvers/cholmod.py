@@ -61,6 +61,8 @@ def _not_spd_message(detail: str) -> str:
 class CholmodFactorization(Factorization):
     """A CHOLMOD factor of a symmetric positive definite A (solves with A = A^T)."""
 
+    self_transpose = True  # CholmodSolver refuses an A that is not symmetric (to 1e-12 of max|A|)
+
     def __init__(self, A, stats, factor, factor_nnz: int):
         super().__init__(A, stats)
         self.factor = factor
