@@ -389,7 +389,7 @@ def test_reused_coarse_levels_solve_to_the_tolerance_and_are_rebuilt_when_they_c
     M, rho0, A0, b = system(problem, x0)
     near = np.clip(x0 + 0.02 * np.random.default_rng(1).standard_normal(x0.size), 0, 1)  # a small OC-like step
     _, rho1, A1, _ = system(problem, near)
-    s = solver_for(problem, coarse_dofs=200, warm_start=False)
+    s = solver_for(problem, coarse_dofs=200, warm_start=False, reuse_hierarchy=True)
     fac0 = s.factorize(A0, operator=M, rho=rho0)
     fac0.solve(b, kind="forward")
     assert not fac0.lagged and s.lagged_setups == 0
@@ -424,7 +424,7 @@ def test_a_lagged_solve_that_does_not_converge_is_redone_on_fresh_levels(monkeyp
     x0 = simp_design(problem.p0.size, seed=7)
     M, rho0, A0, b = system(problem, x0)
     _, rho1, A1, _ = system(problem, 1.0 - x0)
-    s = solver_for(problem, coarse_dofs=200, warm_start=False)
+    s = solver_for(problem, coarse_dofs=200, warm_start=False, reuse_hierarchy=True)
     s.factorize(A0, operator=M, rho=rho0).solve(b)
     monkeypatch.setattr(GMGSolver, "_lagged_budget", lambda self: 1)  # a lagged solve gets one iteration
     fac = s.factorize(A1, operator=M, rho=rho1)
