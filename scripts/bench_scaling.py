@@ -120,6 +120,7 @@ from _bench_common import (
     GiB,
     Meter,
     best_time,
+    blas_info,
     loglog_plot,
     machine_info,
     median_time,
@@ -285,39 +286,6 @@ def data_solve_by(factory, record: dict):
         yield
     finally:
         pi.solve = original
-
-
-def blas_info() -> dict:
-    """The BLAS and OpenMP libraries of this process (threadpoolctl) and the one CHOLMOD runs on.
-
-    ``cholmod_blas`` is the libblas that scikit-sparse's module links (``ldd``, followed through Debian's
-    alternatives); ``cholmod_pools`` are threadpoolctl's entries of the libraries in its folder (Debian's
-    OpenBLAS: libblas.so.3 is a front for libopenblasp-*.so beside it). Informational: None or empty where
-    scikit-sparse, ldd or threadpoolctl are missing.
-    """
-    env = {k: os.environ.get(k) for k in (*THREAD_VARS, "OMP_WAIT_POLICY", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    blas = None
-    try:
-        from sksparse import cholmod
-
-        out = subprocess.run(["ldd", cholmod.__file__], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if ("libblas" in line or "openblas" in line or "mkl" in line) and "=>" in line:
-                blas = os.path.realpath(line.split("=>")[1].split("(")[0].strip())
-                break
-    except Exception:  # noqa: BLE001 - informational only (no scikit-sparse, no ldd)
-        pass
-    pools = []
-    try:
-        import threadpoolctl
-
-        pools = [{k: d.get(k) for k in ("prefix", "user_api", "internal_api", "filepath", "version", "num_threads",
-                                        "threading_layer", "architecture")} for d in threadpoolctl.threadpool_info()]
-    except Exception:  # noqa: BLE001
-        pass
-    folder = os.path.dirname(blas) if blas else None
-    mine = [d for d in pools if folder and d["filepath"] and os.path.dirname(os.path.realpath(d["filepath"])) == folder]
-    return dict(thread_env=env, cholmod_blas=blas, cholmod_pools=mine, threadpools=pools)
 
 
 def blas_line(info: dict | None) -> str:

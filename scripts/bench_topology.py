@@ -117,7 +117,7 @@ import traceback
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from _bench_common import Meter, loglog_plot, machine_info, median_time, peak_rss_gib, release_memory, reset_peak, table, write_json
+from _bench_common import Meter, blas_info, blas_kind, loglog_plot, machine_info, median_time, peak_rss_gib, release_memory, reset_peak, table, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "problems"))
@@ -830,7 +830,7 @@ def main(argv=None) -> int:
 
     meter = Meter()
     data = dict(
-        info=machine_info(sksparse=_sksparse_version(), adjopt=getattr(adjopt, "__version__", None), **_blas_info()),
+        info=machine_info(sksparse=_sksparse_version(), adjopt=getattr(adjopt, "__version__", None), **blas_info()),
         config=dict(mbb=[size_name(s) for s in args.mbb], cantilever3d=[size_name(s) for s in args.cantilever],
                     full=[size_name(s) for s in args.full], solvers=args.solvers, solvers_full=solvers_full, solvers_3d=solvers3d,
                     baselines=args.baselines, iters=args.iters, warmup_iterations=1,
@@ -926,54 +926,6 @@ def main(argv=None) -> int:
                                                            for e in errors), file=sys.stderr)
         return 1
     return 0
-
-
-def blas_kind(path: str | None) -> str:
-    """'openblas', 'mkl', 'blis', 'reference' (netlib: Debian's /usr/lib/.../blas/libblas.so.3) or 'unknown'."""
-    if not path:
-        return "unknown"
-    low = path.lower()
-    for kind in ("openblas", "mkl", "blis", "atlas"):
-        if kind in low:
-            return kind
-    if "/blas/libblas" in low or os.path.basename(low).startswith("libblas.so"):
-        return "reference"
-    return "unknown"
-
-
-def _blas_info() -> dict:
-    """Thread settings, the BLAS CHOLMOD (scikit-sparse) resolves to, and every BLAS/OpenMP pool of this process.
-
-    CHOLMOD's supernodal factorization runs on the system BLAS (``ldd`` of scikit-sparse's module,
-    followed through Debian's alternatives), which may be the reference BLAS: 3x slower than OpenBLAS
-    on this benchmark. ``threadpools`` is threadpoolctl's view after scikit-sparse is imported: which
-    libraries (numpy's bundled OpenBLAS, the system's, libgomp) run in this process, with their threads.
-    The baselines and adjopt run in this one process, so this is the BLAS of both.
-    """
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                          "NUMBA_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_CORETYPE",
-                                          "OPENBLAS_L2_SIZE")}
-    blas = None
-    try:
-        import subprocess
-
-        from sksparse import cholmod
-        out = subprocess.run(["ldd", cholmod.__file__], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if ("libblas" in line or "openblas" in line or "mkl" in line) and "=>" in line:
-                blas = os.path.realpath(line.split("=>")[1].split("(")[0].strip())
-                break
-    except Exception:  # noqa: BLE001 - informational only (no scikit-sparse, no ldd)
-        pass
-    pools = []
-    try:
-        import threadpoolctl
-
-        pools = [{k: d.get(k) for k in ("prefix", "user_api", "internal_api", "filepath", "version", "num_threads",
-                                        "threading_layer")} for d in threadpoolctl.threadpool_info()]
-    except Exception:  # noqa: BLE001
-        pass
-    return dict(thread_env=env, cholmod_blas=blas, cholmod_blas_kind=blas_kind(blas), threadpools=pools)
 
 
 def fast_cholmod_baseline(info: dict) -> bool:
