@@ -255,29 +255,6 @@ def count_nonfinite(x):
 
 
 # -- building the incidence and the row maps (once per operator) ---------------------------------
-@numba.njit(cache=True)
-def incidence(conn, n, ptr, elem, loc):
-    """Fill ptr (n + 1, zeroed), elem and loc (the count of conn >= 0): for dof i the pairs (elem[t], loc[t])
-    with conn[elem, loc] = i, t in ptr[i]:ptr[i+1], in increasing element order (then local index)."""
-    n_elem, k = conn.shape
-    for e in range(n_elem):
-        for a in range(k):
-            i = conn[e, a]
-            if i >= 0:
-                ptr[i + 1] += 1
-    for i in range(n):
-        ptr[i + 1] += ptr[i]
-    nxt = ptr[:-1].copy()
-    for e in range(n_elem):
-        for a in range(k):
-            i = conn[e, a]
-            if i >= 0:
-                t = nxt[i]
-                elem[t] = e
-                loc[t] = a
-                nxt[i] = t + 1
-
-
 @numba.njit(parallel=True, cache=True)
 def row_positions(indptr, indices, conn, inc_ptr, inc_elem, nchunks, scratch, rpos):
     """rpos[t*k + b] = the place of column conn[e, b] in row i for incidence t = (e, a) of row i; ``scratch``

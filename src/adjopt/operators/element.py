@@ -269,7 +269,8 @@ class ElementCoefficientMatrix(ParametricMatrix):
         self._inc_ptr = np.zeros(n + 1, dtype=_index_dtype(n_inc * k))
         self._inc_elem = np.empty(n_inc, dtype=_index_dtype(self.n_params))
         self._inc_loc = np.empty(n_inc, dtype=np.uint8 if k <= 256 else np.int32)
-        _kernels.incidence(conn, n, self._inc_ptr, self._inc_elem, self._inc_loc)
+        _pattern.incidence_count(conn, n, self._inc_ptr)
+        _pattern.incidence_fill(conn, self._inc_ptr, self._inc_elem, self._inc_loc)
         # with condensed entries every row is summed in a buffer of `scratch` + 1 entries, the condensed columns
         # going to the last; scratch = 0: none, the rows are summed in place
         max_row = int(np.diff(self.indptr).max()) if n else 0
