@@ -280,6 +280,11 @@ class LinearSolver:
         self.stats = SolverStats()
 
     def factorize(self, A) -> Factorization:
+        """The factorization (or hierarchy) of A, for every solve with A and A^T.
+
+        The factorization keeps A (no copy: it is the matrix of the residual checks), so A must not be
+        changed while it is in use; :class:`~adjopt.ReducedFunctional` passes matrices it owns.
+        """
         A = sp.csr_array(A)
         if A.shape[0] != A.shape[1]:
             raise ShapeError(f"A must be square, got shape {A.shape}")

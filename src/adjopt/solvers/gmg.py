@@ -1063,7 +1063,8 @@ class GMGSolver(LinearSolver):
         Geometric multigrid needs the discretisation: ``operator`` (the
         :class:`~adjopt.operators.ElementCoefficientMatrix` on this solver's
         grid) and ``rho`` (its parameters). :class:`~adjopt.ReducedFunctional`
-        passes both.
+        passes both. A must be ``operator.assemble(rho)`` and must not change
+        while the factorization is in use (it is kept, not copied).
         """
         if operator is None or rho is None:
             raise ValueError(
