@@ -432,7 +432,8 @@ def gather_rows(indptr, inc_ptr, inc_elem, inc_loc, rpos, vals, shared, k, coef,
         for i in range(ch * n // nchunks, (ch + 1) * n // nchunks):
             s0 = indptr[i]
             m = indptr[i + 1] - s0
-            dst = out[s0:s0 + m] if scratch == 0 else buf[:m + 1]
+            # with condensed entries the whole buffer: its entry `scratch` (past every row) takes them
+            dst = out[s0:s0 + m] if scratch == 0 else buf
             if has_base:
                 for r in range(m):
                     dst[r] = base[s0 + r]
