@@ -146,7 +146,7 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     solver
         The linear solver of the functional (a name or a
         :class:`~adjopt.solvers.LinearSolver`); default ``"auto"``: geometric
-        multigrid where it is faster than a factorization (from 40k free dofs
+        multigrid where it is faster than a factorization (from 12k free dofs
         in 2D when the grid coarsens, :func:`adjopt.solvers.structured_solver`),
         else the fastest factorization installed.
         ``"gmg"``: geometric multigrid CG (:class:`~adjopt.solvers.GMGSolver`)

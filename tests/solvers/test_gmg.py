@@ -128,6 +128,12 @@ def test_fixed_dof_off_the_coarse_nodes_is_refused():
         GMGSolver((8, 4), 2, fixed=[0, 1, 3], coarse_dofs=1)
     # the same supports on a grid that is not coarsened are fine
     assert len(GMGSolver((8, 4), 2, fixed=[0, 1, 3], max_levels=1).levels) == 1
+    # ... and so when only min_levels (not coarse_dofs) asks for a coarser level: the grid is solved directly
+    assert len(GMGSolver((8, 4), 2, fixed=[0, 1, 3]).levels) == 1
+    # supports that coarsen: min_levels=2 coarsens a grid below coarse_dofs once, min_levels=3 twice
+    assert [lv.shape for lv in GMGSolver((8, 4), 2, fixed=[0, 1]).levels] == [(8, 4), (4, 2)]
+    assert [lv.shape for lv in GMGSolver((8, 4), 2, fixed=[0, 1], min_levels=3).levels] == [(8, 4), (4, 2), (2, 1)]
+    assert len(GMGSolver((7, 4), 2, fixed=[0, 1]).levels) == 1  # odd: nothing to coarsen, no warning needed
 
 
 # -- solves ----------------------------------------------------------------------------------------------
@@ -255,7 +261,7 @@ def test_grid_that_does_not_match_the_operator_is_refused():
     # an A that is not operator.assemble(rho): the matrix-free fine level would solve another system
     with pytest.raises(ValueError, match="matrix-free fine-level operator differs"):
         solver_for(problem, coarse_dofs=50).factorize(2 * A, operator=M, rho=rho)
-    fac = solver_for(problem, matrix_free=False).factorize(A, operator=M, rho=rho)
+    fac = solver_for(problem, matrix_free=False, min_levels=1).factorize(A, operator=M, rho=rho)
     assert fac.n_levels == 1
 
 
@@ -263,7 +269,7 @@ def test_grid_that_does_not_match_the_operator_is_refused():
     (dict(shape=(4,)), "shape must be"), (dict(shape=(4, 0)), "element count"), (dict(dofs_per_node=0), "dofs_per_node"),
     (dict(tol=0.0), "tolerance"), (dict(tol={"nope": 1e-3}), "unknown solve kind"), (dict(maxiter=0), "maxiter"),
     (dict(smoother="sor"), "unknown smoother"), (dict(degree=0), "degree"), (dict(cycle="F"), "cycle"),
-    (dict(on_failure="ignore"), "on_failure"), (dict(eig_safety=0.5), "eig_safety"), (dict(jacobi_weight=2.5), "jacobi_weight"),
+    (dict(on_failure="ignore"), "on_failure"), (dict(min_levels=0), "min_levels"), (dict(eig_safety=0.5), "eig_safety"), (dict(jacobi_weight=2.5), "jacobi_weight"),
 ])
 def test_bad_options(kwargs, match):
     args = dict(shape=(8, 4), dofs_per_node=2, fixed=[0])
@@ -314,8 +320,9 @@ def test_topology_build_with_gmg_runs_oc_like_the_direct_solver():
         runs[name] = (res, problem.functional)
     assert isinstance(runs["gmg"][1].solver, GMGSolver)
     (ref, _), (res, J) = runs["superlu"], runs["gmg"]
-    assert len(J.solver.levels) == 1  # 2562 dofs <= coarse_dofs: the coarsest level is the grid itself
-    assert J.solver.stats.factorizations == 31 and J.solver.stats.iterations["forward"] == 31
+    # 2562 dofs <= coarse_dofs, but min_levels=2: 60 x 20 -> 30 x 10, one factorization per design of the coarse grid
+    assert [lv.shape for lv in J.solver.levels] == [(60, 20), (30, 10)]
+    assert J.solver.stats.factorizations == 31 and J.solver.stats.iterations["forward"] > 31
     assert res.nit == ref.nit == 30
     assert res.fun == pytest.approx(ref.fun, rel=1e-6)
     np.testing.assert_allclose(res.x, ref.x, atol=1e-5)
@@ -350,8 +357,11 @@ def test_structured_solver_chooses_gmg_from_the_measured_size(monkeypatch, caplo
         s = structured_solver((32, 16), 2, fixed, coarse_dofs=100)
     assert isinstance(s, GMGSolver) and len(s.levels) >= 2 and "chose geometric multigrid" in caplog.text
     assert isinstance(structured_solver((32, 16), 2, fixed, solver="auto", coarse_dofs=100), GMGSolver)
-    # 1105 free dofs <= coarse_dofs (20,000 by default): one level, which is a factorization
-    assert isinstance(structured_solver((32, 16), 2, fixed), AutoSolver)
+    # 1105 free dofs <= coarse_dofs (20,000 by default): min_levels=2 still coarsens the grid once
+    s = structured_solver((32, 16), 2, fixed)
+    assert isinstance(s, GMGSolver) and [lv.shape for lv in s.levels] == [(32, 16), (16, 8)]
+    # a hierarchy of one level is a factorization
+    assert isinstance(structured_solver((32, 16), 2, fixed, min_levels=1), AutoSolver)
     assert isinstance(structured_solver((8, 4), 2, [0]), AutoSolver)  # 88 free dofs: below the crossover
     assert isinstance(structured_solver((31, 17), 2, [0]), AutoSolver)  # odd counts: one level, no multigrid
     # a support off the coarse nodes: a factorization instead (the error is for an explicit "gmg")
