@@ -445,6 +445,36 @@ def test_a_lagged_solve_that_does_not_converge_is_redone_on_fresh_levels(monkeyp
     assert np.linalg.norm(A1 @ u - b) <= 1e-8 * np.linalg.norm(b)
 
 
+def test_a_lagged_solve_predicted_too_slow_goes_on_from_its_iterate_and_backs_off(caplog):
+    from adjopt.solvers.gmg import _predicted
+
+    assert _predicted([1.0, 0.5, 0.25, 0.125, 0.0625], 1e-3) == pytest.approx(4 + np.log(1e-3 / 0.0625) / np.log(0.5))
+    assert _predicted([1.0, 2.0, 1.5, 1.6, 1.7], 1e-3) == np.inf  # no decrease over the window
+    problem = tc.build("mbb", 64, 32, emin=1e-9, solver="superlu")
+    x0 = simp_design(problem.p0.size, seed=7)
+    M, rho0, A0, b = system(problem, x0)
+    _, rho1, A1, _ = system(problem, 1.0 - x0)  # far from x0: the lagged levels are slow
+    s = solver_for(problem, coarse_dofs=200, warm_start=False)
+    assert s.reuse_hierarchy  # the default
+    s.factorize(A0, operator=M, rho=rho0).solve(b)
+    fresh_its = s._fresh["iterations"]
+    fac = s.factorize(A1, operator=M, rho=rho1)
+    assert fac.lagged
+    before = s.stats.iterations["other"]
+    with caplog.at_level(logging.INFO, logger="adjopt.solvers.gmg"):
+        u = fac.solve(b)
+    assert "rebuilt them and went on from its iterate" in caplog.text and not fac.lagged
+    assert np.linalg.norm(A1 @ u - b) <= 1e-8 * np.linalg.norm(b)
+    # the fresh solve started from the lagged solve's iterate (warm_start is off: otherwise it starts at 0)
+    assert 0 < fac.last_residuals[0] < 1  # from 0 it would be 1
+    # the lagged attempt stopped early: far below its budget of 2 * (n + 1) + 10 iterations
+    lagged_its = s.stats.iterations["other"] - before - (len(fac.last_residuals) - 1)
+    assert 6 <= lagged_its < 2 * (fresh_its + 1) + 10
+    # back-off: the next factorization is fresh, the one after may reuse again
+    assert not s.factorize(A1, operator=M, rho=rho1).lagged
+    assert s.factorize(A1, operator=M, rho=rho1).lagged
+
+
 def test_structured_solver_checks_its_arguments_whichever_solver_it_returns():
     from adjopt.solvers import structured_solver
 

@@ -74,22 +74,30 @@ node-by-node gather at 600 x 200 on one thread) on all dofs of the grid with zer
 
 Reused coarse levels
 --------------------
-With ``reuse_hierarchy=True`` (off by default) a factorization at a new parameter
+With ``reuse_hierarchy=True`` (the default) a factorization at a new parameter
 value builds only its finest level (the operator of this A, its diagonal and
 the element bound) and reuses the coarse levels and the coarse factor of the
 last fresh hierarchy. The V-cycle is still symmetric positive definite, so CG
 converges to the solution of this A, to the same tolerance, with a residual
-checked against this A; it may take more iterations. Once a solve on reused
-levels takes more than ``rebuild_ratio`` times the iterations of the fresh
-hierarchy's first solve plus one, the next factorization builds a fresh
-hierarchy; a solve on reused levels that does not converge within twice that
-is redone on fresh levels of its own A. In OC on the 150 x 50 MBB beam (412
-design iterations, 2 levels) 363 of 413 factorizations reused the coarse
-levels: the setup time fell from 6.8 s to 2.4 s and the CG iterations rose
-from 3,571 to 4,010 (on a loaded machine, so no wall time is quoted). In the
-first OC iterations the design changes too much: at 300 x 100 a lagged solve
-ran out of its budget (28 iterations) and was redone on fresh levels every
-time, 0.31 s per iteration against 0.14 s without reuse. Hence off by default.
+checked against this A; it may take more iterations. Let n be the iterations
+of the fresh hierarchy's first solve and m = ``rebuild_ratio`` n + 1:
+
+- a solve on reused levels that took more than m iterations makes the next
+  factorization build a fresh hierarchy;
+- a solve on reused levels whose residual, at its rate over the last 4
+  iterations, will need more than m iterations (checked from iteration
+  max(6, m / 2) on), or that reaches twice m + 10, is given up: this A's own
+  levels are built and CG goes on from the iterate it reached. The next
+  factorizations then build fresh hierarchies, 1, 2, 4, ... up to 32 of them
+  after consecutive give-ups, so that a design that changes fast (the first
+  OC iterations) pays for few lagged attempts.
+
+Measured on the MBB beam in OC (2 cores, paired runs on a noisy machine): the
+full 150 x 50 run (412 iterations, 150x50 -> 75x25) 10.4-10.5 s with reuse
+against 12.3-14.7 s without (343 of 413 factorizations reused the coarse
+levels; CG iterations 3,806 against 3,571); the first 12 iterations at
+300 x 100 2.8 against 2.9 s, the first 10 at 600 x 200 5.8-7.1 against
+6.3-7.2 s. ``reuse_hierarchy=False`` builds every hierarchy afresh.
 
 Krylov method
 -------------
@@ -379,6 +387,20 @@ def _galerkin_elements(kf, children, prow, pcol, pw, k, out):
                 out[C, j * k + i] = s
 
 
+def _predicted(history: list, tol: float, window: int = 4) -> float:
+    """Iterations a CG run needs to reach ``tol`` at the rate of decrease of its relative residual over its
+    last ``window`` iterations (the residual of preconditioned CG is not monotone: it often rises in the first
+    iterations, so the rate since the start would underestimate the asymptotic one)."""
+    its = len(history) - 1
+    w = min(window, its)
+    rate = (history[-1] / history[-1 - w]) ** (1.0 / w) if history[-1 - w] > 0 else 0.0
+    if not rate < 1.0:
+        return math.inf
+    if rate <= 0.0:
+        return float(its)
+    return its + math.log(tol / history[-1]) / math.log(rate)
+
+
 # -- structured grids ---------------------------------------------------------------------------------------
 def _node_strides(shape) -> np.ndarray:
     dims = np.array(shape) + 1
@@ -630,6 +652,7 @@ class GMGFactorization(Factorization):
         #: True when the coarse levels are those of an earlier parameter value (``reuse_hierarchy``)
         self.lagged = False
         self._source = None  # (operator, coef): what a fresh hierarchy of this A is built from
+        self._partial = None  # the last iterate of a lagged solve that was given up
 
     def _set_hierarchy(self, ops, transfers, coarse_solve, coarse_nnz, free) -> None:
         self.ops, self.transfers, self._coarse_solve, self._free = ops, transfers, coarse_solve, free
@@ -638,12 +661,14 @@ class GMGFactorization(Factorization):
                               + sum(P.nnz + R.nnz for P, R in transfers))
 
     def _refresh(self) -> None:
-        """Replace lagged coarse levels by this A's own (after a lagged solve that did not converge)."""
+        """Replace lagged coarse levels by this A's own (after a lagged solve that was too slow)."""
         operator, coef = self._source
         fresh = self.solver._build(self.A, operator, coef)
         self._set_hierarchy(*fresh)
         self.lagged = False
-        logger.info("GMG: a solve with the coarse levels of an earlier design did not converge; rebuilt them")
+        self.solver._lag_failed()
+        logger.info("GMG: a solve with the coarse levels of an earlier design converged too slowly; rebuilt them "
+                    "and went on from its iterate")
 
     @property
     def nbytes(self) -> int:
@@ -717,19 +742,26 @@ class GMGFactorization(Factorization):
         return np.column_stack([self._cg(rhs[:, j], kind, tol) for j in range(rhs.shape[1])])
 
     def _cg(self, b_free: np.ndarray, kind: str, tol: float) -> np.ndarray:
+        start = None
         if self.lagged:
+            self._partial = None
             try:
                 x = self._cg_once(b_free, kind, tol, lagged=True)
             except (SolverDidNotConverge, NotPositiveDefiniteError):
-                self._refresh()
+                self._partial = None
             else:
                 if x is not None:
                     return x
-                self._refresh()
-        return self._cg_once(b_free, kind, tol, lagged=False)
+            # too slow on the lagged levels: fresh ones, and CG goes on from where it stopped
+            start, self._partial = self._partial, None
+            self._refresh()
+        return self._cg_once(b_free, kind, tol, lagged=False, start=start)
 
-    def _cg_once(self, b_free: np.ndarray, kind: str, tol: float, lagged: bool) -> np.ndarray | None:
-        """CG to ``tol``; with ``lagged`` coarse levels, None (instead of a failure) when it does not converge."""
+    def _cg_once(self, b_free: np.ndarray, kind: str, tol: float, lagged: bool,
+                 start: np.ndarray | None = None) -> np.ndarray | None:
+        """CG to ``tol`` from ``start`` (else the warm start, else 0); with ``lagged`` coarse levels, None
+        (instead of a failure) when it does not converge or would take too many iterations (its last iterate
+        in ``self._partial``)."""
         s = self.solver
         nb = float(np.linalg.norm(b_free))
         if nb == 0.0:
@@ -738,7 +770,7 @@ class GMGFactorization(Factorization):
         csr = self._csr  # the given A: the true residuals are measured with it
         r_free = np.empty_like(b_free)
         x_free = None
-        x0 = s._last.get(kind) if s.warm_start else None
+        x0 = start if start is not None else (s._last.get(kind) if s.warm_start else None)
         if x0 is not None and x0.shape == b_free.shape:
             csr.matvec(x0, r_free)
             np.subtract(b_free, r_free, out=r_free)
@@ -751,8 +783,10 @@ class GMGFactorization(Factorization):
         free = self._free
         history: list[float] = [math.sqrt(_dot(r_free, r_free)) / nb]
         its = 0
-        # lagged coarse levels get a budget: beyond it, fresh ones are cheaper than more iterations
+        # lagged coarse levels get a budget: beyond it, fresh ones are cheaper than more iterations; and once
+        # the residual's mean rate of decrease predicts more than the stale limit, they are given up at once
         maxiter = min(s.maxiter, s._lagged_budget()) if lagged else s.maxiter
+        limit = s._stale_limit() if lagged else None
         # CG stops on its recursive residual; the true one is checked and, if need be, CG restarts from there
         for _attempt in range(3):
             if history[-1] <= tol or its >= maxiter:
@@ -785,6 +819,8 @@ class GMGFactorization(Factorization):
                 rr = _cg_update(x, r, p, q, rz / pq)
                 its += 1
                 history.append(math.sqrt(rr) / nb)
+                if limit is not None and its >= max(6, limit / 2) and history[-1] > tol and _predicted(history, tol) > limit:
+                    maxiter = its  # give the lagged levels up (the true residual is still taken below)
             if free is not None:
                 x_free = x[free]
             csr.matvec(x_free, r_free)
@@ -797,6 +833,7 @@ class GMGFactorization(Factorization):
         rel = history[-1]
         if not (np.all(np.isfinite(x_free)) and rel <= tol):
             if lagged:
+                self._partial = x_free if np.all(np.isfinite(x_free)) else None
                 return None
             self._fail(kind, tol, its, history)
         s._note_iterations(its, lagged)
@@ -892,7 +929,7 @@ class GMGSolver(LinearSolver):
         Seed of the Lanczos start vectors (reproducible hierarchies).
     reuse_hierarchy
         Reuse the coarse levels of the last fresh hierarchy at a new parameter
-        value (see "Reused coarse levels" in the module docstring).
+        value (default True; see "Reused coarse levels" in the module docstring).
     rebuild_ratio
         A fresh hierarchy is built once a solve on reused coarse levels takes
         more than ``rebuild_ratio * n + 1`` CG iterations, n those of the fresh
@@ -908,7 +945,7 @@ class GMGSolver(LinearSolver):
                  smoother: str = "chebyshev4",
                  degree: int = 2, eig_steps: int = 10, eig_safety: float = 1.1, cheb_ratio: float = 8.0,
                  jacobi_weight: float = 2.0 / 3.0, on_failure: str = "raise", warm_start: bool = True,
-                 cycle: str = "V", matrix_free: bool = True, seed: int = 0, reuse_hierarchy: bool = False,
+                 cycle: str = "V", matrix_free: bool = True, seed: int = 0, reuse_hierarchy: bool = True,
                  rebuild_ratio: float = 1.0):
         super().__init__()
         try:
@@ -956,6 +993,8 @@ class GMGSolver(LinearSolver):
         self._bound = None  # the element bound of lambda_max(D^-1 A), once per solver
         #: factorizations that reused the coarse levels of an earlier one (reuse_hierarchy)
         self.lagged_setups = 0
+        self._lag_skip = 0  # fresh hierarchies to build before reuse is tried again (see _lag_failed)
+        self._lag_backoff = 1
         self.shape = shape
         self.dofs_per_node = dim
         n_full = int(np.prod(np.array(shape) + 1)) * dim
@@ -1206,8 +1245,10 @@ class GMGSolver(LinearSolver):
         A.sort_indices()
         coef = self._coefficients(operator, rho)
         fresh = self._fresh
-        if (self.reuse_hierarchy and fresh is not None and not fresh["stale"] and fresh["conn"] is operator.conn
-                and len(self.levels) > 1):
+        reuse = (self.reuse_hierarchy and not self._lag_skip and fresh is not None and not fresh["stale"]
+                 and fresh["conn"] is operator.conn and len(self.levels) > 1)
+        self._lag_skip = max(self._lag_skip - 1, 0)
+        if reuse:
             # the coarse levels of the last fresh hierarchy, this A's own finest level: a preconditioner
             # that is still symmetric positive definite, so CG converges to A's solution all the same
             op0, free = self._level0(A, operator, coef)
@@ -1234,6 +1275,21 @@ class GMGSolver(LinearSolver):
                 fresh["iterations"] = its
         elif fresh["iterations"] is not None and its > self.rebuild_ratio * fresh["iterations"] + 1:
             fresh["stale"] = True
+        else:
+            self._lag_backoff = 1  # reuse paid off: try it again at once after the next failure
+
+    def _stale_limit(self) -> float | None:
+        """Iterations beyond which reused coarse levels count as stale (None: not known yet)."""
+        fresh = self._fresh
+        if fresh is None or fresh["iterations"] is None:
+            return None
+        return self.rebuild_ratio * fresh["iterations"] + 1
+
+    def _lag_failed(self) -> None:
+        """A solve on reused levels was given up: the next factorizations build fresh hierarchies (1, 2, 4,
+        ... up to 32 of them after consecutive failures), so that a design that changes fast pays little."""
+        self._lag_skip = self._lag_backoff
+        self._lag_backoff = min(2 * self._lag_backoff, 32)
 
     def _lagged_budget(self) -> int:
         """CG iterations a solve with lagged coarse levels may take before they are rebuilt."""
