@@ -40,9 +40,10 @@ the last ``window`` steps (the smallest, so the most asymptotic) at which
 
 Iterative solvers that warm-start make J(p + h dp) depend on the points
 evaluated before it: a tiny step then takes zero Krylov iterations and the
-noise looks like zero. The test switches warm starts off while it runs (every
-``warm_start`` attribute of J, its solver and the solver ``"auto"`` chose),
-so that every evaluation depends on its point alone.
+noise looks like zero; a preconditioner reused from an earlier point (GMG's
+``reuse_hierarchy``) does the same. The test switches both off while it runs
+(every ``warm_start`` and ``reuse_hierarchy`` attribute of J, its solver and
+the solver ``"auto"`` chose), so that every evaluation depends on its point alone.
 
 If r_k is at the floor for every step, the expansion is exact to this order
 (J is a polynomial of degree < k along dp) and the test passes as ``exact``.
@@ -178,18 +179,20 @@ def _default_direction(p: np.ndarray, seed: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def independent_evaluations(J):
-    """Within: no warm starts (J's, its solver's, and the solver ``"auto"`` chose), so that an evaluation
-    depends on its point alone, not on the points evaluated before it."""
+    """Within: no warm starts and no preconditioners reused from other points (``warm_start`` and
+    ``reuse_hierarchy`` of J, its solver, and the solver ``"auto"`` chose), so that an evaluation depends on
+    its point alone, not on the points evaluated before it."""
     solver = getattr(J, "solver", None)
-    holders = [obj for obj in (J, solver, getattr(solver, "chosen", None)) if hasattr(obj, "warm_start")]
-    saved = [(obj, obj.warm_start) for obj in holders]
+    objects = (J, solver, getattr(solver, "chosen", None))
+    saved = [(obj, name, getattr(obj, name)) for obj in objects for name in ("warm_start", "reuse_hierarchy")
+             if hasattr(obj, name)]
     try:
-        for obj, _ in saved:
-            obj.warm_start = False
+        for obj, name, _ in saved:
+            setattr(obj, name, False)
         yield
     finally:
-        for obj, value in saved:
-            obj.warm_start = value
+        for obj, name, value in saved:
+            setattr(obj, name, value)
 
 
 def _series(remainder, h: float, max_steps: int, floor_of):
