@@ -268,7 +268,7 @@ def test_row_matvec_tangent_matches_dense(name):
     rng = np.random.default_rng(9)
     p, dp = rng.standard_normal((2, A.n_params))
     dA = _dense(conn, local, dp * np.exp(p), n)
-    for z in (rng.standard_normal(n), rng.standard_normal((n, 3))):
+    for z in (rng.standard_normal(n), rng.standard_normal((n, 2)), rng.standard_normal((n, 3))):  # 1, 2: own paths
         ref = dA @ z
         np.testing.assert_allclose(A.tangent(p, dp, z), ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
     np.testing.assert_allclose(A._tangent_values(p, dp), _slot_gather(A, dp * np.exp(p)), rtol=1e-14, atol=1e-14)
@@ -287,6 +287,10 @@ def test_small_and_odd_sizes():
                                    rtol=1e-13, atol=1e-13)
         w, z = rng.standard_normal((2, 14))
         np.testing.assert_allclose(A.contract(p, w, z), np.exp(p) * _forms_reference(conn, local, w, z), rtol=1e-12)
+        dp = rng.standard_normal(9)
+        Z = rng.standard_normal((14, 2))  # the two-column tangent path, generic k
+        np.testing.assert_allclose(A.tangent(p, dp, Z), _dense(conn, local, dp * np.exp(p), 14) @ Z, rtol=1e-12,
+                                   atol=1e-12)
     A = ElementCoefficientMatrix(np.array([[0, 1, 2]]), np.eye(3), coefficient="simp")
     np.testing.assert_allclose(A.assemble(np.array([0.5])).toarray(), np.eye(3) * (1e-9 + 0.125 * (1 - 1e-9)))
 

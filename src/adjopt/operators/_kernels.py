@@ -550,6 +550,29 @@ def _row_matvec1(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, z, k):
     return acc
 
 
+@numba.njit(inline="always")
+def _row_matvec2(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, z, k):
+    """The two columns of one row at once (the paired tangent of a Hessian action): one read of the row's
+    entries and indices for both."""
+    acc0 = 0.0
+    acc1 = 0.0
+    for t in range(t0, t1):
+        e = inc_elem[t]
+        off = inc_loc[t] * k if shared else t * k
+        s0 = 0.0
+        s1 = 0.0
+        for b in range(k):
+            j = conn[e, b]
+            if j >= 0:
+                v = vals[off + b]
+                s0 += v * z[j, 0]
+                s1 += v * z[j, 1]
+        c = coef[e]
+        acc0 += c * s0
+        acc1 += c * s1
+    return acc0, acc1
+
+
 @numba.njit(parallel=True, cache=True)
 def rows_matvec(inc_ptr, inc_elem, inc_loc, conn, vals, shared, coef, z, nchunks, out):
     """out[i, c] = sum over the incidences t = (e, a) of row i of coef[e] sum_b K_e[a, b] z[conn[e, b], c]:
@@ -572,6 +595,22 @@ def rows_matvec(inc_ptr, inc_elem, inc_loc, conn, vals, shared, coef, z, nchunks
                     out[i, 0] = _row_matvec1(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, zz, 8)
                 else:
                     out[i, 0] = _row_matvec1(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, zz, k)
+        return
+    if ncol == 2:
+        for ch in numba.prange(nchunks):
+            for i in range(ch * n // nchunks, (ch + 1) * n // nchunks):
+                t0 = inc_ptr[i]
+                t1 = inc_ptr[i + 1]
+                if k == 3:
+                    a0, a1 = _row_matvec2(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, z, 3)
+                elif k == 4:
+                    a0, a1 = _row_matvec2(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, z, 4)
+                elif k == 8:
+                    a0, a1 = _row_matvec2(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, z, 8)
+                else:
+                    a0, a1 = _row_matvec2(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, z, k)
+                out[i, 0] = a0
+                out[i, 1] = a1
         return
     for ch in numba.prange(nchunks):
         s = np.empty(ncol)
