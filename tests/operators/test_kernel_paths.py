@@ -242,6 +242,10 @@ def test_fused_contraction_and_second_match_the_general_kernel(name, coefficient
     two = A.contract(p, W, Z)
     np.testing.assert_allclose(two, A.contract(p, W[:, 0], Z[:, 0]) + A.contract(p, W[:, 1], Z[:, 1]), rtol=1e-12,
                                atol=1e-12 * np.abs(two).max())
+    W3, Z3 = rng.standard_normal((2, n, 3))  # three: the general path
+    three = A.contract(p, W3, Z3)
+    np.testing.assert_allclose(three, sum(A.contract(p, W3[:, c], Z3[:, c]) for c in range(3)), rtol=1e-12,
+                               atol=1e-12 * np.abs(three).max())
 
 
 def test_blocked_contraction_over_many_blocks_and_a_ragged_end():
@@ -288,7 +292,9 @@ def test_small_and_odd_sizes():
         w, z = rng.standard_normal((2, 14))
         np.testing.assert_allclose(A.contract(p, w, z), np.exp(p) * _forms_reference(conn, local, w, z), rtol=1e-12)
         dp = rng.standard_normal(9)
-        Z = rng.standard_normal((14, 2))  # the two-column tangent path, generic k
+        W, Z = rng.standard_normal((2, 14, 2))  # the two-column tangent and contraction paths, generic k
+        np.testing.assert_allclose(A.contract(p, W, Z), np.exp(p) * (_forms_reference(conn, local, W[:, 0], Z[:, 0])
+                                   + _forms_reference(conn, local, W[:, 1], Z[:, 1])), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(A.tangent(p, dp, Z), _dense(conn, local, dp * np.exp(p), 14) @ Z, rtol=1e-12,
                                    atol=1e-12)
     A = ElementCoefficientMatrix(np.array([[0, 1, 2]]), np.eye(3), coefficient="simp")

@@ -43,6 +43,17 @@ def element_bilinear(conn, local, estride, w, z, out):
     """
     n_elem, k = conn.shape
     ncol = w.shape[1]
+    if ncol == 2:  # the paired contraction of a Hessian action: each column's entries gathered once
+        for e in numba.prange(n_elem):
+            if k == 3:
+                out[e] = _bilinear2(conn, local, e * estride, w, z, e, 3)
+            elif k == 4:
+                out[e] = _bilinear2(conn, local, e * estride, w, z, e, 4)
+            elif k == 8:
+                out[e] = _bilinear2(conn, local, e * estride, w, z, e, 8)
+            else:
+                out[e] = _bilinear2(conn, local, e * estride, w, z, e, k)
+        return
     for e in numba.prange(n_elem):
         le = e * estride
         acc = 0.0
@@ -58,6 +69,26 @@ def element_bilinear(conn, local, estride, w, z, out):
                 for c in range(ncol):
                     acc += w[i, c] * kab * z[j, c]
         out[e] = acc
+
+
+@numba.njit(inline="always")
+def _bilinear2(conn, local, le, w, z, e, k):
+    """sum_c w_e[:, c]^T K_e z_e[:, c] for two columns (condensed dofs count as zero)."""
+    acc = 0.0
+    for a in range(k):
+        i = conn[e, a]
+        if i < 0:
+            continue
+        s0 = 0.0
+        s1 = 0.0
+        for b in range(k):
+            j = conn[e, b]
+            if j >= 0:
+                kab = local[le, a * k + b]
+                s0 += kab * z[j, 0]
+                s1 += kab * z[j, 1]
+        acc += w[i, 0] * s0 + w[i, 1] * s1
+    return acc
 
 
 @numba.njit(parallel=True, cache=True)
