@@ -81,6 +81,11 @@ def test_run_topology_with_the_geometric_multigrid_solver(tmp_path):
     assert len(fa) == len(fb) == 6 and max(abs(a - b) / b for a, b in zip(fa, fb)) < 1e-7
     proc = adjopt("run", "poisson_inversion", "--n", 8, "--solver", "gmg", "--out", tmp_path / "x", check=2)
     assert "--solver gmg needs the grid" in proc.stderr
+    # an unknown name lists gmg too; an empty one is an error, not the default
+    proc = adjopt("run", "poisson_inversion", "--n", 8, "--solver", "bogus", "--out", tmp_path / "y", check=2)
+    assert "unknown solver 'bogus'" in proc.stderr and "gmg for topology_compliance" in proc.stderr
+    proc = adjopt("run", "poisson_inversion", "--n", 8, "--solver", " ", "--out", tmp_path / "z", check=2)
+    assert "needs a solver name" in proc.stderr and not (tmp_path / "z").exists()
 
 
 def test_existing_folder_needs_force(tmp_path):

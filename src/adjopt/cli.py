@@ -332,6 +332,13 @@ def _prepare_out(out: Path, force: bool, resume: bool) -> _FolderLock:
     return lock
 
 
+def _solver_name(text: str) -> str:
+    """argparse type of --solver: a name, not an empty string (which would silently mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("needs a solver name (leave --solver out for the default, auto)")
+    return text.strip()
+
+
 def _check_solver(name: str) -> None:
     """UsageError for a --solver name that no backend has."""
     from .solvers import ALIASES, backends
@@ -341,7 +348,8 @@ def _check_solver(name: str) -> None:
         raise UsageError("--solver gmg needs the grid: only problems whose build() takes a solver option "
                          "(topology_compliance) can use it")
     if name.lower() not in names:
-        raise UsageError(f"unknown solver {name!r}; the solvers are {', '.join(names)}")
+        raise UsageError(f"unknown solver {name!r}; the solvers are {', '.join(names)} (and gmg for "
+                         "topology_compliance, whose build() makes it on its grid)")
 
 
 def _stopping_tests(args, stop: dict) -> None:
@@ -637,7 +645,8 @@ def parser() -> argparse.ArgumentParser:
         if with_problem:
             p.add_argument("problem", help="a gallery name (adjopt list) or a path to a .py file with build()")
         p.add_argument("--method", help="lbfgs, lbfgsb, newton-cg, newton-tr, oc, mma (default: the problem's)")
-        p.add_argument("--solver", help="auto, superlu, cholmod, pardiso, amg (default: auto)")
+        p.add_argument("--solver", type=_solver_name, help="auto, superlu, cholmod, pardiso, amg, or gmg for problems on structured "
+                                        "grids (topology_compliance) (default: auto)")
         p.add_argument("--backend", choices=("serial", "petsc"), default="serial",
                        help="petsc: distributed over the MPI ranks of mpiexec (optional extra mpi)")
         p.add_argument("--max-iter", type=int, dest="max_iter")

@@ -285,8 +285,8 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
     dnorm = np.abs(dp).max()
     if not dnorm > 0 or not np.isfinite(dnorm):
         raise ValueError("dp is zero or not finite; give a nonzero, finite direction")
-    J0 = J.value(p)
     with independent_evaluations(J):
+        J0 = J.value(p)
         g0 = np.asarray(J.gradient(p), dtype=float) if order >= 2 else None
         gdp = float(np.dot(g0, dp)) if order >= 2 else 0.0
         Hdp = np.asarray(J.hessp(p, dp), dtype=float) if order == 3 else None

@@ -508,3 +508,63 @@ def test_the_element_bound_follows_the_element_matrix():
         bounds.append(np.linalg.eigvalsh(K / np.outer(d, d))[-1])
         assert fac.ops[0].rho == pytest.approx(bounds[-1], rel=1e-12)
     assert bounds[1] > bounds[0] * 1.1  # nu = 0.49 has a larger bound than nu = 0.3
+
+
+# -- findings of a hostile review ------------------------------------------------------------------------
+def test_the_hierarchy_does_not_follow_the_callers_rho_changed_after_factorize():
+    from adjopt import fem
+    from adjopt.mesh import rectangle
+
+    problem = tc.build("mbb", 64, 32, solver="superlu")
+    dm = problem.meta["dofmap"]
+    KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=1.0, nu=0.3)[0]
+    op = adjopt.ElementCoefficientMatrix(dm.restrict(fem.vector_dofs(problem.meta["mesh"].cells, 2)), KE,
+                                         adjopt.Identity(), n=dm.n_free)  # Identity hands back its input
+    rho = np.ones(64 * 32)
+    A = op.assemble(rho)
+    b = problem.functional.rhs.value(problem.p0)
+    fac = solver_for(problem).factorize(A, operator=op, rho=rho)
+    rho[:1024] = 1e-3  # in place, after factorize
+    u = fac.solve(b)
+    assert np.linalg.norm(A @ u - b) <= 1e-8 * np.linalg.norm(b)
+
+
+def test_tiny_huge_and_empty_right_hand_sides():
+    problem = tc.build("mbb", 32, 16, solver="superlu")
+    M, rho, A, b = system(problem, simp_design(problem.p0.size, seed=2))
+    fac = solver_for(problem).factorize(A, operator=M, rho=rho)
+    u = fac.solve(b)
+    for scale in (1e-170, 1e-300, 1e200):  # ||b||^2 under- or overflows: solved on b / max|b|
+        us = fac.solve(scale * b)
+        np.testing.assert_allclose(us, scale * u, rtol=1e-6, atol=0)
+    U = fac.solve(np.column_stack([b, 1e-200 * b]))
+    np.testing.assert_allclose(U[:, 1], 1e-200 * U[:, 0], rtol=1e-6)
+    assert fac.solve(np.zeros((b.size, 0))).shape == (b.size, 0)
+
+
+def test_a_failed_solve_that_warns_returns_its_start_when_the_last_iterate_is_worse():
+    problem = tc.build("mbb", 32, 16, solver="superlu")
+    M, rho, A, b = system(problem, simp_design(problem.p0.size, seed=2))
+    s = solver_for(problem, on_failure="warn", warm_start=False, maxiter=1, tol=1e-12)
+    fac = s.factorize(A, operator=M, rho=rho)
+    # CG minimizes the error in the A-norm, not the residual: after one step here the residual is 2.3 ||b||
+    with pytest.warns(ConvergenceWarning, match="its start is returned"):
+        x = fac.solve(b)
+    assert fac.last_residuals[-1] > 1 and np.all(x == 0)
+    # with more steps allowed the last iterate is better than the start, and it is what comes back
+    s = solver_for(problem, on_failure="warn", warm_start=False, maxiter=4, tol=1e-12)
+    with pytest.warns(ConvergenceWarning) as rec:
+        x = s.factorize(A, operator=M, rho=rho).solve(b)
+    assert "its start is returned" not in str(rec[0].message)
+    assert np.linalg.norm(A @ x - b) < np.linalg.norm(b)  # better than x = 0
+
+
+def test_structured_solver_checks_option_values_whichever_solver_it_returns():
+    from adjopt.solvers import structured_solver
+
+    for solver in (None, "auto", "superlu"):  # (8, 4): a factorization is returned, the options are still checked
+        for bad, match in ((dict(tol=-5), "tolerance"), (dict(smoother="nope"), "unknown smoother"),
+                           (dict(min_levels=0), "min_levels"), (dict(max_levels=0), "max_levels")):
+            with pytest.raises(ValueError, match=match):
+                structured_solver((8, 4), 2, [0], solver, **bad)
+    assert structured_solver((8, 4), 2, [0], "superlu", max_levels=3, tol=1e-6).name == "superlu"

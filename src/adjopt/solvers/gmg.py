@@ -738,8 +738,26 @@ class GMGFactorization(Factorization):
     def _solve(self, rhs, transpose, kind, tol):
         tol = self.tolerance(kind, tol)
         if rhs.ndim == 1:
-            return self._cg(rhs, kind, tol)
-        return np.column_stack([self._cg(rhs[:, j], kind, tol) for j in range(rhs.shape[1])])
+            return self._scaled_cg(rhs, kind, tol)
+        out = np.empty(rhs.shape)
+        for j in range(rhs.shape[1]):
+            out[:, j] = self._scaled_cg(rhs[:, j], kind, tol)
+        return out
+
+    def _scaled_cg(self, b_free: np.ndarray, kind: str, tol: float) -> np.ndarray:
+        """CG on b / max|b| when b's entries are so small or large that ||b||^2 would under- or overflow."""
+        scale = float(np.max(np.abs(b_free))) if b_free.size else 0.0
+        if scale == 0.0:
+            self.last_residuals = [0.0]
+            return np.zeros_like(b_free)
+        if 1e-150 < scale < 1e150:
+            return self._cg(b_free, kind, tol)
+        s = self.solver
+        saved, s.warm_start = s.warm_start, False  # a warm start of another scale is no start
+        try:
+            return self._cg(b_free / scale, kind, tol) * scale
+        finally:
+            s.warm_start = saved
 
     def _cg(self, b_free: np.ndarray, kind: str, tol: float) -> np.ndarray:
         start = None
@@ -763,7 +781,7 @@ class GMGFactorization(Factorization):
         (instead of a failure) when it does not converge or would take too many iterations (its last iterate
         in ``self._partial``)."""
         s = self.solver
-        nb = float(np.linalg.norm(b_free))
+        nb = math.sqrt(_dot(b_free, b_free))  # not np.linalg.norm: a BLAS call that wakes OpenBLAS's threads
         if nb == 0.0:
             self.last_residuals = [0.0]
             return np.zeros_like(b_free)
@@ -779,6 +797,7 @@ class GMGFactorization(Factorization):
         if x_free is None:
             x_free = np.zeros_like(b_free)
             r_free[:] = b_free
+        x_start = x_free.copy() if s.on_failure == "warn" else None  # returned instead of a worse last iterate
         op = self.ops[0]
         free = self._free
         history: list[float] = [math.sqrt(_dot(r_free, r_free)) / nb]
@@ -835,7 +854,9 @@ class GMGFactorization(Factorization):
             if lagged:
                 self._partial = x_free if np.all(np.isfinite(x_free)) else None
                 return None
-            self._fail(kind, tol, its, history)
+            self._fail(kind, tol, its, history)  # raises, or warns (on_failure="warn")
+            if not rel <= history[0]:  # the last iterate is worse than the start: the start is returned
+                x_free = x_start
         s._note_iterations(its, lagged)
         if s.warm_start:
             s._last[kind] = x_free.copy()
@@ -853,9 +874,12 @@ class GMGFactorization(Factorization):
     def _fail(self, kind, tol, its, history):
         last = history[-1] if history else math.nan
         best = min(history) if history else math.nan
+        back = self.solver.on_failure == "warn" and bool(history) and not last <= history[0]
         msg = (
             f"the {kind} solve (CG with geometric multigrid) stopped after {its} iterations at a relative residual "
-            f"of {last:.3g} (best {best:.3g}), above its tolerance {tol:.3g}. Raise maxiter, loosen the tolerance "
+            f"of {last:.3g} (the smallest of CG's recursive residuals: {best:.3g}), above its tolerance {tol:.3g}"
+            + ("; its start is returned, whose residual was smaller" if back else "")
+            + ". Raise maxiter, loosen the tolerance "
             "of this kind (GMGSolver(tol={...})), raise the smoother degree, or use a direct solver; a solve that "
             "stalls near 1 often means A(p) is singular (a missing Dirichlet condition, or emin = 0)."
         )
@@ -1145,7 +1169,9 @@ class GMGSolver(LinearSolver):
 
     @staticmethod
     def _coefficients(operator, rho) -> np.ndarray:
-        coef = np.ascontiguousarray(operator.coefficient(np.asarray(rho, dtype=np.float64)), dtype=np.float64)
+        # a copy: the hierarchy (and a later rebuild of it) must not follow the caller's rho, nor a coefficient
+        # that hands back its input (Identity)
+        coef = np.array(operator.coefficient(np.array(rho, dtype=np.float64)), dtype=np.float64, order="C")
         check_finite(coef, "the element coefficients phi(rho)")
         return coef
 
@@ -1369,8 +1395,8 @@ def structured_solver(shape, dofs_per_node: int, fixed=(), solver=None, **option
     and 8.3k (0.020 against 0.024), GMG at 14.8k (0.025 against 0.042) and
     15.4k (0.032 against 0.045). In 3D a factor fills much more, and GMG is
     taken as soon as the default hierarchy has 2 levels (``coarse_dofs`` =
-    20k free dofs). ``shape``, ``dofs_per_node``, ``fixed`` and the names of
-    ``options`` are checked whichever solver is returned.
+    20k free dofs). ``shape``, ``dofs_per_node``, ``fixed`` and ``options``
+    (names and values) are checked whichever solver is returned.
     """
     import inspect
 
@@ -1380,7 +1406,10 @@ def structured_solver(shape, dofs_per_node: int, fixed=(), solver=None, **option
         inspect.signature(GMGSolver).bind(shape, dofs_per_node, fixed, **options)
     except TypeError as exc:
         raise TypeError(f"structured_solver: {exc} (options are GMGSolver's keyword arguments)") from None
-    GMGSolver(shape, dofs_per_node, fixed, max_levels=1)  # checks the grid and the fixed dofs (one level: cheap)
+    # the grid, the fixed dofs and every option's value are checked whichever solver is returned (one level: cheap)
+    GMGSolver(shape, dofs_per_node, fixed, **{**options, "max_levels": 1})
+    if options.get("max_levels") is not None:
+        _check_count(options["max_levels"], "max_levels", 1)
 
     if isinstance(solver, str) and solver.lower() == "gmg":
         return GMGSolver(shape, dofs_per_node, fixed, **options)
