@@ -95,9 +95,11 @@ of the fresh hierarchy's first solve and m = ``rebuild_ratio`` n + 1:
 Measured on the MBB beam in OC (2 cores, paired runs on a noisy machine): the
 full 150 x 50 run (412 iterations, 150x50 -> 75x25) 10.4-10.5 s with reuse
 against 12.3-14.7 s without (343 of 413 factorizations reused the coarse
-levels; CG iterations 3,806 against 3,571); the first 12 iterations at
-300 x 100 2.8 against 2.9 s, the first 10 at 600 x 200 5.8-7.1 against
-6.3-7.2 s. ``reuse_hierarchy=False`` builds every hierarchy afresh.
+levels; CG iterations 3,806 against 3,571). In the first iterations, where
+the design changes fast, it is about even: the first 8 at 300 x 100 took
+2.1-2.4 s with reuse against 2.0-2.4 s without (three pairs; 96 CG
+iterations against 83), the first 10 at 600 x 200 5.8-7.1 against 6.3-7.2 s.
+``reuse_hierarchy=False`` builds every hierarchy afresh.
 
 Krylov method
 -------------
