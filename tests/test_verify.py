@@ -187,35 +187,25 @@ def test_a_hessian_from_a_jacobian_scaled_by_0_999999_fails_with_every_solver(so
     assert not r.passed and r.gradient_check.rate < 1.5, r.table()
 
 
-def test_warm_starts_are_switched_off_during_the_test_and_restored():
-    J, p = _inversion("amg")
+@pytest.mark.parametrize("solver,attr", [("amg", "warm_start"), ("gmg", "reuse_hierarchy")])
+def test_warm_starts_and_reused_hierarchies_are_switched_off_during_the_test_and_restored(solver, attr):
+    if solver == "amg":
+        J, p = _inversion("amg")
+    else:
+        pb = topology_compliance.build(nelx=32, nely=16, solver="gmg")
+        J, p = pb.functional, pb.p0
     seen = []
 
     class Spy(Perturbed):
         def value(self, q):
-            seen.append(J.solver.warm_start)
+            seen.append(getattr(J.solver, attr))
             return J.value(q)
 
-    assert J.solver.warm_start
+    assert getattr(J.solver, attr)
     assert taylor_test(Spy(J), p, order=2).passed
-    assert seen and not any(seen)  # J(p) included: every evaluation is cold
-    assert J.solver.warm_start
-
-
-def test_reused_multigrid_hierarchies_are_switched_off_during_the_test_and_restored():
-    pb = topology_compliance.build(nelx=32, nely=16, solver="gmg")
-    J = pb.functional
-    seen = []
-
-    class Spy(Perturbed):
-        def value(self, q):
-            seen.append(J.solver.reuse_hierarchy)
-            return J.value(q)
-
-    assert J.solver.reuse_hierarchy
-    taylor_test(Spy(J), pb.p0, order=2)
-    assert seen and not any(seen)
-    assert J.solver.reuse_hierarchy and J.solver.lagged_setups == 0
+    assert seen and not any(seen)  # J(p) included: every evaluation depends on its point alone
+    assert getattr(J.solver, attr)
+    assert getattr(J.solver, "lagged_setups", 0) == 0
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
