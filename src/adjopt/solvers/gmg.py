@@ -805,7 +805,7 @@ class GMGFactorization(Factorization):
         history: list[float] = [math.sqrt(_dot(r_free, r_free)) / nb]
         its = 0
         # lagged coarse levels get a budget: beyond it, fresh ones are cheaper than more iterations; and once
-        # the residual's mean rate of decrease predicts more than the stale limit, they are given up at once
+        # the residual's recent rate of decrease predicts more than the stale limit, they are given up at once
         maxiter = min(s.maxiter, s._lagged_budget()) if lagged else s.maxiter
         limit = s._stale_limit() if lagged else None
         # CG stops on its recursive residual; the true one is checked and, if need be, CG restarts from there
@@ -840,7 +840,8 @@ class GMGFactorization(Factorization):
                 rr = _cg_update(x, r, p, q, rz / pq)
                 its += 1
                 history.append(math.sqrt(rr) / nb)
-                if limit is not None and its >= max(6, limit / 2) and history[-1] > tol and _predicted(history, tol) > limit:
+                if (limit is not None and its >= max(6, limit / 2) and history[-1] > tol
+                        and _predicted(history, tol) > limit):
                     maxiter = its  # give the lagged levels up (the true residual is still taken below)
             if free is not None:
                 x_free = x[free]
