@@ -444,12 +444,13 @@ def test_full_disk_while_writing_results(monkeypatch, tmp_path, capsys):
 def test_ctrl_c_exits_130_and_the_run_continues_with_resume(tmp_path):
     slow = write_problem(tmp_path, "slow", SLOW)
     out = tmp_path / "r"
-    proc = start("run", slow, "--delay", 0.1, "--out", out, "-q", "--no-pictures", "--force")
-    wait_for_checkpoint(out / "checkpoint.npz", 2, proc)
+    # 0.5 s per value: the run is far from done when the second checkpoint appears, even on a loaded machine
+    proc = start("run", slow, "--delay", 0.5, "--out", out, "-q", "--no-pictures", "--force")
+    wait_for_checkpoint(out / "checkpoint.npz", 2, proc, timeout=120)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert one_line(err) == (f"adjopt: interrupted; continue with --resume: adjopt run {slow} --delay 0.1 --out {out} "
+    assert proc.returncode == 130, err
+    assert one_line(err) == (f"adjopt: interrupted; continue with --resume: adjopt run {slow} --delay 0.5 --out {out} "
                              "-q --no-pictures --resume")
     nit = read_checkpoint(out / "checkpoint.npz")[1]["nit"]
     assert nit >= 2 and not [p for p in out.iterdir() if p.name != "checkpoint.npz"]
@@ -567,12 +568,17 @@ def test_options_may_be_given_as_name_equals_value(tmp_path):
 
 
 def test_ctrl_c_before_anything_was_written_says_so(tmp_path):
-    slow = write_problem(tmp_path, "slow_build", """
+    started = tmp_path / "build_started"
+    slow = write_problem(tmp_path, "slow_build", f"""
         def build(n: int = 8):
+            open({str(started)!r}, "w").close()
             time.sleep(60)
     """)
     proc = start("run", slow, "--out", tmp_path / "out")
-    time.sleep(3.0)
+    deadline = time.time() + 120  # the imports take a few seconds, more on a loaded machine: wait for build()
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert started.exists(), proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
