@@ -47,9 +47,15 @@ def adjopt_cmd(*args, check=None, timeout=120):
     return proc
 
 
+def _default_sigint():
+    # a shell without job control starts background commands with SIGINT ignored, and the child would inherit
+    # that (Python then installs no KeyboardInterrupt handler): the tests that send Ctrl-C reset it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args):
     return subprocess.Popen([sys.executable, "-m", "adjopt.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def one_line(stderr: str) -> str:
