@@ -74,3 +74,36 @@ def test_blas_free_reductions_on_integers_complex_and_bad_shapes():
     with pytest.raises(ValueError, match=r"\(n, k\)"):
         _threads.column_norms(np.ones(3))
     assert _threads.norm(np.array([])) == 0.0 and np.isnan(_threads.norm(np.array([np.nan, 1.0])))
+
+
+def test_multigrid_setup_and_solves_run_on_one_thread_below_the_threshold(monkeypatch):
+    import contextlib
+    import sys
+
+    from adjopt.solvers import gmg
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "problems"))
+    import topology_compliance as tc
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(work):
+        seen.append(work)
+        with _threads.threads_for(work):
+            seen.append(numba.get_num_threads())
+            yield
+
+    monkeypatch.setattr(gmg, "threads_for", recording)
+    pb = tc.build("mbb", 32, 16, solver="gmg")
+    J = pb.functional
+    rho = J.map.forward(pb.p0)
+    A, b = J.matrix.assemble(rho), J.rhs.value(rho)
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", A.nnz + 1)
+    u1 = J.solver.factorize(A, operator=J.matrix, rho=rho).solve(b)
+    assert seen == [A.nnz, 1, A.nnz, 1]  # factorize, then solve: the work is A's nonzeros, on one thread
+    monkeypatch.setattr(_threads, "PARALLEL_MIN_WORK", 0)
+    J.solver.warm_start = False
+    u2 = J.solver.factorize(A, operator=J.matrix, rho=rho).solve(b)
+    assert seen[4:] == [A.nnz, numba.get_num_threads(), A.nnz, numba.get_num_threads()]
+    np.testing.assert_allclose(u2, u1, rtol=0, atol=1e-6 * np.abs(u1).max())
