@@ -759,19 +759,15 @@ class GMGFactorization(Factorization):
             return np.zeros_like(b_free)
         if 1e-150 < scale < 1e150:
             return self._cg(b_free, kind, tol)
-        s = self.solver
-        saved, s.warm_start = s.warm_start, False  # a warm start of another scale is no start
-        try:
-            return self._cg(b_free / scale, kind, tol) * scale
-        finally:
-            s.warm_start = saved
+        return self._cg(b_free / scale, kind, tol, warm=False) * scale  # a warm start of another scale is no start
 
-    def _cg(self, b_free: np.ndarray, kind: str, tol: float) -> np.ndarray:
+    def _cg(self, b_free: np.ndarray, kind: str, tol: float, warm: bool = True) -> np.ndarray:
+        """CG to ``tol`` (on lagged levels first, if any); ``warm=False``: no warm start, and none kept."""
         start = None
         if self.lagged:
             self._partial = None
             try:
-                x = self._cg_once(b_free, kind, tol, lagged=True)
+                x = self._cg_once(b_free, kind, tol, lagged=True, warm=warm)
             except (SolverDidNotConverge, NotPositiveDefiniteError):
                 self._partial = None
             else:
@@ -780,10 +776,10 @@ class GMGFactorization(Factorization):
             # too slow on the lagged levels: fresh ones, and CG goes on from where it stopped
             start, self._partial = self._partial, None
             self._refresh()
-        return self._cg_once(b_free, kind, tol, lagged=False, start=start)
+        return self._cg_once(b_free, kind, tol, lagged=False, start=start, warm=warm)
 
     def _cg_once(self, b_free: np.ndarray, kind: str, tol: float, lagged: bool,
-                 start: np.ndarray | None = None) -> np.ndarray | None:
+                 start: np.ndarray | None = None, warm: bool = True) -> np.ndarray | None:
         """CG to ``tol`` from ``start`` (else the warm start, else 0); with ``lagged`` coarse levels, None
         (instead of a failure) when it does not converge or would take too many iterations (its last iterate
         in ``self._partial``)."""
@@ -795,7 +791,8 @@ class GMGFactorization(Factorization):
         csr = self._csr  # the given A: the true residuals are measured with it
         r_free = np.empty_like(b_free)
         x_free = None
-        x0 = start if start is not None else (s._last.get(kind) if s.warm_start else None)
+        warm = warm and s.warm_start
+        x0 = start if start is not None else (s._last.get(kind) if warm else None)
         if x0 is not None and x0.shape == b_free.shape:
             csr.matvec(x0, r_free)
             np.subtract(b_free, r_free, out=r_free)
@@ -866,7 +863,7 @@ class GMGFactorization(Factorization):
             if not rel <= history[0]:  # the last iterate is worse than the start: the start is returned
                 x_free = x_start
         s._note_iterations(its, lagged)
-        if s.warm_start:
+        if warm:
             s._last[kind] = x_free.copy()
         return x_free
 
@@ -1180,7 +1177,7 @@ class GMGSolver(LinearSolver):
     def _coefficients(operator, rho) -> np.ndarray:
         # a copy: the hierarchy (and a later rebuild of it) must not follow the caller's rho, nor a coefficient
         # that hands back its input (Identity)
-        coef = np.array(operator.coefficient(np.array(rho, dtype=np.float64)), dtype=np.float64, order="C")
+        coef = np.array(operator.coefficient(np.asarray(rho, dtype=np.float64)), dtype=np.float64, order="C")
         check_finite(coef, "the element coefficients phi(rho)")
         return coef
 
@@ -1308,7 +1305,7 @@ class GMGSolver(LinearSolver):
         if not lagged:
             if fresh["iterations"] is None:
                 fresh["iterations"] = its
-        elif fresh["iterations"] is not None and its > self.rebuild_ratio * fresh["iterations"] + 1:
+        elif fresh["iterations"] is not None and its > self._stale_limit():
             fresh["stale"] = True
         else:
             self._lag_backoff = 1  # reuse paid off: try it again at once after the next failure
