@@ -12,6 +12,7 @@ from .errors import (
     AdjoptError,
     CacheTooSmallError,
     MissingDerivativeError,
+    NewtonDidNotConverge,
     NonFiniteError,
     PatternError,
     ShapeError,
@@ -19,6 +20,7 @@ from .errors import (
     SolverDidNotConverge,
 )
 from .functional import ReducedFunctional
+from .functional_nonlinear import NewtonOptions, NonlinearReducedFunctional
 from .objectives import (
     Compliance,
     Norm,
@@ -41,7 +43,10 @@ from .operators import (
     ElementCoefficientVector,
     Exp,
     Identity,
+    CallbackResidual,
+    ElementResidual,
     ParametricMatrix,
+    ParametricResidual,
 )
 from .optimize import OptimizeResult, minimize
 from .problem import Problem
@@ -53,11 +58,12 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "ReducedFunctional", "Problem", "minimize", "OptimizeResult", "taylor_test", "check_hessian_symmetry",
+    "ReducedFunctional", "NonlinearReducedFunctional", "NewtonOptions", "Problem", "minimize", "OptimizeResult",
+    "taylor_test", "check_hessian_symmetry", "ParametricResidual", "ElementResidual", "CallbackResidual",
     "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "ConstantMatrix", "Identity", "Exp", "SIMP",
     "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector",
     "Objective", "Norm", "SquaredMisfit", "Compliance", "DirectSolver",
     "TikhonovL2", "TikhonovH1", "TotalVariation", "Volume", "ParameterFunctional",
     "AdjoptError", "ShapeError", "NonFiniteError", "PatternError", "SingularMatrixError",
-    "SolverDidNotConverge", "MissingDerivativeError", "CacheTooSmallError",
+    "SolverDidNotConverge", "NewtonDidNotConverge", "MissingDerivativeError", "CacheTooSmallError",
 ]

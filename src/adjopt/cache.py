@@ -116,6 +116,10 @@ class StateCache:
         """The cached entries (oldest first), for a caller that must update what they hold."""
         return [entry for _, entry in self._entries.values()]
 
+    def items(self):
+        """(p, entry) pairs of the cached points (oldest first); the p's are the cache's read-only copies."""
+        return list(self._entries.values())
+
     def info(self) -> dict:
         """Entries, bytes held, limit, hits, misses and evictions (for logs and JSON)."""
         return dict(entries=len(self), nbytes=self.nbytes, max_bytes=self.max_bytes, hits=self.hits,

@@ -42,6 +42,13 @@ class SolverDidNotConverge(AdjoptError, RuntimeError):
         self.residuals = list(residuals) if residuals is not None else []
 
 
+class NewtonDidNotConverge(SolverDidNotConverge):
+    """Newton's method did not bring the residual R(u, p) below its tolerance.
+
+    ``residuals`` holds the history of ||R(u_k, p)||, from the initial guess on.
+    """
+
+
 class NotPositiveDefiniteError(SingularMatrixError, ValueError):
     """A Cholesky factorization (or CG) met a matrix that is not positive definite.
 

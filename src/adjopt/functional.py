@@ -41,7 +41,7 @@ from ._validate import as_count, as_parameter, check_finite, check_tolerance, ow
 from .cache import DEFAULT_CACHE_BYTES, StateCache
 from .errors import NonFiniteError, PatternError
 from .objectives import Objective
-from .operators import ParametricMatrix, as_vector
+from .operators import ParametricMatrix, ParametricResidual, as_vector
 from .solvers import SOLVE_KINDS, make_solver
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ class ReducedFunctional:
     Parameters
     ----------
     matrix
-        The :class:`~adjopt.operators.ParametricMatrix` A(p).
+        The :class:`~adjopt.operators.ParametricMatrix` A(p); a nonlinear
+        :class:`~adjopt.operators.ParametricResidual` R(u, p) gives a
+        :class:`~adjopt.functional_nonlinear.NonlinearReducedFunctional` (Newton; ``rhs=None``).
     rhs
         b: an array (n,) or (n, k) (constant), or a :class:`~adjopt.operators.ParametricVector`.
     objective
@@ -130,6 +132,14 @@ class ReducedFunctional:
     factorization, one forward solve, one adjoint solve and two solves per
     Hessian action.
     """
+
+    def __new__(cls, matrix=None, *args, **kwargs):
+        # a nonlinear residual R(u, p) gets the Newton-based functional (same API)
+        if cls is ReducedFunctional and isinstance(matrix, ParametricResidual):
+            from .functional_nonlinear import NonlinearReducedFunctional
+
+            return super().__new__(NonlinearReducedFunctional)
+        return super().__new__(cls)
 
     def __init__(self, matrix: ParametricMatrix, rhs, objective: Objective, solver=None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, parameter_map=None, self_adjoint: bool | None = None,

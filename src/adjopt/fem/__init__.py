@@ -23,6 +23,7 @@ from .elements import (
     q1_laplace,
     q1_mass,
 )
+from .nonlinear import diffusion_reaction_residual, element_geometry
 from .loads import body_force, facet_shape_integrals, point_load, traction
 from .norms import error_norms
 from .nullspace import rigid_body_modes
@@ -30,6 +31,8 @@ from .observation import observation_operator
 from .quadrature import cell_rule, tetra_rule, triangle_rule
 
 __all__ = [
+    "diffusion_reaction_residual",
+    "element_geometry",
     "rigid_body_modes",
     "observation_operator",
     "DofMap",

@@ -4,6 +4,8 @@ from .base import ParametricMatrix
 from .callback import CallbackMatrix, ConstantMatrix
 from .coefficients import SIMP, Coefficient, Exp, Identity
 from .element import ElementCoefficientMatrix
+from .element_residual import ElementResidual
+from .residual import CallbackResidual, ParametricResidual
 from .vectors import (
     AffineVector,
     CallbackVector,
@@ -14,7 +16,7 @@ from .vectors import (
 )
 
 __all__ = [
-    "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "ConstantMatrix",
+    "ParametricMatrix", "ElementCoefficientMatrix", "ParametricResidual", "ElementResidual", "CallbackResidual", "CallbackMatrix", "ConstantMatrix",
     "Coefficient", "Identity", "Exp", "SIMP",
     "ParametricVector", "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector", "as_vector",
 ]

@@ -52,6 +52,9 @@ class SolverStats:
     rhs: Counter = field(default_factory=Counter)
     iterations: Counter = field(default_factory=Counter)
     solve_time: Counter = field(default_factory=Counter)
+    #: state solves made by Newton's method (nonlinear residuals) and the Newton steps they took
+    newton_solves: int = 0
+    newton_iterations: int = 0
 
     @property
     def total_solves(self) -> int:
@@ -73,6 +76,8 @@ class SolverStats:
             "rhs": dict(self.rhs),
             "iterations": dict(self.iterations),
             "solve_time": dict(self.solve_time),
+            "newton_solves": self.newton_solves,
+            "newton_iterations": self.newton_iterations,
         }
 
     def __str__(self):

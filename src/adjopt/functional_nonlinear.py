@@ -1,0 +1,335 @@
+"""The reduced functional of a nonlinear PDE R(u, p) = 0, solved by Newton's method.
+
+Formulas (derived from the Lagrangian f(u, p) - lam^T R(u, p)); K = dR/du at the converged state, and
+L = lam^T R with its second derivatives applied to directions (:class:`~adjopt.operators.ParametricResidual`):
+
+    R(u, p) = 0                                    Newton: K(u_k) s = -R(u_k), u_{k+1} = u_k + a s
+    K^T lam = f_u                                  adjoint
+    grad J = f_p - (dR/dp)^T lam
+    K du = -(dR/dp) dp                             tangent
+    K^T dl = f_uu du + f_up dp - (L_uu du + L_up dp)           second adjoint
+    H dp = f_pp dp + f_pu du - (dR/dp)^T dl - (L_pu du + L_pp dp)
+
+For R = A(p) u - b(p): L_uu = 0, L_up dp = (dA.dp)^T lam, L_pu du + L_pp dp = C(lam, du) + C2(lam, u, dp)
+- lam^T b'' dp, and these are :mod:`adjopt.functional`'s formulas. With a parameter map rho = M(p) the PDE terms
+are pulled back through M exactly as there.
+
+One factorization serves every solve at a parameter value: Newton factorizes K at each iterate *before* it tests
+convergence, so the loop ends holding the factorization of K at the converged u itself. The adjoint, every tangent
+and every second adjoint reuse it: they are exact for the Jacobian of the state that is returned (no lagged
+Jacobian), and a value costs one factorization more than Newton's steps, a gradient one more solve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ._threads import dot, norm
+from ._validate import as_count, as_parameter, check_finite, check_tolerance, owned
+from .cache import DEFAULT_CACHE_BYTES, StateCache
+from .errors import NewtonDidNotConverge, NonFiniteError, PatternError
+from .functional import ReducedFunctional, _frozen, _State
+from .objectives import Objective
+from .operators.residual import ParametricResidual
+from .solvers import SOLVE_KINDS, make_solver
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NewtonOptions:
+    """Options of the Newton solve of R(u, p) = 0.
+
+    Converged when ||R(u, p)|| <= max(atol, rtol ||R(0, p)||) (2-norms). ``line_search`` halves the step until
+    ||R|| decreases by the factor (1 - 1e-4 a) (at most ``max_halvings`` times); without it every full step is
+    taken. ``warm_start`` starts from the state of the nearest cached p.
+    """
+
+    rtol: float = 1e-10
+    atol: float = 1e-13
+    max_iter: int = 50
+    line_search: bool = True
+    max_halvings: int = 30
+    warm_start: bool = True
+
+    @classmethod
+    def make(cls, value) -> NewtonOptions:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"newton must be a dict of options or NewtonOptions, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown Newton option(s) {unknown}; the options are {sorted(known)}")
+        out = cls(**value)
+        for name in ("rtol", "atol"):
+            v = getattr(out, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1) or math.isnan(v):
+                raise ValueError(f"newton {name} must be a number in [0, 1), got {v!r}")
+        if out.rtol == 0 and out.atol == 0:
+            raise ValueError("newton rtol and atol cannot both be 0 (Newton would never stop)")
+        for name in ("max_iter", "max_halvings"):
+            v = getattr(out, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"newton {name} must be a positive integer, got {v!r}")
+        for name in ("line_search", "warm_start"):
+            if not isinstance(getattr(out, name), bool):
+                raise ValueError(f"newton {name} must be True or False, got {getattr(out, name)!r}")
+        return out
+
+
+@dataclass
+class _NonlinearState(_State):
+    newton_iterations: int = 0
+    residual_norms: list | None = None
+
+
+class NonlinearReducedFunctional(ReducedFunctional):
+    """J(p) = f(u(p), p) subject to R(u, p) = 0, with gradient and Hessian actions.
+
+    ``ReducedFunctional(residual, objective=...)`` builds one when its first argument is a
+    :class:`~adjopt.operators.ParametricResidual`.
+
+    Parameters
+    ----------
+    residual
+        The :class:`~adjopt.operators.ParametricResidual` R(u, p).
+    objective
+        An :class:`~adjopt.objectives.Objective` f(u, p).
+    solver
+        A :class:`~adjopt.solvers.LinearSolver` or its name, for the Newton steps and every other solve
+        (``"auto"`` picks by the size and declared symmetry of K). Geometric multigrid (which assembles its own
+        levels from a linear operator) is not available here.
+    newton
+        :class:`NewtonOptions` or a dict of them (``rtol``, ``atol``, ``max_iter``, ``line_search``,
+        ``max_halvings``, ``warm_start``).
+    cache_bytes, keep_factorizations, parameter_map
+        As for :class:`~adjopt.ReducedFunctional`.
+
+    Raises :class:`~adjopt.errors.NewtonDidNotConverge` (with the residual history) when Newton does not
+    converge; the optimizers treat it like a NaN value and step back.
+    """
+
+    def __init__(self, residual: ParametricResidual, rhs=None, objective: Objective | None = None, solver=None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, parameter_map=None, self_adjoint: bool | None = None,
+                 keep_factorizations: int = 2, newton=None):
+        if not isinstance(residual, ParametricResidual):
+            raise TypeError(f"residual must be a ParametricResidual, got {type(residual).__name__}")
+        if rhs is not None:
+            raise TypeError("a residual R(u, p) carries its own source: pass rhs=None (or put b(p) into R)")
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be an Objective, got {type(objective).__name__}")
+        if self_adjoint:
+            raise ValueError("self_adjoint=True needs a linear state equation; a nonlinear residual has none")
+        self._matrix = residual
+        self._rhs = None
+        self._objective = objective
+        self._map = parameter_map
+        if parameter_map is not None and parameter_map.n_out != residual.n_params:
+            raise PatternError(f"the parameter map produces {parameter_map.n_out} values but R(u, rho) takes "
+                               f"{residual.n_params} parameters")
+        self.newton = NewtonOptions.make(newton)
+        self.solver = solver
+        self.cache = StateCache(cache_bytes)
+        self.keep_factorizations = as_count(keep_factorizations, "keep_factorizations")
+        self._live: OrderedDict[int, _State] = OrderedDict()
+        self.times = Counter()
+        self._self_adjoint_request = False
+        self.self_adjoint = False
+
+    # -- what it is made of ---------------------------------------------------------------------------
+    @property
+    def residual(self) -> ParametricResidual:
+        """R(u, p) (fixed)."""
+        return self._matrix
+
+    @property
+    def solver(self):
+        """The :class:`~adjopt.solvers.LinearSolver`. Setting another one (or a name) empties the state cache."""
+        return self._solver
+
+    @solver.setter
+    def solver(self, value):
+        solver = make_solver(value)
+        if getattr(solver, "uses_operator", False):
+            raise ValueError(f"the {solver.name} solver builds its levels from a linear operator A(p); a nonlinear "
+                             "residual has none: use 'auto', 'superlu', 'cholmod', 'pardiso' or 'amg'")
+        self._solver = solver
+        if hasattr(self, "cache"):
+            self.cache.clear()
+            self._live.clear()
+        self._fixed = None
+
+    def _detect_self_adjoint(self) -> bool:
+        return False
+
+    # -- Newton -----------------------------------------------------------------------------------------
+    def _guess(self, p: np.ndarray, rho: np.ndarray) -> np.ndarray:
+        """The state of the nearest cached p (Newton's start), else the residual's own guess."""
+        best, dist = None, np.inf
+        if self.newton.warm_start:
+            for q, st in self.cache.items():
+                if q.shape == p.shape:
+                    d = float(norm(q - p))
+                    if d < dist:
+                        best, dist = st, d
+        if best is not None:
+            return np.array(best.u, dtype=np.float64)
+        guess = np.array(self.residual.initial_guess(rho), dtype=np.float64)
+        if guess.shape != (self.residual.n,):
+            raise ValueError(f"initial_guess(p) must return shape ({self.residual.n},), got {guess.shape}")
+        return guess
+
+    def _newton(self, p: np.ndarray, rho: np.ndarray):
+        """(u, K, its factorization, shared, iterations, residual norms) at the converged state."""
+        R, opts, times, clock = self.residual, self.newton, self.times, time.perf_counter
+        u = self._guess(p, rho)
+        t0 = clock()
+        r = R.residual(u, rho)
+        scale = float(norm(R.residual(np.zeros(R.n), rho))) if np.any(u) else float(norm(r))
+        nr = float(norm(r))
+        times["assembly"] += clock() - t0
+        tol = max(opts.atol, opts.rtol * scale)
+        history = [nr]
+        fac = None
+        it = 0
+        while True:
+            t0 = clock()
+            K = R.jacobian(u, rho)
+            K = type(K)((owned(K.data, "the Jacobian K(u, p)"), K.indices, K.indptr), shape=K.shape)
+            t1 = clock()
+            if fac is not None:
+                self.solver.recycle(fac)
+            fac, shared = self._factorize(K, rho)
+            times["assembly"] += t1 - t0
+            times["factorize"] += clock() - t1
+            if nr <= tol:
+                break
+            if it >= opts.max_iter:
+                raise NewtonDidNotConverge(
+                    f"Newton did not converge in {opts.max_iter} iterations: ||R|| = {nr:.3g} against the tolerance "
+                    f"{tol:.3g} (history {[float(f'{v:.3g}') for v in history[-6:]]}). Raise newton max_iter, "
+                    "loosen rtol/atol, start closer (p nearer a solved one) or check the Jacobian "
+                    "(adjopt.verify.check_residual)", history)
+            t0 = clock()
+            step = fac.solve(-r, kind="forward")
+            times["solve"] += clock() - t0
+            t0 = clock()
+            a, halvings = 1.0, 0
+            while True:
+                trial = u + a * step
+                try:
+                    r_trial = R.residual(trial, rho)
+                    n_trial = float(norm(r_trial))
+                except NonFiniteError:
+                    n_trial = np.inf
+                if not opts.line_search and math.isfinite(n_trial):
+                    break
+                if n_trial <= (1.0 - 1e-4 * a) * nr:
+                    break
+                halvings += 1
+                if halvings > opts.max_halvings:
+                    raise NewtonDidNotConverge(
+                        f"Newton's line search found no decrease of ||R|| along the step after {opts.max_halvings} "
+                        f"halvings (||R|| = {nr:.3g}, iteration {it}): the Jacobian may not be the derivative of "
+                        "the residual (adjopt.verify.check_residual), or the problem has no solution near the "
+                        "start", history)
+                a *= 0.5
+            times["assembly"] += clock() - t0
+            u, r, nr = trial, r_trial, n_trial
+            history.append(nr)
+            it += 1
+            logger.debug("Newton %d: ||R|| = %.3e (step %.3g)", it, nr, a)
+        self.solver.stats.newton_solves += 1
+        self.solver.stats.newton_iterations += it
+        return u, K, fac, shared, it, history
+
+    def _state(self, p: np.ndarray) -> _State:
+        st = self.cache.get(p)
+        if st is not None:
+            return st
+        t0 = time.perf_counter()
+        rho = p if self.map is None else owned(self.map.forward(p), "the parameter map's output rho = M(p)")
+        self.times["filter"] += time.perf_counter() - t0
+        u, K, fac, shared, its, history = self._newton(p, rho)
+        tolerances = None if fac.exact else {kind: fac.tolerance(kind) for kind in SOLVE_KINDS}
+        st = _NonlinearState(A=K, factorization=fac, b=None, u=_frozen(u), rho=rho, shared=shared,
+                             tolerances=tolerances, newton_iterations=its, residual_norms=history)
+        self._use(st)
+        self.cache.put(p, st)
+        return st
+
+    def _pde_gradient(self, p: np.ndarray, st: _State, tol: float | None = None) -> np.ndarray:
+        """q = -(dR/drho)^T lam, the gradient of the PDE part with respect to rho."""
+        lam = self._adjoint(p, st, tol)
+        if st.q is None:
+            t0 = time.perf_counter()
+            st.q = -self.residual.vjp(st.u, st.rho, lam)
+            self.times["sensitivity"] += time.perf_counter() - t0
+        return st.q
+
+    # -- public API -------------------------------------------------------------------------------------
+    def value_error(self, p) -> float:
+        """|lam^T R(u_h, p)|: the error of value(p) from the state's Newton residual (and, with an iterative
+        solver, the inexact solves), to first order. It costs an adjoint solve when none is cached."""
+        p = self._p(p)
+        st = self._state(p)
+        lam = self._adjoint(p, st)
+        return abs(dot(lam, self.residual.residual(st.u, st.rho)))
+
+    def newton_history(self, p) -> list[float]:
+        """||R(u_k, p)|| of the Newton iterates of the state at p, from the initial guess on."""
+        return list(self._state(self._p(p)).residual_norms)
+
+    def hessp(self, p, dp, tol: float | None = None, gauss_newton: bool = False) -> np.ndarray:
+        """H(p) dp by forward-over-reverse: a tangent and a second-adjoint solve on the factorization of K.
+
+        ``gauss_newton=True`` drops the terms with lam (the curvature of R), as for linear problems; it needs no
+        second-order terms of the residual.
+        """
+        tol = check_tolerance(tol)
+        p = self._p(p)
+        dp = as_parameter(dp, self.n_params, "dp")
+        st = self._state(p)
+        lam = None if gauss_newton else self._adjoint(p, st)
+        clock = time.perf_counter
+        t_start, t_solves = clock(), 0.0
+        u, rho, R, f, pmap = st.u, st.rho, self.residual, self.objective, self.map
+        drho = dp if pmap is None else pmap.jvp(p, dp)
+        t0 = clock()
+        du = self._use(st).solve(-R.jvp(u, rho, drho), kind="tangent", tol=tol)
+        t_solves += clock() - t0
+        rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp)
+        if lam is not None:
+            hu, hp = R.second(u, rho, lam, du, drho)
+            rhs_a = rhs_a - hu
+        t0 = clock()
+        dl = self._use(st).solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
+        t_solves += clock() - t0
+        h_rho = -R.vjp(u, rho, dl)
+        if lam is not None:
+            h_rho = h_rho - hp
+        h = f.hess_pp(u, p, dp) + f.hess_pu(u, p, du)
+        if pmap is None:
+            h = h + h_rho
+        else:
+            h = h + pmap.vjp(p, h_rho)
+            if lam is not None and not pmap.affine:
+                h = h + pmap.second(p, self._pde_gradient(p, st), dp)
+        check_finite(h, "the Hessian action")
+        self.times["solve"] += t_solves
+        self.times["sensitivity"] += clock() - t_start - t_solves
+        return h
+
+    def __repr__(self):
+        return (f"NonlinearReducedFunctional({self.residual!r}, objective={self.objective!r}, "
+                f"solver={self.solver.name})")
