@@ -180,10 +180,10 @@ def _default_direction(p: np.ndarray, seed: int) -> np.ndarray:
 @contextlib.contextmanager
 def independent_evaluations(J):
     """Within: no warm starts and no preconditioners reused from other points (``warm_start`` and
-    ``reuse_hierarchy`` of J, its solver, and the solver ``"auto"`` chose), so that an evaluation depends on
-    its point alone, not on the points evaluated before it."""
+    ``reuse_hierarchy`` of J, its solver, the solver ``"auto"`` chose, and J's Newton options), so that an
+    evaluation depends on its point alone, not on the points evaluated before it."""
     solver = getattr(J, "solver", None)
-    objects = (J, solver, getattr(solver, "chosen", None))
+    objects = (J, solver, getattr(solver, "chosen", None), getattr(J, "newton", None))
     saved = [(obj, name, getattr(obj, name)) for obj in objects for name in ("warm_start", "reuse_hierarchy")
              if hasattr(obj, name)]
     try:
@@ -354,6 +354,77 @@ def finite_difference_gradient(J, p, h: float = 1e-6) -> np.ndarray:
         e[k] = h
         g[k] = (J.value(p + e) - J.value(p - e)) / (2 * h)
     return g
+
+
+@dataclass
+class ResidualCheck:
+    """Relative errors of a residual's derivatives against central differences (:func:`check_residual`)."""
+
+    errors: dict
+    tol: float
+
+    @property
+    def passed(self) -> bool:
+        return all(e <= self.tol for e in self.errors.values() if e is not None)
+
+    def table(self) -> str:
+        rows = [f"{name:<28s} {'not given' if e is None else f'{e:.2e}'}"
+                f"{'' if e is None or e <= self.tol else '   FAILED'}" for name, e in self.errors.items()]
+        return "\n".join([f"derivative                   relative error (tolerance {self.tol:.0e})", *rows])
+
+
+def check_residual(R, u, p, h: float = 1e-6, tol: float = 1e-5, seed: int = 0) -> ResidualCheck:
+    """Compare the derivatives of a :class:`~adjopt.operators.ParametricResidual` with central differences of R.
+
+    At (u, p), along seeded random directions du, dp and with a random w, checks
+
+    * ``K du`` (the Jacobian) against (R(u + h du) - R(u - h du)) / 2h,
+    * ``jvp``, (dR/dp) dp, against (R(p + h dp) - R(p - h dp)) / 2h,
+    * ``vjp`` against ``jvp``: w^T (dR/dp dp) = dp^T (dR/dp)^T w,
+    * ``second`` (when the residual has it) against central differences of K^T w and (dR/dp)^T w along
+      (du, dp).
+
+    The steps are ``h`` times max(1, |u|_inf) (resp. |p|_inf) over the direction's largest entry. A correct
+    residual shows errors of about h^2 (1e-10 to 1e-8 in practice); an error above ``tol`` means a derivative
+    is not the derivative of R (a sign, a factor, a missing term). Returns a :class:`ResidualCheck`;
+    ``result.passed``, ``result.table()``.
+    """
+    from .errors import MissingDerivativeError
+
+    u = R.check_u(u).copy()
+    p = R.check_p(p).copy()
+    rng = np.random.default_rng(seed)
+    du, dp, w = rng.standard_normal(R.n), rng.standard_normal(R.n_params), rng.standard_normal(R.n)
+    hu = h * max(1.0, float(np.max(np.abs(u)))) / float(np.max(np.abs(du)))
+    hp = h * max(1.0, float(np.max(np.abs(p)))) / float(np.max(np.abs(dp)))
+
+    def rel(a, b):
+        scale = max(float(np.linalg.norm(a)), float(np.linalg.norm(b)))
+        return float(np.linalg.norm(a - b)) / scale if scale > 0 else 0.0
+
+    errors = {}
+    K = R.jacobian(u, p)
+    errors["jacobian K du"] = rel(K @ du, (R.residual(u + hu * du, p) - R.residual(u - hu * du, p)) / (2 * hu))
+    jvp = R.jvp(u, p, dp)
+    errors["jvp (dR/dp) dp"] = rel(jvp, (R.residual(u, p + hp * dp) - R.residual(u, p - hp * dp)) / (2 * hp))
+    a, b = float(w @ jvp), float(dp @ R.vjp(u, p, w))
+    errors["vjp against jvp"] = abs(a - b) / max(abs(a), abs(b)) if max(abs(a), abs(b)) > 0 else 0.0
+    try:
+        su, sp_ = R.second(u, p, w, du, dp)
+    except MissingDerivativeError:
+        errors["second: L_uu du + L_up dp"] = errors["second: L_pu du + L_pp dp"] = None
+    else:
+        t = min(hu / max(1.0, float(np.max(np.abs(u)))), hp / max(1.0, float(np.max(np.abs(p)))))
+        plus, minus = (u + t * du, p + t * dp), (u - t * du, p - t * dp)
+        fu = (R.jacobian(*plus).T @ w - R.jacobian(*minus).T @ w) / (2 * t)
+        fp = (R.vjp(*plus, w) - R.vjp(*minus, w)) / (2 * t)
+        errors["second: L_uu du + L_up dp"] = rel(su, fu)
+        errors["second: L_pu du + L_pp dp"] = rel(sp_, fp)
+    out = ResidualCheck(errors, tol)
+    if not out.passed:
+        logger.warning("check_residual: a derivative of the residual disagrees with finite differences:\n%s",
+                       out.table())
+    return out
 
 
 def derivative_report(J, p) -> str:

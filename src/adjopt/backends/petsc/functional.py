@@ -50,6 +50,7 @@ from ...objectives.base import Objective, Scaled, Sum
 from ...objectives.regularization import _Quadratic
 from ...objectives.state import Compliance, SquaredMisfit
 from ...operators.element import ElementCoefficientMatrix
+from ...operators.residual import ParametricResidual
 from ...operators.vectors import as_vector
 from ...solvers.base import SolverStats
 from ..partition import Layout, Numbering, make_layout, partition_elements
@@ -345,6 +346,10 @@ class DistributedReducedFunctional:
         comm = MPI.COMM_WORLD if comm is None else comm
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
+        if isinstance(matrix, ParametricResidual):
+            raise NotImplementedError(
+                "the PETSc backend distributes linear state equations A(p) u = b(p); a nonlinear residual R(u, p) "
+                "(NonlinearReducedFunctional) runs with the serial functional: drop --backend petsc")
         if not isinstance(matrix, ElementCoefficientMatrix):
             raise TypeError(f"the PETSc backend distributes an ElementCoefficientMatrix (A = A0 + sum_e phi(rho_e) K_e), "
                             f"got {type(matrix).__name__}; run other ParametricMatrix kinds with the serial functional")

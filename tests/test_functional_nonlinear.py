@@ -1,0 +1,180 @@
+"""NonlinearReducedFunctional: Taylor rates for every residual kind (with and without a parameter map, every
+solver), the reuse of the converged Jacobian's factorization, warm starts, counters and the optimizers."""
+
+import numpy as np
+import pytest
+
+import adjopt
+from adjopt import fem
+from adjopt import mesh as meshes
+from adjopt.maps import NodalToElement
+from adjopt.solvers import backends
+from adjopt.verify import check_hessian_symmetry, taylor_test
+
+KINDS = {
+    "quasilinear": dict(diffusion="exp", beta=1.0),
+    "cube": dict(diffusion="exp", reaction=2.0, nonlinearity="cube"),
+    "bratu": dict(diffusion=1.0, reaction="exp", nonlinearity="exp"),
+}
+SOLVERS = [s for s in ("superlu", "cholmod", "pardiso", "amg") if s in backends()]
+
+
+def _problem(kind="quasilinear", n=8, cell="triangle", mapped=False, solver="superlu", **kw):
+    msh = meshes.unit_square(n, cell=cell)
+    dm = fem.condense(msh.n_nodes, fem.boundary_dofs(msh, "all"))
+    f = dm.restrict_vector(fem.body_force(msh, 10.0))
+    R = fem.diffusion_reaction_residual(msh, dm, source=f, **KINDS[kind])
+    rng = np.random.default_rng(7)
+    obj = adjopt.SquaredMisfit(0.2 * rng.standard_normal(R.n)) + 1e-3 * adjopt.TikhonovL2()
+    pmap = NodalToElement(msh.cells, msh.n_nodes) if mapped else None
+    J = adjopt.ReducedFunctional(R, objective=obj, solver=solver, parameter_map=pmap, **kw)
+    p = 0.3 * rng.standard_normal(J.n_params)
+    return J, p
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_taylor_rates_and_symmetry(kind, mapped):
+    J, p = _problem(kind, mapped=mapped)
+    r2 = taylor_test(J, p, order=2)
+    assert r2.passed and r2.rate >= 1.9, r2.table()
+    r3 = taylor_test(J, p, order=3)
+    # the value's remainders reach the floor set by Newton's tolerance (|lam^T R(u)|) early; the central
+    # differences of the gradient resolve the Hessian action to round-off
+    assert r3.passed and r3.rate >= 2.8 and r3.gradient_check.rate >= 2.95, r3.table()
+    assert check_hessian_symmetry(J, p) < 1e-8
+    assert J.stats.newton_iterations >= 3 * J.stats.newton_solves  # nonlinear: several Newton steps per state
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_every_solver_gives_the_derivatives(solver):
+    kind = "cube" if solver == "cholmod" else "quasilinear"  # CHOLMOD needs a symmetric K (beta = 0)
+    J, p = _problem(kind, cell="quad", mapped=True, solver=solver)
+    assert taylor_test(J, p, order=2).passed
+    assert taylor_test(J, p, order=3).passed
+    ref, _ = _problem(kind, cell="quad", mapped=True, solver="superlu")
+    rtol = 1e-5 if solver == "amg" else 1e-9
+    np.testing.assert_allclose(J.gradient(p), ref.gradient(p), rtol=rtol, atol=rtol * np.abs(ref.gradient(p)).max())
+
+
+def test_one_factorization_of_the_converged_jacobian_serves_every_solve():
+    J, p = _problem("quasilinear")
+    J.value(p)
+    its, facs = J.stats.newton_iterations, J.stats.factorizations
+    assert facs == its + 1  # a factorization per Newton step, and the last one at the converged state
+    J.gradient(p)
+    J.hessp(p, np.ones(J.n_params))
+    J.hessp(p, np.arange(J.n_params, dtype=float))
+    assert J.stats.factorizations == facs
+    assert J.stats.solves["adjoint"] == 1 and J.stats.solves["tangent"] == 2
+    assert J.stats.solves["second_adjoint"] == 2
+    assert J.stats.newton_solves == 1
+    # the gradient is exact for the returned state: matches finite differences of J
+    g = J.gradient(p)
+    dp = np.random.default_rng(0).standard_normal(p.size)
+    h = 1e-5
+    fd = (J.value(p + h * dp) - J.value(p - h * dp)) / (2 * h)
+    assert g @ dp == pytest.approx(fd, rel=1e-7)
+
+
+def test_a_released_factorization_is_made_again_from_the_stored_jacobian():
+    J, p = _problem("cube", keep_factorizations=1)
+    ref, _ = _problem("cube")
+    J.value(p)
+    J.value(p + 0.1)  # releases p's factorization
+    facs = J.stats.factorizations
+    np.testing.assert_allclose(J.gradient(p), ref.gradient(p), rtol=1e-10)
+    assert J.stats.factorizations == facs + 1  # refactorized K(u(p)), no Newton again
+    assert J.stats.newton_solves == 2
+
+
+def test_warm_start_from_the_nearest_cached_state():
+    J, p = _problem("quasilinear")
+    J.value(p)
+    cold = J.stats.newton_iterations
+    J.value(p + 1e-3)
+    warm = J.stats.newton_iterations - cold
+    assert warm < cold
+    Jc, _ = _problem("quasilinear", newton=dict(warm_start=False))
+    Jc.value(p)
+    Jc.value(p + 1e-3)
+    assert Jc.stats.newton_iterations == 2 * cold
+    assert J.value(p + 1e-3) == pytest.approx(Jc.value(p + 1e-3), rel=1e-10)
+
+
+def test_state_is_read_only_and_the_callers_p_is_not_kept():
+    J, p = _problem("cube")
+    q = p.copy()
+    u = J.state(q)
+    with pytest.raises(ValueError):
+        u[0] = 1.0
+    v = J.value(q)
+    q += 1.0  # the caller changes its array in place: the cached state stays p's
+    assert J.value(p) == v
+    assert len(J.newton_history(p)) >= 2 and J.newton_history(p)[-1] <= 1e-10 * J.newton_history(p)[0] + 1e-13
+
+
+def test_gauss_newton_hessian_drops_the_second_order_terms():
+    J, p = _problem("quasilinear")
+    dp = np.random.default_rng(1).standard_normal(p.size)
+    gn = J.hessp(p, dp, gauss_newton=True)
+    full = J.hessp(p, dp)
+    assert dp @ gn > 0
+    assert np.linalg.norm(gn - full) > 1e-6 * np.linalg.norm(full)  # the residual's curvature matters here
+    assert check_hessian_symmetry(_GaussNewton(J), p) < 1e-10
+
+
+class _GaussNewton:
+    def __init__(self, J):
+        self.J = J
+
+    def hessp(self, p, dp):
+        return self.J.hessp(p, dp, gauss_newton=True)
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "newton-cg"])
+def test_the_optimizers_run_on_a_nonlinear_problem(method):
+    J, _ = _problem("quasilinear", n=6)
+    p_true = np.zeros(J.n_params)
+    # data from the true state: the misfit can be driven to the regularization's level
+    d = J.state(p_true).copy()
+    J.objective = adjopt.SquaredMisfit(d) + 1e-8 * adjopt.TikhonovL2()
+    p0 = np.full(J.n_params, 0.5)
+    res = adjopt.minimize(adjopt.Problem(J, p0), method=method, gtol=1e-8, maxiter=200)
+    assert res.fun < 1e-4 * J.value(p0)
+
+
+def test_the_optimizer_backs_off_where_newton_fails():
+    # Bratu with a parametric reaction -exp(p) exp(u): beyond the turning point there is no state. The
+    # objective pulls p up, towards the region without a solution; the line search must step back from it.
+    msh = meshes.unit_square(6)
+    dm = fem.condense(msh.n_nodes, fem.boundary_dofs(msh, "all"))
+    R = fem.diffusion_reaction_residual(msh, dm, diffusion=1.0, reaction=_NegExp(), nonlinearity="exp")
+    J = adjopt.ReducedFunctional(R, objective=adjopt.SquaredMisfit(np.full(R.n, 5.0)), solver="superlu",
+                                 newton=dict(max_iter=25))
+    with pytest.raises(adjopt.NewtonDidNotConverge):
+        J.value(np.full(R.n_params, np.log(10.0)))
+    res = adjopt.minimize(adjopt.Problem(J, np.zeros(R.n_params)), method="lbfgs", maxiter=15)
+    assert np.isfinite(res.fun) and res.fun < J.value(np.zeros(R.n_params))
+
+
+class _NegExp(adjopt.operators.Coefficient):
+    """phi(p) = -exp(p): a reaction -exp(p) exp(u), Bratu's sign."""
+
+    def __call__(self, p):
+        return -np.exp(p)
+
+    def d1(self, p):
+        return -np.exp(p)
+
+    def d2(self, p):
+        return -np.exp(p)
+
+
+def test_petsc_backend_refuses_a_nonlinear_residual():
+    pytest.importorskip("petsc4py")
+    from adjopt.backends.petsc import DistributedReducedFunctional
+
+    J, _ = _problem("cube")
+    with pytest.raises(NotImplementedError, match="serial functional"):
+        DistributedReducedFunctional.from_functional(J)
