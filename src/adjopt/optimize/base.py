@@ -392,9 +392,11 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
     nit_box = [nit]
     times = getattr(driver.problem.functional, "times", None)  # phase seconds of a ReducedFunctional
     clock = [time.perf_counter(), dict(times) if times is not None else {}]
+    newton = [getattr(stats, "newton_iterations", 0)]
 
     def phases() -> dict:
-        """Seconds of the iteration that just ended, by phase; "update" is the driver's own work."""
+        """Seconds of the iteration that just ended, by phase; "update" is the driver's own work. For a
+        nonlinear state equation also the Newton steps the iteration's state solves took."""
         now = time.perf_counter()
         total = now - clock[0]
         out = {}
@@ -403,7 +405,11 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
             clock[1] = dict(times)
         out["update"] = max(total - sum(out.values()), 0.0)
         clock[0] = now
-        return dict(time=total, phases=out)
+        record = dict(time=total, phases=out)
+        if getattr(stats, "newton_solves", 0):
+            record["newton_iterations"] = stats.newton_iterations - newton[0]
+            newton[0] = stats.newton_iterations
+        return record
 
     budget = [False]  # the run stopped at maxiter or max_time: a resume with a larger budget goes on
 

@@ -110,6 +110,18 @@ class AMGFactorization(Factorization):
     def check_residual(self, x, rhs, transpose=False, kind="other") -> None:
         """Nothing to do: every Krylov solve has checked its true residual already."""
 
+    def lagged(self, A) -> AMGFactorization | None:
+        """Solves with A preconditioned by this hierarchy (built for a nearby matrix), without a new setup.
+
+        The Krylov method runs on A itself, so the solutions meet their tolerance for A; only the iteration
+        count feels the lag. Newton's method uses it across its steps. None when A's symmetry differs from
+        the hierarchy's (CG needs a symmetric A; a quasilinear Jacobian is symmetric at u = 0 only).
+        """
+        sym = is_symmetric(A) if self.solver.symmetric is None else bool(self.solver.symmetric)
+        if sym != self.symmetric or A.shape != self.A.shape:
+            return None
+        return AMGFactorization(A, self.stats, self.solver, self._ml, sym)
+
     def _operator(self, transpose: bool):
         if not transpose or self.symmetric:
             return self.A, self._ml
