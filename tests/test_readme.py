@@ -44,3 +44,15 @@ def test_readme_callback_example_recovers_the_coefficient(capsys):
     exec(compile(code, "README.md", "exec"), {})
     nit, err = capsys.readouterr().out.split()
     assert int(nit) <= 20 and float(err) < 1e-6
+
+
+def test_readme_nonlinear_example_runs(capsys):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "diffusion_reaction_residual(" in c)
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "True"
+    value, newton, factorizations = lines[1].split()
+    assert float(value) > 0 and int(newton) >= 3 and int(factorizations) == int(newton) + 1
+    assert sum("PASS" in line for line in lines) >= 3
+    assert float(lines[-1]) < 1e-3  # the misfit fell by more than a thousand

@@ -76,33 +76,39 @@ def element_pass(mode, conn, N, G, es, qs, W, ws, beta, gkind, A, C, A2, C2, u, 
                 uq = 0.0
                 wq = 0.0
                 dq = 0.0
-                for i in range(d):
-                    gu[i] = 0.0
-                    gw[i] = 0.0
-                    gd[i] = 0.0
                 for a in range(k):
                     uq += N[q, a] * ue[a]
-                    for i in range(d):
-                        gu[i] += Gq[a, i] * ue[a]
                 if mode != RESIDUAL and mode != JACOBIAN:
                     for a in range(k):
                         wq += N[q, a] * we[a]
-                        for i in range(d):
-                            gw[i] += Gq[a, i] * we[a]
                 if mode == SECOND_U or mode == FORMS1:
                     for a in range(k):
                         dq += N[q, a] * de[a]
+                if q == 0 or qs != 0:  # gradients: once per element where they are constant (simplices)
+                    for i in range(d):
+                        gu[i] = 0.0
+                        gw[i] = 0.0
+                        gd[i] = 0.0
+                    for a in range(k):
                         for i in range(d):
-                            gd[i] += Gq[a, i] * de[a]
+                            gu[i] += Gq[a, i] * ue[a]
+                    if mode != RESIDUAL and mode != JACOBIAN:
+                        for a in range(k):
+                            for i in range(d):
+                                gw[i] += Gq[a, i] * we[a]
+                    if mode == SECOND_U or mode == FORMS1:
+                        for a in range(k):
+                            for i in range(d):
+                                gd[i] += Gq[a, i] * de[a]
+                    uw = 0.0
+                    wd = 0.0
+                    for i in range(d):
+                        uw += gu[i] * gw[i]
+                        wd += gw[i] * gd[i]
                 qv = 1.0 + beta * uq * uq
                 q1 = 2.0 * beta * uq
                 q2 = 2.0 * beta
                 g0, g1, g2 = _g(gkind, uq)
-                uw = 0.0
-                wd = 0.0
-                for i in range(d):
-                    uw += gu[i] * gw[i]
-                    wd += gw[i] * gd[i]
                 if mode == RESIDUAL:
                     for a in range(k):
                         s = 0.0
