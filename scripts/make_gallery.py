@@ -1,10 +1,11 @@
 """Run every gallery problem through ``adjopt run`` and keep its pictures for the README.
 
-Usage: python scripts/make_gallery.py [--out problems/gallery] [--work adjopt-results/gallery]
+Usage: python scripts/make_gallery.py [problem ...] [--out problems/gallery] [--work adjopt-results/gallery]
 
 Each problem runs at a size that shows its result clearly and finishes in
 seconds to a minute on 2 cores; its ``parameter.png`` is copied to ``--out``
-as ``<problem>.png`` (the README's gallery shows them).
+as ``<problem>.png`` (the README's gallery shows them). Name problems to
+run only those (default: all of ``RUNS``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ RUNS = {
     "topology_compliance": ["--nelx", "120", "--nely", "40"],
     "advection_diffusion_source": ["--n", "64"],
     "multi_experiment": ["--n", "48"],
+    "nonlinear_inversion": ["--n", "96"],
+    "semilinear_control": ["--n", "64"],
 }
 
 
@@ -29,9 +32,15 @@ def run() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join("problems", "gallery"))
     ap.add_argument("--work", default=os.path.join("adjopt-results", "gallery"))
+    ap.add_argument("problems", nargs="*", metavar="problem", help=f"only these (default all: {', '.join(RUNS)})")
     args = ap.parse_args()
+    unknown = sorted(set(args.problems) - set(RUNS))
+    if unknown:
+        ap.error(f"unknown problem(s) {', '.join(unknown)}; the gallery runs are {', '.join(RUNS)}")
     os.makedirs(args.out, exist_ok=True)
     for name, opts in RUNS.items():
+        if args.problems and name not in args.problems:
+            continue
         work = os.path.join(args.work, name)
         t0 = time.perf_counter()
         status = adjopt(["run", name, *opts, "--out", work, "--force", "-q"])

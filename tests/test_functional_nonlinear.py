@@ -174,15 +174,6 @@ class _NegExp(adjopt.operators.Coefficient):
         return -np.exp(p)
 
 
-def test_petsc_backend_refuses_a_nonlinear_residual():
-    pytest.importorskip("petsc4py")
-    from adjopt.backends.petsc import DistributedReducedFunctional
-
-    J, _ = _problem("cube")
-    with pytest.raises(NotImplementedError, match="serial functional"):
-        DistributedReducedFunctional.from_functional(J)
-
-
 def test_amg_keeps_its_hierarchy_across_newton_steps():
     J, p = _problem("cube", n=16, solver="amg")
     ref, _ = _problem("cube", n=16, solver="superlu")
@@ -198,3 +189,18 @@ def test_amg_keeps_its_hierarchy_across_newton_steps():
     refq, _ = _problem("quasilinear", n=16, solver="superlu")
     np.testing.assert_allclose(Jq.gradient(pq), refq.gradient(pq), rtol=1e-6,
                                atol=1e-8 * np.abs(refq.gradient(pq)).max())
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
+    # Newton starts from the states cached during a run, which the resumed run has not seen: equal to
+    # Newton's tolerance, not bit for bit
+    def problem():
+        J, _ = _problem("quasilinear", n=6)
+        return adjopt.Problem(J, np.full(J.n_params, 0.3), name="nonlinear-resume")
+
+    ck = tmp_path / "run.npz"
+    adjopt.minimize(problem(), method="lbfgs", maxiter=4, checkpoint=ck)
+    resumed = adjopt.minimize(problem(), method="lbfgs", maxiter=12, resume=ck)
+    whole = adjopt.minimize(problem(), method="lbfgs", maxiter=12)
+    assert resumed.nit == whole.nit == 12
+    np.testing.assert_allclose(resumed.x, whole.x, rtol=1e-7, atol=1e-9)

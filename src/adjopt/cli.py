@@ -526,7 +526,10 @@ def _distribute(problem, args):
         from .backends.petsc import distribute
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
-    distributed = distribute(problem)
+    try:
+        distributed = distribute(problem)
+    except NotImplementedError as exc:  # what the backend does not distribute (a nonlinear residual, ...)
+        raise UsageError(str(exc)) from exc
     comm = distributed.functional.comm
     if comm.rank != 0:
         logging.getLogger("adjopt").setLevel(logging.WARNING)

@@ -5,7 +5,9 @@ x0) and how to take one iteration; everything else is here. Its whole state
 is a dict of numpy arrays and numbers, so that the loop can write it to an
 ``.npz`` checkpoint after every iteration (atomically: a temporary file, then
 ``os.replace``) and ``resume=`` can reload it and continue exactly where the
-run stopped: a resumed run ends with the same x as an uninterrupted one. The
+run stopped: a resumed run ends with the same x as an uninterrupted one (with a
+nonlinear state equation, to Newton's tolerance: Newton starts from the states
+cached during the run, which a resumed run has not seen). The
 checkpoint records the problem's name, its build options
 (``problem.meta["options"]``), the number of parameters and the method; a
 resume refuses a checkpoint that differs in any of these.
