@@ -53,6 +53,8 @@ optimum is then accurate to far below the discretization error.
 from __future__ import annotations
 
 import numbers
+import os
+import sys
 
 import numpy as np
 
@@ -61,6 +63,12 @@ from adjopt import fem
 from adjopt import mesh as meshes
 from adjopt.optimize import OptimizationError
 from adjopt.verify import derivative_report
+
+if __package__:  # imported as problems.semilinear_control
+    from .optimal_control import l2_error
+else:  # a script, or loaded by file path (adjopt run): problems/ is (or is put) on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from optimal_control import l2_error
 
 #: how ``adjopt run semilinear_control`` optimizes it unless told otherwise
 RUN_DEFAULTS = dict(method="newton-cg", gtol=1e-7)
@@ -136,12 +144,6 @@ def solve(problem: adjopt.Problem, method: str = "newton-cg", gtol: float = 1e-7
     if not result.success:
         raise OptimizationError(f"{method} did not reach gtol = {gtol:g}: {result.message}")
     return result.x
-
-
-def l2_error(problem: adjopt.Problem, z: np.ndarray) -> float:
-    """||z - I_h z*||_M, the L2 error of the control against the interpolated exact control."""
-    e = z - problem.meta["z_exact"]
-    return float(np.sqrt(e @ (problem.meta["mass"] @ e)))
 
 
 def main() -> None:
