@@ -160,7 +160,7 @@ class ReducedFunctional:
             raise PatternError(
                 f"the parameter map produces {parameter_map.n_out} values but A(rho) takes {matrix.n_params} parameters"
             )
-        self._solver = make_solver(solver)
+        self._solver = self._accept(make_solver(solver))
         self.cache = StateCache(cache_bytes)
         #: (solver, factorization) of a matrix that does not depend on p (``matrix.constant``): one for every p
         self._fixed = None
@@ -239,10 +239,14 @@ class ReducedFunctional:
 
     @solver.setter
     def solver(self, value):
-        self._solver = make_solver(value)
+        self._solver = self._accept(make_solver(value))
         self.cache.clear()
         self._live.clear()
         self._fixed = None
+
+    def _accept(self, solver):
+        """The solver, or an error when this functional cannot use it."""
+        return solver
 
     def _detect_self_adjoint(self) -> bool:
         """f = l^T u, b = l constant and A(p) symmetric: then A^T lam = l is A u = b, so lam = u."""

@@ -143,7 +143,8 @@ class NonlinearReducedFunctional(ReducedFunctional):
             raise PatternError(f"the parameter map produces {parameter_map.n_out} values but R(u, rho) takes "
                                f"{residual.n_params} parameters")
         self.newton = NewtonOptions.make(newton)
-        self.solver = solver
+        self._solver = self._accept(make_solver(solver))
+        self._fixed = None
         self.cache = StateCache(cache_bytes)
         self.keep_factorizations = as_count(keep_factorizations, "keep_factorizations")
         self._live: OrderedDict[int, _State] = OrderedDict()
@@ -157,22 +158,11 @@ class NonlinearReducedFunctional(ReducedFunctional):
         """R(u, p) (fixed)."""
         return self._matrix
 
-    @property
-    def solver(self):
-        """The :class:`~adjopt.solvers.LinearSolver`. Setting another one (or a name) empties the state cache."""
-        return self._solver
-
-    @solver.setter
-    def solver(self, value):
-        solver = make_solver(value)
+    def _accept(self, solver):
         if getattr(solver, "uses_operator", False):
             raise ValueError(f"the {solver.name} solver builds its levels from a linear operator A(p); a nonlinear "
                              "residual has none: use 'auto', 'superlu', 'cholmod', 'pardiso' or 'amg'")
-        self._solver = solver
-        if hasattr(self, "cache"):
-            self.cache.clear()
-            self._live.clear()
-        self._fixed = None
+        return solver
 
     def _detect_self_adjoint(self) -> bool:
         return False
