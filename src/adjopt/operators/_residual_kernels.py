@@ -5,9 +5,10 @@ gradient, and the other fields a mode needs (w, du), and accumulates per element
 
     RESIDUAL   r_a  = sum_q om [A q gu.G_a + C g N_a]
     JT_ACTION  (K^T w)_b = sum_q om [A (q' N_b gu.gw + q G_b.gw) + C g' N_b wq]
-    SECOND_U   d/du_b (w^T K du) with (A, C), plus K(A2, C2)^T w (the mixed term, A2 = a' dp, C2 = c' dp)
+    SECOND_U   d/du_b (w^T K du) with (A, C), plus K(A2, C2)^T w (the mixed term, A2 = a' dp, C2 = c' dp), in
+               columns 0..k-1, and in columns k..k+3 the forms FORMS1 and FORMS0 of the same element:
+               (sum_q om [q gw.gdu + q' duq gu.gw], sum_q om g' wq duq, sum_q om q gu.gw, sum_q om g wq)
     FORMS0     (sum_q om q gu.gw, sum_q om g wq)                       per element, two values
-    FORMS1     (sum_q om [q gw.gdu + q' duq gu.gw], sum_q om g' wq duq)  per element, two values
     JACOBIAN   K_ab = sum_q om [A (q G_a.G_b + q' N_b gu.G_a) + C g' N_a N_b]
 
 with q(u) = 1 + beta u^2, g(u) = 0, u^3 or exp(u) (``G_*``), om the quadrature weight times |det J|, N_a the
@@ -23,7 +24,7 @@ import numpy as np
 from numba import prange
 
 G_NONE, G_CUBE, G_EXP = 0, 1, 2
-RESIDUAL, JT_ACTION, SECOND_U, FORMS0, FORMS1, JACOBIAN = 0, 1, 2, 3, 4, 5
+RESIDUAL, JT_ACTION, SECOND_U, FORMS0, JACOBIAN = 0, 1, 2, 3, 5
 
 
 @numba.njit(cache=True, inline="always")
@@ -56,18 +57,11 @@ def element_pass(mode, conn, N, G, es, qs, W, ws, beta, gkind, A, C, A2, C2, u, 
             if mode != RESIDUAL and mode != JACOBIAN:
                 for a in range(k):
                     we[a] = w[conn[e, a]]
-            if mode == SECOND_U or mode == FORMS1:
+            if mode == SECOND_U:
                 for a in range(k):
                     de[a] = du[conn[e, a]]
-            if mode == FORMS0 or mode == FORMS1:
-                out[e, 0] = 0.0
-                out[e, 1] = 0.0
-            elif mode == JACOBIAN:
-                for a in range(k * k):
-                    out[e, a] = 0.0
-            else:
-                for a in range(k):
-                    out[e, a] = 0.0
+            for a in range(out.shape[1]):
+                out[e, a] = 0.0
             Ae = A[e]
             Ce = C[e]
             for q in range(nq):
@@ -81,7 +75,7 @@ def element_pass(mode, conn, N, G, es, qs, W, ws, beta, gkind, A, C, A2, C2, u, 
                 if mode != RESIDUAL and mode != JACOBIAN:
                     for a in range(k):
                         wq += N[q, a] * we[a]
-                if mode == SECOND_U or mode == FORMS1:
+                if mode == SECOND_U:
                     for a in range(k):
                         dq += N[q, a] * de[a]
                 if q == 0 or qs != 0:  # gradients: once per element where they are constant (simplices)
@@ -96,7 +90,7 @@ def element_pass(mode, conn, N, G, es, qs, W, ws, beta, gkind, A, C, A2, C2, u, 
                         for a in range(k):
                             for i in range(d):
                                 gw[i] += Gq[a, i] * we[a]
-                    if mode == SECOND_U or mode == FORMS1:
+                    if mode == SECOND_U:
                         for a in range(k):
                             for i in range(d):
                                 gd[i] += Gq[a, i] * de[a]
@@ -132,12 +126,13 @@ def element_pass(mode, conn, N, G, es, qs, W, ws, beta, gkind, A, C, A2, C2, u, 
                         uu = Ae * (q1 * nb * wd + q2 * nb * dq * uw + q1 * dq * s) + Ce * g2 * nb * wq * dq
                         up = A2e * (q1 * nb * uw + qv * s) + C2e * g1 * nb * wq
                         out[e, b] += om * (uu + up)
+                    out[e, k] += om * (qv * wd + q1 * dq * uw)
+                    out[e, k + 1] += om * g1 * wq * dq
+                    out[e, k + 2] += om * qv * uw
+                    out[e, k + 3] += om * g0 * wq
                 elif mode == FORMS0:
                     out[e, 0] += om * qv * uw
                     out[e, 1] += om * g0 * wq
-                elif mode == FORMS1:
-                    out[e, 0] += om * (qv * wd + q1 * dq * uw)
-                    out[e, 1] += om * g1 * wq * dq
                 else:  # JACOBIAN
                     for a in range(k):
                         sa = 0.0

@@ -203,19 +203,20 @@ class ElementResidual(ParametricResidual):
     def _second(self, u, p, w, du, dp):
         A, C = self._coefs(p, 0)
         uf, wf, duf = self._full(u, True), self._full(w, False), self._full(du, False)
-        hp = np.zeros(self.n_params)
+        k = self.conn.shape[1]
         if self._parametric:
             dA, dC = self._coefs(p, 1)
-            hu = self._scatter(self._pass(_rk.SECOND_U, A, C, uf, wf, duf, dA * dp, dC * dp))
-            F1 = self._pass(_rk.FORMS1, A, C, uf, wf, duf, width=2)
-            hp = dA * F1[:, 0] + dC * F1[:, 1]
             ddA, ddC = self._coefs(p, 2)
-            if np.any(ddA) or np.any(ddC):
-                F0 = self._pass(_rk.FORMS0, A, C, uf, wf, width=2)
-                hp = hp + dp * (ddA * F0[:, 0] + ddC * F0[:, 1])
+            A2, C2 = dA * dp, dC * dp
         else:
-            zero = np.zeros(self.n_elem)
-            hu = self._scatter(self._pass(_rk.SECOND_U, A, C, uf, wf, duf, zero, zero))
+            A2 = C2 = np.zeros(self.n_elem)
+        # one pass: the state part (columns :k) and the element forms of the parameter part (k:k+4)
+        local = self._pass(_rk.SECOND_U, A, C, uf, wf, duf, A2, C2, width=k + 4)
+        hu = self._scatter(local)
+        hp = np.zeros(self.n_params)
+        if self._parametric:
+            F = local[:, k:]
+            hp = dA * F[:, 0] + dC * F[:, 1] + dp * (ddA * F[:, 2] + ddC * F[:, 3])
         if self._b.depends_on_p and not self._b.affine:
             hp = hp - self._b.second(p, w, dp)
         return hu, hp
