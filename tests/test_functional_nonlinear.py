@@ -165,13 +165,14 @@ class _NegExp(adjopt.operators.Coefficient):
     """phi(p) = -exp(p): a reaction -exp(p) exp(u), Bratu's sign."""
 
     def __call__(self, p):
-        return -np.exp(p)
+        with np.errstate(over="ignore"):  # an overflow becomes Inf, which the residual refuses
+            return -np.exp(p)
 
     def d1(self, p):
-        return -np.exp(p)
+        return self(p)
 
     def d2(self, p):
-        return -np.exp(p)
+        return self(p)
 
 
 def test_amg_keeps_its_hierarchy_across_newton_steps():
@@ -204,3 +205,103 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
     whole = adjopt.minimize(problem(), method="lbfgs", maxiter=12)
     assert resumed.nit == whole.nit == 12
     np.testing.assert_allclose(resumed.x, whole.x, rtol=1e-7, atol=1e-9)
+
+
+# -- findings of the hostile review, each a test ---------------------------------------------------------------
+def _cube(n=5, source=1.0, neumann=False, **kw):
+    msh = meshes.unit_square(n)
+    dm = fem.condense(msh.n_nodes, [] if neumann else msh.boundary("all"))
+    f = dm.restrict_vector(fem.body_force(msh, source))
+    R = fem.diffusion_reaction_residual(msh, dm, diffusion="exp", reaction=1.0, nonlinearity="cube", source=f)
+    return adjopt.ReducedFunctional(R, objective=adjopt.Norm(), solver="superlu", **kw), R
+
+
+def test_a_residual_that_overflows_is_not_called_converged():
+    J, R = _cube(source=1e160)
+    with pytest.raises(adjopt.AdjoptError, match="not finite"):
+        J.value(np.zeros(R.n_params))
+    J, R = _cube(source=1e200)  # ||R|| of entries near 1e200, squared, would overflow
+    with pytest.raises(adjopt.AdjoptError, match="not finite"):
+        J.value(np.zeros(R.n_params))
+    with pytest.raises(adjopt.NonFiniteError, match="overflow"):
+        J.value(np.full(R.n_params, 800.0))  # exp(800): the coefficient overflows, and says so
+
+
+def test_the_tolerance_is_relative_to_the_problem():
+    # a tiny source: the state is tiny, not zero; the cube is negligible, so u is the linear solution
+    J, R = _cube(source=5e-13)
+    Jlin, _ = _cube(source=5e-13 * 1e10)
+    u = J.state(np.zeros(R.n_params))
+    assert np.max(u) > 0
+    lin = Jlin.state(np.zeros(R.n_params)) * 1e-10
+    np.testing.assert_allclose(u, lin, rtol=1e-3)  # u^3 is 1e-11 of u at scale 1; a linear map of the source
+
+
+def test_newton_options_are_checked_however_they_come():
+    J, R = _cube()
+    with pytest.raises(ValueError, match="rtol"):
+        adjopt.ReducedFunctional(R, objective=adjopt.Norm(), newton=adjopt.NewtonOptions(rtol=-5.0))
+    with pytest.raises(ValueError, match="max_iter"):
+        J.newton = dict(max_iter=0)
+    J.newton = dict(rtol=np.float32(1e-8), line_search=np.bool_(True))
+    assert J.newton.rtol == pytest.approx(1e-8) and J.newton.line_search is True
+    opts = adjopt.NewtonOptions(max_iter=7)
+    J.newton = opts
+    opts.max_iter = 1  # the functional keeps its own copy
+    assert J.newton.max_iter == 7
+
+
+def test_solver_failures_inside_newton_say_so():
+    # pure Neumann with a cube: K(0) = the Neumann Laplacian, singular at the zero initial guess only
+    J, R = _cube(neumann=True)
+    with pytest.raises(adjopt.NewtonDidNotConverge, match="initial_guess"):
+        J.value(np.zeros(R.n_params))
+    # ... and a problem whose state is zero without any Newton step is still refused when K is singular
+    msh = meshes.unit_square(4)
+    dm = fem.condense(msh.n_nodes, [])
+    R0 = fem.diffusion_reaction_residual(msh, dm, diffusion="exp", beta=1.0)
+    J0 = adjopt.ReducedFunctional(R0, objective=adjopt.Norm(), solver="superlu")
+    with pytest.raises(adjopt.AdjoptError, match="singular"):
+        J0.value(np.zeros(R0.n_params))
+
+
+def test_a_tolerance_below_round_off_is_named():
+    J, R = _problem("quasilinear", newton=dict(rtol=1e-300, max_halvings=5))
+    with pytest.raises(adjopt.NewtonDidNotConverge, match="round-off"):
+        J.value(np.zeros(J.n_params))
+
+
+def test_a_forced_symmetric_amg_is_refused_for_a_nonsymmetric_jacobian():
+    from adjopt.solvers import AMGSolver
+
+    J, _ = _problem("quasilinear")
+    with pytest.raises(ValueError, match="symmetric"):
+        adjopt.ReducedFunctional(J.residual, objective=J.objective, solver=AMGSolver(symmetric=True))
+    J2, _ = _problem("cube")  # a symmetric Jacobian: allowed
+    adjopt.ReducedFunctional(J2.residual, objective=J2.objective, solver=AMGSolver(symmetric=True))
+
+
+def test_finite_differences_switch_warm_starts_off():
+    from adjopt.verify import finite_difference_gradient
+
+    n = 6
+    C = adjopt.CallbackResidual(lambda u, p: u**3 + u - p, lambda u, p: np.diag(3 * u**2 + 1.0),
+                                lambda u, p: -np.eye(n), n, n)
+    J = adjopt.ReducedFunctional(C, objective=adjopt.SquaredMisfit(np.zeros(n)), solver="superlu")
+    p = np.full(n, 50.0)
+    fd = finite_difference_gradient(J, p, h=1e-6)
+    np.testing.assert_allclose(fd, J.gradient(p), rtol=1e-4)
+    assert J.newton.warm_start is True  # restored
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "lbfgsb", "newton-cg", "mma"])
+def test_every_optimizer_steps_back_where_newton_fails(method):
+    msh = meshes.unit_square(6)
+    dm = fem.condense(msh.n_nodes, fem.boundary_dofs(msh, "all"))
+    R = fem.diffusion_reaction_residual(msh, dm, diffusion=1.0, reaction=_NegExp(), nonlinearity="exp")
+    J = adjopt.ReducedFunctional(R, objective=adjopt.SquaredMisfit(np.full(R.n, 5.0)), solver="superlu",
+                                 newton=dict(max_iter=25))
+    bounds = (-3.0, 3.0) if method in ("lbfgsb", "mma") else None
+    p0 = np.zeros(R.n_params)
+    res = adjopt.minimize(adjopt.Problem(J, p0, bounds=bounds), method=method, maxiter=15)
+    assert np.isfinite(res.fun) and res.fun < J.value(p0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, fields
@@ -38,7 +39,8 @@ import numpy as np
 from ._threads import dot, norm
 from ._validate import as_count, as_parameter, check_finite, check_tolerance, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
-from .errors import NewtonDidNotConverge, NonFiniteError, PatternError
+from .errors import (NewtonDidNotConverge, NonFiniteError, PatternError, SingularMatrixError,
+                     SolverDidNotConverge)
 from .functional import ReducedFunctional, _frozen, _State
 from .objectives import Objective
 from .operators.residual import ParametricResidual
@@ -51,13 +53,15 @@ logger = logging.getLogger(__name__)
 class NewtonOptions:
     """Options of the Newton solve of R(u, p) = 0.
 
-    Converged when ||R(u, p)|| <= max(atol, rtol ||R(0, p)||) (2-norms). ``line_search`` halves the step until
-    ||R|| decreases by the factor (1 - 1e-4 a) (at most ``max_halvings`` times); without it every full step is
-    taken. ``warm_start`` starts from the state of the nearest cached p.
+    Converged when ||R(u, p)|| <= max(atol, rtol s) (2-norms), with the scale s = ||R(0, p)|| (or the residual
+    at the initial guess when R(0, p) = 0): relative by default, so that the result does not depend on the
+    units of the problem. ``line_search`` halves the step until ||R|| decreases by the factor (1 - 1e-4 a) (at
+    most ``max_halvings`` times); without it every full step is taken. ``warm_start`` starts from the state of
+    the nearest cached p.
     """
 
     rtol: float = 1e-10
-    atol: float = 1e-13
+    atol: float = 0.0
     max_iter: int = 50
     line_search: bool = True
     max_halvings: int = 30
@@ -65,10 +69,11 @@ class NewtonOptions:
 
     @classmethod
     def make(cls, value) -> NewtonOptions:
+        """Checked options from None (the defaults), a dict of them or a NewtonOptions."""
         if value is None:
             return cls()
         if isinstance(value, cls):
-            return value
+            value = {f.name: getattr(value, f.name) for f in fields(cls)}
         if not isinstance(value, dict):
             raise TypeError(f"newton must be a dict of options or NewtonOptions, got {type(value).__name__}")
         known = {f.name for f in fields(cls)}
@@ -78,18 +83,31 @@ class NewtonOptions:
         out = cls(**value)
         for name in ("rtol", "atol"):
             v = getattr(out, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1) or math.isnan(v):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not (0 <= v < 1):
                 raise ValueError(f"newton {name} must be a number in [0, 1), got {v!r}")
+            setattr(out, name, float(v))
         if out.rtol == 0 and out.atol == 0:
             raise ValueError("newton rtol and atol cannot both be 0 (Newton would never stop)")
         for name in ("max_iter", "max_halvings"):
             v = getattr(out, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"newton {name} must be a positive integer, got {v!r}")
+            setattr(out, name, int(v))
         for name in ("line_search", "warm_start"):
-            if not isinstance(getattr(out, name), bool):
-                raise ValueError(f"newton {name} must be True or False, got {getattr(out, name)!r}")
+            v = getattr(out, name)
+            if not isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"newton {name} must be True or False, got {v!r}")
+            setattr(out, name, bool(v))
         return out
+
+
+def _norm(r: np.ndarray) -> float:
+    """||r||_2 without overflow for entries beyond 1e154 (inf only when an entry is)."""
+    nr = float(norm(r))
+    if math.isfinite(nr) or not r.size:
+        return nr
+    big = float(np.max(np.abs(r)))
+    return big * float(norm(r / big)) if math.isfinite(big) and big > 0 else math.inf
 
 
 @dataclass
@@ -142,7 +160,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
         if parameter_map is not None and parameter_map.n_out != residual.n_params:
             raise PatternError(f"the parameter map produces {parameter_map.n_out} values but R(u, rho) takes "
                                f"{residual.n_params} parameters")
-        self.newton = NewtonOptions.make(newton)
+        self._newton_options = NewtonOptions.make(newton)
         self._solver = self._accept(make_solver(solver))
         self._fixed = None
         self.cache = StateCache(cache_bytes)
@@ -158,10 +176,23 @@ class NonlinearReducedFunctional(ReducedFunctional):
         """R(u, p) (fixed)."""
         return self._matrix
 
+    @property
+    def newton(self) -> NewtonOptions:
+        """The Newton options; set a dict or :class:`NewtonOptions` (checked)."""
+        return self._newton_options
+
+    @newton.setter
+    def newton(self, value):
+        self._newton_options = NewtonOptions.make(value)
+
     def _accept(self, solver):
         if getattr(solver, "uses_operator", False):
             raise ValueError(f"the {solver.name} solver builds its levels from a linear operator A(p); a nonlinear "
                              "residual has none: use 'auto', 'superlu', 'cholmod', 'pardiso' or 'amg'")
+        if getattr(solver, "symmetric", None) is True and not self.residual.symmetric:
+            raise ValueError(f"the {solver.name} solver is told that K is symmetric (symmetric=True), but the "
+                             "residual does not declare a symmetric Jacobian (residual.symmetric is False): its "
+                             "adjoint solves would use K instead of K^T. Leave symmetric=None (detected)")
         return solver
 
     def _detect_self_adjoint(self) -> bool:
@@ -190,14 +221,26 @@ class NonlinearReducedFunctional(ReducedFunctional):
         u = self._guess(p, rho)
         t0 = clock()
         r = R.residual(u, rho)
-        scale = float(norm(R.residual(np.zeros(R.n), rho))) if np.any(u) else float(norm(r))
-        nr = float(norm(r))
+        nr = _norm(r)
+        scale = _norm(R.residual(np.zeros(R.n), rho)) if np.any(u) else nr
         times["assembly"] += clock() - t0
-        tol = max(opts.atol, opts.rtol * scale)
+        if not math.isfinite(nr) or not math.isfinite(scale):
+            raise NonFiniteError(
+                f"the residual R(u, p) is not finite (or overflows) at Newton's initial guess: ||R|| = {nr:.3g}. "
+                "Check the scale of p, of the source and of the coefficients")
+        tol = max(opts.atol, opts.rtol * (scale if scale > 0 else nr))
         history = [nr]
         fac, shared, fresh = None, False, True
         fresh_its = its = 0
         it = 0
+
+        def failed(exc):
+            hint = (" At the initial guess this can mean that K is singular there only (a reaction that vanishes "
+                    "at u = 0 on a problem without a Dirichlet boundary): start elsewhere by overriding the "
+                    "residual's initial_guess(p).") if it == 0 else ""
+            return NewtonDidNotConverge(
+                f"Newton iteration {it} (||R|| = {nr:.3g}) failed: {exc}{hint}", history)
+
         while True:
             t0 = clock()
             K = R.jacobian(u, rho)
@@ -208,13 +251,18 @@ class NonlinearReducedFunctional(ReducedFunctional):
             lagged = None
             if fac is not None and not fac.exact and hasattr(fac, "lagged") and its <= 2 * fresh_its + 2:
                 lagged = fac.lagged(K)
-            if lagged is not None:
-                fac, fresh = lagged, False
-            else:
-                if fac is not None:
-                    self.solver.recycle(fac)
-                fac, shared = self._factorize(K, rho)
-                fresh = True
+            try:
+                if lagged is not None:
+                    fac, fresh = lagged, False
+                else:
+                    if fac is not None:
+                        self.solver.recycle(fac)
+                    fac, shared = self._factorize(K, rho)
+                    fresh = True
+                if nr <= tol and it == 0 and not getattr(fac, "probed", True):
+                    fac.probe()  # no Newton step solved with it: a singular K must still be refused
+            except (SingularMatrixError, SolverDidNotConverge) as exc:
+                raise failed(exc) from exc
             times["assembly"] += t1 - t0
             times["factorize"] += clock() - t1
             if nr <= tol:
@@ -227,7 +275,10 @@ class NonlinearReducedFunctional(ReducedFunctional):
                     "(adjopt.verify.check_residual)", history)
             t0 = clock()
             before = self.solver.stats.iterations["forward"]
-            step = fac.solve(-r, kind="forward")
+            try:
+                step = fac.solve(-r, kind="forward")
+            except (SingularMatrixError, SolverDidNotConverge, NonFiniteError) as exc:
+                raise failed(exc) from exc
             its = self.solver.stats.iterations["forward"] - before
             if fresh:
                 fresh_its = its
@@ -238,7 +289,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
                 trial = u + a * step
                 try:
                     r_trial = R.residual(trial, rho)
-                    n_trial = float(norm(r_trial))
+                    n_trial = _norm(r_trial)
                 except NonFiniteError:
                     n_trial = np.inf
                 if not opts.line_search and math.isfinite(n_trial):
@@ -247,11 +298,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
                     break
                 halvings += 1
                 if halvings > opts.max_halvings:
-                    raise NewtonDidNotConverge(
-                        f"Newton's line search found no decrease of ||R|| along the step after {opts.max_halvings} "
-                        f"halvings (||R|| = {nr:.3g}, iteration {it}): the Jacobian may not be the derivative of "
-                        "the residual (adjopt.verify.check_residual), or the problem has no solution near the "
-                        "start", history)
+                    raise NewtonDidNotConverge(self._no_decrease(nr, scale, tol, it, n_trial), history)
                 a *= 0.5
             times["assembly"] += clock() - t0
             u, r, nr = trial, r_trial, n_trial
@@ -261,6 +308,21 @@ class NonlinearReducedFunctional(ReducedFunctional):
         self.solver.stats.newton_solves += 1
         self.solver.stats.newton_iterations += it
         return u, K, fac, shared, it, history
+
+    def _no_decrease(self, nr: float, scale: float, tol: float, it: int, n_trial: float) -> str:
+        opts = self.newton
+        what = "R overflows or is NaN along the Newton step (not finite)" if not math.isfinite(n_trial) else \
+            f"no step along the Newton direction decreased ||R|| (after {opts.max_halvings} halvings)"
+        if not math.isfinite(n_trial):
+            why = ("check the scale of the source, of p and of the coefficients, and whether a solution "
+                   "exists")
+        elif scale > 0 and nr <= 1e-6 * scale:
+            why = (f"||R|| = {nr:.3g} is {nr / scale:.1e} of its scale {scale:.3g}, where round-off stops Newton "
+                   f"short of the tolerance {tol:.3g}: loosen newton rtol (or atol)")
+        else:
+            why = ("the Jacobian may not be the derivative of the residual (adjopt.verify.check_residual), or "
+                   "the problem has no solution near the start")
+        return f"Newton iteration {it} (||R|| = {nr:.3g}): {what}; {why}"
 
     def _state(self, p: np.ndarray) -> _State:
         st = self.cache.get(p)

@@ -346,13 +346,16 @@ def check_hessian_symmetry(J, p, v=None, w=None, seed: int = 1) -> float:
 
 
 def finite_difference_gradient(J, p, h: float = 1e-6) -> np.ndarray:
-    """Central differences (J(p + h e_k) - J(p - h e_k)) / 2h; 2m evaluations, for small m only."""
+    """Central differences (J(p + h e_k) - J(p - h e_k)) / 2h; 2m evaluations, for small m only.
+
+    Warm starts are off meanwhile (:func:`independent_evaluations`), as in :func:`taylor_test`."""
     p = np.asarray(p, dtype=float)
     g = np.empty_like(p)
-    for k in range(p.size):  # one evaluation pair per parameter: a check, not a hot path
-        e = np.zeros_like(p)
-        e[k] = h
-        g[k] = (J.value(p + e) - J.value(p - e)) / (2 * h)
+    with independent_evaluations(J):  # a warm-started solve would make J(p + e) depend on J(p - e)
+        for k in range(p.size):  # one evaluation pair per parameter: a check, not a hot path
+            e = np.zeros_like(p)
+            e[k] = h
+            g[k] = (J.value(p + e) - J.value(p - e)) / (2 * h)
     return g
 
 

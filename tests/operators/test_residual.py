@@ -263,3 +263,85 @@ def test_bad_input_gets_a_clear_error():
     bad_shape = adjopt.CallbackResidual(lambda u, p: np.ones(2), R.jacobian, R.vjp, R.n, R.n_params)
     with pytest.raises(ShapeError, match="residual"):
         bad_shape.residual(np.ones(R.n), np.zeros(R.n_params))
+
+
+# -- findings of the hostile review, each a test ---------------------------------------------------------------
+def _square(n=5, values=0.0):
+    msh = meshes.unit_square(n)
+    return msh, fem.condense(msh.n_nodes, msh.boundary("all"), values)
+
+
+def test_arrays_handed_in_are_copied():
+    msh, dm = _square()
+    N, G, W = fem.element_geometry(msh)
+    f = np.ones(dm.n_free)
+    R = adjopt.ElementResidual(msh.cells, N, G, W, n_nodes=msh.n_nodes, dofmap=dm, diffusion="exp", beta=1.0,
+                               source=f)
+    u, p = np.linspace(0, 1, R.n), np.zeros(R.n_params)
+    r0, K0 = R.residual(u, p), R.jacobian(u, p).toarray()
+    W *= 2.0
+    G *= -1.0
+    N[:] = 0.0
+    f[:] = 7.0
+    dm.full_to_free[:] = -1
+    np.testing.assert_array_equal(R.residual(u, p), r0)
+    np.testing.assert_array_equal(R.jacobian(u, p).toarray(), K0)
+
+
+def test_the_jacobians_pattern_cannot_be_changed_in_place():
+    R, _, _ = _residual("triangle", "quasilinear")
+    K = R.jacobian(np.zeros(R.n), np.zeros(R.n_params))
+    with pytest.raises(ValueError, match="read-only"):
+        K.indices[0] = 0
+    with pytest.raises(ValueError, match="read-only"):
+        K.indptr[1] = 0
+
+
+def test_a_tangled_quad_is_refused():
+    msh = meshes.unit_square(2, cell="quad")
+    pts = msh.points.copy()
+    pts[4] = (-0.3, -0.3)  # the middle node pulled out of its cells: det J changes sign inside them
+    bad = meshes.Mesh(pts, msh.cells, msh.cell_type, msh.boundaries)
+    with pytest.raises(meshes.InvalidElementError, match="tangled"):
+        fem.element_geometry(bad)
+
+
+def test_a_user_coefficient_must_give_one_value_per_element():
+    class Scalar(adjopt.operators.Coefficient):
+        def __call__(self, p):
+            return 2.0
+
+        def d1(self, p):
+            return 0.0
+
+        def d2(self, p):
+            return 0.0
+
+    msh, dm = _square()
+    R = fem.diffusion_reaction_residual(msh, dm, diffusion=Scalar(), beta=1.0, source=np.ones(dm.n_free))
+    with pytest.raises(ShapeError, match="one value per element"):
+        R.residual(np.zeros(R.n), np.zeros(R.n_params))
+
+
+def test_more_bad_input():
+    msh, dm = _square()
+    with pytest.raises(ShapeError, match="one vector"):
+        fem.diffusion_reaction_residual(msh, dm, diffusion="exp", source=np.ones((dm.n_free, 2)))
+    with pytest.raises(TypeError, match="DofMap"):
+        fem.diffusion_reaction_residual(msh, dm.free, diffusion="exp")
+    N, G, W = fem.element_geometry(msh)
+    with pytest.raises(ValueError, match="negative"):
+        adjopt.ElementResidual(msh.cells, N, G, -W, dofmap=dm, diffusion="exp")
+    R = fem.diffusion_reaction_residual(msh, dm, diffusion="exp", beta=1.0)
+    for bad, match in ((lambda u, p: None, "returned None"), (lambda u, p: R.jacobian(u, p) * 1j, "complex")):
+        C = adjopt.CallbackResidual(R.residual, bad, lambda u, p: np.zeros((R.n, R.n_params)), R.n, R.n_params)
+        with pytest.raises(TypeError, match=match):
+            C.jacobian(np.zeros(R.n), np.zeros(R.n_params))
+    C = adjopt.CallbackResidual(lambda u, p: R.residual(u, p) + 0j, R.jacobian,
+                                lambda u, p: np.zeros((R.n, R.n_params)), R.n, R.n_params)
+    with pytest.raises(TypeError, match="complex"):
+        C.residual(np.zeros(R.n), np.zeros(R.n_params))
+    C = adjopt.CallbackResidual(lambda u, p: np.full(R.n, np.nan), R.jacobian,
+                                lambda u, p: np.zeros((R.n, R.n_params)), R.n, R.n_params)
+    with pytest.raises(adjopt.NonFiniteError, match=r"residual\(u, p\)"):
+        C.residual(np.zeros(R.n), np.zeros(R.n_params))

@@ -12,6 +12,7 @@ import numpy as np
 from ..mesh import Mesh
 from ..mesh._reference import CELLS, shape_functions
 from ._errors import FemError
+from .elements import check_jacobians
 from .quadrature import cell_rule
 
 #: default quadrature degree by cell: 2 on simplices (exact for q(u) grad u . grad v with P1; a rule exact for
@@ -24,7 +25,8 @@ def element_geometry(mesh: Mesh, degree: int | None = None):
 
     N (nq, k) shape values; G physical shape gradients, (E, 1, k, d) on simplices (constant in the cell) and
     (1, nq, k, d) when every cell is a translate of the first (a structured grid), else (E, nq, k, d);
-    W weights times |det J|, (E or 1, nq). Raises :class:`~adjopt.fem.FemError` on a degenerate cell.
+    W weights times |det J|, (E or 1, nq). Raises :class:`~adjopt.mesh.InvalidElementError` on a degenerate
+    or tangled cell (det J vanishing or changing sign), as the linear element kernels do.
     """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be an adjopt Mesh, got {type(mesh).__name__}")
@@ -41,10 +43,9 @@ def element_geometry(mesh: Mesh, degree: int | None = None):
             X = X[:1]
     J = np.einsum("eai,qja->eqij", X, dn)  # dx_i / dxi_j
     det = np.linalg.det(J)
-    if not np.all(np.isfinite(det)) or np.any(np.abs(det) <= 1e-14 * np.max(np.abs(det))):
-        bad = int(np.flatnonzero(~(np.abs(det) > 1e-14 * np.max(np.abs(det))).any(axis=1))[0])
-        raise FemError(f"cell {bad} is degenerate (zero or non-finite Jacobian determinant): check the mesh "
-                       "(mesh.check() lists such cells)")
+    if not np.all(np.isfinite(det)):
+        raise FemError("a cell has a non-finite Jacobian determinant: the mesh's points hold NaN, Inf or huge values")
+    check_jacobians(mesh, det)  # degenerate or tangled cells (det J vanishing or changing sign) are refused
     G = np.einsum("eqji,qja->eqai", np.linalg.inv(J), dn)  # grad_x N_a = J^{-T} grad_xi N_a
     W = np.abs(det) * wq[None, :] if not simplex else np.abs(det[:, :1]) * wq[None, :]
     return np.ascontiguousarray(N), np.ascontiguousarray(G), np.ascontiguousarray(W)

@@ -31,6 +31,7 @@ from ..errors import PatternError, ShapeError
 from . import _residual_kernels as _rk
 from .coefficients import Coefficient, as_coefficient
 from .element import build_slot_map
+from ..fem.dirichlet import DofMap
 from .residual import ParametricResidual
 from .vectors import ParametricVector, as_vector
 
@@ -81,7 +82,7 @@ class ElementResidual(ParametricResidual):
         n_nodes = int(conn.max()) + 1 if n_nodes is None else int(n_nodes)
         if conn.min() < 0 or conn.max() >= n_nodes:
             raise PatternError(f"conn must hold node numbers in [0, {n_nodes}); got [{conn.min()}, {conn.max()}]")
-        N, G, W = (np.ascontiguousarray(np.asarray(a, dtype=np.float64)) for a in (N, G, W))
+        N, G, W = (np.array(a, dtype=np.float64, copy=True, order="C") for a in (N, G, W))  # adjopt's own copies
         nq = N.shape[0]
         if N.shape != (nq, k) or G.ndim != 4 or G.shape[0] not in (1, n_elem) or G.shape[1] not in (1, nq) \
                 or G.shape[2] != k or W.shape not in ((1, nq), (n_elem, nq)):
@@ -89,6 +90,9 @@ class ElementResidual(ParametricResidual):
                              f"G {G.shape} (E or 1, nq or 1, k, d), W {W.shape} (E or 1, nq)")
         for name, a in (("N", N), ("G", G), ("W", W)):
             check_finite(a, name)
+            a.flags.writeable = False
+        if np.any(W < 0):
+            raise ValueError("W holds quadrature weights times |det J|: it cannot be negative")
         if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(beta):
             raise ValueError(f"beta must be a finite number, got {beta!r}")
@@ -104,15 +108,20 @@ class ElementResidual(ParametricResidual):
         self.reaction, self._c0 = _coefficient(reaction, "reaction")
         if self.nonlinearity == _rk.G_NONE and (self.reaction is not None or self._c0 != 0.0):
             raise ValueError("a reaction coefficient needs a nonlinearity ('cube' or 'exp')")
-        self.dofmap = dofmap
         if dofmap is None:
             self.free_of = np.arange(n_nodes, dtype=np.int64)
             self._g = np.zeros(n_nodes)
         else:
+            if not isinstance(dofmap, DofMap):
+                raise TypeError(f"dofmap must be an adjopt.fem.DofMap (adjopt.fem.condense), got "
+                                f"{type(dofmap).__name__}")
             if dofmap.n_dofs != n_nodes:
                 raise ShapeError(f"the DofMap has {dofmap.n_dofs} dofs but the mesh {n_nodes} nodes")
-            self.free_of = np.asarray(dofmap.full_to_free, dtype=np.int64)
-            self._g = dofmap.prescribed
+            # copies: a later change of the DofMap's arrays does not reach a residual (nor its cached states)
+            self.free_of = np.array(dofmap.full_to_free, dtype=np.int64, copy=True)
+            self._g = np.array(dofmap.prescribed, dtype=np.float64, copy=True)
+            check_finite(self._g, "the prescribed Dirichlet values")
+        self.free_of.flags.writeable = self._g.flags.writeable = False
         self._free = np.flatnonzero(self.free_of >= 0)
         self.n, self.n_nodes, self.n_elem = int(self._free.size), n_nodes, n_elem
         if self.n == 0:
@@ -120,6 +129,9 @@ class ElementResidual(ParametricResidual):
         self._b = as_vector(np.zeros(self.n) if source is None else source)
         if self._b.n != self.n:
             raise ShapeError(f"the source has {self._b.n} rows but there are {self.n} free dofs")
+        if not self._b.depends_on_p and np.ndim(self._b.value(None)) != 1:
+            raise ShapeError(f"the source must be one vector of shape ({self.n},): a residual has one right-hand "
+                             f"side, got {np.shape(self._b.value(None))}")
         self._parametric = self.diffusion is not None or self.reaction is not None
         if self._parametric:
             self.n_params = n_elem
@@ -135,6 +147,9 @@ class ElementResidual(ParametricResidual):
         restricted = self.free_of[self.conn]
         self.indptr, self.indices, self._slot_ptr, self._slot_elem, self._slot_loc, _ = build_slot_map(
             restricted, self.n)
+        # the Jacobians handed out share the pattern: read-only, so that no caller can change it in place
+        for a in (self.indptr, self.indices):
+            a.flags.writeable = False
 
     # -- coefficient values -----------------------------------------------------------------------
     def _coefs(self, p, order: int):
@@ -144,7 +159,13 @@ class ElementResidual(ParametricResidual):
             if coef is None:
                 out.append(np.full(self.n_elem, const if order == 0 else 0.0))
             else:
-                out.append(np.ascontiguousarray((coef, coef.d1, coef.d2)[order](p), dtype=np.float64))
+                v = np.asarray((coef, coef.d1, coef.d2)[order](p), dtype=np.float64)
+                if v.shape != (self.n_elem,):  # a user's Coefficient: the kernels index one value per element
+                    raise ShapeError(f"the coefficient {coef!r} returned shape {v.shape} for "
+                                     f"{('phi', 'phi_prime', 'phi_second')[order]}(p); one value per element "
+                                     f"({self.n_elem},) is needed")
+                check_finite(v, f"the coefficient {coef!r} at p (is p out of its range, or does it overflow?)")
+                out.append(np.ascontiguousarray(v))
         return out
 
     def _full(self, v, fixed_values: bool):
@@ -170,7 +191,10 @@ class ElementResidual(ParametricResidual):
     def _residual(self, u, p):
         A, C = self._coefs(p, 0)
         r = self._scatter(self._pass(_rk.RESIDUAL, A, C, self._full(u, True)))
-        return r - self._b.value(p)
+        b = self._b.value(p)
+        if np.shape(b) != (self.n,):
+            raise ShapeError(f"the source b(p) must have shape ({self.n},), got {np.shape(b)}")
+        return r - b
 
     def _jacobian_values(self, u, p):
         A, C = self._coefs(p, 0)

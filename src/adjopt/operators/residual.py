@@ -112,11 +112,26 @@ class ParametricResidual:
         return f"{type(self).__name__}(n={self.n}, nnz={self.nnz}, n_params={self.n_params})"
 
 
+def _real(v, name: str) -> np.ndarray:
+    """A callback's output as a finite real float64 array (complex refused, NaN/Inf named)."""
+    if v is None:
+        raise TypeError(f"{name} returned None; it must return an array")
+    refuse_complex(v, name)
+    out = np.asarray(v, dtype=np.float64)
+    check_finite(out, name)
+    return out
+
+
 def _canonical(mat, name: str) -> sp.csr_array:
     """A copy of ``mat`` as CSR with sorted columns and duplicates summed."""
-    if not sp.issparse(mat):
+    if mat is None:
+        raise TypeError(f"{name} returned None; it must return a sparse matrix or a 2-D array")
+    if sp.issparse(mat):
+        refuse_complex(mat.data, name)
+    else:
         refuse_complex(mat, name)
     out = sp.csr_array(mat, dtype=np.float64, copy=True)
+    check_finite(out.data, name)
     out.sum_duplicates()
     out.sort_indices()
     return out
@@ -179,13 +194,13 @@ class CallbackResidual(ParametricResidual):
         return 0 if self.indices is None else int(self.indices.shape[0])
 
     def _residual(self, u, p):
-        r = np.array(self._r(u.copy(), p.copy()), dtype=np.float64)
+        r = _real(self._r(u.copy(), p.copy()), "residual(u, p)")
         if r.shape != (self.n,):
             raise ShapeError(f"residual(u, p) must return shape ({self.n},), got {r.shape}")
         return r
 
     def _jacobian_values(self, u, p):
-        K = _canonical(self._k(u.copy(), p.copy()), "the Jacobian")
+        K = _canonical(self._k(u.copy(), p.copy()), "jacobian(u, p)")
         if self.indices is None:
             self._fix(K)
         if K.shape != self.shape:
@@ -209,9 +224,12 @@ class CallbackResidual(ParametricResidual):
 
     def _derivative(self, u, p):
         D = self._rp(u.copy(), p.copy())
-        if not sp.issparse(D):
-            refuse_complex(D, "dR_dp")
-            D = np.asarray(D, dtype=np.float64)
+        if sp.issparse(D):
+            refuse_complex(D.data, "dR_dp(u, p)")
+            D = sp.csr_array(D, dtype=np.float64)
+            check_finite(D.data, "dR_dp(u, p)")
+        else:
+            D = _real(D, "dR_dp(u, p)")
         if D.shape != (self.n, self.n_params):
             raise ShapeError(f"dR_dp(u, p) must return an ({self.n}, {self.n_params}) matrix, got {D.shape}")
         return D
@@ -231,7 +249,7 @@ class CallbackResidual(ParametricResidual):
         out = self._s(u.copy(), p.copy(), w.copy(), du.copy(), dp.copy())
         if not isinstance(out, tuple) or len(out) != 2:
             raise TypeError("second(u, p, w, du, dp) must return a pair (hu, hp)")
-        hu, hp = (np.asarray(v, dtype=np.float64) for v in out)
+        hu, hp = (_real(v, "second(u, p, w, du, dp)") for v in out)
         if hu.shape != (self.n,) or hp.shape != (self.n_params,):
             raise ShapeError(f"second(u, p, w, du, dp) must return shapes ({self.n},) and ({self.n_params},), got "
                              f"{hu.shape} and {hp.shape}")

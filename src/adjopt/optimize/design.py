@@ -40,10 +40,31 @@ import math
 import numpy as np
 
 from .base import Driver, OptimizationError, Stop
+from .linesearch import safe_gradient, safe_value
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["OC", "MMA", "mma_subproblem", "subsolv"]
+
+
+#: halvings of a design update towards the current design when the objective fails at the update
+MAX_BACKOFF = 10
+
+
+def _evaluate_or_back_off(J, x: np.ndarray, xnew: np.ndarray, method: str):
+    """(xnew, f, g) with f and g evaluated at xnew, or at x + 2^-k (xnew - x) for the first k where they evaluate
+    (a failed PDE solve, a Newton that does not converge, NaN): the update is shortened, as a line search would.
+    Raises :class:`Stop` when none of ``MAX_BACKOFF`` halvings evaluates."""
+    for k in range(MAX_BACKOFF + 1):
+        f = safe_value(J, xnew)
+        g = safe_gradient(J, xnew) if math.isfinite(f) else None
+        if g is not None:
+            if k:
+                logger.info("%s: the objective failed at the update; took %g of it", method, 0.5**k)
+            return xnew, f, g
+        xnew = x + 0.5 * (xnew - x)
+    raise Stop(f"{method}: the objective or its gradient failed at the update and at {MAX_BACKOFF} shorter "
+               "steps towards the current design (a failed PDE solve, or NaN)", success=False)
 
 
 def _finite_bounds(driver: Driver, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +203,7 @@ class OC(Driver):
                 l1 = lmid
             else:
                 l2 = lmid
-        xnew = xnew.copy()
+        xnew, f, g = _evaluate_or_back_off(self.J, x, xnew.copy(), "oc")
         volume = float(self.con.value(xnew))
         change = float(np.max(np.abs(xnew - x))) if x.size else 0.0
         if volume > self.upper * (1 + 1e-6) + 1e-12 and lmid >= 0.99 * self.l2:
@@ -192,8 +213,8 @@ class OC(Driver):
                 self.warnings.append(msg)
                 logger.warning(msg)
         state["x"] = xnew
-        state["f"] = self.J.value(xnew)
-        state["g"] = self.J.gradient(xnew)
+        state["f"] = f
+        state["g"] = g
         state["change"] = change
         state["volume"] = volume
         state["lam"] = float(lmid / scale)
@@ -508,9 +529,8 @@ class MMA(Driver):
             raise OptimizationError("MMA: the subproblem solver returned a non-finite point")
         xmma = np.clip(xmma, self.lo, self.hi)
         lam = lam_s * sc / sf  # multipliers of value_i - upper_i <= 0 for f itself
+        xmma, f, g = _evaluate_or_back_off(self.J, x, xmma, "mma")
         change = float(np.max(np.abs(xmma - x))) if x.size else 0.0
-        f = self.J.value(xmma)
-        g = self.J.gradient(xmma)
         fval_new, dfdx_new = self._constraints(xmma)
         kkt = self._kkt(xmma, g, fval_new, dfdx_new, lam)
         state.update(xold2=np.array(state["xold1"], copy=True), xold1=np.array(x, copy=True), x=xmma, f=f, g=g,

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._threads import dot
 from .base import Driver, Stop
-from .linesearch import backtrack
+from .linesearch import backtrack, safe_gradient, safe_value
 
 
 def _active(x, g, bounds, eps: float = 0.0) -> np.ndarray:
@@ -117,10 +117,10 @@ class ScipyLBFGSB(Driver):
 
         def fun(z):
             x = z / sw
-            f = self.J.value(x)
-            if not math.isfinite(f):
+            f = safe_value(self.J, x)  # NaN where the evaluation failed (a singular A, Newton, a solver)
+            g = safe_gradient(self.J, x) if math.isfinite(f) else None
+            if g is None:
                 return math.inf, np.zeros_like(z)  # L-BFGS-B's line search backs off from an infinite value
-            g = self.J.gradient(x)
             seen.clear()
             seen[z.tobytes()] = (x, f, g)
             return f, g / sw

@@ -34,6 +34,15 @@ def safe_value(J, x) -> float:
     return f if math.isfinite(f) else math.nan
 
 
+def safe_gradient(J, x):
+    """J.gradient(x), or None when it fails (a solve that fails, a non-finite gradient)."""
+    try:
+        return J.gradient(x)
+    except (AdjoptError, FloatingPointError, ArithmeticError) as exc:
+        logger.info("the gradient failed at a trial point (%s); backing off", exc)
+        return None
+
+
 def backtrack(J, x, f, g, d, project, t0: float = 1.0, c1: float = 1e-4, max_steps: int = 30):
     """The first t in t0, ~t0/2, ... with f(P(x + t d)) <= f + c1 g^T (P(x + t d) - x).
 
