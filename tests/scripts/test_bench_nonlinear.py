@@ -96,7 +96,9 @@ def test_bench_nonlinear_append_and_refusal(tmp_path):
     assert len(data["runs"]) == 2 and data["complete"]
     rows = {(r["dim"], r["solver"]): r for r in data["rows"]}
     assert set(rows) == {(2, "superlu"), (3, "cholmod")}
-    assert "NotPositiveDefiniteError" in rows[3, "cholmod"]["error"] and rows[3, "cholmod"]["run"] == 1
+    refused = rows[3, "cholmod"]
+    assert "symmetric positive definite" in refused["error"] and refused["expected_refusal"] is True
+    assert refused["run"] == 1
     assert rows[2, "superlu"]["run"] == 0 and rows[2, "superlu"]["t_value"] > 0
     assert "ERROR" in res.stdout and res.returncode == 0
 
