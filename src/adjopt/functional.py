@@ -494,16 +494,22 @@ class ReducedFunctional:
             h_rho = h_rho + b.vjp(rho, dl)
             if lam is not None:
                 h_rho = h_rho + b.second(rho, lam, drho)
-        h = f.hess_pp(u, p, dp) + f.hess_pu(u, p, du)
+        return self._finish_hessp(p, dp, st, du, h_rho, lam is not None, t_start, t_solves)
+
+    def _finish_hessp(self, p, dp, st, du, h_rho, curvature: bool, t_start: float, t_solves: float) -> np.ndarray:
+        """f_pp dp + f_pu du + M'^T h_rho (+ M''[q, dp] with the PDE's curvature), checked and timed: the part
+        of a Hessian action after its solves, shared by the linear and the nonlinear functional."""
+        pmap = self.map
+        h = self.objective.hess_pp(st.u, p, dp) + self.objective.hess_pu(st.u, p, du)
         if pmap is None:
             h = h + h_rho
         else:
             h = h + pmap.vjp(p, h_rho)
-            if lam is not None and not pmap.affine:
+            if curvature and not pmap.affine:
                 h = h + pmap.second(p, self._pde_gradient(p, st), dp)
         check_finite(h, "the Hessian action")
         self.times["solve"] += t_solves
-        self.times["sensitivity"] += clock() - t_start - t_solves  # tangent assembly, contractions, maps
+        self.times["sensitivity"] += time.perf_counter() - t_start - t_solves  # tangent, contractions, maps
         return h
 
     def hessian(self, p, tol: float | None = None, gauss_newton: bool = False) -> sla.LinearOperator:

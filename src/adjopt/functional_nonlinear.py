@@ -389,17 +389,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
         h_rho = -R.vjp(u, rho, dl)
         if lam is not None:
             h_rho = h_rho - hp
-        h = f.hess_pp(u, p, dp) + f.hess_pu(u, p, du)
-        if pmap is None:
-            h = h + h_rho
-        else:
-            h = h + pmap.vjp(p, h_rho)
-            if lam is not None and not pmap.affine:
-                h = h + pmap.second(p, self._pde_gradient(p, st), dp)
-        check_finite(h, "the Hessian action")
-        self.times["solve"] += t_solves
-        self.times["sensitivity"] += clock() - t_start - t_solves
-        return h
+        return self._finish_hessp(p, dp, st, du, h_rho, lam is not None, t_start, t_solves)
 
     def __repr__(self):
         return (f"NonlinearReducedFunctional({self.residual!r}, objective={self.objective!r}, "
