@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ._threads import dot, norm
-from ._validate import as_count, as_parameter, check_finite, check_tolerance, owned
+from ._validate import as_count, as_parameter, check_tolerance, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
 from .errors import (NewtonDidNotConverge, NonFiniteError, PatternError, SingularMatrixError,
                      SolverDidNotConverge)
