@@ -16,7 +16,7 @@ KINDS = {
     "cube": dict(diffusion="exp", reaction=2.0, nonlinearity="cube"),
     "bratu": dict(diffusion=1.0, reaction="exp", nonlinearity="exp"),
 }
-SOLVERS = [s for s in ("superlu", "cholmod", "pardiso", "amg") if s in backends()]
+SOLVERS = ("superlu", "cholmod", "pardiso", "amg")
 
 
 def _problem(kind="quasilinear", n=8, cell="triangle", mapped=False, solver="superlu", **kw):
@@ -48,6 +48,8 @@ def test_taylor_rates_and_symmetry(kind, mapped):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_every_solver_gives_the_derivatives(solver):
+    if not backends()[solver].available():
+        pytest.skip(f"{solver} is not installed")
     kind = "cube" if solver == "cholmod" else "quasilinear"  # CHOLMOD needs a symmetric K (beta = 0)
     J, p = _problem(kind, cell="quad", mapped=True, solver=solver)
     assert taylor_test(J, p, order=2).passed
