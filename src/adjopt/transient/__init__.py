@@ -1,0 +1,13 @@
+"""Time-dependent problems M(p) du/dt + A(p) u = b(t, p): schemes, sources, objectives of a trajectory and
+the transient reduced functional (discrete adjoints, Hessian actions, checkpointing)."""
+
+from .functional import DEFAULT_MEMORY, TransientReducedFunctional, TransientStats
+from .objectives import AtSteps, Final, TimeSeriesMisfit, TimeTerm
+from .schemes import SCHEMES, TimeStepping
+from .sources import Modulated, SpaceTimeSource, Steady, TimeDependentVector, TimeFunction
+
+__all__ = [
+    "TransientReducedFunctional", "TransientStats", "DEFAULT_MEMORY", "TimeStepping", "SCHEMES",
+    "TimeTerm", "TimeSeriesMisfit", "AtSteps", "Final",
+    "TimeDependentVector", "Steady", "Modulated", "TimeFunction", "SpaceTimeSource",
+]
