@@ -56,3 +56,16 @@ def test_readme_nonlinear_example_runs(capsys):
     assert float(value) > 0 and int(newton) >= 3 and int(factorizations) == int(newton) + 1
     assert sum("PASS" in line for line in lines) >= 3
     assert float(lines[-1]) < 1e-3  # the misfit fell by more than a thousand
+
+
+def test_readme_transient_example_runs(capsys):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "TransientReducedFunctional(" in c)
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    value, gnorm = map(float, lines[0].split())
+    assert value > 0 and gnorm > 0
+    assert lines[1].startswith("1 factorization(s)") and "forward=100, adjoint=100" in lines[1]
+    assert sum("PASS" in line for line in lines) >= 3
+    diff, recomputed = lines[-1].split()
+    assert float(diff) <= 1e-12 * gnorm and int(recomputed) > 100

@@ -50,6 +50,7 @@ from .operators import (
 )
 from .optimize import OptimizeResult, minimize
 from .problem import Problem
+from . import transient  # noqa: F401  (adjopt.transient: time-dependent problems)
 from .solvers import DirectSolver
 from .verify import check_hessian_symmetry, taylor_test
 

@@ -177,9 +177,9 @@ def Final(objective: Objective) -> AtSteps:
 
 def split_terms(objective) -> tuple[list[TimeTerm], list[Objective]]:
     """(time terms, terms in p alone) of the ``objective`` argument: a term, an Objective of p, or a list."""
+    if objective is None:
+        return [], []  # J = 0: a functional used for its states (synthetic data, plots)
     items = list(objective) if isinstance(objective, (list, tuple)) else [objective]
-    if not items:
-        raise ValueError("objective must hold at least one term")
     terms, params = [], []
     for item in items:
         if isinstance(item, TimeTerm):
