@@ -318,6 +318,10 @@ def test_bad_functional_input_is_refused(tmp_path):
         TransientReducedFunctional(A, M, obj, time, u0=adjopt.AffineVector(None, np.ones((n, 3))))
     with pytest.raises(ValueError, match="nothing depends on p"):
         TransientReducedFunctional(A.assemble(np.zeros(A.n_params)), M, obj, time, rhs=np.ones(n))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        TransientReducedFunctional(A, M, obj, time, schedule="revolve2")
+    with pytest.raises(ValueError, match="snapshots"):
+        TransientReducedFunctional(A, M, obj, time, snapshots=0)
     with pytest.raises(TypeError, match="TimeStepping"):
         TransientReducedFunctional(A, M, obj, 0.1)
     with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -369,3 +373,31 @@ def test_gauss_newton_hessian_actions():
     assert v @ Hv > 0 and w @ Hw > 0
     assert np.linalg.norm(Hv - J.hessp(p, v)) > 1e-6 * np.linalg.norm(Hv)
     assert J.stats.solves["adjoint"] == 8  # the full Hessian's gradient march; Gauss-Newton needs none
+
+
+@pytest.mark.parametrize("schedule,snapshots,promised", [("multistage", 10, 4.636), ("multistage", 40, 3.097),
+                                                        ("mixed", 10, 3.921), ("mixed", 40, 2.142)])
+def test_forward_steps_per_step_are_what_the_schedule_promises(schedule, snapshots, promised):
+    """N = 1000: Revolve's (binomial) and the mixed schedule's counts, the first forward sweep included."""
+    N = 1000
+    J, p = _build("crank_nicolson", n_steps=N, dt=1e-3, schedule=schedule, snapshots=snapshots)
+    J.gradient(p)
+    assert J.stats.time_steps / N == pytest.approx(promised, abs=1e-3)
+    assert J.stats.recomputed_steps == J.stats.time_steps - N
+    # memory grows with the checkpoints, not with N: the checkpoints plus a few working levels
+    assert J.stats.stored_states <= 2 * snapshots + 4
+
+
+@pytest.mark.parametrize("scheme,opts", [("crank_nicolson", {}), ("bdf2", {})])
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_mixed_schedule_gives_what_storing_everything_gives(scheme, opts, on_disk, tmp_path):
+    N = 30
+    ref, p = _build(scheme, opts, n_steps=N)
+    dp = np.random.default_rng(4).standard_normal(p.size)
+    kw = dict(checkpoint_dir=tmp_path, memory=0, disk_snapshots=5) if on_disk else dict(snapshots=5)
+    J, _ = _build(scheme, opts, n_steps=N, schedule="mixed", **kw)
+    np.testing.assert_allclose(J.gradient(p), ref.gradient(p), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(J.hessp(p, dp), ref.hessp(p, dp), rtol=1e-12, atol=1e-14)
+    assert J.stats.recomputed_steps > 0
+    assert (J.stats.disk_checkpoints > 0) == on_disk
+    assert os.listdir(tmp_path) == []

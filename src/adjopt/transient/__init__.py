@@ -1,7 +1,7 @@
 """Time-dependent problems M(p) du/dt + A(p) u = b(t, p): schemes, sources, objectives of a trajectory and
 the transient reduced functional (discrete adjoints, Hessian actions, checkpointing)."""
 
-from .functional import DEFAULT_MEMORY, TransientReducedFunctional, TransientStats
+from .functional import DEFAULT_MEMORY, SCHEDULES as CHECKPOINT_SCHEDULES, TransientReducedFunctional, TransientStats
 from .objectives import AtSteps, Final, TimeSeriesMisfit, TimeTerm
 from .schemes import SCHEMES, TimeStepping
 from .sources import Modulated, SpaceTimeSource, Steady, TimeDependentVector, TimeFunction
