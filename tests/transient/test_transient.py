@@ -401,3 +401,21 @@ def test_mixed_schedule_gives_what_storing_everything_gives(scheme, opts, on_dis
     assert J.stats.recomputed_steps > 0
     assert (J.stats.disk_checkpoints > 0) == on_disk
     assert os.listdir(tmp_path) == []
+
+
+def test_a_march_that_blows_up_names_the_step_and_leaves_no_checkpoint_files(tmp_path):
+    J, p = _build("theta", {"theta": 0.0}, n_steps=2000, dt=1.0, memory=8 * 9 * 3, checkpoint_dir=tmp_path)
+    with pytest.raises(adjopt.NonFiniteError, match=r"blew up at step \d+ of 2000.*theta >= 1/2"):
+        J.gradient(p)
+    assert J.stats.disk_checkpoints > 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_progress_is_reported_for_every_step_of_every_march():
+    calls = []
+    J, p = _build("crank_nicolson", n_steps=12, progress=lambda phase, k, n: calls.append((phase, k, n)))
+    J.gradient(p)
+    assert [c for c in calls if c[0] == "forward"] == [("forward", k, 12) for k in range(1, 13)]
+    assert [c for c in calls if c[0] == "reverse"] == [("reverse", k, 12) for k in range(1, 13)]
+    with pytest.raises(TypeError, match="progress"):
+        _build(progress=3)

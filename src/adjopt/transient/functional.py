@@ -186,11 +186,14 @@ class TransientReducedFunctional:
         stored whole).
     batch
         Columns per multi-column contraction call (memory: 2 x batch state vectors).
+    progress
+        Optional ``progress(phase, step, n_steps)``, called after every step of a march with phase
+        ``"forward"`` or ``"reverse"`` (for a progress bar); the marches also log at DEBUG every tenth.
     """
 
     def __init__(self, stiffness, mass, objective, time: TimeStepping, rhs=None, u0=None, solver="auto",
                  memory: int = DEFAULT_MEMORY, checkpoint_dir=None, disk_snapshots=None, schedule: str = "multistage",
-                 snapshots: int | None = None, batch: int = 16):
+                 snapshots: int | None = None, batch: int = 16, progress=None):
         if not isinstance(time, TimeStepping):
             raise TypeError(f"time must be a TimeStepping (scheme and grid), got {type(time).__name__}")
         self.time = time
@@ -244,6 +247,9 @@ class TransientReducedFunctional:
         self.schedule = schedule
         self.snapshots = None if snapshots is None else as_count(snapshots, "snapshots")
         self.batch = as_count(batch, "batch")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable progress(phase, step, n_steps), got {type(progress).__name__}")
+        self.progress = progress
         self.times = Counter()
         self._tol: float | None = None
         self._ctx: _Context | None = None
@@ -348,6 +354,13 @@ class TransientReducedFunctional:
         self.times["solve"] += time.perf_counter() - t0
         return x
 
+    def _report(self, phase: str, step: int) -> None:
+        N = self.time.n_steps
+        if self.progress is not None:
+            self.progress(phase, step, N)
+        if N >= 10 and step % (N // 10) == 0:
+            logger.debug("%s march: step %d of %d", phase, step, N)
+
     def _fits(self, vectors: int, held: int = 0) -> bool:
         return (vectors + held) * self.n * 8 <= self.memory
 
@@ -406,7 +419,15 @@ class TransientReducedFunctional:
 
     def _advance(self, ctx, k, prev, bcache):
         a, g = self.time.coefficients(k)
-        u = self._solve(self._fac(ctx, a[0], g[0]), self._step_rhs(ctx, k, prev, bcache), "forward")
+        try:
+            u = self._solve(self._fac(ctx, a[0], g[0]), self._step_rhs(ctx, k, prev, bcache), "forward")
+        except NonFiniteError as exc:
+            hint = ""
+            if self.time.theta is not None and self.time.theta < 0.5:
+                hint = (f" theta = {self.time.theta} < 1/2 is only conditionally stable: use theta >= 1/2 or a "
+                        f"smaller step.")
+            raise NonFiniteError(f"the march blew up at step {k} of {self.time.n_steps} (t = "
+                                 f"{self.time.times[k]:.6g}): {exc}.{hint}") from exc
         self.stats.time_steps += 1
         return u
 
@@ -425,6 +446,7 @@ class TransientReducedFunctional:
         s = self.time.history
         for k in range(1, self.time.n_steps + 1):
             u = self._advance(ctx, k, window.__getitem__, bcache)
+            self._report("forward", k)
             window[k] = u
             window.pop(k - s - 1, None)
             total += self._objective_at(ctx, k, u)
@@ -517,6 +539,7 @@ class TransientReducedFunctional:
                     keep = action.write_adj_deps and action.storage == StorageType.WORK
                     for n in range(n0, n1):
                         work[n + 1] = advance(n + 1, get, initial)
+                        self._report("forward", n + 1)
                         if not initial:
                             self.stats.recomputed_steps += 1
                         if action.write_adj_deps and not keep:  # step n's adjoint needs levels n+1-s..n+1
@@ -529,6 +552,7 @@ class TransientReducedFunctional:
                 elif isinstance(action, Reverse):
                     for n in range(int(action.n1) - 1, int(action.n0) - 1, -1):
                         reverse(n + 1, get)
+                        self._report("reverse", N - n)
                         if action.clear_adj_deps:
                             for lv in [lv for lv in work if lv > n]:
                                 del work[lv]
@@ -679,6 +703,7 @@ class TransientReducedFunctional:
             # every level kept: the reverse march alone
             for k in range(N, 0, -1):
                 reverse(k, None)
+                self._report("reverse", N - k + 1)
             finish(None)
         else:
             self._march(ctx, 1, start, advance, reverse, finish, held=actions_held)
