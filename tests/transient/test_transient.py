@@ -439,3 +439,16 @@ def test_a_manufactured_heat_solution_converges_at_the_schemes_order(scheme, ord
         errs.append(np.abs(J.states(np.zeros(1))[-1] - (1 + np.sin(2.0)) * v).max())
     rates = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
     assert np.all(rates > order - 0.15) and np.all(rates < order + 0.3), rates
+
+
+def test_a_new_solver_drops_the_cached_factorizations_and_keeps_the_counters_kind():
+    J, p = _build("crank_nicolson", n_steps=5)
+    v = J.value(p)
+    J.solver = "amg"
+    assert J.stats.factorizations == 0 and J.stats.time_steps == 0
+    assert J.value(p) == pytest.approx(v, rel=1e-6)
+    assert J.stats.factorizations == 1 and J.stats.time_steps == 5
+    np.testing.assert_allclose(J.state(p), J.states(p)[-1])
+    J.cache.clear()
+    J.state(p)
+    assert J.stats.factorizations == 2

@@ -141,6 +141,21 @@ class _Context:
     grad: np.ndarray | None = None
 
 
+class _Cache:
+    """The ``cache`` of a :class:`TransientReducedFunctional`: ``clear()`` drops the context of the last p."""
+
+    def __init__(self, J):
+        self._J = J
+
+    def clear(self) -> None:
+        J = self._J
+        if J._ctx is not None:
+            for fac in J._ctx.facs.values():
+                J.solver.recycle(fac)
+        J._ctx = None
+        J._fixed = {}
+
+
 class TransientReducedFunctional:
     """J(p) for M(p) du/dt + A(p) u = b(t, p), u(t_0) = u0(p), with the gradient and Hessian actions of the
     discrete scheme (exact to round-off; the formulas are in this module's docstring).
@@ -233,8 +248,7 @@ class TransientReducedFunctional:
         for term in self.terms:
             for i, level in enumerate(term.resolve(N)):
                 self._levels.setdefault(int(level), []).append((term, i))
-        self.solver = make_solver(solver)
-        self.solver.stats = TransientStats()
+        self.solver = solver
         self.memory = as_count(memory, "memory", minimum=0)
         if checkpoint_dir is not None:
             checkpoint_dir = os.fspath(checkpoint_dir)
@@ -256,6 +270,24 @@ class TransientReducedFunctional:
         self._fixed: dict = {}  # (alpha, gamma) -> (matrix, factorization) when neither A nor M depends on p
 
     # -- public API ---------------------------------------------------------------------------------------
+    @property
+    def solver(self):
+        """The linear solver; setting it (an object or a name) drops what was cached for the old one."""
+        return self._solver
+
+    @solver.setter
+    def solver(self, solver):
+        self._solver = make_solver(solver)
+        self._solver.stats = TransientStats()
+        self._ctx = None
+        self._fixed = {}
+
+    @property
+    def cache(self):
+        """What is cached (the context of the last p and the factorizations of matrices that do not depend on
+        p); ``cache.clear()`` drops it."""
+        return _Cache(self)
+
     @property
     def stats(self) -> TransientStats:
         """Solver counters plus time-stepping counters (:class:`TransientStats`)."""
@@ -293,6 +325,13 @@ class TransientReducedFunctional:
         dp = as_parameter(dp, self.n_params, "dp").copy()
         self._tol = check_tolerance(tol)
         return self._hessp(ctx, dp, bool(gauss_newton))
+
+    def state(self, p) -> np.ndarray:
+        """The final state u_N (a forward march unless the trajectory is kept)."""
+        ctx = self._context(p)
+        if ctx.u is not None:
+            return ctx.u[-1].copy()
+        return self.states(p)[-1]
 
     def states(self, p) -> np.ndarray:
         """(N + 1, n): the state at every level (a forward march unless the trajectory is kept)."""
