@@ -100,24 +100,27 @@ def _matrix(X, name: str):
 
 
 class _Batch:
-    """Contractions C(w, z) (or second-order C2(w, z, dp)) summed over many column pairs, ``size`` at a time."""
+    """Contractions C(w, z) (or second-order C2(w, z, dp)) summed over many column pairs, ``size`` at a time,
+    gathered into two preallocated (n, size) blocks."""
 
     def __init__(self, matrix: ParametricMatrix, p, size: int, dp=None):
         self.matrix, self.p, self.size, self.dp = matrix, p, size, dp
-        self.W: list = []
-        self.Z: list = []
+        n = matrix.shape[0]
+        self.W = np.empty((n, size))
+        self.Z = np.empty((n, size))
+        self.k = 0
         self.out = np.zeros(matrix.n_params)
 
     def add(self, w, z):
-        self.W.append(w)
-        self.Z.append(z)
-        if len(self.W) >= self.size:
+        self.W[:, self.k] = w
+        self.Z[:, self.k] = z
+        self.k += 1
+        if self.k == self.size:
             self.flush()
 
     def flush(self) -> np.ndarray:
-        if self.W:
-            W, Z = np.column_stack(self.W), np.column_stack(self.Z)
-            self.W, self.Z = [], []
+        if self.k:
+            W, Z, self.k = self.W[:, :self.k], self.Z[:, :self.k], 0
             if self.dp is None:
                 self.out += self.matrix.contract(self.p, W, Z)
             else:
