@@ -131,7 +131,7 @@ def test_bench_writes_json(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("run", "poisson_inverson"), "unknown problem 'poisson_inverson'; the gallery has: advection_diffusion_source"),
+    (("run", "poisson_inverson"), "unknown problem 'poisson_inverson'; the gallery has: advection_diffusion_initial_condition"),
     (("run", "poisson_inversion", "--nn", "8"), "unknown option --nn; the problem's options are --n, --dim"),
     (("run", "poisson_inversion", "--n", "eight"), "option --n takes a int (default 32), got 'eight'"),
     (("run", "poisson_inversion", "--n", "1"), "rejected the options"),

@@ -614,10 +614,11 @@ def cmd_bench(args, extra) -> int:
         t2 = time.perf_counter()
         J.hessp(p, v)
         t3 = time.perf_counter()
-        rows.append(dict(size=size, n_params=int(p.size), n_state=int(J.matrix.shape[0]) if hasattr(J, "matrix") else None,
+        n_state = J.matrix.shape[0] if hasattr(J, "matrix") else getattr(J, "n", None)  # transient: J.n
+        rows.append(dict(size=size, n_params=int(p.size), n_state=None if n_state is None else int(n_state),
                          value_s=t1 - t0, gradient_s=t2 - t1, hessp_s=t3 - t2, solver=getattr(J.solver, "name", "?")))
         r = rows[-1]
-        print(f"{size_opt}={size:<6} params {r['n_params']:>9} state {r['n_state']:>9}  value {r['value_s']:8.3f} s  "
+        print(f"{size_opt}={size:<6} params {r['n_params']:>9} state {str(r['n_state']):>9}  value {r['value_s']:8.3f} s  "
               f"gradient {r['gradient_s']:8.3f} s  hessp {r['hessp_s']:8.3f} s  ({r['solver']})", flush=True)
     out = Path(args.json or f"bench_{Path(args.problem).stem}.json")
     data = dict(problem=args.problem, options=prob_opts, size_option=size_opt, results=rows)

@@ -63,7 +63,8 @@ SCHEDULES = ("multistage", "mixed")
 @dataclass
 class TransientStats(SolverStats):
     """The solver counters plus the time stepping's: ``time_steps`` forward steps of the state solved (the
-    first march and every recomputation), ``recomputed_steps`` of them recomputed from a checkpoint,
+    first march and every recomputation), ``recomputed_steps`` forward steps (of the state, or of the tangent
+    in a Hessian action) solved again: from a checkpoint, or because the states of a march were not kept,
     ``stored_states`` the most state vectors held at once for the reverse march (trajectories, checkpoints
     in memory and the working levels), ``checkpoints`` snapshots written (``disk_checkpoints`` of them to
     disk)."""
@@ -233,12 +234,12 @@ class TransientReducedFunctional:
         for name, op in (("stiffness", self.A_op), ("mass", self.M_op), ("rhs", self.rhs), ("u0", self.u0)):
             if op is not None and getattr(op, "n_params", None) is not None:
                 sizes[name] = int(op.n_params)
-        if not sizes:
+        if not sizes and objective is not None:
             raise ValueError("nothing depends on p: give a ParametricMatrix, a parametric right-hand side or a "
-                             "parametric u0")
+                             "parametric u0 (or objective=None for a forward simulation, with p = np.zeros(0))")
         if len(set(sizes.values())) > 1:
             raise ShapeError(f"the parts disagree on the number of parameters: {sizes}")
-        self.n_params = next(iter(sizes.values()))
+        self.n_params = next(iter(sizes.values())) if sizes else 0
         # a matrix that does not depend on p is handled as a fixed one (no contractions)
         for attr in ("A", "M"):
             op = getattr(self, f"{attr}_op")
@@ -327,7 +328,22 @@ class TransientReducedFunctional:
         ctx = self._context(p)
         dp = as_parameter(dp, self.n_params, "dp").copy()
         self._tol = check_tolerance(tol)
+        N = self.time.n_steps
+        # what fits is kept, so that further actions at this p cost two solves per step
+        if ctx.u is None and self.snapshots is None and self._fits(N + 1):
+            if ctx.value is not None:
+                self.stats.recomputed_steps += N
+            self._forward_only(ctx, True)
+        if not gauss_newton and ctx.grad is None and ctx.u is not None and self._fits(2 * N + 1):
+            self._gradient(ctx)
         return self._hessp(ctx, dp, bool(gauss_newton))
+
+    def adjoint(self, p) -> np.ndarray:
+        """mu = dJ/du_0 through the march: the sensitivity of J to the initial state (the adjoint at level 0)."""
+        ctx = self._context(p)
+        if ctx.grad is None:
+            self._gradient(ctx)
+        return ctx.mu.copy()
 
     def state(self, p) -> np.ndarray:
         """The final state u_N (a forward march unless the trajectory is kept)."""
@@ -569,7 +585,7 @@ class TransientReducedFunctional:
             self.stats.checkpoints += 1
 
         def held_now():
-            return held + width * (len(work) + sum(len(v) for v in ram.values()))
+            return held + width * len(work) + sum(len(lv) for _, snap in ram.values() for lv in snap)
 
         try:
             for action in schedule:
@@ -940,6 +956,8 @@ class TransientReducedFunctional:
                     H[:] -= C.flush()
 
         self._march(ctx, width, start, advance, reverse, finish, held=held)
+        if not kept_u and ctx.value is not None:  # the march's first sweep solved the states again
+            self.stats.recomputed_steps += N
         for obj in self.param_terms:
             H += obj.hess_pp(None, p, dp)
         check_finite(H, "the Hessian action")

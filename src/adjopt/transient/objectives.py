@@ -84,11 +84,12 @@ class TimeSeriesMisfit(TimeTerm):
         Observation operator (n_obs, n), sparse or dense; ``None`` observes u itself.
     weights
         Time quadrature weights w_i (len(steps),); default 1.
-    noise
-        Per-observation weights W (n_obs,), e.g. 1 / sigma^2; default 1.
+    W
+        Per-observation weights (n_obs,), e.g. 1 / sigma^2 for a noise of standard deviation sigma (as in
+        :class:`~adjopt.SquaredMisfit`); default 1.
     """
 
-    def __init__(self, data, steps, B=None, weights=None, noise=None):
+    def __init__(self, data, steps, B=None, weights=None, W=None):
         self.steps = _levels(steps)
         self.data = owned(data, "data")
         if self.data.ndim != 2 or self.data.shape[0] != self.steps.size:
@@ -106,9 +107,9 @@ class TimeSeriesMisfit(TimeTerm):
         self.weights = np.ones(self.steps.size) if weights is None else owned(weights, "weights")
         if self.weights.shape != (self.steps.size,):
             raise ShapeError(f"weights must have one entry per level ({self.steps.size}), got {self.weights.shape}")
-        self.noise = None if noise is None else owned(noise, "noise")
-        if self.noise is not None and self.noise.shape != (n_obs,):
-            raise ShapeError(f"noise must have one weight per observation ({n_obs}), got {self.noise.shape}")
+        self.W = None if W is None else owned(W, "the weights W")
+        if self.W is not None and self.W.shape != (n_obs,):
+            raise ShapeError(f"W must have one weight per observation ({n_obs}), got {self.W.shape}")
 
     def _obs(self, u):
         if self.B is None:
@@ -122,7 +123,7 @@ class TimeSeriesMisfit(TimeTerm):
         return r if self.BT is None else self.BT @ r
 
     def _w(self, r):
-        return r if self.noise is None else self.noise * r
+        return r if self.W is None else self.W * r
 
     def value(self, i, u, p):
         r = self._obs(u) - self.data[i]

@@ -132,7 +132,7 @@ class TimeStepping:
         k = int(np.argmin(np.abs(self.times - float(t))))
         scale = float(self.dt[max(k - 1, 0)])
         if abs(self.times[k] - float(t)) > tol * scale:
-            raise ValueError(f"t = {t!r} is not a time level of this grid (nearest: t_{k} = {self.times[k]!r})")
+            raise ValueError(f"t = {float(t)!r} is not a time level of this grid (nearest: t_{k} = {float(self.times[k])!r})")
         return k
 
     def __repr__(self):

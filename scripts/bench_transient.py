@@ -1,0 +1,745 @@
+"""Transient heat equation: value, gradient and Hessian action by size, steps, scheme, solver and memory.
+
+Usage: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_transient.py
+       [--sizes 64 128 256] [--steps 100 400] [--schemes crank_nicolson bdf2]
+       [--solvers superlu cholmod pardiso] [--stiffness parametric constant] [--modes store checkpoint disk]
+       [--repeat 3] [--profile] [--no-warmup] [--out scripts/results/bench_transient.json] [--quick]
+
+Run it with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset (``env -u``, as above) as the other benchmarks
+are: the development machine sets them. The JSON records the command line and those variables as the process
+saw them (``runs[*].env_unset``, ``runs[*].env_unset_ok``; ``runs[*].info.blas`` has threadpoolctl's view).
+
+Problem: M du/dt + A(p) u = b(t, p) on ``unit_square(n)`` (P1 triangles), u = 0 on the boundary (condensed
+out: (n-1)^2 unknowns), u(0) = 0, t in [0, --final-time] with N = ``--steps`` constant steps, M the consistent
+mass matrix. Two kinds (``--stiffness``):
+
+* ``parametric`` (a conductivity inversion): A(p) = ``ElementCoefficientMatrix(conn, p1_stiffness(mesh), "exp",
+  n=n_free)``, one log-conductivity per triangle (2 n^2 parameters), b = the load of the constant source
+  f = ``--source``. p enters A, so every gradient and Hessian action runs the contractions, and every new p is
+  a new factorization of every distinct step matrix;
+* ``constant`` (a source inversion): A = ``--kappa`` times the stiffness matrix, fixed; b(t, p) =
+  ``SpaceTimeSource(M, nodes)`` with ``--source-nodes`` time nodes (p: the nodal source values at each of
+  them, K (n-1)^2 parameters). The step matrices do not depend on p: they are factorized once for the life of
+  the functional (a value at a new p factorizes nothing).
+
+Objective: ``TimeSeriesMisfit`` of ``--n-obs`` sensors (P1 interpolation, ``adjopt.fem.observation_operator``
+restricted to the free dofs, random points in [0.1, 0.9]^2, seed ``--seed``) observed at every step 1..N with
+time weights dt and noise weights 1/sigma^2 (sigma = 1% of the largest reading); the data are the readings of
+a Crank-Nicolson march at p_true (a smooth log-conductivity / a moving Gaussian source) plus 1% noise.
+
+Per (n, N, scheme, solver, stiffness) one row per memory mode (``--modes``), each on its own functional:
+
+* ``store``: ``memory`` large enough for the whole trajectory and the adjoints (at least 1 GiB, more when
+  (3N + 4) states need it): value stores the states, the gradient the adjoints, hessp is the tangent and
+  second-adjoint marches only;
+* ``checkpoint``: ``memory`` = ``memory_states`` state vectors, ceil(sqrt(N)) (at least 2 s, s = the levels a
+  step reads, so that a Hessian march of (u, du) pairs holds one checkpoint): binomial / multistage
+  checkpointing (``checkpoint_schedules``), states recomputed (``recomputed_steps``);
+* ``disk``: the same ``memory`` plus ``checkpoint_dir`` = a fresh temporary folder (checkpoints beyond RAM go
+  to disk: ``disk_checkpoints``); ``checkpoint_dir_left`` = entries left in that folder afterwards (0). With
+  the functional's default ``disk_snapshots`` (N) the multistage schedule checkpoints nearly every step, most
+  of them on disk, and recomputes little beyond the forward sweep the value did not keep.
+
+``--repeat`` repetitions, each at a NEW p (the same p sequence in every mode of a configuration, 0.5 p_true
+plus a random perturbation; the load average before each in ``repetitions``), stats reset before every call: ``value(p)`` (assembly of A(p), factorizations, N
+forward steps), ``gradient(p)`` after it, ``hessp(p, dp)`` after that. Reported per row: the medians
+``t_value``, ``t_gradient``, ``t_hessp``, ``ratio_value_gradient`` = (t_value + t_gradient) / t_value,
+``ratio_hessp`` = t_hessp / t_value; per call ``J.stats.as_dict()`` (``stats``, last repetition) and
+``J.times``; ``factorizations`` = those of the first value (one per distinct step matrix: CN 1, BDF2 2
+(implicit Euler start + BDF2), against ``expected_factorizations``), ``factorizations_per_value`` of every
+repetition and ``factorizations_total`` over all calls of the row; ``time_steps``, ``recomputed_steps``,
+``stored_states``, ``checkpoints``, ``disk_checkpoints`` of the gradient and of hessp. ``build_s``: the
+functional's constructor; per size ``problem_s`` (mesh, operators, observation operator) and ``data_s`` (the
+data march). Checkpointed rows add ``slowdown_*`` (their time over the store row's) and ``gradient_rel_diff``,
+``hessp_rel_diff``, ``value_rel_diff`` against the store row at the same p (max over repetitions; the
+recomputed states are the same arithmetic, so these are round-off).
+
+``step``: one plain step timed alone at the first p (per call, the median over 7 blocks of 10 back-to-back
+calls; ``min_*`` the fastest block): ``t_solve`` = one forward solve with the
+factorization of the step matrix S = a0 M + g0 A (through adjopt's factorization, its residual check
+included), ``t_solve_T`` the transposed solve, ``t_matvec`` the products with the earlier levels' matrices E_j
+(one for CN, two for BDF2), ``t_step`` = t_solve + t_matvec, ``t_step_T`` = t_solve_T + t_matvec. The rows
+then compare ``value_over_steps`` = t_value / (N t_step), ``gradient_over_steps`` = t_gradient / (N t_step_T),
+``hessp_over_steps`` = t_hessp / (2 N t_step): 1 means the call is the N (2N) solves and nothing else. With
+the parametric A, ``kernels`` times A.assemble(p), a 16-column ``contract`` and ``second`` (the batch the
+functional uses) and the tangent values of dA. ``--profile`` adds a cProfile of one more gradient at a new p
+(after an untimed value) to each row: the top functions by own time.
+
+A warm-up runs every path once on a tiny mesh first (numba kernels of adjopt and of checkpoint_schedules'
+multistage schedule, which compiles for seconds in every new process), untimed, ``warmup_s``.
+
+The JSON (``--out``; default ``scripts/results/bench_transient.json``, ``..._quick.json`` with ``--quick``) is
+written atomically after every row (``complete: false`` until the end). Exit status 2 for bad input, 1 when a
+row failed (a solver that is not installed gives a ``skipped`` row, not a failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import math
+import os
+import pstats
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+from _bench_common import (
+    blas_info,
+    git_state,
+    loadavg,
+    machine_info,
+    peak_rss_gib,
+    release_memory,
+    reset_peak,
+    table,
+    write_json,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "scripts", "results")
+SCRIPT = "scripts/bench_transient.py"
+SCHEMES = ("crank_nicolson", "bdf2", "implicit_euler")
+SOLVERS = ("superlu", "cholmod", "pardiso", "auto")
+STIFFNESS = ("parametric", "constant")
+MODES = ("store", "checkpoint", "disk")
+CALLS = ("value", "gradient", "hessp")
+COUNTERS = ("time_steps", "recomputed_steps", "stored_states", "checkpoints", "disk_checkpoints")
+QUICK = dict(sizes=[8], steps=[16], schemes=["crank_nicolson", "bdf2"], solvers=["superlu"],
+             stiffness=["parametric", "constant"], repeat=2)
+DEFAULTS = dict(sizes=[64, 128, 256], steps=[100, 400], schemes=["crank_nicolson", "bdf2"],
+                solvers=["superlu", "cholmod", "pardiso"], stiffness=["parametric", "constant"], repeat=3)
+ENV_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+STEP_CALLS, STEP_BLOCKS = 10, 7  # the plain step: median over 7 blocks of 10 back-to-back calls
+BATCH = 16  # TransientReducedFunctional's default contraction batch
+GIB = 2**30
+
+
+# -- command line ---------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
+                    help="n of unit_square(n): (n-1)^2 unknowns (default 64 128 256)")
+    ap.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
+                    help="time steps (default 100 400)")
+    ap.add_argument("--schemes", nargs="+", default=None, choices=SCHEMES,
+                    help="time schemes (default crank_nicolson bdf2)")
+    ap.add_argument("--solvers", nargs="+", default=None, choices=SOLVERS,
+                    help="linear solvers (default superlu cholmod pardiso; missing ones give skipped rows)")
+    ap.add_argument("--stiffness", nargs="+", default=None, choices=STIFFNESS,
+                    help="parametric A(p) (conductivity) and/or constant A (source inversion) (default both)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                    help="memory modes (default store checkpoint disk; checkpoint and disk need store first "
+                         "for their comparisons)")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions per row, each at a new p (default 3)")
+    ap.add_argument("--final-time", type=float, default=0.1, help="T (default 0.1)")
+    ap.add_argument("--kappa", type=float, default=1.0, help="conductivity of the constant A (default 1)")
+    ap.add_argument("--source", type=float, default=10.0, help="constant source f of the parametric kind (10)")
+    ap.add_argument("--source-nodes", type=int, default=5, help="time nodes of the SpaceTimeSource (default 5)")
+    ap.add_argument("--n-obs", type=int, default=20, help="sensors (default 20)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sensors, noise, parameters and directions")
+    ap.add_argument("--profile", action="store_true", help="cProfile one more gradient per row")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the JIT / import warm-up on a tiny mesh")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny sizes for a smoke test (n=8, 16 steps, CN + BDF2, superlu, both kinds, repeat 2)")
+    ap.add_argument("--out", default=None, help="JSON output (default scripts/results/bench_transient.json)")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = parser()
+    args = ap.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    bad = [n for n in args.sizes if n < 2]
+    if bad:
+        ap.error(f"--sizes must be >= 2 (cells per side), got {bad}")
+    bad = [n for n in args.steps if n < 2]
+    if bad:
+        ap.error(f"--steps must be >= 2, got {bad}")
+    args.sizes, args.steps = sorted(set(args.sizes)), sorted(set(args.steps))
+    for name in ("schemes", "solvers", "stiffness", "modes"):
+        setattr(args, name, list(dict.fromkeys(getattr(args, name))))
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
+    for name in ("final_time", "kappa"):
+        v = getattr(args, name)
+        if not math.isfinite(v) or v <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+    if not math.isfinite(args.source):
+        ap.error(f"--source must be a finite number, got {args.source}")
+    if args.source_nodes < 1 or args.n_obs < 1:
+        ap.error("--source-nodes and --n-obs must be >= 1")
+    if args.out is None:
+        args.out = os.path.join(RESULTS, "bench_transient_quick.json" if args.quick else "bench_transient.json")
+    d = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        ap.error(f"--out: folder {d} does not exist or is not writable")
+    return args
+
+
+# -- the problem ----------------------------------------------------------------------------------
+def build_size(n: int, args) -> dict:
+    """Mesh, free-dof connectivity, A (both kinds), M and the observation operator of one size."""
+    import adjopt
+    from adjopt.fem import body_force, condense, observation_operator, p1_mass, p1_stiffness
+    from adjopt.mesh import unit_square
+
+    t0 = time.perf_counter()
+    mesh = unit_square(n)
+    dofs = condense(mesh.n_nodes, mesh.boundary("all"))
+    conn = dofs.restrict(mesh.cells)
+    nf = dofs.n_free
+    K_loc, M_loc = p1_stiffness(mesh), p1_mass(mesh)
+    ones = np.ones(mesh.n_cells)
+    M = adjopt.ElementCoefficientMatrix(conn, M_loc, n=nf).assemble(ones)
+    A_const = args.kappa * adjopt.ElementCoefficientMatrix(conn, K_loc, n=nf).assemble(ones)
+    A_par = adjopt.ElementCoefficientMatrix(conn, K_loc, "exp", n=nf)
+    rng = np.random.default_rng(args.seed)
+    pts = 0.1 + 0.8 * rng.random((args.n_obs, 2))
+    B = observation_operator(mesh, pts)[:, dofs.free]
+    b = dofs.restrict_vector(body_force(mesh, args.source))
+    centroids = mesh.points[mesh.cells].mean(axis=1)
+    xf = mesh.points[dofs.free]
+    problem_s = time.perf_counter() - t0
+    return dict(n=n, mesh=mesh, nf=nf, M=M, A_const=A_const, A_par=A_par, B=B, b=b, centroids=centroids, xf=xf,
+                problem_s=problem_s, n_cells=mesh.n_cells)
+
+
+def true_parameter(size: dict, kind: str, args) -> np.ndarray:
+    if kind == "parametric":  # a smooth log-conductivity, one value per triangle
+        x, y = size["centroids"][:, 0], size["centroids"][:, 1]
+        return 0.5 * np.sin(2 * np.pi * x) * np.sin(np.pi * y)
+    K = args.source_nodes  # a Gaussian source moving from x = 0.3 to 0.7
+    x, y = size["xf"][:, 0], size["xf"][:, 1]
+    cx = 0.3 + 0.4 * np.linspace(0.0, 1.0, K)
+    return np.concatenate([args.source * np.exp(-((x - c) ** 2 + (y - 0.5) ** 2) / 0.02) for c in cx])
+
+
+def parts(size: dict, kind: str, args) -> dict:
+    """The stiffness, mass and right-hand side arguments of the functional for ``kind``."""
+    from adjopt.transient import SpaceTimeSource
+
+    if kind == "parametric":
+        return dict(stiffness=size["A_par"], mass=size["M"], rhs=size["b"])
+    nodes = np.linspace(0.0, args.final_time, args.source_nodes) if args.source_nodes > 1 else np.zeros(1)
+    return dict(stiffness=size["A_const"], mass=size["M"], rhs=SpaceTimeSource(size["M"], nodes))
+
+
+def make_objective(size: dict, kind: str, N: int, args, solver: str) -> tuple:
+    """TimeSeriesMisfit of noisy readings of a Crank-Nicolson march at p_true; (objective, p_true, data_s)."""
+    from adjopt.transient import TimeSeriesMisfit, TimeStepping, TransientReducedFunctional
+
+    B, dt = size["B"], args.final_time / N
+    steps = np.arange(1, N + 1)
+    p_true = true_parameter(size, kind, args)
+    t0 = time.perf_counter()
+    placeholder = TimeSeriesMisfit(np.zeros((N, B.shape[0])), steps, B=B)
+    J = TransientReducedFunctional(objective=placeholder, time=TimeStepping("crank_nicolson", dt=dt, n_steps=N),
+                                   solver=solver, **parts(size, kind, args))
+    U = J.states(p_true)
+    clean = np.asarray((B @ U[1:].T).T)
+    data_s = time.perf_counter() - t0
+    rng = np.random.default_rng(args.seed + 7)
+    sigma = 0.01 * max(float(np.abs(clean).max()), 1e-30)
+    data = clean + sigma * rng.standard_normal(clean.shape)
+    obj = TimeSeriesMisfit(data, steps, B=B, weights=np.full(N, dt), W=np.full(B.shape[0], sigma**-2))
+    return obj, p_true, dict(data_s=data_s, data_solver=solver, max_reading=float(np.abs(clean).max()), sigma=sigma)
+
+
+def parameters(p_true: np.ndarray, kind: str, repeat: int, seed: int) -> tuple[list, np.ndarray]:
+    """The p of every repetition (0.5 p_true + a perturbation) and the direction dp (the same in every mode)."""
+    rng = np.random.default_rng(seed + 1)
+    scale = 0.05 if kind == "parametric" else 0.1 * max(float(np.abs(p_true).max()), 1.0)
+    ps = [0.5 * p_true + scale * (1.0 + 0.1 * r) * rng.standard_normal(p_true.size) for r in range(repeat + 1)]
+    return ps, rng.standard_normal(p_true.size)
+
+
+def memory_states(N: int, history: int) -> int:
+    """The states the checkpointed rows may hold: ceil(sqrt(N)), at least 2 s (one (u, du) snapshot)."""
+    return max(math.isqrt(N - 1) + 1, 2 * history)
+
+
+def distinct_step_matrices(ts) -> int:
+    return len({(float(a[0]), float(g[0])) for a, g in (ts.coefficients(k) for k in range(1, ts.n_steps + 1))})
+
+
+# -- the measurements -----------------------------------------------------------------------------
+def timed_call(J, f, *args):
+    """(result, seconds, J.times, J.stats.as_dict()) of f(*args) with the stats reset first."""
+    J.reset_stats()
+    t0 = time.perf_counter()
+    out = f(*args)
+    t = time.perf_counter() - t0
+    return out, t, {k: float(v) for k, v in J.times.items()}, J.stats.as_dict()
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else None
+
+
+def median_time(f, repeat: int = 9) -> float:
+    f()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def per_call(f, calls: int | None = None, blocks: int | None = None) -> tuple[float, float]:
+    """(median, min) over ``blocks`` blocks of the time per call of ``calls`` back-to-back calls of f (after one
+    untimed call): a block is a short march, so that a preemption spreads over its calls."""
+    calls, blocks = calls or STEP_CALLS, blocks or STEP_BLOCKS
+    f()
+    times = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            f()
+        times.append((time.perf_counter() - t0) / calls)
+    return float(np.median(times)), float(min(times))
+
+
+def step_times(size: dict, kind: str, ts, solver_label: str, p: np.ndarray) -> dict:
+    """One plain step timed alone: a solve with the factorization of S_N, its transpose, the E_j products."""
+    from adjopt.solvers import make_solver
+
+    M = size["M"]
+    A = size["A_par"].assemble(p) if kind == "parametric" else size["A_const"]
+    a, g = ts.coefficients(ts.n_steps)
+    S = (a[0] * M + g[0] * A).tocsr()
+    E = [(a[j] * M + g[j] * A).tocsr() for j in range(1, len(a)) if a[j] != 0.0 or g[j] != 0.0]
+    solver = make_solver(solver_label)
+    t0 = time.perf_counter()
+    fac = solver.factorize(S)
+    t_fac = time.perf_counter() - t0
+    rng = np.random.default_rng(3)
+    r = rng.standard_normal(S.shape[0])
+    u = rng.standard_normal(S.shape[0])
+    t_solve, min_solve = per_call(lambda: fac.solve(r, kind="forward"))
+    t_solve_T, min_solve_T = per_call(lambda: fac.solve(r, transpose=True, kind="adjoint"))
+    t_matvec, min_matvec = per_call(lambda: [Ej @ u for Ej in E])
+    t_matvec_T, min_matvec_T = per_call(lambda: [Ej.T @ u for Ej in E])
+    return dict(t_factorize=t_fac, t_solve=t_solve, t_solve_T=t_solve_T, t_matvec=t_matvec, t_matvec_T=t_matvec_T,
+                t_step=t_solve + t_matvec, t_step_T=t_solve_T + t_matvec_T, matvecs=len(E), nnz_S=int(S.nnz),
+                min_solve=min_solve, min_solve_T=min_solve_T, min_matvec=min_matvec, min_matvec_T=min_matvec_T,
+                statistic=f"per call: median (min_*: minimum) over {STEP_BLOCKS} blocks of {STEP_CALLS} back-to-back calls")
+
+
+def kernel_times(size: dict, p: np.ndarray, dp: np.ndarray) -> dict:
+    """The parametric A's pieces at p: assembly, a BATCH-column contraction and second-order term, dA."""
+    A = size["A_par"]
+    rng = np.random.default_rng(5)
+    W = rng.standard_normal((A.shape[0], BATCH))
+    Z = rng.standard_normal((A.shape[0], BATCH))
+    return dict(assemble=median_time(lambda: A.assemble(p), 5),
+                contract=median_time(lambda: A.contract(p, W, Z), 5),
+                second=median_time(lambda: A.second(p, W, Z, dp), 5),
+                tangent_values=median_time(lambda: A._tangent_values(p, dp), 5),
+                batch=BATCH, statistic="median of 5")
+
+
+def short_path(path: str) -> str:
+    for marker in ("site-packages/", "src/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return os.path.basename(path) if os.sep in path else path
+
+
+def profile_gradient(J, p: np.ndarray, top: int = 15) -> dict:
+    """cProfile of one gradient at p after an untimed value: the top functions by own time."""
+    J.value(p)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    J.gradient(p)
+    prof.disable()
+    total = time.perf_counter() - t0
+    rows = []
+    for (file, line, func), (_, nc, tt, ct, _) in pstats.Stats(prof).stats.items():
+        rows.append(dict(function=f"{short_path(file)}:{line}({func})", ncalls=int(nc), tottime=tt, cumtime=ct))
+    rows.sort(key=lambda r: -r["tottime"])
+    return dict(seconds=total, top=rows[:top])
+
+
+def rel_diff(x, ref) -> float:
+    x, ref = np.asarray(x, dtype=float), np.asarray(ref, dtype=float)
+    return float(np.linalg.norm(x - ref) / max(float(np.linalg.norm(ref)), 1e-300))
+
+
+def measure_row(cfg: dict, mode: str, args, ref: dict | None) -> dict:
+    """The repetitions of one memory mode on a new functional; ``ref`` is the store row's record (or None)."""
+    from adjopt.transient import DEFAULT_MEMORY, TransientReducedFunctional
+
+    size, ts, N, kind = cfg["size"], cfg["time"], cfg["N"], cfg["kind"]
+    nf = size["nf"]
+    s = ts.history
+    keep = memory_states(N, s)
+    memory = max(DEFAULT_MEMORY, (3 * N + 4) * nf * 8) if mode == "store" else keep * nf * 8
+    folder = tempfile.mkdtemp(prefix="bench_transient-") if mode == "disk" else None
+    reset_peak()
+    try:
+        t0 = time.perf_counter()
+        J = TransientReducedFunctional(objective=cfg["objective"], time=ts, solver=cfg["solver"], memory=memory,
+                                       checkpoint_dir=folder, **parts(size, kind, args))
+        build_s = time.perf_counter() - t0
+        reps = []
+        for r in range(args.repeat):
+            p = cfg["ps"][r]
+            load = loadavg()
+            v, tv, tm_v, st_v = timed_call(J, J.value, p)
+            g, tg, tm_g, st_g = timed_call(J, J.gradient, p)
+            h, th, tm_h, st_h = timed_call(J, J.hessp, p, cfg["dp"])
+            reps.append(dict(t_value=tv, t_gradient=tg, t_hessp=th, loadavg=load, value=float(v),
+                             gradient=g, hessp=h, gradient_norm=float(np.linalg.norm(g)),
+                             hessp_norm=float(np.linalg.norm(h)),
+                             times=dict(value=tm_v, gradient=tm_g, hessp=tm_h),
+                             stats=dict(value=st_v, gradient=st_g, hessp=st_h)))
+        profile = profile_gradient(J, cfg["ps"][args.repeat]) if args.profile else None
+        peak = peak_rss_gib()
+        solver_name = J.solver.name
+        n_params = J.n_params
+    finally:
+        J = None
+        left = None
+        if folder is not None:
+            left = len(os.listdir(folder))
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+    med = {k: median([rep[k] for rep in reps]) for k in ("t_value", "t_gradient", "t_hessp")}
+    tv, tg, th = med["t_value"], med["t_gradient"], med["t_hessp"]
+    last = reps[-1]["stats"]
+    fpv = [int(rep["stats"]["value"]["factorizations"]) for rep in reps]
+    row = dict(cfg["head"], mode=mode, memory_bytes=int(memory), memory_states=int(memory // (8 * nf)),
+               checkpoint_dir=folder is not None, checkpoint_dir_left=left, solver_name=solver_name,
+               params=int(n_params), repeat=args.repeat, statistic="median of repeat, a new p each", build_s=build_s,
+               **med, ratio_value_gradient=(tv + tg) / tv, ratio_hessp=th / tv,
+               factorizations=fpv[0], expected_factorizations=cfg["expected_factorizations"],
+               factorizations_per_value=fpv,
+               factorizations_total=sum(int(rep["stats"][c]["factorizations"]) for rep in reps for c in CALLS),
+               factorization_time=reps[0]["stats"]["value"]["factorization_time"],
+               solves={c: last[c]["solves"] for c in CALLS},
+               stats={c: last[c] for c in CALLS},
+               times={c: {k: median([rep["times"][c].get(k, 0.0) for rep in reps])
+                          for k in sorted({k for rep in reps for k in rep["times"][c]})} for c in CALLS},
+               value=reps[-1]["value"], gradient_norm=reps[-1]["gradient_norm"], hessp_norm=reps[-1]["hessp_norm"],
+               repetitions=[{k: v for k, v in rep.items() if k not in ("gradient", "hessp")} for rep in reps],
+               peak_rss_GiB=peak, loadavg_after=loadavg())
+    row["met_factorizations"] = row["factorizations"] == row["expected_factorizations"]
+    for c in ("gradient", "hessp"):
+        for k in COUNTERS:
+            row[f"{c}_{k}"] = int(last[c][k])
+    row["recomputed_steps"] = row["gradient_recomputed_steps"]
+    row["stored_states"] = max(int(last[c]["stored_states"]) for c in CALLS)
+    row["checkpoints"] = row["gradient_checkpoints"]
+    row["disk_checkpoints"] = row["gradient_disk_checkpoints"] + row["hessp_disk_checkpoints"]
+    step = cfg.get("step")
+    if step:
+        row["step"] = step
+        row["value_over_steps"] = tv / (N * step["t_step"])
+        row["gradient_over_steps"] = tg / (N * step["t_step_T"])
+        row["hessp_over_steps"] = th / (2 * N * step["t_step"])
+    if kind == "parametric" and cfg.get("kernels"):
+        row["kernels"] = cfg["kernels"]
+    if profile is not None:
+        row["profile"] = profile
+    if mode == "store":
+        row["solves_as_expected"] = (last["value"]["solves"] == {"forward": N}
+                                     and last["gradient"]["solves"] == {"adjoint": N}
+                                     and last["hessp"]["solves"] == {"tangent": N, "second_adjoint": N})
+        row["_reference"] = reps
+    elif ref is not None:
+        rr = ref["_reference"]
+        row.update(
+            slowdown_value=tv / ref["t_value"], slowdown_gradient=tg / ref["t_gradient"],
+            slowdown_value_gradient=(tv + tg) / (ref["t_value"] + ref["t_gradient"]),
+            slowdown_hessp=th / ref["t_hessp"],
+            value_rel_diff=max(abs(a["value"] - b["value"]) / max(abs(b["value"]), 1e-300) for a, b in zip(reps, rr)),
+            gradient_rel_diff=max(rel_diff(a["gradient"], b["gradient"]) for a, b in zip(reps, rr)),
+            hessp_rel_diff=max(rel_diff(a["hessp"], b["hessp"]) for a, b in zip(reps, rr)))
+    return row
+
+
+def run_config(cfg: dict, args, emit) -> None:
+    """The memory modes of one (n, N, scheme, solver, stiffness), store first (the others compare with it)."""
+    ref = None
+    for mode in args.modes:
+        try:
+            row = measure_row(cfg, mode, args, ref)
+        except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
+            row = dict(cfg["head"], mode=mode, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        if mode == "store" and "error" not in row:
+            ref = row
+        emit(row)
+        release_memory()
+
+
+def configs(args, emit, warm: bool = False):
+    """Build every size, its data and step timings; yield the configurations (emitting skipped/failed rows)."""
+    from adjopt.solvers import make_solver
+    from adjopt.transient import TimeStepping
+
+    usable = []
+    for label in args.solvers:
+        try:
+            make_solver(label)
+            usable.append(label)
+        except Exception as exc:  # noqa: BLE001 - MissingBackendError: not installed
+            if not warm:
+                for n in args.sizes:
+                    for N in args.steps:
+                        for scheme in args.schemes:
+                            for kind in args.stiffness:
+                                emit(dict(n=n, steps=N, scheme=scheme, solver=label, stiffness=kind,
+                                          skipped=f"{type(exc).__name__}: {str(exc).split('.')[0]}"))
+    if not usable:
+        return
+    for n in args.sizes:
+        release_memory()
+        size = build_size(n, args)
+        for N in args.steps:
+            for kind in args.stiffness:
+                obj, p_true, data = make_objective(size, kind, N, args, usable[0])
+                ps, dp = parameters(p_true, kind, args.repeat, args.seed)
+                kernels = kernel_times(size, ps[0], dp) if kind == "parametric" and not warm else None
+                for scheme in args.schemes:
+                    ts = TimeStepping(scheme, dt=args.final_time / N, n_steps=N)
+                    for label in usable:
+                        head = dict(n=n, unknowns=size["nf"], elements=size["n_cells"], steps=N,
+                                    dt=args.final_time / N, final_time=args.final_time, scheme=scheme,
+                                    history=ts.history, solver=label, stiffness=kind, n_obs=args.n_obs,
+                                    problem_s=size["problem_s"], nnz_A=int(size["A_const"].nnz), **data)
+                        step = None if warm else step_times(size, kind, ts, label, ps[0])
+                        yield dict(size=size, time=ts, N=N, kind=kind, solver=label, objective=obj, ps=ps, dp=dp,
+                                   head=head, step=step, kernels=kernels,
+                                   expected_factorizations=distinct_step_matrices(ts))
+
+
+def warm_up(args) -> float:
+    """Every path once on a tiny mesh (numba kernels of adjopt and checkpoint_schedules, the backends), untimed."""
+    t0 = time.perf_counter()
+    quiet = argparse.Namespace(**{**vars(args), "sizes": [4], "steps": [9], "repeat": 1, "profile": False,
+                                  "modes": list(MODES)})
+    try:
+        for cfg in configs(quiet, lambda row: None, warm=True):
+            run_config(cfg, quiet, lambda row: None)
+    except Exception:  # noqa: BLE001 - the measured rows will record the error
+        pass
+    return time.perf_counter() - t0
+
+
+# -- output ---------------------------------------------------------------------------------------
+def fmt(x, spec=".3g") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    return format(x, spec)
+
+
+def measured(rows):
+    return [r for r in rows if "error" not in r and "skipped" not in r]
+
+
+def label(r) -> list:
+    return [r["n"], r.get("unknowns", "-"), r["steps"], {"crank_nicolson": "CN", "bdf2": "BDF2",
+                                                         "implicit_euler": "IE"}.get(r["scheme"], r["scheme"]),
+            r["solver"], "A(p)" if r["stiffness"] == "parametric" else "A"]
+
+
+def solves_text(st: dict) -> str:
+    short = dict(forward="f", adjoint="a", tangent="t", second_adjoint="s", other="o")
+    return "+".join(f"{v}{short.get(k, k)}" for k, v in st.items() if v) or "0"
+
+
+def main_table(rows) -> str:
+    header = ["n", "unknowns", "N", "scheme", "solver", "A", "mode", "t_value", "t_grad", "t_hessp", "(v+g)/v",
+              "h/v", "fact", "solves v | g | h", "t_step ms", "v/(N st)", "g/(N stT)", "h/(2N st)"]
+    out = []
+    for r in rows:
+        if "error" in r or "skipped" in r:
+            out.append(label(r) + [r.get("mode", "-"), "ERROR" if "error" in r else "skipped"]
+                       + ["-"] * (len(header) - 8))
+            continue
+        st = r.get("step") or {}
+        out.append(label(r) + [r["mode"], fmt(r["t_value"], ".4g"), fmt(r["t_gradient"], ".4g"),
+                               fmt(r["t_hessp"], ".4g"), fmt(r["ratio_value_gradient"], ".3f"),
+                               fmt(r["ratio_hessp"], ".3f"),
+                               f"{r['factorizations']}/{r['expected_factorizations']}",
+                               " | ".join(solves_text(r["solves"][c]) for c in CALLS),
+                               fmt(1e3 * st["t_step"], ".3g") if st else "-", fmt(r.get("value_over_steps"), ".2f"),
+                               fmt(r.get("gradient_over_steps"), ".2f"), fmt(r.get("hessp_over_steps"), ".2f")])
+    return table(out, header)
+
+
+def checkpoint_table(rows) -> str:
+    header = ["n", "unknowns", "N", "scheme", "solver", "A", "mode", "mem states", "stored", "ckpts g/h",
+              "disk g/h", "recomp g/h", "slow v+g", "slow h", "grad rel diff", "hessp rel diff", "peak GiB"]
+    out = []
+    for r in measured(rows):
+        out.append(label(r) + [r["mode"], "all" if r["mode"] == "store" else r["memory_states"], r["stored_states"],
+                               f"{r['gradient_checkpoints']}/{r['hessp_checkpoints']}",
+                               f"{r['gradient_disk_checkpoints']}/{r['hessp_disk_checkpoints']}",
+                               f"{r['gradient_recomputed_steps']}/{r['hessp_recomputed_steps']}",
+                               fmt(r.get("slowdown_value_gradient"), ".2f"), fmt(r.get("slowdown_hessp"), ".2f"),
+                               fmt(r.get("gradient_rel_diff"), ".1e"), fmt(r.get("hessp_rel_diff"), ".1e"),
+                               fmt(r.get("peak_rss_GiB"), ".3f")])
+    return table(out, header)
+
+
+def step_table(rows) -> str:
+    header = ["n", "unknowns", "N", "scheme", "solver", "A", "factorize ms", "solve ms", "solve^T ms", "matvecs",
+              "matvec ms", "assemble ms", "contract16 ms", "second16 ms"]
+    out = []
+    for r in measured(rows):
+        if r["mode"] != "store" or not r.get("step"):
+            continue
+        st, k = r["step"], r.get("kernels") or {}
+        ms = lambda x: fmt(None if x is None else 1e3 * x, ".3g")  # noqa: E731
+        out.append(label(r) + [ms(st["t_factorize"]), ms(st["t_solve"]), ms(st["t_solve_T"]), st["matvecs"],
+                               ms(st["t_matvec"]), ms(k.get("assemble")), ms(k.get("contract")), ms(k.get("second"))])
+    return table(out, header)
+
+
+def profile_text(rows, top: int = 8) -> str:
+    lines = []
+    for r in measured(rows):
+        prof = r.get("profile")
+        if not prof:
+            continue
+        lines.append(f"n={r['n']} N={r['steps']} {r['scheme']} {r['solver']} {r['stiffness']} {r['mode']}: gradient "
+                     f"{prof['seconds']:.3g} s under cProfile")
+        for f in prof["top"][:top]:
+            lines.append(f"   {f['tottime']:8.3f} s own {f['cumtime']:8.3f} s cum {f['ncalls']:7d}x  {f['function']}")
+    return "\n".join(lines)
+
+
+def summary(rows) -> dict:
+    got = measured(rows)
+    ck = [r for r in got if r["mode"] != "store"]
+    diffs = [r["gradient_rel_diff"] for r in ck if r.get("gradient_rel_diff") is not None]
+    return dict(rows=len(rows), rows_measured=len(got), rows_failed=sum("error" in r for r in rows),
+                rows_skipped=sum("skipped" in r for r in rows),
+                factorizations_met=all(r["met_factorizations"] for r in got) if got else None,
+                store_solves_as_expected=all(r["solves_as_expected"] for r in got if r["mode"] == "store") if got
+                else None,
+                checkpointed_recompute=all(r["recomputed_steps"] > 0 for r in ck) if ck else None,
+                max_gradient_rel_diff=max(diffs) if diffs else None,
+                max_hessp_rel_diff=max((r["hessp_rel_diff"] for r in ck if r.get("hessp_rel_diff") is not None),
+                                       default=None))
+
+
+def source_hashes() -> dict:
+    """sha256 (first 16 hex digits) of every file of src/adjopt/transient."""
+    import hashlib
+
+    folder = os.path.join(ROOT, "src", "adjopt", "transient")
+    out = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as fh:
+                out[name] = hashlib.sha256(fh.read()).hexdigest()[:16]
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    import numba
+
+    command = "env -u " + " -u ".join(ENV_UNSET) + f" python {SCRIPT} " + shlex.join(argv)
+    unset = {v: os.environ.get(v) for v in ENV_UNSET}
+    run = dict(command=command, argv=argv, env_unset=unset, env_unset_ok=all(v is None for v in unset.values()),
+               config=dict(sizes=args.sizes, steps=args.steps, schemes=args.schemes, solvers=args.solvers,
+                           stiffness=args.stiffness, modes=args.modes, repeat=args.repeat,
+                           final_time=args.final_time, kappa=args.kappa, source=args.source,
+                           source_nodes=args.source_nodes, n_obs=args.n_obs, seed=args.seed, quick=args.quick,
+                           profile=args.profile))
+    if not run["env_unset_ok"]:
+        print(f"warning: {', '.join(k for k, v in unset.items() if v is not None)} set; run the benchmark as "
+              f"{command}", file=sys.stderr)
+    data = dict(script=SCRIPT, complete=False, rows=[], runs=[run], summary=None)
+    run["info"] = machine_info(script=SCRIPT, argv=argv)
+    run["transient_sources"] = source_hashes()  # the subpackage is young: which version of it was measured
+    write_json(args.out, data)
+    t_start = time.perf_counter()
+    run["warmup_s"] = 0.0 if args.no_warmup else warm_up(args)
+    run["info"]["blas"] = blas_info()  # after the warm-up: the backends are loaded
+    run["info"]["numba_threads"] = numba.get_num_threads()
+
+    def emit(row):
+        row = {k: v for k, v in row.items() if not k.startswith("_")}
+        data["rows"].append(row)
+        write_json(args.out, data)
+        r = row
+        head = (f"n={r['n']} N={r['steps']} {r['scheme']} {r['solver']} {r['stiffness']} A"
+                f"{' ' + r['mode'] if 'mode' in r else ''}:")
+        if "skipped" in r:
+            print(f"{head} skipped ({r['skipped']})", flush=True)
+        elif "error" in r:
+            print(f"{head} ERROR {r['error'][:300]}", flush=True)
+        else:
+            extra = ""
+            if r["mode"] != "store":
+                extra = (f"; recomputed {r['gradient_recomputed_steps']}/{r['hessp_recomputed_steps']} steps, "
+                         f"{r['gradient_checkpoints']} checkpoints ({r['gradient_disk_checkpoints']} on disk), "
+                         f"slowdown v+g {fmt(r.get('slowdown_value_gradient'), '.2f')}, "
+                         f"grad rel diff {fmt(r.get('gradient_rel_diff'), '.1e')}")
+            print(f"{head} value {r['t_value']:.4g} s ({r['factorizations']} factorizations), gradient "
+                  f"{r['t_gradient']:.4g} s, hessp {r['t_hessp']:.4g} s; (v+g)/v {r['ratio_value_gradient']:.3f}, "
+                  f"hessp/v {r['ratio_hessp']:.3f}{extra}", flush=True)
+
+    try:
+        for cfg in configs(args, emit):
+            run_config(cfg, args, emit)
+    except Exception as exc:  # noqa: BLE001 - a failed size is recorded, the run stops there
+        emit(dict(n=None, steps=None, scheme="-", solver="-", stiffness="-", error=f"build: {type(exc).__name__}: "
+                  f"{exc}", traceback=traceback.format_exc()))
+    run["total_s"] = time.perf_counter() - t_start
+    run["loadavg_after"] = loadavg()
+    run["git_after"] = git_state()
+    data["summary"] = summary(data["rows"])
+    data["complete"] = True
+    write_json(args.out, data)
+
+    rows = data["rows"]
+    print()
+    print("Figures (median of --repeat, a new p each; fact = factorizations of the first value / distinct step "
+          "matrices; solves f forward, a adjoint, t tangent, s second adjoint; st = one plain step, stT its "
+          "transpose):")
+    print(main_table(rows))
+    print()
+    print("Memory (states held, checkpoints and recomputed steps of gradient/hessp; slowdown and differences "
+          "against the store row at the same p):")
+    print(checkpoint_table(rows))
+    print()
+    print("One step timed alone (per call, median of 7 blocks of 10 calls) and the parametric A's kernels (median of 5):")
+    print(step_table(rows))
+    prof = profile_text(rows)
+    if prof:
+        print()
+        print("cProfile of one gradient, top functions by own time:")
+        print(prof)
+    s = data["summary"]
+    print()
+    print(f"{s['rows_measured']} measured row(s), {s['rows_failed']} failed, {s['rows_skipped']} skipped; "
+          f"factorizations as expected: {fmt(s['factorizations_met'])}; store solves N per march: "
+          f"{fmt(s['store_solves_as_expected'])}; checkpointed rows recompute: {fmt(s['checkpointed_recompute'])}; "
+          f"max gradient rel diff {fmt(s['max_gradient_rel_diff'], '.1e')}, hessp {fmt(s['max_hessp_rel_diff'], '.1e')}")
+    env = run["info"]["blas"]["thread_env"]
+    print(f"OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={env.get('OPENBLAS_L2_SIZE')}; "
+          f"numba threads {run['info']['numba_threads']}; warm-up {run['warmup_s']:.3g} s, total "
+          f"{run['total_s']:.4g} s; wrote {args.out}")
+    return 1 if s["rows_failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
