@@ -462,6 +462,18 @@ class TransientReducedFunctional:
             if g is not None:
                 out += g
 
+    def _second_objective(self, ctx, level, u, du, dp, H) -> np.ndarray:
+        """J_uu du + J_up dp of the terms at ``level`` (the second adjoint's right-hand side there); adds their
+        J_pu du + J_pp dp into H."""
+        out = np.zeros(self.n)
+        for term, i in self._levels.get(level, ()):
+            out += term.hess_uu(i, u, ctx.p, du)
+            for h, into in ((term.hess_up(i, u, ctx.p, dp), out), (term.hess_pu(i, u, ctx.p, du), H),
+                            (term.hess_pp(i, u, ctx.p, dp), H)):
+                if h is not None:
+                    into += h
+        return out
+
     def _step_rhs(self, ctx, k, prev, bcache):
         """sum_j gamma_kj b_{k-j} - sum_{j>=1} E_kj u_{k-j}, with prev(level) the earlier states."""
         a, g = self.time.coefficients(k)
@@ -862,15 +874,7 @@ class TransientReducedFunctional:
                 if gu is not None:
                     rhs = rhs + gu
                 lam = self._solve(fac, rhs, "adjoint", transpose=True)
-            rhs2 = carry2.pop(k, np.zeros(self.n))
-            for term, i in self._levels.get(k, ()):
-                rhs2 = rhs2 + term.hess_uu(i, u_k, p, du_k)
-                h = term.hess_up(i, u_k, p, dp)
-                if h is not None:
-                    rhs2 = rhs2 + h
-                for h in (term.hess_pu(i, u_k, p, du_k), term.hess_pp(i, u_k, p, dp)):
-                    if h is not None:
-                        H[:] += h
+            rhs2 = carry2.pop(k, np.zeros(self.n)) + self._second_objective(ctx, k, u_k, du_k, dp, H)
             d0 = dE(a[0], g[0])
             if d0 is not None and lam is not None:
                 rhs2 = rhs2 - d0.T @ lam
@@ -928,15 +932,7 @@ class TransientReducedFunctional:
                 gu = self._grad_u(ctx, 0, u_0)
                 if gu is not None:
                     mu = mu + gu
-            dmu = carry2.pop(0, np.zeros(self.n))
-            for term, i in self._levels.get(0, ()):
-                dmu = dmu + term.hess_uu(i, u_0, p, du_0)
-                h = term.hess_up(i, u_0, p, dp)
-                if h is not None:
-                    dmu = dmu + h
-                for h in (term.hess_pu(i, u_0, p, du_0), term.hess_pp(i, u_0, p, dp)):
-                    if h is not None:
-                        H[:] += h
+            dmu = carry2.pop(0, np.zeros(self.n)) + self._second_objective(ctx, 0, u_0, du_0, dp, H)
             if self.u0.depends_on_p:
                 H[:] += self.u0.vjp(p, dmu)
                 if not self.u0.affine and mu is not None:
