@@ -499,3 +499,66 @@ def test_a_forward_simulation_needs_no_parameter():
                                      solver="superlu")
     U = sim.states(np.zeros(0))
     assert U.shape == (4, n) and np.all(U[0] == 0) and np.all(U[-1] > 0)
+
+
+def test_hostile_review_findings(tmp_path):
+    """Each a finding of a hostile review: clear errors up front instead of late or misleading ones."""
+    msh, dofs, conn = _parts()
+    n = dofs.n_free
+    A = adjopt.ElementCoefficientMatrix(conn, fem.p1_stiffness(msh), "exp", n=n)
+    M = fem.assemble(conn, fem.p1_mass(msh), n)
+    time = TimeStepping(dt=0.1, n_steps=5)
+    obj = Final(adjopt.Norm())
+    p = np.zeros(A.n_params)
+    # a checkpoint folder adjopt cannot write into is refused at construction
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(PermissionError, match="checkpoint_dir '/proc/self' is not writable"):
+        TransientReducedFunctional(A, M, obj, time, rhs=np.ones(n), checkpoint_dir="/proc/self")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        TransientReducedFunctional(A, M, obj, time, rhs=np.ones(n), checkpoint_dir=target)
+    with pytest.raises(ValueError, match="give a checkpoint_dir too"):
+        TransientReducedFunctional(A, M, obj, time, rhs=np.ones(n), disk_snapshots=3)
+    J = TransientReducedFunctional(A, M, obj, time, rhs=np.ones(n), memory=0, checkpoint_dir=tmp_path,
+                                   disk_snapshots=0, solver="superlu")
+    with pytest.raises(ValueError, match="disk_snapshots = 0"):
+        J.gradient(p)
+    # the singular matrix is named: the step matrix, and why with theta = 0
+    Z = sp.csr_array((n, n))
+    J = TransientReducedFunctional(A, Z, obj, TimeStepping("theta", theta=0.0, dt=0.1, n_steps=2), rhs=np.ones(n),
+                                   solver="superlu")
+    with pytest.raises(adjopt.SingularMatrixError, match=r"step matrix S = 1 M \+ 0 A.*mass matrix must be nonsingular"):
+        J.value(p)
+    # u0's errors name u0
+    with pytest.raises(adjopt.NonFiniteError, match="u0"):
+        TransientReducedFunctional(A, M, obj, time, u0=np.full(n, np.nan))
+    with pytest.raises(TypeError, match="u0"):
+        TransientReducedFunctional(A, M, obj, time, u0=np.ones(n) + 1j)
+    # negative weights would make the misfit unbounded below
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        TimeSeriesMisfit(np.ones((2, n)), [1, 2], weights=[1.0, -5.0])
+    with pytest.raises(ValueError, match="W must be >= 0"):
+        TimeSeriesMisfit(np.ones((2, n)), [1, 2], W=-np.ones(n))
+    # an observation operator that does not fit the state is refused at construction
+    with pytest.raises(adjopt.ShapeError, match="B has 10 columns"):
+        TransientReducedFunctional(A, M, TimeSeriesMisfit(np.ones((1, 5)), [1], B=np.ones((5, n + 1))), time)
+    with pytest.raises(adjopt.ShapeError, match="the data"):
+        TransientReducedFunctional(A, M, TimeSeriesMisfit(np.ones((1, n + 2)), [1]), time)
+    # callables and grids of the wrong kind
+    J = TransientReducedFunctional(A, M, obj, time, rhs=Modulated(np.ones(n), lambda t: np.array([1.0, 2.0])),
+                                   solver="superlu")
+    with pytest.raises(TypeError, match="g\\(t\\) must return a number"):
+        J.value(p)
+    with pytest.raises(TypeError, match="complex"):
+        TimeStepping("implicit_euler", steps=[0.1, 0.2 + 1j])
+    with pytest.raises(ValueError, match="sequence of step sizes"):
+        TimeStepping(steps=[[0.1, 0.2]])
+    with pytest.raises(ValueError, match="sequence of step sizes"):
+        TimeStepping(steps=0.1)
+    # memory=1e9 is a number of bytes
+    assert TransientReducedFunctional(A, M, obj, time, memory=1e9).memory == 10**9
+    # a blow-up says so, without the steady solver's advice
+    J, q = _build("theta", {"theta": 0.0}, n_steps=2000, dt=1.0)
+    with pytest.raises(adjopt.NonFiniteError, match="overflowed.*theta = 0.0 < 1/2") as info:
+        J.value(q)
+    assert "np.float64" not in str(info.value) and "coefficient that underflows" not in str(info.value)

@@ -43,7 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._validate import as_count, as_parameter, check_finite, check_tolerance, owned
-from ..errors import NonFiniteError, ShapeError
+from ..errors import NonFiniteError, ShapeError, SingularMatrixError
 from ..operators import ParametricMatrix
 from ..solvers import make_solver
 from ..solvers.base import SolverStats
@@ -250,14 +250,24 @@ class TransientReducedFunctional:
         N = time.n_steps
         self._levels: dict[int, list] = {}
         for term in self.terms:
+            term.check(n)
             for i, level in enumerate(term.resolve(N)):
                 self._levels.setdefault(int(level), []).append((term, i))
         self.solver = solver
+        if isinstance(memory, float) and memory.is_integer() and memory >= 0:
+            memory = int(memory)  # memory=1e9
         self.memory = as_count(memory, "memory", minimum=0)
         if checkpoint_dir is not None:
             checkpoint_dir = os.fspath(checkpoint_dir)
             if not os.path.isdir(checkpoint_dir):
                 raise FileNotFoundError(f"checkpoint_dir {checkpoint_dir!r} is not a folder; create it first")
+            try:  # a folder adjopt cannot write into is refused now, not after a forward march
+                os.rmdir(tempfile.mkdtemp(prefix="adjopt-checkpoints-", dir=checkpoint_dir))
+            except OSError as exc:
+                raise PermissionError(f"checkpoint_dir {checkpoint_dir!r} is not writable ({exc.strerror}); "
+                                      f"give a folder adjopt may create subfolders in") from exc
+        elif disk_snapshots is not None:
+            raise ValueError("disk_snapshots counts checkpoints on disk: give a checkpoint_dir too")
         self.checkpoint_dir = checkpoint_dir
         self.disk_snapshots = None if disk_snapshots is None else as_count(disk_snapshots, "disk_snapshots", 0)
         if schedule not in SCHEDULES:
@@ -394,15 +404,21 @@ class TransientReducedFunctional:
         if fixed:
             E = self._mat(ctx, a, g)
             if self._fixed[key][1] is None:
-                self._fixed[key] = (E, self._factorize(E))
+                self._fixed[key] = (E, self._factorize(E, a, g))
             return self._fixed[key][1]
         if key not in ctx.facs:
-            ctx.facs[key] = self._factorize(self._mat(ctx, a, g))
+            ctx.facs[key] = self._factorize(self._mat(ctx, a, g), a, g)
         return ctx.facs[key]
 
-    def _factorize(self, S):
+    def _factorize(self, S, a=None, g=None):
         t0 = time.perf_counter()
-        fac = self.solver.factorize(S)
+        try:
+            fac = self.solver.factorize(S)
+        except SingularMatrixError as exc:
+            what = f"the step matrix S = {a:.6g} M + {g:.6g} A" if a is not None else "the step matrix"
+            hint = (" With theta = 0 (explicit Euler) S is M: the mass matrix must be nonsingular."
+                    if g == 0.0 else "")
+            raise type(exc)(f"{what} cannot be factorized: {exc}{hint}") from exc
         self.times["factorize"] += time.perf_counter() - t0
         return fac
 
@@ -489,15 +505,17 @@ class TransientReducedFunctional:
 
     def _advance(self, ctx, k, prev, bcache):
         a, g = self.time.coefficients(k)
+        fac, rhs = self._fac(ctx, a[0], g[0]), self._step_rhs(ctx, k, prev, bcache)
         try:
-            u = self._solve(self._fac(ctx, a[0], g[0]), self._step_rhs(ctx, k, prev, bcache), "forward")
+            check_finite(rhs, "the step's right-hand side")
+            u = self._solve(fac, rhs, "forward")
         except NonFiniteError as exc:
-            hint = ""
+            hint = " Check the sources and the scale of p."
             if self.time.theta is not None and self.time.theta < 0.5:
                 hint = (f" theta = {self.time.theta} < 1/2 is only conditionally stable: use theta >= 1/2 or a "
                         f"smaller step.")
             raise NonFiniteError(f"the march blew up at step {k} of {self.time.n_steps} (t = "
-                                 f"{self.time.times[k]:.6g}): {exc}.{hint}") from exc
+                                 f"{float(self.time.times[k]):.6g}): the state overflowed.{hint}") from exc
         self.stats.time_steps += 1
         return u
 
@@ -552,6 +570,9 @@ class TransientReducedFunctional:
             disk = N if self.disk_snapshots is None else self.disk_snapshots
         if ram + disk < 1:
             need = (held + unit) * 8 * self.n
+            if self.checkpoint_dir is not None:
+                raise ValueError(f"disk_snapshots = 0 and memory = {self.memory} bytes hold no checkpoint of this "
+                                 f"march: allow disk_snapshots >= 1, or give at least {need} bytes of memory")
             raise ValueError(
                 f"memory = {self.memory} bytes holds no checkpoint of this march ({unit} state vector(s) of "
                 f"{8 * self.n} bytes each{f', next to {held} kept' if held else ''}): give at least {need} bytes, "
@@ -589,7 +610,11 @@ class TransientReducedFunctional:
             nonlocal folder
             if storage == StorageType.DISK:
                 if folder is None:
-                    folder = tempfile.mkdtemp(prefix="adjopt-checkpoints-", dir=self.checkpoint_dir)
+                    try:
+                        folder = tempfile.mkdtemp(prefix="adjopt-checkpoints-", dir=self.checkpoint_dir)
+                    except OSError as exc:
+                        raise PermissionError(f"cannot create a checkpoint folder in {self.checkpoint_dir!r}: "
+                                              f"{exc.strerror}") from exc
                 self._write(folder, key, first, snap)
                 self.stats.disk_checkpoints += 1
             else:

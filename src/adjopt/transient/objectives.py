@@ -31,11 +31,20 @@ def _levels(steps, name: str = "steps") -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _nonnegative(w: np.ndarray, name: str) -> None:
+    if np.any(w < 0):
+        raise ValueError(f"{name} must be >= 0 (a negative weight makes the misfit unbounded below); "
+                         f"{name}[{int(np.argmin(w))}] = {float(w.min())!r}")
+
+
 class TimeTerm:
     """sum_i f_i(u_{s_i}, p) over the levels ``steps``; see the module docstring."""
 
     steps: np.ndarray
     depends_on_p = False
+
+    def check(self, n: int) -> None:
+        """Refuse what does not fit a state of size n (called by the functional)."""
 
     def resolve(self, n_steps: int) -> np.ndarray:
         """The levels as indices in 0..N (negative ones from the end), checked unique and in range."""
@@ -107,9 +116,19 @@ class TimeSeriesMisfit(TimeTerm):
         self.weights = np.ones(self.steps.size) if weights is None else owned(weights, "weights")
         if self.weights.shape != (self.steps.size,):
             raise ShapeError(f"weights must have one entry per level ({self.steps.size}), got {self.weights.shape}")
+        _nonnegative(self.weights, "weights")
         self.W = None if W is None else owned(W, "the weights W")
         if self.W is not None and self.W.shape != (n_obs,):
             raise ShapeError(f"W must have one weight per observation ({n_obs}), got {self.W.shape}")
+        if self.W is not None:
+            _nonnegative(self.W, "W")
+
+    def check(self, n: int) -> None:
+        """Refuse an observation operator (or data without one) that does not fit a state of size n."""
+        cols = self.data.shape[1] if self.B is None else self.B.shape[1]
+        if cols != n:
+            what = "B" if self.B is not None else "the data (without B, u itself is observed)"
+            raise ShapeError(f"{what} has {cols} columns but the state has {n} entries")
 
     def _obs(self, u):
         if self.B is None:

@@ -22,6 +22,7 @@ import numbers
 
 import numpy as np
 
+from .._validate import refuse_complex
 from ..errors import NonFiniteError
 
 SCHEMES = ("implicit_euler", "crank_nicolson", "theta", "bdf2")
@@ -69,7 +70,10 @@ class TimeStepping:
         if steps is not None:
             if dt is not None or n_steps is not None:
                 raise ValueError("give either steps (the step sizes) or dt and n_steps, not both")
-            sizes = np.array(steps, dtype=np.float64, copy=True).ravel()
+            refuse_complex(steps, "steps")
+            if np.ndim(steps) != 1:
+                raise ValueError(f"steps must be a sequence of step sizes, got an array of shape {np.shape(steps)}")
+            sizes = np.array(steps, dtype=np.float64, copy=True)
             if sizes.size == 0:
                 raise ValueError("steps must hold at least one step size")
             if not np.all(np.isfinite(sizes)):

@@ -89,6 +89,8 @@ class Modulated(TimeDependentVector):
     def _g(self, t):
         v = self.g(float(t))
         refuse_complex(v, "g(t)")
+        if np.ndim(v) != 0:
+            raise TypeError(f"g(t) must return a number, got an array of shape {np.shape(v)} at t = {float(t)!r}")
         v = float(v)
         if not np.isfinite(v):
             check_finite(np.array([v]), f"g(t) at t = {t!r}")
@@ -211,7 +213,8 @@ def as_initial(u0, n: int) -> ParametricVector:
         if u0.n != n:
             raise ShapeError(f"u0 has {u0.n} entries but the state has {n}")
         return u0
-    v = ConstantVector(u0)
+    refuse_complex(u0, "u0")
+    v = ConstantVector(owned(u0.toarray() if sp.issparse(u0) else u0, "u0"))
     if v.b.shape != (n,):
         raise ShapeError(f"u0 must have shape ({n},), got {np.shape(u0)}")
     return v
