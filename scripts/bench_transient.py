@@ -4,6 +4,10 @@ Usage: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_transie
        [--sizes 64 128 256] [--steps 100 400] [--schemes crank_nicolson bdf2]
        [--solvers superlu cholmod pardiso] [--stiffness parametric constant] [--modes store checkpoint disk]
        [--repeat 3] [--profile] [--no-warmup] [--out scripts/results/bench_transient.json] [--quick]
+       env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_transient.py --gallery heat_source_inversion
+       [--gallery-n 128] [--gallery-steps 1000] [--gallery-solver cholmod] [--gallery-snapshots 10 40]
+       [--gallery-schedules multistage mixed] [--gallery-scheme crank_nicolson] [--repeat 3] [--no-warmup]
+       [--out scripts/results/bench_transient_gallery.json]
 
 Run it with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset (``env -u``, as above) as the other benchmarks
 are: the development machine sets them. The JSON records the command line and those variables as the process
@@ -71,6 +75,35 @@ multistage schedule, which compiles for seconds in every new process), untimed, 
 The JSON (``--out``; default ``scripts/results/bench_transient.json``, ``..._quick.json`` with ``--quick``) is
 written atomically after every row (``complete: false`` until the end). Exit status 2 for bad input, 1 when a
 row failed (a solver that is not installed gives a ``skipped`` row, not a failure).
+
+Gallery mode (``--gallery heat_source_inversion``): instead of the problem above, the functional of
+``problems/heat_source_inversion.py`` (its ``build(n=--gallery-n, n_steps=--gallery-steps,
+scheme=--gallery-scheme, solver=..., memory=...)``: a moving source from 25 sensor time series, A and M fixed,
+21 (n-1)^2 parameters), with the solver ``--gallery-solver`` (default cholmod when installed, else superlu).
+``--repeat`` times at a new p (0.5 p_true plus a random perturbation; the same p in every row) ``value``,
+``gradient`` after it and ``hessp`` after that (stats reset before each; medians), then one ``gradient_cold``
+at one more p with no value before it. Rows:
+
+* ``stored``: the built functional, ``memory`` enough for the states, adjoints and tangents: expected
+  1 factorization for the functional's life, N forward solves (value), N adjoint (gradient), N tangent + N
+  second-adjoint (hessp) (``solves_as_expected``), and (value + gradient) / value <= 2.05
+  (``met_ratio_target``);
+* per ``--gallery-schedules`` x ``--gallery-snapshots`` s: a TransientReducedFunctional on the built one's
+  parts (``build()`` takes ``memory`` and ``checkpoint_dir``, not ``snapshots`` or ``schedule``) with
+  ``snapshots=s, schedule=...``. ``steps_per_step`` = ``J.stats.time_steps / N`` of each call; ``promise``:
+  the forward steps of the checkpoint_schedules schedule the functional runs, counted by iterating it
+  (``schedule_steps``), the optimum (Revolve's closed form for multistage, the mixed schedule's cost table;
+  ``optimal_steps``) and the figure TransientReducedFunctional's docstring states at N = 1000
+  (``stated_per_step``: 4.636 / 3.097 multistage, 3.921 / 2.142 mixed at s = 10 / 40); ``met_promise``: the cold
+  gradient and the gradient after a value both take the schedule's steps, which are the optimum.
+  ``stored_states`` (``J.stats.stored_states`` of the cold gradient; ``_hessp`` of the Hessian action, whose
+  levels are (u, du) pairs) and ``stored_bytes`` = stored_states * 8 * unknowns (the process's peak RSS is
+  shared by the rows, so it is not per row); ``gradient_rel_diff`` (2-norm), ``gradient_max_rel_diff``
+  (max-norm), ``hessp_rel_diff``, ``value_rel_diff`` against the stored row at the same p (max over the
+  repetitions and the cold gradient).
+
+It prints a markdown table and writes ``scripts/results/bench_transient_gallery.json`` (atomically, after
+every row).
 """
 
 from __future__ import annotations
@@ -116,6 +149,13 @@ ENV_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 STEP_CALLS, STEP_BLOCKS = 10, 7  # the plain step: median over 7 blocks of 10 back-to-back calls
 BATCH = 16  # TransientReducedFunctional's default contraction batch
 GIB = 2**30
+GALLERY = ("heat_source_inversion",)
+GALLERY_OUT = "bench_transient_gallery.json"
+#: forward steps per step of a gradient that the schedules promise at N = 1000 (TransientReducedFunctional's
+#: docstring: Revolve's counts for multistage; the mixed schedule's)
+STATED_PROMISE = {("multistage", 1000, 10): 4.636, ("multistage", 1000, 40): 3.097,
+                  ("mixed", 1000, 10): 3.921, ("mixed", 1000, 40): 2.142}
+RATIO_TARGET = 2.05  # (value + gradient) / value with all states stored
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -145,13 +185,29 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-warmup", action="store_true", help="skip the JIT / import warm-up on a tiny mesh")
     ap.add_argument("--quick", action="store_true",
                     help="tiny sizes for a smoke test (n=8, 16 steps, CN + BDF2, superlu, both kinds, repeat 2)")
-    ap.add_argument("--out", default=None, help="JSON output (default scripts/results/bench_transient.json)")
+    ap.add_argument("--out", default=None, help="JSON output (default scripts/results/bench_transient.json; "
+                                                "bench_transient_gallery.json with --gallery)")
+    g = ap.add_argument_group("gallery mode (--gallery NAME: a gallery problem instead of the heat problem above)")
+    g.add_argument("--gallery", default=None, choices=GALLERY,
+                   help="benchmark the functional of problems/NAME.py (all states stored, then snapshots x schedules)")
+    g.add_argument("--gallery-n", type=int, default=128, help="n of the gallery problem's unit_square(n) (128)")
+    g.add_argument("--gallery-steps", type=int, default=1000, help="time steps N of the gallery problem (1000)")
+    g.add_argument("--gallery-scheme", default="crank_nicolson", choices=SCHEMES,
+                   help="time scheme of the gallery problem (crank_nicolson)")
+    g.add_argument("--gallery-solver", default=None, choices=SOLVERS,
+                   help="linear solver (default cholmod when installed, else superlu)")
+    g.add_argument("--gallery-snapshots", type=int, nargs="+", default=[10, 40], metavar="S",
+                   help="checkpoints in memory of the checkpointed rows (default 10 40)")
+    g.add_argument("--gallery-schedules", nargs="+", default=["multistage", "mixed"],
+                   choices=("multistage", "mixed"), help="checkpoint schedules (default multistage mixed)")
     return ap
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = parser()
     args = ap.parse_args(argv)
+    if args.gallery is not None:
+        return parse_gallery_args(ap, args)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -176,6 +232,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--source-nodes and --n-obs must be >= 1")
     if args.out is None:
         args.out = os.path.join(RESULTS, "bench_transient_quick.json" if args.quick else "bench_transient.json")
+    d = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        ap.error(f"--out: folder {d} does not exist or is not writable")
+    return args
+
+
+def parse_gallery_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The checks and defaults of --gallery (the heat problem's options do not apply)."""
+    if args.quick:
+        ap.error("--quick does not apply to --gallery: give --gallery-n and --gallery-steps")
+    if args.repeat is None:
+        args.repeat = DEFAULTS["repeat"]
+    if args.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.gallery_n < 2:
+        ap.error(f"--gallery-n must be >= 2 (cells per side), got {args.gallery_n}")
+    if args.gallery_steps < 2:
+        ap.error(f"--gallery-steps must be >= 2, got {args.gallery_steps}")
+    bad = [s for s in args.gallery_snapshots if not 1 <= s < args.gallery_steps]
+    if bad:
+        ap.error(f"--gallery-snapshots must be in [1, --gallery-steps - 1] = [1, {args.gallery_steps - 1}], got {bad}")
+    args.gallery_snapshots = sorted(set(args.gallery_snapshots))
+    args.gallery_schedules = list(dict.fromkeys(args.gallery_schedules))
+    if args.out is None:
+        args.out = os.path.join(RESULTS, GALLERY_OUT)
     d = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(d) or not os.access(d, os.W_OK):
         ap.error(f"--out: folder {d} does not exist or is not writable")
@@ -650,9 +731,380 @@ def source_hashes() -> dict:
     return out
 
 
+# -- gallery mode (--gallery NAME) ------------------------------------------------------------------
+def gallery_solver(label: str | None) -> str:
+    """--gallery-solver: the label given (MissingBackendError when it is not installed), else cholmod when
+    installed, else superlu."""
+    from adjopt.solvers import make_solver
+
+    if label is not None:
+        make_solver(label)
+        return label
+    try:
+        make_solver("cholmod")
+        return "cholmod"
+    except Exception:  # noqa: BLE001 - MissingBackendError: scikit-sparse not installed
+        return "superlu"
+
+
+def revolve_steps(N: int, s: int) -> int:
+    """Forward steps (the first sweep included) of the binomial (Revolve) reversal of N steps with s
+    checkpoints: (t + 1) N - C(s + t, s + 1), t the smallest with C(s + t, s) >= N."""
+    t = 1
+    while math.comb(s + t, s) < N:
+        t += 1
+    return (t + 1) * N - math.comb(s + t, s + 1)
+
+
+def schedule_steps(schedule: str, N: int, s: int) -> tuple[int, dict]:
+    """(forward steps, action counts) of the checkpoint_schedules schedule that a TransientReducedFunctional with
+    ``snapshots=s`` (no disk) runs for a march of N steps, counted by iterating the schedule itself."""
+    import checkpoint_schedules as cs
+
+    if schedule == "mixed":
+        sch = cs.MixedCheckpointSchedule(N, s, storage=cs.StorageType.RAM)
+    else:
+        sch = cs.MultistageCheckpointSchedule(N, s, 0)
+    steps, actions = 0, {}
+    for action in sch:
+        name = type(action).__name__
+        actions[name] = actions.get(name, 0) + 1
+        if isinstance(action, cs.Forward):
+            steps += min(int(action.n1), N) - int(action.n0)
+        elif isinstance(action, cs.EndReverse):
+            break
+    return steps, actions
+
+
+def optimal_steps(schedule: str, N: int, s: int) -> tuple[int, str]:
+    """(forward steps, where from) that the schedule promises: Revolve's closed form for multistage, the
+    mixed schedule's own cost table (checkpoint_schedules.mixed.mixed_steps_tabulation) for mixed."""
+    if schedule == "multistage":
+        return revolve_steps(N, s), "Revolve: (t + 1) N - C(s + t, s + 1), C(s + t - 1, s) < N <= C(s + t, s)"
+    from checkpoint_schedules.mixed import mixed_steps_tabulation
+
+    return int(mixed_steps_tabulation(N, s)[N, s, 2]), "checkpoint_schedules.mixed.mixed_steps_tabulation(N, s)[N, s, 2]"
+
+
+def schedule_promise(schedule: str, N: int, s: int) -> dict:
+    """Forward steps per step of a gradient under ``schedule`` with s checkpoints: iterated, the optimum, and
+    the figure TransientReducedFunctional's docstring states (N = 1000 only)."""
+    iterated, actions = schedule_steps(schedule, N, s)
+    best, source = optimal_steps(schedule, N, s)
+    return dict(schedule_steps=iterated, schedule_per_step=iterated / N, schedule_actions=actions,
+                optimal_steps=best, optimal_per_step=best / N, optimal_source=source,
+                stated_per_step=STATED_PROMISE.get((schedule, N, s)))
+
+
+def gallery_variant(J0, solver: str, schedule: str, snapshots: int):
+    """A TransientReducedFunctional on J0's parts with ``snapshots`` checkpoints in memory under ``schedule``
+    (the gallery's build() takes ``memory`` and ``checkpoint_dir`` but not these)."""
+    from adjopt.transient import TransientReducedFunctional
+
+    A = J0.A_op if J0.A_op is not None else J0._A_fixed
+    M = J0.M_op if J0.M_op is not None else J0._M_fixed
+    return TransientReducedFunctional(A, M, list(J0.terms) + list(J0.param_terms), J0.time, rhs=J0.rhs, u0=J0.u0,
+                                      solver=solver, memory=J0.memory, schedule=schedule, snapshots=snapshots,
+                                      batch=J0.batch)
+
+
+def max_rel_diff(x, ref) -> float:
+    """max_i |x_i - ref_i| / max_i |ref_i|."""
+    x, ref = np.asarray(x, dtype=float), np.asarray(ref, dtype=float)
+    return float(np.abs(x - ref).max() / max(float(np.abs(ref).max()), 1e-300))
+
+
+GALLERY_CALLS = ("value", "gradient", "hessp", "gradient_cold")
+
+
+def gallery_row(J, head: dict, ps: list, dp: np.ndarray, args, ref: dict | None, schedule=None,
+                snapshots=None) -> dict:
+    """--repeat times value, gradient and hessp at a new p (stats reset before each), then a gradient at one
+    more p with no value before it (``gradient_cold``); ``ref``: the stored row's record (or None)."""
+    N = J.time.n_steps
+    reps = []
+    for r in range(args.repeat):
+        p = ps[r]
+        load = loadavg()
+        v, tv, tm_v, st_v = timed_call(J, J.value, p)
+        g, tg, tm_g, st_g = timed_call(J, J.gradient, p)
+        h, th, tm_h, st_h = timed_call(J, J.hessp, p, dp)
+        reps.append(dict(t_value=tv, t_gradient=tg, t_hessp=th, loadavg=load, value=float(v), gradient=g, hessp=h,
+                         times=dict(value=tm_v, gradient=tm_g, hessp=tm_h),
+                         stats=dict(value=st_v, gradient=st_g, hessp=st_h)))
+    gc_, tc, tm_c, st_c = timed_call(J, J.gradient, ps[args.repeat])
+    med = {k: median([rep[k] for rep in reps]) for k in ("t_value", "t_gradient", "t_hessp")}
+    tv, tg, th = med["t_value"], med["t_gradient"], med["t_hessp"]
+    last = dict(reps[-1]["stats"], gradient_cold=st_c)
+    fpv = [int(rep["stats"]["value"]["factorizations"]) for rep in reps]
+    stored = {c: int(last[c]["stored_states"]) for c in GALLERY_CALLS}
+    grad_states, peak_states = stored["gradient_cold"], max(stored.values())
+    row = dict(head, row="stored" if schedule is None else f"{schedule} s={snapshots}", schedule=schedule,
+               snapshots=snapshots, memory_bytes=int(J.memory), repeat=args.repeat,
+               statistic="median of repeat, a new p each (the same p in every row); gradient_cold: one call",
+               **med, t_gradient_cold=tc, ratio_value_gradient=(tv + tg) / tv, ratio_hessp=th / tv,
+               ratio_gradient_cold=tc / tv,
+               factorizations=fpv[0], factorizations_per_value=fpv,
+               factorizations_total=sum(int(rep["stats"][c]["factorizations"]) for rep in reps
+                                        for c in CALLS) + int(st_c["factorizations"]),
+               solves={c: last[c]["solves"] for c in GALLERY_CALLS},
+               steps_per_step={c: last[c]["time_steps"] / N for c in GALLERY_CALLS},
+               time_steps={c: int(last[c]["time_steps"]) for c in GALLERY_CALLS},
+               recomputed_steps={c: int(last[c]["recomputed_steps"]) for c in GALLERY_CALLS},
+               checkpoints={c: int(last[c]["checkpoints"]) for c in GALLERY_CALLS},
+               stored_states_per_call=stored, stored_states=grad_states, stored_bytes=grad_states * 8 * J.n,
+               stored_MiB=grad_states * 8 * J.n / 2**20, stored_states_hessp=stored["hessp"],
+               stored_MiB_hessp=stored["hessp"] * 8 * J.n / 2**20, stored_states_max=peak_states,
+               stored_bytes_max=peak_states * 8 * J.n,
+               stats=last,
+               times=dict({c: {k: median([rep["times"][c].get(k, 0.0) for rep in reps])
+                               for k in sorted({k for rep in reps for k in rep["times"][c]})} for c in CALLS},
+                          gradient_cold=tm_c),
+               value=reps[-1]["value"], gradient_norm=float(np.linalg.norm(reps[-1]["gradient"])),
+               hessp_norm=float(np.linalg.norm(reps[-1]["hessp"])), gradient_cold_norm=float(np.linalg.norm(gc_)),
+               repetitions=[{k: v for k, v in rep.items() if k not in ("gradient", "hessp")} for rep in reps],
+               loadavg_after=loadavg())
+    if schedule is None:
+        row["solves_as_expected"] = (last["value"]["solves"] == {"forward": N}
+                                     and last["gradient"]["solves"] == {"adjoint": N}
+                                     and last["hessp"]["solves"] == {"tangent": N, "second_adjoint": N}
+                                     and last["gradient_cold"]["solves"] == {"forward": N, "adjoint": N})
+        row["met_factorizations"] = fpv[0] == 1 and row["factorizations_total"] == 1
+        row["ratio_target"] = RATIO_TARGET
+        row["met_ratio_target"] = row["ratio_value_gradient"] <= RATIO_TARGET
+        row["_reference"] = dict(reps=reps, gradient_cold=gc_)
+    else:
+        pr = schedule_promise(schedule, N, snapshots)
+        row["promise"] = pr
+        steps = pr["schedule_steps"]
+        row["met_promise"] = (row["time_steps"]["gradient_cold"] == steps == pr["optimal_steps"]
+                              and row["time_steps"]["gradient"] == steps)
+        row["hessp_met_promise"] = row["time_steps"]["hessp"] == steps
+        if pr["stated_per_step"] is not None:
+            row["met_stated_promise"] = round(row["steps_per_step"]["gradient_cold"], 3) == pr["stated_per_step"]
+        row["met_factorizations"] = fpv[0] == 1 and row["factorizations_total"] == 1
+        if ref is not None:
+            rr, gcr = ref["_reference"]["reps"], ref["_reference"]["gradient_cold"]
+            row.update(
+                slowdown_value=tv / ref["t_value"], slowdown_gradient=tg / ref["t_gradient"],
+                slowdown_value_gradient=(tv + tg) / (ref["t_value"] + ref["t_gradient"]),
+                slowdown_hessp=th / ref["t_hessp"], slowdown_gradient_cold=tc / ref["t_gradient_cold"],
+                value_rel_diff=max(abs(a["value"] - b["value"]) / max(abs(b["value"]), 1e-300) for a, b in zip(reps, rr)),
+                gradient_rel_diff=max([rel_diff(a["gradient"], b["gradient"]) for a, b in zip(reps, rr)]
+                                      + [rel_diff(gc_, gcr)]),
+                gradient_max_rel_diff=max([max_rel_diff(a["gradient"], b["gradient"]) for a, b in zip(reps, rr)]
+                                          + [max_rel_diff(gc_, gcr)]),
+                hessp_rel_diff=max(rel_diff(a["hessp"], b["hessp"]) for a, b in zip(reps, rr)),
+                hessp_max_rel_diff=max(max_rel_diff(a["hessp"], b["hessp"]) for a, b in zip(reps, rr)))
+    return row
+
+
+def run_gallery(args, emit) -> dict:
+    """Build the gallery problem, measure the stored row and every (schedule, snapshots) row; the build facts."""
+    from adjopt.cli import load_module
+    from adjopt.transient import DEFAULT_MEMORY
+
+    module = load_module(args.gallery)
+    solver = gallery_solver(args.gallery_solver)
+    n, N = args.gallery_n, args.gallery_steps
+    memory = max(DEFAULT_MEMORY, (3 * N + 4) * (n - 1) ** 2 * 8)  # the trajectory, the adjoints, the tangents
+    t0 = time.perf_counter()
+    problem = module.build(n=n, n_steps=N, scheme=args.gallery_scheme, solver=solver, memory=memory)
+    build_s = time.perf_counter() - t0
+    J0 = problem.functional
+    ps, dp = parameters(problem.meta["p_true"], "constant", args.repeat, args.seed)
+    head = dict(gallery=args.gallery, n=n, unknowns=int(J0.n), steps=N, scheme=args.gallery_scheme,
+                history=J0.time.history, solver=solver, solver_name=J0.solver.name, params=int(J0.n_params))
+    facts = dict(build_s=build_s, solver=solver, memory_bytes=int(memory), params=int(J0.n_params),
+                 unknowns=int(J0.n), variants="copies of the built functional's parts (build() takes memory and "
+                 "checkpoint_dir, not snapshots or schedule)")
+    ref = None
+    try:
+        ref = gallery_row(J0, head, ps, dp, args, None)
+        emit(ref)
+    except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
+        emit(dict(head, row="stored", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()))
+    J0.cache.clear()  # the stored trajectory and adjoints
+    release_memory()
+    for schedule in args.gallery_schedules:
+        for s in args.gallery_snapshots:
+            J = None
+            try:
+                J = gallery_variant(J0, solver, schedule, s)
+                row = gallery_row(J, head, ps, dp, args, ref, schedule, s)
+            except Exception as exc:  # noqa: BLE001
+                row = dict(head, row=f"{schedule} s={s}", schedule=schedule, snapshots=s,
+                           error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            emit(row)
+            J = None
+            release_memory()
+    return facts
+
+
+def gallery_warm_up(args) -> float:
+    """The gallery paths once on a tiny mesh (numba kernels of adjopt and of checkpoint_schedules), untimed."""
+    t0 = time.perf_counter()
+    quiet = argparse.Namespace(**{**vars(args), "gallery_n": 4, "gallery_steps": 9, "gallery_snapshots": [2, 3],
+                                  "repeat": 1})
+    try:
+        run_gallery(quiet, lambda row: None)
+    except Exception:  # noqa: BLE001 - the measured rows will record the error
+        pass
+    return time.perf_counter() - t0
+
+
+def markdown_table(rows: list[list], header: list[str]) -> str:
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt_row = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt_row(cells[0]), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"]
+                     + [fmt_row(r) for r in cells[1:]])
+
+
+def gallery_table(rows) -> str:
+    header = ["row", "t_value s", "t_grad s", "(v+g)/v", "t_hessp s", "h/v", "t_grad cold s", "fact",
+              "solves v / g / h / g cold", "steps/N g cold", "g", "h", "promise: schedule", "optimum", "stated",
+              "stored g cold / h", "MiB g cold / h", "grad rel diff", "grad max rel diff", "hessp rel diff"]
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append([r["row"], "ERROR"] + ["-"] * (len(header) - 2))
+            continue
+        pr = r.get("promise") or {}
+        sps = r["steps_per_step"]
+        out.append([r["row"], fmt(r["t_value"], ".4g"), fmt(r["t_gradient"], ".4g"),
+                    fmt(r["ratio_value_gradient"], ".3f"), fmt(r["t_hessp"], ".4g"), fmt(r["ratio_hessp"], ".3f"),
+                    fmt(r["t_gradient_cold"], ".4g"), r["factorizations_total"],
+                    " / ".join(solves_text(r["solves"][c]) for c in GALLERY_CALLS),
+                    fmt(sps["gradient_cold"], ".3f"), fmt(sps["gradient"], ".3f"), fmt(sps["hessp"], ".3f"),
+                    fmt(pr.get("schedule_per_step"), ".3f"), fmt(pr.get("optimal_per_step"), ".3f"),
+                    fmt(pr.get("stated_per_step"), ".3f"), f"{r['stored_states']} / {r['stored_states_hessp']}",
+                    f"{fmt(r['stored_MiB'], '.1f')} / {fmt(r['stored_MiB_hessp'], '.1f')}",
+                    fmt(r.get("gradient_rel_diff"), ".1e"), fmt(r.get("gradient_max_rel_diff"), ".1e"),
+                    fmt(r.get("hessp_rel_diff"), ".1e")])
+    return markdown_table(out, header)
+
+
+def gallery_summary(rows) -> dict:
+    got = [r for r in rows if "error" not in r]
+    store = next((r for r in got if r["schedule"] is None), None)
+    ck = [r for r in got if r["schedule"] is not None]
+    grow = {}
+    for sched in dict.fromkeys(r["schedule"] for r in ck):
+        mine = sorted((r for r in ck if r["schedule"] == sched), key=lambda r: r["snapshots"])
+        grow[sched] = all(a["stored_states"] < b["stored_states"] and a["stored_states_hessp"] < b["stored_states_hessp"]
+                          for a, b in zip(mine, mine[1:]))
+    diffs = [r["gradient_rel_diff"] for r in ck if r.get("gradient_rel_diff") is not None]
+    hdiffs = [r["hessp_rel_diff"] for r in ck if r.get("hessp_rel_diff") is not None]
+    return dict(rows=len(rows), rows_measured=len(got), rows_failed=len(rows) - len(got), ratio_target=RATIO_TARGET,
+                ratio_value_gradient=None if store is None else store["ratio_value_gradient"],
+                met_ratio_target=None if store is None else store["met_ratio_target"],
+                store_solves_as_expected=None if store is None else store["solves_as_expected"],
+                factorizations_met=all(r["met_factorizations"] for r in got) if got else None,
+                promises_met=all(r["met_promise"] for r in ck) if ck else None,
+                hessp_promises_met=all(r["hessp_met_promise"] for r in ck) if ck else None,
+                stated_promises_met=(all(r["met_stated_promise"] for r in ck if "met_stated_promise" in r)
+                                     if any("met_stated_promise" in r for r in ck) else None),
+                stored_states_grow_with_snapshots=grow,
+                max_gradient_rel_diff=max(diffs) if diffs else None, max_hessp_rel_diff=max(hdiffs) if hdiffs else None)
+
+
+def gallery_main(args, argv: list) -> int:
+    import numba
+
+    command = "env -u " + " -u ".join(ENV_UNSET) + f" python {SCRIPT} " + shlex.join(argv)
+    unset = {v: os.environ.get(v) for v in ENV_UNSET}
+    ok = all(v is None for v in unset.values())
+    run = dict(command=command, argv=argv, env_unset=unset, env_unset_ok=ok,
+               env_note=(f"{' and '.join(ENV_UNSET)} were unset for this run (env -u)" if ok else
+                         f"{', '.join(k for k, v in unset.items() if v is not None)} were SET for this run"),
+               config=dict(gallery=args.gallery, n=args.gallery_n, steps=args.gallery_steps,
+                           scheme=args.gallery_scheme, solver_requested=args.gallery_solver,
+                           snapshots=args.gallery_snapshots, schedules=args.gallery_schedules, repeat=args.repeat,
+                           seed=args.seed, no_warmup=args.no_warmup),
+               stored_bytes_note="stored_bytes = stored_states * 8 * unknowns (J.stats.stored_states: the most state "
+                                 "vectors held at once) of the cold gradient (stored_states), of hessp (stored_states_hessp) and the most over "
+                                 "the calls (stored_states_max); the process's peak RSS is shared by the rows")
+    if not ok:
+        print(f"warning: {', '.join(k for k, v in unset.items() if v is not None)} set; run the benchmark as "
+              f"{command}", file=sys.stderr)
+    data = dict(script=SCRIPT, mode="gallery", gallery=args.gallery, complete=False, rows=[], runs=[run],
+                summary=None)
+    run["info"] = machine_info(script=SCRIPT, argv=argv)
+    run["transient_sources"] = source_hashes()
+    run["problem_source"] = problem_hash(args.gallery)
+    write_json(args.out, data)
+    t_start = time.perf_counter()
+    run["warmup_s"] = 0.0 if args.no_warmup else gallery_warm_up(args)
+    run["info"]["blas"] = blas_info()
+    run["info"]["numba_threads"] = numba.get_num_threads()
+
+    def emit(row):
+        row = {k: v for k, v in row.items() if not k.startswith("_")}
+        data["rows"].append(row)
+        write_json(args.out, data)
+        head = f"{row['gallery']} n={row['n']} N={row['steps']} {row['solver']} {row['row']}:"
+        if "error" in row:
+            print(f"{head} ERROR {row['error'][:300]}", flush=True)
+            return
+        extra = ""
+        if row["schedule"] is not None:
+            pr = row["promise"]
+            extra = (f"; cold gradient {row['steps_per_step']['gradient_cold']:.3f} steps/N (schedule "
+                     f"{pr['schedule_per_step']:.3f}), stored {row['stored_states']} states, grad rel diff "
+                     f"{fmt(row.get('gradient_rel_diff'), '.1e')}")
+        print(f"{head} value {row['t_value']:.4g} s, gradient {row['t_gradient']:.4g} s, hessp {row['t_hessp']:.4g} s, "
+              f"cold gradient {row['t_gradient_cold']:.4g} s; (v+g)/v {row['ratio_value_gradient']:.3f}, h/v "
+              f"{row['ratio_hessp']:.3f}{extra}", flush=True)
+
+    try:
+        run["build"] = run_gallery(args, emit)
+    except Exception as exc:  # noqa: BLE001 - a failed build is recorded
+        emit(dict(gallery=args.gallery, n=args.gallery_n, steps=args.gallery_steps, solver=args.gallery_solver,
+                  row="build", error=f"build: {type(exc).__name__}: {exc}", traceback=traceback.format_exc()))
+    run["total_s"] = time.perf_counter() - t_start
+    run["peak_rss_GiB_process"] = peak_rss_gib()
+    run["loadavg_after"] = loadavg()
+    run["git_after"] = git_state()
+    data["summary"] = gallery_summary(data["rows"])
+    data["complete"] = True
+    write_json(args.out, data)
+
+    s = data["summary"]
+    print()
+    print(f"{args.gallery}: n = {args.gallery_n}, N = {args.gallery_steps} {args.gallery_scheme} steps, "
+          f"{(run.get('build') or {}).get('solver', '-')}, median of {args.repeat} (a new p each); the cold gradient "
+          f"is one call at one more p; steps/N = J.stats.time_steps / N; stored MiB = stored states x 8 x unknowns:")
+    print(gallery_table(data["rows"]))
+    print()
+    print(f"{s['rows_measured']} measured row(s), {s['rows_failed']} failed; (v+g)/v stored "
+          f"{fmt(s['ratio_value_gradient'], '.3f')} <= {RATIO_TARGET}: {fmt(s['met_ratio_target'])}; stored solves "
+          f"as expected: {fmt(s['store_solves_as_expected'])}; factorizations 1: {fmt(s['factorizations_met'])}; "
+          f"gradient steps = schedule = optimum: {fmt(s['promises_met'])} (hessp {fmt(s['hessp_promises_met'])}, "
+          f"stated {fmt(s['stated_promises_met'])}); stored states grow with s: {s['stored_states_grow_with_snapshots']}; "
+          f"max gradient rel diff {fmt(s['max_gradient_rel_diff'], '.1e')}, hessp {fmt(s['max_hessp_rel_diff'], '.1e')}")
+    env = run["info"]["blas"]["thread_env"]
+    print(f"OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={env.get('OPENBLAS_L2_SIZE')}; "
+          f"numba threads {run['info']['numba_threads']}; warm-up {run['warmup_s']:.3g} s, total "
+          f"{run['total_s']:.4g} s; wrote {args.out}")
+    return 1 if s["rows_failed"] else 0
+
+
+def problem_hash(name: str) -> str | None:
+    import hashlib
+
+    path = os.path.join(ROOT, "problems", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.gallery is not None:
+        return gallery_main(args, argv)
     import numba
 
     command = "env -u " + " -u ".join(ENV_UNSET) + f" python {SCRIPT} " + shlex.join(argv)

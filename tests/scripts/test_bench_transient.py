@@ -114,3 +114,103 @@ def test_bench_transient_memory_states():
     m = _module()
     assert m.memory_states(16, 1) == 4 and m.memory_states(200, 2) == 15 and m.memory_states(400, 1) == 20
     assert m.memory_states(4, 2) == 4  # at least one (u, du) snapshot of BDF2's two levels
+
+
+def _schedule_steps(schedule, n_steps, s):
+    """Forward steps of the checkpoint_schedules schedule a functional with snapshots=s runs (iterated here)."""
+    import checkpoint_schedules as cs
+
+    sch = (cs.MixedCheckpointSchedule(n_steps, s, storage=cs.StorageType.RAM) if schedule == "mixed"
+           else cs.MultistageCheckpointSchedule(n_steps, s, 0))
+    steps = 0
+    for action in sch:
+        if isinstance(action, cs.Forward):
+            steps += min(int(action.n1), n_steps) - int(action.n0)
+        elif isinstance(action, cs.EndReverse):
+            break
+    return steps
+
+
+def test_bench_transient_gallery(tmp_path):
+    n_steps, snaps = 30, (3, 6)
+    out = tmp_path / "gallery.json"
+    res = _run("--gallery", "heat_source_inversion", "--gallery-n", "8", "--gallery-steps", str(n_steps),
+               "--gallery-snapshots", *map(str, snaps), "--gallery-solver", "superlu", "--repeat", "1",
+               "--out", str(out))
+    assert "| multistage s=3 |" in res.stdout and f"wrote {out}" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["mode"] == "gallery" and data["gallery"] == "heat_source_inversion"
+    (run,) = data["runs"]
+    assert run["command"].startswith("env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_transient.py "
+                                     "--gallery heat_source_inversion")
+    assert run["env_unset_ok"] and "were unset" in run["env_note"] and run["build"]["solver"] == "superlu"
+    assert run["problem_source"] and "functional.py" in run["transient_sources"]
+    rows = {r["row"]: r for r in data["rows"]}
+    assert list(rows) == ["stored"] + [f"{sc} s={s}" for sc in ("multistage", "mixed") for s in snaps]
+    nf = 7 * 7
+    for r in rows.values():
+        assert "error" not in r and r["unknowns"] == nf and r["steps"] == n_steps and r["params"] == 21 * nf
+        assert r["solver"] == "superlu" and r["factorizations"] == r["factorizations_total"] == 1
+        for k in ("t_value", "t_gradient", "t_hessp", "t_gradient_cold"):
+            assert r[k] > 0, k
+        assert r["ratio_value_gradient"] == pytest.approx((r["t_value"] + r["t_gradient"]) / r["t_value"])
+        assert r["ratio_hessp"] == pytest.approx(r["t_hessp"] / r["t_value"])
+        assert r["stored_bytes"] == r["stored_states"] * 8 * nf and r["solves"]["value"] == {"forward": n_steps}
+    st = rows["stored"]
+    assert st["solves_as_expected"] and st["met_factorizations"] and st["ratio_target"] == 2.05
+    assert st["solves"]["gradient"] == {"adjoint": n_steps}
+    assert st["solves"]["hessp"] == {"tangent": n_steps, "second_adjoint": n_steps}
+    assert st["solves"]["gradient_cold"] == {"forward": n_steps, "adjoint": n_steps}
+    assert st["steps_per_step"] == {"value": 1.0, "gradient": 0.0, "hessp": 0.0, "gradient_cold": 1.0}
+    assert st["stored_states"] == 2 * n_steps + 1 and st["stored_states_hessp"] == 3 * n_steps + 2
+    for sched in ("multistage", "mixed"):
+        for s in snaps:
+            r = rows[f"{sched} s={s}"]
+            steps = _schedule_steps(sched, n_steps, s)  # the schedule's promise
+            assert r["time_steps"] == {"value": n_steps, "gradient": steps, "hessp": steps, "gradient_cold": steps}
+            assert r["steps_per_step"]["gradient_cold"] == pytest.approx(steps / n_steps)
+            assert r["promise"]["schedule_steps"] == r["promise"]["optimal_steps"] == steps
+            assert r["promise"]["stated_per_step"] is None  # stated for N = 1000 only
+            assert r["met_promise"] and r["hessp_met_promise"] and "met_stated_promise" not in r
+            assert r["solves"]["gradient_cold"] == {"forward": steps, "adjoint": n_steps}
+            assert r["solves"]["hessp"] == {"forward": steps, "tangent": steps, "adjoint": n_steps,
+                                            "second_adjoint": n_steps}
+            assert 0 < r["stored_states"] < r["stored_states_hessp"] < n_steps + 1
+            assert r["gradient_rel_diff"] <= 1e-12 and r["hessp_rel_diff"] <= 1e-12 and r["value_rel_diff"] <= 1e-12
+        lo, hi = rows[f"{sched} s={snaps[0]}"], rows[f"{sched} s={snaps[1]}"]
+        assert lo["stored_states"] < hi["stored_states"] and lo["time_steps"]["gradient"] > hi["time_steps"]["gradient"]
+    s = data["summary"]
+    assert s["rows_measured"] == 5 and s["rows_failed"] == 0 and s["promises_met"] and s["store_solves_as_expected"]
+    assert s["stored_states_grow_with_snapshots"] == {"multistage": True, "mixed": True}
+    assert s["met_ratio_target"] == (st["ratio_value_gradient"] <= 2.05)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.json"]  # written atomically
+
+
+def test_bench_transient_gallery_promise():
+    m = _module()
+    for n_steps, s in ((30, 3), (30, 6), (57, 5), (100, 10)):
+        for sched in ("multistage", "mixed"):
+            pr = m.schedule_promise(sched, n_steps, s)
+            assert pr["schedule_steps"] == pr["optimal_steps"] == _schedule_steps(sched, n_steps, s)
+    assert m.revolve_steps(1000, 10) == 4636 and m.revolve_steps(1000, 40) == 3097
+    assert m.STATED_PROMISE[("mixed", 1000, 10)] == 3.921
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gallery", "poisson"], "invalid choice"),
+    (["--gallery", "heat_source_inversion", "--gallery-snapshots", "0"], "--gallery-snapshots must be in"),
+    (["--gallery", "heat_source_inversion", "--gallery-steps", "10", "--gallery-snapshots", "10"],
+     "--gallery-snapshots must be in"),
+    (["--gallery", "heat_source_inversion", "--gallery-n", "1"], "--gallery-n must be >= 2"),
+    (["--gallery", "heat_source_inversion", "--quick"], "--quick does not apply"),
+])
+def test_bench_transient_gallery_rejects_bad_input(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        _module().parse_args(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_transient_gallery_defaults():
+    args = _module().parse_args(["--gallery", "heat_source_inversion"])
+    assert (args.gallery_n, args.gallery_steps, args.gallery_snapshots, args.repeat) == (128, 1000, [10, 40], 3)
+    assert args.gallery_schedules == ["multistage", "mixed"] and args.out.endswith("bench_transient_gallery.json")
