@@ -278,6 +278,14 @@ def test_newton_cg_on_the_hessian_actions_reaches_a_stationary_point():
     assert J.value(res.x) < J.value(p)
 
 
+def _small():
+    """(n, A(p), M, a 5-step grid, a final-time objective) of the small heat problem of the input tests."""
+    msh, dofs, conn = _parts()
+    n = dofs.n_free
+    A = adjopt.ElementCoefficientMatrix(conn, fem.p1_stiffness(msh), "exp", n=n)
+    return n, A, fem.assemble(conn, fem.p1_mass(msh), n), TimeStepping(dt=0.1, n_steps=5), Final(adjopt.Norm())
+
+
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(scheme="rk4", dt=0.1, n_steps=3), ValueError, "unknown scheme"),
     (dict(dt=0.0, n_steps=3), ValueError, "positive"),
@@ -298,12 +306,7 @@ def test_bad_time_grids_are_refused(kwargs, err, match):
 
 
 def test_bad_functional_input_is_refused(tmp_path):
-    msh, dofs, conn = _parts()
-    n = dofs.n_free
-    A = adjopt.ElementCoefficientMatrix(conn, fem.p1_stiffness(msh), "exp", n=n)
-    M = fem.assemble(conn, fem.p1_mass(msh), n)
-    time = TimeStepping(dt=0.1, n_steps=5)
-    obj = Final(adjopt.Norm())
+    n, A, M, time, obj = _small()
     with pytest.raises(TypeError, match="AtSteps"):
         TransientReducedFunctional(A, M, adjopt.SquaredMisfit(np.zeros(n)), time)
     with pytest.raises(ValueError, match="outside 0..5"):
@@ -503,12 +506,7 @@ def test_a_forward_simulation_needs_no_parameter():
 
 def test_hostile_review_findings(tmp_path):
     """Each a finding of a hostile review: clear errors up front instead of late or misleading ones."""
-    msh, dofs, conn = _parts()
-    n = dofs.n_free
-    A = adjopt.ElementCoefficientMatrix(conn, fem.p1_stiffness(msh), "exp", n=n)
-    M = fem.assemble(conn, fem.p1_mass(msh), n)
-    time = TimeStepping(dt=0.1, n_steps=5)
-    obj = Final(adjopt.Norm())
+    n, A, M, time, obj = _small()
     p = np.zeros(A.n_params)
     # a checkpoint folder adjopt cannot write into is refused at construction
     target = tmp_path / "file"
