@@ -712,27 +712,13 @@ class TransientReducedFunctional:
         keep_lam = ctx.u is not None and self._fits(2 * N + 1)
         lams = [None] * (N + 1) if keep_lam else None
         bcache: dict = {}
-        total = [self._objective_at(ctx, 0, ctx.u[0]) if ctx.u is not None else None]
+        total = [0.0]  # the objective, summed by the first sweep of a checkpointed march
 
-        if ctx.u is not None:
-            stored = ctx.u
-
-            def advance(k, prev, initial):  # never called: every level is kept
-                raise AssertionError
-
-            start = (stored[0],)
-            actions_held = len(stored)
-        else:
-            u0 = self._initial(ctx)
-            start = (u0,)
-            actions_held = 0
-            total[0] = self._objective_at(ctx, 0, u0)
-
-            def advance(k, prev, initial):
-                u = self._advance(ctx, k, lambda lv: prev(lv)[0], bcache)
-                if initial:
-                    total[0] += self._objective_at(ctx, k, u)
-                return (u,)
+        def advance(k, prev, initial):  # a checkpointed march (the states are not kept)
+            u = self._advance(ctx, k, lambda lv: prev(lv)[0], bcache)
+            if initial:
+                total[0] += self._objective_at(ctx, k, u)
+            return (u,)
 
         def U(get, level):
             return ctx.u[level] if ctx.u is not None else get(level)[0]
@@ -801,7 +787,9 @@ class TransientReducedFunctional:
                 self._report("reverse", N - k + 1)
             finish(None)
         else:
-            self._march(ctx, 1, start, advance, reverse, finish, held=actions_held)
+            u0 = self._initial(ctx)
+            total[0] = self._objective_at(ctx, 0, u0)
+            self._march(ctx, 1, (u0,), advance, reverse, finish)
             if recompute:
                 self.stats.recomputed_steps += N
             else:
