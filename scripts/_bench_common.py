@@ -113,6 +113,12 @@ def median_time(f, repeat: int = 5) -> float:
     return float(np.median(times))
 
 
+def median(xs) -> float | None:
+    """Median of the values that are not None (None when there are none)."""
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else None
+
+
 def copy_bandwidth(nbytes: int = 2**28, repeat: int = 5) -> float:
     """The machine's copy bandwidth in bytes/s: ``np.copyto`` of a large array, counting read + write.
 

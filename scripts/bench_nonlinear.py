@@ -83,6 +83,8 @@ from _bench_common import (
     git_state,
     loadavg,
     machine_info,
+    median,
+    median_time,
     peak_rss_gib,
     release_memory,
     reset_peak,
@@ -267,20 +269,6 @@ def setups(stats: dict) -> int:
     return int(stats["factorizations"] + stats["transpose_factorizations"])
 
 
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.median(xs)) if xs else None
-
-
-def median_time(f, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def kernel_times(J, p: np.ndarray, dp: np.ndarray) -> dict:
     """The pieces of value, gradient and hessp timed alone at the state of p (median of 3)."""
     from adjopt.solvers import is_symmetric
@@ -292,20 +280,20 @@ def kernel_times(J, p: np.ndarray, dp: np.ndarray) -> dict:
     drho = np.array(pmap.jvp(p, dp))
     K = R.jacobian(u, rho)
     return dict(
-        residual=median_time(lambda: R.residual(u, rho)),
-        jacobian=median_time(lambda: R.jacobian(u, rho)),
-        symmetry_check=median_time(lambda: is_symmetric(K)),
-        vjp=median_time(lambda: R.vjp(u, rho, lam)),
-        jvp=median_time(lambda: R.jvp(u, rho, drho)),
-        second=median_time(lambda: R.second(u, rho, lam, lam, drho)),
-        map_forward=median_time(lambda: pmap.forward(p)),
-        map_vjp=median_time(lambda: pmap.vjp(p, rho)),
-        map_jvp=median_time(lambda: pmap.jvp(p, dp)),
-        objective_value=median_time(lambda: f.value(u, p)),
-        objective_grad_u=median_time(lambda: f.grad_u(u, p)),
-        objective_grad_p=median_time(lambda: f.grad_p(u, p)),
+        residual=median_time(lambda: R.residual(u, rho), 3),
+        jacobian=median_time(lambda: R.jacobian(u, rho), 3),
+        symmetry_check=median_time(lambda: is_symmetric(K), 3),
+        vjp=median_time(lambda: R.vjp(u, rho, lam), 3),
+        jvp=median_time(lambda: R.jvp(u, rho, drho), 3),
+        second=median_time(lambda: R.second(u, rho, lam, lam, drho), 3),
+        map_forward=median_time(lambda: pmap.forward(p), 3),
+        map_vjp=median_time(lambda: pmap.vjp(p, rho), 3),
+        map_jvp=median_time(lambda: pmap.jvp(p, dp), 3),
+        objective_value=median_time(lambda: f.value(u, p), 3),
+        objective_grad_u=median_time(lambda: f.grad_u(u, p), 3),
+        objective_grad_p=median_time(lambda: f.grad_p(u, p), 3),
         objective_hess=median_time(lambda: (f.hess_uu(u, p, u), f.hess_up(u, p, dp), f.hess_pp(u, p, dp),
-                                            f.hess_pu(u, p, u))),
+                                            f.hess_pu(u, p, u)), 3),
         jacobian_nnz=int(K.nnz),
     )
 

@@ -125,6 +125,8 @@ from _bench_common import (
     git_state,
     loadavg,
     machine_info,
+    median,
+    median_time,
     peak_rss_gib,
     release_memory,
     reset_peak,
@@ -357,21 +359,6 @@ def timed_call(J, f, *args):
     out = f(*args)
     t = time.perf_counter() - t0
     return out, t, {k: float(v) for k, v in J.times.items()}, J.stats.as_dict()
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.median(xs)) if xs else None
-
-
-def median_time(f, repeat: int = 9) -> float:
-    f()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def per_call(f, calls: int | None = None, blocks: int | None = None) -> tuple[float, float]:
