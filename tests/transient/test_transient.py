@@ -560,3 +560,52 @@ def test_hostile_review_findings(tmp_path):
     with pytest.raises(adjopt.NonFiniteError, match="overflowed.*theta = 0.0 < 1/2") as info:
         J.value(q)
     assert "np.float64" not in str(info.value) and "coefficient that underflows" not in str(info.value)
+
+
+def test_the_remaining_raises_of_grids_sources_and_terms():
+    n, A, M, time, obj = _small()
+    time_l = TimeStepping(dt=0.1, n_steps=4)
+    assert time_l.level(0.2) == 2
+    with pytest.raises(ValueError, match="not a time level of this grid \\(nearest: t_2 = 0.2"):
+        time_l.level(0.25)
+    with pytest.raises(TypeError, match="positive number"):
+        TimeStepping(dt="0.1", n_steps=3)
+    with pytest.raises(ValueError, match="at least one step size"):
+        TimeStepping(steps=[])
+    with pytest.raises(ValueError, match="t0 must be a finite number"):
+        TimeStepping(dt=0.1, n_steps=3, t0=np.nan)
+    with pytest.raises(ValueError, match="at least one time level"):
+        TimeSeriesMisfit(np.ones((0, n)), [])
+    with pytest.raises(adjopt.ShapeError, match="must have 2 rows"):
+        TimeSeriesMisfit(np.ones((1, 2)), [1], B=np.ones((3, n)))
+    with pytest.raises(adjopt.ShapeError, match="one entry per level"):
+        TimeSeriesMisfit(np.ones((1, n)), [1], weights=[1.0, 2.0])
+    with pytest.raises(adjopt.ShapeError, match="one weight per observation"):
+        TimeSeriesMisfit(np.ones((1, n)), [1], W=np.ones(n + 1))
+    with pytest.raises(TypeError, match="adjopt Objective"):
+        AtSteps(lambda u, p: 0.0, [1])
+    with pytest.raises(adjopt.ShapeError, match="one entry per level"):
+        AtSteps(adjopt.Norm(), [1, 2], weights=[1.0])
+    with pytest.raises(TypeError, match="must be a TimeTerm"):
+        TransientReducedFunctional(A, M, [obj, "misfit"], time)
+    with pytest.raises(TypeError, match="g must be a callable"):
+        Modulated(np.ones(n), 2.0)
+    with pytest.raises(TypeError, match="f must be a callable"):
+        TimeFunction(np.ones(n), n)
+    J = TransientReducedFunctional(A, M, obj, time, rhs=TimeFunction(lambda t: np.ones(n + 1), n), solver="superlu")
+    with pytest.raises(adjopt.ShapeError, match="f\\(t\\) must return an array of shape"):
+        J.value(np.zeros(A.n_params))
+    with pytest.raises(adjopt.ShapeError, match="B must be an \\(n, m\\) matrix"):
+        SpaceTimeSource(np.ones(n), [0.0])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SpaceTimeSource(np.ones((n, 2)), [0.0, 0.0])
+    with pytest.raises(TypeError, match="rhs must be None"):
+        TransientReducedFunctional(A, M, obj, time, rhs="source")
+    with pytest.raises(adjopt.ShapeError, match="single vector"):
+        TransientReducedFunctional(A, M, obj, time, rhs=np.ones((n, 2)))
+    with pytest.raises(adjopt.ShapeError, match="u0 has 3 entries"):
+        TransientReducedFunctional(A, M, obj, time, u0=adjopt.AffineVector(None, np.ones((3, A.n_params))))
+    with pytest.raises(TypeError, match="ParametricMatrix or a \\(sparse\\) matrix"):
+        TransientReducedFunctional(A, "M", obj, time)
+    with pytest.raises(adjopt.ShapeError, match="must be square"):
+        TransientReducedFunctional(A, sp.csr_array(np.ones((n, n + 1))), obj, time)
