@@ -210,6 +210,7 @@ class Progress:
         self.maxiter = maxiter
         self.last = None
         self.bar = None
+        self.march_task = None
         if not quiet:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -229,6 +230,32 @@ class Progress:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.stop()
+
+    def march(self, phase: str, step: int, n_steps: int) -> None:
+        """A time-dependent functional's ``progress``: a second bar for the running march (forward, reverse),
+        redrawn about 200 times per march."""
+        if self.bar is None:
+            return
+        if step != n_steps and step % max(n_steps // 200, 1):
+            return
+        if self.march_task is None:
+            self.march_task = self.bar.add_task(f"{phase} march", total=n_steps)
+        self.bar.update(self.march_task, description=f"{phase} march", completed=step, total=n_steps)
+
+    @contextlib.contextmanager
+    def marches(self, functional):
+        """Show the marches of ``functional`` (a time-dependent one without a progress callback of its own)."""
+        from .transient import TransientReducedFunctional
+
+        hook = isinstance(functional, TransientReducedFunctional) and functional.progress is None \
+            and self.bar is not None
+        if hook:
+            functional.progress = self.march
+        try:
+            yield
+        finally:
+            if hook:
+                functional.progress = None
 
     def __call__(self, info: dict, solves: int | None = None):
         line = dict(nit=info["nit"], f=info["f"], stationarity=info["stationarity"], step=info.get("step", math.nan),
@@ -457,7 +484,7 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
                              "choose another file") from exc
     try:
         with Progress(stop["maxiter"], quiet=args.quiet or not rank0, log_json=log_json,
-                      title=f"{problem.name} / {method}") as prog:
+                      title=f"{problem.name} / {method}") as prog, prog.marches(problem.functional):
             stats = getattr(problem.functional, "stats", None)
 
             def callback(info):

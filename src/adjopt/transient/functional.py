@@ -45,6 +45,7 @@ import scipy.sparse as sp
 from .._validate import as_count, as_parameter, check_finite, check_tolerance, owned
 from ..errors import NonFiniteError, ShapeError, SingularMatrixError
 from ..operators import ParametricMatrix
+from ..operators.residual import ParametricResidual
 from ..solvers import make_solver
 from ..solvers.base import SolverStats
 from .objectives import split_terms
@@ -143,6 +144,7 @@ class _Context:
     lam: list | None = None  # every level's adjoint (index 0 unused), when kept
     mu: np.ndarray | None = None
     grad: np.ndarray | None = None
+    levels: object = None  # what a nonlinear march caches of its latest levels (R, K)
 
 
 class _Cache:
@@ -167,7 +169,10 @@ class TransientReducedFunctional:
     Parameters
     ----------
     stiffness
-        A(p): a :class:`~adjopt.operators.ParametricMatrix`, or a sparse matrix that does not depend on p.
+        A(p): a :class:`~adjopt.operators.ParametricMatrix`, or a sparse matrix that does not depend on p. A
+        :class:`~adjopt.operators.ParametricResidual` R(u, p) instead makes the equation M du/dt + R(u, p) =
+        b(t, p), solved by Newton's method at every step: the call then returns a
+        :class:`~adjopt.transient.NonlinearTransientReducedFunctional` (which also takes ``newton=``).
     mass
         M(p), the same kinds; ``None`` is the identity (an ODE system u' + A u = b).
     objective
@@ -210,14 +215,29 @@ class TransientReducedFunctional:
         ``"forward"`` or ``"reverse"`` (for a progress bar); the marches also log at DEBUG every tenth.
     """
 
+    def __new__(cls, stiffness=None, *args, **kwargs):
+        if cls is TransientReducedFunctional and isinstance(stiffness, ParametricResidual):
+            from .nonlinear import NonlinearTransientReducedFunctional
+
+            cls = NonlinearTransientReducedFunctional
+        return super().__new__(cls)
+
     def __init__(self, stiffness, mass, objective, time: TimeStepping, rhs=None, u0=None, solver="auto",
                  memory: int = DEFAULT_MEMORY, checkpoint_dir=None, disk_snapshots=None, schedule: str = "multistage",
                  snapshots: int | None = None, batch: int = 16, progress=None):
         if not isinstance(time, TimeStepping):
             raise TypeError(f"time must be a TimeStepping (scheme and grid), got {type(time).__name__}")
         self.time = time
-        self.A_op, self._A_fixed = _matrix(stiffness, "the stiffness A")
-        n = (self.A_op.shape if self.A_op is not None else self._A_fixed.shape)[0]
+        if isinstance(stiffness, ParametricResidual):  # M du/dt + R(u, p) = b: see NonlinearTransientReducedFunctional
+            if not getattr(self, "_nonlinear", False):
+                raise TypeError("a ParametricResidual steps with NonlinearTransientReducedFunctional (which "
+                                "TransientReducedFunctional(residual, ...) returns)")
+            self.R, self.A_op, self._A_fixed = stiffness, None, None
+            n = stiffness.n
+        else:
+            self.R = None
+            self.A_op, self._A_fixed = _matrix(stiffness, "the stiffness A")
+            n = (self.A_op.shape if self.A_op is not None else self._A_fixed.shape)[0]
         if mass is None:
             self.M_op, self._M_fixed = None, sp.identity(n, format="csr")
         else:
@@ -231,7 +251,8 @@ class TransientReducedFunctional:
             raise ShapeError(f"the right-hand side has {self.rhs.n} entries but the state has {n}")
         self.u0 = as_initial(u0, n)
         sizes = {}
-        for name, op in (("stiffness", self.A_op), ("mass", self.M_op), ("rhs", self.rhs), ("u0", self.u0)):
+        for name, op in (("stiffness", self.A_op), ("residual", self.R), ("mass", self.M_op), ("rhs", self.rhs),
+                         ("u0", self.u0)):
             if op is not None and getattr(op, "n_params", None) is not None:
                 sizes[name] = int(op.n_params)
         if not sizes and objective is not None:
@@ -380,9 +401,11 @@ class TransientReducedFunctional:
                 self.solver.recycle(fac)
         self._ctx = None
         t0 = time.perf_counter()
-        A = self._A_fixed if self.A_op is None else self.A_op.assemble(p)
+        A = None
+        if self.R is None:  # a residual R(u, p) is evaluated at each state instead
+            A = self._A_fixed if self.A_op is None else self.A_op.assemble(p)
+            check_finite(A.data, "A(p)")
         M = self._M_fixed if self.M_op is None else self.M_op.assemble(p)
-        check_finite(A.data, "A(p)")
         check_finite(M.data, "M(p)")
         self.times["assembly"] += time.perf_counter() - t0
         self._ctx = _Context(p=p, A=A, M=M)
