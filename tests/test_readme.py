@@ -69,3 +69,14 @@ def test_readme_transient_example_runs(capsys):
     assert sum("PASS" in line for line in lines) >= 3
     diff, recomputed = lines[-1].split()
     assert float(diff) <= 1e-12 * gnorm and int(recomputed) > 100
+
+
+def test_readme_nonlinear_transient_example_runs(capsys):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S)
+                if "TransientReducedFunctional(R" in c)
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    value, newton, factorizations = lines[0].split()
+    assert float(value) > 0 and int(newton) > 25 and int(factorizations) == int(newton)
+    assert sum("PASS" in line for line in lines) >= 3

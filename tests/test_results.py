@@ -292,3 +292,18 @@ def test_missing_matplotlib_skips_pictures(poisson_run, tmp_path, monkeypatch, c
     assert not any(name.endswith(".png") for name in written)
     assert "matplotlib is not installed" in caplog.text
     assert (tmp_path / "nopics" / "fields.vtu").is_file()
+
+
+def test_a_space_time_parameter_is_placed_block_by_block():
+    """K blocks of free-dof values (the heat source inversion's source at K time nodes) become parameter_1..K."""
+    import heat_source_inversion  # noqa: E402
+
+    problem = heat_source_inversion.build(n=8, n_steps=10)
+    meta = problem.meta
+    K, nf = meta["nodes"].size, meta["dofs"].n_free
+    x = np.arange(K * nf, dtype=float)
+    fd = fields(problem, x)
+    names = {f"parameter_{k + 1}" for k in range(K)}
+    assert names <= set(fd["point_data"])
+    for k in range(K):
+        np.testing.assert_array_equal(fd["point_data"][f"parameter_{k + 1}"], meta["dofs"].expand(x[k * nf:(k + 1) * nf]))

@@ -193,7 +193,14 @@ def _fields(problem, x, u, lam, reasons):
         target = cell
     else:
         target = None
-        skipped.append(f"parameter: {x.size} values fit neither the {N} nodes nor the {E} cells")
+        dofmap = _dofmap_of(meta)
+        block = dofmap.n_free if dofmap is not None else N
+        if x.size > block and x.size % block == 0:
+            # K blocks of nodal values (a space-time source: one block per time node): parameter_1..K
+            _place_dofs(x.reshape(-1, block).T, "parameter", mesh, dofmap, point, cell, skipped, "parameter")
+        else:
+            skipped.append(f"parameter: {x.size} values fit neither the {N} nodes, the {E} cells nor blocks of "
+                           f"{block} {'free dofs' if dofmap is not None else 'nodes'}")
     if target is not None:
         for key, _label in _REFERENCES:
             ref = meta.get(key)
@@ -237,7 +244,9 @@ def fields(problem, x) -> dict:
         ``{"point_data": {...}, "cell_data": {...}}`` ready for
         :func:`adjopt.mesh.write_vtu`:
 
-        - ``"parameter"``: x on the nodes (len == n_nodes) or cells (len == n_cells);
+        - ``"parameter"``: x on the nodes (len == n_nodes) or cells (len == n_cells); K blocks of nodal values
+          (len == K times the free dofs, or K n_nodes: a space-time parameter, one block per time node) give
+          ``"parameter_1"`` ... ``"parameter_K"``;
           ``"parameter_reference"``: ``meta["m_true"]`` / ``meta["z_exact"]`` alongside;
         - ``"density"``: ``meta["filter"].forward(x)`` when meta has a filter (topology);
         - ``"state"``, ``"adjoint"``: scalar nodal fields (expanded from the free
