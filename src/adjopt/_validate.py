@@ -23,6 +23,22 @@ def as_parameter(p, n_params: int, name: str = "p") -> np.ndarray:
     return arr
 
 
+def as_directions(dp, n_params: int, name: str = "dp") -> tuple[np.ndarray, bool]:
+    """(D, single): ``dp`` of shape (m,) or (m, k) as an owned float64 (m, k) array of k directions, checked finite
+    and real; ``single`` when a vector was given (the caller returns a vector then)."""
+    refuse_complex(dp, name)
+    arr = np.asarray(dp, dtype=np.float64)
+    if arr.ndim == 1:
+        return np.array(as_parameter(arr, n_params, name).reshape(n_params, 1), order="F", copy=True), True
+    if arr.ndim != 2 or arr.shape[0] != n_params:
+        raise ShapeError(f"{name} must be a vector of length {n_params} or an ({n_params}, k) array of k directions "
+                         f"(one row per parameter), got an array of shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise ShapeError(f"{name} holds no direction: shape {arr.shape}")
+    check_finite(arr, name)
+    return np.array(arr, order="F", copy=True), False  # each direction D[:, i] contiguous
+
+
 def refuse_complex(v, name: str) -> None:
     """Raise ``TypeError`` for complex input (a cast to float64 would silently drop the imaginary part)."""
     if np.iscomplexobj(v):

@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse.linalg as sla
 
 from ._threads import dot
-from ._validate import as_count, as_parameter, check_finite, check_tolerance, owned
+from ._validate import as_count, as_directions, as_parameter, check_finite, check_tolerance, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
 from .errors import NonFiniteError, PatternError
 from .objectives import Objective
@@ -438,6 +438,10 @@ class ReducedFunctional:
     def hessp(self, p, dp, tol: float | None = None, gauss_newton: bool = False) -> np.ndarray:
         """H(p) dp by forward-over-reverse: a tangent and a second-adjoint solve.
 
+        ``dp`` of shape (m,) gives (m,); of shape (m, k), k directions at once give (m, k) from one multi-column
+        tangent solve and one multi-column second-adjoint solve on the same factorization (a direct solver
+        solves the k columns together; an iterative one column by column), equal to k single actions.
+
         ``tol`` is the relative tolerance of those two solves (iterative
         solvers), as an inexact Newton method chooses it; ``None`` takes the
         solver's defaults. ``gauss_newton=True`` drops every term with the
@@ -448,53 +452,76 @@ class ReducedFunctional:
         """
         tol = check_tolerance(tol)
         p = self._p(p)
-        dp = as_parameter(dp, self.n_params, "dp")
+        dP, single = as_directions(dp, self.n_params)
         st = self._state(p)
         lam = None if gauss_newton else self._adjoint(p, st)
+        H = self._hessp_block(p, dP, st, lam, tol)
+        return H[:, 0] if single else H
+
+    def _solve_block(self, st, R, kind, tol, transpose=False):
+        """Solve for the k right-hand sides R[..., i] (each of the state's shape) in one multi-column solve."""
+        k = R.shape[-1]
+        rhs = R[..., 0] if k == 1 else R.reshape(R.shape[0], -1)
+        X = self._use(st).solve(rhs, transpose=transpose, kind=kind, tol=tol)
+        return X.reshape(R.shape)
+
+    def _hessp_block(self, p, dP, st, lam, tol):
         clock = time.perf_counter
-        t_start, t_solves = clock(), 0.0
+        t_start = clock()
         u, rho, M, f, b, pmap = st.u, st.rho, self.matrix, self.objective, self.rhs, self.map
-        drho = dp if pmap is None else pmap.jvp(p, dp)
+        k = dP.shape[1]
+        dR = [dP[:, i] if pmap is None else pmap.jvp(p, dP[:, i]) for i in range(k)]
         self_adjoint = self.self_adjoint and lam is not None and lam is u
         # A(p) symmetric for every p: so is dA/dp . drho, whose transpose action on lam is then its action;
         # (dA . drho) u and (dA . drho) lam come from one two-column pass of the tangent kernel
         paired = lam is not None and not self_adjoint and getattr(M, "symmetric", False)
-        if paired:
-            k = u.size // u.shape[0]
-            both = M.tangent(rho, drho, _columns(u, lam))
-            rhs_t, t_lam = -both[:, :k].reshape(u.shape), both[:, k:].reshape(u.shape)
-        else:
-            rhs_t = -M.tangent(rho, drho, u)
-        if b.depends_on_p:
-            rhs_t = rhs_t + b.jvp(rho, drho)
+        RT = np.empty(u.shape + (k,))
+        t_lams = [None] * k
+        for i, drho in enumerate(dR):
+            if paired:
+                c = u.size // u.shape[0]
+                both = M.tangent(rho, drho, _columns(u, lam))
+                RT[..., i], t_lams[i] = -both[:, :c].reshape(u.shape), both[:, c:].reshape(u.shape)
+            else:
+                RT[..., i] = -M.tangent(rho, drho, u)
+            if b.depends_on_p:
+                RT[..., i] += b.jvp(rho, drho)
         t0 = clock()
-        du = self._use(st).solve(rhs_t, kind="tangent", tol=tol)
-        t_solves += clock() - t0
+        DU = self._solve_block(st, RT, "tangent", tol)
+        t_solves = clock() - t0
         if self_adjoint:
             # f_uu = f_up = 0 and A = A^T, lam = u: the second-adjoint equation is the tangent equation
-            dl = du
+            DL = DU
         else:
-            rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp)
-            if lam is not None:
-                rhs_a = rhs_a - (t_lam if paired else M.tangent_transpose(rho, drho, lam))
+            RA = np.empty_like(RT)
+            for i, drho in enumerate(dR):
+                RA[..., i] = f.hess_uu(u, p, np.ascontiguousarray(DU[..., i])) + f.hess_up(u, p, dP[:, i])
+                if lam is not None:
+                    RA[..., i] -= t_lams[i] if paired else M.tangent_transpose(rho, drho, lam)
             t0 = clock()
-            dl = self._use(st).solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
+            DL = self._solve_block(st, RA, "second_adjoint", tol, transpose=True)
             t_solves += clock() - t0
-        if lam is None:
-            h_rho = -M.contract(rho, dl, u)
-        elif self_adjoint:
-            # dl = du and lam = u: C(dl, u) = C(lam, du) = du^T (dA/drho_k) u, as dA/drho_k is symmetric
-            h_rho = -2.0 * M.contract(rho, du, u)
-        else:
-            # C(dl, u) + C(lam, du) in one contraction of two columns (summed over columns)
-            h_rho = -M.contract(rho, _columns(dl, lam), _columns(u, du))
-        if lam is not None and not M.affine:
-            h_rho = h_rho - M.second(rho, lam, u, drho)
-        if b.depends_on_p:
-            h_rho = h_rho + b.vjp(rho, dl)
-            if lam is not None:
-                h_rho = h_rho + b.second(rho, lam, drho)
-        return self._finish_hessp(p, dp, st, du, h_rho, lam is not None, t_start, t_solves)
+        H = np.empty(dP.shape)
+        for i, drho in enumerate(dR):
+            du, dl = np.ascontiguousarray(DU[..., i]), np.ascontiguousarray(DL[..., i])
+            if lam is None:
+                h_rho = -M.contract(rho, dl, u)
+            elif self_adjoint:
+                # dl = du and lam = u: C(dl, u) = C(lam, du) = du^T (dA/drho_k) u, as dA/drho_k is symmetric
+                h_rho = -2.0 * M.contract(rho, du, u)
+            else:
+                # C(dl, u) + C(lam, du) in one contraction of two columns (summed over columns)
+                h_rho = -M.contract(rho, _columns(dl, lam), _columns(u, du))
+            if lam is not None and not M.affine:
+                h_rho = h_rho - M.second(rho, lam, u, drho)
+            if b.depends_on_p:
+                h_rho = h_rho + b.vjp(rho, dl)
+                if lam is not None:
+                    h_rho = h_rho + b.second(rho, lam, drho)
+            H[:, i] = self._finish_hessp(p, dP[:, i], st, du, h_rho, lam is not None, t_start,
+                                         t_solves if i == 0 else 0.0)
+            t_start = clock()
+        return H
 
     def _finish_hessp(self, p, dp, st, du, h_rho, curvature: bool, t_start: float, t_solves: float) -> np.ndarray:
         """f_pp dp + f_pu du + M'^T h_rho (+ M''[q, dp] with the PDE's curvature), checked and timed: the part

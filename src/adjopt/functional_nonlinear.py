@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ._threads import dot, norm
-from ._validate import as_count, as_parameter, check_tolerance, owned
+from ._validate import as_count, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
 from .errors import (NewtonDidNotConverge, NonFiniteError, PatternError, SingularMatrixError,
                      SolverDidNotConverge)
@@ -361,35 +361,40 @@ class NonlinearReducedFunctional(ReducedFunctional):
         """||R(u_k, p)|| of the Newton iterates of the state at p, from the initial guess on."""
         return list(self._state(self._p(p)).residual_norms)
 
-    def hessp(self, p, dp, tol: float | None = None, gauss_newton: bool = False) -> np.ndarray:
-        """H(p) dp by forward-over-reverse: a tangent and a second-adjoint solve on the factorization of K.
-
-        ``gauss_newton=True`` drops the terms with lam (the curvature of R), as for linear problems; it needs no
-        second-order terms of the residual.
-        """
-        tol = check_tolerance(tol)
-        p = self._p(p)
-        dp = as_parameter(dp, self.n_params, "dp")
-        st = self._state(p)
-        lam = None if gauss_newton else self._adjoint(p, st)
+    def _hessp_block(self, p, dP, st, lam, tol):
+        """k Hessian actions (the columns of dP): one multi-column tangent and one multi-column second-adjoint
+        solve on the factorization of K (``gauss_newton``, lam None: no second-order terms of the residual)."""
         clock = time.perf_counter
-        t_start, t_solves = clock(), 0.0
+        t_start = clock()
         u, rho, R, f, pmap = st.u, st.rho, self.residual, self.objective, self.map
-        drho = dp if pmap is None else pmap.jvp(p, dp)
+        k = dP.shape[1]
+        dR = [dP[:, i] if pmap is None else pmap.jvp(p, dP[:, i]) for i in range(k)]
+        RT = np.empty(u.shape + (k,))
+        for i, drho in enumerate(dR):
+            RT[..., i] = -R.jvp(u, rho, drho)
         t0 = clock()
-        du = self._use(st).solve(-R.jvp(u, rho, drho), kind="tangent", tol=tol)
-        t_solves += clock() - t0
-        rhs_a = f.hess_uu(u, p, du) + f.hess_up(u, p, dp)
-        if lam is not None:
-            hu, hp = R.second(u, rho, lam, du, drho)
-            rhs_a = rhs_a - hu
+        DU = self._solve_block(st, RT, "tangent", tol)
+        t_solves = clock() - t0
+        RA = np.empty_like(RT)
+        hps = [None] * k
+        for i, drho in enumerate(dR):
+            du = np.ascontiguousarray(DU[..., i])
+            RA[..., i] = f.hess_uu(u, p, du) + f.hess_up(u, p, dP[:, i])
+            if lam is not None:
+                hu, hps[i] = R.second(u, rho, lam, du, drho)
+                RA[..., i] -= hu
         t0 = clock()
-        dl = self._use(st).solve(rhs_a, transpose=True, kind="second_adjoint", tol=tol)
+        DL = self._solve_block(st, RA, "second_adjoint", tol, transpose=True)
         t_solves += clock() - t0
-        h_rho = -R.vjp(u, rho, dl)
-        if lam is not None:
-            h_rho = h_rho - hp
-        return self._finish_hessp(p, dp, st, du, h_rho, lam is not None, t_start, t_solves)
+        H = np.empty(dP.shape)
+        for i in range(k):
+            h_rho = -R.vjp(u, rho, np.ascontiguousarray(DL[..., i]))
+            if lam is not None:
+                h_rho = h_rho - hps[i]
+            H[:, i] = self._finish_hessp(p, dP[:, i], st, np.ascontiguousarray(DU[..., i]), h_rho, lam is not None,
+                                         t_start, t_solves if i == 0 else 0.0)
+            t_start = clock()
+        return H
 
     def __repr__(self):
         return (f"NonlinearReducedFunctional({self.residual!r}, objective={self.objective!r}, "

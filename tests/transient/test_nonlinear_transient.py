@@ -256,3 +256,12 @@ def test_inputs_are_copied():
     h = J.hessp(p, dp)
     dp[:] = 0.0
     np.testing.assert_array_equal(J.hessp(p, np.ones_like(p)), h)
+
+
+def test_a_block_of_directions_gives_the_single_actions():
+    J, p = _build("cube", "bdf2", n_steps=4)
+    D = np.random.default_rng(4).standard_normal((p.size, 3))
+    H = J.hessp(p, D)
+    assert H.shape == (p.size, 3)
+    for i in range(3):
+        np.testing.assert_allclose(H[:, i], J.hessp(p, D[:, i]), rtol=1e-12, atol=1e-14)

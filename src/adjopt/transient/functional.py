@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_count, as_parameter, check_finite, check_tolerance, owned
+from .._validate import as_count, as_directions, as_parameter, check_finite, check_tolerance, owned
 from ..errors import NonFiniteError, ShapeError, SingularMatrixError
 from ..operators import ParametricMatrix
 from ..operators.residual import ParametricResidual
@@ -354,10 +354,11 @@ class TransientReducedFunctional:
         """The Hessian action H(p) dp: a tangent march forwards and a second-order adjoint march backwards.
 
         ``tol`` is the relative tolerance of those solves (iterative solvers). ``gauss_newton=True`` drops every
-        term with the adjoint lam (the curvature of the constraint): no adjoint march is needed.
+        term with the adjoint lam (the curvature of the constraint): no adjoint march is needed. ``dp`` of shape
+        (m, k) gives the k actions as an (m, k) array (one pair of marches per column).
         """
         ctx = self._context(p)
-        dp = as_parameter(dp, self.n_params, "dp").copy()
+        dP, single = as_directions(dp, self.n_params)
         self._tol = check_tolerance(tol)
         N = self.time.n_steps
         # what fits is kept, so that further actions at this p cost two solves per step
@@ -367,7 +368,8 @@ class TransientReducedFunctional:
             self._forward_only(ctx, True)
         if not gauss_newton and ctx.grad is None and ctx.u is not None and self._fits(2 * N + 1):
             self._gradient(ctx)
-        return self._hessp(ctx, dp, bool(gauss_newton))
+        H = np.column_stack([self._hessp(ctx, dP[:, i], bool(gauss_newton)) for i in range(dP.shape[1])])
+        return H[:, 0] if single else H
 
     def adjoint(self, p) -> np.ndarray:
         """mu = dJ/du_0 through the march: the sensitivity of J to the initial state (the adjoint at level 0)."""
