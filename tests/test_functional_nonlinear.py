@@ -307,3 +307,31 @@ def test_every_optimizer_steps_back_where_newton_fails(method):
     p0 = np.zeros(R.n_params)
     res = adjopt.minimize(adjopt.Problem(J, p0, bounds=bounds), method=method, maxiter=15)
     assert np.isfinite(res.fun) and res.fun < J.value(p0)
+
+
+def test_a_wrong_jacobian_is_reported_and_a_failed_solve_counted(caplog):
+    import scipy.sparse as sp
+
+    from adjopt.errors import NewtonDidNotConverge
+
+    def residual(factor, **kw):
+        R = adjopt.CallbackResidual(lambda u, p: p[0] * u ** 3 + u - 1.0,
+                                    lambda u, p: sp.diags(factor * (3 * p[0] * u ** 2 + 1.0), format="csr"),
+                                    lambda u, p: (u ** 3)[:, None], n=3, n_params=1)
+        return adjopt.NonlinearReducedFunctional(R, objective=adjopt.Norm(), solver="superlu", **kw)
+
+    with caplog.at_level("WARNING", logger="adjopt.functional_nonlinear"):
+        J = residual(2.0)
+        J.value(np.array([1.0]))
+        J.value(np.array([1.1]))
+    slow = [r for r in caplog.records if "converged only linearly" in r.getMessage()]
+    assert len(slow) == 1 and "check_residual" in slow[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adjopt.functional_nonlinear"):
+        good = residual(1.0)
+        good.value(np.array([1.0]))
+    assert not [r for r in caplog.records if "linearly" in r.getMessage()]
+    J = residual(2.0, newton={"max_iter": 3})
+    with pytest.raises(NewtonDidNotConverge):
+        J.value(np.array([1.0]))
+    assert J.stats.newton_iterations == 3

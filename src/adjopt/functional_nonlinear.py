@@ -49,6 +49,42 @@ from .solvers import SOLVE_KINDS, make_solver
 logger = logging.getLogger(__name__)
 
 
+#: full Newton steps in a row, each reducing ||R|| by less than this factor, after which Newton is reported as
+#: converging linearly (a Jacobian that is not the derivative of the residual)
+_SLOW_STEPS, _SLOW_RATIO = 4, 0.1
+
+
+def refuse_symmetric_solver(solver, residual):
+    """The solver, or a ValueError when it needs a symmetric K that the residual does not declare."""
+    if residual.symmetric:
+        return solver
+    if getattr(solver, "name", None) == "cholmod":
+        raise ValueError("solver='cholmod' needs a symmetric positive definite Jacobian, but this residual does not "
+                         "declare K(u, p) symmetric (residual.symmetric is False; a quasilinear q(u) = 1 + beta u^2 "
+                         "with beta != 0 makes it nonsymmetric away from u = 0): use solver='auto', 'pardiso', "
+                         "'superlu' or 'amg'")
+    if getattr(solver, "symmetric", None) is True:
+        raise ValueError(f"the {solver.name} solver is told that K is symmetric (symmetric=True), but the "
+                         "residual does not declare a symmetric Jacobian (residual.symmetric is False): its "
+                         "adjoint solves would use K instead of K^T. Leave symmetric=None (detected)")
+    return solver
+
+
+def _slow_newton(history, full_steps) -> bool:
+    """True when the last ``_SLOW_STEPS`` iterations were full steps that each reduced ||R|| by less than a
+    factor 10: Newton with the true Jacobian converges quadratically once it takes full steps."""
+    if len(full_steps) < _SLOW_STEPS + 2:
+        return False
+    last = range(len(history) - _SLOW_STEPS, len(history))
+    return all(full_steps[i - 1] and 0 < history[i - 1] and history[i] > _SLOW_RATIO * history[i - 1] for i in last)
+
+
+def _slow_newton_message(where: str, its: int) -> str:
+    return (f"Newton{where} converged only linearly ({its} iterations; full steps each reducing ||R|| by less "
+            "than a factor 10): the Jacobian K(u, p) is probably not the derivative of R(u, p). Check it with "
+            "adjopt.verify.check_residual; gradients are computed with this K and are wrong if it is wrong")
+
+
 @dataclass
 class NewtonOptions:
     """Options of the Newton solve of R(u, p) = 0.
@@ -169,6 +205,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
         self.times = Counter()
         self._self_adjoint_request = False
         self.self_adjoint = False
+        self._warned_slow = False
 
     # -- what it is made of ---------------------------------------------------------------------------
     @property
@@ -189,11 +226,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
         if getattr(solver, "uses_operator", False):
             raise ValueError(f"the {solver.name} solver builds its levels from a linear operator A(p); a nonlinear "
                              "residual has none: use 'auto', 'superlu', 'cholmod', 'pardiso' or 'amg'")
-        if getattr(solver, "symmetric", None) is True and not self.residual.symmetric:
-            raise ValueError(f"the {solver.name} solver is told that K is symmetric (symmetric=True), but the "
-                             "residual does not declare a symmetric Jacobian (residual.symmetric is False): its "
-                             "adjoint solves would use K instead of K^T. Leave symmetric=None (detected)")
-        return solver
+        return refuse_symmetric_solver(solver, self.residual)
 
     def _detect_self_adjoint(self) -> bool:
         return False
@@ -229,7 +262,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
                 f"the residual R(u, p) is not finite (or overflows) at Newton's initial guess: ||R|| = {nr:.3g}. "
                 "Check the scale of p, of the source and of the coefficients")
         tol = max(opts.atol, opts.rtol * (scale if scale > 0 else nr))
-        history = [nr]
+        history, full_steps = [nr], []
         fac, shared, fresh = None, False, True
         fresh_its = its = 0
         it = 0
@@ -303,10 +336,14 @@ class NonlinearReducedFunctional(ReducedFunctional):
             times["assembly"] += clock() - t0
             u, r, nr = trial, r_trial, n_trial
             history.append(nr)
+            full_steps.append(halvings == 0)
             it += 1
+            self.solver.stats.newton_iterations += 1  # counted as they run: a failed solve's iterations too
             logger.debug("Newton %d: ||R|| = %.3e (step %.3g)", it, nr, a)
         self.solver.stats.newton_solves += 1
-        self.solver.stats.newton_iterations += it
+        if not self._warned_slow and _slow_newton(history, full_steps):
+            self._warned_slow = True  # once per functional
+            logger.warning(_slow_newton_message("", it))
         return u, K, fac, shared, it, history
 
     def _no_decrease(self, nr: float, scale: float, tol: float, it: int, n_trial: float) -> str:

@@ -265,3 +265,74 @@ def test_a_block_of_directions_gives_the_single_actions():
     assert H.shape == (p.size, 3)
     for i in range(3):
         np.testing.assert_allclose(H[:, i], J.hessp(p, D[:, i]), rtol=1e-12, atol=1e-14)
+
+
+def _wrong_jacobian(factor=2.0):
+    """R(u, p) = p u^3 + u - 1 with a Jacobian ``factor`` times the true one: Newton converges linearly."""
+    return adjopt.CallbackResidual(lambda u, p: p[0] * u ** 3 + u - 1.0,
+                                   lambda u, p: sp.diags(factor * (3 * p[0] * u ** 2 + 1.0), format="csr"),
+                                   lambda u, p: (u ** 3)[:, None], n=3, n_params=1)
+
+
+def test_a_wrong_jacobian_is_reported_once_and_counted(caplog):
+    J = TransientReducedFunctional(_wrong_jacobian(), None, Final(adjopt.Norm()), TimeStepping(dt=1.0, n_steps=4),
+                                   u0=np.zeros(3))
+    with caplog.at_level("WARNING", logger="adjopt.transient.nonlinear"):
+        J.value(np.array([1.0]))
+    slow = [r for r in caplog.records if "converged only linearly" in r.getMessage()]
+    assert len(slow) == 1 and "check_residual" in slow[0].getMessage() and "step 1" in slow[0].getMessage()
+    assert J.stats.newton_iterations >= 4 * 8  # a factor 10 per step needs several linear iterations
+    # the true Jacobian converges quadratically: no warning
+    caplog.clear()
+    good = TransientReducedFunctional(_wrong_jacobian(1.0), None, Final(adjopt.Norm()),
+                                      TimeStepping(dt=1.0, n_steps=4), u0=np.zeros(3))
+    with caplog.at_level("WARNING", logger="adjopt.transient.nonlinear"):
+        good.value(np.array([1.0]))
+    assert not [r for r in caplog.records if "linearly" in r.getMessage()]
+    assert good.stats.newton_iterations < J.stats.newton_iterations / 2
+
+
+def test_the_iterations_of_a_failed_newton_solve_are_counted():
+    J = TransientReducedFunctional(_wrong_jacobian(), None, Final(adjopt.Norm()), TimeStepping(dt=1.0, n_steps=4),
+                                   u0=np.zeros(3), newton={"max_iter": 3})
+    with pytest.raises(NewtonDidNotConverge, match="step 1 of 4"):
+        J.value(np.array([1.0]))
+    assert J.stats.newton_iterations == 3
+
+
+def test_a_tolerance_is_checked_when_the_gradient_is_cached():
+    J, p = _build("cube", "implicit_euler", n_steps=4)
+    J.gradient(p)
+    for bad in (2.0, 0.0, -1e-3, True):
+        with pytest.raises(ValueError, match="tol"):
+            J.gradient(p, tol=bad)
+
+
+def test_the_residual_may_be_passed_by_keyword():
+    msh, dofs, conn = _mesh()
+    R = _residual("cube", msh, dofs)
+    for kw in ({"stiffness": R}, {"residual": R}):
+        J = TransientReducedFunctional(**kw, mass=None, objective=Final(adjopt.Norm()),
+                                       time=TimeStepping(dt=0.1, n_steps=2), u0=np.ones(R.n))
+        assert isinstance(J, NonlinearTransientReducedFunctional) and J.residual is R
+    with pytest.raises(TypeError, match="once"):
+        NonlinearTransientReducedFunctional(R, stiffness=R, mass=None, objective=Final(adjopt.Norm()),
+                                            time=TimeStepping(dt=0.1, n_steps=2))
+
+
+def test_cholmod_is_refused_for_a_jacobian_that_is_not_declared_symmetric():
+    pytest.importorskip("sksparse")
+    msh, dofs, conn = _mesh()
+    R = fem.diffusion_reaction_residual(msh, dofs, diffusion="exp", beta=1.0)
+    assert not R.symmetric
+    with pytest.raises(ValueError, match="cholmod.*symmetric.*pardiso"):
+        TransientReducedFunctional(R, None, Final(adjopt.Norm()), TimeStepping(dt=0.1, n_steps=2), u0=np.ones(R.n),
+                                   solver="cholmod")
+    with pytest.raises(ValueError, match="cholmod.*symmetric"):
+        adjopt.NonlinearReducedFunctional(R, objective=adjopt.Norm(), solver="cholmod")
+    # a symmetric one is accepted (beta = 0)
+    Rs = fem.diffusion_reaction_residual(msh, dofs, diffusion="exp", reaction="exp", nonlinearity="cube")
+    assert Rs.symmetric
+    J = TransientReducedFunctional(Rs, None, Final(adjopt.Norm()), TimeStepping(dt=0.1, n_steps=2), u0=np.ones(Rs.n),
+                                   solver="cholmod")
+    assert np.isfinite(J.value(np.zeros(Rs.n_params)))

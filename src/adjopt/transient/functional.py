@@ -215,8 +215,9 @@ class TransientReducedFunctional:
         ``"forward"`` or ``"reverse"`` (for a progress bar); the marches also log at DEBUG every tenth.
     """
 
-    def __new__(cls, stiffness=None, *args, **kwargs):
-        if cls is TransientReducedFunctional and isinstance(stiffness, ParametricResidual):
+    def __new__(cls, *args, **kwargs):
+        first = args[0] if args else kwargs.get("stiffness", kwargs.get("residual"))
+        if cls is TransientReducedFunctional and isinstance(first, ParametricResidual):
             from .nonlinear import NonlinearTransientReducedFunctional
 
             cls = NonlinearTransientReducedFunctional
@@ -312,10 +313,14 @@ class TransientReducedFunctional:
 
     @solver.setter
     def solver(self, solver):
-        self._solver = make_solver(solver)
+        self._solver = self._accept(make_solver(solver))
         self._solver.stats = TransientStats()
         self._ctx = None
         self._fixed = {}
+
+    def _accept(self, solver):
+        """The solver, or an error when this functional cannot use it."""
+        return solver
 
     @property
     def cache(self):
@@ -344,9 +349,10 @@ class TransientReducedFunctional:
     def gradient(self, p, tol: float | None = None) -> np.ndarray:
         """dJ/dp by the discrete adjoint march (exact to round-off with a direct solver; ``tol``: the relative
         tolerance of iterative solves)."""
+        tol = check_tolerance(tol)  # checked also when the gradient at p is cached
         ctx = self._context(p)
         if ctx.grad is None:
-            self._tol = check_tolerance(tol)
+            self._tol = tol
             self._gradient(ctx)
         return ctx.grad.copy()
 

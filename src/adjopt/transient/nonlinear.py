@@ -40,6 +40,7 @@ objectives and the sources are the linear functional's: only the step solve and 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -48,8 +49,10 @@ import scipy.sparse as sp
 
 from .._validate import check_finite
 from ..errors import NewtonDidNotConverge, NonFiniteError, SingularMatrixError, SolverDidNotConverge
-from ..functional_nonlinear import NewtonOptions, _norm
+from ..functional_nonlinear import NewtonOptions, _norm, _slow_newton, _slow_newton_message, refuse_symmetric_solver
 from .functional import TransientReducedFunctional, _Batch
+
+logger = logging.getLogger(__name__)
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -95,8 +98,17 @@ class NonlinearTransientReducedFunctional(TransientReducedFunctional):
 
     _nonlinear = True
 
-    def __init__(self, residual, mass, objective, time, rhs=None, u0=None, solver="auto", newton=None, **kwargs):
+    def __init__(self, residual=None, mass=None, objective=None, time=None, rhs=None, u0=None, solver="auto",
+                 newton=None, stiffness=None, **kwargs):
+        if stiffness is not None:  # TransientReducedFunctional(stiffness=R, ...) names it so
+            if residual is not None:
+                raise TypeError("give the residual once: residual= or stiffness=, not both")
+            residual = stiffness
+        if residual is None or time is None:
+            raise TypeError("NonlinearTransientReducedFunctional needs the residual, the mass (None: identity), "
+                            "the objective and time=TimeStepping(...)")
         self.newton = NewtonOptions.make(newton)
+        self._warned_slow = False
         super().__init__(residual, mass, objective, time, rhs=rhs, u0=u0, solver=solver, **kwargs)
         # the union of the patterns of M and K, and where each one's entries go in it: S = a M + g K by two
         # scatters of their data, never a sparse addition per Newton step
@@ -120,6 +132,10 @@ class NonlinearTransientReducedFunctional(TransientReducedFunctional):
     def residual(self):
         """The residual R(u, p)."""
         return self.R
+
+    def _accept(self, solver):
+        # the step matrix a0 M + g0 K is symmetric only when K is (M is a mass matrix)
+        return refuse_symmetric_solver(solver, self.R)
 
     def _level_cache(self, ctx) -> _Levels:
         if ctx.levels is None:
@@ -224,7 +240,7 @@ class NonlinearTransientReducedFunctional(TransientReducedFunctional):
         nr = _norm(r)
         terms = size + _norm(a[0] * (M @ u)) + (abs(g[0]) * _norm(Rv) if Rv is not None else 0.0)
         tol = max(opts.atol, opts.rtol * nr, 64 * _EPS * terms)
-        history, it = [nr], 0
+        history, full_steps, it = [nr], [], 0
         while not nr <= tol:
             if not math.isfinite(nr):
                 raise self._blew_up(k, "the step's residual overflowed")
@@ -277,10 +293,14 @@ class NonlinearTransientReducedFunctional(TransientReducedFunctional):
             self.times["assembly"] += time.perf_counter() - t0
             u, r, Rv, nr = trial, r_t, R_t, n_t
             history.append(nr)
+            full_steps.append(halvings == 0)
             it += 1
+            self.stats.newton_iterations += 1  # counted as they run: a failed step's iterations too
         self.stats.time_steps += 1
         self.stats.newton_solves += 1
-        self.stats.newton_iterations += it
+        if not self._warned_slow and _slow_newton(history, full_steps):
+            self._warned_slow = True  # once per functional, not once per step
+            logger.warning(_slow_newton_message(f" at step {k} (t = {float(self.time.times[k]):.6g})", it))
         if Rv is not None:  # R at the converged state: the next step reads it
             self._level_cache(ctx).get(k, u)["R"] = Rv
         return u
