@@ -2,20 +2,23 @@
 
 Usage: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_transient.py
        [--sizes 64 128 256] [--steps 100 400] [--schemes crank_nicolson bdf2]
-       [--solvers superlu cholmod pardiso] [--stiffness parametric constant] [--modes store checkpoint disk]
-       [--repeat 3] [--profile] [--no-warmup] [--out scripts/results/bench_transient.json] [--quick]
+       [--solvers superlu cholmod pardiso] [--stiffness parametric constant nonlinear] [--beta 1]
+       [--nonlinear-source 40] [--modes store checkpoint disk] [--repeat 3] [--profile] [--no-warmup]
+       [--out scripts/results/bench_transient.json] [--quick]
        env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_transient.py --gallery heat_source_inversion
        [--gallery-n 128] [--gallery-steps 1000] [--gallery-solver cholmod] [--gallery-snapshots 10 40]
        [--gallery-schedules multistage mixed] [--gallery-scheme crank_nicolson] [--repeat 3] [--no-warmup]
        [--out scripts/results/bench_transient_gallery.json]
 
 Run it with ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` unset (``env -u``, as above) as the other benchmarks
-are: the development machine sets them. The JSON records the command line and those variables as the process
-saw them (``runs[*].env_unset``, ``runs[*].env_unset_ok``; ``runs[*].info.blas`` has threadpoolctl's view).
+are: the development machine sets them. They are unset for the benchmark's command only (``env -u`` changes the
+environment of that one process, not the shell's). The JSON records the command line and those variables as the
+process saw them (``runs[*].env_unset``, ``runs[*].env_unset_ok``, ``runs[*].env_note``; ``runs[*].info.blas``
+has threadpoolctl's view).
 
 Problem: M du/dt + A(p) u = b(t, p) on ``unit_square(n)`` (P1 triangles), u = 0 on the boundary (condensed
 out: (n-1)^2 unknowns), u(0) = 0, t in [0, --final-time] with N = ``--steps`` constant steps, M the consistent
-mass matrix. Two kinds (``--stiffness``):
+mass matrix. Three kinds (``--stiffness``; default the two linear ones):
 
 * ``parametric`` (a conductivity inversion): A(p) = ``ElementCoefficientMatrix(conn, p1_stiffness(mesh), "exp",
   n=n_free)``, one log-conductivity per triangle (2 n^2 parameters), b = the load of the constant source
@@ -24,7 +27,27 @@ mass matrix. Two kinds (``--stiffness``):
 * ``constant`` (a source inversion): A = ``--kappa`` times the stiffness matrix, fixed; b(t, p) =
   ``SpaceTimeSource(M, nodes)`` with ``--source-nodes`` time nodes (p: the nodal source values at each of
   them, K (n-1)^2 parameters). The step matrices do not depend on p: they are factorized once for the life of
-  the functional (a value at a new p factorizes nothing).
+  the functional (a value at a new p factorizes nothing);
+* ``nonlinear`` (a conductivity inversion through a quasilinear heat equation): M du/dt + R(u, p) = b with
+  R = ``adjopt.fem.diffusion_reaction_residual(mesh, dofmap, diffusion="exp", beta=--beta, source=load)``,
+  i.e. -div(e^p q(u) grad u) - f with q(u) = 1 + beta u^2 (the source is R's, so b = 0), one log-conductivity
+  per triangle (2 n^2 parameters; the parametric kind's p_true and p sequence), load = the load of the
+  constant source f = ``--nonlinear-source`` (default 40: u reaches ~1.6 by T = 0.1, so q reaches ~3.6 with
+  beta = 1; with the parametric kind's f = 10, u ~ 0.6 and the steps are nearly linear). The functional is a
+  ``NonlinearTransientReducedFunctional`` (default Newton options: rtol 1e-10 on each step's residual, from
+  the previous level's state); the data come from the same nonlinear functional (Crank-Nicolson) at p_true.
+  The step Jacobian S = a0 M + g0 K(u) changes with the state: a value factorizes it once per Newton
+  iteration (``newton_iterations_per_step`` = its, J.stats.newton_iterations / newton_solves over the values;
+  ~2.5 at the defaults), a gradient once per reverse step (N; the adjoint solve shares it), a Hessian action
+  twice per step (tangent march, second-adjoint march: 2N) when the states are stored; a checkpointed
+  gradient or Hessian action adds one factorization per Newton iteration of every recomputed step (and hessp
+  one per recomputed tangent step). With the factorization dominating a step, expect t_value ~ N its
+  (factorization + solve) and t_gradient ~ N (factorization + solve), so (v+g)/v ~ 1 + 1/its (~1.4), and
+  t_hessp ~ 2N (factorization + solve), so hessp/v ~ 2/its (~0.8), plus the residual, Jacobian and
+  second-derivative kernels. Unlike the linear kinds, recomputation is not cheap here: a recomputed step
+  factorizes again, its times. For beta != 0 K(u) is nonsymmetric: CHOLMOD (Cholesky) cannot factorize S,
+  and its rows are ``skipped`` with the reason (beta = 0 makes R linear in u, one Newton iteration per step,
+  and allows CHOLMOD).
 
 Objective: ``TimeSeriesMisfit`` of ``--n-obs`` sensors (P1 interpolation, ``adjopt.fem.observation_operator``
 restricted to the free dofs, random points in [0.1, 0.9]^2, seed ``--seed``) observed at every step 1..N with
@@ -45,13 +68,20 @@ Per (n, N, scheme, solver, stiffness) one row per memory mode (``--modes``), eac
   of them on disk, and recomputes little beyond the forward sweep the value did not keep.
 
 ``--repeat`` repetitions, each at a NEW p (the same p sequence in every mode of a configuration, 0.5 p_true
-plus a random perturbation; the load average before each in ``repetitions``), stats reset before every call: ``value(p)`` (assembly of A(p), factorizations, N
-forward steps), ``gradient(p)`` after it, ``hessp(p, dp)`` after that. Reported per row: the medians
+plus a random perturbation; the load average before each in ``repetitions``), stats reset before every call:
+``value(p)`` (assembly of A(p), factorizations, N forward steps), ``gradient(p)`` after it, ``hessp(p, dp)``
+after that. Reported per row: the medians
 ``t_value``, ``t_gradient``, ``t_hessp``, ``ratio_value_gradient`` = (t_value + t_gradient) / t_value,
 ``ratio_hessp`` = t_hessp / t_value; per call ``J.stats.as_dict()`` (``stats``, last repetition) and
 ``J.times``; ``factorizations`` = those of the first value (one per distinct step matrix: CN 1, BDF2 2
 (implicit Euler start + BDF2), against ``expected_factorizations``), ``factorizations_per_value`` of every
-repetition and ``factorizations_total`` over all calls of the row; ``time_steps``, ``recomputed_steps``,
+repetition and ``factorizations_total`` over all calls of the row; ``factorizations_per_call`` (value,
+gradient, hessp of the last repetition). The nonlinear kind's ``factorizations`` / ``expected_factorizations``
+are the first value's factorizations / its Newton iterations, and ``expected_factorizations_per_call`` =
+value: its Newton iterations, gradient: its Newton iterations (recomputed steps; 0 when stored) + N, hessp:
+its Newton iterations + its tangent solves + N (stored: its, N, 2N), checked for every repetition
+(``met_factorizations``); ``newton_iterations_per_value`` and ``newton_iterations_per_step``. ``time_steps``,
+``recomputed_steps``,
 ``stored_states``, ``checkpoints``, ``disk_checkpoints`` of the gradient and of hessp. ``build_s``: the
 functional's constructor; per size ``problem_s`` (mesh, operators, observation operator) and ``data_s`` (the
 data march). Checkpointed rows add ``slowdown_*`` (their time over the store row's) and ``gradient_rel_diff``,
@@ -66,8 +96,14 @@ included), ``t_solve_T`` the transposed solve, ``t_matvec`` the products with th
 then compare ``value_over_steps`` = t_value / (N t_step), ``gradient_over_steps`` = t_gradient / (N t_step_T),
 ``hessp_over_steps`` = t_hessp / (2 N t_step): 1 means the call is the N (2N) solves and nothing else. With
 the parametric A, ``kernels`` times A.assemble(p), a 16-column ``contract`` and ``second`` (the batch the
-functional uses) and the tangent values of dA. ``--profile`` adds a cProfile of one more gradient at a new p
-(after an untimed value) to each row: the top functions by own time.
+functional uses) and the tangent values of dA. The nonlinear kind's step is one Newton iteration at the final
+state u_T of the data march and the first p: ``t_jacobian`` (K(u)), ``t_factorize`` (of S, per call, median of
+5), ``t_residual`` (R(u, p)), t_solve, t_solve_T and the products with a_j M + g_j K; ``t_step`` = t_jacobian +
+t_factorize + t_solve + t_matvec (a step of one iteration), ``t_step_T`` = t_jacobian + t_factorize +
+t_solve_T + t_matvec_T: then value_over_steps ~ the Newton iterations per step (``value_over_iterations`` =
+t_value / (iterations t_step) ~ 1), gradient_over_steps and hessp_over_steps ~ 1 plus the kernels; its
+``kernels`` time R.residual, R.jacobian, R.vjp, R.jvp and R.second at (u_T, p). ``--profile`` adds a cProfile
+of one more gradient at a new p (after an untimed value) to each row: the top functions by own time.
 
 A warm-up runs every path once on a tiny mesh first (numba kernels of adjopt and of checkpoint_schedules'
 multistage schedule, which compiles for seconds in every new process), untimed, ``warmup_s``.
@@ -139,7 +175,8 @@ RESULTS = os.path.join(ROOT, "scripts", "results")
 SCRIPT = "scripts/bench_transient.py"
 SCHEMES = ("crank_nicolson", "bdf2", "implicit_euler")
 SOLVERS = ("superlu", "cholmod", "pardiso", "auto")
-STIFFNESS = ("parametric", "constant")
+STIFFNESS = ("parametric", "constant", "nonlinear")
+COEFFICIENT_KINDS = ("parametric", "nonlinear")  # one log-conductivity per triangle (the same p_true and p's)
 MODES = ("store", "checkpoint", "disk")
 CALLS = ("value", "gradient", "hessp")
 COUNTERS = ("time_steps", "recomputed_steps", "stored_states", "checkpoints", "disk_checkpoints")
@@ -172,7 +209,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--solvers", nargs="+", default=None, choices=SOLVERS,
                     help="linear solvers (default superlu cholmod pardiso; missing ones give skipped rows)")
     ap.add_argument("--stiffness", nargs="+", default=None, choices=STIFFNESS,
-                    help="parametric A(p) (conductivity) and/or constant A (source inversion) (default both)")
+                    help="parametric A(p) (conductivity), constant A (source inversion) and/or nonlinear R(u, p) "
+                         "(conductivity through q(u) = 1 + beta u^2; Newton per step) (default parametric constant)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                     help="memory modes (default store checkpoint disk; checkpoint and disk need store first "
                          "for their comparisons)")
@@ -181,6 +219,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--kappa", type=float, default=1.0, help="conductivity of the constant A (default 1)")
     ap.add_argument("--source", type=float, default=10.0, help="constant source f of the parametric kind (10)")
     ap.add_argument("--source-nodes", type=int, default=5, help="time nodes of the SpaceTimeSource (default 5)")
+    ap.add_argument("--beta", type=float, default=1.0,
+                    help="q(u) = 1 + beta u^2 of the nonlinear kind (default 1; 0 makes it linear in u)")
+    ap.add_argument("--nonlinear-source", type=float, default=40.0,
+                    help="constant source f of the nonlinear kind (default 40: u of order 1, 2-3 Newton iterations "
+                         "per step)")
     ap.add_argument("--n-obs", type=int, default=20, help="sensors (default 20)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sensors, noise, parameters and directions")
     ap.add_argument("--profile", action="store_true", help="cProfile one more gradient per row")
@@ -228,8 +271,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         v = getattr(args, name)
         if not math.isfinite(v) or v <= 0:
             ap.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
-    if not math.isfinite(args.source):
-        ap.error(f"--source must be a finite number, got {args.source}")
+    for name in ("source", "nonlinear_source", "beta"):
+        v = getattr(args, name)
+        if not math.isfinite(v):
+            ap.error(f"--{name.replace('_', '-')} must be a finite number, got {v}")
     if args.source_nodes < 1 or args.n_obs < 1:
         ap.error("--source-nodes and --n-obs must be >= 1")
     if args.out is None:
@@ -267,9 +312,10 @@ def parse_gallery_args(ap: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 # -- the problem ----------------------------------------------------------------------------------
 def build_size(n: int, args) -> dict:
-    """Mesh, free-dof connectivity, A (both kinds), M and the observation operator of one size."""
+    """Mesh, free-dof connectivity, A (both linear kinds), R (the nonlinear kind, when asked for), M and the
+    observation operator of one size."""
     import adjopt
-    from adjopt.fem import body_force, condense, observation_operator, p1_mass, p1_stiffness
+    from adjopt.fem import body_force, condense, diffusion_reaction_residual, observation_operator, p1_mass, p1_stiffness
     from adjopt.mesh import unit_square
 
     t0 = time.perf_counter()
@@ -286,15 +332,19 @@ def build_size(n: int, args) -> dict:
     pts = 0.1 + 0.8 * rng.random((args.n_obs, 2))
     B = observation_operator(mesh, pts)[:, dofs.free]
     b = dofs.restrict_vector(body_force(mesh, args.source))
+    R = None
+    if "nonlinear" in args.stiffness:  # -div(e^p (1 + beta u^2) grad u) - f, f = --nonlinear-source
+        load = dofs.restrict_vector(body_force(mesh, args.nonlinear_source))
+        R = diffusion_reaction_residual(mesh, dofs, diffusion="exp", beta=args.beta, source=load)
     centroids = mesh.points[mesh.cells].mean(axis=1)
     xf = mesh.points[dofs.free]
     problem_s = time.perf_counter() - t0
-    return dict(n=n, mesh=mesh, nf=nf, M=M, A_const=A_const, A_par=A_par, B=B, b=b, centroids=centroids, xf=xf,
-                problem_s=problem_s, n_cells=mesh.n_cells)
+    return dict(n=n, mesh=mesh, nf=nf, M=M, A_const=A_const, A_par=A_par, R=R, B=B, b=b, centroids=centroids,
+                xf=xf, problem_s=problem_s, n_cells=mesh.n_cells)
 
 
 def true_parameter(size: dict, kind: str, args) -> np.ndarray:
-    if kind == "parametric":  # a smooth log-conductivity, one value per triangle
+    if kind in COEFFICIENT_KINDS:  # a smooth log-conductivity, one value per triangle
         x, y = size["centroids"][:, 0], size["centroids"][:, 1]
         return 0.5 * np.sin(2 * np.pi * x) * np.sin(np.pi * y)
     K = args.source_nodes  # a Gaussian source moving from x = 0.3 to 0.7
@@ -304,26 +354,40 @@ def true_parameter(size: dict, kind: str, args) -> np.ndarray:
 
 
 def parts(size: dict, kind: str, args) -> dict:
-    """The stiffness, mass and right-hand side arguments of the functional for ``kind``."""
+    """The stiffness (A, or the residual R of the nonlinear kind), mass and right-hand side arguments of the
+    functional for ``kind``."""
     from adjopt.transient import SpaceTimeSource
 
     if kind == "parametric":
         return dict(stiffness=size["A_par"], mass=size["M"], rhs=size["b"])
+    if kind == "nonlinear":  # the source is R's (R = F(u, p) - load): no right-hand side
+        return dict(stiffness=size["R"], mass=size["M"], rhs=None)
     nodes = np.linspace(0.0, args.final_time, args.source_nodes) if args.source_nodes > 1 else np.zeros(1)
     return dict(stiffness=size["A_const"], mass=size["M"], rhs=SpaceTimeSource(size["M"], nodes))
 
 
+def functional(size: dict, kind: str, args, objective, ts, solver: str, **options):
+    """TransientReducedFunctional(stiffness or residual, mass, objective, ts, rhs=..., solver=..., **options): a
+    NonlinearTransientReducedFunctional for the nonlinear kind. The stiffness goes by position: the nonlinear
+    functional's first argument is named ``residual``, not ``stiffness``."""
+    from adjopt.transient import TransientReducedFunctional
+
+    pt = parts(size, kind, args)
+    return TransientReducedFunctional(pt["stiffness"], pt["mass"], objective, ts, rhs=pt["rhs"], solver=solver,
+                                      **options)
+
+
 def make_objective(size: dict, kind: str, N: int, args, solver: str) -> tuple:
-    """TimeSeriesMisfit of noisy readings of a Crank-Nicolson march at p_true; (objective, p_true, data_s)."""
-    from adjopt.transient import TimeSeriesMisfit, TimeStepping, TransientReducedFunctional
+    """TimeSeriesMisfit of noisy readings of a Crank-Nicolson march at p_true (with the kind's own functional:
+    Newton's method for the nonlinear kind); (objective, p_true, facts, u_T the march's final state)."""
+    from adjopt.transient import TimeSeriesMisfit, TimeStepping
 
     B, dt = size["B"], args.final_time / N
     steps = np.arange(1, N + 1)
     p_true = true_parameter(size, kind, args)
     t0 = time.perf_counter()
     placeholder = TimeSeriesMisfit(np.zeros((N, B.shape[0])), steps, B=B)
-    J = TransientReducedFunctional(objective=placeholder, time=TimeStepping("crank_nicolson", dt=dt, n_steps=N),
-                                   solver=solver, **parts(size, kind, args))
+    J = functional(size, kind, args, placeholder, TimeStepping("crank_nicolson", dt=dt, n_steps=N), solver)
     U = J.states(p_true)
     clean = np.asarray((B @ U[1:].T).T)
     data_s = time.perf_counter() - t0
@@ -331,13 +395,17 @@ def make_objective(size: dict, kind: str, N: int, args, solver: str) -> tuple:
     sigma = 0.01 * max(float(np.abs(clean).max()), 1e-30)
     data = clean + sigma * rng.standard_normal(clean.shape)
     obj = TimeSeriesMisfit(data, steps, B=B, weights=np.full(N, dt), W=np.full(B.shape[0], sigma**-2))
-    return obj, p_true, dict(data_s=data_s, data_solver=solver, max_reading=float(np.abs(clean).max()), sigma=sigma)
+    facts = dict(data_s=data_s, data_solver=solver, max_reading=float(np.abs(clean).max()), sigma=sigma)
+    if kind == "nonlinear":
+        facts.update(beta=args.beta, source=args.nonlinear_source, max_state=float(np.abs(U).max()),
+                     data_newton_iterations_per_step=J.stats.newton_iterations / max(J.stats.newton_solves, 1))
+    return obj, p_true, facts, np.array(U[-1])
 
 
 def parameters(p_true: np.ndarray, kind: str, repeat: int, seed: int) -> tuple[list, np.ndarray]:
     """The p of every repetition (0.5 p_true + a perturbation) and the direction dp (the same in every mode)."""
     rng = np.random.default_rng(seed + 1)
-    scale = 0.05 if kind == "parametric" else 0.1 * max(float(np.abs(p_true).max()), 1.0)
+    scale = 0.05 if kind in COEFFICIENT_KINDS else 0.1 * max(float(np.abs(p_true).max()), 1.0)
     ps = [0.5 * p_true + scale * (1.0 + 0.1 * r) * rng.standard_normal(p_true.size) for r in range(repeat + 1)]
     return ps, rng.standard_normal(p_true.size)
 
@@ -375,12 +443,17 @@ def per_call(f, calls: int | None = None, blocks: int | None = None) -> tuple[fl
     return float(np.median(times)), float(min(times))
 
 
-def step_times(size: dict, kind: str, ts, solver_label: str, p: np.ndarray) -> dict:
-    """One plain step timed alone: a solve with the factorization of S_N, its transpose, the E_j products."""
+def step_times(size: dict, kind: str, ts, solver_label: str, p: np.ndarray, state: np.ndarray | None = None) -> dict:
+    """One plain step timed alone: a solve with the factorization of S_N, its transpose, the E_j products. The
+    nonlinear kind's S_N = a0 M + g0 K(u) at the state u, plus what one Newton iteration adds: K(u), the
+    factorization of S (per call) and R(u, p)."""
     from adjopt.solvers import make_solver
 
     M = size["M"]
-    A = size["A_par"].assemble(p) if kind == "parametric" else size["A_const"]
+    if kind == "nonlinear":
+        A = size["R"].jacobian(state, p)
+    else:
+        A = size["A_par"].assemble(p) if kind == "parametric" else size["A_const"]
     a, g = ts.coefficients(ts.n_steps)
     S = (a[0] * M + g[0] * A).tocsr()
     E = [(a[j] * M + g[j] * A).tocsr() for j in range(1, len(a)) if a[j] != 0.0 or g[j] != 0.0]
@@ -395,10 +468,23 @@ def step_times(size: dict, kind: str, ts, solver_label: str, p: np.ndarray) -> d
     t_solve_T, min_solve_T = per_call(lambda: fac.solve(r, transpose=True, kind="adjoint"))
     t_matvec, min_matvec = per_call(lambda: [Ej @ u for Ej in E])
     t_matvec_T, min_matvec_T = per_call(lambda: [Ej.T @ u for Ej in E])
-    return dict(t_factorize=t_fac, t_solve=t_solve, t_solve_T=t_solve_T, t_matvec=t_matvec, t_matvec_T=t_matvec_T,
-                t_step=t_solve + t_matvec, t_step_T=t_solve_T + t_matvec_T, matvecs=len(E), nnz_S=int(S.nnz),
-                min_solve=min_solve, min_solve_T=min_solve_T, min_matvec=min_matvec, min_matvec_T=min_matvec_T,
-                statistic=f"per call: median (min_*: minimum) over {STEP_BLOCKS} blocks of {STEP_CALLS} back-to-back calls")
+    out = dict(t_factorize=t_fac, t_solve=t_solve, t_solve_T=t_solve_T, t_matvec=t_matvec, t_matvec_T=t_matvec_T,
+               t_step=t_solve + t_matvec, t_step_T=t_solve_T + t_matvec_T, matvecs=len(E), nnz_S=int(S.nnz),
+               min_solve=min_solve, min_solve_T=min_solve_T, min_matvec=min_matvec, min_matvec_T=min_matvec_T,
+               statistic=f"per call: median (min_*: minimum) over {STEP_BLOCKS} blocks of {STEP_CALLS} back-to-back calls")
+    solver.recycle(fac)
+    if kind == "nonlinear":  # a step of one Newton iteration: K(u), the factorization of S, the solve, R(u, p)
+        R = size["R"]
+        t_jac, min_jac = per_call(lambda: R.jacobian(state, p))
+        t_res, min_res = per_call(lambda: R.residual(state, p))
+        t_fac5 = median_time(lambda: solver.recycle(solver.factorize(S)), 5)
+        out.update(t_factorize_first=t_fac, t_factorize=t_fac5, t_jacobian=t_jac, t_residual=t_res,
+                   min_jacobian=min_jac, min_residual=min_res, symmetric_S=bool(abs(S - S.T).max() == 0.0),
+                   t_iteration=t_jac + t_fac5 + t_solve + t_res, t_step=t_jac + t_fac5 + t_solve + t_matvec,
+                   t_step_T=t_jac + t_fac5 + t_solve_T + t_matvec_T,
+                   state="u_T of the data march (p_true), K(u_T) at the first p; t_factorize: median of 5 "
+                         "(t_factorize_first: the first, with the solver's analysis)")
+    return out
 
 
 def kernel_times(size: dict, p: np.ndarray, dp: np.ndarray) -> dict:
@@ -412,6 +498,17 @@ def kernel_times(size: dict, p: np.ndarray, dp: np.ndarray) -> dict:
                 second=median_time(lambda: A.second(p, W, Z, dp), 5),
                 tangent_values=median_time(lambda: A._tangent_values(p, dp), 5),
                 batch=BATCH, statistic="median of 5")
+
+
+def residual_kernel_times(size: dict, p: np.ndarray, dp: np.ndarray, u: np.ndarray) -> dict:
+    """The nonlinear kind's residual kernels at (u, p): R, K = dR/du, (dR/dp)^T w, (dR/dp) dp, the second-order
+    terms w^T d2R (du, dp) (one of each per level of a gradient / Hessian action)."""
+    R = size["R"]
+    rng = np.random.default_rng(5)
+    w, du = rng.standard_normal(R.n), rng.standard_normal(R.n)
+    return dict(residual=median_time(lambda: R.residual(u, p), 5), jacobian=median_time(lambda: R.jacobian(u, p), 5),
+                vjp=median_time(lambda: R.vjp(u, p, w), 5), jvp=median_time(lambda: R.jvp(u, p, dp), 5),
+                second=median_time(lambda: R.second(u, p, w, du, dp), 5), statistic="median of 5")
 
 
 def short_path(path: str) -> str:
@@ -444,7 +541,7 @@ def rel_diff(x, ref) -> float:
 
 def measure_row(cfg: dict, mode: str, args, ref: dict | None) -> dict:
     """The repetitions of one memory mode on a new functional; ``ref`` is the store row's record (or None)."""
-    from adjopt.transient import DEFAULT_MEMORY, TransientReducedFunctional
+    from adjopt.transient import DEFAULT_MEMORY
 
     size, ts, N, kind = cfg["size"], cfg["time"], cfg["N"], cfg["kind"]
     nf = size["nf"]
@@ -455,9 +552,10 @@ def measure_row(cfg: dict, mode: str, args, ref: dict | None) -> dict:
     reset_peak()
     try:
         t0 = time.perf_counter()
-        J = TransientReducedFunctional(objective=cfg["objective"], time=ts, solver=cfg["solver"], memory=memory,
-                                       checkpoint_dir=folder, **parts(size, kind, args))
+        J = functional(size, kind, args, cfg["objective"], ts, cfg["solver"], memory=memory, checkpoint_dir=folder)
         build_s = time.perf_counter() - t0
+        newton = ({k: getattr(J.newton, k) for k in ("rtol", "atol", "max_iter", "line_search", "max_halvings")}
+                  if kind == "nonlinear" else None)
         reps = []
         for r in range(args.repeat):
             p = cfg["ps"][r]
@@ -486,12 +584,17 @@ def measure_row(cfg: dict, mode: str, args, ref: dict | None) -> dict:
     tv, tg, th = med["t_value"], med["t_gradient"], med["t_hessp"]
     last = reps[-1]["stats"]
     fpv = [int(rep["stats"]["value"]["factorizations"]) for rep in reps]
+    fpc = [{c: int(rep["stats"][c]["factorizations"]) for c in CALLS} for rep in reps]
+    expected_f = cfg["expected_factorizations"]
+    if kind == "nonlinear":  # one factorization per Newton iteration, per reverse step, per tangent step
+        expected_fpc = [expected_nonlinear_factorizations(rep["stats"], N) for rep in reps]
+        expected_f = expected_fpc[0]["value"]
     row = dict(cfg["head"], mode=mode, memory_bytes=int(memory), memory_states=int(memory // (8 * nf)),
                checkpoint_dir=folder is not None, checkpoint_dir_left=left, solver_name=solver_name,
                params=int(n_params), repeat=args.repeat, statistic="median of repeat, a new p each", build_s=build_s,
                **med, ratio_value_gradient=(tv + tg) / tv, ratio_hessp=th / tv,
-               factorizations=fpv[0], expected_factorizations=cfg["expected_factorizations"],
-               factorizations_per_value=fpv,
+               factorizations=fpv[0], expected_factorizations=expected_f, factorizations_per_value=fpv,
+               factorizations_per_call=fpc[-1],
                factorizations_total=sum(int(rep["stats"][c]["factorizations"]) for rep in reps for c in CALLS),
                factorization_time=reps[0]["stats"]["value"]["factorization_time"],
                solves={c: last[c]["solves"] for c in CALLS},
@@ -502,6 +605,12 @@ def measure_row(cfg: dict, mode: str, args, ref: dict | None) -> dict:
                repetitions=[{k: v for k, v in rep.items() if k not in ("gradient", "hessp")} for rep in reps],
                peak_rss_GiB=peak, loadavg_after=loadavg())
     row["met_factorizations"] = row["factorizations"] == row["expected_factorizations"]
+    if kind == "nonlinear":
+        its = [int(rep["stats"]["value"]["newton_iterations"]) for rep in reps]
+        row.update(newton=newton, newton_iterations_per_value=its,
+                   newton_iterations_per_step=sum(its) / sum(int(rep["stats"]["value"]["newton_solves"]) for rep in reps),
+                   expected_factorizations_per_call=expected_fpc[-1],
+                   met_factorizations=all(a == b for a, b in zip(fpc, expected_fpc)))
     for c in ("gradient", "hessp"):
         for k in COUNTERS:
             row[f"{c}_{k}"] = int(last[c][k])
@@ -515,12 +624,15 @@ def measure_row(cfg: dict, mode: str, args, ref: dict | None) -> dict:
         row["value_over_steps"] = tv / (N * step["t_step"])
         row["gradient_over_steps"] = tg / (N * step["t_step_T"])
         row["hessp_over_steps"] = th / (2 * N * step["t_step"])
-    if kind == "parametric" and cfg.get("kernels"):
+        if kind == "nonlinear":  # ~1: the value is its iterations, each one step of one factorization
+            row["value_over_iterations"] = tv / (row["newton_iterations_per_step"] * N * step["t_step"])
+    if cfg.get("kernels"):
         row["kernels"] = cfg["kernels"]
     if profile is not None:
         row["profile"] = profile
     if mode == "store":
-        row["solves_as_expected"] = (last["value"]["solves"] == {"forward": N}
+        forward = int(last["value"]["newton_iterations"]) if kind == "nonlinear" else N  # a solve per iteration
+        row["solves_as_expected"] = (last["value"]["solves"] == {"forward": forward}
                                      and last["gradient"]["solves"] == {"adjoint": N}
                                      and last["hessp"]["solves"] == {"tangent": N, "second_adjoint": N})
         row["_reference"] = reps
@@ -536,6 +648,15 @@ def measure_row(cfg: dict, mode: str, args, ref: dict | None) -> dict:
     return row
 
 
+def expected_nonlinear_factorizations(stats: dict, N: int) -> dict:
+    """The factorizations of the nonlinear kind's calls, from their J.stats: one per Newton iteration (the
+    value's steps, the steps a gradient or Hessian action recomputes), one per tangent step, one per reverse
+    step (the adjoint and second adjoint of a level share it). All states stored: its, N, 2N."""
+    its = {c: int(stats[c]["newton_iterations"]) for c in CALLS}
+    return dict(value=its["value"], gradient=its["gradient"] + N,
+                hessp=its["hessp"] + int(stats["hessp"]["solves"].get("tangent", 0)) + N)
+
+
 def run_config(cfg: dict, args, emit) -> None:
     """The memory modes of one (n, N, scheme, solver, stiffness), store first (the others compare with it)."""
     ref = None
@@ -548,6 +669,14 @@ def run_config(cfg: dict, args, emit) -> None:
             ref = row
         emit(row)
         release_memory()
+
+
+def refused(kind: str, solver: str, args) -> str | None:
+    """Why ``solver`` cannot run ``kind`` (a ``skipped`` row), or None."""
+    if kind == "nonlinear" and solver == "cholmod" and args.beta != 0.0:
+        return (f"cholmod: Cholesky needs a symmetric step Jacobian, and S = a0 M + g0 K(u) is nonsymmetric for "
+                f"beta = {args.beta:g} != 0 (K(u) holds 2 beta u e^p grad u . grad N_b N_a); use superlu or pardiso")
+    return None
 
 
 def configs(args, emit, warm: bool = False):
@@ -575,17 +704,28 @@ def configs(args, emit, warm: bool = False):
         size = build_size(n, args)
         for N in args.steps:
             for kind in args.stiffness:
-                obj, p_true, data = make_objective(size, kind, N, args, usable[0])
-                ps, dp = parameters(p_true, kind, args.repeat, args.seed)
-                kernels = kernel_times(size, ps[0], dp) if kind == "parametric" and not warm else None
+                mine = [label for label in usable if refused(kind, label, args) is None]
+                if mine:
+                    obj, p_true, data, u_T = make_objective(size, kind, N, args, mine[0])
+                    ps, dp = parameters(p_true, kind, args.repeat, args.seed)
+                    kernels = None
+                    if kind == "parametric" and not warm:
+                        kernels = kernel_times(size, ps[0], dp)
+                    elif kind == "nonlinear" and not warm:
+                        kernels = residual_kernel_times(size, ps[0], dp, u_T)
                 for scheme in args.schemes:
                     ts = TimeStepping(scheme, dt=args.final_time / N, n_steps=N)
                     for label in usable:
+                        why = refused(kind, label, args)
+                        if why is not None:
+                            emit(dict(n=n, unknowns=size["nf"], steps=N, scheme=scheme, solver=label,
+                                      stiffness=kind, skipped=why))
+                            continue
                         head = dict(n=n, unknowns=size["nf"], elements=size["n_cells"], steps=N,
                                     dt=args.final_time / N, final_time=args.final_time, scheme=scheme,
                                     history=ts.history, solver=label, stiffness=kind, n_obs=args.n_obs,
                                     problem_s=size["problem_s"], nnz_A=int(size["A_const"].nnz), **data)
-                        step = None if warm else step_times(size, kind, ts, label, ps[0])
+                        step = None if warm else step_times(size, kind, ts, label, ps[0], u_T)
                         yield dict(size=size, time=ts, N=N, kind=kind, solver=label, objective=obj, ps=ps, dp=dp,
                                    head=head, step=step, kernels=kernels,
                                    expected_factorizations=distinct_step_matrices(ts))
@@ -620,7 +760,7 @@ def measured(rows):
 def label(r) -> list:
     return [r["n"], r.get("unknowns", "-"), r["steps"], {"crank_nicolson": "CN", "bdf2": "BDF2",
                                                          "implicit_euler": "IE"}.get(r["scheme"], r["scheme"]),
-            r["solver"], "A(p)" if r["stiffness"] == "parametric" else "A"]
+            r["solver"], {"parametric": "A(p)", "constant": "A", "nonlinear": "R(u,p)"}.get(r["stiffness"], r["stiffness"])]
 
 
 def solves_text(st: dict) -> str:
@@ -628,9 +768,17 @@ def solves_text(st: dict) -> str:
     return "+".join(f"{v}{short.get(k, k)}" for k, v in st.items() if v) or "0"
 
 
+def fact_text(r) -> str:
+    """factorizations / expected of the first value; the nonlinear kind's: value | gradient | hessp (last
+    repetition)."""
+    if r["stiffness"] == "nonlinear":
+        return " | ".join(str(r["factorizations_per_call"][c]) for c in CALLS)
+    return f"{r['factorizations']}/{r['expected_factorizations']}"
+
+
 def main_table(rows) -> str:
     header = ["n", "unknowns", "N", "scheme", "solver", "A", "mode", "t_value", "t_grad", "t_hessp", "(v+g)/v",
-              "h/v", "fact", "solves v | g | h", "t_step ms", "v/(N st)", "g/(N stT)", "h/(2N st)"]
+              "h/v", "its/step", "fact", "solves v | g | h", "t_step ms", "v/(N st)", "g/(N stT)", "h/(2N st)"]
     out = []
     for r in rows:
         if "error" in r or "skipped" in r:
@@ -640,8 +788,8 @@ def main_table(rows) -> str:
         st = r.get("step") or {}
         out.append(label(r) + [r["mode"], fmt(r["t_value"], ".4g"), fmt(r["t_gradient"], ".4g"),
                                fmt(r["t_hessp"], ".4g"), fmt(r["ratio_value_gradient"], ".3f"),
-                               fmt(r["ratio_hessp"], ".3f"),
-                               f"{r['factorizations']}/{r['expected_factorizations']}",
+                               fmt(r["ratio_hessp"], ".3f"), fmt(r.get("newton_iterations_per_step"), ".2f"),
+                               fact_text(r),
                                " | ".join(solves_text(r["solves"][c]) for c in CALLS),
                                fmt(1e3 * st["t_step"], ".3g") if st else "-", fmt(r.get("value_over_steps"), ".2f"),
                                fmt(r.get("gradient_over_steps"), ".2f"), fmt(r.get("hessp_over_steps"), ".2f")])
@@ -665,7 +813,7 @@ def checkpoint_table(rows) -> str:
 
 def step_table(rows) -> str:
     header = ["n", "unknowns", "N", "scheme", "solver", "A", "factorize ms", "solve ms", "solve^T ms", "matvecs",
-              "matvec ms", "assemble ms", "contract16 ms", "second16 ms"]
+              "matvec ms", "assemble (A or K(u)) ms", "contract16 / vjp ms", "second16 / second ms"]
     out = []
     for r in measured(rows):
         if r["mode"] != "store" or not r.get("step"):
@@ -673,7 +821,8 @@ def step_table(rows) -> str:
         st, k = r["step"], r.get("kernels") or {}
         ms = lambda x: fmt(None if x is None else 1e3 * x, ".3g")  # noqa: E731
         out.append(label(r) + [ms(st["t_factorize"]), ms(st["t_solve"]), ms(st["t_solve_T"]), st["matvecs"],
-                               ms(st["t_matvec"]), ms(k.get("assemble")), ms(k.get("contract")), ms(k.get("second"))])
+                               ms(st["t_matvec"]), ms(k.get("assemble", k.get("jacobian"))),
+                               ms(k.get("contract", k.get("vjp"))), ms(k.get("second"))])
     return table(out, header)
 
 
@@ -694,6 +843,7 @@ def summary(rows) -> dict:
     got = measured(rows)
     ck = [r for r in got if r["mode"] != "store"]
     diffs = [r["gradient_rel_diff"] for r in ck if r.get("gradient_rel_diff") is not None]
+    its = [r["newton_iterations_per_step"] for r in got if "newton_iterations_per_step" in r]
     return dict(rows=len(rows), rows_measured=len(got), rows_failed=sum("error" in r for r in rows),
                 rows_skipped=sum("skipped" in r for r in rows),
                 factorizations_met=all(r["met_factorizations"] for r in got) if got else None,
@@ -702,7 +852,8 @@ def summary(rows) -> dict:
                 checkpointed_recompute=all(r["recomputed_steps"] > 0 for r in ck) if ck else None,
                 max_gradient_rel_diff=max(diffs) if diffs else None,
                 max_hessp_rel_diff=max((r["hessp_rel_diff"] for r in ck if r.get("hessp_rel_diff") is not None),
-                                       default=None))
+                                       default=None),
+                newton_iterations_per_step=[min(its), max(its)] if its else None)
 
 
 def source_hashes() -> dict:
@@ -1096,12 +1247,16 @@ def main(argv=None) -> int:
 
     command = "env -u " + " -u ".join(ENV_UNSET) + f" python {SCRIPT} " + shlex.join(argv)
     unset = {v: os.environ.get(v) for v in ENV_UNSET}
-    run = dict(command=command, argv=argv, env_unset=unset, env_unset_ok=all(v is None for v in unset.values()),
+    ok = all(v is None for v in unset.values())
+    run = dict(command=command, argv=argv, env_unset=unset, env_unset_ok=ok,
+               env_note=(f"{' and '.join(ENV_UNSET)} were unset for this run only (env -u on the benchmark's command "
+                         f"line, not in the shell)" if ok else
+                         f"{', '.join(k for k, v in unset.items() if v is not None)} were SET for this run"),
                config=dict(sizes=args.sizes, steps=args.steps, schemes=args.schemes, solvers=args.solvers,
                            stiffness=args.stiffness, modes=args.modes, repeat=args.repeat,
                            final_time=args.final_time, kappa=args.kappa, source=args.source,
-                           source_nodes=args.source_nodes, n_obs=args.n_obs, seed=args.seed, quick=args.quick,
-                           profile=args.profile))
+                           source_nodes=args.source_nodes, beta=args.beta, nonlinear_source=args.nonlinear_source,
+                           n_obs=args.n_obs, seed=args.seed, quick=args.quick, profile=args.profile))
     if not run["env_unset_ok"]:
         print(f"warning: {', '.join(k for k, v in unset.items() if v is not None)} set; run the benchmark as "
               f"{command}", file=sys.stderr)
@@ -1132,6 +1287,10 @@ def main(argv=None) -> int:
                          f"{r['gradient_checkpoints']} checkpoints ({r['gradient_disk_checkpoints']} on disk), "
                          f"slowdown v+g {fmt(r.get('slowdown_value_gradient'), '.2f')}, "
                          f"grad rel diff {fmt(r.get('gradient_rel_diff'), '.1e')}")
+            if r["stiffness"] == "nonlinear":
+                fpc = r["factorizations_per_call"]
+                extra = (f"; {r['newton_iterations_per_step']:.2f} Newton iterations per step, factorizations "
+                         f"v|g|h {fpc['value']}|{fpc['gradient']}|{fpc['hessp']}") + extra
             print(f"{head} value {r['t_value']:.4g} s ({r['factorizations']} factorizations), gradient "
                   f"{r['t_gradient']:.4g} s, hessp {r['t_hessp']:.4g} s; (v+g)/v {r['ratio_value_gradient']:.3f}, "
                   f"hessp/v {r['ratio_hessp']:.3f}{extra}", flush=True)
@@ -1152,8 +1311,9 @@ def main(argv=None) -> int:
     rows = data["rows"]
     print()
     print("Figures (median of --repeat, a new p each; fact = factorizations of the first value / distinct step "
-          "matrices; solves f forward, a adjoint, t tangent, s second adjoint; st = one plain step, stT its "
-          "transpose):")
+          "matrices (R(u,p): of the value | gradient | hessp); its/step = Newton iterations per step of the values; "
+          "solves f forward, a adjoint, t tangent, s second adjoint; st = one plain step (R(u,p): with its "
+          "Jacobian and factorization), stT its transpose):")
     print(main_table(rows))
     print()
     print("Memory (states held, checkpoints and recomputed steps of gradient/hessp; slowdown and differences "
@@ -1170,9 +1330,12 @@ def main(argv=None) -> int:
     s = data["summary"]
     print()
     print(f"{s['rows_measured']} measured row(s), {s['rows_failed']} failed, {s['rows_skipped']} skipped; "
-          f"factorizations as expected: {fmt(s['factorizations_met'])}; store solves N per march: "
+          f"factorizations as expected: {fmt(s['factorizations_met'])}; store solves as expected: "
           f"{fmt(s['store_solves_as_expected'])}; checkpointed rows recompute: {fmt(s['checkpointed_recompute'])}; "
-          f"max gradient rel diff {fmt(s['max_gradient_rel_diff'], '.1e')}, hessp {fmt(s['max_hessp_rel_diff'], '.1e')}")
+          f"max gradient rel diff {fmt(s['max_gradient_rel_diff'], '.1e')}, hessp {fmt(s['max_hessp_rel_diff'], '.1e')}"
+          + ("" if s["newton_iterations_per_step"] is None else
+             f"; Newton iterations per step {s['newton_iterations_per_step'][0]:.2f}-"
+             f"{s['newton_iterations_per_step'][1]:.2f}"))
     env = run["info"]["blas"]["thread_env"]
     print(f"OPENBLAS_CORETYPE={env.get('OPENBLAS_CORETYPE')} OPENBLAS_L2_SIZE={env.get('OPENBLAS_L2_SIZE')}; "
           f"numba threads {run['info']['numba_threads']}; warm-up {run['warmup_s']:.3g} s, total "

@@ -95,6 +95,85 @@ def test_bench_transient_quick(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["transient.json"]
 
 
+def test_bench_transient_nonlinear(tmp_path):
+    """The nonlinear kind: Newton at every step, one factorization per Newton iteration (value), per reverse
+    step (gradient) and two per step (hessp) when the states are stored; CHOLMOD refused (nonsymmetric S)."""
+    n_steps, repeat = 12, 2
+    out = tmp_path / "nonlinear.json"
+    res = _run("--quick", "--stiffness", "nonlinear", "--steps", str(n_steps), "--solvers", "superlu", "cholmod",
+               "--modes", "store", "checkpoint", "--out", str(out))
+    assert "R(u,p)" in res.stdout and "Newton iterations per step" in res.stdout and f"wrote {out}" in res.stdout
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert data["complete"] and s["rows_measured"] == 4 and s["rows_failed"] == 0 and s["rows_skipped"] == 2
+    assert s["factorizations_met"] and s["store_solves_as_expected"] and s["checkpointed_recompute"]
+    (run,) = data["runs"]
+    assert run["config"]["stiffness"] == ["nonlinear"] and run["config"]["beta"] == 1.0
+    assert run["config"]["nonlinear_source"] == 40.0 and run["env_unset_ok"] and "unset" in run["env_note"]
+    skipped = [r for r in data["rows"] if "skipped" in r]
+    assert {(r["scheme"], r["solver"], r["stiffness"]) for r in skipped} == {
+        (sc, "cholmod", "nonlinear") for sc in ("crank_nicolson", "bdf2")}
+    from adjopt.solvers import installed
+
+    if "cholmod" in installed():  # refused (nonsymmetric step Jacobian), not missing
+        assert all("nonsymmetric" in r["skipped"] for r in skipped)
+    m = _module()
+    rows = {(r["scheme"], r["mode"]): r for r in m.measured(data["rows"])}
+    assert set(rows) == {(sc, mo) for sc in ("crank_nicolson", "bdf2") for mo in ("store", "checkpoint")}
+    N = n_steps
+    for (scheme, mode), r in rows.items():
+        assert r["stiffness"] == "nonlinear" and r["solver"] == "superlu" and r["n"] == 8 and r["unknowns"] == 49
+        assert r["params"] == 2 * 8 * 8 and r["steps"] == N and r["beta"] == 1.0 and r["newton"]["rtol"] > 0
+        assert 0.5 < r["max_state"] < 5  # u of order 1: q(u) = 1 + u^2 matters
+        for k in ("t_value", "t_gradient", "t_hessp", "build_s", "data_s"):
+            assert r[k] > 0, k
+        assert r["ratio_value_gradient"] == pytest.approx((r["t_value"] + r["t_gradient"]) / r["t_value"])
+        assert r["ratio_hessp"] == pytest.approx(r["t_hessp"] / r["t_value"])
+        st, f = r["stats"], r["factorizations_per_call"]  # the last repetition's counters
+        assert st["value"]["newton_solves"] == N and st["value"]["time_steps"] == N
+        its = st["value"]["newton_iterations"]
+        assert N < its <= 4 * N  # Newton: 2-4 iterations per step here (rtol 1e-10)
+        per_value = r["newton_iterations_per_value"]
+        assert len(per_value) == repeat and per_value[-1] == its
+        assert r["newton_iterations_per_step"] == pytest.approx(sum(per_value) / (repeat * N))
+        assert 1 < r["newton_iterations_per_step"] <= 4
+        # value: one factorization and one forward solve per Newton iteration, in every repetition
+        assert r["factorizations_per_value"] == per_value and r["factorizations"] == r["expected_factorizations"]
+        assert f["value"] == its and r["solves"]["value"] == {"forward": its}
+        assert r["met_factorizations"] and r["expected_factorizations_per_call"] == f
+        assert r["solves"]["gradient"]["adjoint"] == N and r["solves"]["hessp"]["second_adjoint"] == N
+        if mode == "store":  # the value's trajectory serves both: N factorizations (adjoint), 2N (tangent + second)
+            assert f == {"value": its, "gradient": N, "hessp": 2 * N}
+            assert st["gradient"]["newton_iterations"] == st["hessp"]["newton_iterations"] == 0
+            assert r["solves_as_expected"] and r["recomputed_steps"] == 0
+        else:  # the recomputed steps run Newton again: one more factorization per iteration (and per tangent step)
+            g_its, h_its = st["gradient"]["newton_iterations"], st["hessp"]["newton_iterations"]
+            assert g_its > 0 and h_its > 0 and r["recomputed_steps"] > 0
+            assert f["gradient"] == N + g_its and f["gradient"] > N
+            assert f["hessp"] == h_its + r["solves"]["hessp"]["tangent"] + N and f["hessp"] > 2 * N
+            ref = rows[scheme, "store"]
+            assert r["gradient_rel_diff"] <= 1e-10 and r["hessp_rel_diff"] <= 1e-10 and r["value_rel_diff"] <= 1e-12
+            assert r["gradient_norm"] == pytest.approx(ref["gradient_norm"], rel=1e-10)
+        assert r["factorizations_total"] == sum(per_value) + repeat * (f["gradient"] + f["hessp"])
+        step = r["step"]  # one Newton iteration: K(u), the factorization of S, the solve
+        assert not step["symmetric_S"] and step["t_jacobian"] > 0 and step["t_factorize"] > 0
+        assert step["t_step"] == pytest.approx(step["t_jacobian"] + step["t_factorize"] + step["t_solve"]
+                                               + step["t_matvec"])
+        assert r["value_over_iterations"] == pytest.approx(r["t_value"] / (its / N * N * step["t_step"]), rel=1e-9)
+        assert set(r["kernels"]) >= {"residual", "jacobian", "vjp", "jvp", "second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nonlinear.json"]  # written atomically
+
+
+def test_bench_transient_refused():
+    m = _module()
+    args = m.parse_args(["--stiffness", "nonlinear"])
+    assert args.beta == 1.0 and args.nonlinear_source == 40.0 and args.stiffness == ["nonlinear"]
+    assert "nonsymmetric" in m.refused("nonlinear", "cholmod", args)
+    assert m.refused("nonlinear", "superlu", args) is None and m.refused("parametric", "cholmod", args) is None
+    assert m.refused("nonlinear", "cholmod", m.parse_args(["--stiffness", "nonlinear", "--beta", "0"])) is None
+    assert m.parse_args([]).stiffness == ["parametric", "constant"]  # the nonlinear kind is asked for
+
+
 @pytest.mark.parametrize("args, message", [
     (["--sizes", "1"], "must be >= 2"),
     (["--steps", "1"], "--steps must be >= 2"),
@@ -102,6 +181,9 @@ def test_bench_transient_quick(tmp_path):
     (["--solvers", "lu"], "invalid choice"),
     (["--repeat", "0"], "--repeat must be >= 1"),
     (["--final-time", "nan"], "--final-time must be a finite number > 0"),
+    (["--stiffness", "quasilinear"], "invalid choice"),
+    (["--beta", "nan"], "--beta must be a finite number"),
+    (["--nonlinear-source", "inf"], "--nonlinear-source must be a finite number"),
     (["--out", "/nonexistent/dir/x.json"], "does not exist"),
 ])
 def test_bench_transient_rejects_bad_input(capsys, args, message):
