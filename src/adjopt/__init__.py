@@ -50,6 +50,8 @@ from .operators import (
 )
 from .optimize import OptimizeResult, minimize
 from .problem import Problem
+from .priors import BiLaplacianPrior
+from . import uq  # noqa: F401  (adjopt.uq: low-rank Hessians and the Laplace posterior)
 from . import transient  # noqa: F401  (adjopt.transient: time-dependent problems)
 from .solvers import DirectSolver
 from .verify import check_hessian_symmetry, taylor_test
@@ -64,7 +66,7 @@ __all__ = [
     "ParametricMatrix", "ElementCoefficientMatrix", "CallbackMatrix", "ConstantMatrix", "Identity", "Exp", "SIMP",
     "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector",
     "Objective", "Norm", "SquaredMisfit", "Compliance", "DirectSolver",
-    "TikhonovL2", "TikhonovH1", "TotalVariation", "Volume", "ParameterFunctional",
+    "TikhonovL2", "TikhonovH1", "TotalVariation", "Volume", "ParameterFunctional", "BiLaplacianPrior",
     "AdjoptError", "ShapeError", "NonFiniteError", "PatternError", "SingularMatrixError",
     "SolverDidNotConverge", "NewtonDidNotConverge", "MissingDerivativeError", "CacheTooSmallError",
 ]

@@ -98,8 +98,32 @@ def test_total_variation():
     np.testing.assert_allclose(J.value(problem.p0) - h1.functional.value(h1.p0), 10.0 * 1e-2, rtol=1e-8)
 
 
+def test_bilaplacian_prior():
+    import adjopt
+
+    problem = poisson_inversion.build(n=8, regularization="bilaplacian")
+    J = problem.functional
+    p = smooth_point(problem)
+    assert taylor_test(J, p, order=2).rate >= 1.9
+    assert taylor_test(J, p, order=3).rate >= 2.9
+    assert check_hessian_symmetry(J, p) < 1e-8
+    prior = problem.meta["regularization"]
+    assert isinstance(prior, adjopt.BiLaplacianPrior) and problem.meta["options"]["alpha"] == 1.0
+    assert prior.correlation_length == pytest.approx(poisson_inversion.PRIOR_LENGTH)
+    assert prior.marginal_std == pytest.approx(poisson_inversion.PRIOR_STD)
+    # J is the misfit plus 0.5 ||p||_R^2: the h1 problem's misfit (same data) plus the prior's value
+    h1 = poisson_inversion.build(n=8)
+    reg = h1.meta["regularization"]
+    misfit = h1.functional.value(p) - reg.value(None, p)
+    np.testing.assert_allclose(J.value(p), misfit + prior.value_p(p), rtol=1e-12)
+    np.testing.assert_allclose(J.value(p), misfit + 0.5 * p @ prior.precision(p), rtol=1e-12)
+    # alpha scales the prior's precision
+    J2 = poisson_inversion.build(n=8, regularization="bilaplacian", alpha=2.0).functional
+    np.testing.assert_allclose(J2.value(p) - J.value(p), prior.value_p(p), rtol=1e-10)
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(regularization="l1"), "unknown regularization 'l1'; known: h1, tv"),
+    (dict(regularization="l1"), "unknown regularization 'l1'; known: h1, tv, bilaplacian"),
     (dict(n=1), "n"),
     (dict(n=2.5), "n"),
     (dict(dim=1), "dim must be 2"),

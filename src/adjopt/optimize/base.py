@@ -151,6 +151,10 @@ class Counted:
         self.f = functional
         self.counts = counts
 
+    @property
+    def n_params(self) -> int:
+        return self.f.n_params
+
     def value(self, x) -> float:
         self.counts["nfev"] += 1
         return float(self.f.value(x))
@@ -160,7 +164,7 @@ class Counted:
         return self.f.gradient(x, tol=tol) if tol is not None else self.f.gradient(x)
 
     def hessp(self, x, v, tol=None, **kw) -> np.ndarray:
-        self.counts["nhessp"] += 1
+        self.counts["nhessp"] += v.shape[1] if np.ndim(v) == 2 else 1  # a block of k directions: k actions
         return self.f.hessp(x, v, tol=tol, **kw) if (tol is not None or kw) else self.f.hessp(x, v)
 
 

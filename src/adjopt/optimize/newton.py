@@ -22,6 +22,18 @@ Hessian actions get a solver tolerance tied to eta_k (iterative solvers).
 
 ``gauss_newton_iters=k`` uses the Gauss-Newton Hessian (no adjoint terms;
 positive semidefinite for least squares) in the first k Newton steps.
+
+``preconditioner="lowrank"`` (inverse problems with a Gaussian prior R in the
+objective, :mod:`adjopt.uq`): P = R + R V Lambda V^T R with the ``lowrank_rank``
+dominant pairs of the Gauss-Newton misfit Hessian at the start, H V = R V Lambda,
+from one randomized double pass (blocked Hessian actions); P^{-1} = R^{-1} -
+V D V^T. CG then sees the eigenvalues 1 + lambda_i of the pairs not kept
+only, so its counts no longer grow with the information in the data.
+``lowrank_refresh=k`` rebuilds it at the current point every k Newton steps.
+With it the first 5 Newton steps use the Gauss-Newton Hessian unless
+``gauss_newton_iters`` says otherwise (the full Hessian far from the minimum is
+indefinite in the directions the preconditioner weighs most: poisson_inversion
+at 64^2 took 45 Newton steps without, 11 with).
 """
 
 from __future__ import annotations
@@ -38,13 +50,30 @@ from .linesearch import ROUNDOFF, backtrack, safe_value
 
 
 class _NewtonBase(Driver):
-    defaults = dict(eta_max=0.5, cg_maxiter=200, gauss_newton_iters=0, preconditioner=None, c1=1e-4,
-                    max_backtracks=30)
+    defaults = dict(eta_max=0.5, cg_maxiter=200, gauss_newton_iters=None, preconditioner=None, c1=1e-4,
+                    max_backtracks=30, lowrank_rank=40, lowrank_oversampling=10, lowrank_refresh=0, seed=0)
 
     def __init__(self, problem, inner, options, counts):
         super().__init__(problem, inner, options, counts)
         P = self.opts["preconditioner"]
-        if P is None:
+        self._lowrank = isinstance(P, str) and P.lower() == "lowrank"
+        gn = self.opts["gauss_newton_iters"]
+        if gn is None:  # the low-rank preconditioner comes from the Gauss-Newton Hessian: so do the first steps
+            gn = 5 if self._lowrank else 0
+        if isinstance(gn, bool) or not isinstance(gn, (int, np.integer)) or gn < 0:
+            raise ValueError(f"gauss_newton_iters must be an integer >= 0, got {gn!r}")
+        self.opts["gauss_newton_iters"] = int(gn)
+        for name in ("lowrank_rank", "lowrank_oversampling", "lowrank_refresh"):
+            v = self.opts[name]
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "lowrank_rank" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'lowrank_rank' else 0}, got {v!r}")
+        if self._lowrank:
+            from ..uq import GaussianPrior
+
+            # the prior is found now (a clear error before any solve); the pairs at the start point
+            self._prior = GaussianPrior.of(getattr(problem.functional, "objective", None), inner.n)
+            self.P = None
+        elif P is None:
             self.P = inner
         elif isinstance(P, str):
             from .inner import make_inner_product
@@ -62,7 +91,27 @@ class _NewtonBase(Driver):
 
     def start(self, x0):
         x, f, g = self.first_point(x0)
+        if self._lowrank:
+            self._build_lowrank(x)
         return dict(x=x, f=f, g=g, gnorm0=max(self.P.dual_norm(g), np.finfo(float).tiny), k=0)
+
+    def _build_lowrank(self, x) -> None:
+        """P = R + R V Lambda V^T R from the Gauss-Newton misfit Hessian at x (one randomized double pass)."""
+        from ..uq import LowRankPreconditioner, misfit_hessian, randomized_eigh
+
+        prior, n = self._prior, self.inner.n
+        rank = min(self.opts["lowrank_rank"], n)
+        eig = randomized_eigh(misfit_hessian(self.J, x, prior, gauss_newton=True), n, rank, R=prior.precision,
+                              Rinv=prior.covariance, oversampling=self.opts["lowrank_oversampling"],
+                              rng=self.opts["seed"], residuals=False)
+        # Gauss-Newton is positive semidefinite: a negative eigenvalue is round-off
+        self.P = LowRankPreconditioner(prior, np.maximum(eig.values, 0.0), eig.vectors)
+
+    def refresh(self, state) -> None:
+        """Rebuild the low-rank preconditioner every ``lowrank_refresh`` Newton steps."""
+        k = self.opts["lowrank_refresh"]
+        if self._lowrank and k and state["k"] > 0 and state["k"] % k == 0:
+            self._build_lowrank(state["x"])
 
     def forcing(self, state, gnorm) -> float:
         return min(self.opts["eta_max"], math.sqrt(gnorm / state["gnorm0"]))
@@ -82,6 +131,7 @@ class NewtonCG(_NewtonBase):
     takes_bounds = True
 
     def iterate(self, state):
+        self.refresh(state)
         x, f, g = state["x"], state["f"], state["g"]
         free = None
         P = self.P
@@ -115,6 +165,7 @@ class NewtonTR(_NewtonBase):
         return state
 
     def iterate(self, state):
+        self.refresh(state)
         x, f, g = state["x"], state["f"], state["g"]
         gnorm = self.P.dual_norm(g)
         eta = self.forcing(state, gnorm)

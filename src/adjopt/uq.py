@@ -1,0 +1,445 @@
+"""Low-rank Hessians and the Laplace approximation of the posterior.
+
+With a Gaussian prior N(m0, R^{-1}) (R: the Hessian of the objective's prior terms, the regularization) and the
+data misfit's Hessian H at the MAP point m (the reduced Hessian minus R), the Laplace approximation of the
+posterior is N(m, (H + R)^{-1}). The generalized eigenproblem
+
+    H v_i = lambda_i R v_i,   V^T R V = I,   lambda_1 >= lambda_2 >= ...
+
+is solved by a randomized method on blocked Hessian actions (:func:`randomized_eigh`: Halko-Martinsson-Tropp's
+range finder in the R inner product, Saibaba-Lee-Kitanidis for the generalized problem; double pass, or single
+pass which needs no second block of actions). Then, with D = diag(lambda_i / (1 + lambda_i)) over the r pairs
+kept (Woodbury),
+
+    (H + R)^{-1} ~ R^{-1} - V D V^T                                         posterior covariance
+    var_post     = var_prior - sum_i d_i v_i^2                              pointwise variance
+    s_post       = m + s_prior - V P V^T R s_prior,  P = diag(1 - 1/sqrt(1 + lambda_i))   samples, s_prior ~ N(0, R^{-1})
+    KL(post || prior) = 1/2 [sum_i (log(1 + lambda_i) - lambda_i / (1 + lambda_i)) + ||m - m0||_R^2]
+
+(the sample's covariance is R^{-1} - V (2P - P^2) V^T = R^{-1} - V D V^T). Dropping the eigenvalues below the
+r-th only loses directions where the data inform the parameter less than the prior does, when lambda_r << 1.
+The same factors give the low-rank preconditioner (R + R V Lambda V^T R)^{-1} = R^{-1} - V D V^T for Newton-CG
+(``preconditioner="lowrank"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as sla
+import scipy.sparse as sp
+
+from ._validate import as_parameter, check_finite, owned
+from .errors import ShapeError
+from .objectives.base import Scaled, Sum
+from .optimize.inner import InnerProduct, Matrix
+
+logger = logging.getLogger(__name__)
+
+#: the largest prior (parameters) sampled through a dense Cholesky factor of its precision
+DENSE_SAMPLING_LIMIT = 4000
+
+
+# -- the prior --------------------------------------------------------------------------------------------
+def _is_prior(term) -> bool:
+    from .objectives.regularization import TikhonovH1, TikhonovL2
+
+    return bool(getattr(term, "gaussian", False)) or isinstance(term, (TikhonovL2, TikhonovH1))
+
+
+def _flatten(objective, c=1.0):
+    """[(c, term)] of a sum of (scaled) terms."""
+    if isinstance(objective, Sum):
+        return [x for t in objective.terms for x in _flatten(t, c)]
+    if isinstance(objective, Scaled):
+        return _flatten(objective.term, c * objective.c)
+    return [(c, objective)]
+
+
+def _precision_matrix(term, n: int) -> sp.csr_array:
+    if hasattr(term, "precision_matrix"):
+        return sp.csr_array(term.precision_matrix())
+    M = term.M
+    if M is None:
+        return sp.identity(n, format="csr")
+    if isinstance(M, np.ndarray) and M.ndim == 1:
+        return sp.diags_array(M).tocsr()
+    return sp.csr_array(M)
+
+
+class GaussianPrior:
+    """The prior part of an objective, N(m0, R^{-1}): R = sum_i c_i R_i over the prior terms found in it
+    (``BiLaplacianPrior``, ``TikhonovL2``, ``TikhonovH1``, each possibly scaled; the other terms are the data
+    misfit).
+
+    ``precision(V)`` = R V and ``covariance(V)`` = R^{-1} V for V of shape (m,) or (m, k); ``sample(n, rng)``
+    (m, n) draws of N(m0, R^{-1}); ``variance()`` the pointwise prior variance diag(R^{-1}). One BiLaplacian
+    prior (scaled or not) uses its own factorization and sampler; any other combination factorizes R (checked
+    symmetric positive definite) and samples only when R is diagonal.
+    """
+
+    def __init__(self, terms, n: int):
+        if not terms:
+            raise ValueError("the objective has no prior term: add a Gaussian regularization (adjopt.BiLaplacianPrior, "
+                             "TikhonovL2, or TikhonovH1 + TikhonovL2) to the misfit, or pass prior=")
+        self.terms, self.n = list(terms), int(n)
+        for c, _ in self.terms:
+            if not c > 0:
+                raise ValueError(f"a prior term is scaled by {c!r}: a Gaussian prior needs a positive weight")
+        self.single = self.terms[0] if len(self.terms) == 1 and hasattr(self.terms[0][1], "covariance") else None
+        self._R = None
+        self._fac = None
+        means = [getattr(t, "mean", None) if hasattr(t, "mean") else getattr(t, "p_ref", None) for _, t in self.terms]
+        m0 = np.zeros(self.n)
+        if len(self.terms) == 1 and means[0] is not None:
+            m0 = m0 + np.asarray(means[0], dtype=np.float64)
+        elif any(m is not None and np.any(m) for m in means):
+            # the mean of a sum of quadratics: R m0 = sum c_i R_i m_i
+            rhs = sum(c * (_precision_matrix(t, self.n) @ (np.zeros(self.n) + (0.0 if m is None else m)))
+                      for (c, t), m in zip(self.terms, means))
+            m0 = self.covariance(rhs)
+        self.mean = m0
+
+    @classmethod
+    def of(cls, objective, n: int) -> GaussianPrior:
+        """The prior terms of ``objective`` (an :class:`~adjopt.objectives.Objective`, usually a sum)."""
+        if isinstance(objective, GaussianPrior):
+            return objective
+        if hasattr(objective, "covariance") and hasattr(objective, "precision"):
+            return cls([(1.0, objective)], n)
+        return cls([(c, t) for c, t in _flatten(objective) if _is_prior(t)], n)
+
+    def matrix(self) -> sp.csr_array:
+        """R as a sparse matrix."""
+        if self._R is None:
+            self._R = sp.csr_array(sum(c * _precision_matrix(t, self.n) for c, t in self.terms))
+        return self._R
+
+    def _block(self, V, name="V"):
+        V = np.asarray(V, dtype=np.float64)
+        if V.ndim not in (1, 2) or V.shape[0] != self.n:
+            raise ShapeError(f"{name} must have shape ({self.n},) or ({self.n}, k), got {V.shape}")
+        check_finite(V, name)
+        return V
+
+    def precision(self, V) -> np.ndarray:
+        V = self._block(V)
+        if self.single is not None:
+            c, t = self.single
+            return c * t.precision(V)
+        return self.matrix() @ V
+
+    def covariance(self, V) -> np.ndarray:
+        V = self._block(V)
+        if self.single is not None:
+            c, t = self.single
+            return t.covariance(V) / c
+        if self._fac is None:
+            try:
+                self._fac = Matrix(self.matrix(), name="prior precision")
+            except ValueError as exc:
+                raise ValueError(f"the prior precision (the Hessian of the regularization) is not symmetric positive "
+                                 f"definite: {exc}. TikhonovH1 alone leaves the constants free: add a TikhonovL2 "
+                                 f"term or use adjopt.BiLaplacianPrior") from exc
+        return self._fac.riesz(V)
+
+    def sample(self, n: int = 1, rng=None) -> np.ndarray:
+        """(m, n) samples of N(m0, R^{-1}): through the prior term's own sampler (BiLaplacian), 1/sqrt(diag R) for a
+        diagonal R, or a dense Cholesky factor of R up to :data:`DENSE_SAMPLING_LIMIT` parameters."""
+        rng = np.random.default_rng(rng)
+        if self.single is not None:
+            c, t = self.single
+            # the term's samples around its own mean, scaled: c R_t has the covariance R_t^{-1} / c
+            return self.mean[:, None] + (t.sample(n, rng) - self.mean[:, None]) / math.sqrt(c)
+        R = self.matrix()
+        offdiag = R - sp.diags_array(R.diagonal())
+        if offdiag.count_nonzero() == 0:
+            d = R.diagonal()
+            if not np.all(d > 0):
+                raise ValueError("the prior precision has a non-positive diagonal: it is not positive definite")
+            return self.mean[:, None] + rng.standard_normal((self.n, n)) / np.sqrt(d)[:, None]
+        if self.n <= DENSE_SAMPLING_LIMIT:  # small: a dense Cholesky factor L L^T = R, s = L^-T xi
+            L = np.linalg.cholesky(R.toarray())
+            return self.mean[:, None] + sla.solve_triangular(L.T, rng.standard_normal((self.n, n)), lower=False)
+        raise NotImplementedError(f"sampling this prior ({self.n} parameters) needs a square root of its precision: "
+                                  f"use adjopt.BiLaplacianPrior (sampled through its factorization) or a diagonal "
+                                  f"TikhonovL2 (a dense Cholesky factor serves up to {DENSE_SAMPLING_LIMIT} parameters)")
+
+    def variance(self, exact: bool | None = None, n_samples: int = 500, rng=None) -> np.ndarray:
+        """diag(R^{-1}): exact (m solves, in blocks) when ``exact`` or m <= 20000, else a randomized estimate
+        (Hutchinson's diagonal estimator with ``n_samples`` Rademacher probes)."""
+        if self.single is not None:
+            c, t = self.single
+            return t.variance(exact=exact, n_samples=n_samples, rng=rng) / c
+        if exact or (exact is None and self.n <= 20000):
+            out = np.empty(self.n)
+            for i0 in range(0, self.n, 256):
+                i1 = min(i0 + 256, self.n)
+                E = np.zeros((self.n, i1 - i0))
+                E[np.arange(i0, i1), np.arange(i1 - i0)] = 1.0
+                X = self.covariance(E)
+                out[i0:i1] = X[np.arange(i0, i1), np.arange(i1 - i0)]
+            return out
+        rng = np.random.default_rng(rng)
+        logger.info("prior variance: Hutchinson estimate from %d probes (relative error about %.0f %%)", n_samples,
+                    100 * math.sqrt(2.0 / n_samples))
+        Z = rng.choice([-1.0, 1.0], size=(self.n, n_samples))
+        return np.mean(Z * self.covariance(Z), axis=1)
+
+
+# -- the randomized generalized eigensolver ----------------------------------------------------------------
+@dataclass
+class EigenResult:
+    """``values`` (r,) descending, ``vectors`` (m, r) with V^T R V = I, ``residuals`` (r,) the relative residuals
+    ||H v_i - lambda_i R v_i||_{R^{-1}} / max(|lambda_i|, 1) (NaN when not computed), ``actions`` the Hessian
+    actions (columns) spent."""
+
+    values: np.ndarray
+    vectors: np.ndarray
+    residuals: np.ndarray
+    actions: int
+
+
+def _r_orthonormalize(Y, R):
+    """Q spanning the columns of Y with Q^T R Q = I.
+
+    First a column-pivoted Householder QR of Y (Euclidean, stable at any scale of the columns: a sketch of a
+    Hessian spans eigenvalues over many decades), which drops the columns Y does not span (its diagonal below
+    k eps of the largest); then twice a Cholesky-QR in the R inner product (by the eigendecomposition of the
+    Gram matrix of the orthonormal basis, whose condition number is R's on that subspace only).
+    """
+    Q, T, _ = sla.qr(Y, mode="economic", pivoting=True)
+    diag = np.abs(np.diag(T))
+    if diag.size == 0 or not diag[0] > 0:
+        raise ValueError("the sketch of the Hessian is zero: the data do not inform any direction (is the misfit "
+                         "zero, or the Hessian action wrong?)")
+    Y = Q[:, diag > diag[0] * Y.shape[1] * np.finfo(np.float64).eps * 10]
+    for _ in range(2):
+        G = Y.T @ R(Y)
+        G = 0.5 * (G + G.T)
+        s, U = np.linalg.eigh(G)
+        keep = s > max(float(s.max()), 0.0) * 1e-13
+        if not np.any(keep):
+            raise ValueError("the prior precision R is not positive definite on the sketch: check the prior")
+        Y = (Y @ U[:, keep]) / np.sqrt(s[keep])
+    return Y
+
+
+def randomized_eigh(H, n: int, rank: int, R=None, Rinv=None, oversampling: int = 10, passes: int = 2, rng=None,
+                    residuals: bool = True) -> EigenResult:
+    """The ``rank`` dominant eigenpairs of H v = lambda R v by a randomized range finder.
+
+    Parameters
+    ----------
+    H
+        V (n, k) -> H V (n, k): blocked actions of the symmetric operator (a reduced Hessian minus the prior's).
+    R, Rinv
+        V -> R V and V -> R^{-1} V (blocks) of the SPD weight; both None: the standard problem (R = I).
+    oversampling
+        Extra sketch columns p: the sketch has rank + p columns (10 is the usual choice).
+    passes
+        2 (default): Y = R^{-1} H Omega, Q its R-orthonormal basis, then the small matrix Q^T H Q from a second
+        block of actions (the accurate one); 1: the single-pass estimate T = (Omega^T R Q)^+ (Omega^T H Omega)
+        (Omega^T R Q)^{+T}, no second block (less accurate for slowly decaying spectra).
+    residuals
+        Compute the residuals of the returned pairs (free in the double pass; the single pass spends ``rank``
+        more actions on them).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if isinstance(oversampling, bool) or not isinstance(oversampling, (int, np.integer)) or oversampling < 0:
+        raise ValueError(f"oversampling must be a non-negative integer, got {oversampling!r}")
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2, got {passes!r}")
+    if rank > n:
+        raise ValueError(f"rank {rank} exceeds the parameter dimension {n}: ask for at most {n} eigenpairs")
+    if (R is None) != (Rinv is None):
+        raise ValueError("give both R and Rinv (the weight and its inverse), or neither")
+    if R is None:
+        def R(V):
+            return V
+
+        def Rinv(V):
+            return V
+    rng = np.random.default_rng(rng)
+    k = min(rank + oversampling, n)
+
+    def apply(V):
+        out = np.asarray(H(V), dtype=np.float64)
+        if out.shape != V.shape:
+            raise ShapeError(f"the Hessian action returned shape {out.shape} for a block of shape {V.shape}")
+        check_finite(out, "the Hessian action")
+        return out
+
+    Omega = rng.standard_normal((n, k))
+    Ybar = apply(Omega)
+    actions = k
+    Q = _r_orthonormalize(Rinv(Ybar), R)
+    if passes == 2:
+        HQ = apply(Q)
+        actions += Q.shape[1]
+        T = Q.T @ HQ
+    else:
+        X = Omega.T @ R(Q)
+        Xp = np.linalg.pinv(X)
+        T = Xp @ (Omega.T @ Ybar) @ Xp.T
+    T = 0.5 * (T + T.T)
+    lam, S = np.linalg.eigh(T)
+    order = np.argsort(lam)[::-1][:rank]
+    lam, S = lam[order], S[:, order]
+    V = Q @ S
+    res = np.full(lam.size, np.nan)
+    if residuals:
+        if passes == 2:
+            HV = HQ @ S
+        else:
+            HV = apply(V)
+            actions += V.shape[1]
+        Rres = HV - R(V) * lam
+        res = np.sqrt(np.maximum(np.einsum("ij,ij->j", Rres, Rinv(Rres)), 0.0)) / np.maximum(np.abs(lam), 1.0)
+    if lam.size < rank:
+        logger.warning("the sketch spans only %d directions (rank %d asked): the rest of the spectrum is zero",
+                       lam.size, rank)
+    return EigenResult(values=lam, vectors=V, residuals=res, actions=actions)
+
+
+def _low_rank(W, d, V, project=True):
+    """W diag(d) W^T V (``project``) or W diag(d) V (V already W^T V), for V of shape (m,) or (m, k)."""
+    C = W.T @ V if project else V
+    return W @ (d[:, None] * C if C.ndim == 2 else d * C)
+
+
+# -- the Laplace approximation ------------------------------------------------------------------------------
+def misfit_hessian(J, p, prior: GaussianPrior, gauss_newton: bool = False, tol=None):
+    """V -> (H_J - R) V at p: the data part of the reduced Hessian, on blocks."""
+    p = owned(as_parameter(p, J.n_params))
+
+    def H(V):
+        return J.hessp(p, V, tol=tol, gauss_newton=gauss_newton) - prior.precision(V)
+
+    return H
+
+
+class LaplacePosterior:
+    """The Laplace approximation N(m, (H + R)^{-1}) of the posterior at the MAP point m (see the module
+    docstring for the formulas).
+
+    Parameters
+    ----------
+    J
+        The reduced functional: data misfit plus the prior as its regularization (``J.objective``).
+    m
+        The MAP point (the minimizer of J). A point that is not stationary is warned about: the Laplace
+        approximation is centred at the MAP point.
+    prior
+        The prior (a :class:`GaussianPrior`, or a prior term such as ``adjopt.BiLaplacianPrior``); default: the
+        prior terms of ``J.objective``.
+    rank, oversampling, passes, rng
+        Of :func:`randomized_eigh` (80 pairs, 10, double pass).
+    gauss_newton
+        Use the Gauss-Newton Hessian (positive semidefinite; the usual choice away from the MAP point).
+    """
+
+    def __init__(self, J, m, prior=None, rank: int = 80, oversampling: int = 10, passes: int = 2, rng=None,
+                 gauss_newton: bool = False, tol=None, stationarity_tol: float = 1e-3):
+        self.J = J
+        n = J.n_params
+        self.m = owned(as_parameter(m, n, "m"))
+        self.prior = GaussianPrior.of(prior if prior is not None else J.objective, n)
+        H = misfit_hessian(J, self.m, self.prior, gauss_newton=gauss_newton, tol=tol)
+        eig = randomized_eigh(H, n, rank, R=self.prior.precision, Rinv=self.prior.covariance,
+                              oversampling=oversampling, passes=passes, rng=rng)
+        self.eig = eig
+        lam = eig.values
+        if np.any(lam <= -1.0):
+            raise ValueError(f"the Hessian is not positive definite at m (an eigenvalue of H v = lambda R v is "
+                             f"{lam.min():.3g} <= -1): m is not a minimum of J; optimize further, or use "
+                             f"gauss_newton=True")
+        self.values, self.vectors = lam, eig.vectors
+        self.d = lam / (1.0 + lam)
+        if lam.size and lam[-1] > 1.0:
+            logger.warning("the smallest of the %d eigenvalues kept is %.3g > 1: the data still inform directions "
+                           "beyond rank %d, so the posterior variance is overestimated; raise rank", lam.size,
+                           lam[-1], lam.size)
+        # the Newton decrement: the predicted decrease of J from m, 0 at the MAP point
+        g = J.gradient(self.m)
+        self.decrement = float(math.sqrt(max(g @ self.covariance(g), 0.0)))
+        if self.decrement > stationarity_tol * max(1.0, math.sqrt(abs(J.value(self.m)))):
+            msg = (f"m is not a stationary point of J: the Newton decrement sqrt(g^T (H + R)^-1 g) is "
+                   f"{self.decrement:.3g}; the Laplace approximation is centred at the MAP point: optimize "
+                   f"further (smaller gtol) before computing it")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            logger.warning(msg)
+
+    @property
+    def rank(self) -> int:
+        return int(self.values.size)
+
+    def covariance(self, V) -> np.ndarray:
+        """(H + R)^{-1} V ~ R^{-1} V - V_r D V_r^T V (blocks)."""
+        V = self.prior._block(V)
+        return self.prior.covariance(V) - _low_rank(self.vectors, self.d, V)
+
+    def variance(self, exact: bool | None = None, n_samples: int = 500, rng=None) -> np.ndarray:
+        """Pointwise posterior variance: the prior's minus sum_i d_i v_i^2 (exact from the factors)."""
+        return self.prior.variance(exact=exact, n_samples=n_samples, rng=rng) - (self.vectors ** 2) @ self.d
+
+    def sample(self, n: int = 1, rng=None) -> np.ndarray:
+        """(m, n) samples of the Laplace posterior."""
+        S = self.prior.sample(n, rng) - self.prior.mean[:, None]
+        P = 1.0 - 1.0 / np.sqrt(1.0 + self.values)
+        W = self.vectors
+        return self.m[:, None] + S - W @ (P[:, None] * (W.T @ self.prior.precision(S)))
+
+    def kl_divergence(self) -> float:
+        """KL(posterior || prior) of the Laplace approximation (the information gain, in nats)."""
+        lam = self.values
+        dm = self.m - self.prior.mean
+        return 0.5 * float(np.sum(np.log1p(lam) - lam / (1.0 + lam)) + dm @ self.prior.precision(dm))
+
+    def preconditioner(self) -> LowRankPreconditioner:
+        """(H + R) ~ R + R V Lambda V^T R as an inner product for Newton-CG (``preconditioner=``)."""
+        return LowRankPreconditioner(self.prior, self.values, self.vectors)
+
+    def summary(self) -> dict:
+        return dict(rank=self.rank, eigenvalues=self.values.tolist(), residuals=self.eig.residuals.tolist(),
+                    hessian_actions=self.eig.actions, kl_divergence=self.kl_divergence(), decrement=self.decrement,
+                    eigenvalues_above_1=int(np.sum(self.values > 1.0)))
+
+
+class LowRankPreconditioner(InnerProduct):
+    """<a, b> = a^T (R + R V Lambda V^T R) b, whose Riesz map is R^{-1} - V D V^T (Woodbury, V^T R V = I):
+    the Hessian R + H of a Gaussian inverse problem with H replaced by its low-rank part."""
+
+    name = "lowrank"
+
+    def __init__(self, prior: GaussianPrior, values, vectors):
+        super().__init__(prior.n)
+        self.prior = prior
+        self.values = np.asarray(values, dtype=np.float64)
+        self.vectors = np.asarray(vectors, dtype=np.float64)
+        if np.any(self.values <= -1.0):
+            raise ValueError("a low-rank preconditioner needs eigenvalues > -1 (R + H positive definite)")
+        self.d = self.values / (1.0 + self.values)
+        self._RW = None  # R V, on first use
+
+    def apply(self, v):
+        Rv = self.prior.precision(v)
+        if self._RW is None:
+            self._RW = self.prior.precision(self.vectors)
+        return Rv + _low_rank(self._RW, self.values, self.vectors.T @ Rv, project=False)
+
+    def riesz(self, g):
+        return self.prior.covariance(g) - _low_rank(self.vectors, self.d, g)
+
+    def diagonal(self):
+        R = self.prior.matrix()
+        return R.diagonal() + ((R @ self.vectors) ** 2) @ self.values
+
+
+__all__ = ["GaussianPrior", "randomized_eigh", "EigenResult", "LaplacePosterior", "LowRankPreconditioner",
+           "misfit_hessian"]

@@ -1,0 +1,221 @@
+"""Low-rank Hessians and the Laplace posterior (adjopt.uq): the randomized generalized eigenpairs against
+scipy.linalg.eigh, the posterior covariance, variance, samples and KL divergence against dense formulas, the
+low-rank preconditioner's spectrum, and bad input."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg as sla
+
+import adjopt
+from adjopt.uq import GaussianPrior, LaplacePosterior, LowRankPreconditioner, misfit_hessian, randomized_eigh
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "problems"))
+import poisson_inversion  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def inverse():
+    """poisson_inversion with the Bayesian prior at n = 6 (49 parameters), its MAP point and dense matrices."""
+    problem = poisson_inversion.build(n=6, n_obs=8, regularization="bilaplacian")
+    J = problem.functional
+    m = adjopt.minimize(problem, method="newton-cg", gtol=1e-11, maxiter=60).x
+    n = J.n_params
+    eye = np.eye(n)
+    H = J.hessp(m, eye)
+    H = 0.5 * (H + H.T)
+    prior = GaussianPrior.of(J.objective, n)
+    R = prior.precision(eye)
+    R = 0.5 * (R + R.T)
+    Hgn = J.hessp(m, eye, gauss_newton=True)
+    return dict(J=J, m=m, n=n, H=H, R=R, Hgn=0.5 * (Hgn + Hgn.T), prior=prior)
+
+
+def test_the_prior_is_found_in_the_objective(inverse):
+    prior = inverse["prior"]
+    assert len(prior.terms) == 1 and isinstance(prior.terms[0][1], adjopt.BiLaplacianPrior)
+    term = prior.terms[0][1]
+    np.testing.assert_allclose(inverse["R"], term.precision_matrix().toarray(), rtol=1e-12, atol=1e-12)
+    # the covariance inverts the precision
+    V = np.random.default_rng(0).standard_normal((inverse["n"], 3))
+    np.testing.assert_allclose(prior.covariance(prior.precision(V)), V, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("gauss_newton", [False, True])
+def test_double_pass_eigenpairs_match_the_dense_generalized_eigensolver(inverse, gauss_newton):
+    Hd = (inverse["Hgn"] if gauss_newton else inverse["H"]) - inverse["R"]
+    ref = sla.eigh(Hd, inverse["R"], eigvals_only=True)[::-1]
+    H = misfit_hessian(inverse["J"], inverse["m"], inverse["prior"], gauss_newton=gauss_newton)
+    eig = randomized_eigh(H, inverse["n"], 8, R=inverse["prior"].precision, Rinv=inverse["prior"].covariance,
+                          oversampling=10, rng=1)
+    assert eig.values.shape == (8,) and eig.vectors.shape == (inverse["n"], 8)
+    # 18 sketch columns, then the second pass on the R-orthonormal basis: 18 columns, or 8 when the sketch
+    # spans only the 8 directions of the Gauss-Newton misfit (the null ones are dropped)
+    assert eig.actions == 18 + (8 if gauss_newton else 18)
+    # the dominant eigenvalues to 1e-8 relative (8 observations: the Gauss-Newton misfit has rank <= 8, exactly
+    # caught by the sketch; the full one adds a part of full rank, so only the leading pairs are that close)
+    lead = 8 if gauss_newton else 3
+    np.testing.assert_allclose(eig.values[:lead], ref[:lead], rtol=1e-8)
+    np.testing.assert_allclose(eig.values[:7], ref[:7], rtol=1e-5)  # the 8th (0.1) is in the tail
+    # R-orthonormal vectors, and the residuals reported are the true ones
+    np.testing.assert_allclose(eig.vectors.T @ inverse["R"] @ eig.vectors, np.eye(8), atol=1e-10)
+    V, lam = eig.vectors, eig.values
+    res = Hd @ V - inverse["R"] @ V * lam
+    true = np.sqrt(np.einsum("ij,ij->j", res, np.linalg.solve(inverse["R"], res))) / np.maximum(np.abs(lam), 1)
+    np.testing.assert_allclose(eig.residuals, true, rtol=1e-3, atol=1e-12)
+    assert eig.residuals[:lead].max() < (1e-9 if gauss_newton else 1e-4)
+
+
+def test_single_pass_needs_no_second_block_and_is_close(inverse):
+    Hd = inverse["Hgn"] - inverse["R"]
+    ref = sla.eigh(Hd, inverse["R"], eigvals_only=True)[::-1]
+    H = misfit_hessian(inverse["J"], inverse["m"], inverse["prior"], gauss_newton=True)
+    eig = randomized_eigh(H, inverse["n"], 6, R=inverse["prior"].precision, Rinv=inverse["prior"].covariance,
+                          oversampling=10, passes=1, rng=2, residuals=False)
+    assert eig.actions == 16 and np.isnan(eig.residuals).all()
+    # the Gauss-Newton misfit Hessian has rank 8 <= 16 sketch columns: the single pass is exact too
+    np.testing.assert_allclose(eig.values, ref[:6], rtol=1e-6)
+
+
+def test_the_standard_problem_when_no_weight_is_given():
+    rng = np.random.default_rng(3)
+    Q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    lam = 10.0 ** (-np.arange(30) / 2)
+    A = (Q * lam) @ Q.T
+    eig = randomized_eigh(lambda V: A @ V, 30, 5, oversampling=10, rng=4)
+    np.testing.assert_allclose(eig.values, lam[:5], rtol=1e-8)
+    np.testing.assert_allclose(np.abs(eig.vectors.T @ Q[:, :5]), np.eye(5), atol=1e-6)
+
+
+def _posterior(inverse, rank):
+    return LaplacePosterior(inverse["J"], inverse["m"], rank=rank, oversampling=10, rng=5)
+
+
+def test_the_posterior_variance_and_covariance_match_the_dense_posterior(inverse):
+    n = inverse["n"]
+    post = _posterior(inverse, n)  # every pair: the low-rank formulas are then exact
+    C = np.linalg.inv(inverse["H"])
+    np.testing.assert_allclose(post.variance(exact=True), np.diag(C), rtol=1e-7)
+    V = np.random.default_rng(6).standard_normal((n, 2))
+    np.testing.assert_allclose(post.covariance(V), C @ V, rtol=1e-6, atol=1e-9 * np.abs(C @ V).max())
+    np.testing.assert_allclose(post.covariance(V[:, 0]), C @ V[:, 0], rtol=1e-6, atol=1e-9 * np.abs(C @ V).max())
+    # a truncated posterior is the formula with the kept pairs; the kept eigenvalues are positive, so it lies
+    # below the prior
+    low = _posterior(inverse, 4)
+    Cp = np.linalg.inv(inverse["R"])
+    ref = np.diag(Cp) - (low.vectors**2) @ (low.values / (1 + low.values))
+    np.testing.assert_allclose(low.variance(exact=True), ref, rtol=1e-10)
+    assert np.all(low.variance(exact=True) <= np.diag(Cp) * (1 + 1e-12))
+
+
+def test_samples_converge_to_the_posterior_covariance_at_the_monte_carlo_rate(inverse):
+    post = _posterior(inverse, inverse["n"])
+    C = np.linalg.inv(inverse["H"])
+    bound = np.sqrt(np.sum(C**2) + np.trace(C) ** 2)  # E||S - C||_F^2 = (||C||_F^2 + tr(C)^2) / N (Wishart)
+    errors = {}
+    for N in (400, 10000):
+        S = post.sample(N, rng=7)
+        assert S.shape == (inverse["n"], N)
+        X = S - inverse["m"][:, None]  # about the known mean
+        errors[N] = np.linalg.norm(X @ X.T / N - C)
+        assert errors[N] <= 3 * bound / np.sqrt(N)
+        np.testing.assert_allclose(S.mean(axis=1), inverse["m"], atol=5 * np.sqrt(np.diag(C).max() / N))
+    assert errors[10000] < errors[400] / 2.5  # sqrt(25) = 5 expected
+
+
+def test_the_kl_divergence_matches_the_dense_gaussians(inverse):
+    post = _posterior(inverse, inverse["n"])
+    n, R, H = inverse["n"], inverse["R"], inverse["H"]
+    C = np.linalg.inv(H)
+    dm = inverse["m"] - inverse["prior"].mean
+    ref = 0.5 * (np.trace(R @ C) - n + dm @ R @ dm + np.linalg.slogdet(H)[1] - np.linalg.slogdet(R)[1])
+    assert post.kl_divergence() == pytest.approx(ref, rel=1e-7)
+    summary = post.summary()
+    assert summary["rank"] == post.rank >= n - 4 and summary["kl_divergence"] == pytest.approx(ref, rel=1e-7)
+    assert summary["eigenvalues_above_1"] == int(np.sum(post.values > 1))
+
+
+def test_the_low_rank_preconditioner_clusters_the_spectrum(inverse):
+    post = _posterior(inverse, 5)
+    P = post.preconditioner()
+    assert isinstance(P, LowRankPreconditioner)
+    n = inverse["n"]
+    eye = np.eye(n)
+    Pinv = P.riesz(eye)
+    np.testing.assert_allclose(Pinv @ P.apply(eye), eye, atol=1e-8)
+    # P^{-1} (H + R): eigenvalues 1 on the kept pairs, 1 + lambda_i on the others: in [1 + lambda_min, 1 + lambda_6]
+    ref = sla.eigh(inverse["H"] - inverse["R"], inverse["R"], eigvals_only=True)[::-1]
+    mu = np.sort(np.linalg.eigvals(Pinv @ inverse["H"]).real)
+    assert mu.max() <= (1 + ref[5]) * (1 + 1e-6)
+    assert mu.min() >= (1 + min(ref.min(), 0)) * (1 - 1e-6)
+    raw = np.linalg.eigvalsh(inverse["H"])
+    assert mu.max() / mu.min() < 0.1 * raw.max() / raw.min()
+    np.testing.assert_allclose(P.diagonal(), np.diag(P.apply(eye)), rtol=1e-10)
+
+
+def test_newton_cg_with_the_low_rank_preconditioner():
+    problem = poisson_inversion.build(n=8, n_obs=8, regularization="bilaplacian")
+    ref = adjopt.minimize(problem, method="newton-cg", gtol=1e-10, maxiter=60)
+    low = adjopt.minimize(problem, method="newton-cg", preconditioner="lowrank", gtol=1e-10, maxiter=60)
+    assert low.success
+    np.testing.assert_allclose(low.x, ref.x, rtol=1e-6, atol=1e-7 * np.abs(ref.x).max())
+    cg = lambda r: sum(h.get("cg_iterations", 0) for h in r.history)  # noqa: E731
+    assert cg(low) < cg(ref)
+
+
+def test_bad_input_is_refused_or_warned(inverse):
+    J, m, n = inverse["J"], inverse["m"], inverse["n"]
+    with pytest.raises(ValueError, match="exceeds the parameter dimension"):
+        LaplacePosterior(J, m, rank=n + 1)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        randomized_eigh(lambda V: V, 5, 0)
+    with pytest.raises(ValueError, match="passes"):
+        randomized_eigh(lambda V: V, 5, 2, passes=3)
+    with pytest.raises(ValueError, match="both R and Rinv"):
+        randomized_eigh(lambda V: V, 5, 2, R=lambda V: V)
+    with pytest.raises(adjopt.ShapeError, match="returned shape"):
+        randomized_eigh(lambda V: V[:, :1], 5, 2)
+    with pytest.raises(adjopt.NonFiniteError):
+        randomized_eigh(lambda V: V * np.nan, 5, 2)
+    with pytest.raises(ValueError, match="zero"):
+        randomized_eigh(lambda V: 0 * V, 5, 2)
+    # a point that is not the MAP point: warned, with the Newton decrement
+    with pytest.warns(RuntimeWarning, match="not a stationary point"):
+        LaplacePosterior(J, np.zeros(n), rank=4, rng=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LaplacePosterior(J, m, rank=4, rng=0)  # the MAP point: no warning
+    # an objective without a prior, or with one that is not positive definite
+    msh = poisson_inversion.make_mesh(6, 2)
+    K = poisson_inversion.assemble(msh.cells, poisson_inversion.p1_stiffness(msh), n)
+    with pytest.raises(ValueError, match="no prior term"):
+        GaussianPrior.of(adjopt.SquaredMisfit(np.zeros(2), B=np.ones((2, n))), n)
+    h1 = GaussianPrior.of(adjopt.TikhonovH1(K), n)
+    with pytest.raises(ValueError, match="not symmetric positive definite.*TikhonovL2"):
+        h1.covariance(np.ones(n))
+    with pytest.raises(ValueError, match="positive weight"):
+        GaussianPrior.of(-1.0 * adjopt.TikhonovL2(), n)
+    with pytest.raises(adjopt.ShapeError):
+        inverse["prior"].precision(np.ones(n + 1))
+
+
+def test_other_gaussian_priors_sample_and_give_variances():
+    n = 6
+    diag = GaussianPrior.of(4.0 * adjopt.TikhonovL2(), n)
+    S = diag.sample(20000, rng=0)
+    np.testing.assert_allclose(S.var(axis=1), 0.25, rtol=0.05)
+    np.testing.assert_allclose(diag.variance(), np.full(n, 0.25), rtol=1e-12)
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((n, n))
+    import scipy.sparse as sp
+
+    M = sp.csr_array(X @ X.T + n * np.eye(n))
+    dense = GaussianPrior.of(adjopt.TikhonovL2(M) + adjopt.TikhonovL2(), n)
+    C = np.linalg.inv(M.toarray() + np.eye(n))
+    np.testing.assert_allclose(dense.variance(), np.diag(C), rtol=1e-10)
+    np.testing.assert_allclose(dense.variance(exact=False, n_samples=4000, rng=2), np.diag(C), rtol=0.15)
+    S = dense.sample(20000, rng=3)
+    np.testing.assert_allclose(np.cov(S), C, atol=0.05 * np.abs(C).max())
