@@ -342,10 +342,13 @@ class LaplacePosterior:
         Of :func:`randomized_eigh` (80 pairs, 10, double pass).
     gauss_newton
         Use the Gauss-Newton Hessian (positive semidefinite; the usual choice away from the MAP point).
+    stationarity_tol
+        Warn (RuntimeWarning and a log record) when the Newton decrement at m, the distance from m to the MAP
+        point in posterior standard deviations, exceeds it.
     """
 
     def __init__(self, J, m, prior=None, rank: int = 80, oversampling: int = 10, passes: int = 2, rng=None,
-                 gauss_newton: bool = False, tol=None, stationarity_tol: float = 1e-3):
+                 gauss_newton: bool = False, tol=None, stationarity_tol: float = 0.1):
         self.J = J
         n = J.n_params
         self.m = owned(as_parameter(m, n, "m"))
@@ -365,13 +368,15 @@ class LaplacePosterior:
             logger.warning("the smallest of the %d eigenvalues kept is %.3g > 1: the data still inform directions "
                            "beyond rank %d, so the posterior variance is overestimated; raise rank", lam.size,
                            lam[-1], lam.size)
-        # the Newton decrement: the predicted decrease of J from m, 0 at the MAP point
+        # the Newton decrement sqrt(g^T (H + R)^-1 g): the length of the Newton step in the posterior's own
+        # metric, i.e. how many posterior standard deviations m is from the MAP point (0 there)
         g = J.gradient(self.m)
         self.decrement = float(math.sqrt(max(g @ self.covariance(g), 0.0)))
-        if self.decrement > stationarity_tol * max(1.0, math.sqrt(abs(J.value(self.m)))):
+        if not self.decrement <= stationarity_tol:
             msg = (f"m is not a stationary point of J: the Newton decrement sqrt(g^T (H + R)^-1 g) is "
-                   f"{self.decrement:.3g}; the Laplace approximation is centred at the MAP point: optimize "
-                   f"further (smaller gtol) before computing it")
+                   f"{self.decrement:.3g} (m is about that many posterior standard deviations from the MAP point; "
+                   f"stationarity_tol={stationarity_tol:g}); the Laplace approximation is centred at the MAP "
+                   f"point: optimize further (smaller gtol) before computing it")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             logger.warning(msg)
 
