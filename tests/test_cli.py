@@ -33,7 +33,7 @@ def test_list_shows_the_gallery_with_options():
     out = adjopt("list", check=0).stdout
     for name in ("poisson_inversion", "optimal_control", "topology_compliance", "advection_diffusion_source"):
         assert name in out
-    assert "--alpha 10.0" in out and "--nelx None" in out
+    assert "--alpha None" in out and "--nelx None" in out  # alpha: 10 for h1 and tv, 1 for the Bayesian prior
 
 
 def test_run_writes_a_complete_results_folder(tmp_path):

@@ -6,6 +6,7 @@
     adjopt run my_problem.py --method lbfgs       # any file with a build(**options) -> adjopt.Problem
     adjopt check topology_compliance --nelx 30    # Taylor tests and Hessian symmetry; exit 1 if a rate is off
     adjopt bench poisson_inversion --sizes 32 64 128
+    adjopt uq poisson_inversion --regularization bilaplacian --rank 80   # Laplace posterior at the MAP point
 
 Exit status: 0 success, 1 a check failed or the run did not converge, 2 bad
 input (unknown problem, option, solver or method, a bad --gtol/--max-iter, a
@@ -659,6 +660,130 @@ def cmd_bench(args, extra) -> int:
     return 0
 
 
+def _read_map(path: Path, n: int) -> np.ndarray:
+    """x of a finished run's result.npz (or of the result.npz in a folder), checked."""
+    if path.is_dir():
+        path = path / "result.npz"
+    if not path.is_file():
+        raise UsageError(f"--result {path}: no such file; give the result.npz of a finished 'adjopt run' (or its "
+                         "folder), or leave --result out to compute the MAP point")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x = np.array(data["x"], dtype=np.float64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"--result {path} is not a readable result.npz with an array x ({exc})") from exc
+    if x.shape != (n,):
+        raise UsageError(f"--result {path} holds x of shape {x.shape}, but this problem has {n} parameters: build it "
+                         "with the options of that run")
+    if not np.all(np.isfinite(x)):
+        raise UsageError(f"--result {path}: x has NaN or Inf entries")
+    return x
+
+
+def cmd_uq(args, extra) -> int:
+    import adjopt
+
+    from .results import ResultsWriteError
+    from .uq import GaussianPrior, LaplacePosterior
+    from .uq_results import write_uq
+
+    for name, low in (("rank", 1), ("oversampling", 0), ("samples", 0), ("seed", 0)):
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name} must be a whole number >= {low}, got {getattr(args, name)}")
+    if args.solver:
+        _check_solver(args.solver)
+    module = load_module(args.problem)
+    run_defaults = dict(getattr(module, "RUN_DEFAULTS", {}))
+    method = args.method or run_defaults.pop("method", None) or "newton-cg"
+    run_defaults.pop("method", None)
+    prob_opts, meth_opts = split_options(extra, build_options(module), _method_defaults(method))
+    problem = make_problem(module, prob_opts)
+    J = problem.functional
+    if args.solver:
+        from .solvers import make_solver
+
+        try:
+            J.solver = make_solver(args.solver)
+        except ImportError as exc:
+            raise UsageError(str(exc)) from exc
+    n = J.n_params
+    try:
+        prior = GaussianPrior.of(getattr(J, "objective", None), n)
+    except ValueError as exc:
+        hint = " (poisson_inversion: --regularization bilaplacian)" if "regularization" in build_options(module) else ""
+        raise UsageError(f"{problem.name}: {exc}{hint}") from exc
+    if args.rank > n:
+        raise UsageError(f"--rank {args.rank} exceeds the {n} parameters of {problem.name}; ask for at most {n}")
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    out = Path(args.out or os.path.join("adjopt-results", f"{problem.name}-uq"))
+    lock = _prepare_out(out, args.force, resume=False)
+    finished = False
+    try:
+        times, info = {}, {}
+        t0 = time.perf_counter()
+        if args.result:
+            m = _read_map(Path(args.result), n)
+            info["map_source"] = str(args.result)
+            say(f"{problem.name}: {n} parameters; MAP point read from {args.result}")
+        else:
+            stop = {k: run_defaults.pop(k) for k in list(run_defaults) if k in ("gtol", "gatol", "xtol", "ftol",
+                                                                                "maxiter")}
+            if args.max_iter is not None:
+                stop["maxiter"] = args.max_iter
+            if args.gtol is not None:
+                stop["gtol"] = args.gtol
+            stop.setdefault("maxiter", 200)
+            _stopping_tests(argparse.Namespace(max_iter=args.max_iter, gtol=args.gtol, xtol=None), stop)
+            opts = {**{k: v for k, v in run_defaults.items() if k in _method_defaults(method)}, **meth_opts}
+            say(f"{problem.name}: {n} parameters; the MAP point by {method} ...")
+            res = adjopt.minimize(problem, method=method, **stop, **opts)
+            m = res.x
+            info.update(map_source=f"adjopt.minimize(method={method!r})", map_success=bool(res.success),
+                        map_iterations=int(res.nit), map_message=str(res.message), map_hessian_actions=int(res.nhessp))
+            say(f"  {res.message} after {res.nit} iterations (J = {res.fun:.6g})")
+            if not res.success:
+                logger.warning("the optimization did not converge: the posterior is centred at its last point")
+        times["map_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        say(f"eigenpairs: rank {args.rank}, oversampling {args.oversampling}, "
+            f"{'double' if args.passes == 2 else 'single'} pass ...")
+        post = LaplacePosterior(J, m, prior=prior, rank=args.rank, oversampling=args.oversampling, passes=args.passes,
+                                rng=args.seed, gauss_newton=args.gauss_newton)
+        times["eigensolver_s"] = time.perf_counter() - t0
+        lam = post.values
+        say(f"  {post.rank} eigenvalues from {lam[0]:.4g} down to {lam[-1]:.4g} ({int(np.sum(lam > 1))} above 1), "
+            f"{post.eig.actions} Hessian actions, {times['eigensolver_s']:.2f} s; largest residual "
+            f"{np.nanmax(post.eig.residuals):.2e}")
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(args.seed + 1)
+        prior_var = prior.variance(rng=rng)
+        post_var = prior_var - (post.vectors ** 2) @ post.d
+        times["variance_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        samples = np.zeros((n, 0))
+        if args.samples:
+            try:
+                samples = post.sample(args.samples, rng=rng)
+            except NotImplementedError as exc:  # a prior without a square root of its precision at this size
+                logger.warning("no samples written: %s", exc)
+        times["samples_s"] = time.perf_counter() - t0
+        info.update(rank_requested=args.rank, oversampling=args.oversampling, passes=args.passes,
+                    gauss_newton=bool(args.gauss_newton), seed=args.seed, times=times,
+                    variance_exact=bool(n <= 20000))
+        say(f"  KL divergence {post.kl_divergence():.4g} nats; posterior variance {post_var.min():.3g} .. "
+            f"{post_var.max():.3g} (prior {prior_var.min():.3g} .. {prior_var.max():.3g})")
+        try:
+            written = write_uq(out, problem, post, samples, prior_var, post_var, info, force=True,
+                               pictures=not args.no_pictures, save_vectors=args.save_vectors)
+        except ResultsWriteError as exc:
+            raise UsageError(str(exc)) from exc
+        print(f"results in {out}/: " + ", ".join(sorted(Path(p).name for p in written.values())))
+        finished = True
+        return 0
+    finally:
+        lock.release(failed=not finished)
+
+
 # -- entry point ------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse, with a bad argument reported as one ``adjopt: ...`` line (exit 2), like every other bad input."""
@@ -707,6 +832,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size-option", dest="size_option", help="the build() option the sizes set (default n or nelx)")
     p.add_argument("--json", help="output JSON file (default bench_<problem>.json)")
     debug_flag(p)
+    p = sub.add_parser("uq", allow_abbrev=False,
+                       help="the Laplace posterior at the MAP point: eigenvalues, variance, samples")
+    p.add_argument("problem")
+    p.add_argument("--rank", type=int, default=80, help="eigenpairs kept (default 80)")
+    p.add_argument("--oversampling", type=int, default=10, help="extra sketch columns (default 10)")
+    p.add_argument("--passes", type=int, choices=(1, 2), default=2, help="randomized eigensolver passes (default 2)")
+    p.add_argument("--samples", type=int, default=3, help="posterior samples written (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gauss-newton", action="store_true", dest="gauss_newton",
+                   help="use the Gauss-Newton Hessian (default: the full Hessian)")
+    p.add_argument("--result", help="result.npz (or its folder) of a finished run: its x is the MAP point")
+    p.add_argument("--method", help="the optimizer for the MAP point (default: the problem's, else newton-cg)")
+    p.add_argument("--solver", type=_solver_name)
+    p.add_argument("--max-iter", type=int, dest="max_iter")
+    p.add_argument("--gtol", type=float)
+    p.add_argument("--out", help="results folder (default adjopt-results/<problem>-uq)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing results folder")
+    p.add_argument("--no-pictures", action="store_true", dest="no_pictures")
+    p.add_argument("--save-vectors", action="store_true", dest="save_vectors",
+                   help="also write the eigenvectors into uq.npz (m x rank numbers)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    debug_flag(p)
     return ap
 
 
@@ -726,7 +873,7 @@ def main(argv=None) -> int:
         print(f"adjopt: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = dict(run=cmd_run, demo=cmd_demo, list=cmd_list, check=cmd_check, bench=cmd_bench)
+    handlers = dict(run=cmd_run, demo=cmd_demo, list=cmd_list, check=cmd_check, bench=cmd_bench, uq=cmd_uq)
     if args.command == "list" and extra:
         print(f"adjopt: list takes no options, got {' '.join(extra)}", file=sys.stderr)
         return 2

@@ -66,10 +66,13 @@ __all__ = ["ResultsExistError", "ResultsWriteError", "fields", "remove_temporari
 RESULT_FILES = ("history.json", "history.csv", "result.npz", "fields.vtu", "convergence.png", "parameter.png",
                 "state.png")
 
+#: the files ``adjopt uq`` writes (adjopt.uq_results)
+UQ_FILES = ("uq.json", "uq.npz", "eigenvalues.png", "variance.png", "samples.png")
+
 #: the temporary names adjopt writes under before os.replace: _atomic_write (.NAME.PID.HEX8.tmp), write_vtu and
 #: write_checkpoint (tempfile.mkstemp: 8 characters of [a-z0-9_])
 _TEMPORARY = re.compile(r"\.(?:%s)\.\d+\.[0-9a-f]{8}\.tmp|\.fields\.vtu\.[a-z0-9_]{8}\.tmp\.vtu|\.checkpoint-[a-z0-9_]{8}\.tmp"
-                        % "|".join(map(re.escape, RESULT_FILES)))
+                        % "|".join(map(re.escape, RESULT_FILES + UQ_FILES)))
 
 #: what the fields of the gallery problems mean (by problem-name prefix); meta["labels"] overrides
 _GALLERY_LABELS = {
