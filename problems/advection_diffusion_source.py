@@ -10,9 +10,15 @@ field; the SUPG-consistent load is linear in m,
 
 so b(m) = L[free, :] m (``AffineVector``) and A is constant. Observations of
 u at ``n_obs`` free nodes (seeded), with Gaussian noise, and an H1 + L2
-Tikhonov regularization:
+Tikhonov regularization (``regularization="h1"``, the default):
 
-    J(m) = 0.5 |B u(m) - d|^2 + alpha (0.5 m^T K m + 0.05 m^T M m).
+    J(m) = 0.5 |B u(m) - d|^2 + alpha (0.5 m^T K m + 0.05 m^T M m),
+
+or the Bayesian version (``regularization="bilaplacian"``): the misfit weighted by the noise,
+0.5 |B u(m) - d|^2 / sigma^2 with sigma = noise max|B u_true|, plus the Gaussian prior
+``BiLaplacianPrior.from_correlation(mesh, 0.2, 1.0)`` (alpha = 1 by default: J is the negative
+log-posterior, and ``adjopt uq advection_diffusion_source --regularization bilaplacian`` gives the
+Laplace approximation; the problem is linear in m, so that approximation is the posterior itself).
 """
 
 from __future__ import annotations
@@ -45,8 +51,14 @@ def supg_load_matrix(msh, velocity, kappa) -> sp.csr_array:
     return fem.assemble(msh.cells, local, msh.n_nodes)
 
 
+REGULARIZATIONS = ("h1", "bilaplacian")
+#: correlation length and standard deviation of the "bilaplacian" prior
+PRIOR_LENGTH = 0.2
+PRIOR_STD = 1.0
+
+
 def build(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_obs: int = 60, noise: float = 0.01,
-          alpha: float = 1e-4, seed: int = 0) -> adjopt.Problem:
+          alpha: float | None = None, seed: int = 0, regularization: str = "h1") -> adjopt.Problem:
     """The source-recovery problem on an n x n triangle mesh.
 
     Parameters
@@ -62,8 +74,16 @@ def build(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_obs: int = 60
     noise
         Noise level relative to max |B u_true|.
     alpha
-        Regularization weight.
+        Regularization weight (default 1e-4 for ``"h1"``, 1 for ``"bilaplacian"``).
+    regularization
+        ``"h1"`` (Tikhonov H1 + L2) or ``"bilaplacian"`` (the Gaussian prior, noise-weighted misfit).
     """
+    if regularization not in REGULARIZATIONS:
+        raise ValueError(f"unknown regularization {regularization!r}; known: {', '.join(REGULARIZATIONS)}")
+    if alpha is None:
+        alpha = 1.0 if regularization == "bilaplacian" else 1e-4
+    if not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     if int(n) != n or n < 2:
         raise ValueError(f"n must be an integer >= 2, got {n}")
     if not kappa > 0:
@@ -89,12 +109,23 @@ def build(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_obs: int = 60
     data = clean + noise * np.abs(clean).max() * rng.standard_normal(n_obs)
     K = fem.assemble(msh.cells, fem.p1_stiffness(msh), N)
     M = fem.assemble(msh.cells, fem.p1_mass(msh), N)
-    objective = adjopt.SquaredMisfit(data, B=B) + alpha * (adjopt.TikhonovH1(K) + 0.1 * adjopt.TikhonovL2(M))
+    if regularization == "bilaplacian":
+        sigma = noise * np.abs(clean).max() if noise > 0 else 1.0
+        prior = adjopt.BiLaplacianPrior.from_correlation(msh, PRIOR_LENGTH, PRIOR_STD)
+        reg = prior if alpha == 1.0 else alpha * prior
+        objective = adjopt.SquaredMisfit(data, B=B, W=np.full(n_obs, sigma ** -2.0)) + reg
+    else:
+        reg = alpha * (adjopt.TikhonovH1(K) + 0.1 * adjopt.TikhonovL2(M))
+        objective = adjopt.SquaredMisfit(data, B=B) + reg
     J = adjopt.ReducedFunctional(A, b, objective)
-    return adjopt.Problem(J, np.zeros(N), name="advection_diffusion_source",
+    name = "advection_diffusion_source" + ("_bilaplacian" if regularization == "bilaplacian" else "")
+    return adjopt.Problem(J, np.zeros(N), name=name,
                           meta=dict(mesh=msh, m_true=m_true, observed=free[obs], velocity=velocity, kappa=kappa, dofs=dofs,
                                     options=dict(n=n, kappa=kappa, velocity=tuple(velocity), n_obs=n_obs, noise=noise,
-                                                 alpha=alpha, seed=seed)))
+                                                 alpha=alpha, seed=seed, regularization=regularization),
+                                    regularization=reg),
+                          # the Bayesian version measures steps in L2 (Newton-CG's default preconditioner then)
+                          **(dict(mass=M, stiffness=K) if regularization == "bilaplacian" else {}))
 
 
 def main() -> None:

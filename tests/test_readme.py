@@ -80,3 +80,20 @@ def test_readme_nonlinear_transient_example_runs(capsys):
     value, newton, factorizations = lines[0].split()
     assert float(value) > 0 and int(newton) > 25 and int(factorizations) == int(newton)
     assert sum("PASS" in line for line in lines) >= 3
+
+
+def test_readme_uncertainty_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "LaplacePosterior" in c)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert " 140 " in lines[0]  # 70 sketch columns, then 70 in the second pass
+    assert "(1089, 5)" in lines[1]
+    lo, hi = map(float, lines[1].split()[:2])
+    assert 0 < lo < hi < 1.2  # below the prior variance (about 1 in the interior)

@@ -70,3 +70,27 @@ def test_bad_options():
         ads.build(n=4, velocity=(1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="n_obs"):
         ads.build(n=4, n_obs=1000)
+
+
+def test_the_bayesian_version():
+    import adjopt
+    from adjopt.uq import LaplacePosterior
+    from adjopt.verify import check_hessian_symmetry, taylor_test
+
+    problem = ads.build(n=10, n_obs=20, regularization="bilaplacian")
+    assert problem.name == "advection_diffusion_source_bilaplacian"
+    J = problem.functional
+    p = 0.3 * ads.true_source(problem.meta["mesh"].points)
+    assert taylor_test(J, p, order=2).rate >= 1.9
+    r3 = taylor_test(J, p, order=3)
+    assert r3.passed and (r3.exact or r3.rate >= 2.9), r3.table()  # J is quadratic: the remainder is round-off
+    assert check_hessian_symmetry(J, p) < 1e-8
+    assert isinstance(problem.meta["regularization"], adjopt.BiLaplacianPrior)
+    # linear in m: one Newton step from anywhere is the MAP point, and the Laplace posterior is exact
+    m = adjopt.minimize(problem, method="newton-cg", gtol=1e-10, maxiter=20).x
+    n = J.n_params
+    post = LaplacePosterior(J, m, rank=20, rng=0)  # 20 observations: the misfit Hessian has rank 20
+    H = J.hessp(m, np.eye(n))
+    np.testing.assert_allclose(post.variance(exact=True), np.diag(np.linalg.inv(0.5 * (H + H.T))), rtol=1e-8)
+    with pytest.raises(ValueError, match="unknown regularization"):
+        ads.build(n=4, regularization="tv")
