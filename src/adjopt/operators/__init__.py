@@ -2,6 +2,7 @@
 
 from .base import ParametricMatrix
 from .callback import CallbackMatrix, ConstantMatrix
+from .foreign import ElementMatrix, ElementVector, element_matrix_from_triplets
 from .coefficients import SIMP, Coefficient, Exp, Identity
 from .element import ElementCoefficientMatrix
 from .element_residual import ElementResidual
@@ -16,7 +17,7 @@ from .vectors import (
 )
 
 __all__ = [
-    "ParametricMatrix", "ElementCoefficientMatrix", "ParametricResidual", "ElementResidual", "CallbackResidual", "CallbackMatrix", "ConstantMatrix",
+    "ParametricMatrix", "ElementCoefficientMatrix", "ParametricResidual", "ElementResidual", "CallbackResidual", "CallbackMatrix", "ConstantMatrix", "ElementMatrix", "ElementVector", "element_matrix_from_triplets",
     "Coefficient", "Identity", "Exp", "SIMP",
     "ParametricVector", "ConstantVector", "AffineVector", "ElementCoefficientVector", "CallbackVector", "as_vector",
 ]

@@ -163,17 +163,28 @@ class CallbackMatrix(ParametricMatrix):
         check_finite(J.data, "jacobian(p)")
         return J if self._P is None else sp.csr_array(self._P @ J)
 
-    def _contract(self, p, w, z):
+    def _slot_products(self, w, z) -> np.ndarray:
+        """sum over the columns of w[row_s] z[col_s], per canonical slot s (one kernel call)."""
         prod = np.empty(self.nnz)
         w2, z2 = _kernels.as_columns(w), _kernels.as_columns(z)
         with threads_for(self.nnz * w2.shape[1]):
             _kernels.slot_products(self._rows, self.indices, w2, z2, prod)
-        return self.jacobian(p).T @ prod
+        return prod
+
+    def _slot_contract(self, G, w, z) -> np.ndarray:
+        """G^T (slot products) for G of shape (given entries, m) in the caller's entry order."""
+        G = G if self._P is None else sp.csr_array(self._P @ G)
+        return G.T @ self._slot_products(w, z)
+
+    def _contract(self, p, w, z):
+        return self.jacobian(p).T @ self._slot_products(w, z)
 
     def _tangent_values(self, p, dp):
         return self.jacobian(p) @ dp
 
     def _second(self, p, w, z, dp):
+        if self._second_cb is None and getattr(self, "_second_jacobian", None) is not None:
+            return self._slot_contract(self._second_jacobian(p, dp), w, z)
         if self._second_cb is None:
             raise MissingDerivativeError(
                 "this CallbackMatrix has no second-order term: pass second=(p, w, z, dp) -> (m,) "

@@ -1,0 +1,211 @@
+"""Bring your own assembly: A(p) and b(p) from element dof tables and local matrices, or from COO triplets.
+
+Other FEM libraries hand out an element dof table (E x k global dof numbers) and local matrices (E x k x k),
+or COO triplets whose values depend on p, rather than CSR slot orders. These classes take them as they come:
+duplicates are summed, the order is handled inside, the pattern is fixed once (the same contraction kernels as
+:class:`~adjopt.operators.CallbackMatrix` run on it). A dof number < 0 in the table drops that row and column
+(a Dirichlet dof condensed out), so a table of global numbers mapped to free numbers with -1 for the fixed
+ones is used as it is.
+
+With a_s(p) the entries (element e, local row a, local column b, flattened in C order: s = (e k + a) k + b)
+and J[s, j] = d a_s / d p_j (``local_jacobian``), adjopt needs:
+
+    A(p)                    = sum_s a_s(p) E_{row_s, col_s}
+    w^T (dA/dp_j) z         = sum_s J[s, j] w[row_s] z[col_s]                     (contract)
+    (dA . dp) values        = J dp                                               (tangent)
+    C2(w, z, dp)_j          = sum_s D[s, j] w[row_s] z[col_s],
+                              D[s, j] = sum_i (d^2 a_s / dp_j dp_i) dp_i            (second order)
+
+``local_second(p, dp)`` returns D (the derivative of J(p) dp with respect to p); without it, ``affine=True``
+says D = 0, and otherwise Hessian actions raise :class:`~adjopt.errors.MissingDerivativeError`. For several
+right-hand sides w and z are (n, k) and the products are summed over the k columns. Right-hand sides are the
+same with vectors: b(p) = sum_s b_s(p) e_{row_s}, b_s the (E x k) local entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._validate import as_count, as_state_like, check_finite, refuse_complex
+from ..errors import MissingDerivativeError, PatternError
+from .callback import CallbackMatrix
+from .vectors import CallbackVector
+
+
+def _dof_table(dofs, name: str = "dofs") -> np.ndarray:
+    """An (E, k) integer copy of the dof table, checked."""
+    refuse_complex(dofs, name)
+    arr = np.asarray(dofs)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise PatternError(f"{name} must be an (E, k) table of dof numbers (E elements, k dofs each), got shape "
+                           f"{arr.shape}")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise PatternError(f"{name} must hold integers (dof numbers; < 0 for dropped dofs), got {arr.dtype}")
+    return arr.astype(np.int64, copy=True)
+
+
+def _size(dofs: np.ndarray, n, name: str) -> int:
+    top = int(dofs.max()) + 1
+    if n is None:
+        if top <= 0:
+            raise PatternError(f"{name} holds no dof >= 0: every entry is dropped")
+        return top
+    n = as_count(n, "n")
+    if top > n:
+        raise PatternError(f"{name} holds dof {top - 1}, but n = {n}: dof numbers must be < n (or < 0 to drop one)")
+    return n
+
+
+def _rows_jacobian(J, n_rows: int, keep, m: int, what: str) -> sp.csr_array:
+    """The callback's (n_rows, m) Jacobian as CSR, checked, restricted to the kept rows."""
+    refuse_complex(J.data if sp.issparse(J) else J, what)
+    if not (sp.issparse(J) or np.ndim(J) == 2):
+        raise PatternError(f"{what} must be an ({n_rows}, {m}) sparse or dense array, got {type(J).__name__}")
+    J = sp.csr_array(J, dtype=np.float64)
+    if J.shape != (n_rows, m):
+        raise PatternError(f"{what} must have shape (E k{'' if 'vector' in what else ' k'}, m) = ({n_rows}, {m}), "
+                           f"got {J.shape}")
+    check_finite(J.data, what)
+    return J if keep is None else J[keep]
+
+
+class ElementMatrix(CallbackMatrix):
+    """A(p) = sum_e P_e^T A_e(p) P_e from an element dof table and a callback for the local matrices.
+
+    Parameters
+    ----------
+    dofs
+        (E, k) global dof numbers of each element; a number < 0 drops that row and column (a condensed
+        Dirichlet dof). Copied.
+    n_params
+        Number of parameters m.
+    local
+        ``local(p) -> (E, k, k)``: A_e(p), entry [e, a, b] at (dofs[e, a], dofs[e, b]).
+    local_jacobian
+        ``local_jacobian(p) -> (E k k, m)`` sparse or dense: J[s, j] = d A_e[a, b] / d p_j with
+        s = (e k + a) k + b (the C order of ``local(p)``). A parameter per element gives one nonzero per row.
+    local_second
+        Optional ``local_second(p, dp) -> (E k k, m)``: D = d/dp (J(p) dp), i.e. D[s, j] = sum_i
+        d^2 A_e[a, b] / dp_j dp_i dp_i (the module docstring has the formula it enters).
+    affine
+        Declare A affine in p (D = 0). Without ``local_second`` and without it, Hessian actions raise.
+    n
+        The number of dofs (default: the largest dof number + 1).
+
+    Every derivative runs on the fixed pattern built once from the table (duplicates summed), with the same
+    contraction kernels as :class:`~adjopt.operators.CallbackMatrix`.
+    """
+
+    def __init__(self, dofs, n_params: int, local: Callable, local_jacobian: Callable,
+                 local_second: Callable | None = None, affine: bool = False, n: int | None = None):
+        for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
+        table = _dof_table(dofs)
+        E, k = table.shape
+        n = _size(table, n, "dofs")
+        rows = np.repeat(table, k, axis=1).reshape(-1)  # s = (e k + a) k + b -> dofs[e, a]
+        cols = np.tile(table, (1, k)).reshape(-1)  # -> dofs[e, b]
+        keep = (rows >= 0) & (cols >= 0)
+        self._keep = None if keep.all() else np.flatnonzero(keep)
+        self.n_elements, self.dofs_per_element = E, k
+        self._local, self._local_jacobian, self._local_second = local, local_jacobian, local_second
+        total, m = E * k * k, as_count(n_params, "n_params")
+
+        def values(p):
+            A = local(p)
+            refuse_complex(A, "local(p)")
+            A = np.asarray(A, dtype=np.float64)
+            if A.shape != (E, k, k):
+                raise PatternError(f"local(p) must return the (E, k, k) = ({E}, {k}, {k}) local matrices, got "
+                                   f"shape {A.shape}")
+            A = A.reshape(-1)
+            return A if self._keep is None else A[self._keep]
+
+        def jacobian(p):
+            return _rows_jacobian(local_jacobian(p), total, self._keep, m, "local_jacobian(p)")
+
+        super().__init__(sp.coo_array((np.ones(int(keep.sum())), (rows[keep], cols[keep])), shape=(n, n)), m, values,
+                         jacobian, affine=affine and local_second is None)
+        if local_second is not None:
+            self._second_jacobian = lambda p, dp: _rows_jacobian(local_second(p, dp), total, self._keep, m,
+                                                                 "local_second(p, dp)")
+
+    def _second(self, p, w, z, dp):
+        if getattr(self, "_second_jacobian", None) is None:
+            raise MissingDerivativeError(
+                "this ElementMatrix has no second-order term: pass local_second=(p, dp) -> (E k k, m), the "
+                "derivative of local_jacobian(p) dp, or affine=True if the local matrices are affine in p")
+        return self._slot_contract(self._second_jacobian(p, dp), w, z)
+
+
+def element_matrix_from_triplets(rows, cols, n: int, n_params: int, values: Callable, jacobian: Callable,
+                                 second_jacobian: Callable | None = None, affine: bool = False) -> CallbackMatrix:
+    """A(p) from COO triplets (rows, cols) whose values depend on p: ``values(p) -> (T,)`` in the triplets'
+    order, ``jacobian(p) -> (T, m)``, optional ``second_jacobian(p, dp) -> (T, m)`` = d/dp (jacobian(p) dp).
+    Duplicates are summed and the order is handled inside (a :class:`CallbackMatrix` on the COO pattern)."""
+    r, c = np.asarray(rows), np.asarray(cols)
+    if r.ndim != 1 or r.shape != c.shape or r.size == 0:
+        raise PatternError(f"rows and cols must be 1-D arrays of the same nonzero length, got {r.shape} and {c.shape}")
+    for name, a in (("rows", r), ("cols", c)):
+        if a.dtype.kind not in "iu":
+            raise PatternError(f"{name} must be integers, got {a.dtype}")
+    n = as_count(n, "n")
+    if r.min() < 0 or c.min() < 0 or r.max() >= n or c.max() >= n:
+        raise PatternError(f"the triplets hold indices outside [0, {n})")
+    m = as_count(n_params, "n_params")
+    T = r.size
+    A = CallbackMatrix(sp.coo_array((np.ones(T), (r, c)), shape=(n, n)), m, values, jacobian,
+                       affine=affine and second_jacobian is None)
+    if second_jacobian is not None:
+        A._second_jacobian = lambda p, dp: _rows_jacobian(second_jacobian(p, dp), T, None, m, "second_jacobian(p, dp)")
+    return A
+
+
+class ElementVector(CallbackVector):
+    """b(p) = sum_e P_e^T b_e(p) from an element dof table and a callback for the local vectors.
+
+    ``local(p) -> (E, k)``; ``local_jacobian(p) -> (E k, m)`` with rows s = e k + a; optional
+    ``local_second(p, dp) -> (E k, m)`` = d/dp (J(p) dp) (else ``affine=True`` or no Hessian actions). A dof
+    number < 0 drops the entry; ``n`` defaults to the largest dof number + 1.
+    """
+
+    def __init__(self, dofs, n_params: int, local: Callable, local_jacobian: Callable,
+                 local_second: Callable | None = None, affine: bool = False, n: int | None = None):
+        for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
+        table = _dof_table(dofs)
+        E, k = table.shape
+        n = _size(table, n, "dofs")
+        flat = table.reshape(-1)
+        keep = np.flatnonzero(flat >= 0)
+        m = as_count(n_params, "n_params")
+        # S: (n, E k) scatter of the local entries (0/1; duplicates summed by the product)
+        S = sp.csr_array((np.ones(keep.size), (flat[keep], keep)), shape=(n, E * k))
+
+        def value(p):
+            b = local(p)
+            refuse_complex(b, "local(p)")
+            b = np.asarray(b, dtype=np.float64)
+            if b.shape != (E, k):
+                raise PatternError(f"local(p) must return the (E, k) = ({E}, {k}) local vectors, got shape {b.shape}")
+            check_finite(b, "local(p)")
+            return S @ b.reshape(-1)
+
+        def jacobian(p):
+            return sp.csr_array(S @ _rows_jacobian(local_jacobian(p), E * k, None, m, "local_jacobian(p) (vector)"))
+
+        second = None
+        if local_second is not None:
+            def second(p, lam, dp):
+                D = _rows_jacobian(local_second(p, dp), E * k, None, m, "local_second(p, dp) (vector)")
+                lam = as_state_like(lam, n, "lam").reshape(n, -1).sum(axis=1)
+                return D.T @ (S.T @ lam)
+
+        super().__init__(n, m, value, jacobian, second=second, affine=affine and local_second is None)
+        self.n_elements, self.dofs_per_element = E, k

@@ -1,0 +1,198 @@
+"""Foreign assemblies: the same A(p) from an element dof table (ElementMatrix), from COO triplets and from
+ElementCoefficientMatrix, compared entry by entry and through a reduced functional; a nonlinear nodal
+dependence with its second-order term (Taylor rates); ElementVector against ElementCoefficientVector; bad
+input."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import adjopt
+from adjopt import fem
+from adjopt import mesh as meshes
+from adjopt.errors import MissingDerivativeError, PatternError
+from adjopt.verify import check_hessian_symmetry, taylor_test
+
+
+@pytest.fixture(scope="module")
+def setup():
+    msh = meshes.unit_square(6)
+    dm = fem.condense(msh.n_nodes, fem.boundary_dofs(msh, "all"))
+    conn = dm.restrict(msh.cells)  # -1 at the fixed (boundary) dofs
+    Ke = fem.p1_stiffness(msh)
+    return msh, dm, conn, Ke
+
+
+def _element_exp(conn, Ke, **kw):
+    """exp(p_e) K_e, one parameter per element, from the dof table."""
+    E, k = conn.shape
+    rows = np.arange(E * k * k)
+    owner = np.repeat(np.arange(E), k * k)
+
+    def local(p):
+        return np.exp(p)[:, None, None] * Ke
+
+    def jac(p):
+        return sp.csr_array(((np.exp(p)[:, None, None] * Ke).reshape(-1), (rows, owner)), shape=(E * k * k, E))
+
+    def second(p, dp):
+        return sp.csr_array((((np.exp(p) * dp)[:, None, None] * Ke).reshape(-1), (rows, owner)), shape=(E * k * k, E))
+
+    return adjopt.ElementMatrix(conn, E, local, jac, local_second=second, **kw)
+
+
+def _triplets_exp(conn, Ke, n):
+    E, k = conn.shape
+    r = np.repeat(conn, k, axis=1).reshape(-1)
+    c = np.tile(conn, (1, k)).reshape(-1)
+    keep = np.flatnonzero((r >= 0) & (c >= 0))
+    owner = np.repeat(np.arange(E), k * k)[keep]
+    T = keep.size
+    perm = np.random.default_rng(0).permutation(T)  # the user's triplets in any order
+    keep, owner = keep[perm], owner[perm]
+
+    def values(p):
+        return (np.exp(p)[:, None, None] * Ke).reshape(-1)[keep]
+
+    def jac(p):
+        return sp.csr_array((values(p), (np.arange(T), owner)), shape=(T, E))
+
+    def second(p, dp):
+        return sp.csr_array((values(p) * dp[owner], (np.arange(T), owner)), shape=(T, E))
+
+    return adjopt.element_matrix_from_triplets(r[keep], c[keep], n, E, values, jac, second_jacobian=second)
+
+
+def test_the_same_matrix_three_ways(setup):
+    msh, dm, conn, Ke = setup
+    n, E = dm.n_free, msh.n_cells
+    native = adjopt.ElementCoefficientMatrix(conn, Ke, "exp", n=n)
+    by_table = _element_exp(conn, Ke)
+    by_triplets = _triplets_exp(conn, Ke, n)
+    rng = np.random.default_rng(1)
+    p, dp = rng.standard_normal(E), rng.standard_normal(E)
+    w, z = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
+    ref = native.assemble(p).toarray()
+    for A in (by_table, by_triplets):
+        assert A.shape == (n, n)
+        np.testing.assert_allclose(A.assemble(p).toarray(), ref, rtol=1e-13, atol=1e-13 * np.abs(ref).max())
+        np.testing.assert_allclose(A.contract(p, w, z), native.contract(p, w, z), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(A.contract(p, w[:, 0], z[:, 0]), native.contract(p, w[:, 0], z[:, 0]),
+                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(A.second(p, w, z, dp), native.second(p, w, z, dp), rtol=1e-12, atol=1e-12)
+    # through a reduced functional: the gradients and Hessian actions agree to round-off
+    b = np.ones(n)
+    B = sp.random(5, n, density=0.5, random_state=2)
+    obj = adjopt.SquaredMisfit(np.ones(5), B=B) + 1e-3 * adjopt.TikhonovL2()
+    Js = [adjopt.ReducedFunctional(A, b, obj, solver="superlu") for A in (native, by_table, by_triplets)]
+    g0, h0 = Js[0].gradient(p), Js[0].hessp(p, dp)
+    for J in Js[1:]:
+        np.testing.assert_allclose(J.gradient(p), g0, rtol=1e-11, atol=1e-12 * np.abs(g0).max())
+        np.testing.assert_allclose(J.hessp(p, dp), h0, rtol=1e-10, atol=1e-11 * np.abs(h0).max())
+
+
+def test_a_nodal_dependence_with_its_second_order_term(setup):
+    """A_e = (mean over the element's nodes of exp(p_i)) K_e: not affine, several parameters per element."""
+    msh, dm, conn, Ke = setup
+    cells = msh.cells
+    E, k = cells.shape
+    rows = np.repeat(np.arange(E * k * k), k)
+    cols = np.tile(cells, (1, k * k)).reshape(-1)  # entry s = (e k + a) k + b depends on the element's k nodes
+
+    def local(p):
+        return np.exp(p)[cells].mean(axis=1)[:, None, None] * Ke
+
+    def jac(p):
+        vals = (Ke.reshape(E, k * k, 1) * (np.exp(p)[cells] / k)[:, None, :]).reshape(-1)
+        return sp.csr_array((vals, (rows, cols)), shape=(E * k * k, msh.n_nodes))
+
+    def second(p, dp):
+        vals = (Ke.reshape(E, k * k, 1) * (np.exp(p)[cells] * dp[cells] / k)[:, None, :]).reshape(-1)
+        return sp.csr_array((vals, (rows, cols)), shape=(E * k * k, msh.n_nodes))
+
+    A = adjopt.ElementMatrix(conn, msh.n_nodes, local, jac, local_second=second)
+    obj = adjopt.SquaredMisfit(np.ones(4), B=sp.random(4, dm.n_free, density=0.5, random_state=3)) + adjopt.Norm()
+    J = adjopt.ReducedFunctional(A, np.ones(dm.n_free), obj, solver="superlu")
+    p = 0.3 * np.random.default_rng(4).standard_normal(msh.n_nodes)
+    assert taylor_test(J, p, order=2).rate >= 1.9
+    assert taylor_test(J, p, order=3).rate >= 2.9
+    assert check_hessian_symmetry(J, p) < 1e-8
+    # the same operator through NodalToElement and ElementCoefficientMatrix is not this one (mean of exp vs exp
+    # of the mean), but at constant p they agree
+    native = adjopt.ElementCoefficientMatrix(conn, Ke, "exp", n=dm.n_free)
+    np.testing.assert_allclose(A.assemble(np.full(msh.n_nodes, 0.2)).toarray(),
+                               native.assemble(np.full(E, 0.2)).toarray(), rtol=1e-13, atol=1e-13)
+    # without the second-order term: gradients work, Hessian actions say what is missing
+    A1 = adjopt.ElementMatrix(conn, msh.n_nodes, local, jac)
+    J1 = adjopt.ReducedFunctional(A1, np.ones(dm.n_free), obj, solver="superlu")
+    np.testing.assert_allclose(J1.gradient(p), J.gradient(p), rtol=1e-12)
+    with pytest.raises(MissingDerivativeError, match="local_second"):
+        J1.hessp(p, p)
+
+
+def test_element_vector_matches_element_coefficient_vector(setup):
+    msh, dm, conn, Ke = setup
+    E, k = conn.shape
+    areas = msh.cell_volumes()
+    loc = areas[:, None] * np.ones(k) / k
+    rows = np.arange(E * k)
+    owner = np.repeat(np.arange(E), k)
+    b = adjopt.ElementVector(conn, E, lambda p: np.exp(p)[:, None] * loc,
+                             lambda p: sp.csr_array(((np.exp(p)[:, None] * loc).reshape(-1), (rows, owner)),
+                                                    shape=(E * k, E)),
+                             local_second=lambda p, dp: sp.csr_array((((np.exp(p) * dp)[:, None] * loc).reshape(-1),
+                                                                      (rows, owner)), shape=(E * k, E)),
+                             n=dm.n_free)
+    native = adjopt.ElementCoefficientVector(conn, loc, "exp", n=dm.n_free)
+    rng = np.random.default_rng(5)
+    p, dp, lam = rng.standard_normal(E), rng.standard_normal(E), rng.standard_normal(dm.n_free)
+    np.testing.assert_allclose(b.value(p), native.value(p), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(b.vjp(p, lam), native.vjp(p, lam), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b.jvp(p, dp), native.jvp(p, dp), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b.second(p, lam, dp), native.second(p, lam, dp), rtol=1e-12, atol=1e-14)
+    A = adjopt.ElementCoefficientMatrix(conn, Ke, "exp", n=dm.n_free)  # at p = 0: a constant A, p only in b
+    J = adjopt.ReducedFunctional(adjopt.ConstantMatrix(A.assemble(np.zeros(E)), E), b, adjopt.Norm())
+    r3 = taylor_test(J, 0.1 * p, order=3)
+    assert r3.passed
+
+
+def test_bad_input_and_copies(setup):
+    msh, dm, conn, Ke = setup
+    E, k = conn.shape
+    ok = dict(local=lambda p: np.exp(p)[:, None, None] * Ke, local_jacobian=lambda p: sp.csr_array((E * k * k, E)))
+    with pytest.raises(PatternError, match=r"\(E, k\)"):
+        adjopt.ElementMatrix(conn.reshape(-1), E, **ok)
+    with pytest.raises(PatternError, match="integers"):
+        adjopt.ElementMatrix(conn + 0.5, E, **ok)
+    with pytest.raises(PatternError, match="must be < n"):
+        adjopt.ElementMatrix(conn, E, n=3, **ok)
+    with pytest.raises(PatternError, match="every entry is dropped"):
+        adjopt.ElementMatrix(-np.ones_like(conn), E, **ok)
+    with pytest.raises(TypeError, match="callable"):
+        adjopt.ElementMatrix(conn, E, local=1.0, local_jacobian=ok["local_jacobian"])
+    A = adjopt.ElementMatrix(conn, E, lambda p: np.ones((E, k)), ok["local_jacobian"])
+    with pytest.raises(PatternError, match=r"local matrices"):
+        A.assemble(np.zeros(E))
+    A = adjopt.ElementMatrix(conn, E, lambda p: np.full((E, k, k), np.nan), ok["local_jacobian"])
+    with pytest.raises(adjopt.NonFiniteError):
+        A.assemble(np.zeros(E))
+    A = adjopt.ElementMatrix(conn, E, ok["local"], lambda p: np.zeros((3, E)))
+    with pytest.raises(PatternError, match=r"\(E k k, m\)"):
+        A.contract(np.zeros(E), np.ones(dm.n_free), np.ones(dm.n_free))
+    with pytest.raises(PatternError, match="same nonzero length"):
+        adjopt.element_matrix_from_triplets(np.arange(3), np.arange(4), 5, 1, None, None)
+    with pytest.raises(PatternError, match="outside"):
+        adjopt.element_matrix_from_triplets(np.array([0, 5]), np.array([0, 1]), 5, 1, lambda p: p, lambda p: p)
+    # the table is copied: changing the caller's array afterwards changes nothing
+    table = conn.copy()
+    A = _element_exp(table, Ke)
+    before = A.assemble(np.zeros(E)).toarray()
+    table[:] = 0
+    np.testing.assert_array_equal(A.assemble(np.zeros(E)).toarray(), before)
+    # affine=True: a zero second-order term
+    Aff = adjopt.ElementMatrix(conn, E, lambda p: p[:, None, None] * Ke,
+                               lambda p: sp.csr_array((Ke.reshape(-1), (np.arange(E * k * k),
+                                                                        np.repeat(np.arange(E), k * k))),
+                                                      shape=(E * k * k, E)), affine=True)
+    n = dm.n_free
+    assert np.all(Aff.second(np.ones(E), np.ones(n), np.ones(n), np.ones(E)) == 0)
