@@ -203,3 +203,17 @@ def test_sigkill_then_resume_gives_the_same_final_J(tmp_path):
     hist = json.loads((out / "history.json").read_text())
     assert hist["fun"] == pytest.approx(f_ref, rel=1e-12)
     assert hist["nit"] == json.loads((tmp_path / "ref" / "history.json").read_text())["nit"]
+
+
+def test_a_cold_kernel_cache_is_announced_before_compiling(tmp_path):
+    # an empty numba cache: the command says it compiles (on stderr, before it does); a warm one: silent
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    probe = [sys.executable, "-c", "from adjopt._compile import kernels_cached; print(kernels_cached())"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() == "False"
+    cmd = [sys.executable, "-m", "adjopt.cli", "check", "seed_toy"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "compiling the numba kernels, first run only" in first.stderr
+    assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() == "True"
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "compiling" not in second.stderr

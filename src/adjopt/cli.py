@@ -397,6 +397,14 @@ def _stopping_tests(args, stop: dict) -> None:
                          "or --xtol") from exc
 
 
+def _compile_notice(args) -> None:
+    """Say so on stderr before the first compile of the kernels (a cold numba cache), unless -q."""
+    from ._compile import NOTICE, kernels_cached
+
+    if not getattr(args, "quiet", False) and kernels_cached() is False:
+        print(NOTICE, file=sys.stderr, flush=True)
+
+
 def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None = None) -> int:
     from .solvers import make_solver
 
@@ -424,6 +432,7 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
         prob_opts["solver"] = args.solver
     elif args.solver:
         _check_solver(args.solver)
+    _compile_notice(args)
     problem = make_problem(module, prob_opts)
     if method is None:
         method = "oc" if len(problem.constraints) == 1 else ("mma" if problem.constraints else "lbfgs")
@@ -590,6 +599,7 @@ def cmd_check(args, extra) -> int:
         raise UsageError(f"--seed must be a whole number >= 0, got {args.seed}")
     module = load_module(args.problem)
     prob_opts, _ = split_options(extra, build_options(module), {})
+    _compile_notice(args)
     problem = make_problem(module, prob_opts)
     J = problem.functional
     rng = np.random.default_rng(args.seed)
@@ -631,6 +641,7 @@ def cmd_bench(args, extra) -> int:
         raise UsageError(f"--size-option {size_opt!r} is not an option of {args.problem}; its options are "
                          f"{', '.join(popts) or '(none: give --size-option the name build() takes)'}")
     rows = []
+    _compile_notice(args)
     for size in args.sizes:
         problem = make_problem(module, {**prob_opts, size_opt: size})
         J, p = problem.functional, problem.p0
@@ -697,6 +708,7 @@ def cmd_uq(args, extra) -> int:
     method = args.method or run_defaults.pop("method", None) or "newton-cg"
     run_defaults.pop("method", None)
     prob_opts, meth_opts = split_options(extra, build_options(module), _method_defaults(method))
+    _compile_notice(args)
     problem = make_problem(module, prob_opts)
     J = problem.functional
     if args.solver:
