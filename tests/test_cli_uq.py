@@ -90,3 +90,32 @@ def test_a_result_of_another_problem_and_a_full_folder_are_refused(tmp_path):
     (full / "keep.txt").write_text("mine")
     assert "not empty" in adjopt("uq", *BAYES, "--rank", 4, "--out", full, check=2).stderr
     assert (full / "keep.txt").read_text() == "mine"
+
+
+def test_problem_seed_result_checks_and_stale_files(tmp_path):
+    out = tmp_path / "uq"
+    adjopt("uq", *BAYES, "--seed", 3, "--rank", 4, "--samples", 1, "--out", out, check=0)
+    info = json.loads((out / "uq.json").read_text())
+    assert info["options"]["seed"] == 3 and info["sample_seed"] == 0  # --seed reached build()
+    assert (out / "eigenvalues.png").exists()
+    # a rerun with --force and no pictures removes the earlier run's pictures
+    adjopt("uq", *BAYES, "--rank", 4, "--out", out, "--force", "--no-pictures", check=0)
+    assert not (out / "eigenvalues.png").exists() and not (out / "variance.png").exists()
+    # a finished run of other options is refused as the MAP point of this problem
+    run = tmp_path / "run"
+    adjopt("run", *BAYES, "--seed", 3, "--out", run, "--no-pictures", "-q", check=0)
+    proc = adjopt("uq", *BAYES, "--result", run, "--out", tmp_path / "o", check=2)
+    assert "other options" in proc.stderr and "seed" in proc.stderr
+    np.save(tmp_path / "plain.npy", np.zeros(81))
+    proc = adjopt("uq", *BAYES, "--result", tmp_path / "plain.npy", "--out", tmp_path / "o", check=2)
+    assert "not the result.npz" in proc.stderr
+    # the default rank is at most the number of parameters
+    proc = adjopt("uq", "poisson_inversion", "--regularization", "bilaplacian", "--n", "4", "--out",
+                  tmp_path / "small", "--no-pictures", check=0)
+    assert json.loads((tmp_path / "small" / "uq.json").read_text())["rank"] <= 25
+
+
+def test_a_map_point_that_is_not_one_fails_cleanly(tmp_path):
+    proc = adjopt("uq", *BAYES, "--max-iter", 0, "--rank", 6, "--out", tmp_path / "o")
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
+    assert "did not converge" in proc.stderr or "not positive definite" in proc.stderr

@@ -293,3 +293,16 @@ def test_attributes_and_repr(small):
     assert P.beta == pytest.approx(math.sqrt(0.1 * 3.0) / 1.42)
     assert repr(P) == "BiLaplacianPrior(gamma=0.1, delta=3, beta=0.38572, n_params=49, dim=2)"
     assert BiLaplacianPrior(unit_square(2), 1.0, 4.0, robin=0.25).beta == 0.25
+
+
+def test_a_correlation_length_of_a_few_cells_is_warned_about(caplog):
+    from adjopt import mesh as meshes
+
+    msh = meshes.unit_square(8)
+    with caplog.at_level("WARNING", logger="adjopt.priors"):
+        BiLaplacianPrior.from_correlation(msh, 0.2, 1.0)  # 1.8 node spacings of 1/9
+    assert any("only 1.8 cells" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adjopt.priors"):
+        BiLaplacianPrior.from_correlation(msh, 0.6, 1.0)  # 5.4 cells
+    assert not caplog.records

@@ -236,3 +236,102 @@ def test_the_leading_eigenvalues_converge_under_mesh_refinement():
     assert fine[:10].max() < 0.05  # the leading 10 within 5 % from 32 x 32 on
     # O(h^2): the 16 x 16 differences are about 5x the 32 x 32 ones (4x for h^2, against the 64 x 64 values)
     assert fine[:20].max() < coarse[:20].max() / 3
+
+
+def test_monte_carlo_variances_are_nonnegative_and_converge(inverse):
+    post = _posterior(inverse, 12)
+    exact = post.variance(exact=True)
+    mc = post.variance(exact=False, n_samples=3000, rng=0)
+    assert np.all(mc > 0)
+    assert np.abs(mc / exact - 1).max() < 6 * np.sqrt(2 / 3000)  # six standard errors
+    prior = inverse["prior"]
+    mcp = prior.variance(exact=False, n_samples=3000, rng=1)
+    np.testing.assert_allclose(mcp, prior.variance(exact=True), rtol=6 * np.sqrt(2 / 3000))
+
+
+def test_a_prior_that_cannot_be_sampled_is_refused_beyond_the_exact_limit(monkeypatch):
+    import scipy.sparse as sp
+
+    import adjopt.uq as uq
+
+    n = 30
+    M = sp.diags_array([np.full(n - 1, -1.0), np.full(n, 3.0), np.full(n - 1, -1.0)], offsets=[-1, 0, 1])
+    prior = GaussianPrior.of(adjopt.TikhonovL2(sp.csr_array(M)), n)
+    monkeypatch.setattr(uq, "EXACT_VARIANCE_LIMIT", 10)
+    small = prior.variance(exact=False, n_samples=4000, rng=0)  # a dense Cholesky factor samples it
+    np.testing.assert_allclose(small, np.diag(np.linalg.inv(M.toarray())), rtol=0.15)
+    monkeypatch.setattr(uq, "DENSE_SAMPLING_LIMIT", 10)
+    with pytest.raises(NotImplementedError, match="exact=True"):
+        prior.variance()
+    np.testing.assert_allclose(prior.variance(exact=True), np.diag(np.linalg.inv(M.toarray())), rtol=1e-10)
+
+
+def test_a_numerically_singular_prior_is_refused():
+    K = poisson_inversion.assemble(poisson_inversion.make_mesh(3, 2).cells,
+                                   poisson_inversion.p1_stiffness(poisson_inversion.make_mesh(3, 2)), 16)
+    for objective in (10.0 * adjopt.TikhonovH1(K), adjopt.TikhonovH1(K) + 1e-18 * adjopt.TikhonovL2()):
+        with pytest.raises(ValueError, match="not symmetric positive definite"):
+            GaussianPrior.of(objective, 16).covariance(np.ones(16))
+
+
+def test_posterior_arrays_are_owned_and_inputs_checked(inverse):
+    post = _posterior(inverse, 6)
+    for arr in (post.values, post.vectors, post.m, post.d):
+        assert not arr.flags.writeable
+    n = inverse["n"]
+    with pytest.raises(TypeError, match="complex"):
+        post.covariance(np.ones(n) + 1j)
+    with pytest.raises(ValueError, match="stationarity_tol"):
+        LaplacePosterior(inverse["J"], inverse["m"], rank=3, stationarity_tol=-1.0)
+    vals, vecs = np.array(post.values), np.array(post.vectors)
+    P = LowRankPreconditioner(inverse["prior"], vals, vecs)
+    before = P.riesz(np.ones(n))
+    vals[:] = 0.0
+    vecs[:] = 0.0
+    np.testing.assert_array_equal(P.riesz(np.ones(n)), before)  # copies, not views of the caller's arrays
+    with pytest.raises(adjopt.ShapeError, match="vectors"):
+        LowRankPreconditioner(inverse["prior"], np.ones(3), np.ones((n, 2)))
+    with pytest.raises(adjopt.NonFiniteError):
+        LowRankPreconditioner(inverse["prior"], np.array([np.nan]), np.ones((n, 1)))
+
+
+def test_low_rank_newton_cg_resumes_and_refuses_bounds(tmp_path):
+    problem = poisson_inversion.build(n=8, n_obs=8, regularization="bilaplacian")
+    full = adjopt.minimize(problem, method="newton-cg", preconditioner="lowrank", gtol=1e-10, maxiter=60)
+    ck = tmp_path / "ck.npz"
+    part = adjopt.minimize(problem, method="newton-cg", preconditioner="lowrank", gtol=1e-10, maxiter=2,
+                           checkpoint=ck)
+    assert not part.success
+    rest = adjopt.minimize(problem, method="newton-cg", preconditioner="lowrank", gtol=1e-10, maxiter=60,
+                           checkpoint=ck, resume=ck)
+    assert rest.success
+    np.testing.assert_allclose(rest.x, full.x, rtol=1e-6, atol=1e-7 * np.abs(full.x).max())
+    from dataclasses import replace
+
+    bounded = replace(problem, bounds=(-1.0, 2.0))
+    with pytest.raises(ValueError, match="without bounds"):
+        adjopt.minimize(bounded, method="newton-cg", preconditioner="lowrank")
+    for bad in (-1, "x", True):
+        with pytest.raises(ValueError, match="seed"):
+            adjopt.minimize(problem, method="newton-cg", preconditioner="lowrank", seed=bad)
+
+
+def test_the_prior_of_a_transient_functional_is_found():
+    import scipy.sparse as sp
+
+    from adjopt import fem
+    from adjopt import mesh as meshes
+    from adjopt.transient import Final, TimeStepping, TransientReducedFunctional
+
+    msh = meshes.unit_square(3)
+    dm = fem.condense(msh.n_nodes, fem.boundary_dofs(msh, "all"))
+    conn = dm.restrict(msh.cells)
+    A = adjopt.ElementCoefficientMatrix(conn, fem.p1_stiffness(msh), "exp", n=dm.n_free)
+    M = fem.assemble(conn, fem.p1_mass(msh), dm.n_free)
+    B = sp.random(3, dm.n_free, density=0.7, random_state=0)
+    J = TransientReducedFunctional(A, M, [Final(adjopt.SquaredMisfit(np.ones(3), B=B)), 0.5 * adjopt.TikhonovL2()],
+                                   TimeStepping(dt=0.1, n_steps=3), rhs=np.ones(dm.n_free))
+    prior = GaussianPrior.of(J, J.n_params)
+    assert len(prior.terms) == 1 and prior.terms[0][0] == 0.5
+    post = LaplacePosterior(J, np.zeros(J.n_params), rank=3, gauss_newton=True, stationarity_tol=np.inf)
+    assert post.rank == 3 and np.all(np.isfinite(post.values)) and post.values[0] > 0

@@ -330,7 +330,7 @@ def _remove_empty(folders: list[Path]) -> None:
             break
 
 
-def _prepare_out(out: Path, force: bool, resume: bool) -> _FolderLock:
+def _prepare_out(out: Path, force: bool, resume: bool, resumable: bool = True) -> _FolderLock:
     """Create and lock the output folder; remove a killed run's temporaries; refuse a non-empty folder (unless
     --force or --resume)."""
     from .results import remove_temporaries
@@ -349,8 +349,8 @@ def _prepare_out(out: Path, force: bool, resume: bool) -> _FolderLock:
         lock = _FolderLock(out, created)
         remove_temporaries(out)
         if any(p.name != LOCK_FILE for p in out.iterdir()) and not (force or resume):
-            raise UsageError(f"the output folder {out} exists and is not empty; pass --force to overwrite it, --resume "
-                             "to continue its run, or choose another --out")
+            raise UsageError(f"the output folder {out} exists and is not empty; pass --force to overwrite it, "
+                             + ("--resume to continue its run, " if resumable else "") + "or choose another --out")
     except BaseException:
         if lock is not None:
             lock.release(failed=True)
@@ -671,8 +671,9 @@ def cmd_bench(args, extra) -> int:
     return 0
 
 
-def _read_map(path: Path, n: int) -> np.ndarray:
-    """x of a finished run's result.npz (or of the result.npz in a folder), checked."""
+def _read_map(path: Path, n: int, problem) -> np.ndarray:
+    """x of a finished run's result.npz (or of the result.npz in a folder), checked against this problem (and
+    against the run's options, when its history.json lies beside it)."""
     if path.is_dir():
         path = path / "result.npz"
     if not path.is_file():
@@ -680,14 +681,35 @@ def _read_map(path: Path, n: int) -> np.ndarray:
                          "folder), or leave --result out to compute the MAP point")
     try:
         with np.load(path, allow_pickle=False) as data:
-            x = np.array(data["x"], dtype=np.float64)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UsageError(f"--result {path} is not a readable result.npz with an array x ({exc})") from exc
+            x = np.array(data["x"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # TypeError/AttributeError: an .npy array, which np.load returns without a file of named arrays
+        raise UsageError(f"--result {path} is not the result.npz of an 'adjopt run' (an .npz with an array x): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if x.dtype.kind not in "fiu":
+        raise UsageError(f"--result {path}: x holds {x.dtype} numbers, not real ones")
+    x = x.astype(np.float64)
     if x.shape != (n,):
         raise UsageError(f"--result {path} holds x of shape {x.shape}, but this problem has {n} parameters: build it "
                          "with the options of that run")
     if not np.all(np.isfinite(x)):
         raise UsageError(f"--result {path}: x has NaN or Inf entries")
+    history = path.parent / "history.json"
+    mine = (getattr(problem, "meta", None) or {}).get("options")
+    if history.is_file() and isinstance(mine, dict):
+        try:
+            theirs = json.loads(history.read_text()).get("options")
+        except (OSError, ValueError):
+            theirs = None
+        if isinstance(theirs, dict):
+            from .results import _json_safe
+
+            mine_json = json.loads(json.dumps(_json_safe(mine)))
+            differ = sorted(k for k in set(mine_json) | set(theirs) if mine_json.get(k) != theirs.get(k))
+            if differ:
+                shown = ", ".join(f"{k}: run {theirs.get(k)!r}, now {mine_json.get(k)!r}" for k in differ)
+                raise UsageError(f"--result {path} comes from a run of other options ({shown}): give the same "
+                                 "problem options as that run")
     return x
 
 
@@ -695,12 +717,15 @@ def cmd_uq(args, extra) -> int:
     import adjopt
 
     from .results import ResultsWriteError
-    from .uq import GaussianPrior, LaplacePosterior
+    from .uq import EXACT_VARIANCE_LIMIT, GaussianPrior, LaplacePosterior
     from .uq_results import write_uq
 
-    for name, low in (("rank", 1), ("oversampling", 0), ("samples", 0), ("seed", 0)):
-        if getattr(args, name) < low:
-            raise UsageError(f"--{name} must be a whole number >= {low}, got {getattr(args, name)}")
+    for name, low in (("rank", 1), ("oversampling", 0), ("samples", 0), ("sample_seed", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value}")
+    if args.result is not None and not args.result.strip():
+        raise UsageError("--result needs a path (the result.npz of a finished run, or its folder)")
     if args.solver:
         _check_solver(args.solver)
     module = load_module(args.problem)
@@ -720,21 +745,23 @@ def cmd_uq(args, extra) -> int:
             raise UsageError(str(exc)) from exc
     n = J.n_params
     try:
-        prior = GaussianPrior.of(getattr(J, "objective", None), n)
+        prior = GaussianPrior.of(J, n)
     except ValueError as exc:
         hint = " (poisson_inversion: --regularization bilaplacian)" if "regularization" in build_options(module) else ""
         raise UsageError(f"{problem.name}: {exc}{hint}") from exc
-    if args.rank > n:
-        raise UsageError(f"--rank {args.rank} exceeds the {n} parameters of {problem.name}; ask for at most {n}")
+    rank = min(80, n) if args.rank is None else args.rank
+    if rank > n:
+        raise UsageError(f"--rank {rank} exceeds the {n} parameters of {problem.name}; ask for at most {n}")
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     out = Path(args.out or os.path.join("adjopt-results", f"{problem.name}-uq"))
-    lock = _prepare_out(out, args.force, resume=False)
+    lock = _prepare_out(out, args.force, resume=False, resumable=False)
     finished = False
     try:
         times, info = {}, {}
         t0 = time.perf_counter()
+        map_ok = True
         if args.result:
-            m = _read_map(Path(args.result), n)
+            m = _read_map(Path(args.result), n, problem)
             info["map_source"] = str(args.result)
             say(f"{problem.name}: {n} parameters; MAP point read from {args.result}")
         else:
@@ -754,36 +781,50 @@ def cmd_uq(args, extra) -> int:
                         map_iterations=int(res.nit), map_message=str(res.message), map_hessian_actions=int(res.nhessp))
             say(f"  {res.message} after {res.nit} iterations (J = {res.fun:.6g})")
             if not res.success:
-                logger.warning("the optimization did not converge: the posterior is centred at its last point")
+                map_ok = False
+                logger.warning("the optimization did not converge: the posterior is centred at its last point "
+                               "(exit status 1); raise --max-iter or give a finished run's --result")
         times["map_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        say(f"eigenpairs: rank {args.rank}, oversampling {args.oversampling}, "
+        say(f"eigenpairs: rank {rank}, oversampling {args.oversampling}, "
             f"{'double' if args.passes == 2 else 'single'} pass ...")
-        post = LaplacePosterior(J, m, prior=prior, rank=args.rank, oversampling=args.oversampling, passes=args.passes,
-                                rng=args.seed, gauss_newton=args.gauss_newton)
+        try:
+            post = LaplacePosterior(J, m, prior=prior, rank=rank, oversampling=args.oversampling, passes=args.passes,
+                                    rng=args.sample_seed, gauss_newton=args.gauss_newton)
+        except ValueError as exc:  # not positive definite at m: say it in the command's words
+            raise UsageError(str(exc).replace("gauss_newton=True", "--gauss-newton")) from exc
         times["eigensolver_s"] = time.perf_counter() - t0
         lam = post.values
         say(f"  {post.rank} eigenvalues from {lam[0]:.4g} down to {lam[-1]:.4g} ({int(np.sum(lam > 1))} above 1), "
             f"{post.eig.actions} Hessian actions, {times['eigensolver_s']:.2f} s; largest residual "
             f"{np.nanmax(post.eig.residuals):.2e}")
         t0 = time.perf_counter()
-        rng = np.random.default_rng(args.seed + 1)
-        prior_var = prior.variance(rng=rng)
-        post_var = prior_var - (post.vectors ** 2) @ post.d
+        rng = np.random.default_rng(args.sample_seed + 1)
+        exact = n <= EXACT_VARIANCE_LIMIT
+        try:
+            prior_var = prior.variance(rng=rng)
+            post_var = post.variance(rng=rng)
+            info["variance"] = "exact" if exact else "Monte Carlo, 500 samples (relative standard error 6 %)"
+        except NotImplementedError as exc:  # a prior that cannot be sampled, beyond the exact limit
+            logger.warning("no variances written: %s", exc)
+            prior_var = post_var = None
+            info["variance"] = f"not computed: {exc}"
         times["variance_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         samples = np.zeros((n, 0))
+        rng = np.random.default_rng(args.sample_seed + 2)
         if args.samples:
             try:
                 samples = post.sample(args.samples, rng=rng)
             except NotImplementedError as exc:  # a prior without a square root of its precision at this size
                 logger.warning("no samples written: %s", exc)
         times["samples_s"] = time.perf_counter() - t0
-        info.update(rank_requested=args.rank, oversampling=args.oversampling, passes=args.passes,
-                    gauss_newton=bool(args.gauss_newton), seed=args.seed, times=times,
-                    variance_exact=bool(n <= 20000))
-        say(f"  KL divergence {post.kl_divergence():.4g} nats; posterior variance {post_var.min():.3g} .. "
-            f"{post_var.max():.3g} (prior {prior_var.min():.3g} .. {prior_var.max():.3g})")
+        info.update(rank_requested=rank, oversampling=args.oversampling, passes=args.passes,
+                    gauss_newton=bool(args.gauss_newton), sample_seed=args.sample_seed, times=times,
+                    variance_exact=bool(exact and post_var is not None))
+        say(f"  KL divergence {post.kl_divergence():.4g} nats" + ("" if post_var is None else
+            f"; posterior variance {post_var.min():.3g} .. {post_var.max():.3g} (prior {prior_var.min():.3g} .. "
+            f"{prior_var.max():.3g}, {info['variance']})"))
         try:
             written = write_uq(out, problem, post, samples, prior_var, post_var, info, force=True,
                                pictures=not args.no_pictures, save_vectors=args.save_vectors)
@@ -791,7 +832,7 @@ def cmd_uq(args, extra) -> int:
             raise UsageError(str(exc)) from exc
         print(f"results in {out}/: " + ", ".join(sorted(Path(p).name for p in written.values())))
         finished = True
-        return 0
+        return 0 if map_ok else 1
     finally:
         lock.release(failed=not finished)
 
@@ -847,11 +888,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("uq", allow_abbrev=False,
                        help="the Laplace posterior at the MAP point: eigenvalues, variance, samples")
     p.add_argument("problem")
-    p.add_argument("--rank", type=int, default=80, help="eigenpairs kept (default 80)")
+    p.add_argument("--rank", type=int, default=None, help="eigenpairs kept (default 80, at most the parameters)")
     p.add_argument("--oversampling", type=int, default=10, help="extra sketch columns (default 10)")
     p.add_argument("--passes", type=int, choices=(1, 2), default=2, help="randomized eigensolver passes (default 2)")
     p.add_argument("--samples", type=int, default=3, help="posterior samples written (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-seed", type=int, default=0, dest="sample_seed",
+                   help="seed of the sketch and of the samples (--seed, if the problem has it, goes to build())")
     p.add_argument("--gauss-newton", action="store_true", dest="gauss_newton",
                    help="use the Gauss-Newton Hessian (default: the full Hessian)")
     p.add_argument("--result", help="result.npz (or its folder) of a finished run: its x is the MAP point")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from ._validate import as_parameter, check_finite, owned
+from ._validate import as_count, as_parameter, check_finite, owned, refuse_complex
 from .errors import ShapeError
 from .objectives.base import Scaled, Sum
 from .optimize.inner import InnerProduct, Matrix
@@ -42,6 +43,12 @@ logger = logging.getLogger(__name__)
 
 #: the largest prior (parameters) sampled through a dense Cholesky factor of its precision
 DENSE_SAMPLING_LIMIT = 4000
+#: parameters up to which variances are computed exactly by default (m solves, in blocks)
+EXACT_VARIANCE_LIMIT = 20000
+#: samples drawn at once by the Monte Carlo variance estimates (memory: m x SAMPLE_BLOCK numbers)
+SAMPLE_BLOCK = 64
+#: a pivot of the prior precision this small against the largest: singular to working precision
+SINGULAR_PIVOT = 1e-13
 
 
 # -- the prior --------------------------------------------------------------------------------------------
@@ -52,12 +59,22 @@ def _is_prior(term) -> bool:
 
 
 def _flatten(objective, c=1.0):
-    """[(c, term)] of a sum of (scaled) terms."""
+    """[(c, term)] of a sum of (scaled) terms (or of a list of them)."""
+    if isinstance(objective, (list, tuple)):
+        return [x for t in objective for x in _flatten(t, c)]
     if isinstance(objective, Sum):
         return [x for t in objective.terms for x in _flatten(t, c)]
     if isinstance(objective, Scaled):
         return _flatten(objective.term, c * objective.c)
     return [(c, objective)]
+
+
+def objective_of(J):
+    """The objective whose prior terms are looked for: ``J.objective`` of a reduced functional, the terms in p
+    of a transient one (``J.param_terms``), or ``J`` itself (an objective or a list of terms)."""
+    if hasattr(J, "param_terms") and not hasattr(J, "objective"):
+        return list(J.param_terms)
+    return getattr(J, "objective", J)
 
 
 def _precision_matrix(term, n: int) -> sp.csr_array:
@@ -106,12 +123,13 @@ class GaussianPrior:
 
     @classmethod
     def of(cls, objective, n: int) -> GaussianPrior:
-        """The prior terms of ``objective`` (an :class:`~adjopt.objectives.Objective`, usually a sum)."""
+        """The prior terms of ``objective`` (an :class:`~adjopt.objectives.Objective`, usually a sum; a list of
+        terms; or a functional, whose objective is read: ``J.objective``, or a transient one's terms in p)."""
         if isinstance(objective, GaussianPrior):
             return objective
         if hasattr(objective, "covariance") and hasattr(objective, "precision"):
             return cls([(1.0, objective)], n)
-        return cls([(c, t) for c, t in _flatten(objective) if _is_prior(t)], n)
+        return cls([(c, t) for c, t in _flatten(objective_of(objective)) if _is_prior(t)], n)
 
     def matrix(self) -> sp.csr_array:
         """R as a sparse matrix."""
@@ -120,6 +138,7 @@ class GaussianPrior:
         return self._R
 
     def _block(self, V, name="V"):
+        refuse_complex(V, name)
         V = np.asarray(V, dtype=np.float64)
         if V.ndim not in (1, 2) or V.shape[0] != self.n:
             raise ShapeError(f"{name} must have shape ({self.n},) or ({self.n}, k), got {V.shape}")
@@ -139,17 +158,26 @@ class GaussianPrior:
             c, t = self.single
             return t.covariance(V) / c
         if self._fac is None:
+            hint = ("TikhonovH1 alone leaves the constants free: add a TikhonovL2 term or use "
+                    "adjopt.BiLaplacianPrior")
             try:
-                self._fac = Matrix(self.matrix(), name="prior precision")
+                fac = Matrix(self.matrix(), name="prior precision")
             except ValueError as exc:
                 raise ValueError(f"the prior precision (the Hessian of the regularization) is not symmetric positive "
-                                 f"definite: {exc}. TikhonovH1 alone leaves the constants free: add a TikhonovL2 "
-                                 f"term or use adjopt.BiLaplacianPrior") from exc
+                                 f"definite: {exc}. {hint}") from exc
+            pivots = np.abs(fac._lu.U.diagonal())
+            if pivots.min() <= SINGULAR_PIVOT * pivots.max():
+                # positive pivots, one of them round-off: singular to working precision (a free constant)
+                raise ValueError(f"the prior precision (the Hessian of the regularization) is not symmetric positive "
+                                 f"definite: it is singular to working precision (pivots from {pivots.max():.3g} "
+                                 f"down to {pivots.min():.3g}). {hint}")
+            self._fac = fac
         return self._fac.riesz(V)
 
     def sample(self, n: int = 1, rng=None) -> np.ndarray:
         """(m, n) samples of N(m0, R^{-1}): through the prior term's own sampler (BiLaplacian), 1/sqrt(diag R) for a
         diagonal R, or a dense Cholesky factor of R up to :data:`DENSE_SAMPLING_LIMIT` parameters."""
+        n = as_count(n, "n")
         rng = np.random.default_rng(rng)
         if self.single is not None:
             c, t = self.single
@@ -167,15 +195,17 @@ class GaussianPrior:
             return self.mean[:, None] + sla.solve_triangular(L.T, rng.standard_normal((self.n, n)), lower=False)
         raise NotImplementedError(f"sampling this prior ({self.n} parameters) needs a square root of its precision: "
                                   f"use adjopt.BiLaplacianPrior (sampled through its factorization) or a diagonal "
-                                  f"TikhonovL2 (a dense Cholesky factor serves up to {DENSE_SAMPLING_LIMIT} parameters)")
+                                  f"TikhonovL2 (a dense Cholesky factor serves up to {DENSE_SAMPLING_LIMIT} parameters); "
+                                  f"its variance is then available exactly only (variance(exact=True): m solves)")
 
     def variance(self, exact: bool | None = None, n_samples: int = 500, rng=None) -> np.ndarray:
-        """diag(R^{-1}): exact (m solves, in blocks) when ``exact`` or m <= 20000, else a randomized estimate
-        (Hutchinson's diagonal estimator with ``n_samples`` Rademacher probes)."""
+        """diag(R^{-1}): exact (m solves, in blocks of 256) when ``exact`` or m <= 20000, else the Monte Carlo
+        estimate mean_s (s - m0)^2 over ``n_samples`` samples (relative standard error sqrt(2 / n_samples);
+        never negative). A prior that cannot be sampled at this size is refused beyond the exact limit."""
         if self.single is not None:
             c, t = self.single
             return t.variance(exact=exact, n_samples=n_samples, rng=rng) / c
-        if exact or (exact is None and self.n <= 20000):
+        if exact or (exact is None and self.n <= EXACT_VARIANCE_LIMIT):
             out = np.empty(self.n)
             for i0 in range(0, self.n, 256):
                 i1 = min(i0 + 256, self.n)
@@ -184,11 +214,15 @@ class GaussianPrior:
                 X = self.covariance(E)
                 out[i0:i1] = X[np.arange(i0, i1), np.arange(i1 - i0)]
             return out
+        n_samples = as_count(n_samples, "n_samples")
         rng = np.random.default_rng(rng)
-        logger.info("prior variance: Hutchinson estimate from %d probes (relative error about %.0f %%)", n_samples,
-                    100 * math.sqrt(2.0 / n_samples))
-        Z = rng.choice([-1.0, 1.0], size=(self.n, n_samples))
-        return np.mean(Z * self.covariance(Z), axis=1)
+        out = np.zeros(self.n)
+        for s0 in range(0, n_samples, SAMPLE_BLOCK):
+            S = self.sample(min(SAMPLE_BLOCK, n_samples - s0), rng) - self.mean[:, None]  # refuses what it cannot
+            out += np.einsum("ij,ij->i", S, S)
+        logger.info("prior variance: Monte Carlo estimate from %d samples (relative standard error %.1f %%)",
+                    n_samples, 100 * math.sqrt(2.0 / n_samples))
+        return out / n_samples
 
 
 # -- the randomized generalized eigensolver ----------------------------------------------------------------
@@ -307,6 +341,11 @@ def randomized_eigh(H, n: int, rank: int, R=None, Rinv=None, oversampling: int =
     return EigenResult(values=lam, vectors=V, residuals=res, actions=actions)
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
 def _low_rank(W, d, V, project=True):
     """W diag(d) W^T V (``project``) or W diag(d) V (V already W^T V), for V of shape (m,) or (m, k)."""
     C = W.T @ V if project else V
@@ -349,10 +388,13 @@ class LaplacePosterior:
 
     def __init__(self, J, m, prior=None, rank: int = 80, oversampling: int = 10, passes: int = 2, rng=None,
                  gauss_newton: bool = False, tol=None, stationarity_tol: float = 0.1):
+        if isinstance(stationarity_tol, bool) or not isinstance(stationarity_tol, numbers.Real) \
+                or not stationarity_tol >= 0:  # inf is allowed: no check
+            raise ValueError(f"stationarity_tol must be a number >= 0 (inf: no check), got {stationarity_tol!r}")
         self.J = J
         n = J.n_params
-        self.m = owned(as_parameter(m, n, "m"))
-        self.prior = GaussianPrior.of(prior if prior is not None else J.objective, n)
+        self.m = _read_only(owned(as_parameter(m, n, "m")))
+        self.prior = GaussianPrior.of(prior if prior is not None else J, n)
         H = misfit_hessian(J, self.m, self.prior, gauss_newton=gauss_newton, tol=tol)
         eig = randomized_eigh(H, n, rank, R=self.prior.precision, Rinv=self.prior.covariance,
                               oversampling=oversampling, passes=passes, rng=rng)
@@ -360,25 +402,32 @@ class LaplacePosterior:
         lam = eig.values
         if np.any(lam <= -1.0):
             raise ValueError(f"the Hessian is not positive definite at m (an eigenvalue of H v = lambda R v is "
-                             f"{lam.min():.3g} <= -1): m is not a minimum of J; optimize further, or use "
-                             f"gauss_newton=True")
-        self.values, self.vectors = lam, eig.vectors
-        self.d = lam / (1.0 + lam)
-        if lam.size and lam[-1] > 1.0:
+                             f"{lam.min():.3g} <= -1): m is not a minimum of J; optimize further, or use the "
+                             f"Gauss-Newton Hessian (gauss_newton=True)")
+        self.values, self.vectors = _read_only(lam.copy()), _read_only(eig.vectors.copy())
+        self.d = _read_only(lam / (1.0 + lam))
+        exhausted = lam.size < rank or lam.size >= n  # the sketch spans every direction the data inform
+        if lam.size and lam[-1] > 1.0 and not exhausted:
             logger.warning("the smallest of the %d eigenvalues kept is %.3g > 1: the data still inform directions "
                            "beyond rank %d, so the posterior variance is overestimated; raise rank", lam.size,
                            lam[-1], lam.size)
         # the Newton decrement sqrt(g^T (H + R)^-1 g): the length of the Newton step in the posterior's own
-        # metric, i.e. how many posterior standard deviations m is from the MAP point (0 there)
+        # metric, i.e. how many posterior standard deviations m is from the MAP point (0 there); with the
+        # pairs kept only (a lower rank overestimates it)
         g = J.gradient(self.m)
-        self.decrement = float(math.sqrt(max(g @ self.covariance(g), 0.0)))
-        if not self.decrement <= stationarity_tol:
+        gCg = float(g @ self.covariance(g))
+        self.decrement = math.sqrt(max(gCg, 0.0))
+        if gCg < 0:
+            msg = (f"g^T (H + R)^-1 g = {gCg:.3g} < 0 at m: the Hessian is not positive definite there (m is not a "
+                   f"minimum of J, or the prior is not positive definite); the Laplace approximation needs a "
+                   f"minimum: optimize further, or use the Gauss-Newton Hessian")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        elif not self.decrement <= stationarity_tol:
             msg = (f"m is not a stationary point of J: the Newton decrement sqrt(g^T (H + R)^-1 g) is "
                    f"{self.decrement:.3g} (m is about that many posterior standard deviations from the MAP point; "
                    f"stationarity_tol={stationarity_tol:g}); the Laplace approximation is centred at the MAP "
                    f"point: optimize further (smaller gtol) before computing it")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            logger.warning(msg)
 
     @property
     def rank(self) -> int:
@@ -390,11 +439,28 @@ class LaplacePosterior:
         return self.prior.covariance(V) - _low_rank(self.vectors, self.d, V)
 
     def variance(self, exact: bool | None = None, n_samples: int = 500, rng=None) -> np.ndarray:
-        """Pointwise posterior variance: the prior's minus sum_i d_i v_i^2 (exact from the factors)."""
-        return self.prior.variance(exact=exact, n_samples=n_samples, rng=rng) - (self.vectors ** 2) @ self.d
+        """Pointwise posterior variance.
+
+        Exact (``exact=True``, or ``exact=None`` and m <= 20000): the prior's exact variance minus
+        sum_i d_i v_i^2 (m solves with the prior). Otherwise the Monte Carlo estimate mean_s (s - m)^2 over
+        ``n_samples`` posterior samples (relative standard error sqrt(2 / n_samples), never negative; the
+        prior's estimate minus the exact low-rank part would not be).
+        """
+        if exact or (exact is None and self.prior.n <= EXACT_VARIANCE_LIMIT):
+            return self.prior.variance(exact=True) - (self.vectors ** 2) @ self.d
+        n_samples = as_count(n_samples, "n_samples")
+        rng = np.random.default_rng(rng)
+        out = np.zeros(self.prior.n)
+        for s0 in range(0, n_samples, SAMPLE_BLOCK):
+            S = self.sample(min(SAMPLE_BLOCK, n_samples - s0), rng) - self.m[:, None]
+            out += np.einsum("ij,ij->i", S, S)
+        logger.info("posterior variance: Monte Carlo estimate from %d samples (relative standard error %.1f %%)",
+                    n_samples, 100 * math.sqrt(2.0 / n_samples))
+        return out / n_samples
 
     def sample(self, n: int = 1, rng=None) -> np.ndarray:
-        """(m, n) samples of the Laplace posterior."""
+        """(m, n) samples of the Laplace posterior: s = m + s_0 - V P V^T R s_0, s_0 ~ N(0, R^{-1})."""
+        n = as_count(n, "n")
         S = self.prior.sample(n, rng) - self.prior.mean[:, None]
         P = 1.0 - 1.0 / np.sqrt(1.0 + self.values)
         W = self.vectors
@@ -423,10 +489,19 @@ class LowRankPreconditioner(InnerProduct):
     name = "lowrank"
 
     def __init__(self, prior: GaussianPrior, values, vectors):
+        if not isinstance(prior, GaussianPrior):
+            raise TypeError(f"prior must be a GaussianPrior (GaussianPrior.of(objective, n)), got {type(prior).__name__}")
         super().__init__(prior.n)
         self.prior = prior
-        self.values = np.asarray(values, dtype=np.float64)
-        self.vectors = np.asarray(vectors, dtype=np.float64)
+        refuse_complex(values, "values")
+        refuse_complex(vectors, "vectors")
+        self.values = _read_only(np.array(values, dtype=np.float64, copy=True).reshape(-1))
+        self.vectors = _read_only(np.array(vectors, dtype=np.float64, copy=True))
+        if self.vectors.ndim != 2 or self.vectors.shape != (prior.n, self.values.size):
+            raise ShapeError(f"vectors must have shape (m, r) = ({prior.n}, {self.values.size}) for {self.values.size} "
+                             f"values, got {self.vectors.shape}")
+        check_finite(self.values, "values")
+        check_finite(self.vectors, "vectors")
         if np.any(self.values <= -1.0):
             raise ValueError("a low-rank preconditioner needs eigenvalues > -1 (R + H positive definite)")
         self.d = self.values / (1.0 + self.values)

@@ -29,8 +29,20 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AdjoptError
-from .results import (ResultsWriteError, _atomic_write, _json_safe, _label, _limits, _matplotlib, _mesh_of,
-                      _panels_png, _prepare, _save_png, _write_guarded)
+from .results import (
+    UQ_FILES,
+    ResultsWriteError,
+    _atomic_write,
+    _json_safe,
+    _label,
+    _limits,
+    _matplotlib,
+    _mesh_of,
+    _panels_png,
+    _prepare,
+    _save_png,
+    _write_guarded,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,18 +95,21 @@ def write_uq(folder, problem, posterior, samples, prior_variance, posterior_vari
         logger.info("wrote '%s'", path)
 
     summary = posterior.summary()
+
+    def stats(v):
+        return None if v is None else dict(min=float(v.min()), max=float(v.max()), mean=float(v.mean()))
+
+    have_var = prior_variance is not None and posterior_variance is not None
     data = dict(problem=getattr(problem, "name", None), options=(problem.meta or {}).get("options"), **info,
-                **summary, n_params=int(m.size),
-                prior_variance=dict(min=float(prior_variance.min()), max=float(prior_variance.max()),
-                                    mean=float(prior_variance.mean())),
-                posterior_variance=dict(min=float(posterior_variance.min()), max=float(posterior_variance.max()),
-                                        mean=float(posterior_variance.mean())),
-                variance_reduction=float(1.0 - posterior_variance.sum() / prior_variance.sum()),
+                **summary, n_params=int(m.size), prior_variance=stats(prior_variance),
+                posterior_variance=stats(posterior_variance),
+                variance_reduction=float(1.0 - posterior_variance.sum() / prior_variance.sum()) if have_var else None,
                 samples=int(samples.shape[1]))
     text = json.dumps(_json_safe(data), indent=2, allow_nan=False).encode()
     put("uq.json", lambda fh: fh.write(text))
-    arrays = dict(map=m, eigenvalues=posterior.values, residuals=posterior.eig.residuals,
-                  prior_variance=prior_variance, posterior_variance=posterior_variance, samples=samples)
+    arrays = dict(map=m, eigenvalues=posterior.values, residuals=posterior.eig.residuals, samples=samples)
+    if have_var:
+        arrays.update(prior_variance=prior_variance, posterior_variance=posterior_variance)
     if save_vectors:
         arrays["eigenvectors"] = posterior.vectors
     put("uq.npz", lambda fh: np.savez(fh, **arrays))
@@ -104,9 +119,11 @@ def write_uq(folder, problem, posterior, samples, prior_variance, posterior_vari
     if mesh is not None and where is not None:
         from .mesh import write_vtu
 
-        fields = {"map": m, "prior_variance": prior_variance, "posterior_variance": posterior_variance,
-                  "prior_std": np.sqrt(np.maximum(prior_variance, 0.0)),
-                  "posterior_std": np.sqrt(np.maximum(posterior_variance, 0.0))}
+        fields = {"map": m}
+        if have_var:
+            fields.update(prior_variance=prior_variance, posterior_variance=posterior_variance,
+                          prior_std=np.sqrt(np.maximum(prior_variance, 0.0)),
+                          posterior_std=np.sqrt(np.maximum(posterior_variance, 0.0)))
         for j in range(samples.shape[1]):
             fields[f"sample_{j + 1}"] = samples[:, j]
         for j in range(min(VTU_EIGENVECTORS, posterior.rank)):
@@ -128,14 +145,13 @@ def write_uq(folder, problem, posterior, samples, prior_variance, posterior_vari
     else:
         logger.info("fields.vtu not written: %s", why or f"the {m.size} parameters are neither nodal nor per cell")
 
-    if pictures:
-        mpl = _matplotlib()
-        if mpl is None:
-            logger.warning("pictures skipped: matplotlib is not installed (pip install matplotlib)")
-            return written
+    mpl = _matplotlib() if pictures else None
+    if pictures and mpl is None:
+        logger.warning("pictures skipped: matplotlib is not installed (pip install matplotlib)")
+    if mpl is not None:
         name = getattr(problem, "name", "") or "problem"
         jobs = [("eigenvalues.png", lambda p: _eigenvalues_png(mpl, p, posterior.values, f"{name}: Laplace posterior"))]
-        if mesh is not None and where is not None and mesh.dim in (2, 3):
+        if mesh is not None and where is not None and mesh.dim in (2, 3) and have_var:
             param = _label(problem, "parameter", "parameter")
             sd_prior, sd_post = np.sqrt(np.maximum(prior_variance, 0)), np.sqrt(np.maximum(posterior_variance, 0))
             _, lo, hi = _limits([sd_prior, sd_post], diverging=False)
@@ -160,4 +176,11 @@ def write_uq(folder, problem, posterior, samples, prior_variance, posterior_vari
                 logger.warning("%s not drawn: %s: %s", fname, type(exc).__name__, exc)
                 continue
             written[fname] = out
+    if force:  # files of an earlier uq run that this one did not write (pictures off, no variance)
+        for name in UQ_FILES + ("fields.vtu",):
+            stale = folder / name
+            if name not in written and stale.is_file():
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+                    logger.info("removed '%s' of an earlier run (this run does not write it)", stale)
     return written

@@ -67,11 +67,18 @@ class _NewtonBase(Driver):
             v = self.opts[name]
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "lowrank_rank" else 0):
                 raise ValueError(f"{name} must be an integer >= {1 if name == 'lowrank_rank' else 0}, got {v!r}")
+        seed = self.opts["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0 (of the low-rank preconditioner's sketch), got {seed!r}")
         if self._lowrank:
             from ..uq import GaussianPrior
 
+            if problem.bounds is not None:
+                raise ValueError("preconditioner='lowrank' works without bounds only: the projected Newton-CG "
+                                 "preconditions the free variables with a diagonal, which the low-rank operator "
+                                 "does not have; drop the bounds or use preconditioner=None / 'h1'")
             # the prior is found now (a clear error before any solve); the pairs at the start point
-            self._prior = GaussianPrior.of(getattr(problem.functional, "objective", None), inner.n)
+            self._prior = GaussianPrior.of(problem.functional, inner.n)
             self.P = None
         elif P is None:
             self.P = inner
@@ -110,8 +117,8 @@ class _NewtonBase(Driver):
     def refresh(self, state) -> None:
         """Rebuild the low-rank preconditioner every ``lowrank_refresh`` Newton steps."""
         k = self.opts["lowrank_refresh"]
-        if self._lowrank and k and state["k"] > 0 and state["k"] % k == 0:
-            self._build_lowrank(state["x"])
+        if self._lowrank and (self.P is None or (k and state["k"] > 0 and state["k"] % k == 0)):
+            self._build_lowrank(state["x"])  # None: a resumed run, whose start() did not run
 
     def forcing(self, state, gnorm) -> float:
         return min(self.opts["eta_max"], math.sqrt(gnorm / state["gnorm0"]))
