@@ -396,11 +396,11 @@ class ReducedFunctional:
         return v
 
     def value_error(self, p) -> float:
-        """An estimate of |value(p) - J(p)| from an inexact (iterative) forward solve; 0 with a factorization.
+        """An estimate of ``|value(p) - J(p)|`` from an inexact (iterative) forward solve; 0 with a factorization.
 
         With u_h the computed state, r = b - A u_h its residual and lam the
         adjoint at u_h, J(u) - J(u_h) = lam^T r + 0.5 e^T f_uu e (e = u - u_h):
-        the dual-weighted residual |lam^T r| is the error up to a term of
+        the dual-weighted residual ``|lam^T r|`` is the error up to a term of
         second order in e. It costs an adjoint solve when none is cached.
         Round-off is not included. The Taylor test uses it as a noise floor.
         """

@@ -174,8 +174,11 @@ class NonlinearReducedFunctional(ReducedFunctional):
     cache_bytes, keep_factorizations, parameter_map
         As for :class:`~adjopt.ReducedFunctional`.
 
-    Raises :class:`~adjopt.errors.NewtonDidNotConverge` (with the residual history) when Newton does not
-    converge; the optimizers treat it like a NaN value and step back.
+    Raises
+    ------
+    adjopt.errors.NewtonDidNotConverge
+        With the residual history, when Newton does not converge; the optimizers treat it like a NaN value and
+        step back.
     """
 
     def __init__(self, residual: ParametricResidual, rhs=None, objective: Objective | None = None, solver=None,
@@ -387,7 +390,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
 
     # -- public API -------------------------------------------------------------------------------------
     def value_error(self, p) -> float:
-        """|lam^T R(u_h, p)|: the error of value(p) from the state's Newton residual (and, with an iterative
+        """``|lam^T R(u_h, p)|``: the error of value(p) from the state's Newton residual (and, with an iterative
         solver, the inexact solves), to first order. It costs an adjoint solve when none is cached."""
         p = self._p(p)
         st = self._state(p)

@@ -229,7 +229,7 @@ class GaussianPrior:
 @dataclass
 class EigenResult:
     """``values`` (r,) descending, ``vectors`` (m, r) with V^T R V = I, ``residuals`` (r,) the relative residuals
-    ||H v_i - lambda_i R v_i||_{R^{-1}} / max(|lambda_i|, 1) (NaN when not computed), ``actions`` the Hessian
+    ``||H v_i - lambda_i R v_i||_{R^{-1}} / max(|lambda_i|, 1)`` (NaN when not computed), ``actions`` the Hessian
     actions (columns) spent."""
 
     values: np.ndarray

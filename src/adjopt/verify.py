@@ -1,6 +1,6 @@
 """Verification of derivatives: Taylor tests with automatic step ranges.
 
-For a direction dp and step h the Taylor remainders are
+For a direction dp and step h the Taylor remainders are::
 
     r1(h) = |J(p + h dp) - J(p)|                                     ~ h
     r2(h) = |J(p + h dp) - J(p) - h g.dp|                            ~ h^2
@@ -8,7 +8,7 @@ For a direction dp and step h the Taylor remainders are
 
 and the observed rate between two steps is log(r(h1)/r(h2)) / log(h1/h2).
 The Hessian action is checked a second way too, by central differences of
-the gradient (the even terms cancel):
+the gradient (the even terms cancel)::
 
     rg(h) = ||grad J(p + h dp) - grad J(p - h dp) - 2 h H dp||       ~ h^3
 
@@ -28,12 +28,12 @@ the last ``window`` steps (the smallest, so the most asymptotic) at which
 
   - 100 sigma, where sigma is the noise measured at this p: three steps of
     1e-12 h0, where the true remainder is negligible, so that
-    |J(p + delta dp) - J(p) - delta g.dp| is pure noise (round-off, the
+    ``|J(p + delta dp) - J(p) - delta g.dp|`` is pure noise (round-off, the
     conditioning of the solves, and the error of iterative solves);
-  - ``noise`` (|J(p)| + |J(p + h dp)| + the retained terms), ``noise = 1e3 eps``;
+  - ``noise`` (``|J(p)| + |J(p + h dp)|`` + the retained terms), ``noise = 1e3 eps``;
   - 10 times the errors of inexact solves at p and at p + h dp, when J
     estimates them (``J.value_error(q)``: the dual-weighted residual
-    |lam^T (b - A u)| of an iterative forward solve, the error up to second
+    ``|lam^T (b - A u)|`` of an iterative forward solve, the error up to second
     order). A tiny step cannot measure these: a Krylov solve from the same
     start on a nearly equal matrix makes nearly the same error, so that
     sigma misses the error that changes with the number of iterations.
@@ -334,7 +334,7 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
 
 
 def check_hessian_symmetry(J, p, v=None, w=None, seed: int = 1) -> float:
-    """Relative asymmetry |v.Hw - w.Hv| / max(|v.Hw|, |w.Hv|) of the Hessian action (round-off for a correct H)."""
+    """Relative asymmetry ``|v.Hw - w.Hv| / max(|v.Hw|, |w.Hv|)`` of the Hessian action (round-off for a correct H)."""
     p = np.asarray(p, dtype=float)
     rng = np.random.default_rng(seed)
     v = rng.standard_normal(p.shape[0]) if v is None else np.asarray(v, dtype=float)
@@ -387,7 +387,7 @@ def check_residual(R, u, p, h: float = 1e-6, tol: float = 1e-5, seed: int = 0) -
     * ``second`` (when the residual has it) against central differences of K^T w and (dR/dp)^T w along
       (du, dp).
 
-    The steps are ``h`` times max(1, |u|_inf) (resp. |p|_inf) over the direction's largest entry. A correct
+    The steps are ``h`` times ``max(1, |u|_inf)`` (resp. ``|p|_inf``) over the direction's largest entry. A correct
     residual shows errors of about h^2 (1e-10 to 1e-8 in practice); an error above ``tol`` means a derivative
     is not the derivative of R (a sign, a factor, a missing term). Returns a :class:`ResidualCheck`;
     ``result.passed``, ``result.table()``.
@@ -431,7 +431,7 @@ def check_residual(R, u, p, h: float = 1e-6, tol: float = 1e-5, seed: int = 0) -
 
 
 def derivative_report(J, p) -> str:
-    """J(p), |grad J(p)|, Taylor tables of orders 2 and 3 and the solver counters, as text.
+    """J(p), ``|grad J(p)|``, Taylor tables of orders 2 and 3 and the solver counters, as text.
 
     What every gallery problem prints when run as a script.
     """

@@ -25,7 +25,7 @@ def element_geometry(mesh: Mesh, degree: int | None = None):
 
     N (nq, k) shape values; G physical shape gradients, (E, 1, k, d) on simplices (constant in the cell) and
     (1, nq, k, d) when every cell is a translate of the first (a structured grid), else (E, nq, k, d);
-    W weights times |det J|, (E or 1, nq). Raises :class:`~adjopt.mesh.InvalidElementError` on a degenerate
+    W weights times ``|det J|``, (E or 1, nq). Raises :class:`~adjopt.mesh.InvalidElementError` on a degenerate
     or tangled cell (det J vanishing or changing sign), as the linear element kernels do.
     """
     if not isinstance(mesh, Mesh):

@@ -263,7 +263,7 @@ def _grid_weights(centers: np.ndarray, radius: float):
 
 
 class DensityFilter(_Linear):
-    """Cone-weighted linear density filter (Bruns & Tortorelli 2001; Bourdin 2001):
+    """Cone-weighted linear density filter (Bruns & Tortorelli 2001; Bourdin 2001)::
 
         rho_e = sum_i w_ei v_i p_i / sum_i w_ei v_i,    w_ei = max(0, r - |x_e - x_i|)
 

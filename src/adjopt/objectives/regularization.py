@@ -137,7 +137,7 @@ class TikhonovL2(_Quadratic):
 
 
 class TikhonovH1(_Quadratic):
-    """R(p) = 0.5 (p - p_ref)^T K (p - p_ref) = 0.5 int |grad p|^2 with K the stiffness matrix.
+    """R(p) = 0.5 (p - p_ref)^T K (p - p_ref) = 0.5 ``int |grad p|^2`` with K the stiffness matrix.
 
     Add ``delta * TikhonovL2(M)`` for the full H1 norm (K alone has the
     constants in its kernel).
@@ -153,10 +153,10 @@ class TikhonovH1(_Quadratic):
 
 
 class TotalVariation(ParameterObjective):
-    """Smoothed total variation TV(p) = sum_e a_e sqrt(|G_e p|^2 + eps^2).
+    """Smoothed total variation ``TV(p) = sum_e a_e sqrt(|G_e p|^2 + eps^2)``.
 
     G maps nodal values to the (constant) gradient of a P1 field on each
-    element: rows ``e*dim + d``. With s_e = sqrt(|g_e|^2 + eps^2), g_e = G_e p:
+    element: rows ``e*dim + d``. With ``s_e = sqrt(|g_e|^2 + eps^2)``, g_e = G_e p::
 
         grad = G^T [a_e g_e / s_e],   H dp = G^T [a_e (dg_e / s_e - g_e (g_e . dg_e) / s_e^3)]
 

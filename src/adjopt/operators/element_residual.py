@@ -58,7 +58,7 @@ class ElementResidual(ParametricResidual):
         (E, k) node numbers of the elements (all nodes, before any Dirichlet condensation).
     N, G, W
         Quadrature data (see :func:`adjopt.fem.element_geometry`): shape values N (nq, k), physical gradients
-        G (E or 1, nq or 1, k, d) and weights times |det J| W (E or 1, nq). A leading 1 means shared by all
+        G (E or 1, nq or 1, k, d) and weights times ``|det J|`` W (E or 1, nq). A leading 1 means shared by all
         elements (or all points).
     dofmap
         Optional :class:`~adjopt.fem.DofMap`: the fixed nodes keep its values; default every node is free.

@@ -96,6 +96,8 @@ class ElementMatrix(CallbackMatrix):
     n
         The number of dofs (default: the largest dof number + 1).
 
+    Notes
+    -----
     Every derivative runs on the fixed pattern built once from the table (duplicates summed), with the same
     contraction kernels as :class:`~adjopt.operators.CallbackMatrix`.
     """

@@ -162,6 +162,8 @@ class CallbackResidual(ParametricResidual):
     pattern
         Optional sparse matrix whose stored entries are K's pattern.
 
+    Notes
+    -----
     Check the callbacks against finite differences with :func:`adjopt.verify.check_residual` before an
     optimization: a Jacobian that is not the derivative of the residual makes Newton slow and the gradient wrong.
     """
