@@ -33,7 +33,7 @@ def test_list_shows_the_gallery_with_options():
     out = adjopt("list", check=0).stdout
     for name in ("poisson_inversion", "optimal_control", "topology_compliance", "advection_diffusion_source"):
         assert name in out
-    assert "--alpha None" in out and "--nelx None" in out  # alpha: 10 for h1 and tv, 1 for the Bayesian prior
+    assert "--alpha none" in out and "--nelx none" in out  # alpha: 10 for h1 and tv, 1 for the Bayesian prior
 
 
 def test_run_writes_a_complete_results_folder(tmp_path):
@@ -56,7 +56,7 @@ def test_run_writes_a_complete_results_folder(tmp_path):
         w, h = png_size(out / name)
         assert w > 200 and h > 200
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [line["nit"] for line in lines] == list(range(1, len(f)))
+    assert [line["nit"] for line in lines] == list(range(0, len(f)))  # the start (iteration 0) too
     assert not list(out.glob("*.tmp"))
 
 
@@ -217,3 +217,32 @@ def test_a_cold_kernel_cache_is_announced_before_compiling(tmp_path):
     assert subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip() == "True"
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "compiling" not in second.stderr
+
+
+def test_the_table_starts_at_iteration_0_and_names_what_it_shows(tmp_path):
+    out = adjopt("run", "topology_compliance", "--nelx", 12, "--nely", 4, "--max-iter", 3, "--out", tmp_path / "t",
+                 "--no-pictures").stdout
+    lines = out.splitlines()
+    head = next(line for line in lines if line.split()[:2] == ["it", "J"])
+    assert "change" in head and "|g|" not in head and "step" not in head and "total s" in head  # OC
+    rows = [line.split() for line in lines[lines.index(head) + 1:] if line.split() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows[:4]] == [0, 1, 2, 3]
+    out = adjopt("run", "poisson_inversion", "--n", 6, "--max-iter", 2, "--out", tmp_path / "p",
+                 "--no-pictures").stdout
+    head = next(line for line in out.splitlines() if line.split()[:2] == ["it", "J"])
+    assert "|g|" in head and "step" in head
+    # every file of a run, the checkpoint too, gets the same permissions
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "p").iterdir() if not p.name.startswith(".")}
+    assert "checkpoint.npz" in modes and len(set(modes.values())) == 1, modes
+
+
+def test_list_shows_defaults_as_they_are_typed_and_survives_a_closed_pipe():
+    from adjopt.cli import _as_typed, _convert
+
+    for value in (True, False, (1.0, 0.5), None, 3, 0.25, "h1"):
+        back = _convert("x", _as_typed(value), value)
+        assert back == value or (value is None and back is None), (value, back)
+    out = adjopt("list", check=0).stdout
+    assert "--velocity 1,0.5" in out and "--alpha none" in out
+    proc = subprocess.run(f"{sys.executable} -m adjopt.cli list | head -1", shell=True, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

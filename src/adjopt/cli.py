@@ -204,8 +204,16 @@ def make_problem(module, options: dict):
 class Progress:
     """The per-iteration callback: a rich line per iteration and a bar, or JSON lines, or nothing."""
 
-    def __init__(self, maxiter: int, quiet: bool = False, log_json=None, title: str = ""):
+    #: the stationarity column's name per method (what ``stationarity`` measures there)
+    MEASURES = {"oc": "change", "mma": "KKT"}
+    #: the first iterations always printed; later ones every ``every``-th (long runs)
+    FIRST_LINES = 10
+
+    def __init__(self, maxiter: int, quiet: bool = False, log_json=None, title: str = "", method: str = ""):
         self.quiet = quiet
+        self.measure = self.MEASURES.get(method, "|g|")
+        self.show_step = method != "oc"  # OC's step is its change: one column
+        self.every = max(1, maxiter // 200)
         self.log_json = log_json
         self.t0 = time.perf_counter()
         self.maxiter = maxiter
@@ -221,7 +229,11 @@ class Progress:
             self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), console=self.console, transient=True)
             self.task = self.bar.add_task(title, total=maxiter)
-            self.console.print(f"{'it':>5} {'J':>16} {'|g|':>10} {'step':>9} {'CG':>5} {'solves':>7} {'time s':>8}")
+            step = f" {'step':>9}" if self.show_step else ""
+            self.console.print(f"{'it':>5} {'J':>16} {self.measure:>10}{step} {'CG':>5} {'solves':>7} "
+                               f"{'total s':>8}")
+            if self.every > 1:
+                self.console.print(f"(iterations 0-{self.FIRST_LINES}, then one line per {self.every} iterations)")
 
     def __enter__(self):
         if self.bar is not None:
@@ -268,8 +280,10 @@ class Progress:
         if self.bar is not None:
             cg = "" if line["cg"] is None else str(line["cg"])
             solves = "" if line["solves"] is None else str(line["solves"])
-            self.bar.console.print(f"{line['nit']:>5} {line['f']:>16.10g} {line['stationarity']:>10.3g} "
-                                   f"{line['step']:>9.3g} {cg:>5} {solves:>7} {line['time']:>8.2f}")
+            step = f" {line['step']:>9.3g}" if self.show_step else ""
+            if line["nit"] <= self.FIRST_LINES or line["nit"] % self.every == 0:
+                self.bar.console.print(f"{line['nit']:>5} {line['f']:>16.10g} {line['stationarity']:>10.3g}{step} "
+                                       f"{cg:>5} {solves:>7} {line['time']:>8.2f}")
             self.bar.update(self.task, completed=min(line["nit"], self.maxiter))
 
 
@@ -494,11 +508,13 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
                              "choose another file") from exc
     try:
         with Progress(stop["maxiter"], quiet=args.quiet or not rank0, log_json=log_json,
-                      title=f"{problem.name} / {method}") as prog, prog.marches(problem.functional):
+                      title=f"{problem.name} / {method}", method=method) as prog, prog.marches(problem.functional):
             stats = getattr(problem.functional, "stats", None)
 
             def callback(info):
                 prog(info, solves=None if stats is None else stats.total_solves)
+
+            callback.wants_start = True  # the table starts with iteration 0 (the starting point)
 
             result = adjopt.minimize(problem, method=method, checkpoint=checkpoint if rank0 else None, resume=resume,
                                      callback=callback, **stop, **meth_opts)
@@ -579,6 +595,17 @@ def cmd_demo(args, extra) -> int:
     return cmd_run(args, extra, name=DEMO["problem"], preset=DEMO["options"])
 
 
+def _as_typed(value) -> str:
+    """A default as it is typed on the command line (what _convert reads back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    if value is None:
+        return "none"
+    return str(value)
+
+
 def cmd_list(args, extra) -> int:
     known = gallery()
     if not known:
@@ -587,7 +614,7 @@ def cmd_list(args, extra) -> int:
     for name in known:
         module = load_module(name)
         doc = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
-        opts = ", ".join(f"--{k} {v!r}" for k, v in build_options(module).items())
+        opts = ", ".join(f"--{k} {_as_typed(v)}" for k, v in build_options(module).items())
         print(f"{name}: {doc}\n    options: {opts or '(none)'}")
     return 0
 
@@ -945,6 +972,10 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"adjopt: {type(exc).__name__}: {exc} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output went to a pipe that closed (adjopt list | head): not an error here
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if getattr(args, "debug", False):
             traceback.print_exc()

@@ -427,7 +427,12 @@ def _convergence_png(mpl, path: Path, problem, result) -> Path:
     axes = fig.subplots(n, 1, sharex=True)
     ax = axes[0]
     ax.plot(it, f, "o-", color="C0", ms=4)
-    ax.set_ylabel("objective J")
+    fin = f[np.isfinite(f)]
+    if fin.size and fin.min() > 0 and fin.max() > 100 * fin.min():  # J spans decades: a log scale shows them
+        ax.set_yscale("log")
+        ax.set_ylabel("objective J (log scale)")
+    else:
+        ax.set_ylabel("objective J")
     ax.set_title("objective J per iteration (iteration 0 = start)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax = axes[1]

@@ -244,6 +244,9 @@ def write_checkpoint(path, state: dict, meta: dict) -> None:
     arrays = {f"state__{k}": np.asarray(v) for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode of every other file written (mkstemp's is 0600)
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), **arrays)
             fh.flush()
@@ -385,6 +388,8 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         history = [dict(nit=0, f=float(state["f"]), stationarity=g0, step=0.0, **dict(counts))]
         prev = {}
         logger.info("%s: start, f = %.10g, stationarity %.3g", driver.name, state["f"], g0)
+        if callback is not None and getattr(callback, "wants_start", False):  # the CLI's table shows iteration 0
+            callback(dict(history[0], x=state["x"].copy()))
 
     def elapsed():
         return elapsed0 + time.perf_counter() - t_start
