@@ -1,19 +1,43 @@
-"""Whether numba's on-disk cache already holds adjopt's kernels (so that a command can say, before the first
-compile of an installation, that it is compiling instead of waiting in silence).
+"""Say so when numba compiles (so that a command does not wait in silence on the first run of an installation).
 
-Kernels are compiled with ``cache=True``: the first process of an installation compiles them (a minute or so
-on 2 cores) and writes them next to the sources (or into ``NUMBA_CACHE_DIR``); later processes load them.
-The check looks for cache index files in the folder of adjopt.operators' kernels (which every problem uses);
-it reads numba's cache objects, so an unknown numba version gives ``None`` (no notice) rather than an error.
+Kernels are compiled with ``cache=True``: the first process that needs one compiles it (all of a gallery
+problem's kernels take a minute or so on 2 cores) and writes it next to the sources (or into
+``NUMBA_CACHE_DIR``); later processes load it. numba reports a compile (not a load from its cache) as a
+``numba:compile`` event: :func:`announce_compiles` prints a notice at the first one of the process.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-#: printed by the adjopt command before it compiles (a cold cache)
-NOTICE = ("adjopt: compiling the numba kernels, first run only (a minute or so; later runs load them from "
-          "numba's cache)")
+#: printed by the adjopt command before the first compile of a process
+NOTICE = ("adjopt: compiling numba kernels (first use in this installation; this can take a minute, and later "
+          "runs load them from numba's cache)")
+
+
+def announce_compiles(stream=None) -> bool:
+    """Print :data:`NOTICE` to ``stream`` (stderr) when numba starts its first compile in this process.
+
+    Returns False when numba's event API is not available (nothing is announced then)."""
+    try:
+        from numba.core import event
+    except ImportError:  # pragma: no cover - a numba without the event API
+        return False
+
+    class _FirstCompile(event.Listener):
+        done = False
+
+        def on_start(self, ev):
+            if not self.done:
+                self.done = True
+                print(NOTICE, file=stream or sys.stderr, flush=True)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", _FirstCompile())
+    return True
 
 
 def kernels_cached() -> bool | None:

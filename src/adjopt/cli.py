@@ -412,11 +412,11 @@ def _stopping_tests(args, stop: dict) -> None:
 
 
 def _compile_notice(args) -> None:
-    """Say so on stderr before the first compile of the kernels (a cold numba cache), unless -q."""
-    from ._compile import NOTICE, kernels_cached
+    """Say so on stderr when numba starts compiling (a kernel not in its cache yet), unless -q."""
+    from ._compile import announce_compiles
 
-    if not getattr(args, "quiet", False) and kernels_cached() is False:
-        print(NOTICE, file=sys.stderr, flush=True)
+    if not getattr(args, "quiet", False) and not getattr(_compile_notice, "registered", False):
+        _compile_notice.registered = announce_compiles()
 
 
 def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None = None) -> int:

@@ -196,3 +196,75 @@ def test_bad_input_and_copies(setup):
                                                       shape=(E * k * k, E)), affine=True)
     n = dm.n_free
     assert np.all(Aff.second(np.ones(E), np.ones(n), np.ones(n), np.ones(E)) == 0)
+
+
+def test_hostile_inputs_get_clear_errors(setup, caplog):
+    msh, dm, conn, Ke = setup
+    E, k = conn.shape
+    jac = lambda p: sp.csr_array((E * k * k, E))  # noqa: E731
+    local = lambda p: np.exp(p)[:, None, None] * Ke  # noqa: E731
+    # a -1 cast to unsigned, and rows without entries
+    with pytest.raises(PatternError, match="unsigned"):
+        adjopt.ElementMatrix(conn.astype(np.uint32), E, local, jac)
+    with pytest.raises(PatternError, match="no entry in row"):
+        adjopt.ElementMatrix(conn, E, local, jac, n=dm.n_free + 2)
+    with pytest.raises(PatternError, match="no entry in row 2"):
+        adjopt.element_matrix_from_triplets(np.array([0, 1, 3]), np.array([0, 1, 3]), 4, 1, None, None)
+    # affine and a second-order term at once
+    with pytest.raises(ValueError, match="not both"):
+        adjopt.ElementMatrix(conn, E, local, jac, local_second=lambda p, dp: jac(p), affine=True)
+    # a transposed table is named as such; NaN names the element; sparse local matrices refused
+    A = adjopt.ElementMatrix(conn.T.copy(), E, local, jac, n=dm.n_free)
+    with pytest.raises(PatternError, match="transposed"):
+        A.assemble(np.zeros(E))
+
+    def nan_local(p):
+        out = local(p)
+        out[5, 0, 0] = np.nan
+        return out
+
+    with pytest.raises(adjopt.NonFiniteError, match=r"local\(p\).*element 5"):
+        adjopt.ElementMatrix(conn, E, nan_local, jac).assemble(np.zeros(E))
+    with pytest.raises(PatternError, match="dense"):
+        adjopt.ElementMatrix(conn, E, lambda p: sp.csr_array((3, 3)), jac).assemble(np.zeros(E))
+    # a DOK Jacobian is converted, float32 values warned about once
+    dok = adjopt.ElementMatrix(conn, E, local, lambda p: sp.dok_array((E * k * k, E)))
+    assert np.all(dok.contract(np.zeros(E), np.ones(dm.n_free), np.ones(dm.n_free)) == 0)
+    with caplog.at_level("WARNING", logger="adjopt.operators.foreign"):
+        adjopt.ElementMatrix(conn, E, lambda p: local(p).astype(np.float32), jac).assemble(np.zeros(E))
+    assert any("float32" in r.getMessage() for r in caplog.records)
+    # ElementVector names itself when its second-order term is missing
+    b = adjopt.ElementVector(conn, E, lambda p: np.ones((E, k)), lambda p: sp.csr_array((E * k, E)))
+    with pytest.raises(MissingDerivativeError, match="ElementVector.*local_second"):
+        b.second(np.zeros(E), np.ones(dm.n_free), np.ones(E))
+
+
+def test_assembled_matrices_cannot_corrupt_the_pattern(setup):
+    msh, dm, conn, Ke = setup
+    for A in (_element_exp(conn, Ke), adjopt.ElementCoefficientMatrix(conn, Ke, "exp", n=dm.n_free)):
+        p = np.zeros(msh.n_cells)
+        M = A.assemble(p)
+        before = M.toarray()
+        with pytest.raises(ValueError):
+            M.eliminate_zeros()  # would shift the shared pattern: refused
+        with pytest.raises(ValueError):
+            M.indices[0] = 1
+        np.testing.assert_array_equal(A.assemble(p).toarray(), before)
+        own = A.assemble(p).copy()
+        own.eliminate_zeros()  # a copy is the user's
+        np.testing.assert_array_equal(own.toarray(), before)
+
+
+def test_a_nonsymmetric_scikit_fem_form_needs_its_local_matrices_transposed():
+    skfem = pytest.importorskip("skfem")
+    from skfem.helpers import grad
+
+    mesh = skfem.MeshTri().refined(2)
+    basis = skfem.Basis(mesh, skfem.ElementTriP1())
+    form = skfem.BilinearForm(lambda u, v, _: grad(u)[0] * v)
+    loc = form.coo_data(basis).tolocal()
+    E = loc.shape[0]
+    jac = lambda p: sp.csr_array((9 * E, 1))  # noqa: E731
+    ref = form.assemble(basis).toarray()
+    right = adjopt.ElementMatrix(basis.element_dofs.T, 1, lambda p: loc.transpose(0, 2, 1), jac)
+    np.testing.assert_allclose(right.assemble(np.zeros(1)).toarray(), ref, atol=1e-15)

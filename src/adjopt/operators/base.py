@@ -50,7 +50,9 @@ class ParametricMatrix:
         raise NotImplementedError
 
     def assemble(self, p) -> sp.csr_array:
-        """A(p) as a ``scipy.sparse.csr_array`` sharing the fixed pattern arrays."""
+        """A(p) as a ``scipy.sparse.csr_array``: fresh values on the fixed pattern, whose ``indices`` and
+        ``indptr`` are shared and read-only (an in-place change such as ``eliminate_zeros()`` raises instead of
+        corrupting the operator; ``A.assemble(p).copy()`` gives a matrix of your own)."""
         return self._csr(self.values(p))
 
     def contract(self, p, w, z) -> np.ndarray:
@@ -94,6 +96,9 @@ class ParametricMatrix:
         return w, z
 
     def _csr(self, data: np.ndarray) -> sp.csr_array:
+        for arr in (self.indices, self.indptr):
+            if arr.flags.writeable:
+                arr.flags.writeable = False  # shared by every matrix handed out: nobody may change the pattern
         return sp.csr_array((data, self.indices, self.indptr), shape=self.shape, copy=False)
 
     def _contract(self, p, w, z):

@@ -24,15 +24,18 @@ same with vectors: b(p) = sum_s b_s(p) e_{row_s}, b_s the (E x k) local entries.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
 
 from .._validate import as_count, as_state_like, check_finite, refuse_complex
-from ..errors import MissingDerivativeError, PatternError
+from ..errors import MissingDerivativeError, NonFiniteError, PatternError
 from .callback import CallbackMatrix
 from .vectors import CallbackVector
+
+logger = logging.getLogger(__name__)
 
 
 def _dof_table(dofs, name: str = "dofs") -> np.ndarray:
@@ -42,10 +45,26 @@ def _dof_table(dofs, name: str = "dofs") -> np.ndarray:
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise PatternError(f"{name} must be an (E, k) table of dof numbers (E elements, k dofs each), got shape "
                            f"{arr.shape}")
-    if arr.dtype.kind not in "iu":
-        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise PatternError(f"{name} must hold integers (dof numbers; < 0 for dropped dofs), got {arr.dtype}")
+    if arr.dtype.kind == "b" or arr.dtype.kind not in "iuf":
+        raise PatternError(f"{name} must hold integers (dof numbers; < 0 for dropped dofs), got {arr.dtype}")
+    if arr.dtype.kind == "f" and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))):
+        raise PatternError(f"{name} must hold integers (dof numbers; < 0 for dropped dofs), got {arr.dtype} with "
+                           "fractions or NaN")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) == np.iinfo(arr.dtype).max:
+        raise PatternError(f"{name} holds {int(arr.max())}, the largest {arr.dtype}: a -1 (dropped dof) cast to an "
+                           "unsigned type? Give a signed integer table")
     return arr.astype(np.int64, copy=True)
+
+
+def _no_empty_rows(rows: np.ndarray, n: int, what: str) -> None:
+    """PatternError naming the first row of A without an entry (A would be singular)."""
+    have = np.zeros(n, dtype=bool)
+    have[rows] = True
+    if not have.all():
+        first = int(np.flatnonzero(~have)[0])
+        raise PatternError(f"{what} gives no entry in row {first} ({int(np.count_nonzero(~have))} empty rows of {n}): "
+                           f"A would be singular. Number the dofs 0..n-1 without gaps, or give n = the number of "
+                           f"dofs the table uses")
 
 
 def _size(dofs: np.ndarray, n, name: str) -> int:
@@ -60,11 +79,40 @@ def _size(dofs: np.ndarray, n, name: str) -> int:
     return n
 
 
+def _local_values(A, shape: tuple, keep, what: str) -> np.ndarray:
+    """The callback's local arrays, checked (shape, real, finite), flattened and restricted to the kept entries."""
+    if sp.issparse(A):
+        raise PatternError(f"local(p) must return the dense {shape} array of {what}, got a sparse {type(A).__name__}")
+    refuse_complex(A, "local(p)")
+    A = np.asarray(A)
+    if A.dtype == np.float32 and not getattr(_local_values, "warned", False):
+        _local_values.warned = True
+        logger.warning("local(p) returns float32: derivatives are then exact to single precision only (Taylor tests "
+                       "of order 3 fail at about 1e-7); return float64")
+    A = A.astype(np.float64, copy=False)
+    if A.shape != shape:
+        hint = ""
+        if A.shape[:1] == (shape[1],) and A.shape[1:2] == (shape[0],):
+            hint = f"; the dof table looks transposed (it has {shape[0]} rows of {shape[1]}): pass dofs.T"
+        raise PatternError(f"local(p) must return the {shape} {what} (E = {shape[0]} elements of the dof table, k = "
+                           f"{shape[1]} dofs each), got shape {A.shape}{hint}")
+    if not np.all(np.isfinite(A)):
+        bad = np.argwhere(~np.isfinite(A))[0]
+        raise NonFiniteError(f"local(p) has {int(np.count_nonzero(~np.isfinite(A)))} NaN or Inf entries, the first at "
+                             f"{tuple(int(i) for i in bad)} (element {int(bad[0])})")
+    A = A.reshape(-1)
+    return A if keep is None else A[keep]
+
+
 def _rows_jacobian(J, n_rows: int, keep, m: int, what: str) -> sp.csr_array:
     """The callback's (n_rows, m) Jacobian as CSR, checked, restricted to the kept rows."""
-    refuse_complex(J.data if sp.issparse(J) else J, what)
     if not (sp.issparse(J) or np.ndim(J) == 2):
         raise PatternError(f"{what} must be an ({n_rows}, {m}) sparse or dense array, got {type(J).__name__}")
+    if sp.issparse(J):
+        J = sp.csr_array(J)  # any format (DOK, LIL, ...) has .data then
+        refuse_complex(J.data, what)
+    else:
+        refuse_complex(J, what)
     J = sp.csr_array(J, dtype=np.float64)
     if J.shape != (n_rows, m):
         raise PatternError(f"{what} must have shape (E k{'' if 'vector' in what else ' k'}, m) = ({n_rows}, {m}), "
@@ -88,9 +136,12 @@ class ElementMatrix(CallbackMatrix):
     local_jacobian
         ``local_jacobian(p) -> (E k k, m)`` sparse or dense: J[s, j] = d A_e[a, b] / d p_j with
         s = (e k + a) k + b (the C order of ``local(p)``). A parameter per element gives one nonzero per row.
+        Rows are test functions and columns trial functions: entry [e, a, b] goes to row ``dofs[e, a]`` and
+        column ``dofs[e, b]`` (scikit-fem's ``coo_data(basis).tolocal()`` is ordered [e, trial, test]: pass
+        its ``.transpose(0, 2, 1)`` for a nonsymmetric form).
     local_second
         Optional ``local_second(p, dp) -> (E k k, m)``: D = d/dp (J(p) dp), i.e. D[s, j] = sum_i
-        d^2 A_e[a, b] / dp_j dp_i dp_i (the module docstring has the formula it enters).
+        (d^2 A_e[a, b] / dp_j dp_i) dp_i (the module docstring has the formula it enters).
     affine
         Declare A affine in p (D = 0). Without ``local_second`` and without it, Hessian actions raise.
     n
@@ -107,26 +158,23 @@ class ElementMatrix(CallbackMatrix):
         for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
+        if affine and local_second is not None:
+            raise ValueError("give local_second or affine=True, not both: affine=True says the second-order term is "
+                             "zero")
         table = _dof_table(dofs)
         E, k = table.shape
         n = _size(table, n, "dofs")
         rows = np.repeat(table, k, axis=1).reshape(-1)  # s = (e k + a) k + b -> dofs[e, a]
         cols = np.tile(table, (1, k)).reshape(-1)  # -> dofs[e, b]
         keep = (rows >= 0) & (cols >= 0)
+        _no_empty_rows(rows[keep], n, "the dof table")
         self._keep = None if keep.all() else np.flatnonzero(keep)
         self.n_elements, self.dofs_per_element = E, k
         self._local, self._local_jacobian, self._local_second = local, local_jacobian, local_second
         total, m = E * k * k, as_count(n_params, "n_params")
 
         def values(p):
-            A = local(p)
-            refuse_complex(A, "local(p)")
-            A = np.asarray(A, dtype=np.float64)
-            if A.shape != (E, k, k):
-                raise PatternError(f"local(p) must return the (E, k, k) = ({E}, {k}, {k}) local matrices, got "
-                                   f"shape {A.shape}")
-            A = A.reshape(-1)
-            return A if self._keep is None else A[self._keep]
+            return _local_values(local(p), (E, k, k), self._keep, "local matrices")
 
         def jacobian(p):
             return _rows_jacobian(local_jacobian(p), total, self._keep, m, "local_jacobian(p)")
@@ -159,6 +207,9 @@ def element_matrix_from_triplets(rows, cols, n: int, n_params: int, values: Call
     n = as_count(n, "n")
     if r.min() < 0 or c.min() < 0 or r.max() >= n or c.max() >= n:
         raise PatternError(f"the triplets hold indices outside [0, {n})")
+    _no_empty_rows(r, n, "the triplets")
+    if affine and second_jacobian is not None:
+        raise ValueError("give second_jacobian or affine=True, not both: affine=True says the second-order term is zero")
     m = as_count(n_params, "n_params")
     T = r.size
     A = CallbackMatrix(sp.coo_array((np.ones(T), (r, c)), shape=(n, n)), m, values, jacobian,
@@ -181,6 +232,9 @@ class ElementVector(CallbackVector):
         for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
+        if affine and local_second is not None:
+            raise ValueError("give local_second or affine=True, not both: affine=True says the second-order term is "
+                             "zero")
         table = _dof_table(dofs)
         E, k = table.shape
         n = _size(table, n, "dofs")
@@ -191,13 +245,7 @@ class ElementVector(CallbackVector):
         S = sp.csr_array((np.ones(keep.size), (flat[keep], keep)), shape=(n, E * k))
 
         def value(p):
-            b = local(p)
-            refuse_complex(b, "local(p)")
-            b = np.asarray(b, dtype=np.float64)
-            if b.shape != (E, k):
-                raise PatternError(f"local(p) must return the (E, k) = ({E}, {k}) local vectors, got shape {b.shape}")
-            check_finite(b, "local(p)")
-            return S @ b.reshape(-1)
+            return S @ _local_values(local(p), (E, k), None, "local vectors")
 
         def jacobian(p):
             return sp.csr_array(S @ _rows_jacobian(local_jacobian(p), E * k, None, m, "local_jacobian(p) (vector)"))
@@ -211,3 +259,10 @@ class ElementVector(CallbackVector):
 
         super().__init__(n, m, value, jacobian, second=second, affine=affine and local_second is None)
         self.n_elements, self.dofs_per_element = E, k
+
+    def second(self, p, lam, dp):
+        if not self.affine and self._second is None:
+            raise MissingDerivativeError(
+                "this ElementVector has no second-order term: pass local_second=(p, dp) -> (E k, m), the derivative "
+                "of local_jacobian(p) dp, or affine=True if the local vectors are affine in p")
+        return super().second(p, lam, dp)
