@@ -65,3 +65,21 @@ def test_the_block_is_copied_and_bad_blocks_are_refused():
     bad[3, 1] = np.nan
     with pytest.raises(NonFiniteError):
         J.hessp(p, bad)
+
+
+def test_a_block_solve_is_checked_through_random_combinations_of_its_columns():
+    import scipy.sparse as sp
+
+    from adjopt.errors import SingularMatrixError
+    from adjopt.solvers import make_solver
+
+    n = 30
+    A = sp.csr_array(sp.diags_array([np.full(n - 1, -1.0), np.full(n, 2.5), np.full(n - 1, -1.0)], offsets=[-1, 0, 1]))
+    fac = make_solver("superlu").factorize(A)
+    B = np.random.default_rng(0).standard_normal((n, 12))
+    X = fac.solve(B)
+    np.testing.assert_allclose(A @ X, B, atol=1e-12)
+    fac.check_residual(X, B)  # a right block passes
+    X[:, 7] += 0.5  # one wrong column among twelve is seen in the combinations
+    with pytest.raises(SingularMatrixError, match="residual"):
+        fac.check_residual(X, B)

@@ -206,8 +206,16 @@ class Factorization:
         self.probed = True
 
     def check_residual(self, x: np.ndarray, rhs: np.ndarray, transpose: bool = False, kind: str = "other") -> None:
-        """Raise :class:`SingularMatrixError` if a column of A x - rhs (A^T x - rhs) is not small against its rhs."""
+        """Raise :class:`SingularMatrixError` if a column of A x - rhs (A^T x - rhs) is not small against its rhs.
+
+        A block of more than :data:`RESIDUAL_COLUMNS` columns from one factorization is checked through
+        ``RESIDUAL_COLUMNS`` random combinations of its columns (X w against B w, w of random signs): one
+        factorization solves them all, so a singular or ill-conditioned A shows in every combination, at the
+        cost of a few products with A instead of one per column."""
         op = self.A.T if transpose and not self.self_transpose else self.A
+        if x.ndim == 2 and x.shape[1] > RESIDUAL_COLUMNS:
+            w = np.random.default_rng(_PROBE_SEED).choice((-1.0, 1.0), size=(x.shape[1], RESIDUAL_COLUMNS))
+            x, rhs = x @ w, rhs @ w
         r = op @ x
         r -= rhs  # in place: one temporary, not two
         r = column_norms(r.reshape(self.n, -1))
@@ -225,6 +233,10 @@ class Factorization:
 
     def _solve(self, rhs, transpose, kind, tol):
         raise NotImplementedError
+
+
+#: a multi-column solve is checked through this many random combinations of its columns (see check_residual)
+RESIDUAL_COLUMNS = 2
 
 
 def per_kind_tolerances(tol, default: float) -> dict:
