@@ -225,13 +225,20 @@ def loglog_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, yl
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    save_png(fig, path)
+    return True
+
+
+def save_png(fig, path: str) -> None:
+    """Write a pyplot figure to ``path`` atomically (a temporary file beside it, then os.replace) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile(dir=d, delete=False, suffix=".png") as fh:
         fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
     os.replace(fh.name, path)
-    return True
 
 
 def table(rows: list[list], header: list[str]) -> str:

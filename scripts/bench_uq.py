@@ -71,13 +71,12 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 
 import numpy as np
-from _bench_common import blas_info, loadavg, machine_info, median, peak_rss_gib, release_memory, table, write_json
+from _bench_common import blas_info, loadavg, machine_info, median, peak_rss_gib, release_memory, save_png, table, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "scripts", "results")
@@ -560,12 +559,7 @@ def spectrum_plot(path: str, rows: list[dict]) -> str | None:
     ax.set_title("Laplace posterior at the MAP point: leading eigenvalues")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile(dir=d, delete=False, suffix=".png") as fh:
-        fig.savefig(fh, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(fh.name, path)
+    save_png(fig, path)
     return None
 
 

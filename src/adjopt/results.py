@@ -821,26 +821,38 @@ def write_results(folder, problem, result, force: bool = False, pictures: bool =
             if mesh is not None and mesh.dim in (2, 3):
                 jobs.append(("parameter.png", lambda p: _parameter_png(mpl, p, problem, mesh, fd, result)))
                 jobs.append(("state.png", lambda p: _state_png(mpl, p, problem, mesh, fd, result)))
-            for name, job in jobs:
-                path = folder / name
-                try:
-                    out = _write_guarded(path, folder, lambda job=job, path=path: job(path))
-                except ResultsWriteError:
-                    raise
-                except Exception as exc:  # a picture that cannot be drawn must not lose the data files
-                    logger.warning("%s not drawn: %s: %s", name, type(exc).__name__, exc)
-                    continue
-                if out is None:
-                    logger.info("%s not drawn: no such field on the mesh", name)
-                else:
-                    written[name] = out
-                    logger.info("wrote '%s'", out)
+            draw_pictures(folder, jobs, written)
 
     if force:
-        for name in RESULT_FILES:
-            stale = folder / name
-            if name not in written and stale.is_file():
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-                    logger.info("removed '%s' of an earlier run (this run does not write it)", stale)
+        remove_stale(folder, RESULT_FILES, written)
     return written
+
+
+def draw_pictures(folder: Path, jobs, written: dict) -> None:
+    """Run the ``(file name, job(path) -> Path | None)`` picture jobs into ``folder``, recording what they wrote
+    in ``written``; a picture that cannot be drawn is logged and skipped (the data files are kept), a folder
+    that cannot be written raises :class:`ResultsWriteError`."""
+    for name, job in jobs:
+        path = folder / name
+        try:
+            out = _write_guarded(path, folder, lambda job=job, path=path: job(path))
+        except ResultsWriteError:
+            raise
+        except Exception as exc:  # a picture that cannot be drawn must not lose the data files
+            logger.warning("%s not drawn: %s: %s", name, type(exc).__name__, exc)
+            continue
+        if out is None:
+            logger.info("%s not drawn: no such field on the mesh", name)
+        else:
+            written[name] = out
+            logger.info("wrote '%s'", out)
+
+
+def remove_stale(folder: Path, names, written: dict) -> None:
+    """Remove the files among ``names`` that an earlier run wrote into ``folder`` and this one did not."""
+    for name in names:
+        stale = folder / name
+        if name not in written and stale.is_file():
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                logger.info("removed '%s' of an earlier run (this run does not write it)", stale)

@@ -42,6 +42,8 @@ from .results import (
     _prepare,
     _save_png,
     _write_guarded,
+    draw_pictures,
+    remove_stale,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,21 +168,7 @@ def write_uq(folder, problem, posterior, samples, prior_variance, posterior_vari
             jobs.append(("samples.png", lambda p: _panels_png(mpl, p, mesh, [
                 dict(values=v, where=where, title=t, label=param, cmap=cmap, vmin=lo2, vmax=hi2)
                 for v, t in zip(shown, titles)], f"{name}: {param}")))
-        for fname, job in jobs:
-            path = folder / fname
-            try:
-                out = _write_guarded(path, folder, lambda job=job, path=path: job(path))
-            except ResultsWriteError:
-                raise
-            except Exception as exc:  # a picture that cannot be drawn must not lose the data files
-                logger.warning("%s not drawn: %s: %s", fname, type(exc).__name__, exc)
-                continue
-            written[fname] = out
+        draw_pictures(folder, jobs, written)
     if force:  # files of an earlier uq run that this one did not write (pictures off, no variance)
-        for name in UQ_FILES + ("fields.vtu",):
-            stale = folder / name
-            if name not in written and stale.is_file():
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-                    logger.info("removed '%s' of an earlier run (this run does not write it)", stale)
+        remove_stale(folder, UQ_FILES + ("fields.vtu",), written)
     return written

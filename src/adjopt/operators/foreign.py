@@ -67,6 +67,14 @@ def _no_empty_rows(rows: np.ndarray, n: int, what: str) -> None:
                            f"dofs the table uses")
 
 
+def _check_callbacks(local, local_jacobian, local_second, affine) -> None:
+    for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
+        if cb is not None and not callable(cb):
+            raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
+    if affine and local_second is not None:
+        raise ValueError("give local_second or affine=True, not both: affine=True says the second-order term is zero")
+
+
 def _size(dofs: np.ndarray, n, name: str) -> int:
     top = int(dofs.max()) + 1
     if n is None:
@@ -155,12 +163,7 @@ class ElementMatrix(CallbackMatrix):
 
     def __init__(self, dofs, n_params: int, local: Callable, local_jacobian: Callable,
                  local_second: Callable | None = None, affine: bool = False, n: int | None = None):
-        for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
-            if cb is not None and not callable(cb):
-                raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
-        if affine and local_second is not None:
-            raise ValueError("give local_second or affine=True, not both: affine=True says the second-order term is "
-                             "zero")
+        _check_callbacks(local, local_jacobian, local_second, affine)
         table = _dof_table(dofs)
         E, k = table.shape
         n = _size(table, n, "dofs")
@@ -229,12 +232,7 @@ class ElementVector(CallbackVector):
 
     def __init__(self, dofs, n_params: int, local: Callable, local_jacobian: Callable,
                  local_second: Callable | None = None, affine: bool = False, n: int | None = None):
-        for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
-            if cb is not None and not callable(cb):
-                raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
-        if affine and local_second is not None:
-            raise ValueError("give local_second or affine=True, not both: affine=True says the second-order term is "
-                             "zero")
+        _check_callbacks(local, local_jacobian, local_second, affine)
         table = _dof_table(dofs)
         E, k = table.shape
         n = _size(table, n, "dofs")
