@@ -281,3 +281,28 @@ def test_an_unresolvable_test_says_so_and_what_to_do():
 def test_bad_arguments_of_the_step_rule_are_refused(kw):
     with pytest.raises(ValueError):
         taylor_test(Quartic(), P, **kw)
+
+
+def test_a_wrong_hessian_is_blamed_not_the_noise():
+    import numpy as np
+
+    import adjopt
+    from adjopt import fem
+    from adjopt import mesh as meshes
+
+    msh = meshes.unit_square(4)
+    dm = fem.condense(msh.n_nodes, fem.boundary_dofs(msh, "all"))
+    A = adjopt.ElementCoefficientMatrix(dm.restrict(msh.cells), fem.p1_stiffness(msh), "exp", n=dm.n_free)
+
+    class Doubled(adjopt.ReducedFunctional):
+        def hessp(self, p, dp, tol=None, gauss_newton=False):
+            return 2.0 * super().hessp(p, dp, tol, gauss_newton)
+
+    J = Doubled(A, np.ones(dm.n_free), adjopt.Norm(), solver="superlu")
+    r = adjopt.taylor_test(J, 0.1 * np.ones(msh.n_cells), order=3)
+    assert not r.passed
+    text = r.table()
+    assert "probably wrong, not noisy" in text and "tighten the solver's tolerance" not in text
+    good = adjopt.taylor_test(adjopt.ReducedFunctional(A, np.ones(dm.n_free), adjopt.Norm(), solver="superlu"),
+                              0.1 * np.ones(msh.n_cells), order=3)
+    assert good.passed and "probably wrong" not in good.table()

@@ -62,6 +62,8 @@ logger = logging.getLogger(__name__)
 EPS = np.finfo(float).eps
 #: largest spread of the rates in a window that counts as settled (asymptotic)
 SETTLED_SPREAD = 0.3
+#: unordered steps (see TaylorResult.unordered) from which an inconclusive test blames the derivative
+UNORDERED_STEPS = 5
 
 
 @dataclass
@@ -89,6 +91,9 @@ class TaylorResult:
     expected: float | None = None
     quantity: str = "J"
     gradient_check: TaylorResult | None = None
+    #: steps 100x above the noise floor whose remainder is not a tenth of the lower order's: the expansion is
+    #: not ordered there, which for many steps means the term of this order (the derivative tested) is wrong
+    unordered: int = 0
 
     def __post_init__(self):
         if self.expected is None:
@@ -155,7 +160,11 @@ class TaylorResult:
         if self.status == "inconclusive" and self.quantity == "J" and self.gradient_check is None:
             outcome = "FAIL (inconclusive)"
         lines.append(f"{verdict} (noise of {self.quantity} here: {self.roundoff:.1e}): {outcome}")
-        if self.status == "inconclusive" and self.floors is not None and self.floors.size \
+        if self.status == "inconclusive" and self.unordered >= UNORDERED_STEPS:
+            lines.append(f"  {self.unordered} steps far above the noise floor left a remainder larger than a tenth of the "
+                         f"order-{self.order - 1} remainder: the expansion is not ordered, so the term of order "
+                         f"{self.order} (the {what}) is probably wrong, not noisy")
+        elif self.status == "inconclusive" and self.floors is not None and self.floors.size \
                 and self.floors.max() > 1.5 * 100.0 * self.roundoff:
             lines.append("  the noise floor is the error of inexact (iterative) solves: tighten the solver's tolerance "
                          "to resolve smaller remainders")
@@ -236,8 +245,10 @@ def _judge(steps, rems, floors, ok, below, window: int, order: int, tol: float, 
     # judged on the smallest step's rate, the most asymptotic one: above a 100-sigma floor noise moves it by
     # less than 0.03, and a rate that is still converging at the large steps of the window is no failure
     rate = float(rates[-1]) if rates.size >= 2 else float("nan")
+    unordered = int(np.sum((rems >= 100.0 * floors) & ~ok))  # far above the noise: not the solver's error
     return TaylorResult(order=order, steps=steps, remainders=rems, used=used, rates=rates, rate=rate, exact=exact,
-                        tol=tol, roundoff=sigma, floors=floors, expected=expected, quantity=quantity)
+                        tol=tol, roundoff=sigma, floors=floors, expected=expected, quantity=quantity,
+                        unordered=unordered)
 
 
 def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_steps: int = 40,
