@@ -296,3 +296,25 @@ def blas_info() -> dict:
     mine = [d for d in pools if folder and d["filepath"] and os.path.dirname(os.path.realpath(d["filepath"])) == folder]
     return dict(thread_env=env, cholmod_blas=blas, cholmod_blas_kind=blas_kind(blas), cholmod_pools=mine,
                 threadpools=pools)
+
+
+def fmt(x, spec=".3g") -> str:
+    """A table cell: "-" for None or a non-finite float, yes/NO for a bool, else ``format(x, spec)``."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    return format(x, spec)
+
+
+def gallery():
+    """The ``poisson_inversion`` module of problems/ (imported without leaving problems/ on sys.path)."""
+    import sys
+
+    folder = os.path.join(ROOT, "problems")
+    sys.path.insert(0, folder)
+    try:
+        import poisson_inversion
+    finally:
+        sys.path.remove(folder)
+    return poisson_inversion

@@ -80,6 +80,8 @@ import traceback
 import numpy as np
 from _bench_common import (
     blas_info,
+    fmt,
+    gallery,
     git_state,
     loadavg,
     machine_info,
@@ -182,15 +184,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- the problem ----------------------------------------------------------------------------------
-def gallery():
-    sys.path.insert(0, os.path.join(ROOT, "problems"))
-    try:
-        import poisson_inversion
-    finally:
-        sys.path.remove(os.path.join(ROOT, "problems"))
-    return poisson_inversion
-
-
 def make_solver(label: str):
     """The solver of a row label; MissingBackendError when its package is not installed."""
     from adjopt.solvers import AMGSolver
@@ -479,14 +472,6 @@ def run_size(n: int, dim: int, labels: list[str], args, emit) -> None:
 
 
 # -- output ---------------------------------------------------------------------------------------
-def fmt(x, spec=".3g") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "NO"
-    return format(x, spec)
-
-
 def measured(rows):
     return [r for r in rows if "error" not in r and "skipped" not in r]
 

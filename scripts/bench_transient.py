@@ -158,6 +158,7 @@ import traceback
 import numpy as np
 from _bench_common import (
     blas_info,
+    fmt,
     git_state,
     loadavg,
     machine_info,
@@ -745,14 +746,6 @@ def warm_up(args) -> float:
 
 
 # -- output ---------------------------------------------------------------------------------------
-def fmt(x, spec=".3g") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "NO"
-    return format(x, spec)
-
-
 def measured(rows):
     return [r for r in rows if "error" not in r and "skipped" not in r]
 

@@ -76,7 +76,7 @@ import traceback
 import warnings
 
 import numpy as np
-from _bench_common import blas_info, loadavg, machine_info, median, peak_rss_gib, release_memory, save_png, table, write_json
+from _bench_common import blas_info, fmt, gallery, loadavg, machine_info, median, peak_rss_gib, release_memory, save_png, table, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "scripts", "results")
@@ -180,15 +180,6 @@ def compare_at(n: int, args) -> bool:
 
 
 # -- the problem ----------------------------------------------------------------------------------
-def gallery():
-    sys.path.insert(0, os.path.join(ROOT, "problems"))
-    try:
-        import poisson_inversion
-    finally:
-        sys.path.remove(os.path.join(ROOT, "problems"))
-    return poisson_inversion
-
-
 def make_solver(args):
     from adjopt.solvers import make_solver as by_name
     from adjopt.solvers.auto import AutoSolver
@@ -581,14 +572,6 @@ def warm_up(args) -> float:
 
 
 # -- output ---------------------------------------------------------------------------------------
-def fmt(x, spec=".3g") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "NO"
-    return format(x, spec)
-
-
 def shown_path(path: str) -> str:
     """``path`` relative to the repository when inside it, else absolute."""
     path = os.path.abspath(path)

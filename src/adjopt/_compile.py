@@ -3,21 +3,22 @@
 Kernels are compiled with ``cache=True``: the first process that needs one compiles it (all of a gallery
 problem's kernels take a minute or so on 2 cores) and writes it next to the sources (or into
 ``NUMBA_CACHE_DIR``); later processes load it. numba reports a compile (not a load from its cache) as a
-``numba:compile`` event: :func:`announce_compiles` prints a notice at the first one of the process.
+``numba:compile`` event: :func:`announce_compiles` hands a notice to its caller at the first one of the
+process.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 #: printed by the adjopt command before the first compile of a process
 NOTICE = ("adjopt: compiling numba kernels (first use in this installation; this can take a minute, and later "
           "runs load them from numba's cache)")
 
 
-def announce_compiles(stream=None) -> bool:
-    """Print :data:`NOTICE` to ``stream`` (stderr) when numba starts its first compile in this process.
+def announce_compiles(say) -> bool:
+    """Call ``say(NOTICE)`` when numba starts its first compile in this process (the caller decides where it
+    goes: the adjopt command prints it on stderr).
 
     Returns False when numba's event API is not available (nothing is announced then)."""
     try:
@@ -31,7 +32,7 @@ def announce_compiles(stream=None) -> bool:
         def on_start(self, ev):
             if not self.done:
                 self.done = True
-                print(NOTICE, file=stream or sys.stderr, flush=True)
+                say(NOTICE)
 
         def on_end(self, ev):
             pass

@@ -416,7 +416,7 @@ def _compile_notice(args) -> None:
     from ._compile import announce_compiles
 
     if not getattr(args, "quiet", False) and not getattr(_compile_notice, "registered", False):
-        _compile_notice.registered = announce_compiles()
+        _compile_notice.registered = announce_compiles(lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None = None) -> int:

@@ -793,22 +793,8 @@ def write_results(folder, problem, result, force: bool = False, pictures: bool =
     fd = _fields(problem, result.x, u, lam, reasons)
     mesh, why = _mesh_of(problem)
     if mesh is not None and (fd["point_data"] or fd["cell_data"]):
-        from .mesh import write_vtu
-
-        path = folder / "fields.vtu"
-        try:
-            _write_guarded(path, folder, lambda: write_vtu(path, mesh, point_data=fd["point_data"],
-                                                           cell_data=fd["cell_data"]))
-        except ImportError as exc:
-            logger.warning("fields.vtu not written: %s", exc)
-        except AdjoptError as exc:
-            if isinstance(exc, ResultsWriteError):
-                raise
-            logger.warning("fields.vtu not written: %s", exc)
-        else:
-            with contextlib.suppress(OSError):  # write_vtu's temporary file is 0600; give it the mode of the others
-                os.chmod(path, stat.S_IMODE(os.stat(written["history.json"]).st_mode))
-            written["fields.vtu"] = path
+        write_fields_vtu(folder, mesh, written, "history.json", point_data=fd["point_data"],
+                         cell_data=fd["cell_data"])
     elif mesh is None:
         logger.info("fields.vtu not written: %s", why)
 
@@ -826,6 +812,27 @@ def write_results(folder, problem, result, force: bool = False, pictures: bool =
     if force:
         remove_stale(folder, RESULT_FILES, written)
     return written
+
+
+def write_fields_vtu(folder: Path, mesh, written: dict, mode_of: str, **data) -> None:
+    """``folder/fields.vtu`` from ``write_vtu(path, mesh, **data)``, with the mode of ``written[mode_of]``; a
+    missing meshio or a field the format refuses is logged (the other files stay), a folder that cannot be
+    written raises :class:`ResultsWriteError`."""
+    from .mesh import write_vtu
+
+    path = folder / "fields.vtu"
+    try:
+        _write_guarded(path, folder, lambda: write_vtu(path, mesh, **data))
+    except ImportError as exc:
+        logger.warning("fields.vtu not written: %s", exc)
+    except AdjoptError as exc:
+        if isinstance(exc, ResultsWriteError):
+            raise
+        logger.warning("fields.vtu not written: %s", exc)
+    else:
+        with contextlib.suppress(OSError):  # write_vtu's temporary file is 0600; give it the mode of the others
+            os.chmod(path, stat.S_IMODE(os.stat(written[mode_of]).st_mode))
+        written["fields.vtu"] = path
 
 
 def draw_pictures(folder: Path, jobs, written: dict) -> None:

@@ -19,19 +19,14 @@ Every file is written under a temporary name and moved into place (``os.replace`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
 
-from .errors import AdjoptError
 from .results import (
     UQ_FILES,
-    ResultsWriteError,
     _atomic_write,
     _json_safe,
     _label,
@@ -44,6 +39,7 @@ from .results import (
     _write_guarded,
     draw_pictures,
     remove_stale,
+    write_fields_vtu,
 )
 
 logger = logging.getLogger(__name__)
@@ -119,8 +115,6 @@ def write_uq(folder, problem, posterior, samples, prior_variance, posterior_vari
     mesh, why = _mesh_of(problem)
     where = None if mesh is None else _where(mesh, m.size)
     if mesh is not None and where is not None:
-        from .mesh import write_vtu
-
         fields = {"map": m}
         if have_var:
             fields.update(prior_variance=prior_variance, posterior_variance=posterior_variance,
@@ -130,20 +124,7 @@ def write_uq(folder, problem, posterior, samples, prior_variance, posterior_vari
             fields[f"sample_{j + 1}"] = samples[:, j]
         for j in range(min(VTU_EIGENVECTORS, posterior.rank)):
             fields[f"eigenvector_{j + 1}"] = posterior.vectors[:, j]
-        kw = {"point_data" if where == "point" else "cell_data": fields}
-        path = folder / "fields.vtu"
-        try:
-            _write_guarded(path, folder, lambda: write_vtu(path, mesh, **kw))
-        except ImportError as exc:
-            logger.warning("fields.vtu not written: %s", exc)
-        except AdjoptError as exc:
-            if isinstance(exc, ResultsWriteError):
-                raise
-            logger.warning("fields.vtu not written: %s", exc)
-        else:
-            with contextlib.suppress(OSError):
-                os.chmod(path, stat.S_IMODE(os.stat(written["uq.json"]).st_mode))
-            written["fields.vtu"] = path
+        write_fields_vtu(folder, mesh, written, "uq.json", **{"point_data" if where == "point" else "cell_data": fields})
     else:
         logger.info("fields.vtu not written: %s", why or f"the {m.size} parameters are neither nodal nor per cell")
 
