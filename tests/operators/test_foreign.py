@@ -3,6 +3,8 @@ ElementCoefficientMatrix, compared entry by entry and through a reduced function
 dependence with its second-order term (Taylor rates); ElementVector against ElementCoefficientVector; bad
 input."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -23,8 +25,8 @@ def setup():
     return msh, dm, conn, Ke
 
 
-def _element_exp(conn, Ke, **kw):
-    """exp(p_e) K_e, one parameter per element, from the dof table."""
+def _exp_callbacks(conn, Ke):
+    """(local, local_jacobian, local_second) of exp(p_e) K_e, one parameter per element."""
     E, k = conn.shape
     rows = np.arange(E * k * k)
     owner = np.repeat(np.arange(E), k * k)
@@ -38,7 +40,21 @@ def _element_exp(conn, Ke, **kw):
     def second(p, dp):
         return sp.csr_array((((np.exp(p) * dp)[:, None, None] * Ke).reshape(-1), (rows, owner)), shape=(E * k * k, E))
 
-    return adjopt.ElementMatrix(conn, E, local, jac, local_second=second, **kw)
+    return local, jac, second
+
+
+def _element_exp(conn, Ke, **kw):
+    """exp(p_e) K_e, one parameter per element, from the dof table."""
+    local, jac, second = _exp_callbacks(conn, Ke)
+    return adjopt.ElementMatrix(conn, conn.shape[0], local, jac, local_second=second, **kw)
+
+
+def _counted(f, calls, name):
+    """f, counting its calls in calls[name]."""
+    def wrapper(*args):
+        calls[name] += 1
+        return f(*args)
+    return wrapper
 
 
 def _triplets_exp(conn, Ke, n):
@@ -268,3 +284,183 @@ def test_a_nonsymmetric_scikit_fem_form_needs_its_local_matrices_transposed():
     ref = form.assemble(basis).toarray()
     right = adjopt.ElementMatrix(basis.element_dofs.T, 1, lambda p: loc.transpose(0, 2, 1), jac)
     np.testing.assert_allclose(right.assemble(np.zeros(1)).toarray(), ref, atol=1e-15)
+
+
+def _misfit(n):
+    return adjopt.SquaredMisfit(np.ones(5), B=sp.random(5, n, density=0.5, random_state=2)) + 1e-3 * adjopt.TikhonovL2()
+
+
+def test_local_jacobian_is_called_once_per_p(setup):
+    """value, gradient and Hessian actions at one p share one local_jacobian(p); a new p (or the caller's p
+    changed in place) evaluates it again, and the derivatives match a fresh ElementMatrix."""
+    msh, dm, conn, Ke = setup
+    n, E = dm.n_free, msh.n_cells
+    local, jac, second = _exp_callbacks(conn, Ke)
+    calls = Counter()
+    A = adjopt.ElementMatrix(conn, E, _counted(local, calls, "local"), _counted(jac, calls, "jac"),
+                             local_second=_counted(second, calls, "second"))
+    J = adjopt.ReducedFunctional(A, np.ones(n), _misfit(n), solver="superlu")
+    rng = np.random.default_rng(7)
+    p, dp = 0.3 * rng.standard_normal(E), rng.standard_normal(E)
+    J.value(p)
+    assert calls["jac"] == 0 and calls["local"] == 1
+    J.gradient(p)
+    assert calls["jac"] == 1
+    h = J.hessp(p, dp)  # tangent, tangent transpose and contraction: the same Jacobian
+    J.hessp(p, rng.standard_normal((E, 3)))
+    assert calls["jac"] == 1 and calls["local"] == 1
+    # a Hessian action alone at a new p: one call
+    p2 = p + 0.1
+    J.hessp(p2, dp)
+    assert calls["jac"] == 2
+    J.gradient(p2)
+    assert calls["jac"] == 2
+    # back at p: evaluated again (one Jacobian is kept), and the same numbers
+    np.testing.assert_allclose(J.hessp(p, dp), h, rtol=1e-13, atol=1e-14 * np.abs(h).max())
+    assert calls["jac"] == 3
+
+    # the caller changes its p in place: the kept Jacobian is not used at the new values
+    fresh = _element_exp(conn, Ke)
+    w, z = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
+    q = p.copy()
+    A.contract(q, w, z)
+    before = calls["jac"]
+    q += 0.25
+    np.testing.assert_allclose(A.contract(q, w, z), fresh.contract(q, w, z), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(A.tangent(q, dp, z), fresh.tangent(q, dp, z), rtol=1e-13, atol=1e-14)
+    assert calls["jac"] == before + 1
+    q[:] = p2  # through the functional as well
+    J.hessp(q, dp)
+    q[0] -= 0.5
+    J_fresh = adjopt.ReducedFunctional(_element_exp(conn, Ke), np.ones(n), _misfit(n), solver="superlu")
+    h_ref = J_fresh.hessp(q, dp)
+    np.testing.assert_allclose(J.hessp(q, dp), h_ref, rtol=1e-11, atol=1e-12 * np.abs(h_ref).max())
+    np.testing.assert_allclose(J.gradient(q), J_fresh.gradient(q), rtol=1e-11, atol=1e-14)
+
+
+def test_triplets_and_element_vector_call_their_jacobian_once_per_p(setup):
+    msh, dm, conn, Ke = setup
+    n, E = dm.n_free, msh.n_cells
+    rng = np.random.default_rng(8)
+    p, dp, w, z = rng.standard_normal(E), rng.standard_normal(E), rng.standard_normal(n), rng.standard_normal(n)
+    # COO triplets: a CallbackMatrix keeps its last Jacobian too
+    A = _triplets_exp(conn, Ke, n)
+    calls = Counter()
+    A._jacobian_cb = _counted(A._jacobian_cb, calls, "jac")
+    q = p.copy()
+    c = A.contract(q, w, z)
+    A.tangent(q, dp, z), A.tangent_transpose(q, dp, w)
+    assert calls["jac"] == 1
+    q *= 0.5  # in place
+    np.testing.assert_allclose(A.contract(q, w, z), _triplets_exp(conn, Ke, n).contract(q, w, z), rtol=1e-13)
+    assert calls["jac"] == 2 and not np.allclose(A.contract(q, w, z), c)
+    # ElementVector: vjp and jvp at one p share local_jacobian(p)
+    E, k = conn.shape
+    loc = msh.cell_volumes()[:, None] * np.ones(k) / k
+    rows, owner = np.arange(E * k), np.repeat(np.arange(E), k)
+
+    def vec_jac(p):
+        return sp.csr_array(((np.exp(p)[:, None] * loc).reshape(-1), (rows, owner)), shape=(E * k, E))
+
+    vcalls = Counter()
+    b = adjopt.ElementVector(conn, E, lambda p: np.exp(p)[:, None] * loc, _counted(vec_jac, vcalls, "jac"),
+                             local_second=lambda p, dp: sp.csr_array(
+                                 (((np.exp(p) * dp)[:, None] * loc).reshape(-1), (rows, owner)), shape=(E * k, E)),
+                             n=n)
+    native = adjopt.ElementCoefficientVector(conn, loc, "exp", n=n)
+    K = adjopt.ConstantMatrix(adjopt.ElementCoefficientMatrix(conn, Ke, "exp", n=n).assemble(np.zeros(E)), E)
+    J = adjopt.ReducedFunctional(K, b, adjopt.Norm(), solver="superlu")
+    J.gradient(p), J.hessp(p, dp)
+    assert vcalls["jac"] == 1
+    q = p + 0.5
+    b.vjp(q, w), b.jvp(q, dp)
+    assert vcalls["jac"] == 2
+    q -= 1.0  # in place
+    np.testing.assert_allclose(b.vjp(q, w), native.vjp(q, w), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b.jvp(q, dp), native.jvp(q, dp), rtol=1e-12, atol=1e-14)
+    assert vcalls["jac"] == 3
+
+
+def test_a_symmetric_declaration_enables_the_self_adjoint_and_paired_paths(setup):
+    msh, dm, conn, Ke = setup
+    n, E = dm.n_free, msh.n_cells
+    A, general = _element_exp(conn, Ke, symmetric=True), _element_exp(conn, Ke)
+    assert A.symmetric and not general.symmetric
+    b = np.ones(n)
+    fast, slow = (adjopt.ReducedFunctional(M, b, adjopt.Compliance(b), solver="superlu") for M in (A, general))
+    assert fast.self_adjoint and not slow.self_adjoint
+    rng = np.random.default_rng(9)
+    p, dp = 0.3 * rng.standard_normal(E), rng.standard_normal(E)
+    for J in (fast, slow):
+        J.reset_stats()
+    np.testing.assert_allclose(fast.gradient(p), slow.gradient(p), rtol=1e-11, atol=1e-14)
+    h = slow.hessp(p, dp)
+    np.testing.assert_allclose(fast.hessp(p, dp), h, rtol=1e-10, atol=1e-12 * np.abs(h).max())
+    assert fast.stats.solves["adjoint"] == 0 and fast.stats.solves["second_adjoint"] == 0
+    assert slow.stats.solves["adjoint"] == 1
+    # a misfit objective: the paired tangent pass gives the general path's Hessian action
+    Jm, Jg = (adjopt.ReducedFunctional(M, b, _misfit(n), solver="superlu") for M in (A, general))
+    h = Jg.hessp(p, dp)
+    np.testing.assert_allclose(Jm.hessp(p, dp), h, rtol=1e-10, atol=1e-12 * np.abs(h).max())
+    # from triplets as well
+    r, c = np.nonzero(general.assemble(p).toarray())
+    T = r.size
+    At = adjopt.element_matrix_from_triplets(r, c, n, 1, lambda q: np.full(T, q[0]) + (r == c) * 10.0,
+                                             lambda q: np.ones((T, 1)), affine=True, symmetric=True)
+    assert At.symmetric
+    At.assemble(np.ones(1)), At.contract(np.ones(1), np.ones(n), np.ones(n))
+    with pytest.raises(TypeError, match="symmetric must be True or False"):
+        _element_exp(conn, Ke, symmetric="yes")
+
+
+def test_a_symmetric_element_matrix_with_cholmod(setup):
+    pytest.importorskip("sksparse")
+    msh, dm, conn, Ke = setup
+    n, E = dm.n_free, msh.n_cells
+    b = np.ones(n)
+    p, dp = 0.2 * np.random.default_rng(10).standard_normal(E), np.ones(E)
+    ref = adjopt.ReducedFunctional(_element_exp(conn, Ke), b, adjopt.Compliance(b), solver="superlu")
+    for solver in ("cholmod", "auto"):
+        J = adjopt.ReducedFunctional(_element_exp(conn, Ke, symmetric=True), b, adjopt.Compliance(b), solver=solver)
+        assert J.self_adjoint
+        assert J.value(p) == pytest.approx(ref.value(p), rel=1e-12)
+        np.testing.assert_allclose(J.gradient(p), ref.gradient(p), rtol=1e-10, atol=1e-14)
+        h = ref.hessp(p, dp)
+        np.testing.assert_allclose(J.hessp(p, dp), h, rtol=1e-9, atol=1e-11 * np.abs(h).max())
+        assert "cholmod" in J.solver.name
+
+
+def test_a_broken_symmetric_declaration_is_refused(setup):
+    msh, dm, conn, Ke = setup
+    n, E = dm.n_free, msh.n_cells
+    k = conn.shape[1]
+    skew = np.zeros((k, k))
+    skew[0, 1], skew[1, 0] = 0.3, -0.3
+    local, jac, second = _exp_callbacks(conn, Ke)
+    # nonsymmetric local matrices: refused at the first assembly, by name, every time
+    bad = adjopt.ElementMatrix(conn, E, lambda p: local(p) + skew, jac, local_second=second, symmetric=True)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"symmetric=True.*A\(p\) at the first p assembled.*symmetric=False"):
+            bad.assemble(np.zeros(E))
+    J = adjopt.ReducedFunctional(bad, np.ones(n), adjopt.Compliance(np.ones(n)), solver="superlu")
+    with pytest.raises(ValueError, match="symmetric=True"):
+        J.value(np.zeros(E))
+    # symmetric at p = 0 but not its derivative: A_e = K_e + p_e S (S skew), refused at the first Jacobian
+    rows, owner = np.arange(E * k * k), np.repeat(np.arange(E), k * k)
+
+    def skew_jac(p):
+        return sp.csr_array((np.tile(skew.reshape(-1), E), (rows, owner)), shape=(E * k * k, E))
+
+    tricky = adjopt.ElementMatrix(conn, E, lambda p: Ke + p[:, None, None] * skew, skew_jac, affine=True,
+                                  symmetric=True)
+    p0 = np.zeros(E)
+    tricky.assemble(p0)  # A(0) is symmetric
+    with pytest.raises(ValueError, match=r"symmetric=True.*derivative"):
+        adjopt.ReducedFunctional(tricky, np.ones(n), _misfit(n), solver="superlu").gradient(p0)
+    # nonsymmetric triplets
+    with pytest.raises(ValueError, match="symmetric=True"):
+        adjopt.element_matrix_from_triplets(np.array([0, 0, 1]), np.array([0, 1, 1]), 2, 1,
+                                            lambda q: np.array([2.0, 1.0, 2.0]), lambda q: np.zeros((3, 1)),
+                                            affine=True, symmetric=True).assemble(np.zeros(1))
+    # the same matrices without the declaration are fine
+    adjopt.ElementMatrix(conn, E, lambda p: local(p) + skew, jac, local_second=second).assemble(np.zeros(E))

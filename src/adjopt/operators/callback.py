@@ -17,6 +17,10 @@ and the second-order term
 
 comes from a ``second(p, w, z, dp)`` callback, or is zero when the user
 declares ``affine=True``.
+
+The Jacobian of the last p is kept (one, replaced when p changes): a value,
+a gradient and a Hessian action at one p call ``jacobian(p)`` once, not once
+per contraction and tangent.
 """
 
 from __future__ import annotations
@@ -69,6 +73,42 @@ def _caller_entries(pattern):
     return np.repeat(np.arange(mat.shape[0]), np.diff(mat.indptr)), mat.indices.astype(np.int64), mat.shape
 
 
+#: relative tolerance of the check of a ``symmetric=True`` declaration (the one CHOLMOD refuses an A by)
+SYMMETRY_RTOL = 1e-12
+
+
+class _LastJacobian:
+    """The Jacobian evaluated last and a copy of the p it was evaluated at.
+
+    The key is a copy, so a caller who changes its p array in place afterwards gets a fresh evaluation, not a
+    stale Jacobian. One entry only: the old one is released before the callback builds the next.
+    """
+
+    __slots__ = ("_entry",)
+
+    def __init__(self):
+        self._entry = None
+
+    def get(self, p: np.ndarray, evaluate: Callable):
+        entry = self._entry
+        if entry is not None and np.array_equal(entry[0], p):
+            return entry[1]
+        self._entry = None
+        key = np.array(p, dtype=np.float64, copy=True)  # taken before the callback, which might change p
+        J = evaluate(p)
+        self._entry = (key, J)
+        return J
+
+    def clear(self) -> None:
+        self._entry = None
+
+
+def _asymmetry(M: sp.csr_array) -> float:
+    """max |M - M^T| (0 for a symmetric M), O(nnz)."""
+    diff = sp.csr_array(M - M.T)
+    return float(np.abs(diff.data).max()) if diff.nnz else 0.0
+
+
 class CallbackMatrix(ParametricMatrix):
     """A(p) from a fixed pattern and callbacks for its values and their Jacobian.
 
@@ -96,6 +136,25 @@ class CallbackMatrix(ParametricMatrix):
     affine
         Declare A affine in p (C2 = 0). Without ``second`` and without
         ``affine=True``, Hessian actions raise :class:`MissingDerivativeError`.
+    symmetric
+        Declare A(p) = A(p)^T for every p (sets :attr:`symmetric`; default
+        False, never guessed). A :class:`~adjopt.ReducedFunctional` then uses
+        the self-adjoint shortcut for a compliance objective f = b^T u with a
+        constant b (lam = u: no adjoint solve, one solve per Hessian action
+        instead of two) and takes (dA . dp) u and (dA . dp)^T lam in one
+        two-column tangent pass. The solver choice does not depend on it:
+        ``solver="auto"`` and ``"cholmod"`` look at the assembled A itself
+        (CHOLMOD for a symmetric positive definite A, whose transposed solve
+        is the solve). The promise is checked once, cheaply (O(nnz)): at the
+        first assembly, max|A - A^T| <= 1e-12 max|A|, and at the first
+        Jacobian evaluation the same for the tangent dA/dp . d in one fixed
+        direction d (A(p0) may be symmetric at a start p0 = 0 where its
+        derivative is not); a broken promise raises ``ValueError``.
+
+    Notes
+    -----
+    ``jacobian(p)`` is evaluated once per p: the last one is kept (with a copy
+    of its p) and serves every contraction and tangent at that p.
     """
 
     def __init__(
@@ -106,8 +165,11 @@ class CallbackMatrix(ParametricMatrix):
         jacobian: Callable,
         second: Callable | None = None,
         affine: bool = False,
+        symmetric: bool = False,
     ):
         self.n_params = as_count(n_params, "n_params")
+        if not isinstance(symmetric, (bool, np.bool_)):
+            raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
         for name, cb in (("values", values), ("jacobian", jacobian), ("second", second)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
@@ -139,6 +201,19 @@ class CallbackMatrix(ParametricMatrix):
         self._jacobian_cb = jacobian
         self._second_cb = second
         self.affine = bool(affine) and second is None
+        self.symmetric = bool(symmetric)
+        # the declaration is checked once on the values and once on a tangent (cleared when it passes)
+        self._check_values_symmetry = self._check_tangent_symmetry = self.symmetric
+        self._last_jacobian = _LastJacobian()
+
+    def _refuse_asymmetry(self, data: np.ndarray, scale: float, what: str, scale_name: str) -> None:
+        """ValueError when the CSR values ``data`` on the pattern are not symmetric to SYMMETRY_RTOL * scale."""
+        gap = _asymmetry(self._csr(data))
+        if gap > SYMMETRY_RTOL * scale:
+            raise ValueError(
+                f"symmetric=True promises A(p) = A(p)^T for every p, but {what} is not symmetric: max|M - M^T| = "
+                f"{gap:.3g} > {SYMMETRY_RTOL:g} * {scale_name} = {SYMMETRY_RTOL * scale:.3g}. Pass symmetric=False (the "
+                f"default) for a nonsymmetric A(p), or make the values and their Jacobian symmetric")
 
     def values(self, p) -> np.ndarray:
         p = self.check_p(p)
@@ -150,10 +225,30 @@ class CallbackMatrix(ParametricMatrix):
         check_finite(data, "values(p)")
         if self._slot is not None:
             data = np.bincount(self._slot, weights=data, minlength=self.nnz)
+        if self._check_values_symmetry:
+            self._refuse_asymmetry(data, float(np.abs(data).max()), "M = A(p) at the first p assembled", "max|A|")
+            self._check_values_symmetry = False
         return data
 
+    def _jacobian_at(self, p) -> sp.csr_array:
+        """:meth:`jacobian` at p, evaluated once per p (the last one is kept); the caller must not modify it."""
+        return self._last_jacobian.get(p, self._checked_jacobian)
+
+    def _checked_jacobian(self, p) -> sp.csr_array:
+        J = self.jacobian(p)
+        if self._check_tangent_symmetry and J.nnz:
+            # the tangent dA/dp . d of a symmetric A(p) is symmetric: one fixed pseudo-random direction d; the scale
+            # |J| |d| bounds the round-off of J d
+            d = np.random.default_rng(20240611).standard_normal(self.n_params)
+            self._refuse_asymmetry(J @ d, float((abs(J) @ np.abs(d)).max()),
+                                   "its derivative M = dA/dp . d (jacobian(p) at the first p evaluated, a fixed "
+                                   "direction d)", "max(|J| |d|)")
+        self._check_tangent_symmetry = False
+        return J
+
     def jacobian(self, p) -> sp.csr_array:
-        """d data / d p as a sparse (nnz, m) array in the canonical pattern, checked against the pattern."""
+        """d data / d p as a sparse (nnz, m) array in the canonical pattern, checked against the pattern (a fresh
+        evaluation of the callback; the contractions and tangents use the one kept for the last p)."""
         J = self._jacobian_cb(p)
         refuse_complex(J.data if sp.issparse(J) else J, "jacobian(p)")
         J = sp.csr_array(J, dtype=np.float64, copy=True) if (sp.issparse(J) or np.ndim(J) == 2) else None
@@ -177,10 +272,10 @@ class CallbackMatrix(ParametricMatrix):
         return G.T @ self._slot_products(w, z)
 
     def _contract(self, p, w, z):
-        return self.jacobian(p).T @ self._slot_products(w, z)
+        return self._jacobian_at(p).T @ self._slot_products(w, z)
 
     def _tangent_values(self, p, dp):
-        return self.jacobian(p) @ dp
+        return self._jacobian_at(p) @ dp
 
     def _second(self, p, w, z, dp):
         if self._second_cb is None and getattr(self, "_second_jacobian", None) is not None:

@@ -20,6 +20,10 @@ and J[s, j] = d a_s / d p_j (``local_jacobian``), adjopt needs:
 says D = 0, and otherwise Hessian actions raise :class:`~adjopt.errors.MissingDerivativeError`. For several
 right-hand sides w and z are (n, k) and the products are summed over the k columns. Right-hand sides are the
 same with vectors: b(p) = sum_s b_s(p) e_{row_s}, b_s the (E x k) local entries.
+
+``local_jacobian(p)`` is called once per p: the last Jacobian is kept (with a copy of its p, so an in-place change
+of the caller's array is seen), and a value, gradient and Hessian action at one p share it. ``symmetric=True``
+declares A(p) = A(p)^T for every p (see :class:`ElementMatrix`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import scipy.sparse as sp
 
 from .._validate import as_count, as_state_like, check_finite, refuse_complex
 from ..errors import MissingDerivativeError, NonFiniteError, PatternError
-from .callback import CallbackMatrix
+from .callback import CallbackMatrix, _LastJacobian
 from .vectors import CallbackVector
 
 logger = logging.getLogger(__name__)
@@ -154,15 +158,26 @@ class ElementMatrix(CallbackMatrix):
         Declare A affine in p (D = 0). Without ``local_second`` and without it, Hessian actions raise.
     n
         The number of dofs (default: the largest dof number + 1).
+    symmetric
+        Declare A(p) = A(p)^T for every p (every local matrix symmetric in a, b, say): sets :attr:`symmetric`,
+        which is never guessed. A :class:`~adjopt.ReducedFunctional` then takes the self-adjoint shortcut for a
+        compliance objective f = b^T u with a constant b (lam = u: no adjoint solve, and one solve per Hessian
+        action instead of two), and (dA . dp) u and (dA . dp)^T lam come from one two-column tangent pass. The
+        solver choice does not depend on it (``"auto"`` and ``"cholmod"`` look at the assembled A: CHOLMOD for a
+        symmetric positive definite A, whose transposed solve is the solve). The promise is checked once, in
+        O(nnz): at the first assembly (max|A - A^T| <= 1e-12 max|A|) and on one tangent at the first
+        ``local_jacobian`` call; a broken promise raises ``ValueError``.
 
     Notes
     -----
     Every derivative runs on the fixed pattern built once from the table (duplicates summed), with the same
-    contraction kernels as :class:`~adjopt.operators.CallbackMatrix`.
+    contraction kernels as :class:`~adjopt.operators.CallbackMatrix`. ``local_jacobian(p)`` is called once per p
+    (the last Jacobian is kept, one at a time): a value, a gradient and a Hessian action at one p call it once.
     """
 
     def __init__(self, dofs, n_params: int, local: Callable, local_jacobian: Callable,
-                 local_second: Callable | None = None, affine: bool = False, n: int | None = None):
+                 local_second: Callable | None = None, affine: bool = False, n: int | None = None,
+                 symmetric: bool = False):
         _check_callbacks(local, local_jacobian, local_second, affine)
         table = _dof_table(dofs)
         E, k = table.shape
@@ -183,7 +198,7 @@ class ElementMatrix(CallbackMatrix):
             return _rows_jacobian(local_jacobian(p), total, self._keep, m, "local_jacobian(p)")
 
         super().__init__(sp.coo_array((np.ones(int(keep.sum())), (rows[keep], cols[keep])), shape=(n, n)), m, values,
-                         jacobian, affine=affine and local_second is None)
+                         jacobian, affine=affine and local_second is None, symmetric=symmetric)
         if local_second is not None:
             self._second_jacobian = lambda p, dp: _rows_jacobian(local_second(p, dp), total, self._keep, m,
                                                                  "local_second(p, dp)")
@@ -197,10 +212,14 @@ class ElementMatrix(CallbackMatrix):
 
 
 def element_matrix_from_triplets(rows, cols, n: int, n_params: int, values: Callable, jacobian: Callable,
-                                 second_jacobian: Callable | None = None, affine: bool = False) -> CallbackMatrix:
+                                 second_jacobian: Callable | None = None, affine: bool = False,
+                                 symmetric: bool = False) -> CallbackMatrix:
     """A(p) from COO triplets (rows, cols) whose values depend on p: ``values(p) -> (T,)`` in the triplets'
     order, ``jacobian(p) -> (T, m)``, optional ``second_jacobian(p, dp) -> (T, m)`` = d/dp (jacobian(p) dp).
-    Duplicates are summed and the order is handled inside (a :class:`CallbackMatrix` on the COO pattern)."""
+    Duplicates are summed and the order is handled inside (a :class:`CallbackMatrix` on the COO pattern).
+    ``symmetric=True`` declares A(p) = A(p)^T for every p (the self-adjoint shortcut and the paired tangent of
+    :class:`~adjopt.ReducedFunctional`; checked once, see :class:`CallbackMatrix`). ``jacobian(p)`` is called
+    once per p (the last one is kept)."""
     r, c = np.asarray(rows), np.asarray(cols)
     if r.ndim != 1 or r.shape != c.shape or r.size == 0:
         raise PatternError(f"rows and cols must be 1-D arrays of the same nonzero length, got {r.shape} and {c.shape}")
@@ -216,7 +235,7 @@ def element_matrix_from_triplets(rows, cols, n: int, n_params: int, values: Call
     m = as_count(n_params, "n_params")
     T = r.size
     A = CallbackMatrix(sp.coo_array((np.ones(T), (r, c)), shape=(n, n)), m, values, jacobian,
-                       affine=affine and second_jacobian is None)
+                       affine=affine and second_jacobian is None, symmetric=symmetric)
     if second_jacobian is not None:
         A._second_jacobian = lambda p, dp: _rows_jacobian(second_jacobian(p, dp), T, None, m, "second_jacobian(p, dp)")
     return A
@@ -227,7 +246,8 @@ class ElementVector(CallbackVector):
 
     ``local(p) -> (E, k)``; ``local_jacobian(p) -> (E k, m)`` with rows s = e k + a; optional
     ``local_second(p, dp) -> (E k, m)`` = d/dp (J(p) dp) (else ``affine=True`` or no Hessian actions). A dof
-    number < 0 drops the entry; ``n`` defaults to the largest dof number + 1.
+    number < 0 drops the entry; ``n`` defaults to the largest dof number + 1. ``local_jacobian(p)`` is called once
+    per p (the last Jacobian is kept, with a copy of its p).
     """
 
     def __init__(self, dofs, n_params: int, local: Callable, local_jacobian: Callable,
@@ -245,8 +265,13 @@ class ElementVector(CallbackVector):
         def value(p):
             return S @ _local_values(local(p), (E, k), None, "local vectors")
 
-        def jacobian(p):
+        def evaluate(p):
             return sp.csr_array(S @ _rows_jacobian(local_jacobian(p), E * k, None, m, "local_jacobian(p) (vector)"))
+
+        self._last_jacobian = last = _LastJacobian()
+
+        def jacobian(p):  # b.vjp and b.jvp at one p (gradient, Hessian actions) share one evaluation
+            return last.get(p, evaluate)
 
         second = None
         if local_second is not None:
