@@ -122,6 +122,87 @@ def test_check_passes_on_the_gallery_and_fails_on_a_wrong_gradient(tmp_path):
     assert "Taylor test of the gradient on J" in proc.stdout  # and the table it judged from
 
 
+def test_check_quietly_prints_one_line(tmp_path):
+    # -q: one summary line instead of the table (the rates it judged on), no compile notice; exit status as without
+    proc = adjopt("check", "poisson_inversion", "--n", 6, "-q", check=0)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    line = lines[0]
+    assert line.startswith("poisson_inversion_2d_h1: check PASS (gradient rate 2.0") and "Taylor" not in line
+    assert ", Hessian rate 3.0" in line and ", symmetry " in line and line.endswith(")")
+    assert float(line.split("symmetry ")[1].rstrip(")")) <= 1e-8
+    assert "compiling" not in proc.stderr
+    bad = tmp_path / "bad_gradient.py"
+    bad.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.join(ROOT, "problems")!r})
+        import adjopt, poisson_inversion
+
+        class Wrong(adjopt.ReducedFunctional):
+            def gradient(self, p, tol=None):
+                return 1.01 * super().gradient(p, tol)
+
+        def build(n: int = 6):
+            pb = poisson_inversion.build(n=n)
+            J = pb.functional
+            pb.functional = Wrong(J.matrix, J.rhs, J.objective, parameter_map=J.map)
+            return pb
+    """))
+    proc = adjopt("check", bad, "--quiet", check=1)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("poisson_inversion_2d_h1: check FAIL (gradient rate "), proc.stdout
+    rate = float(lines[0].split("gradient rate ")[1].split(",")[0])
+    assert abs(rate - 1.0) < 0.1 and "gradient rate" in lines[0].split("want >= 1.9")[0], lines[0]  # what failed, wanted
+    assert "passed: symmetry" in lines[0] and "Taylor test of" not in proc.stdout
+    # without -q: the table as before
+    assert adjopt("check", bad, check=1).stdout.count("Taylor test of the gradient on J") == 1
+
+
+def test_quiet_runs_hide_the_library_warnings_but_keep_them_in_the_results(tmp_path):
+    # a start outside the bounds (a warning the driver records) and too few iterations (a warning it only logs)
+    prob = tmp_path / "out_of_bounds.py"
+    prob.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.join(ROOT, "problems")!r})
+        from dataclasses import replace
+        import poisson_inversion
+
+        def build(n: int = 6):
+            pb = poisson_inversion.build(n=n)
+            return replace(pb, p0=pb.p0 + 1.0, bounds=(-0.5, 0.5))
+    """))
+    run = ("run", prob, "--method", "lbfgs", "--max-iter", 2, "--no-pictures")
+    loud = adjopt(*run, "--out", tmp_path / "loud", check=1)
+    assert "WARNING adjopt.optimize.minimize: the start violated the bounds at 49 of 49 entries" in loud.stderr
+    assert "WARNING adjopt.optimize.base: lbfgs: maximum number of iterations (2) reached" in loud.stderr
+    quiet = adjopt(*run, "--out", tmp_path / "quiet", "-q", check=1)
+    assert "WARNING" not in quiet.stderr and "violated" not in quiet.stderr, quiet.stderr
+    assert quiet.stdout.strip() == "lbfgs: stopped after 2 iterations: maximum number of iterations (2) reached"
+    for out in ("loud", "quiet"):
+        hist = json.loads((tmp_path / out / "history.json").read_text())
+        assert hist["warnings"] == ["the start violated the bounds at 49 of 49 entries; it was projected onto them"]
+    # the command's own warnings still show with -q
+    proc = adjopt(*run, "--out", tmp_path / "fresh", "-q", "--resume", check=1)
+    assert "--resume: no checkpoint in" in proc.stderr and "WARNING adjopt.optimize" not in proc.stderr
+    # demo -q too (its preset size overridden to stay small)
+    proc = adjopt("demo", "--n", 6, "--max-iter", 1, "--no-pictures", "--out", tmp_path / "demo", "-q", check=1)
+    assert "WARNING" not in proc.stderr and proc.stdout.startswith("newton-cg: stopped after 1 iteration")
+    proc = adjopt("demo", "--n", 6, "--max-iter", 1, "--no-pictures", "--out", tmp_path / "demo2", check=1)
+    assert "WARNING adjopt.optimize.base: newton-cg: maximum number of iterations (1) reached" in proc.stderr
+
+
+def test_quiet_main_in_process_restores_the_library_log_level(tmp_path):
+    import logging
+
+    from adjopt.cli import main
+
+    lib = logging.getLogger("adjopt")
+    before = lib.level
+    assert main(["run", "poisson_inversion", "--n", "6", "--max-iter", "1", "--no-pictures", "-q",
+                 "--out", str(tmp_path / "r")]) == 1
+    assert lib.level == before and logging.getLogger("adjopt.optimize.base").isEnabledFor(logging.WARNING)
+
+
 def test_bench_writes_json(tmp_path):
     js = tmp_path / "b.json"
     proc = adjopt("bench", "poisson_inversion", "--sizes", 6, 8, "--json", js, check=0)

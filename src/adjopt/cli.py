@@ -584,8 +584,9 @@ def _distribute(problem, args):
     except NotImplementedError as exc:  # what the backend does not distribute (a nonlinear residual, ...)
         raise UsageError(str(exc)) from exc
     comm = distributed.functional.comm
-    if comm.rank != 0:
-        logging.getLogger("adjopt").setLevel(logging.WARNING)
+    lib = logging.getLogger("adjopt")
+    if comm.rank != 0 and lib.getEffectiveLevel() < logging.WARNING:  # not lower than -q set it (ERROR)
+        lib.setLevel(logging.WARNING)
     return distributed, comm
 
 
@@ -619,6 +620,17 @@ def cmd_list(args, extra) -> int:
     return 0
 
 
+def _check_item(what: str, r) -> tuple[str, bool]:
+    """The ``check -q`` words for one Taylor test and whether it passed: the rate it judged on (for the Hessian the
+    central-difference test of grad J, when it has one); when it failed, the failing series and the rate wanted."""
+    judged = r.gradient_check or r
+    if r.passed:
+        return f"{what} rate {judged.verdict}", True
+    s = r.gradient_check if r.gradient_check is not None and not r.gradient_check.passed else r
+    where = "" if s is judged else f" on {s.quantity}"
+    return f"{what} rate {s.verdict}{where}, want >= {s.expected - s.tol:g}", False
+
+
 def cmd_check(args, extra) -> int:
     from .verify import check_hessian_symmetry, taylor_test
 
@@ -635,10 +647,11 @@ def cmd_check(args, extra) -> int:
         lo, hi = problem.bounds
         width = np.where(np.isfinite(hi - lo), hi - lo, 1.0)
         p = np.clip(p, lo + 0.1 * width, hi - 0.1 * width)
-    rows, ok, tables = [], True, []
+    rows, ok, tables, summary = [], True, [], []
     for order in (2, 3):
         r = taylor_test(J, p, rng.standard_normal(p.size), order=order, seed=args.seed)
         ok &= r.passed
+        summary.append(_check_item("gradient" if order == 2 else "Hessian", r))
         what = "gradient" if order == 2 else "Hessian action"
         # the rate the test judged on (the smallest in its window), not a rate of the table
         rows.append((f"Taylor order {order} ({what}), J", r.verdict, f">= {r.expected - r.tol:g}", r.own_passed))
@@ -650,6 +663,16 @@ def cmd_check(args, extra) -> int:
     asym = check_hessian_symmetry(J, p)
     rows.append(("Hessian symmetry |<Hv,w>-<v,Hw>|/scale", f"{asym:.2e}", "<= 1e-8", asym <= 1e-8))
     ok &= asym <= 1e-8
+    summary.append((f"symmetry {asym:.1e}" + ("" if asym <= 1e-8 else ", want <= 1e-8"), asym <= 1e-8))
+    if args.quiet:  # one line: the verdict, what failed (and what it should have been), what passed
+        failed = [text for text, good in summary if not good]
+        passed = [text for text, good in summary if good]
+        if not failed:
+            print(f"{problem.name}: check PASS ({', '.join(passed)})")
+        else:
+            print(f"{problem.name}: check FAIL ({'; '.join(failed)}" + (f"; passed: {', '.join(passed)}" if passed else "")
+                  + ")")
+        return 0 if ok else 1
     print(f"{problem.name}: {J.n_params} parameters")
     width = max(len(r[0]) for r in rows)
     for name, got, want, good in rows:
@@ -905,6 +928,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", allow_abbrev=False, help="Taylor tests and Hessian symmetry (exit 1 if a rate is off)")
     p.add_argument("problem")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no table, one summary line (PASS or FAIL and why)")
     debug_flag(p)
     p = sub.add_parser("bench", allow_abbrev=False, help="time value, gradient and hessp per size")
     p.add_argument("problem")
@@ -938,6 +962,26 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+@contextlib.contextmanager
+def _library_logs(quiet: bool):
+    """``run -q``/``demo -q``: the library's loggers show errors only (a run's warnings stay in its results:
+    history.json's "warnings"); the command's own warnings (adjopt.cli, e.g. --resume without a checkpoint)
+    still show. The levels are restored afterwards (main() may run in-process, several times)."""
+    if not quiet:
+        yield
+        return
+    lib, own = logging.getLogger("adjopt"), logging.getLogger(logger.name)
+    saved = lib.level, own.level
+    lib.setLevel(logging.ERROR)
+    if own.level == logging.NOTSET:
+        own.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lib.setLevel(saved[0])
+        own.setLevel(saved[1])
+
+
 def _resume_command(argv: list[str], out) -> str:
     """The command line that continues an interrupted run: the same, with --out and --resume, without --force."""
     words = [w for w in argv if w not in ("--force", "--resume")]
@@ -959,7 +1003,8 @@ def main(argv=None) -> int:
         print(f"adjopt: list takes no options, got {' '.join(extra)}", file=sys.stderr)
         return 2
     try:
-        return handlers[args.command](args, extra)
+        with _library_logs(args.command in ("run", "demo") and args.quiet):
+            return handlers[args.command](args, extra)
     except UsageError as exc:
         if getattr(args, "debug", False):
             traceback.print_exc()
