@@ -466,6 +466,8 @@ class ReducedFunctional:
         return X.reshape(R.shape)
 
     def _hessp_block(self, p, dP, st, lam, tol):
+        if dP.shape[1] > 1 and st.u.ndim == 1:
+            return self._hessp_blocked(p, dP, st, lam, tol)
         clock = time.perf_counter
         t_start = clock()
         u, rho, M, f, b, pmap = st.u, st.rho, self.matrix, self.objective, self.rhs, self.map
@@ -521,6 +523,73 @@ class ReducedFunctional:
             H[:, i] = self._finish_hessp(p, dP[:, i], st, du, h_rho, lam is not None, t_start,
                                          t_solves if i == 0 else 0.0)
             t_start = clock()
+        return H
+
+    def _hessp_blocked(self, p, dP, st, lam, tol):
+        """k > 1 directions of a single-column state: the tangents, contractions and map products of all k
+        in one call each (one pass over the rows or elements), the two multi-column solves, and the objective's
+        terms column by column (the same formulas as the column loop of :meth:`_hessp_block`)."""
+        clock = time.perf_counter
+        t_start = clock()
+        u, rho, M, f, b, pmap = st.u, st.rho, self.matrix, self.objective, self.rhs, self.map
+        k = dP.shape[1]
+        dR = dP if pmap is None else pmap.jvp_block(p, dP)
+        self_adjoint = self.self_adjoint and lam is not None and lam is u
+        paired = lam is not None and not self_adjoint and getattr(M, "symmetric", False)
+        if paired:  # (dA . drho) u and (dA . drho) lam = (dA . drho)^T lam in one pass
+            T = M.tangent_block(rho, dR, _columns(u, lam))
+            RT, TL = np.negative(T[0], out=T[0]), T[1]
+        else:
+            RT = -M.tangent_block(rho, dR, u)
+            TL = None
+        if b.depends_on_p:
+            for i in range(k):
+                RT[:, i] += b.jvp(rho, np.ascontiguousarray(dR[:, i]))
+        t0 = clock()
+        DU = self._solve_block(st, RT, "tangent", tol)
+        t_solves = clock() - t0
+        del RT
+        if self_adjoint:
+            DL = DU
+        else:
+            RA = np.empty_like(DU)
+            for i in range(k):
+                RA[:, i] = f.hess_uu(u, p, np.ascontiguousarray(DU[:, i])) + f.hess_up(u, p, dP[:, i])
+            if lam is not None:
+                if TL is None:
+                    TL = np.column_stack([M.tangent_transpose(rho, np.ascontiguousarray(dR[:, i]), lam)
+                                          for i in range(k)])
+                RA -= TL
+            del TL
+            t0 = clock()
+            DL = self._solve_block(st, RA, "second_adjoint", tol, transpose=True)
+            t_solves += clock() - t0
+            del RA
+        if lam is None:
+            H_rho = -M.contract_block(rho, [(DL, u)])
+        elif self_adjoint:  # dl = du, lam = u: C(dl, u) + C(lam, du) = 2 C(du, u)
+            H_rho = -2.0 * M.contract_block(rho, [(DU, u)])
+        else:
+            H_rho = -M.contract_block(rho, [(DL, u), (lam, DU)])
+        if lam is not None and not M.affine:
+            H_rho -= M.second_block(rho, lam, u, dR)
+        if b.depends_on_p:
+            for i in range(k):
+                dl = np.ascontiguousarray(DL[:, i])
+                H_rho[:, i] += b.vjp(rho, dl)
+                if lam is not None:
+                    H_rho[:, i] += b.second(rho, lam, np.ascontiguousarray(dR[:, i]))
+        H = H_rho if pmap is None else pmap.vjp_block(p, H_rho)
+        H = np.array(H, dtype=np.float64, order="F", copy=True) if H is H_rho else np.asfortranarray(H)
+        for i in range(k):
+            h = H[:, i]
+            h += f.hess_pp(u, p, dP[:, i])
+            h += f.hess_pu(u, p, np.ascontiguousarray(DU[:, i]))
+            if lam is not None and pmap is not None and not pmap.affine:
+                h += pmap.second(p, self._pde_gradient(p, st), dP[:, i])
+        check_finite(H, "the Hessian action")
+        self.times["solve"] += t_solves
+        self.times["sensitivity"] += clock() - t_start - t_solves
         return H
 
     def _finish_hessp(self, p, dp, st, du, h_rho, curvature: bool, t_start: float, t_solves: float) -> np.ndarray:

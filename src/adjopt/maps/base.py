@@ -45,6 +45,15 @@ class ParameterMap:
 
     __call__ = forward
 
+    def jvp_block(self, p, dP) -> np.ndarray:
+        """(n_out, k): the jvp of each column of the (n_in, k) block dP (this default loops over them)."""
+        return np.column_stack([self.jvp(p, dP[:, i]) for i in range(dP.shape[1])])
+
+    def vjp_block(self, p, G) -> np.ndarray:
+        """(n_in, k): the vjp of each column of the (n_out, k) block G (this default loops over them)."""
+        return np.column_stack([self.vjp(p, np.ascontiguousarray(G[:, i])) for i in range(G.shape[1])])
+
+
     def check_p(self, p, name="p") -> np.ndarray:
         return as_parameter(p, self.n_in, name)
 
@@ -74,6 +83,12 @@ class IdentityMap(ParameterMap):
 
     def vjp(self, p, g):
         return self.check_out(g)
+
+    def jvp_block(self, p, dP):
+        return dP
+
+    def vjp_block(self, p, G):
+        return G
 
 
 class Compose(ParameterMap):
@@ -115,6 +130,17 @@ class Compose(ParameterMap):
         for m, x in zip(reversed(self.maps), reversed(xs)):
             g = m.vjp(x, g)
         return g
+
+    def jvp_block(self, p, dP):
+        for m, x in zip(self.maps, self._inputs(p)):
+            dP = m.jvp_block(x, dP)
+        return dP
+
+    def vjp_block(self, p, G):
+        xs = self._inputs(p)
+        for m, x in zip(reversed(self.maps), reversed(xs)):
+            G = m.vjp_block(x, G)
+        return G
 
     def second(self, p, g, dp):
         # forward sweep: inputs and tangents of every stage

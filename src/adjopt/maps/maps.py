@@ -45,6 +45,12 @@ class _Entrywise(ParameterMap):
     def second(self, p, g, dp):
         return self._d2(self.check_p(p)) * self.check_out(g) * self.check_p(dp, "dp")
 
+    def jvp_block(self, p, dP):
+        return self._d1(self.check_p(p))[:, None] * dP
+
+    def vjp_block(self, p, G):
+        return self._d1(self.check_p(p))[:, None] * G
+
 
 class ExpMap(_Entrywise):
     """rho = exp(p), entrywise (the :class:`~adjopt.operators.Exp` coefficient as a map)."""
@@ -105,6 +111,12 @@ class _Linear(ParameterMap):
 
     def vjp(self, p, g):
         return self._LT @ self.check_out(g)
+
+    def jvp_block(self, p, dP):
+        return self.L @ dP
+
+    def vjp_block(self, p, G):
+        return self._LT @ G
 
 
 def _lattice(centers: np.ndarray):

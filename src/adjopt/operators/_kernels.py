@@ -764,3 +764,87 @@ def element_forms(conn, local, estride, w, z, code, iq, q, e0, emin, order, p, s
                     F[j] = F[j] * scale[b0 + j]
             for j in range(nb):
                 out[b0 + j] = F[j] * acc[j]
+
+
+# -- blocks of directions: the tangents and contractions of a blocked Hessian action ----------------------
+@numba.njit(parallel=True, cache=True)
+def rows_matvec_block(inc_ptr, inc_elem, inc_loc, conn, vals, shared, C, z, nchunks, out):
+    """out[c, i, q] = sum over the incidences t = (e, a) of row i of C[e, q] sum_b K_e[a, b] z[conn[e, b], c]:
+    the tangents (sum_e C[e, q] K_e) z[:, c] of q directions at once, each row's local products formed once
+    for every direction (condensed dofs skipped). Rows in parallel."""
+    n = inc_ptr.shape[0] - 1
+    k = conn.shape[1]
+    nq = C.shape[1]
+    ncol = z.shape[1]
+    nchunks = max(1, min(n, nchunks))
+    for ch in numba.prange(nchunks):
+        s = np.empty(ncol)
+        for i in range(ch * n // nchunks, (ch + 1) * n // nchunks):
+            for c in range(ncol):
+                for q in range(nq):
+                    out[c, i, q] = 0.0
+            for t in range(inc_ptr[i], inc_ptr[i + 1]):
+                e = inc_elem[t]
+                off = inc_loc[t] * k if shared else t * k
+                for c in range(ncol):
+                    s[c] = 0.0
+                for b in range(k):
+                    j = conn[e, b]
+                    if j >= 0:
+                        v = vals[off + b]
+                        for c in range(ncol):
+                            s[c] += v * z[j, c]
+                for c in range(ncol):
+                    sc = s[c]
+                    for q in range(nq):
+                        out[c, i, q] += C[e, q] * sc
+
+
+@numba.njit(parallel=True, cache=True)
+def element_bilinear_block(conn, local, estride, W, Z, accumulate, nchunks, out):
+    """out[e, q] (+)= W[conn_e, qw]^T K_e Z[conn_e, qz] for the nq columns of out, with qw = q when W has nq
+    columns and qw = 0 when it has one (a vector shared by every column), the same for Z: the contractions of
+    nq directions, each element's matrix read once for all of them (condensed dofs count as zero). Elements
+    in parallel; ``accumulate`` adds to out instead of overwriting it."""
+    n_elem, k = conn.shape
+    nq = out.shape[1]
+    sw = 1 if W.shape[1] > 1 else 0
+    sz = 1 if Z.shape[1] > 1 else 0
+    nchunks = max(1, min(n_elem, nchunks))
+    for ch in numba.prange(nchunks):
+        row = np.empty(nq)
+        val = np.empty(nq)
+        for e in range(ch * n_elem // nchunks, (ch + 1) * n_elem // nchunks):
+            le = e * estride
+            for q in range(nq):
+                val[q] = 0.0
+            for a in range(k):
+                i = conn[e, a]
+                if i < 0:
+                    continue
+                if sz == 0:  # a shared z: one row product for every column
+                    r = 0.0
+                    for b in range(k):
+                        j = conn[e, b]
+                        if j >= 0:
+                            r += local[le, a * k + b] * Z[j, 0]
+                    for q in range(nq):
+                        val[q] += W[i, q * sw] * r
+                    continue
+                for q in range(nq):
+                    row[q] = 0.0
+                for b in range(k):
+                    j = conn[e, b]
+                    if j < 0:
+                        continue
+                    kab = local[le, a * k + b]
+                    for q in range(nq):
+                        row[q] += kab * Z[j, q]
+                for q in range(nq):
+                    val[q] += W[i, q * sw] * row[q]
+            if accumulate:
+                for q in range(nq):
+                    out[e, q] += val[q]
+            else:
+                for q in range(nq):
+                    out[e, q] = val[q]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_parameter, as_state_like, same_layout
+from .._validate import as_parameter, as_state_like, check_finite, same_layout
+from ..errors import ShapeError
 
 
 class ParametricMatrix:
@@ -83,6 +84,66 @@ class ParametricMatrix:
         if self.affine:
             return np.zeros(self.n_params)
         return self._second(p, w, z, dp)
+
+    # -- blocks of directions (the blocked Hessian action) ---------------------
+    def tangent_block(self, p, dP, z) -> np.ndarray:
+        """The tangents of k directions: column i is (dA/dp . dP[:, i]) z.
+
+        ``dP`` is (m, k); ``z`` of shape (n,) gives (n, k), of shape (n, c) gives (c, n, k) (block [c] holds
+        the tangents applied to z[:, c]). This default loops over the columns; an operator with a kernel for
+        blocks forms each element's product once for every direction.
+        """
+        p = self.check_p(p)
+        dP = self._directions(dP)
+        z = as_state_like(z, self.shape[1], "z")
+        out = np.empty((1 if z.ndim == 1 else z.shape[1], self.shape[0], dP.shape[1]))
+        for i in range(dP.shape[1]):
+            t = self.tangent(p, dP[:, i], z)
+            out[:, :, i] = t[None, :] if z.ndim == 1 else t.T
+        return out[0] if z.ndim == 1 else out
+
+    def contract_block(self, p, pairs) -> np.ndarray:
+        """(m, k): column i is sum over the (W, Z) in ``pairs`` of W[:, i]^T (dA/dp) Z[:, i].
+
+        Each W and Z is an (n, k) block or an (n,) vector shared by every column (all blocks of one k).
+        """
+        p = self.check_p(p)
+        pairs, k = self._check_block_pairs(pairs)
+        out = np.zeros((self.n_params, k))
+        for i in range(k):
+            for W, Z in pairs:
+                out[:, i] += self._contract(p, W if W.ndim == 1 else np.ascontiguousarray(W[:, i]),
+                                            Z if Z.ndim == 1 else np.ascontiguousarray(Z[:, i]))
+        return out
+
+    def second_block(self, p, w, z, dP) -> np.ndarray:
+        """(m, k): column i is :meth:`second` (p, w, z, dP[:, i]) (zero when A is affine in p)."""
+        p = self.check_p(p)
+        dP = self._directions(dP)
+        w, z = self._check_pair(w, z, "w", "z")
+        if self.affine:
+            return np.zeros(dP.shape)
+        return np.column_stack([self._second(p, w, z, dP[:, i]) for i in range(dP.shape[1])])
+
+    def _directions(self, dP) -> np.ndarray:
+        """dP as a finite float64 (m, k) array (not copied when it is one already)."""
+        dP = np.asarray(dP, dtype=np.float64)
+        if dP.ndim != 2 or dP.shape[0] != self.n_params or dP.shape[1] == 0:
+            raise ShapeError(f"dP must be an ({self.n_params}, k) array of k >= 1 directions, got shape {dP.shape}")
+        check_finite(dP, "dP")
+        return dP
+
+    def _check_block_pairs(self, pairs):
+        """The (W, Z) pairs as float64 arrays of shape (n,) or (n, k), and k (1 when every one is a vector)."""
+        checked, widths = [], set()
+        for W, Z in pairs:
+            W = as_state_like(W, self.shape[0], "W")
+            Z = as_state_like(Z, self.shape[1], "Z")
+            widths.update(a.shape[1] for a in (W, Z) if a.ndim == 2)
+            checked.append((W, Z))
+        if len(widths) > 1:
+            raise ValueError(f"the blocks of a contract_block call have different numbers of columns: {sorted(widths)}")
+        return checked, (widths.pop() if widths else 1)
 
     # -- helpers --------------------------------------------------------------
     def check_p(self, p) -> np.ndarray:

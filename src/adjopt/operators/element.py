@@ -467,6 +467,41 @@ class ElementCoefficientMatrix(ParametricMatrix):
     def _second(self, p, w, z, dp):
         return self._forms(w, z, p, 2, dp)
 
+    # -- blocks of directions: one pass over the rows or elements for all k -----------------------------
+    def tangent_block(self, p, dP, z) -> np.ndarray:
+        """(dA/dp . dP[:, i]) z for the k columns of dP in one pass over the rows (see the base class)."""
+        p = self.check_p(p)
+        dP = self._directions(dP)
+        z = as_state_like(z, self.shape[1], "z")
+        z2 = _kernels.as_columns(z)
+        k = dP.shape[1]
+        out = np.empty((z2.shape[1], self.shape[0], k))
+        with threads_for(self._rpos.shape[0] * k):
+            C = np.empty((self.n_params, k))  # C order: the k factors of an element side by side
+            np.multiply(dP, self._coefficients(p, 1)[0][:, None], out=C)
+            _kernels.rows_matvec_block(self._inc_ptr, self._inc_elem, self._inc_loc, self.conn, self._row_vals,
+                                       self._estride == 0, C, z2, 4 * numba.get_num_threads(), out)
+        return out[0] if z.ndim == 1 else out
+
+    def contract_block(self, p, pairs) -> np.ndarray:
+        """phi'(p_e) sum over the pairs of W_e[:, i]^T K_e Z_e[:, i], one pass over the elements per pair."""
+        p = self.check_p(p)
+        pairs, k = self._check_block_pairs(pairs)
+        out = np.empty((self.n_params, k))
+        with threads_for(self.n_params * self.k * self.k * k * len(pairs)):
+            for n, (W, Z) in enumerate(pairs):
+                _kernels.element_bilinear_block(self.conn, self.local, self._estride, _kernels.as_columns(W),
+                                                _kernels.as_columns(Z), n > 0, 4 * numba.get_num_threads(), out)
+            out *= self._coefficients(p, 1)[0][:, None]
+        return out
+
+    def second_block(self, p, w, z, dP) -> np.ndarray:
+        """phi''(p_e) dP[e, i] w_e^T K_e z_e: the forms of (w, z) once, scaled per column."""
+        p = self.check_p(p)
+        dP = self._directions(dP)
+        w, z = self._check_pair(w, z, "w", "z")
+        return self._forms(w, z, p, 2)[:, None] * dP
+
 
 def _sole_reference_count() -> int:
     """What ``sys.getrefcount`` reports in :meth:`_Spare.take` for an array nothing else refers to (measured
