@@ -581,10 +581,12 @@ class ReducedFunctional:
                     H_rho[:, i] += b.second(rho, lam, np.ascontiguousarray(dR[:, i]))
         H = H_rho if pmap is None else pmap.vjp_block(p, H_rho)
         H = np.array(H, dtype=np.float64, order="F", copy=True) if H is H_rho else np.asfortranarray(H)
+        if not f.zero_derivative("hess_pp"):
+            H += f.hess_pp_block(u, p, dP)
         for i in range(k):
             h = H[:, i]
-            h += f.hess_pp(u, p, dP[:, i])
-            h += f.hess_pu(u, p, np.ascontiguousarray(DU[:, i]))
+            if not f.zero_derivative("hess_pu"):
+                h += f.hess_pu(u, p, np.ascontiguousarray(DU[:, i]))
             if lam is not None and pmap is not None and not pmap.affine:
                 h += pmap.second(p, self._pde_gradient(p, st), dP[:, i])
         check_finite(H, "the Hessian action")

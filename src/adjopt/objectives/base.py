@@ -81,6 +81,13 @@ class Objective:
         self._missing("hess_pp", "hessp (the Hessian action)")
 
     # -- algebra ---------------------------------------------------------------
+    def hess_pp_block(self, u, p, dP) -> np.ndarray:
+        """(m, k): :meth:`hess_pp` of each column of the (m, k) block dP (zero when that derivative is zero by
+        construction; this default loops over the columns, a term with a block formula overrides it)."""
+        if self.zero_derivative("hess_pp"):
+            return np.zeros(dP.shape)
+        return np.column_stack([self.hess_pp(u, p, dP[:, i]) for i in range(dP.shape[1])])
+
     def __add__(self, other):
         if isinstance(other, numbers.Number) and other == 0:
             return self
@@ -154,6 +161,13 @@ class Sum(Objective):
     def hess_pp(self, u, p, dp):
         return self._sum("hess_pp", u, p, dp)
 
+    def hess_pp_block(self, u, p, dP):
+        out = np.zeros(dP.shape)
+        for t in self.terms:
+            if not t.zero_derivative("hess_pp"):
+                out += t.hess_pp_block(u, p, dP)
+        return out
+
     def __repr__(self):
         return " + ".join(map(repr, self.terms))
 
@@ -190,6 +204,9 @@ class Scaled(Objective):
 
     def hess_pp(self, u, p, dp):
         return self.c * self.term.hess_pp(u, p, dp)
+
+    def hess_pp_block(self, u, p, dP):
+        return self.c * self.term.hess_pp_block(u, p, dP)
 
     def __repr__(self):
         return f"{self.c:g} * {self.term!r}"

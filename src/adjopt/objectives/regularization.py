@@ -120,6 +120,14 @@ class _Quadratic(ParameterObjective):
     def hessp_p(self, p, dp):
         return self._apply(dp)
 
+    def hess_pp_block(self, u, p, dP):
+        """M dP for the (m, k) block dP in one product."""
+        self._check(p)
+        dP = np.asarray(dP, dtype=np.float64)
+        if isinstance(self.M, np.ndarray):  # weights, one per entry of p
+            return self.M[:, None] * dP
+        return self._apply(dP)
+
 
 class TikhonovL2(_Quadratic):
     """R(p) = 0.5 ||p - p_ref||_M^2 with M the (consistent or lumped) mass matrix.
