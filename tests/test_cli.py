@@ -97,9 +97,8 @@ def test_existing_folder_needs_force(tmp_path):
     adjopt(*run, "--force", check=0)
 
 
-def test_check_passes_on_the_gallery_and_fails_on_a_wrong_gradient(tmp_path):
-    proc = adjopt("check", "poisson_inversion", "--n", 6, check=0)
-    assert proc.stdout.count("PASS") == 4  # gradient; Hessian action on J and on grad J; symmetry
+def _wrong_gradient_problem(tmp_path):
+    """A problem file whose gradient is 1.01 times the true one (a check must fail on it)."""
     bad = tmp_path / "bad_gradient.py"
     bad.write_text(textwrap.dedent(f"""
         import sys
@@ -116,6 +115,13 @@ def test_check_passes_on_the_gallery_and_fails_on_a_wrong_gradient(tmp_path):
             pb.functional = Wrong(J.matrix, J.rhs, J.objective, parameter_map=J.map)
             return pb
     """))
+    return bad
+
+
+def test_check_passes_on_the_gallery_and_fails_on_a_wrong_gradient(tmp_path):
+    proc = adjopt("check", "poisson_inversion", "--n", 6, check=0)
+    assert proc.stdout.count("PASS") == 4  # gradient; Hessian action on J and on grad J; symmetry
+    bad = _wrong_gradient_problem(tmp_path)
     proc = adjopt("check", bad, check=1)
     row = next(line for line in proc.stdout.splitlines() if line.strip().startswith("Taylor order 2"))
     assert row.endswith("FAIL") and abs(float(row.split()[-4]) - 1.0) < 0.1, proc.stdout  # the rate it judged on
@@ -132,22 +138,7 @@ def test_check_quietly_prints_one_line(tmp_path):
     assert ", Hessian rate 3.0" in line and ", symmetry " in line and line.endswith(")")
     assert float(line.split("symmetry ")[1].rstrip(")")) <= 1e-8
     assert "compiling" not in proc.stderr
-    bad = tmp_path / "bad_gradient.py"
-    bad.write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {os.path.join(ROOT, "problems")!r})
-        import adjopt, poisson_inversion
-
-        class Wrong(adjopt.ReducedFunctional):
-            def gradient(self, p, tol=None):
-                return 1.01 * super().gradient(p, tol)
-
-        def build(n: int = 6):
-            pb = poisson_inversion.build(n=n)
-            J = pb.functional
-            pb.functional = Wrong(J.matrix, J.rhs, J.objective, parameter_map=J.map)
-            return pb
-    """))
+    bad = _wrong_gradient_problem(tmp_path)
     proc = adjopt("check", bad, "--quiet", check=1)
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("poisson_inversion_2d_h1: check FAIL (gradient rate "), proc.stdout

@@ -604,6 +604,21 @@ def _row_matvec2(t0, t1, inc_elem, inc_loc, conn, vals, shared, coef, z, k):
     return acc0, acc1
 
 
+@numba.njit(inline="always")
+def _incidence_products(t, e, inc_loc, conn, vals, shared, z, k, s):
+    """s[c] = sum_b K_e[a, b] z[conn[e, b], c] for the incidence t = (e, a), every column c of z (condensed dofs
+    skipped)."""
+    off = inc_loc[t] * k if shared else t * k
+    for c in range(z.shape[1]):
+        s[c] = 0.0
+    for b in range(k):
+        j = conn[e, b]
+        if j >= 0:
+            v = vals[off + b]
+            for c in range(z.shape[1]):
+                s[c] += v * z[j, c]
+
+
 @numba.njit(parallel=True, cache=True)
 def rows_matvec(inc_ptr, inc_elem, inc_loc, conn, vals, shared, coef, z, nchunks, out):
     """out[i, c] = sum over the incidences t = (e, a) of row i of coef[e] sum_b K_e[a, b] z[conn[e, b], c]:
@@ -650,15 +665,7 @@ def rows_matvec(inc_ptr, inc_elem, inc_loc, conn, vals, shared, coef, z, nchunks
                 out[i, c] = 0.0
             for t in range(inc_ptr[i], inc_ptr[i + 1]):
                 e = inc_elem[t]
-                off = inc_loc[t] * k if shared else t * k
-                for c in range(ncol):
-                    s[c] = 0.0
-                for b in range(k):
-                    j = conn[e, b]
-                    if j >= 0:
-                        v = vals[off + b]
-                        for c in range(ncol):
-                            s[c] += v * z[j, c]
+                _incidence_products(t, e, inc_loc, conn, vals, shared, z, k, s)
                 ce = coef[e]
                 for c in range(ncol):
                     out[i, c] += ce * s[c]
@@ -785,15 +792,7 @@ def rows_matvec_block(inc_ptr, inc_elem, inc_loc, conn, vals, shared, C, z, nchu
                     out[c, i, q] = 0.0
             for t in range(inc_ptr[i], inc_ptr[i + 1]):
                 e = inc_elem[t]
-                off = inc_loc[t] * k if shared else t * k
-                for c in range(ncol):
-                    s[c] = 0.0
-                for b in range(k):
-                    j = conn[e, b]
-                    if j >= 0:
-                        v = vals[off + b]
-                        for c in range(ncol):
-                            s[c] += v * z[j, c]
+                _incidence_products(t, e, inc_loc, conn, vals, shared, z, k, s)
                 for c in range(ncol):
                     sc = s[c]
                     for q in range(nq):
