@@ -89,6 +89,13 @@ def as_count(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_flag(value, name: str) -> bool:
+    """``value`` as a bool, or ``TypeError`` (a string such as "False" is truthy and would silently mean True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_tolerance(tol, name: str = "tol") -> float | None:
     """``None`` (the solver's default) or a relative tolerance in (0, 1), as a float."""
     if tol is None:

@@ -585,7 +585,7 @@ def _distribute(problem, args):
         raise UsageError(str(exc)) from exc
     comm = distributed.functional.comm
     lib = logging.getLogger("adjopt")
-    if comm.rank != 0 and lib.getEffectiveLevel() < logging.WARNING:  # not lower than -q set it (ERROR)
+    if comm.rank != 0 and lib.getEffectiveLevel() < logging.WARNING:  # a higher level set by the user stays
         lib.setLevel(logging.WARNING)
     return distributed, comm
 
@@ -964,22 +964,36 @@ def parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def _library_logs(quiet: bool):
-    """``run -q``/``demo -q``: the library's loggers show errors only (a run's warnings stay in its results:
-    history.json's "warnings"); the command's own warnings (adjopt.cli, e.g. --resume without a checkpoint)
-    still show. The levels are restored afterwards (main() may run in-process, several times)."""
+    """``run -q``/``demo -q``: the library's warnings are not shown but counted, and one line at the end says how
+    many were hidden and what the first said (a driver's warnings also stay in history.json's "warnings"; the
+    solvers' and the problem's do not); errors and the command's own warnings (adjopt.cli, e.g. --resume without
+    a checkpoint) still show. The handlers are restored afterwards (main() may run in-process, several times)."""
     if not quiet:
         yield
         return
-    lib, own = logging.getLogger("adjopt"), logging.getLogger(logger.name)
-    saved = lib.level, own.level
-    lib.setLevel(logging.ERROR)
-    if own.level == logging.NOTSET:
-        own.setLevel(logging.WARNING)
+    hidden = []
+
+    class _Hide(logging.Filter):
+        def filter(self, record):
+            if record.levelno >= logging.ERROR or not record.name.startswith("adjopt") or record.name == logger.name:
+                return True
+            if record.levelno >= logging.WARNING:
+                hidden.append(record.getMessage())
+            return False
+
+    hide = _Hide()
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(hide)
     try:
         yield
     finally:
-        lib.setLevel(saved[0])
-        own.setLevel(saved[1])
+        for h in handlers:
+            h.removeFilter(hide)
+        if hidden:
+            first = hidden[0] if len(hidden[0]) <= 160 else hidden[0][:157] + "..."
+            print(f"adjopt: {len(hidden)} warning(s) hidden by -q (run without -q to see them); the first: {first}",
+                  file=sys.stderr)
 
 
 def _resume_command(argv: list[str], out) -> str:

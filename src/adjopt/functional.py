@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse.linalg as sla
 
 from ._threads import dot
-from ._validate import as_count, as_directions, as_parameter, check_finite, check_tolerance, owned
+from ._validate import as_count, as_directions, as_parameter, check_finite, check_flag, check_tolerance, owned
 from .cache import DEFAULT_CACHE_BYTES, StateCache
 from .errors import NonFiniteError, PatternError
 from .objectives import Objective
@@ -45,6 +45,16 @@ from .operators import ParametricMatrix, ParametricResidual, as_vector
 from .solvers import SOLVE_KINDS, make_solver
 
 logger = logging.getLogger(__name__)
+
+
+def _power_of_two_scales(D: np.ndarray) -> np.ndarray:
+    """(k,): 2^round(log2 max|D[:, i]|) for each column (1 for a zero column): dividing by it is exact, and the
+    largest entry (not the norm, whose square may overflow) is what decides the scale."""
+    big = np.abs(D).max(axis=0)
+    out = np.ones(D.shape[1])
+    nz = big > 0
+    out[nz] = np.exp2(np.round(np.log2(big[nz])))
+    return out
 
 
 def _columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -451,11 +461,16 @@ class ReducedFunctional:
         no adjoint solve is needed.
         """
         tol = check_tolerance(tol)
+        gauss_newton = check_flag(gauss_newton, "gauss_newton")
         p = self._p(p)
         dP, single = as_directions(dp, self.n_params)
         st = self._state(p)
         lam = None if gauss_newton else self._adjoint(p, st)
-        H = self._hessp_block(p, dP, st, lam, tol)
+        # H is linear in dp: each direction is scaled by a power of two near its norm (exact in floating point)
+        # so that the solves see right-hand sides of order one, not 1e-160 (under an iterative solver's absolute
+        # floor) or 1e+160 (overflow in its inner products)
+        scale = _power_of_two_scales(dP)
+        H = self._hessp_block(p, dP / scale, st, lam, tol) * scale
         return H[:, 0] if single else H
 
     def _solve_block(self, st, R, kind, tol, transpose=False):
@@ -612,6 +627,7 @@ class ReducedFunctional:
 
     def hessian(self, p, tol: float | None = None, gauss_newton: bool = False) -> sla.LinearOperator:
         """H(p) (or its Gauss-Newton part) as a symmetric ``scipy.sparse.linalg.LinearOperator`` (matrix-free)."""
+        gauss_newton = check_flag(gauss_newton, "gauss_newton")
         p = self._p(p).copy()
         m = self.n_params
 

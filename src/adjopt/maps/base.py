@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import as_parameter
+from .._validate import as_parameter, check_finite, refuse_complex
 from ..errors import PatternError, ShapeError
 
 
@@ -47,11 +47,23 @@ class ParameterMap:
 
     def jvp_block(self, p, dP) -> np.ndarray:
         """(n_out, k): the jvp of each column of the (n_in, k) block dP (this default loops over them)."""
+        dP = self.check_block(dP, self.n_in, "dP")
         return np.column_stack([self.jvp(p, dP[:, i]) for i in range(dP.shape[1])])
 
     def vjp_block(self, p, G) -> np.ndarray:
         """(n_in, k): the vjp of each column of the (n_out, k) block G (this default loops over them)."""
+        G = self.check_block(G, self.n_out, "G")
         return np.column_stack([self.vjp(p, np.ascontiguousarray(G[:, i])) for i in range(G.shape[1])])
+
+    @staticmethod
+    def check_block(X, n: int, name: str) -> np.ndarray:
+        """X as a finite float64 (n, k) array with k >= 1, or a clear error."""
+        refuse_complex(X, name)
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] != n or X.shape[1] == 0:
+            raise ShapeError(f"{name} must be an ({n}, k) block of k >= 1 columns, got shape {X.shape}")
+        check_finite(X, name)
+        return X
 
 
     def check_p(self, p, name="p") -> np.ndarray:
@@ -85,10 +97,10 @@ class IdentityMap(ParameterMap):
         return self.check_out(g)
 
     def jvp_block(self, p, dP):
-        return dP
+        return self.check_block(dP, self.n_in, "dP").copy()
 
     def vjp_block(self, p, G):
-        return G
+        return self.check_block(G, self.n_out, "G").copy()
 
 
 class Compose(ParameterMap):
@@ -132,11 +144,13 @@ class Compose(ParameterMap):
         return g
 
     def jvp_block(self, p, dP):
+        dP = self.check_block(dP, self.n_in, "dP")
         for m, x in zip(self.maps, self._inputs(p)):
             dP = m.jvp_block(x, dP)
         return dP
 
     def vjp_block(self, p, G):
+        G = self.check_block(G, self.n_out, "G")
         xs = self._inputs(p)
         for m, x in zip(reversed(self.maps), reversed(xs)):
             G = m.vjp_block(x, G)

@@ -46,10 +46,10 @@ class _Entrywise(ParameterMap):
         return self._d2(self.check_p(p)) * self.check_out(g) * self.check_p(dp, "dp")
 
     def jvp_block(self, p, dP):
-        return self._d1(self.check_p(p))[:, None] * dP
+        return self._d1(self.check_p(p))[:, None] * self.check_block(dP, self.n_in, "dP")
 
     def vjp_block(self, p, G):
-        return self._d1(self.check_p(p))[:, None] * G
+        return self._d1(self.check_p(p))[:, None] * self.check_block(G, self.n_out, "G")
 
 
 class ExpMap(_Entrywise):
@@ -113,10 +113,10 @@ class _Linear(ParameterMap):
         return self._LT @ self.check_out(g)
 
     def jvp_block(self, p, dP):
-        return self.L @ dP
+        return self.L @ self.check_block(dP, self.n_in, "dP")
 
     def vjp_block(self, p, G):
-        return self._LT @ G
+        return self._LT @ self.check_block(G, self.n_out, "G")
 
 
 def _lattice(centers: np.ndarray):

@@ -135,6 +135,9 @@ class ParametricMatrix:
 
     def _check_block_pairs(self, pairs):
         """The (W, Z) pairs as float64 arrays of shape (n,) or (n, k), and k (1 when every one is a vector)."""
+        pairs = list(pairs) if isinstance(pairs, (list, tuple)) else None
+        if not pairs or not all(isinstance(q, (list, tuple)) and len(q) == 2 for q in pairs):
+            raise ValueError("pairs must be a non-empty list of (W, Z) pairs, e.g. [(W, Z)] for one pair")
         checked, widths = [], set()
         for W, Z in pairs:
             W = as_state_like(W, self.shape[0], "W")

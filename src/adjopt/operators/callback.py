@@ -145,11 +145,11 @@ class CallbackMatrix(ParametricMatrix):
         two-column tangent pass. The solver choice does not depend on it:
         ``solver="auto"`` and ``"cholmod"`` look at the assembled A itself
         (CHOLMOD for a symmetric positive definite A, whose transposed solve
-        is the solve). The promise is checked once, cheaply (O(nnz)): at the
-        first assembly, max|A - A^T| <= 1e-12 max|A|, and at the first
-        Jacobian evaluation the same for the tangent dA/dp . d in one fixed
-        direction d (A(p0) may be symmetric at a start p0 = 0 where its
-        derivative is not); a broken promise raises ``ValueError``.
+        is the solve). The promise is checked in O(nnz): at every assembly,
+        max|A - A^T| <= 1e-12 max|A| (a matrix symmetric at the start p0 = 0
+        only is caught at the next p), and at the first Jacobian evaluation
+        the same for the tangent dA/dp . d in one fixed direction d; a broken
+        promise raises ``ValueError``.
 
     Notes
     -----
@@ -168,8 +168,9 @@ class CallbackMatrix(ParametricMatrix):
         symmetric: bool = False,
     ):
         self.n_params = as_count(n_params, "n_params")
-        if not isinstance(symmetric, (bool, np.bool_)):
-            raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+        for name, flag in (("symmetric", symmetric), ("affine", affine)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         for name, cb in (("values", values), ("jacobian", jacobian), ("second", second)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
@@ -202,8 +203,8 @@ class CallbackMatrix(ParametricMatrix):
         self._second_cb = second
         self.affine = bool(affine) and second is None
         self.symmetric = bool(symmetric)
-        # the declaration is checked once on the values and once on a tangent (cleared when it passes)
-        self._check_values_symmetry = self._check_tangent_symmetry = self.symmetric
+        # the declaration is checked on every assembly and once on a tangent (cleared when it passes)
+        self._check_tangent_symmetry = self.symmetric
         self._last_jacobian = _LastJacobian()
 
     def _refuse_asymmetry(self, data: np.ndarray, scale: float, what: str, scale_name: str) -> None:
@@ -225,9 +226,8 @@ class CallbackMatrix(ParametricMatrix):
         check_finite(data, "values(p)")
         if self._slot is not None:
             data = np.bincount(self._slot, weights=data, minlength=self.nnz)
-        if self._check_values_symmetry:
-            self._refuse_asymmetry(data, float(np.abs(data).max()), "M = A(p) at the first p assembled", "max|A|")
-            self._check_values_symmetry = False
+        if self.symmetric:
+            self._refuse_asymmetry(data, float(np.abs(data).max()), "M = A(p) at this p", "max|A|")
         return data
 
     def _jacobian_at(self, p) -> sp.csr_array:

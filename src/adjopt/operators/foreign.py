@@ -72,6 +72,8 @@ def _no_empty_rows(rows: np.ndarray, n: int, what: str) -> None:
 
 
 def _check_callbacks(local, local_jacobian, local_second, affine) -> None:
+    if not isinstance(affine, (bool, np.bool_)):
+        raise TypeError(f"affine must be True or False, got {affine!r}")
     for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
         if cb is not None and not callable(cb):
             raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
@@ -164,9 +166,9 @@ class ElementMatrix(CallbackMatrix):
         compliance objective f = b^T u with a constant b (lam = u: no adjoint solve, and one solve per Hessian
         action instead of two), and (dA . dp) u and (dA . dp)^T lam come from one two-column tangent pass. The
         solver choice does not depend on it (``"auto"`` and ``"cholmod"`` look at the assembled A: CHOLMOD for a
-        symmetric positive definite A, whose transposed solve is the solve). The promise is checked once, in
-        O(nnz): at the first assembly (max|A - A^T| <= 1e-12 max|A|) and on one tangent at the first
-        ``local_jacobian`` call; a broken promise raises ``ValueError``.
+        symmetric positive definite A, whose transposed solve is the solve). The promise is checked in O(nnz):
+        at every assembly (max|A - A^T| <= 1e-12 max|A|) and on one tangent at the first ``local_jacobian``
+        call; a broken promise raises ``ValueError``.
 
     Notes
     -----
@@ -218,7 +220,7 @@ def element_matrix_from_triplets(rows, cols, n: int, n_params: int, values: Call
     order, ``jacobian(p) -> (T, m)``, optional ``second_jacobian(p, dp) -> (T, m)`` = d/dp (jacobian(p) dp).
     Duplicates are summed and the order is handled inside (a :class:`CallbackMatrix` on the COO pattern).
     ``symmetric=True`` declares A(p) = A(p)^T for every p (the self-adjoint shortcut and the paired tangent of
-    :class:`~adjopt.ReducedFunctional`; checked once, see :class:`CallbackMatrix`). ``jacobian(p)`` is called
+    :class:`~adjopt.ReducedFunctional`; checked at every assembly, see :class:`CallbackMatrix`). ``jacobian(p)`` is called
     once per p (the last one is kept)."""
     r, c = np.asarray(rows), np.asarray(cols)
     if r.ndim != 1 or r.shape != c.shape or r.size == 0:
@@ -230,6 +232,9 @@ def element_matrix_from_triplets(rows, cols, n: int, n_params: int, values: Call
     if r.min() < 0 or c.min() < 0 or r.max() >= n or c.max() >= n:
         raise PatternError(f"the triplets hold indices outside [0, {n})")
     _no_empty_rows(r, n, "the triplets")
+    for name, flag in (("affine", affine), ("symmetric", symmetric)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if affine and second_jacobian is not None:
         raise ValueError("give second_jacobian or affine=True, not both: affine=True says the second-order term is zero")
     m = as_count(n_params, "n_params")

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._threads import threads_for
-from .._validate import as_count, as_parameter, as_state_like, check_finite, owned, owned_operator, refuse_complex
+from .._validate import as_count, as_parameter, as_state_like, check_finite, check_flag, owned, owned_operator, refuse_complex
 from ..errors import MissingDerivativeError, PatternError, ShapeError
 from . import _kernels
 from .coefficients import Coefficient, as_coefficient
@@ -171,7 +171,7 @@ class CallbackVector(ParametricVector):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
         self._value, self._jac, self._second = value, jacobian, second
-        self.affine = bool(affine) and second is None
+        self.affine = check_flag(affine, "affine") and second is None
 
     def _J(self, p):
         J = self._jac(p)

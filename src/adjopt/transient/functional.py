@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_count, as_directions, as_parameter, check_finite, check_tolerance, owned
+from .._validate import as_count, as_directions, as_parameter, check_finite, check_flag, check_tolerance, owned
 from ..errors import NonFiniteError, ShapeError, SingularMatrixError
 from ..operators import ParametricMatrix
 from ..operators.residual import ParametricResidual
@@ -363,6 +363,7 @@ class TransientReducedFunctional:
         term with the adjoint lam (the curvature of the constraint): no adjoint march is needed. ``dp`` of shape
         (m, k) gives the k actions as an (m, k) array (one pair of marches per column).
         """
+        gauss_newton = check_flag(gauss_newton, "gauss_newton")
         ctx = self._context(p)
         dP, single = as_directions(dp, self.n_params)
         self._tol = check_tolerance(tol)
