@@ -111,6 +111,35 @@ def test_covariance_and_precision_match_dense_matrices(small):
     np.testing.assert_allclose(P.lumped_mass, M.sum(axis=1), rtol=1e-13)
 
 
+def test_covariance_norms_take_one_solve_per_column(small, monkeypatch):
+    P, n = small, small.n_params
+    _, _, C = dense_parts(P)
+    V = np.random.default_rng(5).standard_normal((n, 5))
+    ref = np.sqrt(np.einsum("ij,ij->j", V, C @ V))
+    solves = []
+    fac = P._factorization()
+    solve = fac.solve
+    monkeypatch.setattr(fac, "solve", lambda rhs, **kw: solves.append(rhs.shape) or solve(rhs, **kw))
+    np.testing.assert_allclose(P.covariance_norms(V), ref, rtol=1e-10)
+    assert solves == [(n, 5)]  # one multi-column solve; covariance takes two
+    one = P.covariance_norms(V[:, 0])
+    assert isinstance(one, float) and one == pytest.approx(ref[0], rel=1e-10)
+    assert P.covariance_norms(np.zeros((n, 0))).shape == (0,)
+
+
+def test_covariance_of_c_and_fortran_ordered_blocks_agree_and_leaves_them_alone(small):
+    P, n = small, small.n_params
+    Vc = np.random.default_rng(6).standard_normal((n, 7))
+    Vf = np.asfortranarray(Vc)
+    before = Vc.copy()
+    Xc, Xf = P.covariance(Vc), P.covariance(Vf)
+    np.testing.assert_allclose(Xc, Xf, rtol=0, atol=1e-12 * np.abs(Xf).max())
+    np.testing.assert_array_equal(Vc, before)  # the scaling between the two solves is done in place on the
+    np.testing.assert_array_equal(Vf, before)  # first solve's own array, never on the caller's block
+    _, _, C = dense_parts(P)
+    np.testing.assert_allclose(Xf, C @ Vc, rtol=1e-9, atol=1e-12 * np.abs(C @ Vc).max())
+
+
 def test_exact_variance_is_the_diagonal_of_the_dense_covariance(caplog):
     mesh = unit_square(20)  # 441 nodes: two blocks of identity columns
     P = BiLaplacianPrior(mesh, gamma=0.02, delta=1.5)

@@ -90,6 +90,126 @@ def test_the_standard_problem_when_no_weight_is_given():
     np.testing.assert_allclose(np.abs(eig.vectors.T @ Q[:, :5]), np.eye(5), atol=1e-6)
 
 
+@pytest.fixture
+def row_blocks(monkeypatch):
+    """The eigensolver's tall products and QR split into up to 3 row blocks of at least 16 rows, on threads (each
+    on one BLAS thread), as on a machine with 3 cores (PARALLEL_MIN_ROWS = 16), and the QR of a sketch into
+    blocks of max(24, 2 k) rows (QR_BLOCK_ROWS = 24)."""
+    pytest.importorskip("threadpoolctl")
+    import adjopt.uq as uq
+
+    monkeypatch.setattr(uq, "PARALLEL_MIN_ROWS", 16)
+    monkeypatch.setattr(uq, "QR_BLOCK_ROWS", 24)
+    monkeypatch.setattr(uq, "_blas_threads", lambda: 3)
+    return uq
+
+
+def _sketch_like(rng, n, k, rank, decades):
+    """(n, k) of the given rank, its singular values spread over ``decades``, every column mixing the directions
+    (a sketch)."""
+    U = np.linalg.qr(rng.standard_normal((n, rank)))[0]
+    V = np.linalg.qr(rng.standard_normal((k, rank)))[0]
+    return (U * np.logspace(0, -decades, rank)) @ V.T
+
+
+def test_tall_products_and_the_tsqr_on_row_blocks_match_one_block(row_blocks):
+    uq = row_blocks
+    rng = np.random.default_rng(11)
+    assert uq._row_blocks(200) == [(0, 67), (67, 133), (133, 200)]
+    assert uq._row_blocks(40) == [(0, 20), (20, 40)] and uq._row_blocks(31) == [(0, 31)]
+    for Y in (rng.standard_normal((200, 12)), np.asfortranarray(rng.standard_normal((200, 12)))):
+        W = rng.standard_normal((12, 5))
+        for order in ("C", "F"):
+            out = uq._matmul(Y, W, order=order)
+            assert out.flags.c_contiguous if order == "C" else out.flags.f_contiguous
+            np.testing.assert_allclose(out, Y @ W, rtol=0, atol=1e-13 * np.abs(Y @ W).max())
+        np.testing.assert_allclose(uq._gram(Y, Y), Y.T @ Y, rtol=0, atol=1e-13 * np.abs(Y.T @ Y).max())
+    # full rank over 12 decades (every column a mix of all directions): every direction is kept, the basis is
+    # orthonormal and spans Y to round-off; rank 5 in 12 columns: 5 directions. 3 threads of 2-3 QR blocks
+    # (24 rows), one thread of 8, and one block (PARALLEL_MIN_ROWS, QR_BLOCK_ROWS above the rows)
+    for threads, qr_rows in ((3, 24), (1, 24), (3, 10**6)):
+        uq._blas_threads = lambda t=threads: t
+        uq.QR_BLOCK_ROWS = qr_rows
+        for rank, decades in ((12, 12), (5, 3)):
+            Y = _sketch_like(rng, 200, 12, rank, decades)
+            for Q in (uq._orthonormal_basis(Y), uq._orthonormal_basis(np.asfortranarray(Y))):
+                assert Q.shape == (200, rank)
+                np.testing.assert_allclose(Q.T @ Q, np.eye(rank), rtol=0, atol=1e-14)
+                assert np.linalg.norm(Y - Q @ (Q.T @ Y)) <= 1e-14 * np.linalg.norm(Y)
+    with pytest.raises(ValueError, match="zero"):
+        uq._orthonormal_basis(np.zeros((200, 4)))
+
+
+def test_the_eigensolver_on_row_blocks_gives_the_one_block_result(inverse, row_blocks, monkeypatch):
+    def solve():
+        H = misfit_hessian(inverse["J"], inverse["m"], inverse["prior"])
+        return randomized_eigh(H, inverse["n"], 8, R=inverse["prior"].precision, Rinv=inverse["prior"].covariance,
+                               oversampling=10, rng=1)
+
+    split = solve()  # 49 parameters: 3 blocks of 16-17 rows
+    monkeypatch.setattr(row_blocks, "PARALLEL_MIN_ROWS", 10**9)
+    whole = solve()
+    np.testing.assert_allclose(split.values, whole.values, rtol=1e-10)
+    np.testing.assert_allclose(np.abs(split.vectors.T @ inverse["R"] @ whole.vectors), np.eye(8), atol=1e-7)
+    np.testing.assert_allclose(split.residuals, whole.residuals, rtol=1e-4, atol=1e-12)
+
+
+def test_a_failing_row_block_raises_on_the_calling_thread(row_blocks):
+    def job(r0, r1):
+        if r0 > 0:
+            raise ArithmeticError(f"block at row {r0}")
+        return r1
+
+    with pytest.raises(ArithmeticError, match="block at row"):
+        row_blocks._by_rows(job, 200)
+    assert row_blocks._by_rows(lambda r0, r1: (r0, r1), 200) == [(0, 67), (67, 133), (133, 200)]
+
+
+def test_residuals_from_the_priors_norms_are_those_from_its_covariance(inverse):
+    prior, n = inverse["prior"], inverse["n"]
+    H = misfit_hessian(inverse["J"], inverse["m"], prior)
+    kw = dict(R=prior.precision, Rinv=prior.covariance, oversampling=10, rng=3)
+    ref = randomized_eigh(H, n, 6, **kw)
+    fast = randomized_eigh(H, n, 6, Rinv_norms=prior.covariance_norms, **kw)
+    np.testing.assert_array_equal(fast.values, ref.values)
+    np.testing.assert_allclose(fast.residuals, ref.residuals, rtol=1e-6, atol=1e-14)
+    # the single pass with residuals: R V carried along from the orthonormalization, as in the double pass
+    single = randomized_eigh(H, n, 6, passes=1, Rinv_norms=prior.covariance_norms, **kw)
+    Hd = inverse["H"] - inverse["R"]
+    V, lam = single.vectors, single.values
+    res = Hd @ V - inverse["R"] @ V * lam
+    true = np.sqrt(np.einsum("ij,ij->j", res, np.linalg.solve(inverse["R"], res))) / np.maximum(np.abs(lam), 1)
+    np.testing.assert_allclose(single.residuals, true, rtol=1e-6, atol=1e-12)
+
+
+def test_the_misfit_hessian_subtracts_the_prior_in_place_and_keeps_its_input(inverse):
+    prior, n = inverse["prior"], inverse["n"]
+    H = misfit_hessian(inverse["J"], inverse["m"], prior)
+    V = np.random.default_rng(8).standard_normal((n, 4))
+    before = V.copy()
+    out = H(V)
+    np.testing.assert_array_equal(V, before)
+    ref = (inverse["H"] - inverse["R"]) @ V
+    np.testing.assert_allclose(out, ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+    np.testing.assert_allclose(H(V[:, 0]), ref[:, 0], rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+
+
+def test_gaussian_prior_covariance_norms(inverse):
+    import scipy.sparse as sp
+
+    n, R = inverse["n"], inverse["R"]
+    V = np.random.default_rng(9).standard_normal((n, 3))
+    scaled = GaussianPrior.of(4.0 * inverse["prior"].terms[0][1], n)  # one BiLaplacian term, scaled
+    ref = np.sqrt(np.einsum("ij,ij->j", V, np.linalg.solve(4.0 * R, V)))
+    np.testing.assert_allclose(scaled.covariance_norms(V), ref, rtol=1e-10)
+    assert scaled.covariance_norms(V[:, 1]) == pytest.approx(ref[1], rel=1e-10)
+    M = sp.csr_array(np.diag(np.arange(1.0, n + 1)))
+    summed = GaussianPrior.of(adjopt.TikhonovL2(M) + adjopt.TikhonovL2(), n)  # no term of its own norms
+    ref = np.sqrt(np.einsum("ij,ij->j", V, V / (np.arange(1.0, n + 1) + 1.0)[:, None]))
+    np.testing.assert_allclose(summed.covariance_norms(V), ref, rtol=1e-12)
+    assert isinstance(summed.covariance_norms(V[:, 0]), float)
+
+
 def _posterior(inverse, rank):
     return LaplacePosterior(inverse["J"], inverse["m"], rank=rank, oversampling=10, rng=5)
 

@@ -295,11 +295,31 @@ class BiLaplacianPrior(ParameterObjective):
         return self.A @ self._scale(self.A @ V, 1.0 / self.lumped_mass)
 
     def covariance(self, V) -> np.ndarray:
-        """C V = A^{-1} M_L A^{-1} V (two solves with the factorization of A) for V of shape (m,) or (m, k)."""
+        """C V = A^{-1} M_L A^{-1} V (two solves with the factorization of A) for V of shape (m,) or (m, k).
+
+        A block is best Fortran-ordered (columns contiguous): CHOLMOD solves in that order, and a C-ordered
+        block is copied into it first (a transposing copy: 101 against 54 ms per column at 1M nodes)."""
         V = self._block(V)
         if V.size == 0:
             return np.zeros_like(V)
-        return self._solve(self._scale(self._solve(V), self.lumped_mass))
+        X = self._solve(V)
+        if X.flags.writeable and not np.may_share_memory(X, V):  # the solve's own array: scaled in place
+            X *= self.lumped_mass if X.ndim == 1 else self.lumped_mass[:, None]
+        else:
+            X = self._scale(X, self.lumped_mass)
+        return self._solve(X)
+
+    def covariance_norms(self, V):
+        """||v||_C = sqrt(v^T C v) of each column of V: a float for V of shape (m,), (k,) for (m, k).
+
+        One solve per column, half of :meth:`covariance`'s two: with X = A^{-1} V, v^T C v = x^T M_L x."""
+        V = self._block(V)
+        if V.size == 0:
+            return np.zeros(V.shape[1:]) if V.ndim == 2 else 0.0
+        X = self._solve(V)
+        if X.ndim == 1:
+            return math.sqrt(float(np.einsum("i,i,i->", X, X, self.lumped_mass)))
+        return np.sqrt(np.einsum("ij,ij,i->j", X, X, self.lumped_mass))
 
     def precision_matrix(self) -> sp.csr_array:
         """R = A M_L^{-1} A as a sparse CSR matrix (a copy of the one formed on the first call)."""

@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -38,6 +40,7 @@ from ._validate import as_count, as_parameter, check_finite, owned, refuse_compl
 from .errors import ShapeError
 from .objectives.base import Scaled, Sum
 from .optimize.inner import InnerProduct, Matrix
+from .solvers.base import blas_controller, one_blas_thread
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,11 @@ EXACT_VARIANCE_LIMIT = 20000
 SAMPLE_BLOCK = 64
 #: a pivot of the prior precision this small against the largest: singular to working precision
 SINGULAR_PIVOT = 1e-13
+#: rows per thread from which the eigensolver's products and QR of tall blocks are split into row blocks on threads
+PARALLEL_MIN_ROWS = 20000
+#: rows of the blocks whose QRs make the QR of a sketch (TSQR; at least twice its columns): a block of them stays
+#: in cache (see _orthonormal_basis)
+QR_BLOCK_ROWS = 2048
 
 
 # -- the prior --------------------------------------------------------------------------------------------
@@ -93,7 +101,8 @@ class GaussianPrior:
     (``BiLaplacianPrior``, ``TikhonovL2``, ``TikhonovH1``, each possibly scaled; the other terms are the data
     misfit).
 
-    ``precision(V)`` = R V and ``covariance(V)`` = R^{-1} V for V of shape (m,) or (m, k); ``sample(n, rng)``
+    ``precision(V)`` = R V and ``covariance(V)`` = R^{-1} V for V of shape (m,) or (m, k), ``covariance_norms(V)``
+    the norms sqrt(v^T R^{-1} v) of its columns; ``sample(n, rng)``
     (m, n) draws of N(m0, R^{-1}); ``variance()`` the pointwise prior variance diag(R^{-1}). One BiLaplacian
     prior (scaled or not) uses its own factorization and sampler; any other combination factorizes R (checked
     symmetric positive definite) and samples only when R is diagonal.
@@ -174,6 +183,19 @@ class GaussianPrior:
             self._fac = fac
         return self._fac.riesz(V)
 
+    def covariance_norms(self, V):
+        """sqrt(v^T R^{-1} v) of each column of V: a float for V of shape (m,), (k,) for (m, k). A BiLaplacian
+        prior spends one solve per column on it (half of :meth:`covariance`)."""
+        V = self._block(V)
+        if self.single is not None:
+            c, t = self.single
+            if hasattr(t, "covariance_norms"):
+                return t.covariance_norms(V) / math.sqrt(c)
+        X = self.covariance(V)
+        if V.ndim == 1:
+            return math.sqrt(max(float(np.einsum("i,i->", V, X)), 0.0))
+        return np.sqrt(np.maximum(np.einsum("ij,ij->j", V, X), 0.0))
+
     def sample(self, n: int = 1, rng=None) -> np.ndarray:
         """(m, n) samples of N(m0, R^{-1}): through the prior term's own sampler (BiLaplacian), 1/sqrt(diag R) for a
         diagonal R, or a dense Cholesky factor of R up to :data:`DENSE_SAMPLING_LIMIT` parameters."""
@@ -238,33 +260,176 @@ class EigenResult:
     actions: int
 
 
-def _r_orthonormalize(Y, R):
-    """Q spanning the columns of Y with Q^T R Q = I.
+# -- dense linear algebra on tall blocks -------------------------------------------------------------------
+# The eigensolver's dense products and factorizations run on one BLAS thread each, split into row blocks on
+# parallel Python threads when the blocks are tall. OpenBLAS's own threads wait for each other by spinning
+# and yielding, and when another process holds one of the cores a call stalls until the scheduler lets the
+# waiting thread run: measured on 2 cores next to another busy process, the Gram matrix of a 66k x 90 block
+# took 21 ms in the median but up to 1.4 s on OpenBLAS's 2 threads (33 ms median, 71 ms at most on one), the
+# SVD and the eigendecomposition of a 90 x 90 matrix up to 0.14 s (1.5 ms on one thread), and a Householder
+# QR of the 66k x 90 block, which synchronizes its threads at every column, 0.3 s idle but up to 2.8 s with
+# both cores busy elsewhere. Python threads wait for each other once per product, asleep.
 
-    First a column-pivoted Householder QR of Y (Euclidean, stable at any scale of the columns: a sketch of a
-    Hessian spans eigenvalues over many decades), which drops the columns Y does not span (its diagonal below
-    k eps of the largest); then twice a Cholesky-QR in the R inner product (by the eigendecomposition of the
-    Gram matrix of the orthonormal basis, whose condition number is R's on that subspace only).
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _blas_threads() -> int:
+    """The threads numpy's and scipy's BLAS would use (the fewest of the pools), at most this process's CPUs;
+    1 without threadpoolctl, which the split into threads needs to put each block on one BLAS thread."""
+    ctl = blas_controller()
+    if ctl is None:
+        return 1
+    counts = [int(lib.num_threads or 1) for lib in ctl.lib_controllers]
+    return max(1, min(min(counts, default=1), _cpus()))
+
+
+def _on_threads(fn, count: int) -> list:
+    """[fn(0), ..., fn(count - 1)], fn(0) on the calling thread and the others on threads of their own."""
+    out, errors = [None] * count, []
+
+    def run(i):
+        try:
+            out[i] = fn(i)
+        except BaseException as exc:  # noqa: BLE001 - raised again on the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"adjopt-rows-{i}") for i in range(1, count)]
+    for t in threads:
+        t.start()
+    run(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def _row_blocks(n: int) -> list:
+    """[(r0, r1), ...]: the row blocks of a tall block, one per thread, of at least PARALLEL_MIN_ROWS rows."""
+    count = max(1, min(_blas_threads(), n // PARALLEL_MIN_ROWS))
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _by_rows(job, n: int, blocks=None) -> list:
+    """[job(r0, r1) for the row blocks of n rows (``blocks``, default :func:`_row_blocks`)], on parallel
+    threads, each on one BLAS thread."""
+    blocks = _row_blocks(n) if blocks is None else blocks
+    with one_blas_thread():
+        return _on_threads(lambda i: job(*blocks[i]), len(blocks))
+
+
+def _matmul(Y, W, order: str = "C") -> np.ndarray:
+    """Y @ W for a tall Y (n, k) and a small W (k, r), C- or Fortran-ordered (``order``)."""
+    n, r = Y.shape[0], W.shape[1]
+    if order == "C":
+        out = np.empty((n, r))
+
+        def job(r0, r1):
+            np.matmul(Y[r0:r1], W, out=out[r0:r1])
+    else:  # the rows of (Y W)^T = W^T Y^T
+        out_t = np.empty((r, n))
+
+        def job(r0, r1):
+            np.matmul(W.T, Y[r0:r1].T, out=out_t[:, r0:r1])
+
+        out = out_t.T
+    _by_rows(job, n)
+    return out
+
+
+def _gram(Y, Z) -> np.ndarray:
+    """Y^T Z for tall Y (n, k) and Z (n, l): the sum of the row blocks' products."""
+    parts = _by_rows(lambda r0, r1: Y[r0:r1].T @ Z[r0:r1], Y.shape[0])
+    return parts[0] if len(parts) == 1 else np.sum(parts, axis=0)
+
+
+def _orthonormal_basis(Y) -> np.ndarray:
+    """An orthonormal basis (C-ordered) of the numerical range of Y (n, k).
+
+    A Householder QR of Y (backward stable at any scale of the columns: a sketch of a Hessian spans
+    eigenvalues over many decades), then the SVD of its k x k triangle T = U S W^T, whose singular values are
+    Y's to round-off: the basis is Q U over the singular values above k eps of the largest (those below are
+    directions Y does not span). The SVD of the triangle reveals the rank (the column-pivoted QR this
+    replaces read it off its diagonal), and a QR without pivoting can be split into row blocks, a TSQR: the
+    QR of each block of :data:`QR_BLOCK_ROWS` rows (the blocks of each thread's rows in turn), then the QR of
+    the stacked triangles, and Q = diag(Q_1, ..., Q_b) Q_s. A Householder QR of a tall block streams the
+    whole block from memory at every column, while a block of 2048 x 90 stays in cache: at 66k x 90 on 2
+    cores the QR took 0.15 s in blocks of 2048 rows, 0.24 s as one block per thread and 0.27-0.30 s in
+    LAPACK's column-pivoted QR on its 2 threads; at 1.05M x 90, 3.0-3.2 s against 10 and 11 s.
     """
-    Q, T, _ = sla.qr(Y, mode="economic", pivoting=True)
-    diag = np.abs(np.diag(T))
-    if diag.size == 0 or not diag[0] > 0:
-        raise ValueError("the sketch of the Hessian is zero: the data do not inform any direction (is the misfit "
-                         "zero, or the Hessian action wrong?)")
-    Y = Q[:, diag > diag[0] * Y.shape[1] * np.finfo(np.float64).eps * 10]
+    n, k = Y.shape
+    eps = np.finfo(np.float64).eps
+    blocks = _row_blocks(n)
+    size = max(QR_BLOCK_ROWS, 2 * k)
+
+    def factor(r0, r1):
+        count = max(1, round((r1 - r0) / size))
+        cuts = [r0 + round(i * (r1 - r0) / count) for i in range(count + 1)]
+        return [(a, b) + tuple(sla.qr(np.array(Y[a:b], order="F", copy=True), mode="economic", overwrite_a=True,
+                                      check_finite=False)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+    per_thread = _by_rows(factor, n, blocks)
+    parts = [part for ps in per_thread for part in ps]  # (first row, end row, Q_i, R_i) in row order
+    with one_blas_thread():
+        if len(parts) == 1:
+            T = parts[0][3]
+        else:
+            Qs, T = sla.qr(np.vstack([R for *_, R in parts]), mode="economic", check_finite=False)
+        U, sv, _ = np.linalg.svd(T)
+        if sv.size == 0 or not sv[0] > 0:
+            raise ValueError("the sketch of the Hessian is zero: the data do not inform any direction (is the "
+                             "misfit zero, or the Hessian action wrong?)")
+        W = U[:, sv > sv[0] * k * eps * 10]
+        if len(parts) == 1:
+            return parts[0][2] @ W
+        B = Qs @ W  # the rows of block i of the basis are Q_i (Qs_i W)
+    offsets = np.cumsum([0] + [R.shape[0] for *_, R in parts])
+    first = np.cumsum([0] + [len(ps) for ps in per_thread])
+    out = np.empty((n, W.shape[1]))
+    thread = {r0: i for i, (r0, _) in enumerate(blocks)}
+
+    def combine(r0, r1):
+        for j in range(first[thread[r0]], first[thread[r0] + 1]):
+            a, b, Q, _ = parts[j]
+            np.matmul(Q, B[offsets[j]:offsets[j + 1]], out=out[a:b])
+
+    _by_rows(combine, n, blocks)
+    return out
+
+
+def _r_orthonormalize(Y, R):
+    """(Q, R Q): Q spanning the columns of Y with Q^T R Q = I.
+
+    First a Euclidean orthonormal basis of Y's numerical range (:func:`_orthonormal_basis`: Householder QR,
+    stable at any scale of the columns, and the SVD of its triangle, which drops the directions Y does not
+    span: its singular values below k eps of the largest); then twice a Cholesky-QR in the R inner product
+    (by the eigendecomposition of the Gram matrix of the basis, whose condition number is R's on that
+    subspace only). R Q is the second Gram matrix's R Y carried along, (R Y) W = R (Y W), not a third
+    product with R.
+    """
+    Y = _orthonormal_basis(Y)
     for _ in range(2):
-        G = Y.T @ R(Y)
+        RY = R(Y)
+        G = _gram(Y, RY)
         G = 0.5 * (G + G.T)
-        s, U = np.linalg.eigh(G)
+        with one_blas_thread():
+            s, U = np.linalg.eigh(G)
         keep = s > max(float(s.max()), 0.0) * 1e-13
         if not np.any(keep):
             raise ValueError("the prior precision R is not positive definite on the sketch: check the prior")
-        Y = (Y @ U[:, keep]) / np.sqrt(s[keep])
-    return Y
+        W = U[:, keep] / np.sqrt(s[keep])
+        Y = _matmul(Y, W)
+    return Y, _matmul(RY, W)
 
 
 def randomized_eigh(H, n: int, rank: int, R=None, Rinv=None, oversampling: int = 10, passes: int = 2, rng=None,
-                    residuals: bool = True) -> EigenResult:
+                    residuals: bool = True, Rinv_norms=None) -> EigenResult:
     """The ``rank`` dominant eigenpairs of H v = lambda R v by a randomized range finder.
 
     Parameters
@@ -280,8 +445,12 @@ def randomized_eigh(H, n: int, rank: int, R=None, Rinv=None, oversampling: int =
         block of actions (the accurate one); 1: the single-pass estimate T = (Omega^T R Q)^+ (Omega^T H Omega)
         (Omega^T R Q)^{+T}, no second block (less accurate for slowly decaying spectra).
     residuals
-        Compute the residuals of the returned pairs (free in the double pass; the single pass spends ``rank``
-        more actions on them).
+        Compute the residuals of the returned pairs (no Hessian action in the double pass; the single pass spends
+        ``rank`` more actions on them).
+    Rinv_norms
+        V (n, k) -> the column norms sqrt(v^T R^{-1} v), for the residuals (default: from ``Rinv``); a
+        BiLaplacian prior's :meth:`GaussianPrior.covariance_norms` spends one solve per column on them where
+        ``Rinv`` spends two.
     """
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
@@ -312,29 +481,39 @@ def randomized_eigh(H, n: int, rank: int, R=None, Rinv=None, oversampling: int =
     Omega = rng.standard_normal((n, k))
     Ybar = apply(Omega)
     actions = k
-    Q = _r_orthonormalize(Rinv(Ybar), R)
+    Q, RQ = _r_orthonormalize(Rinv(Ybar), R)
     if passes == 2:
         HQ = apply(Q)
         actions += Q.shape[1]
-        T = Q.T @ HQ
+        T = _gram(Q, HQ)
     else:
-        X = Omega.T @ R(Q)
-        Xp = np.linalg.pinv(X)
-        T = Xp @ (Omega.T @ Ybar) @ Xp.T
+        X, OY = _gram(Omega, RQ), _gram(Omega, Ybar)
+        with one_blas_thread():
+            Xp = np.linalg.pinv(X)
+            T = Xp @ OY @ Xp.T
     T = 0.5 * (T + T.T)
-    lam, S = np.linalg.eigh(T)
+    with one_blas_thread():
+        lam, S = np.linalg.eigh(T)
     order = np.argsort(lam)[::-1][:rank]
     lam, S = lam[order], S[:, order]
-    V = Q @ S
+    V = _matmul(Q, S)
     res = np.full(lam.size, np.nan)
     if residuals:
+        # R V = (R Q) S: no product with R; the residual block Fortran-ordered, the order a CHOLMOD solve takes
+        # without a transposing copy
+        RV = _matmul(RQ, S, order="F")
         if passes == 2:
-            HV = HQ @ S
+            Rres = _matmul(HQ, S, order="F")
         else:
-            HV = apply(V)
+            Rres = np.array(apply(V), order="F")
             actions += V.shape[1]
-        Rres = HV - R(V) * lam
-        res = np.sqrt(np.maximum(np.einsum("ij,ij->j", Rres, Rinv(Rres)), 0.0)) / np.maximum(np.abs(lam), 1.0)
+        RV *= lam
+        Rres -= RV
+        if Rinv_norms is None:
+            norms = np.sqrt(np.maximum(np.einsum("ij,ij->j", Rres, Rinv(Rres)), 0.0))
+        else:
+            norms = np.asarray(Rinv_norms(Rres), dtype=np.float64)
+        res = norms / np.maximum(np.abs(lam), 1.0)
     if lam.size < rank:
         logger.warning("the sketch spans only %d directions (rank %d asked): the rest of the spectrum is zero",
                        lam.size, rank)
@@ -346,10 +525,17 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _project(W, V):
+    """W^T V for V of shape (m,) or (m, k) (the tall product on row blocks, one BLAS thread each)."""
+    return _gram(W, V) if V.ndim == 2 else _gram(W, V[:, None])[:, 0]
+
+
 def _low_rank(W, d, V, project=True):
     """W diag(d) W^T V (``project``) or W diag(d) V (V already W^T V), for V of shape (m,) or (m, k)."""
-    C = W.T @ V if project else V
-    return W @ (d[:, None] * C if C.ndim == 2 else d * C)
+    C = _project(W, V) if project else V
+    if C.ndim == 1:
+        return _matmul(W, (d * C)[:, None])[:, 0]
+    return _matmul(W, d[:, None] * C)
 
 
 # -- the Laplace approximation ------------------------------------------------------------------------------
@@ -358,7 +544,12 @@ def misfit_hessian(J, p, prior: GaussianPrior, gauss_newton: bool = False, tol=N
     p = owned(as_parameter(p, J.n_params))
 
     def H(V):
-        return J.hessp(p, V, tol=tol, gauss_newton=gauss_newton) - prior.precision(V)
+        out = J.hessp(p, V, tol=tol, gauss_newton=gauss_newton)
+        if isinstance(out, np.ndarray) and out.dtype == np.float64 and out.flags.writeable \
+                and not np.may_share_memory(out, V):
+            out -= prior.precision(V)  # in place: the Hessian action's own array keeps its (Fortran) order
+            return out
+        return out - prior.precision(V)
 
     return H
 
@@ -397,7 +588,7 @@ class LaplacePosterior:
         self.prior = GaussianPrior.of(prior if prior is not None else J, n)
         H = misfit_hessian(J, self.m, self.prior, gauss_newton=gauss_newton, tol=tol)
         eig = randomized_eigh(H, n, rank, R=self.prior.precision, Rinv=self.prior.covariance,
-                              oversampling=oversampling, passes=passes, rng=rng)
+                              oversampling=oversampling, passes=passes, rng=rng, Rinv_norms=self.prior.covariance_norms)
         self.eig = eig
         lam = eig.values
         if np.any(lam <= -1.0):
@@ -415,7 +606,8 @@ class LaplacePosterior:
         # metric, i.e. how many posterior standard deviations m is from the MAP point (0 there); with the
         # pairs kept only (a lower rank overestimates it)
         g = J.gradient(self.m)
-        gCg = float(g @ self.covariance(g))
+        Vg = _project(self.vectors, g)  # g^T (R^-1 - V D V^T) g, with g^T R^-1 g in one solve
+        gCg = self.prior.covariance_norms(g) ** 2 - float(np.einsum("i,i,i->", self.d, Vg, Vg))
         self.decrement = math.sqrt(max(gCg, 0.0))
         if gCg < 0:
             msg = (f"g^T (H + R)^-1 g = {gCg:.3g} < 0 at m: the Hessian is not positive definite there (m is not a "
@@ -464,7 +656,7 @@ class LaplacePosterior:
         S = self.prior.sample(n, rng) - self.prior.mean[:, None]
         P = 1.0 - 1.0 / np.sqrt(1.0 + self.values)
         W = self.vectors
-        return self.m[:, None] + S - W @ (P[:, None] * (W.T @ self.prior.precision(S)))
+        return self.m[:, None] + S - _matmul(W, P[:, None] * _project(W, self.prior.precision(S)))
 
     def kl_divergence(self) -> float:
         """KL(posterior || prior) of the Laplace approximation (the information gain, in nats)."""
@@ -511,7 +703,7 @@ class LowRankPreconditioner(InnerProduct):
         Rv = self.prior.precision(v)
         if self._RW is None:
             self._RW = self.prior.precision(self.vectors)
-        return Rv + _low_rank(self._RW, self.values, self.vectors.T @ Rv, project=False)
+        return Rv + _low_rank(self._RW, self.values, _project(self.vectors, Rv), project=False)
 
     def riesz(self, g):
         return self.prior.covariance(g) - _low_rank(self.vectors, self.d, g)

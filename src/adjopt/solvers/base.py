@@ -12,6 +12,7 @@ Krylov iteration is counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -30,6 +31,42 @@ logger = logging.getLogger(__name__)
 SOLVE_KINDS = ("forward", "adjoint", "tangent", "second_adjoint", "other")
 #: seed of the random right-hand side that probes a direct factorization for singularity
 _PROBE_SEED = 20261203
+
+_BLAS = []  # [threadpoolctl's controller of the BLAS pools loaded when it was made], [None] without threadpoolctl
+
+
+def blas_controller(rescan: bool = False):
+    """threadpoolctl's controller of the BLAS pools (OpenBLAS, MKL, BLIS) loaded when it was first asked for,
+    or again with ``rescan`` (a backend that loads a BLAS of its own asks once it has); None without
+    threadpoolctl (an optional package)."""
+    if rescan:
+        _BLAS.clear()
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS.append(None)
+        else:
+            _BLAS.append(ThreadpoolController().select(user_api="blas"))
+    return _BLAS[0]
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """The BLAS pools on one thread inside (nothing changes without threadpoolctl).
+
+    A multi-threaded BLAS makes its threads wait for each other by spinning at every call, and a thread whose
+    core another process holds stalls the others until the scheduler runs it: calls that take milliseconds
+    take 5-10 times longer, and sometimes a second, when another process is busy. adjopt runs the BLAS calls
+    that gain little from threads on one (CHOLMOD's solves; :mod:`adjopt.uq`'s dense products, split into
+    row blocks on Python threads instead, which wait asleep).
+    """
+    ctl = blas_controller()
+    if ctl is None:
+        yield
+        return
+    with ctl.limit(limits=1):
+        yield
 
 
 @dataclass
