@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 def _power_of_two_scales(D: np.ndarray) -> np.ndarray:
     """(k,): 2^round(log2 max|D[:, i]|) for each column (1 for a zero column): dividing by it is exact, and the
     largest entry (not the norm, whose square may overflow) is what decides the scale."""
-    big = np.abs(D).max(axis=0)
+    big = np.maximum(D.max(axis=0), -D.min(axis=0))  # max |D[:, i]| without a temporary |D|
     out = np.ones(D.shape[1])
     nz = big > 0
     out[nz] = np.exp2(np.round(np.log2(big[nz])))

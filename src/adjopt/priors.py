@@ -288,6 +288,11 @@ class BiLaplacianPrior(ParameterObjective):
         self._vector(p)
         return self.precision(self._block(dp, "dp"))
 
+    def hess_pp_block(self, u, p, dP) -> np.ndarray:
+        """R dP for the (m, k) block dP in one pass (the sparse products on the whole block)."""
+        self._vector(p)
+        return self.precision(self._block(dP, "dP"))
+
     # -- Gaussian ------------------------------------------------------------------------------------------------
     def precision(self, V) -> np.ndarray:
         """R V = A M_L^{-1} A V for V of shape (m,) or (m, k)."""

@@ -25,11 +25,13 @@ def _terms():
         "TV (column loop)": TotalVariation(p1_gradient_operator(m), m.cell_volumes(), eps=1e-2),
         "misfit + H1": misfit + TikhonovH1(K),
         "misfit alone (zero)": misfit,
+        "bi-Laplacian prior (one block product)": 2.0 * adjopt.BiLaplacianPrior.from_correlation(m, 1.0, 1.0),
     }
 
 
 @pytest.mark.parametrize("name", ["H1 + L2 (matrices)", "L2 weights", "L2 identity, p_ref", "TV (column loop)",
-                                  "misfit + H1", "misfit alone (zero)"])
+                                  "misfit + H1", "misfit alone (zero)",
+                                  "bi-Laplacian prior (one block product)"])
 def test_a_block_equals_its_columns(name):
     N, terms = _terms()
     f = terms[name]
