@@ -466,7 +466,7 @@ class ReducedFunctional:
         dP, single = as_directions(dp, self.n_params)
         st = self._state(p)
         lam = None if gauss_newton else self._adjoint(p, st)
-        # H is linear in dp: each direction is scaled by a power of two near its norm (exact in floating point)
+        # H is linear in dp: each direction is scaled by a power of two near its largest entry (exact in floating point)
         # so that the solves see right-hand sides of order one, not 1e-160 (under an iterative solver's absolute
         # floor) or 1e+160 (overflow in its inner products)
         scale = _power_of_two_scales(dP)
@@ -569,7 +569,9 @@ class ReducedFunctional:
         else:
             RA = np.empty_like(DU)
             for i in range(k):
-                RA[:, i] = f.hess_uu(u, p, np.ascontiguousarray(DU[:, i])) + f.hess_up(u, p, dP[:, i])
+                RA[:, i] = f.hess_uu(u, p, np.ascontiguousarray(DU[:, i]))
+                if not f.zero_derivative("hess_up"):
+                    RA[:, i] += f.hess_up(u, p, dP[:, i])
             if lam is not None:
                 if TL is None:
                     TL = np.column_stack([M.tangent_transpose(rho, np.ascontiguousarray(dR[:, i]), lam)
@@ -594,16 +596,17 @@ class ReducedFunctional:
                 H_rho[:, i] += b.vjp(rho, dl)
                 if lam is not None:
                     H_rho[:, i] += b.second(rho, lam, np.ascontiguousarray(dR[:, i]))
-        H = H_rho if pmap is None else pmap.vjp_block(p, H_rho)
-        H = np.array(H, dtype=np.float64, order="F", copy=True) if H is H_rho else np.asfortranarray(H)
+        # our own array either way (H_rho or the map's new product), Fortran-ordered for the column updates below
+        H = np.asfortranarray(H_rho if pmap is None else pmap.vjp_block(p, H_rho), dtype=np.float64)
         if not f.zero_derivative("hess_pp"):
             H += f.hess_pp_block(u, p, dP)
+        q = self._pde_gradient(p, st) if lam is not None and pmap is not None and not pmap.affine else None
         for i in range(k):
             h = H[:, i]
             if not f.zero_derivative("hess_pu"):
                 h += f.hess_pu(u, p, np.ascontiguousarray(DU[:, i]))
-            if lam is not None and pmap is not None and not pmap.affine:
-                h += pmap.second(p, self._pde_gradient(p, st), dP[:, i])
+            if q is not None:
+                h += pmap.second(p, q, dP[:, i])
         check_finite(H, "the Hessian action")
         self.times["solve"] += t_solves
         self.times["sensitivity"] += clock() - t_start - t_solves

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._threads import threads_for
-from .._validate import as_count, check_finite, refuse_complex
+from .._validate import as_count, check_finite, check_flag, refuse_complex
 from ..errors import MissingDerivativeError, PatternError
 from . import _kernels
 from .base import ParametricMatrix
@@ -168,9 +168,8 @@ class CallbackMatrix(ParametricMatrix):
         symmetric: bool = False,
     ):
         self.n_params = as_count(n_params, "n_params")
-        for name, flag in (("symmetric", symmetric), ("affine", affine)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        check_flag(symmetric, "symmetric")
+        check_flag(affine, "affine")
         for name, cb in (("values", values), ("jacobian", jacobian), ("second", second)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from .._validate import as_count, as_state_like, check_finite, refuse_complex
+from .._validate import as_count, as_state_like, check_finite, check_flag, refuse_complex
 from ..errors import MissingDerivativeError, NonFiniteError, PatternError
 from .callback import CallbackMatrix, _LastJacobian
 from .vectors import CallbackVector
@@ -72,8 +72,7 @@ def _no_empty_rows(rows: np.ndarray, n: int, what: str) -> None:
 
 
 def _check_callbacks(local, local_jacobian, local_second, affine) -> None:
-    if not isinstance(affine, (bool, np.bool_)):
-        raise TypeError(f"affine must be True or False, got {affine!r}")
+    check_flag(affine, "affine")
     for name, cb in (("local", local), ("local_jacobian", local_jacobian), ("local_second", local_second)):
         if cb is not None and not callable(cb):
             raise TypeError(f"{name} must be a callable, got {type(cb).__name__}")
@@ -232,9 +231,8 @@ def element_matrix_from_triplets(rows, cols, n: int, n_params: int, values: Call
     if r.min() < 0 or c.min() < 0 or r.max() >= n or c.max() >= n:
         raise PatternError(f"the triplets hold indices outside [0, {n})")
     _no_empty_rows(r, n, "the triplets")
-    for name, flag in (("affine", affine), ("symmetric", symmetric)):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    check_flag(affine, "affine")
+    check_flag(symmetric, "symmetric")
     if affine and second_jacobian is not None:
         raise ValueError("give second_jacobian or affine=True, not both: affine=True says the second-order term is zero")
     m = as_count(n_params, "n_params")
