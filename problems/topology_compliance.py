@@ -30,7 +30,34 @@ Cases
     1/(2 nelz) at the two ends): the edge load of the top3d cantilever,
     normalised to unit total force.
 
-Run ``python problems/topology_compliance.py [mbb|cantilever3d]`` to print
+``"cantilever_two_loads"``
+    Two load cases on a 2D cantilever (the multiple-load example of the
+    88-line paper, section 5.2): nelx x nely unit Q1 elements (default
+    60 x 30), the left edge clamped; load case 1 a unit upward force at the
+    bottom-right corner, load case 2 a unit downward force at the top-right
+    corner. J is the sum of the two compliances, from one factorization (or
+    one multigrid hierarchy) and one two-column solve per design.
+``"cantilever_hole"``
+    Passive elements (the 88-line paper, section 5.3): a 2D cantilever,
+    nelx x nely (default 45 x 30), the left edge clamped, a unit downward
+    force at the middle of the right edge, and a circular hole of void
+    elements (centre (nelx / 3, nely / 2), radius nely / 3 in element units,
+    element centres strictly inside) that the optimizer never sees.
+
+Options for every case
+----------------------
+``projection=True`` puts a smoothed Heaviside projection (threshold
+``eta``) after the filter, with beta continuation: ``beta`` (1) doubled every
+``beta_every`` (50) iterations, or earlier when the run converges at the
+current beta, up to ``beta_max`` (32); the run ends only at ``beta_max``.
+``passive_void`` and ``passive_solid`` (element indices) fix elements at
+densities 0 and 1: they are not design variables (p holds the others, in
+increasing element order), and their physical density stays exactly 0 or 1
+after the filter and the projection. Every history entry records the grey
+level (the fraction of physical densities strictly between 0.05 and 0.95)
+and, with projection, beta.
+
+Run ``python problems/topology_compliance.py [case]`` to print
 J(p0), |grad J(p0)|, the volume fraction and Taylor tables of orders 2 and 3.
 """
 
@@ -42,13 +69,15 @@ import numpy as np
 
 import adjopt
 from adjopt import fem
-from adjopt.maps import DensityFilter
+from adjopt.maps import DensityFilter, FixedEntries, HeavisideProjection, compose
+from adjopt.optimize import BetaContinuation, grey_level
 from adjopt.mesh import box, rectangle
 from adjopt.verify import derivative_report
 
-CASES = ("mbb", "cantilever3d")
+CASES = ("mbb", "cantilever3d", "cantilever_two_loads", "cantilever_hole")
 #: default sizes when nelx / nely / nelz are None
-DEFAULT_SIZES = {"mbb": (60, 20, None), "cantilever3d": (16, 8, 8)}
+DEFAULT_SIZES = {"mbb": (60, 20, None), "cantilever3d": (16, 8, 8), "cantilever_two_loads": (60, 30, None),
+                 "cantilever_hole": (45, 30, None)}
 NU = 0.3
 
 
@@ -108,6 +137,42 @@ def _mbb(nelx: int, nely: int):
     return mesh, fixed, load, unit
 
 
+def _cantilever2d(nelx: int, nely: int, case: str):
+    """Left edge clamped; the loads of ``case`` (columns of a full-length array) and its passive voids."""
+    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+    n_dofs = 2 * mesh.n_nodes
+    fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
+    void = None
+    if case == "cantilever_two_loads":
+        bottom, top = _node_at(mesh, (nelx, 0.0)), _node_at(mesh, (nelx, nely))
+        load = np.column_stack([fem.point_load(n_dofs, [2 * bottom + 1], 1.0),
+                                fem.point_load(n_dofs, [2 * top + 1], -1.0)])
+    else:  # cantilever_hole: the load at the middle of the right edge (the node below it for an odd nely)
+        mid = _node_at(mesh, (nelx, float(nely // 2)))
+        load = fem.point_load(n_dofs, [2 * mid + 1], -1.0)
+        c = mesh.cell_centers()
+        void = np.flatnonzero(np.hypot(c[:, 0] - nelx / 3.0, c[:, 1] - nely / 2.0) < nely / 3.0)
+    unit = rectangle(1, 1, 1.0, 1.0, cell="quad")
+    return mesh, fixed, load, unit, void
+
+
+def _elements(value, n: int, name: str) -> np.ndarray:
+    """Element indices (unique, sorted) from an integer array or a boolean mask of length n."""
+    if value is None:
+        return np.zeros(0, dtype=np.int64)
+    a = np.asarray(value)
+    if a.dtype == bool:
+        if a.shape != (n,):
+            raise ValueError(f"{name} as a mask must have one entry per element ({n}), got shape {a.shape}")
+        return np.flatnonzero(a)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{name} must be element indices (1-D integers) or a boolean mask, got dtype {a.dtype} "
+                         f"shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise ValueError(f"{name} must be element indices in [0, {n}), got entries from {a.min()} to {a.max()}")
+    return np.unique(a.astype(np.int64))
+
+
 def _cantilever3d(nelx: int, nely: int, nelz: int):
     mesh = box(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron")
     n_dofs = 3 * mesh.n_nodes
@@ -122,7 +187,9 @@ def _cantilever3d(nelx: int, nely: int, nelz: int):
 
 def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, nelz: int | None = None,
           volfrac: float = 0.5, penal: float = 3.0, rmin: float = 1.5, emin: float = 1e-9,
-          filter: bool = True, solver=None) -> adjopt.Problem:
+          filter: bool = True, solver=None, projection: bool = False, beta: float = 1.0, eta: float = 0.5,
+          beta_max: float = 32.0, beta_every: int = 50, passive_void=None,
+          passive_solid=None) -> adjopt.Problem:
     """The minimum-compliance problem as an :class:`adjopt.Problem`.
 
     Parameters
@@ -152,22 +219,40 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         ``"gmg"``: geometric multigrid CG (:class:`~adjopt.solvers.GMGSolver`)
         on this grid, for large meshes (element counts divisible by a power of 2).
 
+    projection
+        Put a smoothed Heaviside projection after the filter, with beta
+        continuation (the problem's ``continuation``).
+    beta, eta
+        The projection's starting sharpness (> 0) and threshold in [0, 1].
+    beta_max, beta_every
+        The continuation: beta doubled every ``beta_every`` iterations or when
+        the run converges at the current beta, up to ``beta_max`` (>= beta).
+    passive_void, passive_solid
+        Elements fixed at density 0 and 1 (indices or a boolean mask over the
+        elements), added to the case's own (the hole of
+        ``"cantilever_hole"``). They are not parameters: p holds the other
+        elements in increasing order.
+
     Returns
     -------
     adjopt.Problem
         ``functional`` (compliance), ``p0 = volfrac``, bounds (0, 1), the
-        constraint ``[(ParameterFunctional(Volume), volfrac)]``, and ``meta``
-        with mesh, nelx, nely, nelz, case, filter (the map or None), dofmap, load
-        (full length).
+        constraint ``[(ParameterFunctional(Volume), volfrac)]``, the grey-level
+        ``monitor``, the ``continuation`` (with projection), and ``meta`` with
+        mesh, nelx, nely, nelz, case, filter (the whole map p -> physical
+        density, or None), density_filter (the DensityFilter or None),
+        projection (or None), design_map (p -> physical density), design
+        (the indices of the elements p holds), dofmap, load (full length, a
+        column per load case).
     """
     if not isinstance(case, str) or case not in CASES:
         raise ValueError(f"unknown case {case!r}; known cases: {', '.join(map(repr, CASES))}")
     dx, dy, dz = DEFAULT_SIZES[case]
     nelx = _count(dx if nelx is None else nelx, "nelx")
     nely = _count(dy if nely is None else nely, "nely")
-    if case == "mbb":
+    if dz is None:
         if nelz is not None:
-            raise ValueError(f"nelz is for the 3D case only; case 'mbb' is 2D, got nelz={nelz!r}")
+            raise ValueError(f"nelz is for the 3D case only; case {case!r} is 2D, got nelz={nelz!r}")
     else:
         nelz = _count(dz if nelz is None else nelz, "nelz")
     try:
@@ -185,11 +270,36 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         raise ValueError(f"emin must satisfy 0 <= emin < 1 (= E0), got {emin!r}")
     if not isinstance(filter, (bool, np.bool_)):
         raise ValueError(f"filter must be True or False, got {filter!r}")
+    if not isinstance(projection, (bool, np.bool_)):
+        raise ValueError(f"projection must be True or False, got {projection!r}")
+    beta = _positive(beta, "beta (projection sharpness)")
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}") from None
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta (projection threshold) must be in [0, 1], got {eta!r}")
+    beta_max = _positive(beta_max, "beta_max")
+    if projection and beta_max < beta:
+        raise ValueError(f"beta_max ({beta_max:g}) must be >= beta ({beta:g})")
+    beta_every = _count(beta_every, "beta_every")
 
+    void = None
     if case == "mbb":
         mesh, fixed, load, unit = _mbb(nelx, nely)
-    else:
+    elif case == "cantilever3d":
         mesh, fixed, load, unit = _cantilever3d(nelx, nely, nelz)
+    else:
+        mesh, fixed, load, unit, void = _cantilever2d(nelx, nely, case)
+    n = mesh.n_cells
+    void = np.union1d(_elements(void, n, "the case's voids"), _elements(passive_void, n, "passive_void"))
+    solid = _elements(passive_solid, n, "passive_solid")
+    both = np.intersect1d(void, solid)
+    if both.size:
+        raise ValueError(f"element {int(both[0])} is both passive void and passive solid ({both.size} such); give "
+                         "each passive element once")
+    if void.size + solid.size >= n:
+        raise ValueError("every element is passive: nothing is left to design")
     dim = mesh.dim
     # every element is a translate of the unit cell: one shared local matrix
     KE = fem.q1_elasticity(unit, E=1.0, nu=NU)[0]
@@ -205,18 +315,42 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         shape = (nelx, nely) if nelz is None else (nelx, nely, nelz)
         solver = structured_solver(shape, dim, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
-    pmap = DensityFilter(mesh.cell_centers(), rmin) if filter else None
+    # p -> [passive values in] -> filter -> projection -> [passive values again]: the chain of maps
+    index = np.concatenate([void, solid])
+    values = np.concatenate([np.zeros(void.size), np.ones(solid.size)])
+    fmap = DensityFilter(mesh.cell_centers(), rmin) if filter else None
+    proj = HeavisideProjection(n, beta=beta, eta=eta) if projection else None
+    chain = [m for m in (fmap, proj) if m is not None]
+    if index.size:
+        chain = [FixedEntries(n, index, values)] + chain + ([FixedEntries(n, index, values, reduced=False)]
+                                                             if chain else [])
+    pmap = compose(*chain) if chain else None
     J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap, solver=solver)
-    n = mesh.n_cells
     volumes = mesh.cell_volumes()  # Volume and the Problem keep their own copies
-    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), n)
+    design = np.setdiff1d(np.arange(n), index)
+    m = design.size
+    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), m)
+
+    def physical(p):
+        return p if pmap is None else pmap.forward(p)
+
+    def monitor(p):
+        return {"grey": grey_level(physical(p))}
+
+    cont = None
+    if projection and beta_max > beta:
+        cont = BetaContinuation(proj, beta_max=beta_max, every=beta_every)
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
+            "density_filter": fmap, "projection": proj, "design_map": physical, "design": design,
+            "parameter_cells": design if index.size else None, "passive_void": void,
+            "passive_solid": solid,
             "dofmap": dofmap, "dofs": dofmap, "load": load, "volfrac": volfrac, "penal": penal, "rmin": rmin,
             "emin": emin, "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal,
-                                          rmin=rmin, emin=emin, filter=filter)}
-    return adjopt.Problem(J, np.full(n, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=name, meta=meta, mass=volumes)
+                                          rmin=rmin, emin=emin, filter=filter, projection=projection, beta=beta,
+                                          eta=eta, beta_max=beta_max, beta_every=beta_every)}
+    return adjopt.Problem(J, np.full(m, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
+                          name=name, meta=meta, mass=volumes[design], continuation=cont, monitor=monitor)
 
 
 def main(argv=None) -> None:

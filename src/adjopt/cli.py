@@ -209,10 +209,14 @@ class Progress:
     #: the first iterations always printed; later ones every ``every``-th (long runs)
     FIRST_LINES = 10
 
-    def __init__(self, maxiter: int, quiet: bool = False, log_json=None, title: str = "", method: str = ""):
+    def __init__(self, maxiter: int, quiet: bool = False, log_json=None, title: str = "", method: str = "",
+                 extras=()):
         self.quiet = quiet
+        #: what the problem's monitor and continuation record (grey level, beta): a column each
+        self.extras = list(extras)
         self.measure = self.MEASURES.get(method, "|g|")
         self.show_step = method != "oc"  # OC's step is its change: one column
+        self.show_cg = method not in ("oc", "mma")  # no Krylov inner iterations there
         self.every = max(1, maxiter // 200)
         self.log_json = log_json
         self.t0 = time.perf_counter()
@@ -230,8 +234,10 @@ class Progress:
                            TimeElapsedColumn(), console=self.console, transient=True)
             self.task = self.bar.add_task(title, total=maxiter)
             step = f" {'step':>9}" if self.show_step else ""
-            self.console.print(f"{'it':>5} {'J':>16} {self.measure:>10}{step} {'CG':>5} {'solves':>7} "
-                               f"{'total s':>8}")
+            extra = "".join(f" {k:>6}" for k in self.extras)
+            cg = f" {'CG':>5}" if self.show_cg else ""
+            self.console.print(f"{'it':>5} {'J':>16} {self.measure:>10}{step}{cg} {'solves':>7} "
+                               f"{'total s':>8}{extra}")
             if self.every > 1:
                 self.console.print(f"(iterations 0-{self.FIRST_LINES}, then one line per {self.every} iterations)")
 
@@ -272,18 +278,22 @@ class Progress:
 
     def __call__(self, info: dict, solves: int | None = None):
         line = dict(nit=info["nit"], f=info["f"], stationarity=info["stationarity"], step=info.get("step", math.nan),
-                    cg=info.get("cg_iterations"), solves=solves, time=time.perf_counter() - self.t0)
+                    cg=info.get("cg_iterations"), solves=solves, time=time.perf_counter() - self.t0,
+                    **{k: info.get(k) for k in self.extras})
         self.last = line
         if self.log_json is not None:
             self.log_json.write(json.dumps(line) + "\n")
             self.log_json.flush()
         if self.bar is not None:
             cg = "" if line["cg"] is None else str(line["cg"])
+            cg = f" {cg:>5}" if self.show_cg else ""
             solves = "" if line["solves"] is None else str(line["solves"])
             step = f" {line['step']:>9.3g}" if self.show_step else ""
             if line["nit"] <= self.FIRST_LINES or line["nit"] % self.every == 0:
-                self.bar.console.print(f"{line['nit']:>5} {line['f']:>16.10g} {line['stationarity']:>10.3g}{step} "
-                                       f"{cg:>5} {solves:>7} {line['time']:>8.2f}")
+                extra = "".join(f" {line[k]:>6.3g}" if isinstance(line[k], (int, float)) else f" {'':>6}"
+                                for k in self.extras)
+                self.bar.console.print(f"{line['nit']:>5} {line['f']:>16.10g} {line['stationarity']:>10.3g}{step}"
+                                       f"{cg} {solves:>7} {line['time']:>8.2f}{extra}")
             self.bar.update(self.task, completed=min(line["nit"], self.maxiter))
 
 
@@ -507,8 +517,12 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
             raise UsageError(f"cannot open the --log-json file {args.log_json} ({exc.strerror}); create its folder or "
                              "choose another file") from exc
     try:
+        from .optimize.base import monitored
+
+        extras = list(monitored(problem, problem.p0)) if rank0 else []
         with Progress(stop["maxiter"], quiet=args.quiet or not rank0, log_json=log_json,
-                      title=f"{problem.name} / {method}", method=method) as prog, prog.marches(problem.functional):
+                      title=f"{problem.name} / {method}", method=method, extras=extras) as prog, \
+                prog.marches(problem.functional):
             stats = getattr(problem.functional, "stats", None)
 
             def callback(info):

@@ -242,6 +242,16 @@ class ReducedFunctional:
             st.lam, st.lam_tol, st.q = None, np.inf, None
         self._set_self_adjoint()
 
+    def forget(self) -> None:
+        """Drop every cached state, adjoint and factorization of a p-dependent matrix.
+
+        For a change the cache cannot see: a parameter map changed in place
+        (the beta of a :class:`~adjopt.maps.HeavisideProjection` in a
+        continuation), so that the same p now gives another rho.
+        """
+        self.cache.clear()
+        self._live.clear()
+
     @property
     def solver(self):
         """The :class:`~adjopt.solvers.LinearSolver`. Setting another one (or a name) empties the state cache."""

@@ -37,6 +37,12 @@ class Problem:
         Optional (m, m) stiffness matrix K; with ``mass`` it gives the H1 inner product.
     meta
         Anything else the problem wants to keep (mesh, exact solution, options).
+    continuation
+        Optional :class:`~adjopt.optimize.BetaContinuation`: the drivers raise
+        the beta of its projections during the run (and record it).
+    monitor
+        Optional callable ``monitor(p) -> dict`` of numbers recorded in every
+        history entry (a topology problem's grey level: ``{"grey": ...}``).
     """
 
     functional: object
@@ -47,6 +53,8 @@ class Problem:
     meta: dict = field(default_factory=dict)
     mass: object = None
     stiffness: object = None
+    continuation: object = None
+    monitor: object = None
 
     def __post_init__(self):
         self.p0 = as_parameter(self.p0, self.functional.n_params, "p0").copy()
@@ -70,6 +78,12 @@ class Problem:
         # copies: the optimizers keep them for the whole run, the caller may reuse its arrays
         self.mass = None if self.mass is None else owned_operator(self.mass, "mass")
         self.stiffness = None if self.stiffness is None else owned_operator(self.stiffness, "stiffness")
+        if self.continuation is not None and not all(callable(getattr(self.continuation, a, None))
+                                                     for a in ("step", "state", "restore", "reset")):
+            raise TypeError("continuation must be an adjopt.optimize.BetaContinuation (step, state, restore, reset), "
+                            f"got {type(self.continuation).__name__}")
+        if self.monitor is not None and not callable(self.monitor):
+            raise TypeError(f"monitor must be a callable p -> dict of numbers, got {type(self.monitor).__name__}")
         for i, con in enumerate(self.constraints):
             if not (isinstance(con, tuple) and len(con) == 2 and hasattr(con[0], "value") and hasattr(con[0], "gradient")):
                 raise TypeError(f"constraint {i} must be a (functional, upper) pair with value and gradient")

@@ -32,6 +32,7 @@ removes (the ``adjopt`` command does so when it locks the folder).
 Meta keys read (all optional): ``mesh``, ``dofs`` / ``dofmap`` (a Dirichlet
 :class:`~adjopt.fem.dirichlet.DofMap` to expand states from the free dofs),
 ``filter`` (a parameter map whose ``forward`` gives the physical density),
+``parameter_cells`` (the cells of the parameters when there are fewer than cells; NaN on the others),
 ``options``, ``m_true`` / ``z_exact`` (reference parameter),
 ``observation_points`` (drawn on the state picture), ``labels`` (``{field: text}``
 overriding the description of "parameter", "density", "state", "displacement")
@@ -81,7 +82,7 @@ _GALLERY_LABELS = {
     "optimal_control": {"parameter": "control z", "state": "state u"},
     "advection_diffusion_source": {"parameter": "source m", "state": "concentration u"},
     "topology_compliance": {"parameter": "design variables p (unfiltered)",
-                            "density": "density rho = H p (filtered; 1 solid, 0 void)",
+                            "density": "physical density rho (filtered, projected; 1 solid, 0 void)",
                             "state": "displacement", "displacement": "displacement"},
 }
 #: meta keys holding a reference value of the parameter, and how to call it
@@ -188,6 +189,13 @@ def _fields(problem, x, u, lam, reasons):
     meta = problem.meta or {}
     x = np.asarray(x, dtype=np.float64).ravel()
     N, E = mesh.n_nodes, mesh.n_cells
+    p = x  # what the parameter maps take
+    on_cells = meta.get("parameter_cells")
+    if on_cells is not None and np.shape(on_cells) == x.shape and x.size < E:
+        # parameters on some cells only (passive elements are not parameters): NaN on the others
+        full = np.full(E, np.nan)
+        full[np.asarray(on_cells)] = x
+        x = full
     if x.size == N:
         point["parameter"] = x.copy()
         target = point
@@ -213,7 +221,7 @@ def _fields(problem, x, u, lam, reasons):
     filt = meta.get("filter")
     if filt is not None:
         try:
-            rho = np.asarray(filt.forward(x), dtype=np.float64).ravel()
+            rho = np.asarray(filt.forward(p), dtype=np.float64).ravel()
         except Exception as exc:
             skipped.append(f"density: meta['filter'].forward failed ({type(exc).__name__}: {exc})")
         else:

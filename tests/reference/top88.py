@@ -262,3 +262,131 @@ if __name__ == "__main__":  # pragma: no cover
             f"ft={_ft}: c={_res['c']!r} nit={_res['nit']} "
             f"vol={_res['x'].mean():.6f} time={_dt:.2f}s"
         )
+
+
+def top88_extended(
+    case: str = "cantilever_two_loads",
+    nelx: int = 30,
+    nely: int = 15,
+    volfrac: float = 0.4,
+    penal: float = 3.0,
+    rmin: float = 1.5,
+    projection: bool = False,
+    beta: float = 1.0,
+    eta: float = 0.5,
+    beta_max: float = 32.0,
+    beta_every: int = 50,
+    maxiter: int = 2000,
+    tolx: float = 0.01,
+) -> dict:
+    """The 88-line loop (density filter) with the extensions of the paper's section 5 and a projection.
+
+    Cases (the paper's conventions: column-major elements from the top, y-dofs positive upwards):
+
+    * ``"cantilever_two_loads"`` (section 5.2, multiple load cases): left edge clamped
+      (``fixeddofs = 1:2*(nely+1)``), ``F(:,1)`` = +1 on the y-dof of the bottom-right node,
+      ``F(:,2)`` = -1 on the y-dof of the top-right node; ``c`` and ``dc`` summed over the two
+      solutions.
+    * ``"cantilever_hole"`` (section 5.3, passive elements): left edge clamped, -1 on the y-dof of
+      the right-edge node ``nely // 2`` elements above the bottom, passive void elements whose
+      centre lies strictly within ``nely/3`` of ``(nelx/3, nely/2)``. (The paper measures from the
+      1-based element indices, half an element off the centres.) ``x = 0`` there, ``xPhys = 0``
+      after the filter (and the projection), ``xnew = 0`` there in the update.
+
+    ``projection=True`` adds the smoothed Heaviside projection of Wang, Lazarov and Sigmund (2011),
+    ``xPhys = (tanh(beta eta) + tanh(beta (xTilde - eta))) / (tanh(beta eta) + tanh(beta (1 - eta)))``,
+    with the continuation of the paper's Heaviside variant: after an update, if ``beta < beta_max``
+    and (``loopbeta >= beta_every`` or ``change <= tolx``), then ``beta = min(2 beta, beta_max)``,
+    ``loopbeta = 0``, ``change = 1``. Two deliberate departures from the listing, so that the loop
+    states the problem as a reduced functional of x does: ``xPhys`` is the filtered (and projected)
+    ``x`` from the start and again right after ``beta`` changes (the listing keeps the previous
+    ``xPhys``), and the OC update divides ``dv`` by its mean (a rescaled multiplier; the bisection
+    then visits the same multipliers whatever the scale of ``dv``).
+
+    Returns ``x`` (final xPhys, shape (nely, nelx)), ``history`` (compliance of every FE analysis),
+    ``betas`` (the beta of every FE analysis), ``nit``.
+    """
+    if case not in ("cantilever_two_loads", "cantilever_hole"):
+        raise ValueError(f"unknown case {case!r}")
+    nel = nelx * nely
+    ndof = 2 * (nelx + 1) * (nely + 1)
+    KE = element_stiffness(0.3)
+    KE_col = KE.ravel(order="F")
+    edofMat = _edof_mat(nelx, nely)
+    iK = np.tile(edofMat, (1, 8)).ravel()
+    jK = np.repeat(edofMat, 8, axis=1).ravel()
+
+    def ydof(i, j):  # column i (x), row j from the top
+        return 2 * (i * (nely + 1) + j) + 1
+
+    passive = np.zeros(nel, dtype=bool)
+    if case == "cantilever_two_loads":
+        F = np.zeros((ndof, 2))
+        F[ydof(nelx, nely), 0] = 1.0
+        F[ydof(nelx, 0), 1] = -1.0
+    else:
+        F = np.zeros((ndof, 1))
+        F[ydof(nelx, nely - nely // 2), 0] = -1.0
+        ii, jj = np.meshgrid(np.arange(nelx), np.arange(nely), indexing="ij")  # column-major element order
+        cx, cy = ii.ravel() + 0.5, (nely - 1 - jj.ravel()) + 0.5  # centres, y up
+        passive = np.hypot(cx - nelx / 3.0, cy - nely / 2.0) < nely / 3.0
+    fixeddofs = np.arange(2 * (nely + 1))
+    freedofs = np.setdiff1d(np.arange(ndof), fixeddofs)
+    H, Hs = density_filter(nelx, nely, rmin)
+
+    def physical(x, beta):
+        xt = (H @ x) / Hs
+        if projection:
+            den = math.tanh(beta * eta) + math.tanh(beta * (1 - eta))
+            xp = (math.tanh(beta * eta) + np.tanh(beta * (xt - eta))) / den
+            dxp = beta * (1 - np.tanh(beta * (xt - eta)) ** 2) / den
+        else:
+            xp, dxp = xt, np.ones(nel)
+        xp = np.where(passive, 0.0, xp)
+        dxp = np.where(passive, 0.0, dxp)
+        return xp, dxp
+
+    x = np.where(passive, 0.0, float(volfrac))
+    xPhys, dx = physical(x, beta)
+    loop, loopbeta, change, move = 0, 0, 1.0, 0.2
+    history, betas = [], []
+    while change > tolx and loop < maxiter:
+        loop += 1
+        loopbeta += 1
+        Ee = EMIN + xPhys**penal * (E0 - EMIN)
+        K = sp.coo_matrix(((KE_col[None, :] * Ee[:, None]).ravel(), (iK, jK)), shape=(ndof, ndof)).tocsc()
+        K = (K + K.T) / 2
+        U = np.zeros_like(F)
+        U[freedofs] = spla.splu(K[freedofs, :][:, freedofs].tocsc()).solve(F[freedofs])
+        ce = np.zeros(nel)
+        for k in range(F.shape[1]):
+            Ue = U[edofMat, k]
+            ce += np.sum((Ue @ KE) * Ue, axis=1)
+        history.append(float(np.sum(Ee * ce)))
+        betas.append(beta)
+        dc = -penal * (E0 - EMIN) * xPhys ** (penal - 1) * ce
+        # chain rule through the passive override, the projection and the filter
+        dc = H @ (dx * dc / Hs)
+        dv = H @ (dx / Hs)
+        active = ~passive
+        dv_n = dv / np.mean(dv[active])
+        l1, l2 = 0.0, 1e9
+        while (l2 - l1) / (l1 + l2) > 1e-3:
+            lmid = 0.5 * (l2 + l1)
+            B = np.sqrt(np.maximum(-dc[active] / dv_n[active] / lmid, 0.0))
+            xa = x[active]
+            xnew = x.copy()
+            xnew[active] = np.maximum(0.0, np.maximum(xa - move, np.minimum(1.0, np.minimum(xa + move, xa * B))))
+            xPhys, dx = physical(xnew, beta)
+            if xPhys.sum() > volfrac * nel:
+                l1 = lmid
+            else:
+                l2 = lmid
+        change = float(np.max(np.abs(xnew - x)))
+        x = xnew
+        if projection and beta < beta_max and (loopbeta >= beta_every or change <= tolx):
+            beta = min(2.0 * beta, beta_max)
+            loopbeta = 0
+            change = 1.0
+            xPhys, dx = physical(x, beta)
+    return {"x": xPhys.reshape(nely, nelx, order="F"), "history": history, "betas": betas, "nit": loop}

@@ -7,6 +7,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._threads import threads_for
+from .._validate import check_flag
 from ..errors import PatternError, ShapeError
 from ..operators.coefficients import SIMP, Exp
 from .base import ParameterMap
@@ -70,16 +71,34 @@ class HeavisideProjection(_Entrywise):
     """Smoothed Heaviside projection (Wang, Lazarov, Sigmund 2011):
 
         rho = (tanh(beta eta) + tanh(beta (p - eta))) / (tanh(beta eta) + tanh(beta (1 - eta)))
+
+    ``beta`` may be changed between evaluations (continuation,
+    :class:`~adjopt.optimize.BetaContinuation`); a functional that caches
+    states must then be told (the continuation does it).
     """
 
     def __init__(self, n: int, beta: float = 1.0, eta: float = 0.5):
         super().__init__(n)
-        if not beta > 0:
-            raise ValueError(f"Heaviside projection needs beta > 0, got {beta}")
         if not 0 <= eta <= 1:
             raise ValueError(f"Heaviside projection needs 0 <= eta <= 1, got {eta}")
-        self.beta, self.eta = float(beta), float(eta)
-        self._den = np.tanh(beta * eta) + np.tanh(beta * (1 - eta))
+        self.eta = float(eta)
+        self.beta = beta
+
+    @property
+    def beta(self) -> float:
+        """The sharpness (> 0); setting it recomputes the normalisation."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value) -> None:
+        try:
+            b = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Heaviside projection needs a number beta > 0, got {value!r}") from None
+        if not (np.isfinite(b) and b > 0):
+            raise ValueError(f"Heaviside projection needs a finite beta > 0, got {value!r}")
+        self._beta = b
+        self._den = np.tanh(b * self.eta) + np.tanh(b * (1 - self.eta))
 
     def _f(self, p):
         return (np.tanh(self.beta * self.eta) + np.tanh(self.beta * (p - self.eta))) / self._den
@@ -90,6 +109,100 @@ class HeavisideProjection(_Entrywise):
     def _d2(self, p):
         t = np.tanh(self.beta * (p - self.eta))
         return -2.0 * self.beta**2 * t * (1 - t * t) / self._den
+
+    def __repr__(self):
+        return f"HeavisideProjection(beta={self.beta:g}, eta={self.eta:g})"
+
+
+class FixedEntries(ParameterMap):
+    """Fixed values at some entries of a field (passive elements of a design: solid 1, void 0).
+
+    With ``reduced=True`` (default) the input holds only the free entries
+    (length ``n - len(index)``, in increasing order of their position) and the
+    output is the whole field with ``values`` at ``index``: the design
+    variables of an optimizer that never sees the passive elements. With
+    ``reduced=False`` input and output have length n and the entries at
+    ``index`` are overwritten (after a filter: the passive elements stay
+    exactly at their values). Affine: jvp and vjp are the same selection
+    without the values.
+
+    Parameters
+    ----------
+    n
+        Length of the output field.
+    index
+        Positions of the fixed entries (integers in [0, n), no repeats).
+    values
+        Their values: a scalar or one per index.
+    """
+
+    affine = True
+
+    def __init__(self, n: int, index, values, reduced: bool = True):
+        self.reduced = check_flag(reduced, "reduced")
+        n = int(n)
+        idx = np.asarray(index)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise PatternError(f"index must be a 1-D array of integer positions, got dtype {idx.dtype} shape {idx.shape}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise PatternError(f"index must lie in [0, {n}), got entries from {idx.min()} to {idx.max()}")
+        vals = np.broadcast_to(np.asarray(values, dtype=np.float64), idx.shape).copy() if idx.size else np.zeros(0)
+        if not np.all(np.isfinite(vals)):
+            raise ValueError("the fixed values must be finite")
+        order = np.argsort(idx, kind="stable")
+        idx, vals = idx[order], vals[order]
+        if idx.size > 1 and np.any(idx[1:] == idx[:-1]):
+            raise PatternError(f"index repeats position {int(idx[1:][idx[1:] == idx[:-1]][0])}; give each fixed entry once")
+        mask = np.zeros(n, dtype=bool)
+        mask[idx] = True
+        self.index, self.values = idx, vals
+        self.free = np.flatnonzero(~mask)
+        if self.free.size == 0:
+            raise PatternError("every entry is fixed: nothing is left to vary")
+        self.n_out = n
+        self.n_in = self.free.size if self.reduced else n
+
+    def forward(self, p):
+        p = self.check_p(p)
+        out = np.empty(self.n_out)
+        out[self.free] = p if self.reduced else p[self.free]
+        out[self.index] = self.values
+        return out
+
+    def jvp(self, p, dp):
+        return self._spread(self.check_p(dp, "dp"))
+
+    def vjp(self, p, g):
+        g = self.check_out(g)
+        if self.reduced:
+            return g[self.free]
+        out = g.copy()
+        out[self.index] = 0.0
+        return out
+
+    def _spread(self, d):
+        out = np.zeros((self.n_out,) + d.shape[1:])
+        out[self.free] = d if self.reduced else d[self.free]
+        return out
+
+    def jvp_block(self, p, dP):
+        return self._spread(self.check_block(dP, self.n_in, "dP"))
+
+    def vjp_block(self, p, G):
+        G = self.check_block(G, self.n_out, "G")
+        if self.reduced:
+            return G[self.free]
+        out = G.copy()
+        out[self.index] = 0.0
+        return out
+
+    def embed(self, p) -> np.ndarray:
+        """The whole field of the free values ``p`` (the forward map; for pictures of a reduced design)."""
+        return self.forward(p)
+
+    def __repr__(self):
+        return f"FixedEntries({self.index.size} of {self.n_out} fixed, reduced={self.reduced})"
 
 
 class _Linear(ParameterMap):

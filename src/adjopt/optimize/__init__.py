@@ -6,10 +6,11 @@ a callback, checkpoints after every iteration and exact resume.
 
 from .base import CheckpointError, MethodSetupError, OptimizationError, OptimizeResult, Options, read_checkpoint
 from .inner import Diagonal, Euclidean, InnerProduct, Matrix, make_inner_product
+from .continuation import BetaContinuation, grey_level
 from .minimize import methods, minimize
 
 __all__ = [
     "minimize", "methods", "OptimizeResult", "Options", "CheckpointError", "MethodSetupError", "OptimizationError",
-    "read_checkpoint",
+    "read_checkpoint", "BetaContinuation", "grey_level",
     "InnerProduct", "Euclidean", "Diagonal", "Matrix", "make_inner_product",
 ]

@@ -328,6 +328,29 @@ def check_identity(path, meta: dict, expected: dict) -> None:
                               "problem, options and method of the run that wrote it")
 
 
+def _forget_states(problem) -> None:
+    """Drop the cached states of the problem's functionals (a continuation changed their parameter map)."""
+    for fn in [problem.functional] + [c for c, _ in (problem.constraints or [])]:
+        forget = getattr(fn, "forget", None)
+        if callable(forget):
+            forget()
+
+
+def monitored(problem, x) -> dict:
+    """What the problem's monitor and continuation add to a history entry."""
+    out = {}
+    cont = getattr(problem, "continuation", None)
+    if cont is not None:
+        out["beta"] = float(cont.beta)
+    monitor = getattr(problem, "monitor", None)
+    if monitor is not None:
+        extra = monitor(np.array(x, copy=True))
+        if not isinstance(extra, dict):
+            raise TypeError(f"the problem's monitor must return a dict of numbers, got {type(extra).__name__}")
+        out.update({str(k): _json_safe(v) for k, v in extra.items()})
+    return out
+
+
 def _plain(v):
     """JSON types: tuples and arrays as lists, numpy scalars as numbers, other objects by type (no addresses)."""
     if isinstance(v, dict):
@@ -362,6 +385,14 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         resume=None) -> OptimizeResult:
     """Run ``driver`` from ``x0`` (or from the checkpoint ``resume``) until a stopping test holds."""
     stats = driver.problem.functional.stats if hasattr(driver.problem.functional, "stats") else None
+    cont = getattr(driver.problem, "continuation", None)
+    if cont is not None and not callable(getattr(driver.problem.functional, "forget", None)):
+        raise MethodSetupError(f"the problem has a beta continuation, but its functional "
+                               f"({type(driver.problem.functional).__name__}) cannot drop its cached states when beta "
+                               "changes (it has no forget()); run it without the continuation")
+    if cont is not None and getattr(driver, "external_loop", False):
+        raise MethodSetupError(f"method {driver.name!r} runs scipy's own loop, which cannot restart when the "
+                               "continuation raises beta; use 'mma', 'oc', 'lbfgs' or 'newton-cg'")
     base_fact = stats.factorizations if stats else 0
     base_solves = stats.total_solves if stats else 0
     t_start = time.perf_counter()
@@ -377,15 +408,26 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         for k in counts:
             counts[k] += prev.get(k, 0)
         driver.warnings = list(meta.get("warnings", []))
+        if (cont is None) != ("continuation" not in meta):
+            raise CheckpointError(
+                f"the checkpoint {os.fspath(resume)!r} was written by a run "
+                f"{'with' if cont is None else 'without'} a beta continuation and this problem has "
+                f"{'none' if cont is None else 'one'}: build the problem with the same options as that run")
+        if cont is not None:
+            cont.restore(meta["continuation"])
         finished = meta.get("finished")
         logger.info("%s: resumed from %s at iteration %d (f = %.10g)%s", driver.name, os.fspath(resume), nit,
                     state["f"], ": that run had finished" if finished else "")
     else:
         finished = None
+        if cont is not None:
+            cont.reset()
+            _forget_states(driver.problem)
         state = driver.start(x0)
         nit, elapsed0 = 0, 0.0
         g0 = driver.stationarity(state)
-        history = [dict(nit=0, f=float(state["f"]), stationarity=g0, step=0.0, **dict(counts))]
+        history = [dict(nit=0, f=float(state["f"]), stationarity=g0, step=0.0, **dict(counts),
+                        **monitored(driver.problem, state["x"]))]
         prev = {}
         logger.info("%s: start, f = %.10g, stationarity %.3g", driver.name, state["f"], g0)
         if callback is not None and getattr(callback, "wants_start", False):  # the CLI's table shows iteration 0
@@ -439,29 +481,43 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
 
     def checkpoint_meta(**extra) -> dict:
         fact, solves = totals()
+        if cont is not None:
+            extra["continuation"] = cont.state()
         return dict(version=CHECKPOINT_VERSION, **ident, nit=nit_box[0], history=history, elapsed=elapsed(), g0=g0,
                     counts=dict(counts, factorizations=fact, solves=solves), warnings=driver.warnings, **extra)
 
     def after_iteration(x_old, f_old, record):
-        """Book-keeping of one finished iteration: history, log, checkpoint, callback, step tests."""
+        """Book-keeping of one finished iteration: history, log, continuation, checkpoint, callback, step tests."""
         nit_box[0] += 1
         nit = nit_box[0]
         step = float(np.max(np.abs(state["x"] - x_old))) if state["x"].size else 0.0
         gnorm = driver.stationarity(state)
         entry = dict(nit=nit, f=float(state["f"]), stationarity=gnorm, step=step, **dict(counts))
         entry.update({k: _json_safe(v) for k, v in (record or {}).items()})
+        entry.update(monitored(driver.problem, state["x"]))
         entry.update(phases())
         history.append(entry)
         logger.info("%s: iteration %d, f = %.10g, stationarity %.3g, step %.3g", driver.name, nit, state["f"], gnorm, step)
+        if options.ftol > 0 and abs(f_old - float(state["f"])) <= options.ftol * max(1.0, abs(float(state["f"]))):
+            outcome = True, True, f"relative change of f below ftol {options.ftol:g}"
+        elif options.xtol > 0 and step <= options.xtol:
+            outcome = True, True, f"step {step:.3g} <= xtol {options.xtol:g} (max-norm)"
+        else:
+            outcome = None
+        if cont is not None:
+            converged = outcome is not None or gnorm <= gtarget
+            if cont.step(converged):
+                # the same x is another design now: start the method afresh there, at the new beta
+                _forget_states(driver.problem)
+                fresh = driver.start(state["x"])
+                state.clear()
+                state.update(fresh)
+                outcome = None
         if checkpoint is not None:
             write_checkpoint(checkpoint, state, checkpoint_meta())
         if callback is not None:
             callback(dict(entry, x=state["x"].copy()))
-        if options.ftol > 0 and abs(f_old - float(state["f"])) <= options.ftol * max(1.0, abs(float(state["f"]))):
-            return True, True, f"relative change of f below ftol {options.ftol:g}"
-        if options.xtol > 0 and step <= options.xtol:
-            return True, True, f"step {step:.3g} <= xtol {options.xtol:g} (max-norm)"
-        return before_iteration()
+        return outcome if outcome is not None else before_iteration()
 
     if finished:
         # a checkpoint of a run that had ended: resuming it is asking for its result, not for one more step

@@ -1,0 +1,149 @@
+"""Continuation of the Heaviside projection's sharpness beta during an optimization, and the grey-level measure.
+
+A projected topology design (filter, then :class:`~adjopt.maps.HeavisideProjection`)
+starts with a soft projection (beta about 1) and sharpens it step by step;
+the usual schedule doubles beta every so many iterations, or earlier when the
+design has stopped changing at the current beta, up to a maximum (Guest et al.
+2004, Wang, Lazarov and Sigmund 2011). :class:`BetaContinuation` is that
+schedule. Given to a :class:`~adjopt.Problem` (``continuation=``), the shared
+loop of the drivers (:func:`adjopt.optimize.minimize`) applies it after every
+iteration:
+
+- the iteration is recorded with the beta it ran at (``beta`` in the history);
+- when beta is raised, the functionals' cached states are dropped (the same p
+  now gives another design) and the driver starts afresh from the current
+  design (OC's change back to 1, MMA's asymptotes and L-BFGS's memory reset);
+- a stopping test that holds (xtol, ftol, gtol) ends the run only at the
+  largest beta: before that, it raises beta instead;
+- checkpoints keep beta and the iterations since its last change, so that
+  ``--resume`` goes on with the same beta.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BetaContinuation", "grey_level"]
+
+
+def grey_level(rho, low: float = 0.05, high: float = 0.95) -> float:
+    """Fraction of the entries of ``rho`` strictly between ``low`` and ``high`` (0: a black-and-white design).
+
+    Element densities of equal-size elements; for a projected design use the
+    physical density (after filter and projection).
+    """
+    rho = np.asarray(rho, dtype=np.float64)
+    if rho.size == 0:
+        raise ValueError("grey_level needs at least one density")
+    if not 0 <= low < high <= 1:
+        raise ValueError(f"grey_level needs 0 <= low < high <= 1, got low={low!r}, high={high!r}")
+    return float(np.count_nonzero((rho > low) & (rho < high))) / rho.size
+
+
+def _number(value, name: str, minimum: float, strict: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (v <= minimum if strict else v < minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return v
+
+
+class BetaContinuation:
+    """Raise the beta of Heaviside projections by ``factor`` every ``every`` iterations or when the run has
+    converged at the current beta, up to ``beta_max``.
+
+    Parameters
+    ----------
+    projections
+        A :class:`~adjopt.maps.HeavisideProjection`, or several that share
+        one beta (the eroded, intermediate and dilated designs of a robust
+        formulation). Their beta now is the start; they are set to the first
+        one's.
+    beta_max
+        The largest beta (32). Reached in ``factor`` steps; the last step is
+        cut to ``beta_max``.
+    factor
+        The multiplier per step (2, > 1).
+    every
+        Iterations at one beta before it is raised anyway (50, an integer
+        >= 1).
+    """
+
+    def __init__(self, projections, beta_max: float = 32.0, factor: float = 2.0, every: int = 50):
+        from ..maps import HeavisideProjection
+
+        projs = [projections] if isinstance(projections, HeavisideProjection) else list(projections)
+        if not projs or not all(isinstance(m, HeavisideProjection) for m in projs):
+            raise TypeError("BetaContinuation needs a HeavisideProjection or a non-empty list of them, got "
+                            f"{projections!r}")
+        self.projections = projs
+        self.beta_max = _number(beta_max, "beta_max", 0.0)
+        self.factor = _number(factor, "factor", 1.0)
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise ValueError(f"every must be an integer >= 1 (iterations per beta), got {every!r}")
+        self.every = int(every)
+        beta = projs[0].beta
+        if beta > self.beta_max:
+            raise ValueError(f"the projection's beta {beta:g} is above beta_max {self.beta_max:g}")
+        self.beta0 = beta
+        self._set(beta)
+        self.since = 0  # iterations at the current beta
+
+    @property
+    def beta(self) -> float:
+        """The current beta of every projection."""
+        return self.projections[0].beta
+
+    @property
+    def at_max(self) -> bool:
+        """True when beta cannot be raised any more: only then may a converged run stop."""
+        return self.beta >= self.beta_max
+
+    def _set(self, beta: float) -> None:
+        for m in self.projections:
+            m.beta = beta
+
+    def step(self, converged: bool) -> bool:
+        """Count one iteration; raise beta when the run ``converged`` at this beta or it has run ``every``
+        iterations at it (and it is below ``beta_max``). True when beta changed."""
+        self.since += 1
+        if self.at_max or not (converged or self.since >= self.every):
+            return False
+        old = self.beta
+        self._set(min(old * self.factor, self.beta_max))
+        self.since = 0
+        logger.info("continuation: beta %g -> %g (%s)", old, self.beta,
+                    "converged at the old beta" if converged else f"{self.every} iterations at it")
+        return True
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the beta and the iterations spent at it."""
+        return dict(beta=self.beta, since=self.since)
+
+    def restore(self, state: dict) -> None:
+        """Go on from a checkpoint's :meth:`state`."""
+        try:
+            beta, since = float(state["beta"]), int(state["since"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"a continuation state needs a number 'beta' and an integer 'since', got {state!r}") \
+                from None
+        if not (math.isfinite(beta) and 0 < beta <= self.beta_max * (1 + 1e-12)) or since < 0:
+            raise ValueError(f"the checkpoint's continuation state {state!r} does not fit beta_max {self.beta_max:g}")
+        self._set(beta)
+        self.since = since
+
+    def reset(self) -> None:
+        """Back to the starting beta (a new run from the start)."""
+        self._set(self.beta0)
+        self.since = 0
+
+    def __repr__(self):
+        return (f"BetaContinuation(beta={self.beta:g}, beta_max={self.beta_max:g}, factor={self.factor:g}, "
+                f"every={self.every})")

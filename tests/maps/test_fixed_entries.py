@@ -1,0 +1,76 @@
+"""FixedEntries: passive entries of a field (fixed values), reduced or overwriting."""
+
+import numpy as np
+import pytest
+
+from adjopt.errors import PatternError, ShapeError
+from adjopt.maps import DensityFilter, FixedEntries, HeavisideProjection, compose
+
+
+def _dense(m: FixedEntries) -> np.ndarray:
+    """The Jacobian column by column."""
+    return np.column_stack([m.jvp(np.zeros(m.n_in), e) for e in np.eye(m.n_in)])
+
+
+@pytest.mark.parametrize("reduced", [True, False])
+def test_forward_jvp_vjp_and_blocks(reduced):
+    m = FixedEntries(6, [4, 1], [1.0, 0.25], reduced=reduced)  # unsorted index: values follow their entries
+    assert (m.n_in, m.n_out) == ((4, 6) if reduced else (6, 6))
+    np.testing.assert_array_equal(m.free, [0, 2, 3, 5])
+    p = np.arange(1.0, m.n_in + 1)
+    out = m.forward(p)
+    assert out[1] == 0.25 and out[4] == 1.0
+    np.testing.assert_array_equal(out[m.free], p if reduced else p[m.free])
+    D = _dense(m)
+    g = np.linspace(-1, 2, 6)
+    np.testing.assert_array_equal(m.vjp(p, g), D.T @ g)
+    assert np.all(D[[1, 4]] == 0)
+    G = np.random.default_rng(0).standard_normal((6, 3))
+    dP = np.random.default_rng(1).standard_normal((m.n_in, 3))
+    np.testing.assert_array_equal(m.jvp_block(p, dP), D @ dP)
+    np.testing.assert_array_equal(m.vjp_block(p, G), D.T @ G)
+    np.testing.assert_array_equal(m.second(p, g, p), np.zeros(m.n_in))
+    assert m.affine
+    # the caller's arrays are not kept: a change after construction does not move the fixed values
+    idx, vals = np.array([2]), np.array([0.5])
+    k = FixedEntries(3, idx, vals)
+    idx[0], vals[0] = 0, 9.0
+    np.testing.assert_array_equal(k.forward([7.0, 8.0]), [7.0, 8.0, 0.5])
+
+
+def test_in_a_chain_the_passive_values_survive_filter_and_projection():
+    centers = np.column_stack([np.arange(8) + 0.5, np.full(8, 0.5)])
+    chain = compose(FixedEntries(8, [0, 7], [1.0, 0.0]), DensityFilter(centers, 2.5),
+                    HeavisideProjection(8, beta=4.0), FixedEntries(8, [0, 7], [1.0, 0.0], reduced=False))
+    rho = chain.forward(np.full(6, 0.5))
+    assert rho[0] == 1.0 and rho[7] == 0.0 and np.all((rho[1:7] > 0) & (rho[1:7] < 1))
+    # a first derivative through the chain by central differences
+    p, dp = np.full(6, 0.4), np.random.default_rng(3).standard_normal(6)
+    fd = (chain.forward(p + 1e-6 * dp) - chain.forward(p - 1e-6 * dp)) / 2e-6
+    np.testing.assert_allclose(chain.jvp(p, dp), fd, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((4, [4], 1.0), PatternError, r"index must lie in \[0, 4\)"),
+    ((4, [-1], 1.0), PatternError, r"index must lie in \[0, 4\)"),
+    ((4, [1, 1], 1.0), PatternError, "index repeats position 1"),
+    ((4, [0.5], 1.0), PatternError, "index must be a 1-D array of integer positions"),
+    ((4, [[1]], 1.0), PatternError, "index must be a 1-D array"),
+    ((2, [0, 1], 1.0), PatternError, "every entry is fixed"),
+    ((4, [1], np.nan), ValueError, "fixed values must be finite"),
+    ((4, [1, 2], [1.0, 2.0, 3.0]), ValueError, "broadcast"),
+])
+def test_bad_arguments(args, exc, match):
+    with pytest.raises(exc, match=match):
+        FixedEntries(*args)
+
+
+def test_flag_and_shapes_are_checked():
+    with pytest.raises(TypeError, match="reduced must be True or False"):
+        FixedEntries(4, [1], 0.0, reduced="no")
+    m = FixedEntries(4, [1], 0.0)
+    with pytest.raises(ShapeError):
+        m.forward(np.zeros(4))
+    with pytest.raises(ShapeError):
+        m.vjp(np.zeros(3), np.zeros(3))
+    assert FixedEntries(3, [], []).forward([1.0, 2.0, 3.0]).tolist() == [1.0, 2.0, 3.0]
