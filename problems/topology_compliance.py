@@ -173,6 +173,52 @@ def _elements(value, n: int, name: str) -> np.ndarray:
     return np.unique(a.astype(np.int64))
 
 
+def check_projection(projection, beta, eta, beta_max, beta_every) -> tuple:
+    """The projection options checked: ``(beta, eta, beta_max, beta_every)`` as numbers, or a ValueError."""
+    if not isinstance(projection, (bool, np.bool_)):
+        raise ValueError(f"projection must be True or False, got {projection!r}")
+    beta = _positive(beta, "beta (projection sharpness)")
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}") from None
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta (projection threshold) must be in [0, 1], got {eta!r}")
+    beta_max = _positive(beta_max, "beta_max")
+    if projection and beta_max < beta:
+        raise ValueError(f"beta_max ({beta_max:g}) must be >= beta ({beta:g})")
+    return beta, eta, beta_max, _count(beta_every, "beta_every")
+
+
+def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bool = True) -> dict:
+    """The parameter map of a density design: p -> [passive values in] -> filter -> projection ->
+    [passive values again, when ``pin``].
+
+    ``void`` and ``solid`` are sorted element indices (disjoint). Returns a dict with ``map`` (the
+    composed map, or None for rho = p), ``filter``, ``projection`` (the maps or None), ``design`` (the
+    elements p holds), ``physical`` (p -> physical density) and ``monitor`` (p -> {"grey": ...}).
+    """
+    n = mesh.n_cells
+    index = np.concatenate([void, solid]).astype(np.int64)
+    values = np.concatenate([np.zeros(void.size), np.ones(solid.size)])
+    fmap = DensityFilter(mesh.cell_centers(), rmin) if filter else None
+    proj = HeavisideProjection(n, beta=beta, eta=eta) if projection else None
+    chain = [m for m in (fmap, proj) if m is not None]
+    if index.size:
+        chain = [FixedEntries(n, index, values)] + chain + ([FixedEntries(n, index, values, reduced=False)]
+                                                             if chain and pin else [])
+    pmap = compose(*chain) if chain else None
+
+    def physical(p):
+        return p if pmap is None else pmap.forward(p)
+
+    def monitor(p):
+        return {"grey": grey_level(physical(p))}
+
+    return {"map": pmap, "filter": fmap, "projection": proj, "design": np.setdiff1d(np.arange(n), index),
+            "physical": physical, "monitor": monitor}
+
+
 def _cantilever3d(nelx: int, nely: int, nelz: int):
     mesh = box(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron")
     n_dofs = 3 * mesh.n_nodes
@@ -270,19 +316,7 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         raise ValueError(f"emin must satisfy 0 <= emin < 1 (= E0), got {emin!r}")
     if not isinstance(filter, (bool, np.bool_)):
         raise ValueError(f"filter must be True or False, got {filter!r}")
-    if not isinstance(projection, (bool, np.bool_)):
-        raise ValueError(f"projection must be True or False, got {projection!r}")
-    beta = _positive(beta, "beta (projection sharpness)")
-    try:
-        eta = float(eta)
-    except (TypeError, ValueError):
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}") from None
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta (projection threshold) must be in [0, 1], got {eta!r}")
-    beta_max = _positive(beta_max, "beta_max")
-    if projection and beta_max < beta:
-        raise ValueError(f"beta_max ({beta_max:g}) must be >= beta ({beta:g})")
-    beta_every = _count(beta_every, "beta_every")
+    beta, eta, beta_max, beta_every = check_projection(projection, beta, eta, beta_max, beta_every)
 
     void = None
     if case == "mbb":
@@ -315,31 +349,14 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         shape = (nelx, nely) if nelz is None else (nelx, nely, nelz)
         solver = structured_solver(shape, dim, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
-    # p -> [passive values in] -> filter -> projection -> [passive values again]: the chain of maps
-    index = np.concatenate([void, solid])
-    values = np.concatenate([np.zeros(void.size), np.ones(solid.size)])
-    fmap = DensityFilter(mesh.cell_centers(), rmin) if filter else None
-    proj = HeavisideProjection(n, beta=beta, eta=eta) if projection else None
-    chain = [m for m in (fmap, proj) if m is not None]
-    if index.size:
-        chain = [FixedEntries(n, index, values)] + chain + ([FixedEntries(n, index, values, reduced=False)]
-                                                             if chain else [])
-    pmap = compose(*chain) if chain else None
+    chain = design_chain(mesh, rmin, filter, projection, beta, eta, void, solid)
+    pmap, fmap, proj, design, physical = (chain[k] for k in ("map", "filter", "projection", "design", "physical"))
+    index = np.setdiff1d(np.arange(n), design)
     J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap, solver=solver)
     volumes = mesh.cell_volumes()  # Volume and the Problem keep their own copies
-    design = np.setdiff1d(np.arange(n), index)
     m = design.size
     volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), m)
-
-    def physical(p):
-        return p if pmap is None else pmap.forward(p)
-
-    def monitor(p):
-        return {"grey": grey_level(physical(p))}
-
-    cont = None
-    if projection and beta_max > beta:
-        cont = BetaContinuation(proj, beta_max=beta_max, every=beta_every)
+    cont = BetaContinuation(proj, beta_max=beta_max, every=beta_every) if projection and beta_max > beta else None
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
             "density_filter": fmap, "projection": proj, "design_map": physical, "design": design,
@@ -350,7 +367,7 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
                                           rmin=rmin, emin=emin, filter=filter, projection=projection, beta=beta,
                                           eta=eta, beta_max=beta_max, beta_every=beta_every)}
     return adjopt.Problem(J, np.full(m, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=name, meta=meta, mass=volumes[design], continuation=cont, monitor=monitor)
+                          name=name, meta=meta, mass=volumes[design], continuation=cont, monitor=chain["monitor"])
 
 
 def main(argv=None) -> None:

@@ -84,6 +84,9 @@ _GALLERY_LABELS = {
     "topology_compliance": {"parameter": "design variables p (unfiltered)",
                             "density": "physical density rho (filtered, projected; 1 solid, 0 void)",
                             "state": "displacement", "displacement": "displacement"},
+    "topology_mechanism": {"parameter": "design variables p (unfiltered)",
+                           "density": "physical density rho (filtered; 1 solid, 0 void)",
+                           "state": "displacement", "displacement": "displacement"},
 }
 #: meta keys holding a reference value of the parameter, and how to call it
 _REFERENCES = (("m_true", "true parameter (used to make the data)"), ("z_exact", "exact optimum"),

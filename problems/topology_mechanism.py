@@ -1,0 +1,190 @@
+"""Compliant mechanism: a displacement inverter with springs at the input and the output.
+
+    minimize    J(p) = u_out(p) = l^T u(p)       (the output displacement; negative: inverted)
+    subject to  (K(rho) + K_s) u = f,  rho = M(p)    (filter, optional projection, non-design solids)
+                V(p) = mean(rho) <= volfrac,  0 <= p <= 1
+
+The classic inverter of Bendsoe & Sigmund (2003, section 2.6), in the form of
+pyMOTO's ``ex_compliant_mechanism_springs.py`` (the same settings by default):
+nelx x nely unit Q1 plane-strain elements (E = ``young``, nu = 0.3), the upper
+half of the inverter with its symmetry line on the left edge (x-dofs of the
+left edge fixed) and the right edge clamped. A force ``f_in`` pushes the
+input node (0, 0) in +y against a spring ``k_in``; the output node
+(0, nely) is held by a spring ``k_out``, and J is its y-displacement: a
+negative J moves the output against the input force. The ``nondesign`` x
+``nondesign`` elements at the input and at the output are solid and not
+design variables (their design value is 1 before the filter, as pyMOTO's
+``SetValue``; the filter smooths them). K(rho) = sum_e young (emin + rho_e^penal
+(1 - emin)) K_e, K_s = diag(k_in, k_out) on the two dofs.
+
+J is linear in u but not the compliance: the adjoint is a second solve with
+the load l = e_out on the same factorization (the general adjoint path, not
+the self-adjoint shortcut of the compliance problems).
+
+Run ``python problems/topology_mechanism.py`` to print J(p0), |grad J(p0)|
+and the Taylor tables of orders 2 and 3.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import scipy.sparse as sp
+
+import adjopt
+from adjopt import fem
+from adjopt.mesh import rectangle
+from adjopt.optimize import BetaContinuation
+from adjopt.verify import derivative_report
+
+if __package__:  # imported as problems.topology_mechanism
+    from . import topology_compliance as _tc
+else:  # a script, or loaded by file path (adjopt run): problems/ is (or is put) on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import topology_compliance as _tc
+
+NU = 0.3
+
+#: how ``adjopt run topology_mechanism`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.01, gtol=0.0, maxiter=300)
+
+
+def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3.0, rmin: float = 2.0,
+          emin: float = 1e-6, young: float = 100.0, k_in: float = 5.0, k_out: float = 15.0, f_in: float = 1.0,
+          nondesign: int = 4, solver=None, plane: str = "strain", projection: bool = False, beta: float = 1.0, eta: float = 0.5,
+          beta_max: float = 32.0, beta_every: int = 50) -> adjopt.Problem:
+    """The inverter as an :class:`adjopt.Problem`.
+
+    Parameters
+    ----------
+    nelx, nely
+        Elements along x and y (80 x 80).
+    volfrac
+        Volume fraction bound in (0, 1] and the uniform start (0.3).
+    penal, rmin, emin
+        SIMP exponent (3), density filter radius in elements (2), relative
+        void stiffness (1e-6).
+    young
+        Young's modulus of the solid (100).
+    k_in, k_out
+        Spring stiffnesses at the input and the output (5, 15; >= 0, and
+        k_out > 0 for a well-posed output).
+    f_in
+        The input force (1, != 0).
+    nondesign
+        Side in elements of the solid squares at the input and the output
+        (4; 0 for none).
+    solver
+        A solver name or object; default ``"auto"`` (the fastest
+        factorization installed). Not ``"gmg"``: its coarse grids do not
+        see the springs.
+    plane
+        ``"strain"`` (pyMOTO's default, the reference's setting) or
+        ``"stress"``.
+    projection, beta, eta, beta_max, beta_every
+        A Heaviside projection after the filter with beta continuation, as in
+        :func:`topology_compliance.build`.
+
+    Returns
+    -------
+    adjopt.Problem
+        ``functional`` (u_out), ``p0 = volfrac`` on the design elements,
+        bounds (0, 1), the volume constraint, the grey-level monitor, the
+        continuation (with projection) and ``meta`` (mesh, dofmap, load,
+        output dof, design elements, maps).
+    """
+    nelx = _tc._count(nelx, "nelx")
+    nely = _tc._count(nely, "nely")
+    volfrac = float(volfrac)
+    if not 0.0 < volfrac <= 1.0:
+        raise ValueError(f"volfrac must be in (0, 1], got {volfrac!r}")
+    penal = _tc._positive(penal, "penal")
+    if penal < 1:
+        raise ValueError(f"penal (SIMP exponent) must be >= 1, got {penal!r}")
+    rmin = _tc._positive(rmin, "rmin (filter radius in element units)")
+    emin = float(emin)
+    if not 0.0 <= emin < 1.0:
+        raise ValueError(f"emin must satisfy 0 <= emin < 1 (relative to young), got {emin!r}")
+    young = _tc._positive(young, "young (Young's modulus)")
+    k_in, k_out, f_in = float(k_in), float(k_out), float(f_in)
+    if not (np.isfinite(k_in) and k_in >= 0):
+        raise ValueError(f"k_in must be a finite stiffness >= 0, got {k_in!r}")
+    if not (np.isfinite(k_out) and k_out > 0):
+        raise ValueError(f"k_out must be a finite stiffness > 0 (the output needs a spring), got {k_out!r}")
+    if not (np.isfinite(f_in) and f_in != 0):
+        raise ValueError(f"f_in must be a finite nonzero force, got {f_in!r}")
+    if isinstance(nondesign, bool) or not isinstance(nondesign, (int, np.integer)) or nondesign < 0:
+        raise ValueError(f"nondesign must be an integer >= 0 (elements), got {nondesign!r}")
+    if 2 * nondesign > nely or nondesign > nelx:
+        raise ValueError(f"nondesign ({nondesign}) squares do not fit in {nelx} x {nely} elements")
+    beta, eta, beta_max, beta_every = _tc.check_projection(projection, beta, eta, beta_max, beta_every)
+
+    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+    n_dofs = 2 * mesh.n_nodes
+    fixed = np.union1d(fem.boundary_dofs(mesh, "left", components=0),
+                       fem.boundary_dofs(mesh, "right", components=[0, 1]))
+    dof_in = 2 * _tc._node_at(mesh, (0.0, 0.0)) + 1
+    dof_out = 2 * _tc._node_at(mesh, (0.0, float(nely))) + 1
+    load = fem.point_load(n_dofs, [dof_in], f_in)
+    if plane not in ("strain", "stress"):
+        raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
+    KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=young, nu=NU, plane=plane)[0]
+    dofmap = fem.condense(n_dofs, fixed)
+    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
+    free_of = np.full(n_dofs, -1)
+    free_of[dofmap.free] = np.arange(dofmap.n_free)
+    i_in, i_out = int(free_of[dof_in]), int(free_of[dof_out])
+    springs = sp.csr_array((np.array([k_in, k_out]), (np.array([i_in, i_out]), np.array([i_in, i_out]))),
+                           shape=(dofmap.n_free,) * 2)
+    A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n=dofmap.n_free,
+                                        A0=springs)
+    del conn
+    if isinstance(solver, str) and solver.lower() == "gmg":
+        raise ValueError("solver 'gmg' does not take the springs (a constant part A0 of the matrix); use a "
+                         "factorization ('auto', 'superlu', 'cholmod', 'pardiso') or 'amg'")
+    b = dofmap.restrict_vector(load)
+    out = np.zeros(dofmap.n_free)
+    out[i_out] = 1.0
+
+    c = mesh.cell_centers()
+    solid = np.flatnonzero((c[:, 0] < nondesign) & ((c[:, 1] < nondesign) | (c[:, 1] > nely - nondesign)))
+    chain = _tc.design_chain(mesh, rmin, True, projection, beta, eta, np.zeros(0, dtype=np.int64), solid,
+                             pin=False)
+    pmap, design = chain["map"], chain["design"]
+    J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(out), parameter_map=pmap,
+                                 solver="auto" if solver is None else solver)
+    volumes = mesh.cell_volumes()
+    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), design.size)
+    cont = None
+    if projection and beta_max > beta:
+        cont = BetaContinuation(chain["projection"], beta_max=beta_max, every=beta_every)
+    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": pmap, "density_filter": chain["filter"],
+            "projection": chain["projection"], "design_map": chain["physical"], "design": design,
+            "parameter_cells": design if solid.size else None, "passive_solid": solid, "dofmap": dofmap,
+            "dofs": dofmap, "load": load, "output_dof": dof_out, "input_dof": dof_in,
+            "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, young=young,
+                            k_in=k_in, k_out=k_out, f_in=f_in, nondesign=int(nondesign), plane=plane,
+                            projection=projection,
+                            beta=beta, eta=eta, beta_max=beta_max, beta_every=beta_every)}
+    return adjopt.Problem(J, np.full(design.size, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
+                          name=f"topology_mechanism_{nelx}x{nely}", meta=meta, mass=volumes[design],
+                          continuation=cont, monitor=chain["monitor"])
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nelx", type=int, default=40)
+    ap.add_argument("--nely", type=int, default=40)
+    args = ap.parse_args(argv)
+    problem = build(args.nelx, args.nely)
+    J, p = problem.functional, problem.p0
+    print(f"{problem.name}: {problem.meta['dofmap'].n_free} free dofs, {p.size} design elements")
+    print(derivative_report(J, p))
+
+
+if __name__ == "__main__":
+    main()
