@@ -30,6 +30,7 @@ RUNS = {
     "optimal_control": ["--n", "64", "--upper", "19.7392088", "--amplitude", "1.5"],
     "topology_compliance": ["--nelx", "120", "--nely", "40"],
     "topology_mechanism": [],
+    "topology_robust": [],
     "advection_diffusion_source": ["--n", "64"],
     "multi_experiment": ["--n", "48"],
     "nonlinear_inversion": ["--n", "96"],

@@ -33,6 +33,8 @@ Meta keys read (all optional): ``mesh``, ``dofs`` / ``dofmap`` (a Dirichlet
 :class:`~adjopt.fem.dirichlet.DofMap` to expand states from the free dofs),
 ``filter`` (a parameter map whose ``forward`` gives the physical density),
 ``parameter_cells`` (the cells of the parameters when there are fewer than cells; NaN on the others),
+``parameter_view`` (a callable: the part of the parameters that is a field, e.g. without a min-max's bound),
+``designs`` (``{name: callable p -> density per cell}``: several designs, drawn side by side),
 ``options``, ``m_true`` / ``z_exact`` (reference parameter),
 ``observation_points`` (drawn on the state picture), ``labels`` (``{field: text}``
 overriding the description of "parameter", "density", "state", "displacement")
@@ -192,6 +194,9 @@ def _fields(problem, x, u, lam, reasons):
     meta = problem.meta or {}
     x = np.asarray(x, dtype=np.float64).ravel()
     N, E = mesh.n_nodes, mesh.n_cells
+    view = meta.get("parameter_view")
+    if callable(view):  # the design part of a longer parameter vector (the bound z of a min-max)
+        x = np.asarray(view(x), dtype=np.float64).ravel()
     p = x  # what the parameter maps take
     on_cells = meta.get("parameter_cells")
     if on_cells is not None and np.shape(on_cells) == x.shape and x.size < E:
@@ -234,6 +239,16 @@ def _fields(problem, x, u, lam, reasons):
                 point["density"] = rho
             else:
                 skipped.append(f"density: the filter gives {rho.size} values, the mesh has {N} nodes and {E} cells")
+    for key, design in (meta.get("designs") or {}).items():  # several physical designs (a robust formulation)
+        try:
+            rho = np.asarray(design(p), dtype=np.float64).ravel()
+        except Exception as exc:
+            skipped.append(f"density_{key}: meta['designs'][{key!r}] failed ({type(exc).__name__}: {exc})")
+            continue
+        if rho.size == E:
+            cell[f"density_{key}"] = rho
+        else:
+            skipped.append(f"density_{key}: {rho.size} values for {E} cells")
     dofmap = _dofmap_of(meta)
     _place_dofs(u, "state", mesh, dofmap, point, cell, skipped, "displacement")
     _place_dofs(lam, "adjoint", mesh, dofmap, point, cell, skipped, "adjoint")
@@ -608,6 +623,15 @@ def _range_text(a) -> str:
 def _parameter_png(mpl, path: Path, problem, mesh, fd, result) -> Path | None:
     pd, cd = fd["point_data"], fd["cell_data"]
     panels = []
+    designs = [k for k in cd if k.startswith("density_")]
+    if designs:  # the designs side by side (eroded, intermediate, dilated), one gray scale
+        for k in designs:
+            rho = cd[k]
+            panels.append(dict(values=rho, where="cell", title=f"{k[len('density_'):]} design\n{_range_text(rho)}",
+                               label="density", cmap="gray_r", vmin=0.0, vmax=1.0))
+        sup = (f"{problem.name}: designs after {getattr(result, 'nit', '?')} iterations of "
+               f"{getattr(result, 'method', '?')}")
+        return _panels_png(mpl, path, mesh, panels, sup)
     if "density" in cd or "density" in pd:
         where = "cell" if "density" in cd else "point"
         rho = (cd if where == "cell" else pd)["density"]

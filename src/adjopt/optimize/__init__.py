@@ -8,9 +8,10 @@ from .base import CheckpointError, MethodSetupError, OptimizationError, Optimize
 from .inner import Diagonal, Euclidean, InnerProduct, Matrix, make_inner_product
 from .continuation import BetaContinuation, grey_level
 from .minimize import methods, minimize
+from .minmax import minmax_problem
 
 __all__ = [
     "minimize", "methods", "OptimizeResult", "Options", "CheckpointError", "MethodSetupError", "OptimizationError",
-    "read_checkpoint", "BetaContinuation", "grey_level",
+    "read_checkpoint", "BetaContinuation", "grey_level", "minmax_problem",
     "InnerProduct", "Euclidean", "Diagonal", "Matrix", "make_inner_product",
 ]

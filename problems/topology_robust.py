@@ -1,0 +1,181 @@
+"""Robust minimum compliance: eroded, intermediate and dilated designs from one field (Wang, Lazarov, Sigmund 2011).
+
+    rho_k = P_eta_k(H p),  eta_k = 0.5 + delta, 0.5, 0.5 - delta   (eroded, intermediate, dilated)
+
+with H the density filter and P_eta the smoothed Heaviside projection of
+threshold eta (one beta for all three, raised by continuation). The
+manufacturing error of a design is modelled by the three thresholds: a design
+that is stiff when eroded is stiff whatever the error.
+
+``formulation="minmax"`` (default)
+    min over p of max_k c_k(p) / c_k(p0), by MMA in the bound formulation
+    (:func:`adjopt.optimize.minmax_problem`: parameters (p, z), constraints
+    c_k / c_k(p0) - z <= 0), with the volume constraint on the intermediate
+    (``volume_on="intermediate"``) or the dilated design.
+``formulation="eroded"``
+    min c_eroded (for compliance the eroded design is the worst case: pyMOTO's
+    ``ex_compliance_robust.py`` formulation), volume on the intermediate design.
+
+The case is pyMOTO's: a cantilever of nelx x nely unit Q1 plane-strain
+elements (100 x 40, E = 1, nu = 0.3, emin = 1e-5, penal 3), the left edge
+clamped, a unit transverse force at the middle of the right edge, filter
+radius 5, delta = 0.1, volume fraction 0.5 from a uniform 0.5. Each design
+has its own reduced functional (its own factorization or multigrid cycle),
+all three on the same matrix pattern, the same solver object and the same
+filter. Every history entry records beta and the grey level of the
+intermediate design.
+
+Run ``python problems/topology_robust.py`` to print the three compliances at
+p0 and the Taylor tables of the eroded one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+import adjopt
+from adjopt import fem
+from adjopt.maps import DensityFilter, HeavisideProjection, compose
+from adjopt.mesh import rectangle
+from adjopt.optimize import BetaContinuation, grey_level, minmax_problem
+from adjopt.verify import derivative_report
+
+if __package__:  # imported as problems.topology_robust
+    from . import topology_compliance as _tc
+else:  # a script, or loaded by file path (adjopt run): problems/ is (or is put) on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import topology_compliance as _tc
+
+NU = 0.3
+DESIGNS = ("eroded", "intermediate", "dilated")
+
+#: how ``adjopt run topology_robust`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.01, gtol=0.0, maxiter=300)
+
+
+def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 3.0, rmin: float = 5.0,
+          emin: float = 1e-5, delta: float = 0.1, beta: float = 1.0, beta_max: float = 32.0, beta_every: int = 40,
+          formulation: str = "minmax", volume_on: str = "intermediate", plane: str = "strain",
+          solver=None) -> adjopt.Problem:
+    """The robust cantilever as an :class:`adjopt.Problem`.
+
+    Parameters
+    ----------
+    nelx, nely
+        Elements along x and y (100 x 40).
+    volfrac
+        Volume fraction bound and the uniform start (0.5).
+    penal, rmin, emin
+        SIMP exponent, filter radius in elements, relative void stiffness.
+    delta
+        The threshold offset: eroded 0.5 + delta, dilated 0.5 - delta
+        (0.1; in (0, 0.5)).
+    beta, beta_max, beta_every
+        The projections' beta and its continuation (doubled every
+        ``beta_every`` iterations or when the run converges, up to
+        ``beta_max``).
+    formulation
+        ``"minmax"`` or ``"eroded"`` (see the module).
+    volume_on
+        ``"intermediate"`` or ``"dilated"``: the design the volume bound holds for.
+    plane
+        ``"strain"`` (pyMOTO's) or ``"stress"``.
+    solver
+        As for :func:`topology_compliance.build` (``"auto"``: multigrid on
+        larger grids, else a factorization); one solver object for the three.
+
+    Returns
+    -------
+    adjopt.Problem
+        For ``"minmax"`` the parameters are (p, z); ``meta["functionals"]``
+        holds the three reduced functionals of p by design name,
+        ``meta["designs"]`` the maps p -> physical density.
+    """
+    nelx = _tc._count(nelx, "nelx")
+    nely = _tc._count(nely, "nely")
+    volfrac = float(volfrac)
+    if not 0.0 < volfrac <= 1.0:
+        raise ValueError(f"volfrac must be in (0, 1], got {volfrac!r}")
+    penal = _tc._positive(penal, "penal")
+    rmin = _tc._positive(rmin, "rmin (filter radius in element units)")
+    emin = float(emin)
+    if not 0.0 <= emin < 1.0:
+        raise ValueError(f"emin must satisfy 0 <= emin < 1, got {emin!r}")
+    delta = float(delta)
+    if not 0.0 < delta < 0.5:
+        raise ValueError(f"delta (threshold offset) must be in (0, 0.5), got {delta!r}")
+    beta, _, beta_max, beta_every = _tc.check_projection(True, beta, 0.5, beta_max, beta_every)
+    if formulation not in ("minmax", "eroded"):
+        raise ValueError(f"formulation must be 'minmax' or 'eroded', got {formulation!r}")
+    if volume_on not in ("intermediate", "dilated"):
+        raise ValueError(f"volume_on must be 'intermediate' or 'dilated', got {volume_on!r}")
+    if plane not in ("strain", "stress"):
+        raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
+
+    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+    n_dofs = 2 * mesh.n_nodes
+    fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
+    tip = _tc._node_at(mesh, (nelx, float(nely // 2)))
+    load = fem.point_load(n_dofs, [2 * tip + 1], 1.0)
+    KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=1.0, nu=NU, plane=plane)[0]
+    dofmap = fem.condense(n_dofs, fixed)
+    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
+    A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n=dofmap.n_free)
+    del conn
+    if solver is None or (isinstance(solver, str) and solver.lower() in ("gmg", "auto")):
+        from adjopt.solvers import structured_solver
+
+        solver = structured_solver((nelx, nely), 2, dofmap.fixed, solver)
+    b = dofmap.restrict_vector(load)
+    n = mesh.n_cells
+    fmap = DensityFilter(mesh.cell_centers(), rmin)
+    etas = {"eroded": 0.5 + delta, "intermediate": 0.5, "dilated": 0.5 - delta}
+    projections = {k: HeavisideProjection(n, beta=beta, eta=eta) for k, eta in etas.items()}
+    maps = {k: compose(fmap, projections[k]) for k in DESIGNS}
+    functionals = {k: adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=maps[k], solver=solver)
+                   for k in DESIGNS}
+    volumes = mesh.cell_volumes()
+    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=maps[volume_on]), n)
+    cont = BetaContinuation(list(projections.values()), beta_max=beta_max, every=beta_every) \
+        if beta_max > beta else None
+
+    def monitor(p):
+        return {"grey": grey_level(maps["intermediate"].forward(p))}
+
+    designs = {k: maps[k].forward for k in DESIGNS}
+    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": maps["intermediate"],
+            "density_filter": fmap, "projections": projections, "designs": designs, "functionals": functionals,
+            "dofmap": dofmap, "dofs": dofmap, "load": load,
+            "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, delta=delta,
+                            beta=beta, beta_max=beta_max, beta_every=beta_every, formulation=formulation,
+                            volume_on=volume_on, plane=plane)}
+    name = f"topology_robust_{formulation}_{nelx}x{nely}"
+    p0 = np.full(n, volfrac)
+    if formulation == "eroded":
+        return adjopt.Problem(functionals["eroded"], p0, bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
+                              name=name, meta=meta, mass=volumes, continuation=cont, monitor=monitor)
+    meta["parameter_view"] = lambda xz: np.asarray(xz)[:n]
+    return minmax_problem([functionals[k] for k in DESIGNS], p0, (0.0, 1.0), constraints=[(volume, volfrac)],
+                          name=name, meta=meta, mass=volumes, continuation=cont, monitor=monitor,
+                          fields_from=functionals["intermediate"])
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nelx", type=int, default=30)
+    ap.add_argument("--nely", type=int, default=12)
+    args = ap.parse_args(argv)
+    problem = build(args.nelx, args.nely, rmin=2.0, beta=4.0)
+    p = np.full(args.nelx * args.nely, 0.5)
+    for k, J in problem.meta["functionals"].items():
+        print(f"compliance of the {k} design at p0: {J.value(p):.10g}")
+    print(derivative_report(problem.meta["functionals"]["eroded"], p))
+
+
+if __name__ == "__main__":
+    main()

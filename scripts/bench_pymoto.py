@@ -1,0 +1,619 @@
+"""adjopt against pyMOTO on the same problem, in the same run: seconds per MMA design iteration and the objective.
+
+Usage: python scripts/bench_pymoto.py [--cases mechanism] [--iters 100] [--size NX NY]
+       [--pymoto-python /work/pymoto_ref/venv/bin/python] [--pymoto-examples DIR]
+       [--out scripts/results/bench_pymoto.json] [--no-pymoto]
+
+Benchmarks on the development machine are run as
+``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_pymoto.py ...``;
+the pyMOTO subprocess inherits the environment.
+
+pyMOTO (https://github.com/aatmdelissen/pyMOTO) is not a dependency of
+adjopt: it lives in a Python environment of its own, given by
+``--pymoto-python`` (default /work/pymoto_ref/venv/bin/python, pymoto 2.0.1
+from PyPI). Its side runs as a subprocess of that interpreter with a small
+runner that this script writes to a temporary folder; the example files come
+from ``--pymoto-examples DIR`` (default /work/pymoto_ref/examples_orig), the
+folder examples/topology_optimization of pyMOTO v2.0.1:
+``git clone https://github.com/aatmdelissen/pyMOTO --branch v2.0.1``.
+
+Cases (``CASES``; each is adjopt's build keyword arguments, the method and its
+options, the pyMOTO example file and how to turn pyMOTO's scaled responses
+back into adjopt's unscaled values):
+
+* ``mechanism``: ``problems/topology_mechanism.py``, ``build()`` with its
+  defaults, which are the settings of pyMOTO's
+  ``ex_compliant_mechanism_springs.py`` (80 x 80 unit Q4 elements, plane
+  strain, E 100, nu 0.3, springs 5 (input) and 15 (output), density filter r 2,
+  volume fraction 0.3 on the filtered density, 4 x 4 solid non-design squares
+  at the input and the output, SIMP p 3 with Emin 1e-6 E). The objective is
+  the output displacement u_out; pyMOTO minimises ``g0 = 10 u_out / |u_out(x0)|``
+  (``Scaling(scaling=10)``, whose factor ``sf = 10 / |u_out(x0)|`` the runner
+  reads, so ``u_out = g0 / sf``) subject to ``g1 = 10 (V / (0.3 nel) - 1) <= 0``
+  (so the filtered volume fraction is ``0.3 (1 + g1 / 10)``).
+
+How each side is run
+--------------------
+* adjopt: ``adjopt.optimize.minimize(problem, "mma", move=0.1, maxiter=N,
+  gtol=0, xtol=0)`` (pyMOTO's MMA move limit is 0.1; no stopping test but
+  maxiter). adjopt's MMA divides the objective by ``|f(x0)|`` and the volume
+  constraint by its bound, pyMOTO's by the same and then multiplies both by
+  10: the two MMAs solve equally scaled subproblems up to that factor of 10,
+  not identical ones (the artificial-variable weights a0 = 1, c = 1000, d = 1
+  are the same on both sides), so the iterates are close at first and then
+  drift apart.
+* pyMOTO: the example, unmodified, as ``__main__``, with
+  ``minimize_mma(..., maxit=N, tolf=0, tolx=0)`` (pyMOTO's stopping tests,
+  relative change of the responses and of x below 1e-4, never hold) so that
+  it takes exactly N MMA steps. As in /work/pymoto_ref/run_example.py the
+  runner forces matplotlib's Agg backend (``pymoto.modules.io`` calls
+  ``matplotlib.use("TkAgg")`` on import), replaces the plotting and file
+  modules ``PlotDomain``, ``PlotIter``, ``WriteToVTI``, ``ScalarToFile`` by
+  modules that do nothing (they have no outputs), and wraps ``MMA.step`` to
+  record the responses g and the wall time of every step. ``--size NX NY``
+  (for the tests: a quick run) is passed to pyMOTO by executing the example's
+  source with its size line (``nx, ny = 80, 80``) replaced; the file itself is
+  not changed. Without ``--size`` the source runs as it is.
+
+Iterations are counted alike: iteration k (k = 1..N) is one MMA update and
+one analysis with its sensitivities (pyMOTO's step k analyses x_{k-1} and
+then updates; adjopt's iteration k updates and then analyses x_k, the start
+x_0 being analysed before the loop). ``s_per_iter`` is the median of the wall
+times of iterations 2..N (the first holds pyMOTO's solver choice and adjopt's
+first compilations), ``s_per_iter_mean`` their mean. adjopt's phases are the
+history's ``"phases"`` (filter, assembly, factorize, solve, sensitivity,
+update) summed over iterations 2..N, as shares of their wall time; pyMOTO's
+factorization and solve seconds are the time spent in its linear solver's
+``update`` and ``solve`` (the inner solver of the LDAWrapper), per iteration.
+
+Values: ``f_start`` is f(x_0) (adjopt: history[0]["f"], i.e.
+``problem.functional.value(p0)``; pyMOTO: g0(x_0) / sf); they must agree
+(``f_start_rel_diff``). ``f_final`` is f(x_N), the design after N updates:
+adjopt's history[N]; pyMOTO evaluates x_{N-1} last, so the runner analyses
+the design of its last update once more after the loop (untimed;
+``f_last_evaluated_by_pymoto`` is pyMOTO's own last value). ``f_final_scaled``
+is pyMOTO's scaling of it, ``10 f / |f_start|``. The final volume fraction is
+that of x_N (adjopt: the constraint functional; pyMOTO: from g1 as above).
+
+Also recorded: the linear solver of each side (adjopt:
+``type(problem.functional.solver).__name__`` and, for ``"auto"``, the backend
+it chose; pyMOTO: the solver of its ``LinSolve`` modules, e.g.
+``LDAWrapper(SolverSparseLU)``), the BLAS and thread pools of the adjopt
+process (threadpoolctl), the BLAS libraries mapped into the pyMOTO process,
+thread counts, the machine and the versions of adjopt, pyMOTO, numpy and scipy
+on both sides.
+
+No pyMOTO (``--pymoto-python`` missing or not importing pymoto, or
+``--no-pymoto``): adjopt is measured alone, the JSON says why, exit 0. Bad
+input (unknown case, ``--iters`` < 1, a size the problem does not take, the
+examples folder or file missing while pyMOTO is wanted, a missing output
+folder): an error message, exit 2 and nothing written. A failed pyMOTO run is
+recorded in the JSON with its error and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from _bench_common import blas_info, fmt, machine_info, table, version, write_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "problems"))
+
+import adjopt  # noqa: E402
+from adjopt.optimize import minimize  # noqa: E402
+
+DEFAULT_PYMOTO_PYTHON = "/work/pymoto_ref/venv/bin/python"
+DEFAULT_PYMOTO_EXAMPLES = "/work/pymoto_ref/examples_orig"
+DEFAULT_OUT = os.path.join(ROOT, "scripts", "results", "bench_pymoto.json")
+PHASES = ("filter", "assembly", "factorize", "solve", "sensitivity", "update")
+#: f(x_0) of the two sides must agree to this relative difference (the same problem)
+START_RTOL = 1e-9
+
+
+def _mech_objective(g, sf):
+    """pyMOTO's ``Scaling(scaling=10)`` of u_out: g0 = sf u_out with sf = 10 / |u_out(x0)|."""
+    return g[0] / sf
+
+
+def _mech_volume_fraction(g, sf):
+    """pyMOTO's ``Scaling(scaling=10, maxval=volfrac nel)`` of V: g1 = 10 (V / (volfrac nel) - 1)."""
+    return 0.3 * (1.0 + g[1] / 10.0)
+
+
+#: the benchmark cases: adjopt's problem and build kwargs, the method, pyMOTO's example and its conventions
+CASES = {
+    "mechanism": dict(
+        problem="topology_mechanism",  # problems/<problem>.py
+        build={},  # build()'s defaults are the example's settings
+        size=(80, 80),  # (nelx, nely) of build() and (nx, ny) of the example
+        size_kwargs=("nelx", "nely"),
+        method="mma",
+        options=dict(move=0.1),  # pyMOTO's MMA move limit
+        pymoto_example="ex_compliant_mechanism_springs.py",
+        pymoto_size_pattern=r"^nx, ny = .*$",  # the example's size line (multiline regex)
+        pymoto_size_line="nx, ny = {nx}, {ny}",
+        pymoto_objective=_mech_objective,  # (g, sf of response 0) -> unscaled objective
+        pymoto_objective_doc="u_out = g0 / sf, sf = 10 / |u_out(x0)| (Scaling(scaling=10))",
+        pymoto_volume_fraction=_mech_volume_fraction,  # (g, sf) -> filtered volume fraction
+        pymoto_volume_fraction_doc="V / nel = 0.3 (1 + g1 / 10) (Scaling(scaling=10, maxval=0.3 nel))",
+        pymoto_scale=10.0,  # pyMOTO's objective is pymoto_scale * f / |f(x0)|
+    ),
+}
+
+# ------------------------------------------------------------------------------------------------------
+# The pyMOTO side: this runner is written to a temporary file and run by --pymoto-python.
+RUNNER = r'''
+"""Run a pyMOTO example headless for bench_pymoto.py: argv = config JSON path, result JSON path."""
+import json, os, re, sys, time, traceback
+
+cfg = json.load(open(sys.argv[1]))
+result = dict(status="error")
+
+
+def save():
+    with open(sys.argv[2] + ".tmp", "w") as fh:
+        json.dump(result, fh)
+    os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+
+
+try:
+    os.environ["MPLBACKEND"] = "Agg"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+    except ImportError:
+        matplotlib = None
+    import numpy as np
+    import scipy
+    import pymoto as pym
+    if matplotlib is not None:
+        matplotlib.use("Agg", force=True)  # pymoto.modules.io asked for TkAgg
+    from pymoto.common import mma as _mma
+    import pymoto.solvers as _solvers
+    import pymoto.routines as _routines
+
+    class _NoOp(pym.Module):
+        """Stands for the plotting / file modules: any inputs, no outputs."""
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, *a):
+            return None
+
+    for name in ("PlotDomain", "PlotIter", "WriteToVTI", "ScalarToFile"):
+        if hasattr(pym, name):
+            setattr(pym, name, _NoOp)
+
+    # time spent in the linear solvers (the outermost update / solve call of a solver only: the LDAWrapper is
+    # left out so the inner factorization counts, and nested solver calls are not counted twice)
+    SOLVER = dict(update=0.0, solve=0.0, n_update=0, n_solve=0)
+    depth = [0]
+
+    def _timed(cls, meth):
+        orig = cls.__dict__[meth]
+
+        def f(self, *a, **k):
+            if depth[0]:
+                return orig(self, *a, **k)
+            depth[0] += 1
+            t = time.perf_counter()
+            try:
+                return orig(self, *a, **k)
+            finally:
+                SOLVER[meth] += time.perf_counter() - t
+                SOLVER["n_" + meth] += 1
+                depth[0] -= 1
+        setattr(cls, meth, f)
+
+    def _subclasses(c):
+        for s in c.__subclasses__():
+            yield s
+            yield from _subclasses(s)
+
+    for cls in set(_subclasses(_solvers.LinearSolver)):
+        if cls.__name__ != "LDAWrapper":
+            for meth in ("update", "solve"):
+                if meth in cls.__dict__:
+                    _timed(cls, meth)
+
+    REC = dict(g=[], t=[], raw=[], opt=None, xnew=None, solver_at_step=[])
+
+    def _scalings(opt):
+        """{response index: Scaling module producing it}."""
+        out = {}
+        for m in opt.function.mods:
+            if type(m).__name__ == "Scaling":
+                for i, r in enumerate(opt.responses):
+                    if m.sig_out[0] is r:
+                        out[i] = m
+        return out
+
+    orig_step = _mma.MMA.step
+
+    def step(self, *a, **k):
+        REC["opt"] = self
+        s0 = dict(SOLVER)
+        t = time.perf_counter()
+        out = orig_step(self, *a, **k)
+        REC["t"].append(time.perf_counter() - t)
+        REC["solver_at_step"].append({k: SOLVER[k] - s0[k] for k in SOLVER})
+        REC["g"].append([float(v) for v in np.asarray(out[1], dtype=float).ravel()])
+        sc = _scalings(self)  # the unscaled inputs of the responses' Scaling modules, at the analysed design
+        REC["raw"].append([float(np.real(np.asarray(sc[i].sig_in[0].state)).ravel()[0]) if i in sc else None
+                           for i in range(len(self.responses))])
+        REC["xnew"] = np.array(out[0], dtype=float, copy=True)
+        return out
+
+    _mma.MMA.step = step
+
+    CALL = {}
+    orig_minimize = _routines.minimize_mma
+
+    def minimize_mma(*a, **k):
+        CALL["kwargs_in_example"] = {kk: vv for kk, vv in k.items() if isinstance(vv, (int, float, str, bool))}
+        k.update(maxit=cfg["maxit"], tolf=cfg["tolf"], tolx=cfg["tolx"])
+        t = time.perf_counter()
+        r = orig_minimize(*a, **k)
+        CALL["optimize_s"] = time.perf_counter() - t
+        return r
+
+    pym.minimize_mma = minimize_mma
+    _routines.minimize_mma = minimize_mma
+
+    path = cfg["example"]
+    with open(path) as fh:
+        src = fh.read()
+    if cfg.get("size"):
+        nx, ny = cfg["size"]
+        src, n = re.subn(cfg["size_pattern"], cfg["size_line"].format(nx=nx, ny=ny), src, flags=re.M)
+        if n != 1:
+            raise RuntimeError(f"the size line {cfg['size_pattern']!r} occurs {n} times in {path} (need once)")
+    t0 = time.perf_counter()
+    env = {"__name__": "__main__", "__file__": path}
+    exec(compile(src, path, "exec"), env)
+    total = time.perf_counter() - t0
+    opt = REC["opt"]
+    if opt is None:
+        raise RuntimeError("the example took no MMA step")
+    sc = _scalings(opt)
+    g_last = REC["g"][-1]
+    # the design of the last update, which the loop does not analyse: analyse it (untimed)
+    opt.x = REC["xnew"]
+    t = time.perf_counter()
+    g_final = [float(v) for v in np.asarray(opt.calculate_g(), dtype=float).ravel()]
+    t_final = time.perf_counter() - t
+    raw_final = [float(np.real(np.asarray(sc[i].sig_in[0].state)).ravel()[0]) if i in sc else None
+                 for i in range(len(opt.responses))]
+    solvers = []
+    for m in opt.function.mods:
+        if type(m).__name__ == "LinSolve":
+            s = m.solver
+            inner = getattr(s, "solver", None)
+            solvers.append(type(s).__name__ + (f"({type(inner).__name__})" if inner is not None else ""))
+    blas = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                p = line.split()[-1] if len(line.split()) >= 6 else ""
+                low = os.path.basename(p).lower()
+                if p.startswith("/") and low.startswith("lib") and p not in blas \
+                        and any(w in low for w in ("blas", "lapack", "mkl", "gomp", "iomp")):
+                    blas.append(p)
+    except OSError:
+        pass
+    try:
+        import threadpoolctl
+        pools = threadpoolctl.threadpool_info()
+    except Exception:
+        pools = None
+    result = dict(
+        status="ok", pymoto=pym.__version__, numpy=np.__version__, scipy=scipy.__version__,
+        python=sys.version.split()[0], cpus=os.cpu_count(), example=path, size=cfg.get("size"),
+        kwargs_in_example=CALL.get("kwargs_in_example"), maxit=cfg["maxit"], tolf=cfg["tolf"], tolx=cfg["tolx"],
+        steps=len(REC["g"]), g=REC["g"], raw=REC["raw"], step_times=REC["t"], solver_at_step=REC["solver_at_step"],
+        g_last_evaluated=g_last, g_final=g_final, raw_final=raw_final, final_analysis_s=t_final,
+        sf=[float(sc[i].sf) if i in sc else None for i in range(len(opt.responses))],
+        response_tags=[r.tag for r in opt.responses], n_design=int(opt.n),
+        mma=dict(version=getattr(opt, "mmaversion", None),
+                 **{k: float(getattr(opt, k)) for k in ("move", "asyinit", "asyincr", "asydecr", "asybound",
+                                                        "albefa", "a0", "cCoef", "epsimin")
+                    if hasattr(opt, k) and np.ndim(getattr(opt, k)) == 0}),
+        solvers=solvers, solver_seconds=SOLVER, blas_libraries=blas, threadpools=pools,
+        thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                                   "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
+        run_s=total, optimize_s=CALL.get("optimize_s"))
+except BaseException as exc:  # noqa: BLE001 - everything goes to the parent
+    result = dict(status="error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    save()
+    sys.exit(1)
+save()
+'''
+
+
+def probe_pymoto(python: str) -> tuple[str | None, str | None]:
+    """(pymoto version, None) or (None, why pyMOTO is not available)."""
+    if not python or not os.path.isfile(python) or not os.access(python, os.X_OK):
+        return None, f"no Python interpreter at {python!r}"
+    try:
+        res = subprocess.run([python, "-c", "import pymoto; print(pymoto.__version__)"], capture_output=True,
+                             text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"{python} did not run: {exc}"
+    if res.returncode != 0:
+        return None, f"{python} cannot import pymoto: {res.stderr.strip().splitlines()[-1:] or res.returncode}"
+    return res.stdout.strip().splitlines()[-1], None
+
+
+def run_pymoto(case: dict, example: str, python: str, size, iters: int, workdir: str) -> dict:
+    """Run the example with ``iters`` MMA steps; the runner's result with the unscaled values added."""
+    cfg_path = os.path.join(workdir, "config.json")
+    out_path = os.path.join(workdir, "result.json")
+    runner = os.path.join(workdir, "pymoto_runner.py")
+    with open(runner, "w") as fh:
+        fh.write(RUNNER)
+    with open(cfg_path, "w") as fh:
+        json.dump(dict(example=os.path.abspath(example), maxit=iters, tolf=0.0, tolx=0.0,
+                       size=list(size) if size != case["size"] else None,
+                       size_pattern=case["pymoto_size_pattern"], size_line=case["pymoto_size_line"]), fh)
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run([python, runner, cfg_path, out_path], capture_output=True, text=True, cwd=workdir,
+                             timeout=300 + 30 * iters)
+    except subprocess.TimeoutExpired as exc:
+        return dict(status="error", reason=f"timed out after {exc.timeout:g} s")
+    wall = time.perf_counter() - t0
+    try:
+        with open(out_path) as fh:
+            r = json.load(fh)
+    except (OSError, ValueError):
+        tail = (res.stderr or res.stdout).strip().splitlines()[-5:]
+        return dict(status="error", reason=f"the runner exited with {res.returncode} and wrote no result: "
+                                           + " | ".join(tail))
+    if r.get("status") != "ok":
+        return dict(status="error", reason=r.get("reason", f"exit code {res.returncode}"),
+                    traceback=r.get("traceback"), stdout_tail=res.stdout.strip().splitlines()[-10:])
+    r["subprocess_wall_s"] = wall
+    r["stdout_tail"] = res.stdout.strip().splitlines()[-3:]
+    sf0 = r["sf"][0]
+    f = [case["pymoto_objective"](g, sf0) for g in r["g"]]
+    r["f_history"] = f  # f(x_k), k = 0..N-1 (the designs pyMOTO analysed)
+    r["f_start"] = f[0]
+    r["f_last_evaluated_by_pymoto"] = f[-1]
+    r["f_final"] = case["pymoto_objective"](r["g_final"], sf0)  # f(x_N)
+    r["f_final_scaled"] = r["g_final"][0]
+    r["volume_fraction_final"] = case["pymoto_volume_fraction"](r["g_final"], sf0)
+    raw = [row[0] for row in r["raw"]] + [r["raw_final"][0]]
+    conv = f + [r["f_final"]]
+    r["conversion_max_rel_diff"] = max((abs(a - b) / abs(b) for a, b in zip(conv, raw) if b), default=None)
+    r.update(iteration_times(r["step_times"]))
+    timed = r["solver_at_step"][1:]
+    if timed:
+        r["solver_per_iter"] = dict(factorize=float(np.median([s["update"] for s in timed])),
+                                    solve=float(np.median([s["solve"] for s in timed])),
+                                    factorizations=float(np.mean([s["n_update"] for s in timed])),
+                                    solves=float(np.mean([s["n_solve"] for s in timed])))
+    del r["solver_at_step"], r["raw"]
+    return r
+
+
+def iteration_times(times) -> dict:
+    """Median and mean of the times of iterations 2..N (None for N = 1) and all of them."""
+    t = [float(x) for x in times]
+    rest = t[1:]
+    return dict(iter_times=t, s_per_iter=float(np.median(rest)) if rest else None,
+                s_per_iter_mean=float(np.mean(rest)) if rest else None, first_iter_s=t[0] if t else None,
+                iterations_timed=len(rest))
+
+
+def solver_names(solver) -> dict:
+    """adjopt's solver class and, for "auto", the backend it chose."""
+    out = dict(solver=type(solver).__name__, solver_name=getattr(solver, "name", None))
+    chosen = getattr(solver, "chosen", None)
+    if chosen is not None:
+        out["chosen"] = type(chosen).__name__
+        out["chosen_name"] = getattr(chosen, "name", None)
+    elif type(solver).__name__ == "AutoSolver":
+        out["chosen"] = None
+    return out
+
+
+def build_problem(case: dict, size):
+    mod = importlib.import_module(case["problem"])
+    kw = dict(case["build"])
+    kw.update(zip(case["size_kwargs"], size))
+    return mod.build(**kw)
+
+
+def run_adjopt(case: dict, problem, iters: int) -> dict:
+    """``iters`` iterations of the case's method; times, phases and values."""
+    t0 = time.perf_counter()
+    res = minimize(problem, case["method"], maxiter=iters, gtol=0, xtol=0, **case["options"])
+    wall = time.perf_counter() - t0
+    hist = res.history
+    steps = hist[1:]
+    r = dict(status="ok", method=case["method"], options=case["options"], nit=int(res.nit), message=res.message,
+             run_s=wall, f_history=[float(h["f"]) for h in hist], f_start=float(hist[0]["f"]),
+             f_final=float(hist[-1]["f"]))
+    r["f_final_scaled"] = case["pymoto_scale"] * r["f_final"] / abs(r["f_start"]) if r["f_start"] else None
+    r.update(iteration_times([h["time"] for h in steps]))
+    timed = steps[1:]
+    if timed:
+        wall_timed = sum(h["time"] for h in timed)
+        sums = {k: sum(h.get("phases", {}).get(k, 0.0) for h in timed) for k in PHASES}
+        r["phase_seconds_per_iter"] = {k: v / len(timed) for k, v in sums.items()}
+        r["phase_shares"] = {k: v / wall_timed for k, v in sums.items()} if wall_timed > 0 else None
+    vol, bound = problem.constraints[0]
+    r["volume_fraction_final"] = float(vol.value(res.x))
+    r["volume_bound"] = float(bound)
+    r["max_violation_final"] = hist[-1].get("max_violation")
+    r.update(solver_names(problem.functional.solver))
+    r["factorizations"], r["solves"] = int(res.factorizations), int(res.solves)
+    r["unknowns"] = int(problem.meta["dofmap"].n_free) if "dofmap" in problem.meta else None
+    r["design_variables"] = int(problem.p0.size)
+    return r
+
+
+def compare(a: dict, p: dict) -> dict:
+    out = dict(f_start_rel_diff=abs(a["f_start"] - p["f_start"]) / abs(p["f_start"]) if p["f_start"] else None)
+    out["f_start_agree"] = out["f_start_rel_diff"] is not None and out["f_start_rel_diff"] <= START_RTOL
+    out["f_final_rel_diff"] = abs(a["f_final"] - p["f_final"]) / abs(p["f_final"]) if p["f_final"] else None
+    out["volume_fraction_final_diff"] = a["volume_fraction_final"] - p["volume_fraction_final"]
+    if a.get("s_per_iter") and p.get("s_per_iter"):
+        out["time_ratio_adjopt_over_pymoto"] = a["s_per_iter"] / p["s_per_iter"]
+        out["time_ratio_mean"] = a["s_per_iter_mean"] / p["s_per_iter_mean"]
+    # f(x_k) of the two runs, k = 0..N-1 (both analysed those designs); they drift apart as the MMAs differ
+    n = min(len(a["f_history"]), len(p["f_history"]))
+    fa, fp = np.array(a["f_history"][:n]), np.array(p["f_history"][:n])
+    scale = abs(a["f_start"])
+    out["f_history_max_abs_diff_over_f0"] = float(np.max(np.abs(fa - fp)) / scale) if n and scale else None
+    return out
+
+
+def print_table(data) -> None:
+    rows, phase_rows, notes = [], [], []
+    for name, c in data["cases"].items():
+        for side in ("adjopt", "pymoto"):
+            r = c.get(side) or {}
+            if r.get("status") != "ok":
+                rows.append([name, side, "-", "-", "-", "-", "-", "-", "-", r.get("status", "not run")])
+                continue
+            if side == "adjopt":
+                solver = r.get("solver_name") or r.get("solver")
+            else:
+                solver = ", ".join(r.get("solvers", []))
+            rows.append([name, side, fmt(r.get("s_per_iter"), ".4g"), fmt(r.get("s_per_iter_mean"), ".4g"),
+                         fmt(r["f_start"], ".10g"), fmt(r["f_final"], ".6g"), fmt(r.get("f_final_scaled"), ".6g"),
+                         fmt(r["volume_fraction_final"], ".5f"), solver, "ok"])
+        a = c["adjopt"]
+        if a.get("phase_shares"):
+            phase_rows.append([name, *(f"{100 * a['phase_shares'][k]:.1f}%" for k in PHASES)])
+        cmp_ = c.get("comparison")
+        if cmp_:
+            notes.append(f"{name}: f start rel diff {fmt(cmp_['f_start_rel_diff'], '.2e')} "
+                         f"(agree: {fmt(cmp_['f_start_agree'])}), adjopt / pyMOTO s/iter "
+                         f"{fmt(cmp_.get('time_ratio_adjopt_over_pymoto'), '.3g')} (median), "
+                         f"{fmt(cmp_.get('time_ratio_mean'), '.3g')} (mean)")
+    print(f"\n{data['config']['iters']} MMA iterations; s/iter over iterations 2..N; f = the unscaled objective; "
+          "scaled = 10 f / |f start| (pyMOTO's)")
+    print(table(rows, ["case", "run", "s/iter med", "s/iter mean", "f start", "f final", "scaled", "vol frac",
+                       "solver", "status"]))
+    if phase_rows:
+        print("\nadjopt phases (share of the wall time of iterations 2..N)")
+        print(table(phase_rows, ["case", *PHASES]))
+    for n in notes:
+        print(n)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", default=["mechanism"], metavar="CASE", help=f"of {sorted(CASES)}")
+    ap.add_argument("--iters", type=int, default=100, help="MMA iterations of each side (N)")
+    ap.add_argument("--size", type=int, nargs=2, metavar=("NX", "NY"), default=None,
+                    help="elements along x and y (default: the case's own size; pyMOTO's example is patched)")
+    ap.add_argument("--pymoto-python", default=DEFAULT_PYMOTO_PYTHON)
+    ap.add_argument("--pymoto-examples", default=DEFAULT_PYMOTO_EXAMPLES,
+                    help="examples/topology_optimization of pyMOTO v2.0.1")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--no-pymoto", action="store_true", help="measure adjopt alone")
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(map(repr, unknown))}; the cases are {sorted(CASES)}")
+    cases = list(dict.fromkeys(args.cases))
+    if args.iters < 1:
+        ap.error(f"--iters must be >= 1, got {args.iters}")
+    if args.size is not None and min(args.size) < 1:
+        ap.error(f"--size must be two positive element counts, got {args.size}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        ap.error(f"--out {args.out!r}: its folder does not exist")
+
+    # pyMOTO is wanted unless --no-pymoto or its interpreter is missing (then adjopt runs alone)
+    pym_python = os.path.abspath(args.pymoto_python) if args.pymoto_python else ""
+    if args.no_pymoto:
+        pym_reason = "--no-pymoto"
+    elif not os.path.isfile(pym_python):
+        pym_reason = f"no Python interpreter at {args.pymoto_python!r}"
+    else:
+        pym_reason = None
+    examples = {}
+    if pym_reason is None:
+        if not os.path.isdir(args.pymoto_examples):
+            ap.error(f"--pymoto-examples {args.pymoto_examples!r} is not a folder (pyMOTO v2.0.1's "
+                     "examples/topology_optimization; or pass --no-pymoto)")
+        for c in cases:
+            path = os.path.join(args.pymoto_examples, CASES[c]["pymoto_example"])
+            if not os.path.isfile(path):
+                ap.error(f"case {c!r}: the pyMOTO example {path!r} does not exist")
+            examples[c] = path
+    sizes = {c: tuple(args.size) if args.size else CASES[c]["size"] for c in cases}
+    problems = {}
+    for c in cases:
+        try:
+            problems[c] = build_problem(CASES[c], sizes[c])
+        except ValueError as exc:
+            ap.error(f"case {c!r} at size {sizes[c][0]} x {sizes[c][1]}: {exc}")
+
+    pym_version = None
+    if pym_reason is None:
+        pym_version, pym_reason = probe_pymoto(pym_python)
+    if pym_reason is not None:
+        print(f"pyMOTO not run ({pym_reason}): measuring adjopt alone", flush=True)
+
+    data = dict(
+        info=machine_info(adjopt=getattr(adjopt, "__version__", None), pymoto=pym_version,
+                          threadpoolctl=version("threadpoolctl"), **blas_info()),
+        config=dict(cases=cases, iters=args.iters, size=list(args.size) if args.size else None,
+                    pymoto_python=pym_python or None, pymoto_examples=os.path.abspath(args.pymoto_examples),
+                    no_pymoto=args.no_pymoto, start_rtol=START_RTOL),
+        pymoto_available=pym_reason is None, pymoto_reason=pym_reason,
+        note=None if pym_reason is None else f"adjopt measured alone: pyMOTO not run ({pym_reason})",
+        cases={}, errors=[], complete=False)
+    failed = False
+    t_all = time.perf_counter()
+    for c in cases:
+        case = CASES[c]
+        nx, ny = sizes[c]
+        print(f"\n{c} {nx}x{ny}: adjopt, {args.iters} {case['method']} iterations", flush=True)
+        row = dict(size=[nx, ny],
+                   config=dict(build={**case["build"], **dict(zip(case["size_kwargs"], sizes[c]))},
+                               problem=f"problems/{case['problem']}.py", method=case["method"],
+                               options=case["options"], stop=dict(maxiter=args.iters, gtol=0, xtol=0),
+                               pymoto_example=case["pymoto_example"], pymoto_objective=case["pymoto_objective_doc"],
+                               pymoto_volume_fraction=case["pymoto_volume_fraction_doc"],
+                               pymoto_stop=dict(maxit=args.iters, tolf=0, tolx=0),
+                               pymoto_size_patched=sizes[c] != case["size"]))
+        row["adjopt"] = run_adjopt(case, problems[c], args.iters)
+        if pym_reason is None:
+            print(f"{c} {nx}x{ny}: pyMOTO ({examples[c]}), {args.iters} MMA steps", flush=True)
+            with tempfile.TemporaryDirectory(prefix="bench_pymoto_") as work:
+                row["pymoto"] = run_pymoto(case, examples[c], pym_python, sizes[c], args.iters, work)
+            if row["pymoto"]["status"] == "ok":
+                row["comparison"] = compare(row["adjopt"], row["pymoto"])
+            else:
+                failed = True
+                data["errors"].append(dict(case=c, reason=row["pymoto"]["reason"]))
+                print(f"pyMOTO failed: {row['pymoto']['reason']}", file=sys.stderr, flush=True)
+        else:
+            row["pymoto"] = dict(status="not run", reason=pym_reason)
+        data["cases"][c] = row
+    data["total_s"] = time.perf_counter() - t_all
+    data["complete"] = True
+    print_table(data)
+    write_json(args.out, data)
+    print(f"\nwrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Robust compliance (problems/topology_robust.py): eroded, intermediate and dilated designs from one field."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "problems"))
+import topology_robust as tr  # noqa: E402
+
+from adjopt.optimize import minimize  # noqa: E402
+from adjopt.results import fields, write_results  # noqa: E402
+from adjopt.verify import check_hessian_symmetry, taylor_test  # noqa: E402
+
+SMALL = dict(nelx=16, nely=8, rmin=2.0, beta=4.0)
+
+
+def _design(n, seed=3):
+    return np.random.default_rng(seed).uniform(0.2, 0.9, n)
+
+
+@pytest.mark.parametrize("design", tr.DESIGNS)
+def test_taylor_rates_of_each_design(design):
+    problem = tr.build(**SMALL)
+    J = problem.meta["functionals"][design]
+    p = _design(J.n_params)
+    r2 = taylor_test(J, p, order=2)
+    r3 = taylor_test(J, p, order=3)
+    assert r2.rate >= 1.9, r2.table()
+    assert r3.rate >= 2.9, r3.table()
+    assert check_hessian_symmetry(J, p) < 1e-8
+
+
+def test_taylor_rates_of_the_bound_formulation():
+    problem = tr.build(**SMALL)
+    xz = np.append(_design(128), 1.3)
+    for con, _ in problem.constraints:
+        r = taylor_test(con, xz, order=2)
+        assert r.passed, r.table()
+    assert len(problem.constraints) == 4 and problem.p0.size == 129 and problem.p0[-1] == pytest.approx(1.0)
+
+
+def test_designs_are_ordered_and_share_the_filter_and_pattern():
+    problem = tr.build(**SMALL)
+    F, designs = problem.meta["functionals"], problem.meta["designs"]
+    p = _design(128)
+    ero, mid, dil = (designs[k](p) for k in tr.DESIGNS)
+    assert np.all(ero <= mid + 1e-15) and np.all(mid <= dil + 1e-15)  # a higher threshold removes material
+    c = [F[k].value(p) for k in tr.DESIGNS]
+    assert c[0] > c[1] > c[2]
+    assert F["eroded"].matrix is F["dilated"].matrix and F["eroded"].solver is F["dilated"].solver
+    # interleaved evaluations on the shared matrix give what separate problems give
+    other = tr.build(**SMALL).meta["functionals"]
+    g = [F[k].gradient(p) for k in tr.DESIGNS]
+    for k, gk in zip(tr.DESIGNS, g):
+        np.testing.assert_array_equal(gk, other[k].gradient(p))
+
+
+def test_the_continuation_moves_all_three_betas():
+    problem = tr.build(**{**SMALL, "beta_max": 16.0, "beta_every": 3})
+    res = minimize(problem, "mma", move=0.1, maxiter=7, gtol=0, xtol=0)
+    assert [e["beta"] for e in res.history] == [4.0] * 4 + [8.0] * 3 + [16.0]
+    assert {m.beta for m in problem.meta["projections"].values()} == {16.0}
+    assert all(0 <= e["grey"] <= 1 for e in res.history)
+
+
+@pytest.mark.parametrize("formulation", ["minmax", "eroded"])
+def test_a_short_run_improves_the_worst_case(formulation):
+    problem = tr.build(40, 16, rmin=2.5, formulation=formulation, beta_max=4.0, beta_every=20)
+    res = minimize(problem, "mma", move=0.1, maxiter=50, gtol=0, xtol=0)  # beta 4 from iteration 40 on
+    F = problem.meta["functionals"]
+    x = res.x[:640]
+    p0 = np.full(640, 0.5)
+    worst0 = max(F[k].value(p0) for k in tr.DESIGNS)
+    worst = max(F[k].value(x) for k in tr.DESIGNS)
+    assert worst < 0.5 * worst0
+    volume = problem.constraints[-1][0]
+    assert volume.value(res.x) <= 0.5 * (1 + 2e-3)
+    if formulation == "minmax":  # z bounds every scaled compliance
+        scales = problem.meta["minmax"]["scales"]
+        assert res.x[-1] >= max(F[k].value(x) / s for k, s in zip(tr.DESIGNS, scales)) - 2e-3
+
+
+def test_results_draw_the_three_designs(tmp_path):
+    problem = tr.build(**SMALL)
+    stats = problem.meta["functionals"]["eroded"].stats
+    assert all(J.stats is stats for J in problem.meta["functionals"].values())  # one solver, one count
+    before = stats.factorizations
+    res = minimize(problem, "mma", maxiter=2, gtol=0, xtol=0)
+    # the run counts the factorizations of all three designs: one each per evaluated point
+    assert res.factorizations == stats.factorizations - before == 9
+    cd = fields(problem, res.x)["cell_data"]
+    for k in tr.DESIGNS:
+        np.testing.assert_allclose(cd[f"density_{k}"], problem.meta["designs"][k](res.x[:128]))
+    np.testing.assert_allclose(cd["density"], cd["density_intermediate"])
+    np.testing.assert_array_equal(cd["parameter"], res.x[:128])
+    written = write_results(tmp_path, problem, res)
+    assert os.path.getsize(written["parameter.png"]) > 0 and os.path.getsize(written["state.png"]) > 0
+    assert "displacement" in fields(problem, res.x)["point_data"]  # the intermediate design's state
+
+
+def test_regression_values():
+    problem = tr.build(30, 12, rmin=2.0, beta=4.0)
+    p = np.full(360, 0.5)
+    got = [problem.meta["functionals"][k].value(p) for k in tr.DESIGNS]
+    # measured with this module (plane strain, emin 1e-5, eta 0.6 / 0.5 / 0.4, beta 4)
+    np.testing.assert_allclose(got, REGRESSION, rtol=1e-8)
+
+
+REGRESSION = [2021.7228871111806, 514.6512040518778, 201.79656106033232]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"delta": 0.5}, r"delta .* must be in \(0, 0.5\)"),
+    ({"formulation": "worst"}, "formulation must be 'minmax' or 'eroded'"),
+    ({"volume_on": "eroded"}, "volume_on must be 'intermediate' or 'dilated'"),
+    ({"plane": "3d"}, "plane must be 'strain' or 'stress'"),
+    ({"beta": 64.0}, r"beta_max \(32\) must be >= beta \(64\)"),
+    ({"nelx": 0}, "nelx must be >= 1"),
+])
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tr.build(**{"nelx": 8, "nely": 4, **kwargs})

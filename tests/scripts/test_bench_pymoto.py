@@ -1,0 +1,130 @@
+"""The adjopt-vs-pyMOTO benchmark runs end to end at a small size: adjopt alone without pyMOTO (exit 0, said so in
+the JSON), bad input exits 2 and writes nothing, and, where the pyMOTO environment of the development machine
+exists, both sides start from the same f and take the same number of MMA iterations."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "scripts", "bench_pymoto.py")
+PYMOTO_PYTHON = "/work/pymoto_ref/venv/bin/python"
+PYMOTO_EXAMPLES = "/work/pymoto_ref/examples_orig"
+PHASES = {"filter", "assembly", "factorize", "solve", "sensitivity", "update"}
+
+
+def _run(args, tmp_path, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path)
+
+
+def _f0(nx, ny):
+    sys.path.insert(0, os.path.join(ROOT, "problems"))
+    try:
+        import topology_mechanism as tm
+    finally:
+        sys.path.remove(os.path.join(ROOT, "problems"))
+    problem = tm.build(nx, ny)
+    return problem.functional.value(problem.p0)
+
+
+def _check_adjopt(a, iters, nx, ny):
+    assert a["status"] == "ok" and a["nit"] == iters and a["method"] == "mma" and a["options"] == {"move": 0.1}
+    assert len(a["iter_times"]) == iters and all(t > 0 for t in a["iter_times"])
+    assert a["iterations_timed"] == iters - 1
+    assert a["s_per_iter"] > 0 and a["s_per_iter_mean"] > 0
+    assert set(a["phase_shares"]) == PHASES and all(v >= 0 for v in a["phase_shares"].values())
+    assert 0.5 < sum(a["phase_shares"].values()) <= 1.0 + 1e-9
+    assert len(a["f_history"]) == iters + 1 and all(math.isfinite(f) for f in a["f_history"])
+    assert math.isfinite(a["f_final"]) and a["f_final"] == a["f_history"][-1]
+    assert a["f_final_scaled"] == pytest.approx(10 * a["f_final"] / abs(a["f_start"]), rel=1e-12)
+    # the start is J(p0) of the same problem
+    assert a["f_start"] == pytest.approx(_f0(nx, ny), rel=1e-12, abs=0)
+    assert 0 < a["volume_fraction_final"] <= 0.3 + 1e-6 and a["volume_bound"] == 0.3
+    assert a["solver"] == "AutoSolver" and a["chosen"] and a["solver_name"].startswith("auto:")
+    assert a["unknowns"] > 0 and a["design_variables"] == nx * ny - 2 * 4 * 4
+
+
+@pytest.mark.parametrize("how", ["--no-pymoto", "missing interpreter"])
+def test_bench_pymoto_adjopt_alone(tmp_path, how):
+    out = tmp_path / "bp.json"
+    extra = ["--no-pymoto"] if how == "--no-pymoto" else ["--pymoto-python", str(tmp_path / "no" / "python")]
+    res = _run(["--cases", "mechanism", "--iters", "2", "--size", "16", "12", "--out", str(out), *extra], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "adjopt" in res.stdout and "wrote" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["errors"] == []
+    assert data["pymoto_available"] is False and data["pymoto_reason"] and "alone" in data["note"]
+    if how == "--no-pymoto":
+        assert data["pymoto_reason"] == "--no-pymoto"
+    else:
+        assert "no Python interpreter" in data["pymoto_reason"]
+    assert data["config"]["iters"] == 2 and data["config"]["size"] == [16, 12]
+    info = data["info"]
+    assert info["cpus"] >= 1 and info["adjopt"] and info["numpy"] and info["scipy"] and info["pymoto"] is None
+    assert isinstance(info["threadpools"], list)
+    row = data["cases"]["mechanism"]
+    assert row["size"] == [16, 12] and row["pymoto"]["status"] == "not run"
+    assert "comparison" not in row and row["config"]["pymoto_size_patched"] is True
+    _check_adjopt(row["adjopt"], 2, 16, 12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bp.json"]  # written atomically, no temporary left
+
+
+def test_bench_pymoto_bad_input(tmp_path):
+    out = tmp_path / "x.json"
+    cases = [
+        (["--cases", "nosuchcase", "--no-pymoto"], "unknown case"),
+        (["--iters", "0", "--no-pymoto"], "--iters"),
+        # pyMOTO wanted (an interpreter that exists) but its examples are missing
+        (["--iters", "2", "--size", "16", "12", "--pymoto-python", sys.executable, "--pymoto-examples",
+          str(tmp_path / "noexamples")], "not a folder"),
+        (["--iters", "2", "--size", "16", "12", "--pymoto-python", sys.executable, "--pymoto-examples",
+          str(tmp_path)], "does not exist"),  # a folder without the example file
+        (["--size", "8", "6", "--no-pymoto"], "nondesign"),  # the 4 x 4 solids do not fit
+        (["--size", "0", "16", "--no-pymoto"], "--size"),
+    ]
+    for args, msg in cases:
+        res = _run([*args, "--out", str(out)], tmp_path, timeout=120)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert msg in res.stderr, (args, res.stderr)
+    res = _run(["--no-pymoto", "--out", str(tmp_path / "no" / "x.json")], tmp_path, timeout=120)
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not os.path.exists(PYMOTO_PYTHON), reason=f"no pyMOTO environment at {PYMOTO_PYTHON}")
+def test_bench_pymoto_against_pymoto(tmp_path):
+    if not os.path.isdir(PYMOTO_EXAMPLES):
+        pytest.skip(f"no pyMOTO examples at {PYMOTO_EXAMPLES}")
+    out = tmp_path / "bp.json"
+    res = _run(["--cases", "mechanism", "--iters", "2", "--size", "16", "16", "--pymoto-python", PYMOTO_PYTHON,
+                "--pymoto-examples", PYMOTO_EXAMPLES, "--out", str(out)], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["errors"] == [] and data["pymoto_available"] is True
+    assert data["pymoto_reason"] is None and data["info"]["pymoto"] == "2.0.1"
+    row = data["cases"]["mechanism"]
+    _check_adjopt(row["adjopt"], 2, 16, 16)
+    p = row["pymoto"]
+    assert p["status"] == "ok" and p["pymoto"] == "2.0.1" and p["numpy"] and p["scipy"] and p["cpus"] >= 1
+    assert p["size"] == [16, 16] and p["n_design"] == 16 * 16  # the example ran at the patched size
+    assert p["steps"] == 2 and p["maxit"] == 2 and p["tolf"] == 0 and p["tolx"] == 0
+    assert len(p["step_times"]) == 2 and p["s_per_iter"] > 0 and p["s_per_iter_mean"] > 0
+    assert p["solvers"] and all("Solver" in s for s in p["solvers"])
+    assert p["mma"]["move"] == 0.1
+    assert len(p["f_history"]) == 2 and all(math.isfinite(f) for f in p["f_history"])
+    assert math.isfinite(p["f_final"]) and p["f_final_scaled"] == pytest.approx(10 * p["f_final"] / abs(p["f_start"]))
+    assert p["conversion_max_rel_diff"] < 1e-12  # g0 / sf is the u_out that went into the Scaling module
+    assert 0 < p["volume_fraction_final"] < 1
+    assert p["solver_per_iter"]["factorize"] > 0
+    # the same problem: the same start, and (the MMAs being alike) nearby early iterates
+    cmp_ = row["comparison"]
+    assert cmp_["f_start_agree"] and cmp_["f_start_rel_diff"] < 1e-9
+    assert cmp_["time_ratio_adjopt_over_pymoto"] > 0
+    assert abs(cmp_["volume_fraction_final_diff"]) < 0.05
+    assert "adjopt / pyMOTO" in res.stdout and "LDAWrapper" in res.stdout
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bp.json"]
