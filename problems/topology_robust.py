@@ -19,7 +19,8 @@ that is stiff when eroded is stiff whatever the error.
 The case is pyMOTO's: a cantilever of nelx x nely unit Q1 plane-strain
 elements (100 x 40, E = 1, nu = 0.3, emin = 1e-5, penal 3), the left edge
 clamped, a unit transverse force at the middle of the right edge, filter
-radius 5, delta = 0.1, volume fraction 0.5 from a uniform 0.5. Each design
+radius 5 with void outside the domain away from the support, delta = 0.1,
+volume fraction 0.5 from a uniform 0.5. Each design
 has its own reduced functional (its own factorization or multigrid cycle),
 all three on the same matrix pattern, the same solver object and the same
 filter. Every history entry records beta and the grey level of the
@@ -40,7 +41,7 @@ import adjopt
 from adjopt import fem
 from adjopt.maps import DensityFilter, HeavisideProjection, compose
 from adjopt.mesh import rectangle
-from adjopt.optimize import BetaContinuation, grey_level, minmax_problem
+from adjopt.optimize import BetaContinuation, BetaSchedule, grey_level, minmax_problem
 from adjopt.verify import derivative_report
 
 if __package__:  # imported as problems.topology_robust
@@ -59,7 +60,7 @@ RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.01, gtol=0.0, maxiter=300)
 def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 3.0, rmin: float = 5.0,
           emin: float = 1e-5, delta: float = 0.1, beta: float = 1.0, beta_max: float = 32.0, beta_every: int = 40,
           formulation: str = "minmax", volume_on: str = "intermediate", plane: str = "strain",
-          solver=None) -> adjopt.Problem:
+          pad_filter: bool = True, continuation: str = "double", solver=None) -> adjopt.Problem:
     """The robust cantilever as an :class:`adjopt.Problem`.
 
     Parameters
@@ -83,6 +84,19 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
         ``"intermediate"`` or ``"dilated"``: the design the volume bound holds for.
     plane
         ``"strain"`` (pyMOTO's) or ``"stress"``.
+    pad_filter
+        Void outside the domain for the filter (rows divided by the largest
+        row sum, :class:`~adjopt.maps.DensityFilter` ``void_outside``) except
+        in the first ``int(rmin) + 1`` columns at the clamped edge: pyMOTO's
+        setting (True). False: every row divided by its own sum.
+    continuation
+        ``"double"``: :class:`~adjopt.optimize.BetaContinuation` (beta doubled
+        every ``beta_every`` iterations or at convergence, up to
+        ``beta_max``); ``"pymoto"``: the schedule of pyMOTO's example,
+        :class:`~adjopt.optimize.BetaSchedule` with ``beta`` for the first 15
+        iterations, then ``beta + (beta_max - beta) / 80 (5 floor((k - 1) / 5)
+        - 10)`` (a step every 5 iterations, beta_max from iteration 91; pyMOTO
+        uses beta = 1e-3, beta_max = 40).
     solver
         As for :func:`topology_compliance.build` (``"auto"``: multigrid on
         larger grids, else a factorization); one solver object for the three.
@@ -114,6 +128,10 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
         raise ValueError(f"volume_on must be 'intermediate' or 'dilated', got {volume_on!r}")
     if plane not in ("strain", "stress"):
         raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
+    if not isinstance(pad_filter, (bool, np.bool_)):
+        raise ValueError(f"pad_filter must be True or False, got {pad_filter!r}")
+    if continuation not in ("double", "pymoto"):
+        raise ValueError(f"continuation must be 'double' or 'pymoto', got {continuation!r}")
 
     mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
     n_dofs = 2 * mesh.n_nodes
@@ -131,7 +149,8 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
         solver = structured_solver((nelx, nely), 2, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
     n = mesh.n_cells
-    fmap = DensityFilter(mesh.cell_centers(), rmin)
+    centers = mesh.cell_centers()
+    fmap = DensityFilter(centers, rmin, void_outside=centers[:, 0] > int(rmin) + 1 if pad_filter else None)
     etas = {"eroded": 0.5 + delta, "intermediate": 0.5, "dilated": 0.5 - delta}
     projections = {k: HeavisideProjection(n, beta=beta, eta=eta) for k, eta in etas.items()}
     maps = {k: compose(fmap, projections[k]) for k in DESIGNS}
@@ -139,8 +158,14 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
                    for k in DESIGNS}
     volumes = mesh.cell_volumes()
     volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=maps[volume_on]), n)
-    cont = BetaContinuation(list(projections.values()), beta_max=beta_max, every=beta_every) \
-        if beta_max > beta else None
+    if continuation == "pymoto":
+        def schedule(k, b0=beta, b1=beta_max):
+            return b0 if k <= 15 else float(np.clip(b0 + (b1 - b0) / 80 * (5 * ((k - 1) // 5) - 10), b0, b1))
+
+        cont = BetaSchedule(list(projections.values()), schedule)
+    else:
+        cont = BetaContinuation(list(projections.values()), beta_max=beta_max, every=beta_every) \
+            if beta_max > beta else None
 
     def monitor(p):
         return {"grey": grey_level(maps["intermediate"].forward(p))}
@@ -151,7 +176,7 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
             "dofmap": dofmap, "dofs": dofmap, "load": load,
             "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, delta=delta,
                             beta=beta, beta_max=beta_max, beta_every=beta_every, formulation=formulation,
-                            volume_on=volume_on, plane=plane)}
+                            volume_on=volume_on, plane=plane, pad_filter=pad_filter, continuation=continuation)}
     name = f"topology_robust_{formulation}_{nelx}x{nely}"
     p0 = np.full(n, volfrac)
     if formulation == "eroded":

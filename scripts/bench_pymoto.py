@@ -79,9 +79,12 @@ Also recorded: the linear solver of each side (adjopt:
 ``type(problem.functional.solver).__name__`` and, for ``"auto"``, the backend
 it chose; pyMOTO: the solver of its ``LinSolve`` modules, e.g.
 ``LDAWrapper(SolverSparseLU)``), the BLAS and thread pools of the adjopt
-process (threadpoolctl), the BLAS libraries mapped into the pyMOTO process,
-thread counts, the machine and the versions of adjopt, pyMOTO, numpy and scipy
-on both sides.
+process (threadpoolctl), the BLAS libraries mapped into the pyMOTO process
+and OpenBLAS's thread count there, the thread environment variables, the
+machine (cpus, load average) and the versions of adjopt, pyMOTO, numpy and
+scipy on both sides. On a small machine with other work running the times
+depend much on the BLAS threads (both MMAs and CHOLMOD use them): compare
+runs at the same load, or pin ``OPENBLAS_NUM_THREADS``.
 
 No pyMOTO (``--pymoto-python`` missing or not importing pymoto, or
 ``--no-pymoto``): adjopt is measured alone, the JSON says why, exit 0. Bad
@@ -315,6 +318,21 @@ try:
         pools = threadpoolctl.threadpool_info()
     except Exception:
         pools = None
+    blas_threads = {}  # OpenBLAS's own thread count, asked as threadpoolctl does (it is not installed there)
+    import ctypes
+    for p in blas:
+        if "openblas" not in os.path.basename(p).lower():
+            continue
+        try:
+            lib = ctypes.CDLL(p)
+        except OSError:
+            continue
+        for sym in ("openblas_get_num_threads", "openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                    "scipy_openblas_get_num_threads64_"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                blas_threads[p] = int(fn())
+                break
     result = dict(
         status="ok", pymoto=pym.__version__, numpy=np.__version__, scipy=scipy.__version__,
         python=sys.version.split()[0], cpus=os.cpu_count(), example=path, size=cfg.get("size"),
@@ -327,7 +345,8 @@ try:
                  **{k: float(getattr(opt, k)) for k in ("move", "asyinit", "asyincr", "asydecr", "asybound",
                                                         "albefa", "a0", "cCoef", "epsimin")
                     if hasattr(opt, k) and np.ndim(getattr(opt, k)) == 0}),
-        solvers=solvers, solver_seconds=SOLVER, blas_libraries=blas, threadpools=pools,
+        solvers=solvers, solver_seconds=SOLVER, blas_libraries=blas, blas_threads=blas_threads,
+        threadpools=pools,
         thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                                    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
         run_s=total, optimize_s=CALL.get("optimize_s"))
@@ -513,6 +532,14 @@ def print_table(data) -> None:
         print(table(phase_rows, ["case", *PHASES]))
     for n in notes:
         print(n)
+    info = data["info"]
+    pools = ", ".join(f"{d.get('internal_api')} {d.get('num_threads')}" for d in info.get("threadpools") or []) or "-"
+    line = f"machine: {info.get('cpus')} cpus, load {info.get('loadavg')}; adjopt threads: numba {info.get('threads')}, " \
+           f"pools {pools}"
+    pym = [c["pymoto"] for c in data["cases"].values() if c.get("pymoto", {}).get("status") == "ok"]
+    if pym:
+        line += "; pyMOTO OpenBLAS threads " + (", ".join(str(n) for n in pym[0].get("blas_threads", {}).values()) or "-")
+    print(line)
 
 
 def main(argv=None) -> int:

@@ -105,11 +105,33 @@ def test_regression_values():
     problem = tr.build(30, 12, rmin=2.0, beta=4.0)
     p = np.full(360, 0.5)
     got = [problem.meta["functionals"][k].value(p) for k in tr.DESIGNS]
-    # measured with this module (plane strain, emin 1e-5, eta 0.6 / 0.5 / 0.4, beta 4)
+    # measured with this module (plane strain, emin 1e-5, eta 0.6 / 0.5 / 0.4, beta 4, padded filter)
     np.testing.assert_allclose(got, REGRESSION, rtol=1e-8)
+    unpadded = tr.build(30, 12, rmin=2.0, beta=4.0, pad_filter=False)
+    assert all(unpadded.meta["functionals"][k].value(p) < c for k, c in zip(tr.DESIGNS, REGRESSION))
 
 
-REGRESSION = [2021.7228871111806, 514.6512040518778, 201.79656106033232]
+#: pyMOTO 2.0.1's ex_compliance_robust.py on this machine (its element matrix is the plane-strain Q4 with the
+#: two components of each node swapped, i.e. a transverse tip load): the eroded compliance at the uniform start,
+#: and after its run (MMA, move 0.1, the linear beta schedule, stopped by its tolf 1e-4 after 54 designs)
+PYMOTO_START, PYMOTO_END = 676.4306, 133.93398
+
+
+def test_the_start_matches_pymoto():
+    problem = tr.build(formulation="eroded", continuation="pymoto", beta=1e-3, beta_max=40.0)
+    np.testing.assert_allclose(problem.functional.value(problem.p0), PYMOTO_START, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_pymoto_settings_end_near_pymoto():
+    problem = tr.build(formulation="eroded", continuation="pymoto", beta=1e-3, beta_max=40.0)
+    res = minimize(problem, "mma", move=0.1, ftol=1e-4, xtol=0, gtol=0, maxiter=120)
+    # measured: 134.40 after 49 designs (beta 17.5); another MMA (scaling, asymptotes) on the same problem
+    assert res.fun == pytest.approx(PYMOTO_END, rel=0.02)
+    assert problem.constraints[0][0].value(res.x) <= 0.5 * (1 + 1e-3)
+
+
+REGRESSION = [3334.547559282932, 780.364867076434, 277.8277746057191]
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -117,6 +139,8 @@ REGRESSION = [2021.7228871111806, 514.6512040518778, 201.79656106033232]
     ({"formulation": "worst"}, "formulation must be 'minmax' or 'eroded'"),
     ({"volume_on": "eroded"}, "volume_on must be 'intermediate' or 'dilated'"),
     ({"plane": "3d"}, "plane must be 'strain' or 'stress'"),
+    ({"pad_filter": "yes"}, "pad_filter must be True or False"),
+    ({"continuation": "linear"}, "continuation must be 'double' or 'pymoto'"),
     ({"beta": 64.0}, r"beta_max \(32\) must be >= beta \(64\)"),
     ({"nelx": 0}, "nelx must be >= 1"),
 ])

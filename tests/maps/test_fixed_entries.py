@@ -74,3 +74,20 @@ def test_flag_and_shapes_are_checked():
     with pytest.raises(ShapeError):
         m.vjp(np.zeros(3), np.zeros(3))
     assert FixedEntries(3, [], []).forward([1.0, 2.0, 3.0]).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_density_filter_void_outside():
+    centers = np.column_stack([np.arange(6) + 0.5, np.full(6, 0.5)])
+    plain = DensityFilter(centers, 2.0)
+    padded = DensityFilter(centers, 2.0, void_outside=[4, 5])
+    mask = np.zeros(6, dtype=bool)
+    mask[[5, 4]] = True
+    np.testing.assert_array_equal(DensityFilter(centers, 2.0, void_outside=mask).L.toarray(), padded.L.toarray())
+    ones = np.ones(6)
+    np.testing.assert_allclose(plain.forward(ones), ones)
+    # an interior row sums to 2 + 2 * 1 = 4 (the largest); the end row 5 to 3: divided by 4 it sums to 3 / 4
+    np.testing.assert_allclose(padded.forward(ones), [1, 1, 1, 1, 1, 0.75])
+    np.testing.assert_allclose(padded.L.toarray()[:4], plain.L.toarray()[:4])
+    for bad, exc in (([6], PatternError), ([0.5], PatternError), (np.ones(3, dtype=bool), ShapeError)):
+        with pytest.raises(exc, match="void_outside"):
+            DensityFilter(centers, 2.0, void_outside=bad)

@@ -12,7 +12,8 @@ import topology_compliance as tc  # noqa: E402
 
 import adjopt  # noqa: E402
 from adjopt.maps import HeavisideProjection  # noqa: E402
-from adjopt.optimize import BetaContinuation, CheckpointError, MethodSetupError, grey_level, minimize  # noqa: E402
+from adjopt.optimize import (  # noqa: E402
+    BetaContinuation, BetaSchedule, CheckpointError, MethodSetupError, grey_level, minimize)
 
 
 # -- the schedule ------------------------------------------------------------------------------------------
@@ -195,3 +196,43 @@ def test_problem_checks_continuation_and_monitor():
     problem = adjopt.Problem(J, np.full(12, 0.5), monitor=lambda p: 3.0)
     with pytest.raises(TypeError, match="monitor must return a dict"):
         minimize(problem, "lbfgs", maxiter=1)
+
+
+# -- a given schedule ------------------------------------------------------------------------------------------------
+def test_schedule_sets_the_beta_of_each_iteration():
+    a, b = HeavisideProjection(3, beta=7.0), HeavisideProjection(3, eta=0.3)
+    s = BetaSchedule([a, b], lambda k: 1.0 + k // 2)
+    assert a.beta == b.beta == 1.0
+    assert [s.step(False) for _ in range(4)] == [False, True, False, True] and a.beta == b.beta == 3.0
+    state = s.state()
+    s.reset()
+    assert a.beta == 1.0
+    s.restore(state)
+    assert s.k == 4 and b.beta == 3.0
+    with pytest.raises(ValueError, match="does not fit this schedule"):
+        s.restore({"beta": 2.5, "since": 4})
+
+
+@pytest.mark.parametrize("schedule,match", [(lambda k: 0.0, "finite and > 0"), (lambda k: "x", "not a number"),
+                                            (lambda k: float("nan"), "finite and > 0")])
+def test_schedule_values_are_checked(schedule, match):
+    with pytest.raises(ValueError, match=match):
+        BetaSchedule(HeavisideProjection(2), schedule)
+
+
+def test_schedule_needs_a_callable_and_projections():
+    with pytest.raises(TypeError, match="callable"):
+        BetaSchedule(HeavisideProjection(2), 4.0)
+    with pytest.raises(TypeError, match="HeavisideProjection"):
+        BetaSchedule([], lambda k: 1.0)
+
+
+def test_a_schedule_in_a_run_and_mma_keeps_its_asymptotes():
+    problem = _projected()
+    problem.continuation = BetaSchedule(problem.meta["projection"], lambda k: 1.0 if k < 3 else 2.0)
+    seen = []
+    res = minimize(problem, "mma", maxiter=5, gtol=0, xtol=0, callback=lambda info: seen.append(info["beta"]))
+    assert seen == [1.0, 1.0, 1.0, 2.0, 2.0] and [e["beta"] for e in res.history] == [1.0] * 4 + [2.0] * 2
+    # the raise re-evaluated f at the new beta without restarting MMA: the iteration counter went on
+    fresh = tc.build("mbb", 24, 8, projection=True, beta=2.0)
+    assert res.fun == pytest.approx(fresh.functional.value(res.x), rel=1e-12)

@@ -121,6 +121,7 @@ def test_bench_pymoto_against_pymoto(tmp_path):
     assert p["conversion_max_rel_diff"] < 1e-12  # g0 / sf is the u_out that went into the Scaling module
     assert 0 < p["volume_fraction_final"] < 1
     assert p["solver_per_iter"]["factorize"] > 0
+    assert all(n >= 1 for n in p["blas_threads"].values())
     # the same problem: the same start, and (the MMAs being alike) nearby early iterates
     cmp_ = row["comparison"]
     assert cmp_["f_start_agree"] and cmp_["f_start_rel_diff"] < 1e-9

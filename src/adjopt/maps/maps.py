@@ -387,6 +387,21 @@ def _grid_weights(centers: np.ndarray, radius: float):
     return W
 
 
+def _element_set(value, n: int, name: str) -> np.ndarray:
+    """Indices from integer indices or a boolean mask of length n, checked."""
+    a = np.asarray(value)
+    if a.dtype == bool:
+        if a.shape != (n,):
+            raise ShapeError(f"{name} as a mask must have one entry per element ({n}), got shape {a.shape}")
+        return np.flatnonzero(a)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise PatternError(f"{name} must be element indices (1-D integers) or a boolean mask, got dtype {a.dtype} "
+                           f"shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise PatternError(f"{name} must be element indices in [0, {n}), got entries from {a.min()} to {a.max()}")
+    return np.unique(a.astype(np.int64))
+
+
 class DensityFilter(_Linear):
     """Cone-weighted linear density filter (Bruns & Tortorelli 2001; Bourdin 2001)::
 
@@ -409,9 +424,15 @@ class DensityFilter(_Linear):
         Filter radius r (same units as the centres).
     volumes
         Optional (E,) element volumes (default: equal weights).
+    void_outside
+        Optional elements (indices or a boolean mask) whose row is divided by
+        the largest row sum instead of its own: as if the domain went on with
+        void beyond their boundary (zero padding; pyMOTO's ``nonpadding`` is
+        the complement). Such rows sum to less than one near the boundary, so
+        material there is penalized; leave out the elements near supports.
     """
 
-    def __init__(self, centers, radius: float, volumes=None):
+    def __init__(self, centers, radius: float, volumes=None, void_outside=None):
         centers = np.asarray(centers, dtype=np.float64)
         if centers.ndim != 2:
             raise ShapeError(f"centers must be an (E, dim) array, got shape {centers.shape}")
@@ -425,7 +446,10 @@ class DensityFilter(_Linear):
             if volumes.shape != (len(centers),):
                 raise ShapeError(f"volumes must have length {len(centers)}, got shape {volumes.shape}")
             W = W @ sp.diags_array(volumes)
-        W = sp.diags_array(1.0 / np.asarray(W.sum(axis=1)).ravel()) @ W
+        sums = np.asarray(W.sum(axis=1)).ravel()
+        if void_outside is not None:
+            sums[_element_set(void_outside, len(centers), "void_outside")] = sums.max()
+        W = sp.diags_array(1.0 / sums) @ W
         super().__init__(W, copy=False)
         self.radius = float(radius)
 

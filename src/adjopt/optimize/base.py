@@ -207,6 +207,13 @@ class Driver:
     def iterate(self, state: dict) -> dict:
         raise NotImplementedError
 
+    def refresh(self, state: dict) -> None:
+        """The objective changed at the same x (a continuation raised beta): evaluate it again there. This
+        default starts the method afresh at ``state["x"]`` (its memory was of the old objective)."""
+        fresh = self.start(state["x"])
+        state.clear()
+        state.update(fresh)
+
     # -- shared helpers -------------------------------------------------------------
     def first_point(self, x0) -> tuple[np.ndarray, float, np.ndarray]:
         """(x, f, g) at the projected start; a ValueError when f is not finite there."""
@@ -509,9 +516,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
             if cont.step(converged):
                 # the same x is another design now: start the method afresh there, at the new beta
                 _forget_states(driver.problem)
-                fresh = driver.start(state["x"])
-                state.clear()
-                state.update(fresh)
+                driver.refresh(state)
                 outcome = None
         if checkpoint is not None:
             write_checkpoint(checkpoint, state, checkpoint_meta())

@@ -11,8 +11,9 @@ iteration:
 
 - the iteration is recorded with the beta it ran at (``beta`` in the history);
 - when beta is raised, the functionals' cached states are dropped (the same p
-  now gives another design) and the driver starts afresh from the current
-  design (OC's change back to 1, MMA's asymptotes and L-BFGS's memory reset);
+  now gives another design) and the driver evaluates again at the current
+  design (OC's change back to 1 and L-BFGS's memory reset; MMA keeps its
+  asymptotes and builds its next approximation from the new gradients);
 - a stopping test that holds (xtol, ftol, gtol) ends the run only at the
   largest beta: before that, it raises beta instead;
 - checkpoints keep beta and the iterations since its last change, so that
@@ -29,7 +30,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BetaContinuation", "grey_level"]
+__all__ = ["BetaContinuation", "BetaSchedule", "grey_level"]
 
 
 def grey_level(rho, low: float = 0.05, high: float = 0.95) -> float:
@@ -147,3 +148,83 @@ class BetaContinuation:
     def __repr__(self):
         return (f"BetaContinuation(beta={self.beta:g}, beta_max={self.beta_max:g}, factor={self.factor:g}, "
                 f"every={self.every})")
+
+
+class BetaSchedule:
+    """beta as a given function of the iteration number: ``schedule(k)`` is the beta of iteration k + 1's
+    evaluations (``schedule(0)`` at the start), whatever the run does.
+
+    For a published schedule (pyMOTO's robust example: beta 1e-3 for 15 steps, then a linear rise every 5
+    steps). Unlike :class:`BetaContinuation` it does not wait for convergence: a stopping test that holds
+    ends the run at whatever beta the schedule has reached.
+
+    Parameters
+    ----------
+    projections
+        A :class:`~adjopt.maps.HeavisideProjection` or several sharing one beta.
+    schedule
+        A callable ``k -> beta`` (> 0, finite) for k = 0, 1, 2, ...
+    """
+
+    def __init__(self, projections, schedule):
+        from ..maps import HeavisideProjection
+
+        projs = [projections] if isinstance(projections, HeavisideProjection) else list(projections)
+        if not projs or not all(isinstance(m, HeavisideProjection) for m in projs):
+            raise TypeError("BetaSchedule needs a HeavisideProjection or a non-empty list of them, got "
+                            f"{projections!r}")
+        if not callable(schedule):
+            raise TypeError(f"schedule must be a callable k -> beta, got {type(schedule).__name__}")
+        self.projections = projs
+        self.schedule = schedule
+        self.k = 0
+        self._set(self._beta_at(0))
+
+    def _beta_at(self, k: int) -> float:
+        b = self.schedule(k)
+        try:
+            b = float(b)
+        except (TypeError, ValueError):
+            raise ValueError(f"the beta schedule gave {b!r} at iteration {k}, not a number") from None
+        if not (math.isfinite(b) and b > 0):
+            raise ValueError(f"the beta schedule gave {b!r} at iteration {k}; beta must be finite and > 0")
+        return b
+
+    def _set(self, beta: float) -> None:
+        for m in self.projections:
+            m.beta = beta
+
+    @property
+    def beta(self) -> float:
+        return self.projections[0].beta
+
+    def step(self, converged: bool) -> bool:
+        """Count one iteration and set the schedule's beta for the next; True when it changed."""
+        self.k += 1
+        old, new = self.beta, self._beta_at(self.k)
+        if new == old:
+            return False
+        self._set(new)
+        logger.info("schedule: beta %g -> %g at iteration %d", old, new, self.k)
+        return True
+
+    def state(self) -> dict:
+        return dict(beta=self.beta, since=self.k)
+
+    def restore(self, state: dict) -> None:
+        try:
+            beta, k = float(state["beta"]), int(state["since"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"a schedule state needs a number 'beta' and an integer 'since', got {state!r}") from None
+        if k < 0 or beta != self._beta_at(k):
+            raise ValueError(f"the checkpoint's continuation state {state!r} does not fit this schedule "
+                             f"(beta {self._beta_at(max(k, 0)):g} at iteration {k})")
+        self.k = k
+        self._set(beta)
+
+    def reset(self) -> None:
+        self.k = 0
+        self._set(self._beta_at(0))
+
+    def __repr__(self):
+        return f"BetaSchedule(beta={self.beta:g} at iteration {self.k})"

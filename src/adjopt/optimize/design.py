@@ -506,6 +506,17 @@ class MMA(Driver):
         return dict(x=x, f=f, g=g, fval=fval, dfdx=dfdx, xold1=x.copy(), xold2=x.copy(), low=x - 1.0, upp=x + 1.0,
                     k=0, lam=lam, fscale=float(fscale), cscale=cscale, kkt=self._kkt(x, g, fval, dfdx, lam))
 
+    def refresh(self, state):
+        """The objective and constraints changed at the same x (a continuation step): their values and gradients
+        again; the asymptotes, the previous iterates and the scaling stay (MMA builds its next approximation from
+        the new gradients, as after any step)."""
+        x = state["x"]
+        f = self.J.value(x)
+        g = self.J.gradient(x)
+        fval, dfdx = self._constraints(x)
+        lam = np.asarray(state["lam"], dtype=np.float64).reshape(self.m)
+        state.update(f=f, g=g, fval=fval, dfdx=dfdx, kkt=self._kkt(x, g, fval, dfdx, lam))
+
     def stationarity(self, state):
         """KKT residual of the original problem with the last subproblem's multipliers (0 for them at the start):
         ``sqrt(||x - P(x - M^{-1} grad L)||_M^2 + sum_i (lam_i g_i)^2 + sum_i max(g_i, 0)^2)``,
