@@ -31,6 +31,7 @@ RUNS = {
     "topology_compliance": ["--nelx", "120", "--nely", "40"],
     "topology_mechanism": [],
     "topology_robust": [],
+    "topology_eigen": [],
     "advection_diffusion_source": ["--n", "64"],
     "multi_experiment": ["--n", "48"],
     "nonlinear_inversion": ["--n", "96"],

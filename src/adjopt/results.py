@@ -135,9 +135,9 @@ def _solve(problem, x):
     out, reasons = {}, []
     for what in ("state", "adjoint"):
         fn = getattr(J, what, None)
-        if fn is None:
+        if fn is None:  # not every functional has one (an eigenvalue functional has no adjoint): not a warning
             out[what] = None
-            reasons.append(f"the functional has no {what}()")
+            logger.debug("fields: the functional has no %s()", what)
             continue
         try:
             out[what] = np.array(fn(x), dtype=np.float64, copy=True)

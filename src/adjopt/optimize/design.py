@@ -39,6 +39,7 @@ import math
 
 import numpy as np
 
+from ..solvers.base import one_blas_thread
 from .base import Driver, OptimizationError, Stop
 from .linesearch import safe_gradient, safe_value
 
@@ -531,11 +532,12 @@ class MMA(Driver):
         sc = np.asarray(state["cscale"], dtype=np.float64).reshape(self.m)
         fval = np.asarray(state["fval"], dtype=np.float64).reshape(self.m)
         dfdx = np.asarray(state["dfdx"], dtype=np.float64).reshape(self.m, x.size)
-        xmma, y, _z, lam_s, low, upp, nsub = mma_subproblem(
-            k, x, self.lo, self.hi, state["xold1"], state["xold2"], sf * state["g"], sc * fval, sc[:, None] * dfdx,
-            state["low"], state["upp"], move=o["move"], asyinit=o["asyinit"], asyincr=o["asyincr"],
-            asydecr=o["asydecr"], asymin=o["asymin"], asymax=o["asymax"], albefa=o["albefa"], raa0=o["raa0"],
-            a0=float(o["a0"]), a=np.zeros(self.m), c=np.full(self.m, float(o["c"])), d=np.full(self.m, float(o["d"])), epsimin=o["epsimin"])
+        with one_blas_thread():  # many small (m, n) products: BLAS threads spin more than they work
+            xmma, y, _z, lam_s, low, upp, nsub = mma_subproblem(
+                k, x, self.lo, self.hi, state["xold1"], state["xold2"], sf * state["g"], sc * fval, sc[:, None] * dfdx,
+                state["low"], state["upp"], move=o["move"], asyinit=o["asyinit"], asyincr=o["asyincr"],
+                asydecr=o["asydecr"], asymin=o["asymin"], asymax=o["asymax"], albefa=o["albefa"], raa0=o["raa0"],
+                a0=float(o["a0"]), a=np.zeros(self.m), c=np.full(self.m, float(o["c"])), d=np.full(self.m, float(o["d"])), epsimin=o["epsimin"])
         if not np.all(np.isfinite(xmma)):
             raise OptimizationError("MMA: the subproblem solver returned a non-finite point")
         xmma = np.clip(xmma, self.lo, self.hi)

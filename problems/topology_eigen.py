@@ -1,0 +1,172 @@
+"""Eigenfrequency design: maximize the lowest eigenfrequencies of a clamped plate carrying a solid mass.
+
+    minimize    J(p) = sum_{i <= k} 1 / lambda_i(p)      (k = 3: the harmonic mean of the three lowest)
+    subject to  K(rho) phi = lambda M(rho) phi,  rho = pin(H p)
+                mean(rho) <= volfrac,  0 <= p <= 1
+
+pyMOTO's ``ex_eigenfrequency.py`` (Du and Olhoff 2007), the same settings by
+default: nelx x nely unit Q1 plane-strain elements (50 x 30), aluminium
+(E = 68.9e9, nu = 0.3, density 2700), the left edge clamped, and a solid
+non-design block (x index from 3 nelx / 4, y index from nely / 4 to below
+3 nely / 4) set to density 1 after the density filter (radius 2): a mass the
+structure must carry. K(rho) = E (emin + (1 - emin) rho^3) K_e, and the mass
+interpolation of Du and Olhoff against spurious modes of nearly void regions:
+M(rho) = density m(rho) M_e with m = rho for rho >= 0.1 and rho^6 / 0.1^5
+below. J is an :class:`adjopt.eigen.EigenvalueFunctional`: ARPACK in
+shift-invert about 0 on a factorization of K, derivatives
+phi^T (dK - lambda dM) phi per eigenvalue, and a clear error where two of the
+k + 1 lowest eigenvalues coincide.
+
+Run ``python problems/topology_eigen.py`` to print the eigenvalues at p0 and a
+Taylor table of J.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+import adjopt
+from adjopt import fem
+from adjopt.eigen import EigenvalueFunctional
+from adjopt.maps import DensityFilter, FixedEntries, compose
+from adjopt.mesh import rectangle
+from adjopt.operators.coefficients import Coefficient
+from adjopt.optimize import grey_level
+from adjopt.verify import taylor_test
+
+if __package__:  # imported as problems.topology_eigen
+    from . import topology_compliance as _tc
+else:  # a script, or loaded by file path (adjopt run): problems/ is (or is put) on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import topology_compliance as _tc
+
+NU = 0.3
+
+#: how ``adjopt run topology_eigen`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.01, gtol=0.0, maxiter=200)
+
+
+class MassInterpolation(Coefficient):
+    """m(x) = x for x >= threshold, x^6 / threshold^5 below (Du and Olhoff's two-range mass interpolation)."""
+
+    def __init__(self, threshold: float = 0.1, power: float = 6.0):
+        self.t, self.q = float(threshold), float(power)
+
+    def __call__(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(x >= self.t, x, x**self.q / self.t ** (self.q - 1))
+
+    def d1(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(x >= self.t, 1.0, self.q * x ** (self.q - 1) / self.t ** (self.q - 1))
+
+    def d2(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        return np.where(x >= self.t, 0.0, self.q * (self.q - 1) * x ** (self.q - 2) / self.t ** (self.q - 1))
+
+    def __repr__(self):
+        return f"MassInterpolation(threshold={self.t:g}, power={self.q:g})"
+
+
+def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.0, young: float = 68.9e9,
+          density: float = 2700.0, emin: float = 1e-9, k: int = 3, plane: str = "strain",
+          solver="auto") -> adjopt.Problem:
+    """The eigenfrequency problem as an :class:`adjopt.Problem`.
+
+    Parameters
+    ----------
+    nelx, nely
+        Elements along x and y (50 x 30; at least 4 x 4 for the mass block).
+    volfrac
+        Volume fraction bound and the uniform start (0.5).
+    rmin
+        Density filter radius in elements (2).
+    young, density
+        Young's modulus and mass density of the solid (aluminium).
+    emin
+        Relative void stiffness (1e-9).
+    k
+        How many of the lowest eigenvalues enter J (3).
+    plane
+        ``"strain"`` (pyMOTO's) or ``"stress"``.
+    solver
+        The solver that factorizes K for the shift-invert.
+
+    Returns
+    -------
+    adjopt.Problem
+        ``functional`` (an :class:`~adjopt.eigen.EigenvalueFunctional`; its
+        ``state`` is the fundamental mode), p0 = volfrac on every element
+        (the block's design values still reach its neighbours through the
+        filter, as in pyMOTO), the volume constraint, the grey-level monitor.
+    """
+    nelx = _tc._count(nelx, "nelx")
+    nely = _tc._count(nely, "nely")
+    if nelx < 4 or nely < 4:
+        raise ValueError(f"the mass block needs at least 4 x 4 elements, got {nelx} x {nely}")
+    volfrac = float(volfrac)
+    if not 0.0 < volfrac <= 1.0:
+        raise ValueError(f"volfrac must be in (0, 1], got {volfrac!r}")
+    rmin = _tc._positive(rmin, "rmin (filter radius in element units)")
+    young = _tc._positive(young, "young (Young's modulus)")
+    density = _tc._positive(density, "density")
+    emin = float(emin)
+    if not 0.0 < emin < 1.0:
+        raise ValueError(f"emin must satisfy 0 < emin < 1 (K must stay positive definite), got {emin!r}")
+    if plane not in ("strain", "stress"):
+        raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
+
+    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+    fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
+    dofmap = fem.condense(2 * mesh.n_nodes, fixed)
+    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
+    unit = rectangle(1, 1, 1.0, 1.0, cell="quad")
+    KE = fem.q1_elasticity(unit, E=young, nu=NU, plane=plane)[0]
+    ME = np.kron(fem.q1_mass(unit, rho=density)[0], np.eye(2))  # node-major vector dofs
+    K = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=3.0, e0=1.0, emin=emin), n=dofmap.n_free)
+    M = adjopt.ElementCoefficientMatrix(conn, ME, MassInterpolation(), n=dofmap.n_free)
+    del conn
+    n = mesh.n_cells
+    i, j = np.arange(n) % nelx, np.arange(n) // nelx
+    block = np.flatnonzero((i >= 3 * nelx // 4) & (j >= nely // 4) & (j < nely * 3 // 4))
+    pmap = compose(DensityFilter(mesh.cell_centers(), rmin), FixedEntries(n, block, 1.0, reduced=False))
+    try:
+        J = EigenvalueFunctional(K, M, k=k, parameter_map=pmap, solver=solver)
+    except ValueError as exc:
+        raise ValueError(f"k: {exc}") from None
+    volumes = mesh.cell_volumes()
+    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), n)
+
+    def monitor(p):
+        rho = pmap.forward(p)
+        lam = J.eigenvalues(p)[:k]
+        return {"grey": grey_level(rho), "f1_hz": float(np.sqrt(lam[0]) / (2 * np.pi))}
+
+    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": pmap, "block": block,
+            "dofmap": dofmap, "dofs": dofmap, "labels": {"displacement": "fundamental mode"},
+            "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, rmin=rmin, young=young, density=density,
+                            emin=emin, k=k, plane=plane)}
+    return adjopt.Problem(J, np.full(n, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
+                          name=f"topology_eigen_{nelx}x{nely}", meta=meta, mass=volumes, monitor=monitor)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nelx", type=int, default=50)
+    ap.add_argument("--nely", type=int, default=30)
+    args = ap.parse_args(argv)
+    problem = build(args.nelx, args.nely)
+    J, p = problem.functional, problem.p0
+    lam = J.eigenvalues(p)
+    print(f"{problem.name}: eigenvalues at p0 {lam}, frequencies {np.sqrt(lam) / (2 * np.pi)} Hz")
+    print(f"J(p0) = {J.value(p):.10g}")
+    print(taylor_test(J, np.clip(p + 0.05 * np.sin(np.arange(p.size)), 0.2, 0.9), order=2).table())
+
+
+if __name__ == "__main__":
+    main()
