@@ -60,7 +60,8 @@ RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.01, gtol=0.0, maxiter=300)
 def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 3.0, rmin: float = 5.0,
           emin: float = 1e-5, delta: float = 0.1, beta: float = 1.0, beta_max: float = 32.0, beta_every: int = 40,
           formulation: str = "minmax", volume_on: str = "intermediate", plane: str = "strain",
-          pad_filter: bool = True, continuation: str = "double", solver=None) -> adjopt.Problem:
+          pad_filter: bool = True, continuation: str = "double", case: str = "cantilever",
+          solver=None) -> adjopt.Problem:
     """The robust cantilever as an :class:`adjopt.Problem`.
 
     Parameters
@@ -97,6 +98,11 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
         iterations, then ``beta + (beta_max - beta) / 80 (5 floor((k - 1) / 5)
         - 10)`` (a step every 5 iterations, beta_max from iteration 91; pyMOTO
         uses beta = 1e-3, beta_max = 40).
+    case
+        ``"cantilever"`` (pyMOTO's, above) or ``"mbb"``: the half MBB beam of
+        :func:`topology_compliance.build` (symmetry on the left edge, a roller
+        at the bottom-right corner, a unit downward load at the top-left
+        node).
     solver
         As for :func:`topology_compliance.build` (``"auto"``: multigrid on
         larger grids, else a factorization); one solver object for the three.
@@ -130,14 +136,19 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
         raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
     if not isinstance(pad_filter, (bool, np.bool_)):
         raise ValueError(f"pad_filter must be True or False, got {pad_filter!r}")
+    if case not in ("cantilever", "mbb"):
+        raise ValueError(f"case must be 'cantilever' or 'mbb', got {case!r}")
     if continuation not in ("double", "pymoto"):
         raise ValueError(f"continuation must be 'double' or 'pymoto', got {continuation!r}")
 
-    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+    if case == "mbb":
+        mesh, fixed, load, _ = _tc._mbb(nelx, nely)
+    else:
+        mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+        fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
+        tip = _tc._node_at(mesh, (nelx, float(nely // 2)))
+        load = fem.point_load(2 * mesh.n_nodes, [2 * tip + 1], 1.0)
     n_dofs = 2 * mesh.n_nodes
-    fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
-    tip = _tc._node_at(mesh, (nelx, float(nely // 2)))
-    load = fem.point_load(n_dofs, [2 * tip + 1], 1.0)
     KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=1.0, nu=NU, plane=plane)[0]
     dofmap = fem.condense(n_dofs, fixed)
     conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
@@ -176,8 +187,9 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
             "dofmap": dofmap, "dofs": dofmap, "load": load,
             "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, delta=delta,
                             beta=beta, beta_max=beta_max, beta_every=beta_every, formulation=formulation,
-                            volume_on=volume_on, plane=plane, pad_filter=pad_filter, continuation=continuation)}
-    name = f"topology_robust_{formulation}_{nelx}x{nely}"
+                            volume_on=volume_on, plane=plane, pad_filter=pad_filter, continuation=continuation,
+                            case=case)}
+    name = f"topology_robust_{case}_{formulation}_{nelx}x{nely}"
     p0 = np.full(n, volfrac)
     if formulation == "eroded":
         return adjopt.Problem(functionals["eroded"], p0, bounds=(0.0, 1.0), constraints=[(volume, volfrac)],

@@ -21,9 +21,9 @@ def _design(n, seed=3):
     return np.random.default_rng(seed).uniform(0.2, 0.9, n)
 
 
-@pytest.mark.parametrize("design", tr.DESIGNS)
-def test_taylor_rates_of_each_design(design):
-    problem = tr.build(**SMALL)
+@pytest.mark.parametrize("design,case", [(d, "cantilever") for d in tr.DESIGNS] + [("eroded", "mbb")])
+def test_taylor_rates_of_each_design(design, case):
+    problem = tr.build(**SMALL, case=case)
     J = problem.meta["functionals"][design]
     p = _design(J.n_params)
     r2 = taylor_test(J, p, order=2)
@@ -141,6 +141,7 @@ REGRESSION = [3334.547559282932, 780.364867076434, 277.8277746057191]
     ({"plane": "3d"}, "plane must be 'strain' or 'stress'"),
     ({"pad_filter": "yes"}, "pad_filter must be True or False"),
     ({"continuation": "linear"}, "continuation must be 'double' or 'pymoto'"),
+    ({"case": "bridge"}, "case must be 'cantilever' or 'mbb'"),
     ({"beta": 64.0}, r"beta_max \(32\) must be >= beta \(64\)"),
     ({"nelx": 0}, "nelx must be >= 1"),
 ])
