@@ -69,7 +69,7 @@ import numpy as np
 
 import adjopt
 from adjopt import fem
-from adjopt.maps import DensityFilter, FixedEntries, HeavisideProjection, compose
+from adjopt.maps import DensityFilter, FixedEntries, HeavisideProjection, TiedEntries, compose
 from adjopt.optimize import BetaContinuation, grey_level
 from adjopt.mesh import box, rectangle
 from adjopt.verify import derivative_report
@@ -190,13 +190,50 @@ def check_projection(projection, beta, eta, beta_max, beta_every) -> tuple:
     return beta, eta, beta_max, _count(beta_every, "beta_every")
 
 
-def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bool = True) -> dict:
-    """The parameter map of a density design: p -> [passive values in] -> filter -> projection ->
-    [passive values again, when ``pin``].
+def symmetry_orbits(grid, symmetry: str) -> np.ndarray:
+    """For each element of a structured grid (x fastest), the index of its orbit under mirror symmetry.
 
-    ``void`` and ``solid`` are sorted element indices (disjoint). Returns a dict with ``map`` (the
-    composed map, or None for rho = p), ``filter``, ``projection`` (the maps or None), ``design`` (the
-    elements p holds), ``physical`` (p -> physical density) and ``monitor`` (p -> {"grey": ...}).
+    ``grid`` is (nelx, nely) or (nelx, nely, nelz); ``symmetry`` names the axes mirrored about the
+    middle of the domain ("x": i -> nelx - 1 - i, "y", "z", or several: "xy"). Orbits are numbered in
+    the order of their smallest element.
+    """
+    grid = tuple(int(g) for g in grid)
+    n = int(np.prod(grid))
+    images = [np.arange(n)]
+    for axis in sorted(set(symmetry)):
+        a = "xyz".index(axis)
+        new = []
+        for img in images:
+            ijk = list(np.unravel_index(img, grid[::-1])[::-1])
+            ijk[a] = grid[a] - 1 - ijk[a]
+            new.append(np.ravel_multi_index(tuple(ijk[::-1]), grid[::-1]))
+        images += new
+    rep = np.min(np.stack(images), axis=0)
+    return np.unique(rep, return_inverse=True)[1].astype(np.int64)
+
+
+def check_symmetry(symmetry, dim: int) -> str:
+    """'' for none, or the mirrored axes ("x", "y", "xy"; "z" in 3D), or a ValueError."""
+    if symmetry is None or symmetry == "none":
+        return ""
+    axes = "xyz"[:dim]
+    if not isinstance(symmetry, str) or not symmetry or set(symmetry) - set(axes) or len(set(symmetry)) != len(symmetry):
+        raise ValueError(f"symmetry must be 'none' or mirrored axes from {axes!r} (e.g. 'y', 'xy'), got {symmetry!r}")
+    return "".join(sorted(symmetry))
+
+
+def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bool = True, grid=None,
+                 symmetry: str = "") -> dict:
+    """The parameter map of a density design: p -> [passive values in] -> [mirror images] -> filter ->
+    projection -> [passive values again, when ``pin``].
+
+    ``void`` and ``solid`` are sorted element indices (disjoint). With ``symmetry`` (mirrored axes of the
+    structured ``grid``) p holds one value per orbit of elements (:class:`~adjopt.maps.TiedEntries`); the
+    passive sets must then be symmetric. Returns a dict with ``map`` (the composed map, or None for rho =
+    p), ``filter``, ``projection`` (the maps or None), ``design`` (the elements p holds: the first of each
+    orbit), ``weights`` (the cell-volume weight of each parameter: its orbit's size), ``field`` (p -> the
+    design variables on every element, NaN on passive ones), ``physical`` (p -> physical density) and
+    ``monitor`` (p -> {"grey": ...}).
     """
     n = mesh.n_cells
     index = np.concatenate([void, solid]).astype(np.int64)
@@ -204,9 +241,44 @@ def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bo
     fmap = DensityFilter(mesh.cell_centers(), rmin) if filter else None
     proj = HeavisideProjection(n, beta=beta, eta=eta) if projection else None
     chain = [m for m in (fmap, proj) if m is not None]
-    if index.size:
-        chain = [FixedEntries(n, index, values)] + chain + ([FixedEntries(n, index, values, reduced=False)]
-                                                             if chain and pin else [])
+    pins = [FixedEntries(n, index, values, reduced=False)] if index.size and chain and pin else []
+    if symmetry:
+        orbit = symmetry_orbits(grid, symmetry)
+        m_orb = int(orbit.max()) + 1
+        fixed = np.full(m_orb, np.nan)
+        fixed[orbit[index]] = values
+        # every element of a passive orbit must be passive with the same value
+        full = fixed[orbit]
+        state = np.full(n, np.nan)
+        state[index] = values
+        if not np.array_equal(np.isnan(full), np.isnan(state)) or not np.allclose(full[index], values):
+            raise ValueError(f"the passive elements are not symmetric under symmetry={symmetry!r}: give passive_void "
+                             "and passive_solid that are their own mirror images")
+        o_index = np.flatnonzero(~np.isnan(fixed))
+        head = [FixedEntries(m_orb, o_index, fixed[o_index])] if o_index.size else []
+        chain = head + [TiedEntries(orbit, m_orb)] + chain + pins
+        free_orbits = np.setdiff1d(np.arange(m_orb), o_index)
+        first = np.full(m_orb, n)
+        np.minimum.at(first, orbit, np.arange(n))
+        design = first[free_orbits]
+        weights = np.bincount(orbit, minlength=m_orb)[free_orbits].astype(np.float64)
+        expand = compose(*chain[: len(head) + 1])
+
+        def field(p):
+            out = expand.forward(p)
+            out[index] = np.nan
+            return out
+    else:
+        if index.size:
+            chain = [FixedEntries(n, index, values)] + chain + pins
+        design = np.setdiff1d(np.arange(n), index)
+        weights = np.ones(design.size)
+        field = None
+        if index.size:
+            def field(p):
+                out = np.full(n, np.nan)
+                out[design] = p
+                return out
     pmap = compose(*chain) if chain else None
 
     def physical(p):
@@ -215,8 +287,8 @@ def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bo
     def monitor(p):
         return {"grey": grey_level(physical(p))}
 
-    return {"map": pmap, "filter": fmap, "projection": proj, "design": np.setdiff1d(np.arange(n), index),
-            "physical": physical, "monitor": monitor}
+    return {"map": pmap, "filter": fmap, "projection": proj, "design": design, "weights": weights,
+            "field": field, "physical": physical, "monitor": monitor}
 
 
 def _cantilever3d(nelx: int, nely: int, nelz: int):
@@ -235,7 +307,7 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
           volfrac: float = 0.5, penal: float = 3.0, rmin: float = 1.5, emin: float = 1e-9,
           filter: bool = True, solver=None, projection: bool = False, beta: float = 1.0, eta: float = 0.5,
           beta_max: float = 32.0, beta_every: int = 50, passive_void=None,
-          passive_solid=None) -> adjopt.Problem:
+          passive_solid=None, symmetry: str = "none") -> adjopt.Problem:
     """The minimum-compliance problem as an :class:`adjopt.Problem`.
 
     Parameters
@@ -349,9 +421,10 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         shape = (nelx, nely) if nelz is None else (nelx, nely, nelz)
         solver = structured_solver(shape, dim, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
-    chain = design_chain(mesh, rmin, filter, projection, beta, eta, void, solid)
+    shape = (nelx, nely) if nelz is None else (nelx, nely, nelz)
+    chain = design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, grid=shape,
+                         symmetry=check_symmetry(symmetry, mesh.dim))
     pmap, fmap, proj, design, physical = (chain[k] for k in ("map", "filter", "projection", "design", "physical"))
-    index = np.setdiff1d(np.arange(n), design)
     J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap, solver=solver)
     volumes = mesh.cell_volumes()  # Volume and the Problem keep their own copies
     m = design.size
@@ -360,14 +433,15 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
             "density_filter": fmap, "projection": proj, "design_map": physical, "design": design,
-            "parameter_cells": design if index.size else None, "passive_void": void,
+            "parameter_cells": chain["field"], "passive_void": void,
             "passive_solid": solid,
             "dofmap": dofmap, "dofs": dofmap, "load": load, "volfrac": volfrac, "penal": penal, "rmin": rmin,
             "emin": emin, "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal,
                                           rmin=rmin, emin=emin, filter=filter, projection=projection, beta=beta,
-                                          eta=eta, beta_max=beta_max, beta_every=beta_every)}
+                                          eta=eta, beta_max=beta_max, beta_every=beta_every, symmetry=symmetry)}
     return adjopt.Problem(J, np.full(m, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=name, meta=meta, mass=volumes[design], continuation=cont, monitor=chain["monitor"])
+                          name=name, meta=meta, mass=volumes[design] * chain["weights"], continuation=cont,
+                          monitor=chain["monitor"])
 
 
 def main(argv=None) -> None:

@@ -162,7 +162,7 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
         cont = BetaContinuation(chain["projection"], beta_max=beta_max, every=beta_every)
     meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": pmap, "density_filter": chain["filter"],
             "projection": chain["projection"], "design_map": chain["physical"], "design": design,
-            "parameter_cells": design if solid.size else None, "passive_solid": solid, "dofmap": dofmap,
+            "parameter_cells": chain["field"], "passive_solid": solid, "dofmap": dofmap,
             "dofs": dofmap, "load": load, "output_dof": dof_out, "input_dof": dof_in,
             "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, young=young,
                             k_in=k_in, k_out=k_out, f_in=f_in, nondesign=int(nondesign), plane=plane,

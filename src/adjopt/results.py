@@ -32,7 +32,8 @@ removes (the ``adjopt`` command does so when it locks the folder).
 Meta keys read (all optional): ``mesh``, ``dofs`` / ``dofmap`` (a Dirichlet
 :class:`~adjopt.fem.dirichlet.DofMap` to expand states from the free dofs),
 ``filter`` (a parameter map whose ``forward`` gives the physical density),
-``parameter_cells`` (the cells of the parameters when there are fewer than cells; NaN on the others),
+``parameter_cells`` (the cells of the parameters when there are fewer than cells, NaN on the others; or a
+callable p -> the parameters on every cell),
 ``parameter_view`` (a callable: the part of the parameters that is a field, e.g. without a min-max's bound),
 ``designs`` (``{name: callable p -> density per cell}``: several designs, drawn side by side),
 ``options``, ``m_true`` / ``z_exact`` (reference parameter),
@@ -199,7 +200,12 @@ def _fields(problem, x, u, lam, reasons):
         x = np.asarray(view(x), dtype=np.float64).ravel()
     p = x  # what the parameter maps take
     on_cells = meta.get("parameter_cells")
-    if on_cells is not None and np.shape(on_cells) == x.shape and x.size < E:
+    if callable(on_cells):  # the parameters as a field on every cell (a symmetric design, passive elements NaN)
+        try:
+            x = np.asarray(on_cells(p), dtype=np.float64).ravel()
+        except Exception as exc:
+            logger.warning("fields: meta['parameter_cells'] failed (%s: %s)", type(exc).__name__, exc)
+    elif on_cells is not None and np.shape(on_cells) == x.shape and x.size < E:
         # parameters on some cells only (passive elements are not parameters): NaN on the others
         full = np.full(E, np.nan)
         full[np.asarray(on_cells)] = x

@@ -168,3 +168,44 @@ def test_grey_level_is_recorded_without_projection():
     res = minimize(problem, "oc", maxiter=3, gtol=0)
     assert all("grey" in e and "beta" not in e for e in res.history)
     assert res.history[0]["grey"] == 1.0  # 0.5 everywhere
+
+
+# -- symmetry --------------------------------------------------------------------------------------------
+def test_a_symmetric_design_equals_the_full_one_at_symmetric_points():
+    full = tc.build("cantilever_two_loads", 10, 6)
+    sym = tc.build("cantilever_two_loads", 10, 6, symmetry="y")
+    orbit = tc.symmetry_orbits((10, 6), "y")
+    assert sym.p0.size == 30 == orbit.max() + 1
+    q = _random_design(30)
+    p = q[orbit]  # the symmetric field on every element
+    j, i = np.divmod(np.arange(60), 10)
+    np.testing.assert_array_equal(p, p[(5 - j) * 10 + i])  # mirror image about the horizontal centre line
+    np.testing.assert_allclose(sym.functional.value(q), full.functional.value(p), rtol=1e-12)
+    # the gradient of the reduced design adds up the two mirror images' gradients
+    g_full = full.functional.gradient(p)
+    np.testing.assert_allclose(sym.functional.gradient(q), np.bincount(orbit, g_full), rtol=1e-10)
+    np.testing.assert_allclose(sym.mass, np.bincount(orbit, np.ones(60)))
+    r = taylor_test(sym.functional, q, order=3)
+    assert r.rate >= 2.9, r.table()
+    np.testing.assert_array_equal(sym.meta["parameter_cells"](q), p)
+
+
+def test_symmetry_in_3d_and_with_passive_sets():
+    problem = tc.build("cantilever3d", 4, 2, 4, symmetry="z", projection=True, beta=4.0)
+    assert problem.p0.size == 16
+    r = taylor_test(problem.functional, _random_design(16), order=2)
+    assert r.rate >= 1.9, r.table()
+    # the hole is symmetric about the horizontal centre line: it stays passive in the reduced design
+    hole = tc.build("cantilever_hole", 12, 8, symmetry="y")
+    field = hole.meta["parameter_cells"](np.full(hole.p0.size, 0.5))
+    void = hole.meta["passive_void"]
+    assert void.size == 24 and np.all(np.isnan(field[void])) and np.sum(~np.isnan(field)) == 96 - 24
+    assert hole.p0.size == (96 - 24) // 2
+    with pytest.raises(ValueError, match="not symmetric under symmetry='y'"):
+        tc.build("mbb", 6, 4, symmetry="y", passive_solid=[0])
+
+
+@pytest.mark.parametrize("value", ["q", "yy", "z", 1, ""])
+def test_bad_symmetry(value):
+    with pytest.raises(ValueError, match="symmetry must be 'none' or mirrored axes from 'xy'"):
+        tc.build("mbb", 6, 4, symmetry=value)

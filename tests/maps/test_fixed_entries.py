@@ -91,3 +91,25 @@ def test_density_filter_void_outside():
     for bad, exc in (([6], PatternError), ([0.5], PatternError), (np.ones(3, dtype=bool), ShapeError)):
         with pytest.raises(exc, match="void_outside"):
             DensityFilter(centers, 2.0, void_outside=bad)
+
+
+def test_tied_entries():
+    from adjopt.maps import TiedEntries
+
+    idx = np.array([0, 1, 1, 0, 2])
+    m = TiedEntries(idx)
+    idx[0] = 2  # the map keeps its own copy
+    p = np.array([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(m.forward(p), [1, 2, 2, 1, 3])
+    g = np.array([1.0, 10.0, 100.0, 1000.0, 5.0])
+    np.testing.assert_array_equal(m.vjp(p, g), [1001.0, 110.0, 5.0])
+    D = np.column_stack([m.jvp(p, e) for e in np.eye(3)])
+    G = np.arange(10.0).reshape(5, 2)
+    np.testing.assert_array_equal(m.vjp_block(p, G), D.T @ G)
+    np.testing.assert_array_equal(m.jvp_block(p, np.eye(3)), D)
+    with pytest.raises(PatternError, match="parameter 1 is tied to no entry"):
+        TiedEntries([0, 2, 2])
+    with pytest.raises(PatternError, match=r"index must lie in \[0, 2\)"):
+        TiedEntries([0, 2], m=2)
+    with pytest.raises(PatternError, match="non-empty 1-D integer"):
+        TiedEntries([0.0, 1.0])

@@ -5,9 +5,11 @@ and Hessian actions compose (see :class:`ParameterMap`).
 """
 
 from .base import Compose, IdentityMap, ParameterMap, compose
-from .maps import DensityFilter, ExpMap, FixedEntries, HeavisideProjection, NodalToElement, SIMPMap
+from .maps import (DensityFilter, ExpMap, FixedEntries, HeavisideProjection, NodalToElement, SIMPMap,
+                   TiedEntries)
 
 __all__ = [
     "ParameterMap", "IdentityMap", "Compose", "compose",
     "ExpMap", "SIMPMap", "DensityFilter", "HeavisideProjection", "NodalToElement", "FixedEntries",
+    "TiedEntries",
 ]

@@ -205,6 +205,60 @@ class FixedEntries(ParameterMap):
         return f"FixedEntries({self.index.size} of {self.n_out} fixed, reduced={self.reduced})"
 
 
+class TiedEntries(ParameterMap):
+    """Entries tied to shared values: out[e] = p[index[e]] (a symmetric, periodic or patterned design).
+
+    ``index`` (length n_out) maps every output entry to its parameter in
+    [0, m); every parameter must be used. jvp is the same gather; vjp adds up
+    the entries of each parameter (``bincount``). Affine.
+
+    Parameters
+    ----------
+    index
+        (n_out,) integers in [0, m).
+    m
+        Number of parameters (default ``index.max() + 1``).
+    """
+
+    affine = True
+
+    def __init__(self, index, m: int | None = None):
+        idx = np.asarray(index)
+        if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+            raise PatternError(f"index must be a non-empty 1-D integer array, got dtype {idx.dtype} shape {idx.shape}")
+        idx = idx.astype(np.int64)  # a copy: the caller's array may change
+        m = int(idx.max()) + 1 if m is None else int(m)
+        if idx.min() < 0 or idx.max() >= m:
+            raise PatternError(f"index must lie in [0, {m}), got entries from {idx.min()} to {idx.max()}")
+        unused = np.flatnonzero(np.bincount(idx, minlength=m) == 0)
+        if unused.size:
+            raise PatternError(f"parameter {int(unused[0])} is tied to no entry ({unused.size} such); every "
+                               "parameter must appear in index")
+        self.index = idx
+        self.n_in, self.n_out = m, idx.size
+
+    def forward(self, p):
+        return self.check_p(p)[self.index]
+
+    def jvp(self, p, dp):
+        return self.check_p(dp, "dp")[self.index]
+
+    def vjp(self, p, g):
+        return np.bincount(self.index, weights=self.check_out(g), minlength=self.n_in)
+
+    def jvp_block(self, p, dP):
+        return self.check_block(dP, self.n_in, "dP")[self.index]
+
+    def vjp_block(self, p, G):
+        G = self.check_block(G, self.n_out, "G")
+        out = np.zeros((self.n_in, G.shape[1]))
+        np.add.at(out, self.index, G)
+        return out
+
+    def __repr__(self):
+        return f"TiedEntries({self.n_in} -> {self.n_out})"
+
+
 class _Linear(ParameterMap):
     """rho = L p for a sparse matrix L built once."""
 
