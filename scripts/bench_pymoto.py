@@ -1,6 +1,6 @@
 """adjopt against pyMOTO on the same problem, in the same run: seconds per MMA design iteration and the objective.
 
-Usage: python scripts/bench_pymoto.py [--cases mechanism] [--iters 100] [--size NX NY]
+Usage: python scripts/bench_pymoto.py [--cases mechanism eigen robust] [--iters 100] [--size NX NY]
        [--pymoto-python /work/pymoto_ref/venv/bin/python] [--pymoto-examples DIR]
        [--out scripts/results/bench_pymoto.json] [--no-pymoto]
 
@@ -31,14 +31,54 @@ back into adjopt's unscaled values):
   (``Scaling(scaling=10)``, whose factor ``sf = 10 / |u_out(x0)|`` the runner
   reads, so ``u_out = g0 / sf``) subject to ``g1 = 10 (V / (0.3 nel) - 1) <= 0``
   (so the filtered volume fraction is ``0.3 (1 + g1 / 10)``).
+* ``eigen``: ``problems/topology_eigen.py``, ``build()`` with its defaults,
+  the settings of pyMOTO's ``ex_eigenfrequency.py`` (50 x 30, aluminium
+  E 68.9e9, nu 0.3, density 2700, plane strain, Emin 1e-9 E, density filter
+  r 2, a solid mass block set to 1 after the filter, Du-Olhoff two-range mass
+  interpolation, the left edge clamped). The objective is
+  ``J = 1/l1 + 1/l2 + 1/l3`` of the three lowest eigenvalues; pyMOTO
+  minimises ``g0 = 100 J / J(x0)`` (``Scaling(scaling=100)``, ``J = g0 / sf``)
+  subject to ``g1 = 10 (V / nel - 0.5) <= 0`` (a ``MathExpression``; the
+  volume fraction of the filtered design with the block is ``0.5 + g1 / 10``).
+  Also recorded: the eigenvalues of the final design on both sides (adjopt:
+  ``problem.functional.eigenvalues(x_N)``, which has k + 1 = 4 of them, the
+  fourth for its multiplicity check; pyMOTO: the output of its
+  ``EigenSolve`` module, 3 modes, at every step and at x_N) and the lowest
+  angular frequency ``omega1 = sqrt(l1)`` in rad/s. pyMOTO's size line is
+  ``nx, ny, nz = 50, 30, 0``.
+* ``robust``: ``problems/topology_robust.py``,
+  ``build(formulation="eroded", continuation="pymoto", beta=1e-3,
+  beta_max=40)``, the settings of pyMOTO's ``ex_compliance_robust.py``
+  (100 x 40, E 1, nu 0.3, plane strain, Emin 1e-5, density filter r 5 with
+  zero padding away from the support, projections at eta 0.6 / 0.5 / 0.4,
+  its linear beta schedule: 1e-3 up to step 15, then a rise every 5 steps to
+  40 from step 91). The objective is the compliance of the eroded design;
+  pyMOTO minimises ``g0 = 100 c / c(x0)`` (``c = g0 / sf``) subject to
+  ``g1 = 10 (sum(x_nominal) - 0.5 nel) / (0.5 nel) <= 0`` (the volume fraction
+  of the nominal design is ``0.5 (1 + g1 / 10)``). pyMOTO's hand-written
+  element matrix there is the plane-strain Q4 with the two displacement
+  components of each node swapped and its "x" load is therefore a transverse
+  load (/work/pymoto_ref/REPORT.md, section 2): the same problem, the same
+  c(x0) = 676.4306. The example's own call has ``maxit=120``; the runner
+  overrides it like the other stopping arguments (``kwargs_in_example``
+  records the example's values). Also recorded: the beta of every analysis on
+  both sides (adjopt: ``problem.continuation.schedule(k)`` for x_k, k = 0..N;
+  pyMOTO: the output of its ``Continuation`` module at every step and at
+  x_N). Where beta changes (k = 16, 21, ..., 91) adjopt analyses x_k twice:
+  at the old beta for its history entry (so history[k]["f"] is
+  f(x_k; beta_{k-1})) and again at the new one, from which MMA takes its next
+  step, as pyMOTO does with the new beta alone; those 16 iterations hold two
+  factorizations. pyMOTO's size line is ``nx, ny = 100, 40``.
 
 How each side is run
 --------------------
 * adjopt: ``adjopt.optimize.minimize(problem, "mma", move=0.1, maxiter=N,
   gtol=0, xtol=0)`` (pyMOTO's MMA move limit is 0.1; no stopping test but
   maxiter). adjopt's MMA divides the objective by ``|f(x0)|`` and the volume
-  constraint by its bound, pyMOTO's by the same and then multiplies both by
-  10: the two MMAs solve equally scaled subproblems up to that factor of 10,
+  constraint by its bound, pyMOTO's examples by the same and then multiply
+  the objective by 10 (``mechanism``) or 100 (``eigen``, ``robust``) and the
+  volume constraint by 10 (``mechanism``, ``robust``) or 5 (``eigen``:
+  ``10 (V / nel - 0.5)``): the two MMAs solve differently scaled subproblems,
   not identical ones (the artificial-variable weights a0 = 1, c = 1000, d = 1
   are the same on both sides), so the iterates are close at first and then
   drift apart.
@@ -64,7 +104,9 @@ first compilations), ``s_per_iter_mean`` their mean. adjopt's phases are the
 history's ``"phases"`` (filter, assembly, factorize, solve, sensitivity,
 update) summed over iterations 2..N, as shares of their wall time; pyMOTO's
 factorization and solve seconds are the time spent in its linear solver's
-``update`` and ``solve`` (the inner solver of the LDAWrapper), per iteration.
+``update`` and ``solve`` (the inner solver of the LDAWrapper; for ``eigen`` the shift-invert
+solver of its ``EigenSolve``), per iteration. The eigenvalue case has an
+``"eigensolve"`` phase on adjopt's side (and no ``"solve"``).
 
 Values: ``f_start`` is f(x_0) (adjopt: history[0]["f"], i.e.
 ``problem.functional.value(p0)``; pyMOTO: g0(x_0) / sf); they must agree
@@ -72,8 +114,12 @@ Values: ``f_start`` is f(x_0) (adjopt: history[0]["f"], i.e.
 adjopt's history[N]; pyMOTO evaluates x_{N-1} last, so the runner analyses
 the design of its last update once more after the loop (untimed;
 ``f_last_evaluated_by_pymoto`` is pyMOTO's own last value). ``f_final_scaled``
-is pyMOTO's scaling of it, ``10 f / |f_start|``. The final volume fraction is
-that of x_N (adjopt: the constraint functional; pyMOTO: from g1 as above).
+is pyMOTO's scaling of it, ``s f / |f_start|`` (s = 10 for ``mechanism``,
+100 for ``eigen`` and ``robust``). The final volume fraction is that of x_N
+(adjopt: the constraint functional; pyMOTO: from g1 as above).
+``comparison.f_history_max_abs_diff_over_f0`` is the largest difference of
+f(x_k), k < N, of the two runs over |f_start| (for ``robust`` only over the k
+where both analysed x_k at the same beta, ``f_history_compared`` of them).
 
 Also recorded: the linear solver of each side (adjopt:
 ``type(problem.functional.solver).__name__`` and, for ``"auto"``, the backend
@@ -81,7 +127,8 @@ it chose; pyMOTO: the solver of its ``LinSolve`` modules, e.g.
 ``LDAWrapper(SolverSparseLU)``), the BLAS and thread pools of the adjopt
 process (threadpoolctl), the BLAS libraries mapped into the pyMOTO process
 and OpenBLAS's thread count there, the thread environment variables, the
-machine (cpus, load average) and the versions of adjopt, pyMOTO, numpy and
+machine (cpus, load average; per case also the load average before adjopt,
+between the two sides and after pyMOTO, ``loadavg``) and the versions of adjopt, pyMOTO, numpy and
 scipy on both sides. On a small machine with other work running the times
 depend much on the BLAS threads (both MMAs and CHOLMOD use them): compare
 runs at the same load, or pin ``OPENBLAS_NUM_THREADS``.
@@ -106,7 +153,7 @@ import tempfile
 import time
 
 import numpy as np
-from _bench_common import blas_info, fmt, machine_info, table, version, write_json
+from _bench_common import blas_info, fmt, loadavg, machine_info, table, version, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "problems"))
@@ -118,18 +165,45 @@ DEFAULT_PYMOTO_PYTHON = "/work/pymoto_ref/venv/bin/python"
 DEFAULT_PYMOTO_EXAMPLES = "/work/pymoto_ref/examples_orig"
 DEFAULT_OUT = os.path.join(ROOT, "scripts", "results", "bench_pymoto.json")
 PHASES = ("filter", "assembly", "factorize", "solve", "sensitivity", "update")
+#: the order of adjopt's phases in the tables (a case reports those its history has)
+PHASE_ORDER = ("filter", "assembly", "factorize", "solve", "eigensolve", "sensitivity", "update")
 #: f(x_0) of the two sides must agree to this relative difference (the same problem)
 START_RTOL = 1e-9
 
 
-def _mech_objective(g, sf):
-    """pyMOTO's ``Scaling(scaling=10)`` of u_out: g0 = sf u_out with sf = 10 / |u_out(x0)|."""
+def _scaled_objective(g, sf):
+    """pyMOTO's ``Scaling(scaling=s)`` of the objective f: g0 = sf f with sf = s / |f(x0)|."""
     return g[0] / sf
+
+
+_mech_objective = _scaled_objective
 
 
 def _mech_volume_fraction(g, sf):
     """pyMOTO's ``Scaling(scaling=10, maxval=volfrac nel)`` of V: g1 = 10 (V / (volfrac nel) - 1)."""
     return 0.3 * (1.0 + g[1] / 10.0)
+
+
+def _eigen_volume_fraction(g, sf):
+    """ex_eigenfrequency.py's ``MathExpression('10*(inp0/nel - 0.5)')`` of V: V / nel = 0.5 + g1 / 10."""
+    return 0.5 + g[1] / 10.0
+
+
+def _robust_volume_fraction(g, sf):
+    """ex_compliance_robust.py's ``Scaling(scaling=10, maxval=0.5 nel)`` of sum(x_nominal): 0.5 (1 + g1 / 10)."""
+    return 0.5 * (1.0 + g[1] / 10.0)
+
+
+def _eigen_extra(problem, x, iters) -> dict:
+    """adjopt's eigenvalues at x and the lowest angular frequency (rad/s)."""
+    lam = np.asarray(problem.functional.eigenvalues(x), dtype=float)
+    return dict(eigenvalues_final=[float(v) for v in lam], omega1_final=float(np.sqrt(lam[0])))
+
+
+def _robust_extra(problem, x, iters) -> dict:
+    """adjopt's beta of the analysis of x_k, k = 0..N (the schedule; see the module docstring)."""
+    cont = problem.continuation
+    return dict(beta_schedule=[float(cont.schedule(k)) for k in range(iters + 1)], beta_final=float(cont.beta))
 
 
 #: the benchmark cases: adjopt's problem and build kwargs, the method, pyMOTO's example and its conventions
@@ -149,6 +223,43 @@ CASES = {
         pymoto_volume_fraction=_mech_volume_fraction,  # (g, sf) -> filtered volume fraction
         pymoto_volume_fraction_doc="V / nel = 0.3 (1 + g1 / 10) (Scaling(scaling=10, maxval=0.3 nel))",
         pymoto_scale=10.0,  # pyMOTO's objective is pymoto_scale * f / |f(x0)|
+        pymoto_record={},  # {name: pyMOTO module class}: the runner records its first output at every analysis
+    ),
+    "eigen": dict(
+        problem="topology_eigen",
+        build={},  # build()'s defaults are ex_eigenfrequency.py's settings
+        size=(50, 30),
+        size_kwargs=("nelx", "nely"),
+        method="mma",
+        options=dict(move=0.1),
+        pymoto_example="ex_eigenfrequency.py",
+        pymoto_size_pattern=r"^nx, ny, nz = .*$",
+        pymoto_size_line="nx, ny, nz = {nx}, {ny}, 0",
+        pymoto_objective=_scaled_objective,
+        pymoto_objective_doc="J = 1/l1 + 1/l2 + 1/l3 = g0 / sf, sf = 100 / J(x0) (Scaling(scaling=100))",
+        pymoto_volume_fraction=_eigen_volume_fraction,
+        pymoto_volume_fraction_doc="V / nel = 0.5 + g1 / 10 (MathExpression '10*(inp0/nel - 0.5)')",
+        pymoto_scale=100.0,
+        pymoto_record={"eigenvalues": "EigenSolve"},
+        adjopt_extra=_eigen_extra,  # (problem, x_N, N) -> values added to adjopt's result
+    ),
+    "robust": dict(
+        problem="topology_robust",
+        build=dict(formulation="eroded", continuation="pymoto", beta=1e-3, beta_max=40.0),
+        size=(100, 40),
+        size_kwargs=("nelx", "nely"),
+        method="mma",
+        options=dict(move=0.1),
+        pymoto_example="ex_compliance_robust.py",
+        pymoto_size_pattern=r"^nx, ny = .*$",
+        pymoto_size_line="nx, ny = {nx}, {ny}",
+        pymoto_objective=_scaled_objective,
+        pymoto_objective_doc="c_eroded = g0 / sf, sf = 100 / c(x0) (Scaling(scaling=100))",
+        pymoto_volume_fraction=_robust_volume_fraction,
+        pymoto_volume_fraction_doc="sum(x_nominal) / nel = 0.5 (1 + g1 / 10) (Scaling(scaling=10, maxval=0.5 nel))",
+        pymoto_scale=100.0,
+        pymoto_record={"beta": "Continuation"},
+        adjopt_extra=_robust_extra,
     ),
 }
 
@@ -228,7 +339,20 @@ try:
                 if meth in cls.__dict__:
                     _timed(cls, meth)
 
-    REC = dict(g=[], t=[], raw=[], opt=None, xnew=None, solver_at_step=[])
+    REC = dict(g=[], t=[], raw=[], opt=None, xnew=None, solver_at_step=[], recorded=[])
+
+    def _recorded(opt):
+        """{name: the first output of the first module of class cfg["record"][name]} at the analysed design."""
+        out = {}
+        for name, cls in (cfg.get("record") or {}).items():
+            for m in opt.function.mods:
+                if type(m).__name__ == cls:
+                    st = np.real(np.asarray(m.sig_out[0].state)).ravel()
+                    out[name] = [float(v) for v in st]
+                    break
+            else:
+                out[name] = None
+        return out
 
     def _scalings(opt):
         """{response index: Scaling module producing it}."""
@@ -254,6 +378,7 @@ try:
         REC["raw"].append([float(np.real(np.asarray(sc[i].sig_in[0].state)).ravel()[0]) if i in sc else None
                            for i in range(len(self.responses))])
         REC["xnew"] = np.array(out[0], dtype=float, copy=True)
+        REC["recorded"].append(_recorded(self))
         return out
 
     _mma.MMA.step = step
@@ -296,12 +421,16 @@ try:
     t_final = time.perf_counter() - t
     raw_final = [float(np.real(np.asarray(sc[i].sig_in[0].state)).ravel()[0]) if i in sc else None
                  for i in range(len(opt.responses))]
+    recorded_final = _recorded(opt)
     solvers = []
     for m in opt.function.mods:
         if type(m).__name__ == "LinSolve":
             s = m.solver
             inner = getattr(s, "solver", None)
             solvers.append(type(s).__name__ + (f"({type(inner).__name__})" if inner is not None else ""))
+        elif type(m).__name__ == "EigenSolve":  # shift-invert about sigma on the solver Ainv
+            solvers.append(f"EigenSolve({type(getattr(m, 'Ainv', None)).__name__}, sigma={getattr(m, 'sigma', None)}, "
+                           f"nmodes={getattr(m, 'nmodes', None)})")
     blas = []
     try:
         with open("/proc/self/maps") as fh:
@@ -339,6 +468,7 @@ try:
         kwargs_in_example=CALL.get("kwargs_in_example"), maxit=cfg["maxit"], tolf=cfg["tolf"], tolx=cfg["tolx"],
         steps=len(REC["g"]), g=REC["g"], raw=REC["raw"], step_times=REC["t"], solver_at_step=REC["solver_at_step"],
         g_last_evaluated=g_last, g_final=g_final, raw_final=raw_final, final_analysis_s=t_final,
+        recorded=REC["recorded"], recorded_final=recorded_final,
         sf=[float(sc[i].sf) if i in sc else None for i in range(len(opt.responses))],
         response_tags=[r.tag for r in opt.responses], n_design=int(opt.n),
         mma=dict(version=getattr(opt, "mmaversion", None),
@@ -382,7 +512,8 @@ def run_pymoto(case: dict, example: str, python: str, size, iters: int, workdir:
     with open(cfg_path, "w") as fh:
         json.dump(dict(example=os.path.abspath(example), maxit=iters, tolf=0.0, tolx=0.0,
                        size=list(size) if size != case["size"] else None,
-                       size_pattern=case["pymoto_size_pattern"], size_line=case["pymoto_size_line"]), fh)
+                       size_pattern=case["pymoto_size_pattern"], size_line=case["pymoto_size_line"],
+                       record=case.get("pymoto_record") or {}), fh)
     if os.path.exists(out_path):
         os.remove(out_path)
     t0 = time.perf_counter()
@@ -416,6 +547,20 @@ def run_pymoto(case: dict, example: str, python: str, size, iters: int, workdir:
     conv = f + [r["f_final"]]
     r["conversion_max_rel_diff"] = max((abs(a - b) / abs(b) for a, b in zip(conv, raw) if b), default=None)
     r.update(iteration_times(r["step_times"]))
+    # the recorded module outputs: per analysis x_0..x_{N-1}, then at x_N
+    recorded, recorded_final = r.pop("recorded"), r.pop("recorded_final")
+    for name in case.get("pymoto_record") or {}:
+        hist = [row.get(name) for row in recorded] + [recorded_final.get(name)]
+        if name == "eigenvalues":
+            r["eigenvalues_history"] = hist[:-1]
+            r["eigenvalues_final"] = hist[-1]
+            r["omega1_final"] = float(np.sqrt(min(hist[-1]))) if hist[-1] else None
+            r["omega1_start"] = float(np.sqrt(min(hist[0]))) if hist[0] else None
+        elif name == "beta":
+            r["beta_history"] = [b[0] if b else None for b in hist]  # beta of x_0..x_N
+            r["beta_final"] = r["beta_history"][-1]
+        else:
+            r[name + "_history"] = hist
     timed = r["solver_at_step"][1:]
     if timed:
         r["solver_per_iter"] = dict(factorize=float(np.median([s["update"] for s in timed])),
@@ -469,7 +614,9 @@ def run_adjopt(case: dict, problem, iters: int) -> dict:
     timed = steps[1:]
     if timed:
         wall_timed = sum(h["time"] for h in timed)
-        sums = {k: sum(h.get("phases", {}).get(k, 0.0) for h in timed) for k in PHASES}
+        seen = {k for h in timed for k in h.get("phases", {})}
+        names = [k for k in PHASE_ORDER if k in seen] + sorted(seen - set(PHASE_ORDER))
+        sums = {k: sum(h.get("phases", {}).get(k, 0.0) for h in timed) for k in names}
         r["phase_seconds_per_iter"] = {k: v / len(timed) for k, v in sums.items()}
         r["phase_shares"] = {k: v / wall_timed for k, v in sums.items()} if wall_timed > 0 else None
     vol, bound = problem.constraints[0]
@@ -480,6 +627,10 @@ def run_adjopt(case: dict, problem, iters: int) -> dict:
     r["factorizations"], r["solves"] = int(res.factorizations), int(res.solves)
     r["unknowns"] = int(problem.meta["dofmap"].n_free) if "dofmap" in problem.meta else None
     r["design_variables"] = int(problem.p0.size)
+    if case.get("adjopt_extra"):
+        r.update(case["adjopt_extra"](problem, res.x, iters))
+    if any("beta" in h for h in hist):
+        r["beta_history_entries"] = [h.get("beta") for h in hist]  # the beta of history[k]["f"]
     return r
 
 
@@ -492,15 +643,30 @@ def compare(a: dict, p: dict) -> dict:
         out["time_ratio_adjopt_over_pymoto"] = a["s_per_iter"] / p["s_per_iter"]
         out["time_ratio_mean"] = a["s_per_iter_mean"] / p["s_per_iter_mean"]
     # f(x_k) of the two runs, k = 0..N-1 (both analysed those designs); they drift apart as the MMAs differ
+    # (with a beta schedule only where adjopt's history entry has pyMOTO's beta: adjopt records f(x_k) at the
+    # beta of before the change, see the module docstring)
     n = min(len(a["f_history"]), len(p["f_history"]))
-    fa, fp = np.array(a["f_history"][:n]), np.array(p["f_history"][:n])
+    same = np.ones(n, dtype=bool)
+    if a.get("beta_history_entries") and p.get("beta_history"):
+        same = np.array([x == y for x, y in zip(a["beta_history_entries"][:n], p["beta_history"][:n])])
+        out["f_history_compared"] = int(same.sum())
+        out["f_final_same_beta"] = a["beta_history_entries"][-1] == p["beta_history"][-1]
+    fa, fp = np.array(a["f_history"][:n])[same], np.array(p["f_history"][:n])[same]
     scale = abs(a["f_start"])
-    out["f_history_max_abs_diff_over_f0"] = float(np.max(np.abs(fa - fp)) / scale) if n and scale else None
+    out["f_history_max_abs_diff_over_f0"] = float(np.max(np.abs(fa - fp)) / scale) if fa.size and scale else None
+    if a.get("omega1_final") and p.get("omega1_final"):
+        out["omega1_final_rel_diff"] = (a["omega1_final"] - p["omega1_final"]) / p["omega1_final"]
+    if a.get("beta_schedule") and p.get("beta_history"):
+        ba, bp = a["beta_schedule"], p["beta_history"]
+        m = min(len(ba), len(bp))
+        out["beta_max_abs_diff"] = max(abs(x - y) for x, y in zip(ba[:m], bp[:m]))
     return out
 
 
 def print_table(data) -> None:
     rows, phase_rows, notes = [], [], []
+    phase_names = [k for k in PHASE_ORDER
+                   if any(k in (c["adjopt"].get("phase_shares") or {}) for c in data["cases"].values())]
     for name, c in data["cases"].items():
         for side in ("adjopt", "pymoto"):
             r = c.get(side) or {}
@@ -516,20 +682,32 @@ def print_table(data) -> None:
                          fmt(r["volume_fraction_final"], ".5f"), solver, "ok"])
         a = c["adjopt"]
         if a.get("phase_shares"):
-            phase_rows.append([name, *(f"{100 * a['phase_shares'][k]:.1f}%" for k in PHASES)])
+            phase_rows.append([name, *(f"{100 * a['phase_shares'][k]:.1f}%" if k in a["phase_shares"] else "-"
+                                       for k in phase_names)])
+        p = c.get("pymoto") or {}
+        if a.get("omega1_final") is not None:
+            notes.append(f"{name}: lowest sqrt(eigenvalue) at x_N: adjopt {fmt(a['omega1_final'], '.8g')} rad/s, "
+                         f"pyMOTO {fmt(p.get('omega1_final'), '.8g')} rad/s")
+        if a.get("beta_schedule"):
+            notes.append(f"{name}: beta at x_N: adjopt {fmt(a['beta_schedule'][-1], '.6g')}, "
+                         f"pyMOTO {fmt(p.get('beta_final'), '.6g')}")
         cmp_ = c.get("comparison")
         if cmp_:
             notes.append(f"{name}: f start rel diff {fmt(cmp_['f_start_rel_diff'], '.2e')} "
                          f"(agree: {fmt(cmp_['f_start_agree'])}), adjopt / pyMOTO s/iter "
                          f"{fmt(cmp_.get('time_ratio_adjopt_over_pymoto'), '.3g')} (median), "
                          f"{fmt(cmp_.get('time_ratio_mean'), '.3g')} (mean)")
+        if c.get("loadavg"):
+            notes.append(f"{name}: load average before adjopt {c['loadavg'].get('before')}, "
+                         f"before pyMOTO {c['loadavg'].get('between')}, after {c['loadavg'].get('after')}")
+    scales = ", ".join(f"{n} {CASES[n]['pymoto_scale']:g}" for n in data["cases"])
     print(f"\n{data['config']['iters']} MMA iterations; s/iter over iterations 2..N; f = the unscaled objective; "
-          "scaled = 10 f / |f start| (pyMOTO's)")
+          f"scaled = s f / |f start| (pyMOTO's g0; s: {scales})")
     print(table(rows, ["case", "run", "s/iter med", "s/iter mean", "f start", "f final", "scaled", "vol frac",
                        "solver", "status"]))
     if phase_rows:
         print("\nadjopt phases (share of the wall time of iterations 2..N)")
-        print(table(phase_rows, ["case", *PHASES]))
+        print(table(phase_rows, ["case", *phase_names]))
     for n in notes:
         print(n)
     info = data["info"]
@@ -618,9 +796,12 @@ def main(argv=None) -> int:
                                options=case["options"], stop=dict(maxiter=args.iters, gtol=0, xtol=0),
                                pymoto_example=case["pymoto_example"], pymoto_objective=case["pymoto_objective_doc"],
                                pymoto_volume_fraction=case["pymoto_volume_fraction_doc"],
+                               pymoto_scale=case["pymoto_scale"], pymoto_record=case.get("pymoto_record") or {},
                                pymoto_stop=dict(maxit=args.iters, tolf=0, tolx=0),
                                pymoto_size_patched=sizes[c] != case["size"]))
+        row["loadavg"] = dict(before=loadavg())
         row["adjopt"] = run_adjopt(case, problems[c], args.iters)
+        row["loadavg"]["between"] = loadavg()
         if pym_reason is None:
             print(f"{c} {nx}x{ny}: pyMOTO ({examples[c]}), {args.iters} MMA steps", flush=True)
             with tempfile.TemporaryDirectory(prefix="bench_pymoto_") as work:
@@ -633,6 +814,7 @@ def main(argv=None) -> int:
                 print(f"pyMOTO failed: {row['pymoto']['reason']}", file=sys.stderr, flush=True)
         else:
             row["pymoto"] = dict(status="not run", reason=pym_reason)
+        row["loadavg"]["after"] = loadavg()
         data["cases"][c] = row
     data["total_s"] = time.perf_counter() - t_all
     data["complete"] = True

@@ -91,6 +91,9 @@ def test_results_draw_the_three_designs(tmp_path):
     res = minimize(problem, "mma", maxiter=2, gtol=0, xtol=0)
     # the run counts the factorizations of all three designs: one each per evaluated point
     assert res.factorizations == stats.factorizations - before == 9
+    # the history's phases are those of the three designs' functionals, not all "update"
+    phases = res.history[-1]["phases"]
+    assert phases["factorize"] > 0 and phases["solve"] > 0 and phases["update"] < res.history[-1]["time"]
     cd = fields(problem, res.x)["cell_data"]
     for k in tr.DESIGNS:
         np.testing.assert_allclose(cd[f"density_{k}"], problem.meta["designs"][k](res.x[:128]))

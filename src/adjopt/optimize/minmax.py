@@ -16,6 +16,8 @@ constraints of the order of one, as MMA's constants assume.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from ..errors import ShapeError
@@ -95,6 +97,30 @@ class _Totals:
     @property
     def newton_solves(self) -> int:
         return self._sum("newton_solves")
+
+
+class _SumTimes(Mapping):
+    """The phase seconds of several functionals added up, live (what a run's history splits by phase)."""
+
+    def __init__(self, counters):
+        unique = {id(c): c for c in counters}
+        self._counters = list(unique.values())
+
+    def _total(self) -> dict:
+        out: dict = {}
+        for c in self._counters:
+            for k, v in c.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def __getitem__(self, key):
+        return self._total()[key]
+
+    def __iter__(self):
+        return iter(self._total())
+
+    def __len__(self):
+        return len(self._total())
 
 
 class BoundConstraint:
@@ -220,5 +246,8 @@ def minmax_problem(functionals, p0, bounds, constraints=(), scales=None, z_bound
     stats = [f.stats for f in fs if hasattr(f, "stats")]
     if stats:
         objective.stats = _Totals(stats)  # the solves of all the bounded functionals
+    times = [f.times for f in fs if hasattr(f, "times")]
+    if times:
+        objective.times = _SumTimes(times)  # their phases: a run's history splits its iterations by them
     return Problem(objective, np.append(p0, z0), bounds=(np.append(lo, zlo), np.append(hi, zhi)), constraints=cons,
                    name=name, meta=meta, mass=mass, continuation=continuation, monitor=watch)
