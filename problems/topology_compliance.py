@@ -84,11 +84,11 @@ NU = 0.3
 #: how ``adjopt run topology_compliance`` optimizes it unless told otherwise
 RUN_DEFAULTS = dict(method="oc", xtol=0.01, gtol=0.0, maxiter=500)
 
-def _count(value, name: str) -> int:
+def _count(value, name: str, what: str = "number of elements along that side") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer number of elements >= 1, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 1 ({what}), got {value!r}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1 (number of elements along that side), got {value}")
+        raise ValueError(f"{name} must be >= 1 ({what}), got {value}")
     return int(value)
 
 
@@ -156,10 +156,43 @@ def _cantilever2d(nelx: int, nely: int, case: str):
     return mesh, fixed, load, unit, void
 
 
+def _fingerprint(elements: np.ndarray) -> str | None:
+    """A short, exact name of a set of elements for the run's options (a checkpoint of another set is refused)."""
+    if elements.size == 0:
+        return None
+    import hashlib
+
+    digest = hashlib.sha1(np.ascontiguousarray(elements, dtype=np.int64).tobytes()).hexdigest()[:12]
+    return f"{elements.size} elements, sha1 {digest}"
+
+
+def _parse_elements(text: str, name: str) -> np.ndarray:
+    """Element indices from the command line: "3,7,12", ranges "0:10" (10 excluded), or both."""
+    out = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if ":" in part:
+                a, b = part.split(":")
+                out.extend(range(int(a), int(b)))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"{name} must be element indices such as '3,7,12' or a range '0:10', got {text!r}") \
+                from None
+    return np.array(out, dtype=np.int64)
+
+
 def _elements(value, n: int, name: str) -> np.ndarray:
-    """Element indices (unique, sorted) from an integer array or a boolean mask of length n."""
+    """Element indices (unique, sorted) from an integer array, a boolean mask of length n, or a string of
+    indices and ranges (the command line)."""
     if value is None:
         return np.zeros(0, dtype=np.int64)
+    if isinstance(value, str):
+        value = _parse_elements(value, name)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = [value]
     a = np.asarray(value)
     if a.dtype == bool:
         if a.shape != (n,):
@@ -170,6 +203,9 @@ def _elements(value, n: int, name: str) -> np.ndarray:
                          f"shape {a.shape}")
     if a.size and (a.min() < 0 or a.max() >= n):
         raise ValueError(f"{name} must be element indices in [0, {n}), got entries from {a.min()} to {a.max()}")
+    if a.size == n and n > 2 and np.all((a == 0) | (a == 1)):
+        raise ValueError(f"{name} is an integer array of 0s and 1s, one per element: a mask? Give a boolean mask "
+                         "(mask.astype(bool)) or element indices")
     return np.unique(a.astype(np.int64))
 
 
@@ -187,7 +223,7 @@ def check_projection(projection, beta, eta, beta_max, beta_every) -> tuple:
     beta_max = _positive(beta_max, "beta_max")
     if projection and beta_max < beta:
         raise ValueError(f"beta_max ({beta_max:g}) must be >= beta ({beta:g})")
-    return beta, eta, beta_max, _count(beta_every, "beta_every")
+    return beta, eta, beta_max, _count(beta_every, "beta_every", "iterations at one beta")
 
 
 def symmetry_orbits(grid, symmetry: str) -> np.ndarray:
@@ -398,14 +434,21 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     else:
         mesh, fixed, load, unit, void = _cantilever2d(nelx, nely, case)
     n = mesh.n_cells
-    void = np.union1d(_elements(void, n, "the case's voids"), _elements(passive_void, n, "passive_void"))
+    own = _elements(void, n, "the case's voids")
+    void = np.union1d(own, _elements(passive_void, n, "passive_void"))
     solid = _elements(passive_solid, n, "passive_solid")
     both = np.intersect1d(void, solid)
     if both.size:
-        raise ValueError(f"element {int(both[0])} is both passive void and passive solid ({both.size} such); give "
-                         "each passive element once")
+        where = f"the case {case!r} makes it void (its hole)" if np.isin(both[0], own) else "passive_void has it"
+        raise ValueError(f"element {int(both[0])} is both passive void and passive solid ({both.size} such; {where}); "
+                         "give each passive element once")
     if void.size + solid.size >= n:
         raise ValueError("every element is passive: nothing is left to design")
+    cell_volumes = mesh.cell_volumes()
+    solid_fraction = float(cell_volumes[solid].sum() / cell_volumes.sum())
+    if solid_fraction > volfrac:
+        raise ValueError(f"the passive solid elements alone fill {solid_fraction:.4g} of the domain, more than "
+                         f"volfrac = {volfrac:g}: no design meets the volume bound; raise volfrac or fix fewer")
     dim = mesh.dim
     # every element is a translate of the unit cell: one shared local matrix
     KE = fem.q1_elasticity(unit, E=1.0, nu=NU)[0]
@@ -429,7 +472,8 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     volumes = mesh.cell_volumes()  # Volume and the Problem keep their own copies
     m = design.size
     volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), m)
-    cont = BetaContinuation(proj, beta_max=beta_max, every=beta_every) if projection and beta_max > beta else None
+    # with beta_max = beta the continuation never raises, but every history entry still records beta
+    cont = BetaContinuation(proj, beta_max=max(beta_max, beta), every=beta_every) if projection else None
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
             "density_filter": fmap, "projection": proj, "design_map": physical, "design": design,
@@ -438,7 +482,8 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
             "dofmap": dofmap, "dofs": dofmap, "load": load, "volfrac": volfrac, "penal": penal, "rmin": rmin,
             "emin": emin, "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal,
                                           rmin=rmin, emin=emin, filter=filter, projection=projection, beta=beta,
-                                          eta=eta, beta_max=beta_max, beta_every=beta_every, symmetry=symmetry)}
+                                          eta=eta, beta_max=beta_max, beta_every=beta_every, symmetry=symmetry,
+                                          passive_void=_fingerprint(void), passive_solid=_fingerprint(solid))}
     return adjopt.Problem(J, np.full(m, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
                           name=name, meta=meta, mass=volumes[design] * chain["weights"], continuation=cont,
                           monitor=chain["monitor"])

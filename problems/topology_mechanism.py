@@ -157,9 +157,8 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
                                  solver="auto" if solver is None else solver)
     volumes = mesh.cell_volumes()
     volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), design.size)
-    cont = None
-    if projection and beta_max > beta:
-        cont = BetaContinuation(chain["projection"], beta_max=beta_max, every=beta_every)
+    cont = BetaContinuation(chain["projection"], beta_max=max(beta_max, beta), every=beta_every) if projection \
+        else None
     meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": pmap, "density_filter": chain["filter"],
             "projection": chain["projection"], "design_map": chain["physical"], "design": design,
             "parameter_cells": chain["field"], "passive_solid": solid, "dofmap": dofmap,

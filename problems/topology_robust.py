@@ -175,11 +175,13 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
 
         cont = BetaSchedule(list(projections.values()), schedule)
     else:
-        cont = BetaContinuation(list(projections.values()), beta_max=beta_max, every=beta_every) \
-            if beta_max > beta else None
+        cont = BetaContinuation(list(projections.values()), beta_max=max(beta_max, beta), every=beta_every)
 
     def monitor(p):
-        return {"grey": grey_level(maps["intermediate"].forward(p))}
+        out = {"grey": grey_level(maps["intermediate"].forward(p))}
+        if formulation == "minmax":  # the compliances themselves (their states are cached at p by now)
+            out.update({f"c_{k}": functionals[k].value(p) for k in DESIGNS})
+        return out
 
     designs = {k: maps[k].forward for k in DESIGNS}
     meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": maps["intermediate"],

@@ -600,3 +600,26 @@ def test_resuming_a_finished_run_returns_its_result(tmp_path):
                "--resume", check=0)
     again = json.loads((out / "history.json").read_text())
     assert again["nit"] == first["nit"] and again["fun"] == first["fun"]  # no extra step
+
+
+def test_force_removes_the_old_runs_files_first(tmp_path):
+    """A --force run killed before it writes its results must not leave the old run's pictures beside its own
+    checkpoint: the files an earlier run wrote go first (other files stay)."""
+    from adjopt.cli import _prepare_out
+    from adjopt.results import RESULT_FILES
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in RESULT_FILES + ("checkpoint.npz", "notes.txt"):
+        (out / name).write_text("old")
+    lock = _prepare_out(out, force=True, resume=False, clear=True)
+    lock.release(failed=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # --resume keeps them (it continues that run), and so does a folder that is not cleared (adjopt uq reads a
+    # result.npz that may sit in its --out)
+    (out / "result.npz").write_text("old")
+    lock = _prepare_out(out, force=True, resume=True, clear=True)
+    lock.release(failed=False)
+    lock = _prepare_out(out, force=True, resume=False)
+    lock.release(failed=False)
+    assert (out / "result.npz").exists()

@@ -354,9 +354,9 @@ def _remove_empty(folders: list[Path]) -> None:
             break
 
 
-def _prepare_out(out: Path, force: bool, resume: bool, resumable: bool = True) -> _FolderLock:
+def _prepare_out(out: Path, force: bool, resume: bool, resumable: bool = True, clear: bool = False) -> _FolderLock:
     """Create and lock the output folder; remove a killed run's temporaries; refuse a non-empty folder (unless
-    --force or --resume)."""
+    --force or --resume); with ``clear`` and --force (a new run), remove the files an earlier run wrote."""
     from .results import remove_temporaries
 
     if out.exists() and not out.is_dir():
@@ -375,6 +375,13 @@ def _prepare_out(out: Path, force: bool, resume: bool, resumable: bool = True) -
         if any(p.name != LOCK_FILE for p in out.iterdir()) and not (force or resume):
             raise UsageError(f"the output folder {out} exists and is not empty; pass --force to overwrite it, "
                              + ("--resume to continue its run, " if resumable else "") + "or choose another --out")
+        if clear and force and not resume:
+            # an overwritten folder must not mix the old run's files with the new one's if the new run is killed
+            from .results import RESULT_FILES, UQ_FILES
+
+            for name in RESULT_FILES + UQ_FILES + ("checkpoint.npz",):
+                with contextlib.suppress(FileNotFoundError):
+                    (out / name).unlink()
     except BaseException:
         if lock is not None:
             lock.release(failed=True)
@@ -476,12 +483,12 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     args.out_used = out  # for the --resume hint after Ctrl-C
     lock = None
     if comm is None:
-        lock = _prepare_out(out, args.force, args.resume)
+        lock = _prepare_out(out, args.force, args.resume, clear=True)
     else:
         err = None
         if comm.rank == 0:  # under MPI only rank 0 writes files and prints
             try:
-                lock = _prepare_out(out, args.force, args.resume)
+                lock = _prepare_out(out, args.force, args.resume, clear=True)
             except UsageError as exc:
                 err = str(exc)
         err = comm.bcast(err)

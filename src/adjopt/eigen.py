@@ -97,7 +97,8 @@ class EigenvalueFunctional:
     def _pairs(self, p):
         p = as_parameter(p, self.n_params, "p")
         last = self._last
-        if last is not None and np.array_equal(last[0], p):
+        version = getattr(self.map, "version", 0)
+        if last is not None and last[4] == version and np.array_equal(last[0], p):
             return last
         clock = time.perf_counter
         t0 = clock()
@@ -134,7 +135,7 @@ class EigenvalueFunctional:
         self.times["assembly"] += t2 - t1
         self.times["factorize"] += t3 - t2
         self.times["eigensolve"] += t4 - t3
-        self._last = (p.copy(), rho, lam, phi)
+        self._last = (p.copy(), rho, lam, phi, version)
         return self._last
 
     def eigenvalues(self, p) -> np.ndarray:
@@ -155,7 +156,7 @@ class EigenvalueFunctional:
 
     def gradient(self, p, tol=None) -> np.ndarray:
         """sum_i -(1 / lambda_i^2) (phi_i^T dK phi_i - lambda_i phi_i^T dM phi_i), pulled back through the map."""
-        _, rho, lam, phi = self._pairs(p)
+        _, rho, lam, phi, _ = self._pairs(p)
         t0 = time.perf_counter()
         lam_k, phi_k = lam[: self.k], phi[:, : self.k]
         w = -1.0 / lam_k**2

@@ -172,6 +172,7 @@ class ReducedFunctional:
             )
         self._solver = self._accept(make_solver(solver))
         self.cache = StateCache(cache_bytes)
+        self._map_version = None  # the parameter map's version the cached states were computed with
         #: (solver, factorization) of a matrix that does not depend on p (``matrix.constant``): one for every p
         self._fixed = None
         self.keep_factorizations = as_count(keep_factorizations, "keep_factorizations")
@@ -331,7 +332,18 @@ class ReducedFunctional:
             self._live.move_to_end(id(st))
         return st.factorization
 
+    def _check_map_version(self) -> None:
+        """Drop the cached states when the parameter map changed in place (its ``version`` moved)."""
+        v = getattr(self.map, "version", 0)
+        if v != self._map_version:
+            if self._map_version is not None:
+                logger.debug("ReducedFunctional: the parameter map changed (version %s -> %s); cached states dropped",
+                             self._map_version, v)
+                self.forget()
+            self._map_version = v
+
     def _state(self, p: np.ndarray) -> _State:
+        self._check_map_version()
         st = self.cache.get(p)
         if st is not None:
             return st

@@ -203,6 +203,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
         self._solver = self._accept(make_solver(solver))
         self._fixed = None
         self.cache = StateCache(cache_bytes)
+        self._map_version = None  # the parameter map's version the cached states were computed with
         self.keep_factorizations = as_count(keep_factorizations, "keep_factorizations")
         self._live: OrderedDict[int, _State] = OrderedDict()
         self.times = Counter()
@@ -365,6 +366,7 @@ class NonlinearReducedFunctional(ReducedFunctional):
         return f"Newton iteration {it} (||R|| = {nr:.3g}): {what}; {why}"
 
     def _state(self, p: np.ndarray) -> _State:
+        self._check_map_version()
         st = self.cache.get(p)
         if st is not None:
             return st

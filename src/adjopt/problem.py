@@ -87,3 +87,9 @@ class Problem:
         for i, con in enumerate(self.constraints):
             if not (isinstance(con, tuple) and len(con) == 2 and hasattr(con[0], "value") and hasattr(con[0], "gradient")):
                 raise TypeError(f"constraint {i} must be a (functional, upper) pair with value and gradient")
+            try:
+                upper = float(con[1])
+            except (TypeError, ValueError):
+                raise TypeError(f"constraint {i}'s upper bound must be a number, got {con[1]!r}") from None
+            if np.isnan(upper):
+                raise ValueError(f"constraint {i}'s upper bound is NaN; give a number (inf for no bound)")

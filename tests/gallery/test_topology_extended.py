@@ -209,3 +209,43 @@ def test_symmetry_in_3d_and_with_passive_sets():
 def test_bad_symmetry(value):
     with pytest.raises(ValueError, match="symmetry must be 'none' or mirrored axes from 'xy'"):
         tc.build("mbb", 6, 4, symmetry=value)
+
+
+# -- found by a hostile review -------------------------------------------------------------------------------------
+def test_resume_with_other_passive_elements_is_refused(tmp_path):
+    from adjopt.optimize import CheckpointError
+
+    ckpt = tmp_path / "run.npz"
+    minimize(tc.build("mbb", 20, 10, passive_void=np.arange(10)), "oc", maxiter=3, gtol=0, checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="passive"):
+        minimize(tc.build("mbb", 20, 10, passive_solid=np.arange(100, 110)), "oc", maxiter=5, resume=ckpt)
+
+
+def test_passive_solids_beyond_the_volume_bound_are_refused():
+    with pytest.raises(ValueError, match=r"passive solid elements alone fill 0.75 of the domain, more than volfrac"):
+        tc.build("mbb", 12, 6, passive_solid=np.arange(54))
+
+
+def test_an_infeasible_run_is_not_a_success():
+    import adjopt
+
+    built = tc.build("mbb", 12, 4)
+    volume, _ = built.constraints[0]
+    problem = adjopt.Problem(built.functional, np.full(48, 0.6), bounds=(0.5, 1.0), constraints=[(volume, 0.2)])
+    res = minimize(problem, "mma", maxiter=30, gtol=0, xtol=0.01)
+    assert not res.success and "constraint 0 is violated at the result" in res.message
+    assert any("violated" in w for w in res.warnings)
+
+
+def test_command_line_passive_strings_and_integer_masks():
+    a = tc.build("mbb", 6, 4, passive_void="0:3,7")
+    np.testing.assert_array_equal(a.meta["passive_void"], [0, 1, 2, 7])
+    assert tc.build("mbb", 6, 4, passive_void=5).meta["passive_void"].tolist() == [5]
+    with pytest.raises(ValueError, match="element indices such as '3,7,12'"):
+        tc.build("mbb", 6, 4, passive_void="1,x")
+    with pytest.raises(ValueError, match="an integer array of 0s and 1s, one per element: a mask"):
+        tc.build("mbb", 6, 4, passive_void=np.r_[np.ones(3, int), np.zeros(21, int)])
+    with pytest.raises(ValueError, match=r"beta_every must be >= 1 \(iterations at one beta\)"):
+        tc.build("mbb", 6, 4, beta_every=0)
+    with pytest.raises(ValueError, match="the case 'cantilever_hole' makes it void"):
+        tc.build("cantilever_hole", 15, 9, passive_solid=[33])

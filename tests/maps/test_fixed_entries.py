@@ -58,7 +58,7 @@ def test_in_a_chain_the_passive_values_survive_filter_and_projection():
     ((4, [[1]], 1.0), PatternError, "index must be a 1-D array"),
     ((2, [0, 1], 1.0), PatternError, "every entry is fixed"),
     ((4, [1], np.nan), ValueError, "fixed values must be finite"),
-    ((4, [1, 2], [1.0, 2.0, 3.0]), ValueError, "broadcast"),
+    ((4, [1, 2], [1.0, 2.0, 3.0]), ValueError, "values must be a scalar or one per index"),
 ])
 def test_bad_arguments(args, exc, match):
     with pytest.raises(exc, match=match):

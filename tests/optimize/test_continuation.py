@@ -236,3 +236,81 @@ def test_a_schedule_in_a_run_and_mma_keeps_its_asymptotes():
     # the raise re-evaluated f at the new beta without restarting MMA: the iteration counter went on
     fresh = tc.build("mbb", 24, 8, projection=True, beta=2.0)
     assert res.fun == pytest.approx(fresh.functional.value(res.x), rel=1e-12)
+
+
+# -- found by a hostile review -------------------------------------------------------------------------------------
+def test_a_manual_beta_change_is_seen_without_forget():
+    problem = tc.build("mbb", 20, 10, projection=True)
+    J, proj = problem.functional, problem.meta["projection"]
+    p = np.random.default_rng(4).uniform(0.1, 0.9, 200)
+    v1, g1 = J.value(p), J.gradient(p)
+    proj.beta = 8.0  # no forget(): the map's version moved, the functional drops its states itself
+    fresh = tc.build("mbb", 20, 10, projection=True, beta=8.0).functional
+    assert J.value(p) == pytest.approx(fresh.value(p), rel=1e-12) and J.value(p) != pytest.approx(v1, rel=1e-3)
+    np.testing.assert_allclose(J.gradient(p), fresh.gradient(p), rtol=1e-10)
+    proj.eta = 0.3  # eta is a property too: the normalisation and the version follow
+    np.testing.assert_allclose(proj.forward(np.r_[0.0, 1.0, np.full(198, 0.5)])[:2], [0.0, 1.0], atol=1e-15)
+    assert J.value(p) == pytest.approx(tc.build("mbb", 20, 10, projection=True, beta=8.0, eta=0.3)
+                                       .functional.value(p), rel=1e-12)
+    with pytest.raises(ValueError, match="0 <= eta <= 1"):
+        proj.eta = 5
+    del g1
+
+
+def test_resume_into_the_same_problem_object(tmp_path):
+    kw = dict(maxiter=16, gtol=0, xtol=0)
+    full = minimize(_projected(beta_every=5, beta_max=8.0), "mma", **kw)
+    problem = _projected(beta_every=5, beta_max=8.0)
+    ckpt = tmp_path / "run.npz"
+
+    def interrupt(info):
+        if info["nit"] == 12:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        minimize(problem, "mma", checkpoint=ckpt, callback=interrupt, **kw)
+    resumed = minimize(problem, "mma", resume=ckpt, checkpoint=ckpt, **kw)  # the same object: beta 8 cached
+    assert [e["f"] for e in resumed.history] == pytest.approx([e["f"] for e in full.history], rel=1e-12)
+
+
+def test_a_raise_on_the_last_iteration_is_in_its_entry():
+    problem = _projected(beta_every=5)
+    res = minimize(problem, "mma", maxiter=5, gtol=0, xtol=0)
+    last = res.history[-1]
+    assert last["beta"] == 1.0 and last["beta_next"] == 2.0
+    assert res.fun == last["f_next"] != last["f"]
+
+
+def test_gtol_cannot_stop_below_beta_max():
+    built = _projected(beta_every=4, beta_max=8.0)
+    problem = adjopt.Problem(built.functional, np.full(192, 0.3), bounds=(0.0, 1.0), continuation=built.continuation)
+    res = minimize(problem, "lbfgs", maxiter=60, gtol=1e-3)
+    assert res.history[-1]["beta"] == 8.0 or not res.success
+    if res.success:
+        assert "stationarity" in res.message
+
+
+def test_monitor_names_and_values_are_checked():
+    J = tc.build("mbb", 6, 2).functional
+    for monitor, exc, match in [(lambda p: {"f": 1.0}, ValueError, "a name the history uses itself"),
+                                (lambda p: {"x": object()}, TypeError, "its values must be numbers"),
+                                (lambda p: {"x": "a"}, TypeError, "its values must be numbers")]:
+        problem = adjopt.Problem(J, np.full(12, 0.5), monitor=monitor)
+        with pytest.raises(exc, match=match):
+            minimize(problem, "lbfgs", maxiter=1)
+
+
+def test_a_fixed_beta_is_recorded_too():
+    problem = tc.build("mbb", 12, 4, projection=True, beta=8.0, beta_max=8.0)
+    res = minimize(problem, "mma", maxiter=3, gtol=0, xtol=0)
+    assert [e["beta"] for e in res.history] == [8.0] * 4
+
+
+def test_no_overflow_warning_at_a_large_beta():
+    import warnings
+
+    h = HeavisideProjection(3, beta=1e3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = h.jvp(np.array([0.0, 0.5, 1.0]), np.ones(3))
+    assert d[0] == 0.0 and d[2] == 0.0 and d[1] > 0

@@ -72,9 +72,59 @@ def test_derivatives_of_the_pieces():
     (([Shifted([0.0]), Shifted([0.0, 1.0])],), {}, ShapeError, "must share n_params"),
     (([Shifted([0.0])],), {"scales": [0.0]}, ValueError, "scales must be 1 finite numbers > 0"),
     (([Shifted([0.0])],), {"scales": [1.0, 2.0]}, ValueError, "scales must be 1 finite numbers"),
-    (([Shifted([0.0], k=50.0)],), {"scales": [1.0]}, ValueError, r"must be finite and hold the start z0"),
+    (([Shifted([0.0], k=500.0)],), {"scales": [1.0]}, ValueError, r"must be finite and hold the start z0"),
     (([Shifted([0.0])],), {"mass": np.ones(3)}, ShapeError, r"mass must be the design's \(1,\) weights"),
 ])
 def test_bad_input(args, kw, exc, match):
     with pytest.raises(exc, match=match):
         minmax_problem(*args, np.array([0.5]), (0.0, 1.0), **kw)
+
+
+def test_checks_found_by_a_hostile_review():
+    import scipy.sparse as sp
+
+    from adjopt.maps import HeavisideProjection
+    from adjopt.optimize import BetaContinuation
+
+    f = Shifted([0.0, 1.0])
+    sc = np.array([2.0])
+    problem = minmax_problem([f], np.array([0.5, 0.5]), (0.0, 1.0), scales=sc)
+    sc[:] = -5.0
+    assert problem.meta["minmax"]["scales"].tolist() == [2.0]  # copied
+    with pytest.raises(ShapeError, match="constraint 0 takes 3 parameters"):
+        minmax_problem([f], np.array([0.5, 0.5]), (0.0, 1.0), constraints=[(Shifted([0.0, 0.0, 0.0]), 1.0)])
+    with pytest.raises(TypeError, match="a list of \\(functional, upper\\) pairs"):
+        minmax_problem([f], np.array([0.5, 0.5]), (0.0, 1.0), constraints=(Shifted([0.0, 0.0]), 1.0))
+    with pytest.raises(ShapeError, match="bounds must be a \\(lower, upper\\) pair"):
+        minmax_problem([f], np.array([0.5, 0.5]), (np.zeros(3), 1.0))
+    with pytest.raises(TypeError, match="mass of a min-max must be"):
+        minmax_problem([f], np.array([0.5, 0.5]), (0.0, 1.0), mass=sp.eye(2))
+    J = problem.functional
+    with pytest.raises(ShapeError):
+        J.hessp(np.zeros(3), np.zeros(2))
+    with pytest.raises(ShapeError, match="x and v must be vectors of length 3"):
+        problem.constraints[0][0].hessp(np.zeros(3), np.zeros((3, 2)))
+
+    class Cached(Shifted):
+        cache = {}
+
+    with pytest.raises(ValueError, match="caches states but has no forget"):
+        minmax_problem([Cached([0.0, 1.0])], np.array([0.5, 0.5]), (0.0, 1.0),
+                       continuation=BetaContinuation(HeavisideProjection(2)))
+
+
+def test_a_capped_bound_is_not_a_success():
+    f = Shifted([3.0])
+    problem = minmax_problem([f], np.array([0.0]), (-1.0, 1.0), scales=[9.0], z_bounds=(0.0, 1.5))
+    f.k = 100.0  # the functional grew (as compliances do when beta rises): f / 9 >= 11.6 > the bound 1.5
+    res = minimize(problem, "mma", maxiter=50, gtol=0, xtol=1e-6)
+    assert res.x[-1] == pytest.approx(1.5, abs=1e-3)
+    assert not res.success and "constraint 0 is violated" in res.message and "z_bounds" in res.message
+
+
+def test_nan_upper_bounds_are_refused():
+    import adjopt
+
+    f = Shifted([0.0])
+    with pytest.raises(ValueError, match="upper bound is NaN"):
+        adjopt.Problem(f, np.array([0.5]), bounds=(0.0, 1.0), constraints=[(f, float("nan"))])

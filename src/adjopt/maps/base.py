@@ -28,6 +28,9 @@ class ParameterMap:
     n_out: int
     #: True when M is affine (second-order term zero)
     affine: bool = False
+    #: a counter that changes whenever the map changes in place (a projection's beta): a functional that
+    #: caches states by p drops them when it sees another version
+    version: int = 0
 
     def forward(self, p) -> np.ndarray:
         raise NotImplementedError
@@ -116,6 +119,11 @@ class Compose(ParameterMap):
         self.maps = maps
         self.n_in, self.n_out = maps[0].n_in, maps[-1].n_out
         self.affine = all(m.affine for m in maps)
+
+    @property
+    def version(self) -> int:
+        """The sum of the maps' versions: it changes when any of them changes."""
+        return sum(int(getattr(m, "version", 0)) for m in self.maps)
 
     def _inputs(self, p):
         xs = [self.check_p(p)]

@@ -79,14 +79,14 @@ class HeavisideProjection(_Entrywise):
 
     def __init__(self, n: int, beta: float = 1.0, eta: float = 0.5):
         super().__init__(n)
-        if not 0 <= eta <= 1:
-            raise ValueError(f"Heaviside projection needs 0 <= eta <= 1, got {eta}")
-        self.eta = float(eta)
+        self.version = 0
+        self._beta, self._eta = 1.0, 0.5
+        self.eta = eta
         self.beta = beta
 
     @property
     def beta(self) -> float:
-        """The sharpness (> 0); setting it recomputes the normalisation."""
+        """The sharpness (> 0); setting it recomputes the normalisation and bumps ``version``."""
         return self._beta
 
     @beta.setter
@@ -98,13 +98,35 @@ class HeavisideProjection(_Entrywise):
         if not (np.isfinite(b) and b > 0):
             raise ValueError(f"Heaviside projection needs a finite beta > 0, got {value!r}")
         self._beta = b
-        self._den = np.tanh(b * self.eta) + np.tanh(b * (1 - self.eta))
+        self._changed()
+
+    @property
+    def eta(self) -> float:
+        """The threshold in [0, 1]; setting it recomputes the normalisation and bumps ``version``."""
+        return self._eta
+
+    @eta.setter
+    def eta(self, value) -> None:
+        try:
+            e = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Heaviside projection needs a number eta in [0, 1], got {value!r}") from None
+        if not 0 <= e <= 1:
+            raise ValueError(f"Heaviside projection needs 0 <= eta <= 1, got {value!r}")
+        self._eta = e
+        self._changed()
+
+    def _changed(self) -> None:
+        b, e = self._beta, self._eta
+        self._den = np.tanh(b * e) + np.tanh(b * (1 - e))
+        self.version += 1
 
     def _f(self, p):
         return (np.tanh(self.beta * self.eta) + np.tanh(self.beta * (p - self.eta))) / self._den
 
     def _d1(self, p):
-        return self.beta / np.cosh(self.beta * (p - self.eta)) ** 2 / self._den
+        t = np.tanh(self.beta * (p - self.eta))  # 1 - tanh^2 = 1 / cosh^2, without cosh's overflow at large beta
+        return self.beta * (1.0 - t * t) / self._den
 
     def _d2(self, p):
         t = np.tanh(self.beta * (p - self.eta))
@@ -140,6 +162,8 @@ class FixedEntries(ParameterMap):
 
     def __init__(self, n: int, index, values, reduced: bool = True):
         self.reduced = check_flag(reduced, "reduced")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an integer >= 1 (the length of the field), got {n!r}")
         n = int(n)
         idx = np.asarray(index)
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
@@ -147,7 +171,10 @@ class FixedEntries(ParameterMap):
         idx = idx.astype(np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise PatternError(f"index must lie in [0, {n}), got entries from {idx.min()} to {idx.max()}")
-        vals = np.broadcast_to(np.asarray(values, dtype=np.float64), idx.shape).copy() if idx.size else np.zeros(0)
+        v = np.asarray(values, dtype=np.float64)
+        if v.ndim > 1 or (v.ndim == 1 and v.size != idx.size):
+            raise ValueError(f"values must be a scalar or one per index ({idx.size}), got shape {v.shape}")
+        vals = np.broadcast_to(v, idx.shape).copy() if idx.size else np.zeros(0)
         if not np.all(np.isfinite(vals)):
             raise ValueError("the fixed values must be finite")
         order = np.argsort(idx, kind="stable")

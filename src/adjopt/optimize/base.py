@@ -335,6 +335,27 @@ def check_identity(path, meta: dict, expected: dict) -> None:
                               "problem, options and method of the run that wrote it")
 
 
+#: a constraint value - upper above this times max(1, |upper|) makes a converged run unsuccessful
+FEASIBILITY_TOL = 1e-3
+
+
+def _violation(problem, x) -> str:
+    """'' when every constraint holds at x to :data:`FEASIBILITY_TOL`, else what is violated."""
+    worst, text = 0.0, ""
+    for i, (fn, upper) in enumerate(problem.constraints or []):
+        try:
+            v = float(fn.value(x))
+        except Exception as exc:  # noqa: BLE001 - a failing constraint is reported, not raised, at the end
+            return f"constraint {i} could not be evaluated at the result ({type(exc).__name__}: {exc})"
+        excess = (v - float(upper)) / max(1.0, abs(float(upper)))
+        if not excess <= FEASIBILITY_TOL and (excess > worst or not math.isfinite(excess)):
+            worst = excess if math.isfinite(excess) else math.inf
+            text = (f"constraint {i} is violated at the result: value {v:.6g} > upper {float(upper):.6g} (the "
+                    "constraints cannot all hold, or the method stopped too early; a min-max's bound z may be "
+                    "too small: z_bounds)")
+    return text
+
+
 def _forget_states(problem) -> None:
     """Drop the cached states of the problem's functionals (a continuation changed their parameter map)."""
     for fn in [problem.functional] + [c for c, _ in (problem.constraints or [])]:
@@ -354,8 +375,20 @@ def monitored(problem, x) -> dict:
         extra = monitor(np.array(x, copy=True))
         if not isinstance(extra, dict):
             raise TypeError(f"the problem's monitor must return a dict of numbers, got {type(extra).__name__}")
-        out.update({str(k): _json_safe(v) for k, v in extra.items()})
+        for k, v in extra.items():
+            k = str(k)
+            if k in _RESERVED:
+                raise ValueError(f"the problem's monitor returned {k!r}, a name the history uses itself "
+                                 f"({', '.join(sorted(_RESERVED))}); rename it")
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"the problem's monitor returned {k!r} = {v!r}; its values must be numbers")
+            out[k] = float(v)
     return out
+
+
+#: history names a monitor may not use
+_RESERVED = frozenset({"nit", "f", "stationarity", "step", "nfev", "njev", "nhessp", "time", "phases", "beta",
+                       "beta_next", "f_next", "newton_iterations"})
 
 
 def _plain(v):
@@ -476,7 +509,8 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
     def before_iteration():
         """(stop, success, message) from the tests that need no new iterate."""
         gnorm = driver.stationarity(state)
-        if gnorm <= gtarget:
+        # with a continuation that can still go on, a stationary point raises beta (after_iteration), never stops
+        if gnorm <= gtarget and (cont is None or getattr(cont, "at_max", True)):
             return True, True, f"stationarity {gnorm:.3g} <= {gtarget:.3g} (gtol {options.gtol:g}, gatol {options.gatol:g})"
         if nit_box[0] >= options.maxiter:
             budget[0] = True
@@ -514,9 +548,11 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         if cont is not None:
             converged = outcome is not None or gnorm <= gtarget
             if cont.step(converged):
-                # the same x is another design now: start the method afresh there, at the new beta
+                # the same x is another design now: evaluate the method again there, at the new beta; the
+                # entry says so (its f is at the old beta, the state's from now on at the new one)
                 _forget_states(driver.problem)
                 driver.refresh(state)
+                entry.update(beta_next=float(cont.beta), f_next=float(state["f"]))
                 outcome = None
         if checkpoint is not None:
             write_checkpoint(checkpoint, state, checkpoint_meta())
@@ -558,6 +594,12 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
             stop, success, message = after_iteration(x_old, f_old, record)
             if stop:
                 break
+    if success and not finished:
+        violated = _violation(driver.problem, state["x"])
+        if violated:
+            success = False
+            message = f"{message}; but {violated}"
+            driver.warnings.append(f"{driver.name}: {violated}")
     if checkpoint is not None and not finished and not budget[0]:
         # the end of a run that stopped by itself (converged, or could not go on) goes into the checkpoint
         # too, so that a resume of it returns this result instead of taking another step

@@ -66,6 +66,7 @@ class MinMaxObjective:
 
     def hessp(self, xz, v, tol=None) -> np.ndarray:
         self._check(xz)
+        self._check(v)
         return np.zeros(self.n_params)
 
     def forget(self) -> None:
@@ -144,6 +145,9 @@ class BoundConstraint:
 
     def hessp(self, xz, v, tol=None) -> np.ndarray:
         xz, v = np.asarray(xz, dtype=np.float64), np.asarray(v, dtype=np.float64)
+        if xz.shape != (self.n_params,) or v.shape != (self.n_params,):
+            raise ShapeError(f"x and v must be vectors of length {self.n_params} (the design and z), got shapes "
+                             f"{xz.shape} and {v.shape}")
         out = np.zeros(self.n_params)
         out[:-1] = np.asarray(self.f.hessp(xz[:-1], v[:-1]), dtype=np.float64) / self.scale
         return out
@@ -180,7 +184,7 @@ class DesignConstraint:
             forget()
 
 
-def minmax_problem(functionals, p0, bounds, constraints=(), scales=None, z_bounds=(0.0, 10.0), name="minmax",
+def minmax_problem(functionals, p0, bounds, constraints=(), scales=None, z_bounds=(0.0, 100.0), name="minmax",
                    meta=None, mass=None, continuation=None, monitor=None, fields_from=None) -> Problem:
     """The bound formulation of ``min_x max_i f_i(x) / s_i`` as an :class:`~adjopt.Problem` over (x, z).
 
@@ -196,7 +200,9 @@ def minmax_problem(functionals, p0, bounds, constraints=(), scales=None, z_bound
     scales
         The s_i (> 0); default ``|f_i(p0)|`` (a zero value gets 1).
     z_bounds
-        Bounds of z (0, 10): with the default scales z starts at 1.
+        Bounds of z (0, 100): with the default scales z starts at 1. A run
+        that ends with z at its upper bound and a bound constraint violated
+        is reported unsuccessful (raise the bound).
     name, meta, mass, continuation, monitor
         As for :class:`~adjopt.Problem`; ``mass`` and ``monitor`` are the
         design's (z gets the mean weight; the monitor sees x alone).
@@ -223,17 +229,37 @@ def minmax_problem(functionals, p0, bounds, constraints=(), scales=None, z_bound
     values = np.array([float(f.value(p0)) for f in fs])
     if scales is None:
         scales = np.where(np.abs(values) > 0, np.abs(values), 1.0)
-    scales = np.asarray(scales, dtype=np.float64).reshape(-1)
+    scales = np.array(scales, dtype=np.float64).reshape(-1)  # a copy: the caller's array may change
     if scales.shape != (len(fs),) or not np.all(np.isfinite(scales) & (scales > 0)):
         raise ValueError(f"scales must be {len(fs)} finite numbers > 0, got {scales!r}")
     zlo, zhi = (float(v) for v in z_bounds)
     z0 = float(np.max(values / scales))
     if not (np.isfinite(zlo) and np.isfinite(zhi) and zlo <= z0 <= zhi):
         raise ValueError(f"z_bounds ({zlo:g}, {zhi:g}) must be finite and hold the start z0 = max f_i / s_i = {z0:g}")
-    lo, hi = (np.broadcast_to(np.asarray(b, dtype=np.float64), (n,)) for b in bounds)
+    try:
+        lo, hi = (np.broadcast_to(np.asarray(b, dtype=np.float64), (n,)) for b in bounds)
+    except (TypeError, ValueError):
+        raise ShapeError(f"bounds must be a (lower, upper) pair of scalars or vectors of length {n}") from None
+    constraints = list(constraints)
+    if len(constraints) == 2 and not isinstance(constraints[0], tuple) and hasattr(constraints[0], "value"):
+        raise TypeError("constraints must be a list of (functional, upper) pairs: [(volume, 0.5)], not one pair")
+    for i, con in enumerate(constraints):
+        if not (isinstance(con, tuple) and len(con) == 2 and hasattr(con[0], "value")):
+            raise TypeError(f"constraint {i} must be a (functional, upper) pair with value and gradient")
+        if int(getattr(con[0], "n_params", n)) != n:
+            raise ShapeError(f"constraint {i} takes {con[0].n_params} parameters, the functionals {n}")
+    if continuation is not None:
+        missing = [i for i, f in enumerate(list(fs) + [c for c, _ in constraints])
+                   if hasattr(f, "cache") and not callable(getattr(f, "forget", None))]
+        if missing:
+            raise ValueError(f"functional {missing[0]} caches states but has no forget(): a continuation would "
+                             "leave it stale")
     parts = [BoundConstraint(f, s) for f, s in zip(fs, scales)]
     cons = [(c, 0.0) for c in parts] + [(DesignConstraint(f), float(u)) for f, u in constraints]
     if mass is not None:
+        if not isinstance(mass, np.ndarray) and not isinstance(mass, (list, tuple)):
+            raise TypeError(f"mass of a min-max must be the design's ({n},) array of weights, got "
+                            f"{type(mass).__name__}")
         mass = np.asarray(mass, dtype=np.float64)
         if mass.shape != (n,):
             raise ShapeError(f"mass must be the design's ({n},) weights, got shape {mass.shape}")
