@@ -327,3 +327,27 @@ def test_list_shows_defaults_as_they_are_typed_and_survives_a_closed_pipe():
     assert "--velocity 1,0.5" in out and "--alpha none" in out
     proc = subprocess.run(f"{sys.executable} -m adjopt.cli list | head -1", shell=True, capture_output=True, text=True)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_check_tests_the_constraints_and_skips_missing_hessians(tmp_path):
+    proc = adjopt("check", "topology_robust", "--nelx", 16, "--nely", 8, "--rmin", 2.0, "-q", check=0)
+    line = proc.stdout.strip()
+    assert "check PASS" in line and "constraint 0 gradient rate" in line and "Hessian rate exact" in line
+    assert "constraint 3 gradient rate" in line  # the three bound constraints and the volume
+    proc = adjopt("check", "topology_eigen", "--nelx", 10, "--nely", 8, check=0)
+    assert "Hessian actions" in proc.stdout and "(skipped)" in proc.stdout and "constraint 0" in proc.stdout
+    bad = tmp_path / "wrong_constraint.py"
+    bad.write_text(
+        "import numpy as np\n"
+        "import adjopt\n"
+        "class Q:\n"
+        "    n_params = 4\n"
+        "    def value(self, p): return float(p @ p)\n"
+        "    def gradient(self, p, tol=None): return 2 * p\n"
+        "    def hessp(self, p, v, tol=None): return 2 * np.asarray(v)\n"
+        "class WrongConstraint(Q):\n"
+        "    def gradient(self, p, tol=None): return p  # half of the true gradient\n"
+        "def build():\n"
+        "    return adjopt.Problem(Q(), np.full(4, 0.5), constraints=[(WrongConstraint(), 1.0)])\n")
+    proc = adjopt("check", str(bad), "-q", check=1)
+    assert "check FAIL (constraint 0 gradient rate" in proc.stdout and "passed: gradient rate" in proc.stdout
