@@ -351,3 +351,32 @@ def test_check_tests_the_constraints_and_skips_missing_hessians(tmp_path):
         "    return adjopt.Problem(Q(), np.full(4, 0.5), constraints=[(WrongConstraint(), 1.0)])\n")
     proc = adjopt("check", str(bad), "-q", check=1)
     assert "check FAIL (constraint 0 gradient rate" in proc.stdout and "passed: gradient rate" in proc.stdout
+
+
+def test_quiet_runs_hide_the_librarys_python_warnings_too(tmp_path):
+    # a solver that did not converge logs and warns (ConvergenceWarning): -q shows neither, counts it once
+    prob = tmp_path / "warns.py"
+    prob.write_text(textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {os.path.join(ROOT, "problems")!r})
+        import adjopt, poisson_inversion
+        from adjopt.errors import ConvergenceWarning
+
+        class Warns(adjopt.ReducedFunctional):
+            def value(self, p):
+                warnings.warn("the Krylov solve stopped at 3 iterations", ConvergenceWarning)
+                return super().value(p)
+
+        def build(n: int = 6):
+            pb = poisson_inversion.build(n=n)
+            J = pb.functional
+            pb.functional = Warns(J.matrix, J.rhs, J.objective, parameter_map=J.map)
+            return pb
+    """))
+    quiet = adjopt("run", prob, "--method", "lbfgs", "--max-iter", 1, "--no-pictures", "--out", tmp_path / "q", "-q",
+                   check=1)
+    assert "ConvergenceWarning" not in quiet.stderr and "Krylov" not in quiet.stderr.split("the first:")[0]
+    assert "warning(s) hidden by -q" in quiet.stderr, quiet.stderr
+    loud = adjopt("run", prob, "--method", "lbfgs", "--max-iter", 1, "--no-pictures", "--out", tmp_path / "l",
+                  check=1)
+    assert "ConvergenceWarning" in loud.stderr and "the Krylov solve stopped at 3 iterations" in loud.stderr

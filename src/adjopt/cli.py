@@ -1030,9 +1030,27 @@ def _library_logs(quiet: bool):
     handlers = list(logging.getLogger().handlers)
     for h in handlers:
         h.addFilter(hide)
+    import warnings
+
+    from .errors import ConvergenceWarning
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        """Python warnings of the library (a solver that did not converge warns and logs): hidden and counted once."""
+        if issubclass(category, ConvergenceWarning) or os.path.abspath(filename).startswith(package):
+            text = str(message)
+            if text not in hidden[-1:]:
+                hidden.append(text)
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         yield
     finally:
+        warnings.showwarning = shown
         for h in handlers:
             h.removeFilter(hide)
         if hidden:

@@ -140,3 +140,23 @@ def test_map_blocks_equal_their_columns(name):
     # the base class's loops give the same
     np.testing.assert_allclose(ParameterMap.jvp_block(M, p, dP), M.jvp_block(p, dP), rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(ParameterMap.vjp_block(M, p, G), M.vjp_block(p, G), rtol=1e-13, atol=1e-15)
+
+
+def test_a_user_coefficient_without_d2_says_what_is_missing():
+    import adjopt
+    from adjopt.errors import MissingDerivativeError
+    from adjopt.operators.coefficients import Coefficient
+
+    class Square(Coefficient):
+        def __call__(self, p):
+            return p**2
+
+        def d1(self, p):
+            return 2 * p
+
+    A = adjopt.ElementCoefficientMatrix(np.array([[0, 1], [1, 2]]), np.array([[1.0, -1.0], [-1.0, 1.0]]), Square(),
+                                        n=3, A0=np.eye(3))
+    with pytest.raises(MissingDerivativeError, match=r"Square does not implement d2\(p\) \(phi''\), which Hessian"):
+        A.second_block(np.ones(2), np.ones(3), np.ones(3), np.ones((2, 2)))
+    with pytest.raises(NotImplementedError):  # still a NotImplementedError for code that catches that
+        A.second(np.ones(2), np.ones(3), np.ones(3), np.ones(2))

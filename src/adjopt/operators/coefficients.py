@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import MissingDerivativeError
+
 
 class Coefficient:
     """Entrywise scalar map phi with first and second derivatives."""
@@ -22,15 +24,17 @@ class Coefficient:
     affine: bool = False
 
     def __call__(self, p: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        raise MissingDerivativeError(f"{type(self).__name__} does not implement __call__(p) (phi itself), which "
+                                     "every assembly needs")
 
     def d1(self, p: np.ndarray) -> np.ndarray:
         """phi'(p), entrywise."""
-        raise NotImplementedError
+        raise MissingDerivativeError(f"{type(self).__name__} does not implement d1(p) (phi'), which gradients need")
 
     def d2(self, p: np.ndarray) -> np.ndarray:
         """phi''(p), entrywise."""
-        raise NotImplementedError
+        raise MissingDerivativeError(f"{type(self).__name__} does not implement d2(p) (phi''), which Hessian "
+                                     "actions need; implement it, or set affine = True when phi'' = 0")
 
     def kernel_spec(self) -> tuple[int, int, float, float, float] | None:
         """(code, integer exponent or -1, q, e0, emin) for ``_kernels.coef_eval``, or None: evaluate by numpy.
