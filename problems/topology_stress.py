@@ -1,0 +1,312 @@
+"""Stress-constrained minimum volume: element von Mises stresses, relaxed and aggregated into one constraint.
+
+    minimize    V(p) = mean_e rho_e                     (rho = H p, the filtered density)
+    subject to  K(rho) u = f
+                G(u, p) = ((1/n) sum_e (s_e + 1)^P)^(1/P) - 1 <= 0,
+                          s_e = rho_e (sigma_vm,e(u) / sigma_max - 1)
+                f^T u <= c_max                           (optional)
+
+The unified aggregation and relaxation of Verbart, Langelaar and van Keulen
+(2017), in the form of pyMOTO's ``ex_volume_stress.py`` (its settings by
+default): nelx x nely unit Q1 plane-strain elements (50 x 100, E = 1, nu =
+0.3, emin = 1e-9, SIMP 3), the left edge clamped, a unit upward force at the
+right edge's middle node, density filter radius 2, a uniform start at 1,
+sigma_max = 0.4, P = 10, and the compliance bound 20. The element stress is
+the solid material's at the element centre, sigma_e = D B_c u_e (the mean of
+its 2 x 2 Gauss-point stresses), with the von Mises measure
+sigma_vm^2 = sx^2 + sy^2 - sx sy + 3 txy^2; multiplying the relative excess
+by the density relaxes the constraint in void (no singular optima).
+
+``case="lbracket"`` is the L-bracket (Le et al. 2010): an nelx x nely square
+(default 100 x 100) with its upper-right 0.6 x 0.6 part void and passive (the
+re-entrant corner concentrates the stress), the top edge of the remaining arm
+clamped, a unit downward force at the right end of the lower arm spread over
+the top nodes of its last ``load_width`` element columns.
+
+:class:`StressAggregate` is the objective (value, derivatives in u and p; no
+Hessian); the problem's constraint is a :class:`adjopt.ReducedFunctional` of
+it, so each design iteration takes one solve and one adjoint solve.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+import adjopt
+from adjopt import fem
+from adjopt.maps import DensityFilter, FixedEntries, compose
+from adjopt.mesh import rectangle
+from adjopt.objectives import Objective
+from adjopt.optimize import grey_level
+from adjopt.verify import taylor_test
+
+if __package__:  # imported as problems.topology_stress
+    from . import topology_compliance as _tc
+else:  # a script, or loaded by file path (adjopt run): problems/ is (or is put) on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import topology_compliance as _tc
+
+NU = 0.3
+#: the von Mises form of plane stresses (sx, sy, txy): sigma_vm^2 = sigma^T VM sigma
+VM = np.array([[1.0, -0.5, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 3.0]])
+
+#: how ``adjopt run topology_stress`` optimizes it unless told otherwise
+RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.0, gtol=0.0, maxiter=300)
+
+
+def centre_stress_matrix(unit_mesh, young: float, nu: float, plane: str, shear_scale: float = 1.0) -> np.ndarray:
+    """(3, 8): sigma = D B_c u_e of a unit Q1 element at its centre, dofs node-major as the element matrices'.
+
+    ``shear_scale`` multiplies the shear stress (1: the true one)."""
+    pts = unit_mesh.points[unit_mesh.cells[0]]  # (4, 2) corners of the unit square, in the cell's node order
+    c = pts.mean(axis=0)
+    dndx = 0.5 * np.sign(pts[:, 0] - c[0])  # bilinear shape functions' gradients at the centre (unit square)
+    dndy = 0.5 * np.sign(pts[:, 1] - c[1])
+    B = np.zeros((3, 8))
+    B[0, 0::2] = dndx
+    B[1, 1::2] = dndy
+    B[2, 0::2] = dndy
+    B[2, 1::2] = dndx
+    S = fem.elasticity_matrix(2, young, nu, plane) @ B
+    S[2] *= shear_scale
+    return S
+
+
+class StressAggregate(Objective):
+    """G(u, p) = ((1/n) sum_e (s_e + 1)^P)^(1/P) - 1,  s_e = rho_e (sigma_vm,e / sigma_max - 1),  rho = M(p).
+
+    Parameters
+    ----------
+    conn
+        (E, 8) element dofs in the state's numbering, -1 for a fixed dof (zero displacement).
+    S
+        (3, 8) stress of an element's dofs (:func:`centre_stress_matrix`), the same for every element.
+    sigma_max
+        The allowed von Mises stress.
+    P
+        The aggregation exponent (>= 1; 10).
+    parameter_map
+        p -> rho (the relaxation's density), or None for rho = p.
+    elements
+        The elements the constraint covers (default all; passive voids carry no stress).
+    """
+
+    depends_on_p = True
+
+    def __init__(self, conn, S, sigma_max: float, P: float = 10.0, parameter_map=None, elements=None):
+        conn = np.asarray(conn, dtype=np.int64)
+        self.elements = np.arange(conn.shape[0]) if elements is None else np.asarray(elements, dtype=np.int64)
+        self.conn = conn[self.elements]
+        self.n_state = int(conn.max()) + 1
+        self.S = np.asarray(S, dtype=np.float64)
+        self.sigma_max, self.P = float(sigma_max), float(P)
+        if not (self.sigma_max > 0 and np.isfinite(self.sigma_max)):
+            raise ValueError(f"sigma_max must be a positive stress, got {sigma_max!r}")
+        if not self.P >= 1:
+            raise ValueError(f"P (the aggregation exponent) must be >= 1, got {P!r}")
+        self.map = parameter_map
+
+    def _u_e(self, u):
+        u = np.asarray(u, dtype=np.float64)
+        if u.shape != (self.n_state,):
+            raise adjopt.ShapeError(f"the stress needs one state column of length {self.n_state}, got {u.shape}")
+        padded = np.append(u, 0.0)  # index -1 (a fixed dof) reads the zero at the end
+        return padded[self.conn]  # (E, 8)
+
+    def stresses(self, u) -> np.ndarray:
+        """(E, 3) centre stresses (sx, sy, txy) of the covered elements, solid material."""
+        return self._u_e(u) @ self.S.T
+
+    def von_mises(self, u) -> np.ndarray:
+        """(E,) von Mises stresses of the covered elements, solid material."""
+        sig = self.stresses(u)
+        return np.sqrt(np.maximum(np.einsum("ei,ij,ej->e", sig, VM, sig), 0.0))
+
+    def _parts(self, u, p):
+        rho_all = p if self.map is None else self.map.forward(p)
+        rho = np.asarray(rho_all, dtype=np.float64)[self.elements]
+        sig = self.stresses(u)
+        vm = np.sqrt(np.maximum(np.einsum("ei,ij,ej->e", sig, VM, sig), 0.0))
+        s = rho * (vm / self.sigma_max - 1.0)
+        y = s + 1.0
+        if np.any(y <= 0):  # rho <= 1 keeps y = 1 - rho + rho vm / sigma_max > 0
+            raise ValueError("the relaxed stress s_e = rho_e (vm_e / sigma_max - 1) fell to -1 or below: densities "
+                           "above 1 (a map that overshoots?)")
+        z = y**self.P
+        mean = float(np.mean(z))
+        return rho, sig, vm, y, z, mean
+
+    def value(self, u, p):
+        *_, mean = self._parts(u, p)
+        return mean ** (1.0 / self.P) - 1.0
+
+    def _dG_ds(self, y, mean):
+        return mean ** (1.0 / self.P - 1.0) * y ** (self.P - 1.0) / y.size
+
+    def grad_u(self, u, p):
+        rho, sig, vm, y, z, mean = self._parts(u, p)
+        w = self._dG_ds(y, mean) * rho / self.sigma_max  # dG/d(vm_e)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where(vm > 0, w / vm, 0.0)  # d vm / d sigma = VM sigma / vm (0 at a stress-free element)
+        local = (w[:, None] * (sig @ VM)) @ self.S  # (E, 8)
+        keep = self.conn >= 0
+        return np.bincount(self.conn[keep], weights=local[keep], minlength=self.n_state)
+
+    def grad_p(self, u, p):
+        rho, sig, vm, y, z, mean = self._parts(u, p)
+        g_rho = np.zeros(np.shape(self.map.forward(p) if self.map is not None else p)[0])
+        g_rho[self.elements] = self._dG_ds(y, mean) * (vm / self.sigma_max - 1.0)
+        return g_rho if self.map is None else self.map.vjp(p, g_rho)
+
+    def __repr__(self):
+        return f"StressAggregate(sigma_max={self.sigma_max:g}, P={self.P:g}, elements={self.elements.size})"
+
+
+def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = None, sigma_max: float | None = None,
+          P: float = 10.0, rmin: float = 2.0, emin: float = 1e-9, start: float = 1.0, compliance_max: float = 20.0,
+          load_width: int = 3, plane: str = "strain", shear_scale: float = 1.0, solver=None) -> adjopt.Problem:
+    """The stress-constrained problem as an :class:`adjopt.Problem`.
+
+    Parameters
+    ----------
+    case
+        ``"cantilever"`` (pyMOTO's example, 50 x 100) or ``"lbracket"`` (100 x 100).
+    nelx, nely
+        Elements along x and y (None: the case's default).
+    sigma_max, P
+        The allowed von Mises stress (None: 0.4 for the cantilever, 0.8 for
+        the L-bracket) and the aggregation exponent (10). The aggregate is a
+        P-mean over the elements: it holds the stresses down on average, and
+        single elements (the re-entrant corner) may exceed sigma_max; every
+        history entry records the largest relaxed stress (``max_vm``).
+    rmin, emin
+        Filter radius in elements (2) and the relative void stiffness (1e-9).
+    start
+        The uniform starting design (1: all solid).
+    compliance_max
+        The bound on f^T u (20); ``0`` for none.
+    load_width
+        L-bracket: element columns the load spreads over (3).
+    plane
+        ``"strain"`` (pyMOTO's) or ``"stress"``.
+    shear_scale
+        Multiplies the shear stress in the von Mises measure (1: the true
+        stress). pyMOTO 2.0.1's ``Stress`` doubles the shear strain of a B
+        that already has engineering shear, so its shear stress is twice the
+        true one: ``shear_scale=2`` reproduces its numbers.
+    solver
+        The solver (default ``"auto"``).
+
+    Returns
+    -------
+    adjopt.Problem
+        ``functional``: the volume fraction (mean of rho, a :class:`~adjopt.ParameterFunctional`);
+        constraints ``[(stress, 0.0), (compliance, compliance_max)]``;
+        ``meta["stress"]`` (the :class:`StressAggregate`), ``meta["stress_functional"]``.
+    """
+    if case not in ("cantilever", "lbracket"):
+        raise ValueError(f"case must be 'cantilever' or 'lbracket', got {case!r}")
+    dx, dy = (50, 100) if case == "cantilever" else (100, 100)
+    nelx = _tc._count(dx if nelx is None else nelx, "nelx")
+    nely = _tc._count(dy if nely is None else nely, "nely")
+    sigma_max = _tc._positive((0.4 if case == "cantilever" else 0.8) if sigma_max is None else sigma_max,
+                              "sigma_max")
+    rmin = _tc._positive(rmin, "rmin (filter radius in element units)")
+    emin = float(emin)
+    if not 0.0 < emin < 1.0:
+        raise ValueError(f"emin must satisfy 0 < emin < 1, got {emin!r}")
+    start = float(start)
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"start must be in (0, 1], got {start!r}")
+    compliance_max = float(compliance_max)
+    if not (np.isfinite(compliance_max) and compliance_max >= 0):
+        raise ValueError(f"compliance_max must be >= 0 (0: no compliance bound), got {compliance_max!r}")
+    if plane not in ("strain", "stress"):
+        raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
+    load_width = _tc._count(load_width, "load_width", "element columns the load spreads over")
+
+    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+    n_dofs, n = 2 * mesh.n_nodes, mesh.n_cells
+    c = mesh.cell_centers()
+    void = np.zeros(0, dtype=np.int64)
+    if case == "cantilever":
+        fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
+        load = fem.point_load(n_dofs, [2 * _tc._node_at(mesh, (nelx, float(nely // 2))) + 1], 1.0)
+    else:
+        if nelx < 5 or nely < 5:
+            raise ValueError(f"the L-bracket needs at least 5 x 5 elements, got {nelx} x {nely}")
+        cx, cy = 0.4 * nelx, 0.4 * nely  # the corner: x > 0.4 nelx and y > 0.4 nely is void
+        void = np.flatnonzero((c[:, 0] > cx) & (c[:, 1] > cy))
+        top = np.flatnonzero((np.abs(mesh.points[:, 1] - nely) < 1e-9) & (mesh.points[:, 0] <= cx + 1e-9))
+        fixed = np.union1d(2 * top, 2 * top + 1)
+        ycut = float(np.floor(cy))
+        cols = np.flatnonzero((np.abs(mesh.points[:, 1] - ycut) < 1e-9) & (mesh.points[:, 0] >= nelx - load_width - 1e-9))
+        load = fem.point_load(n_dofs, 2 * cols + 1, -1.0 / cols.size)
+    KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=1.0, nu=NU, plane=plane)[0]
+    shear_scale = _tc._positive(shear_scale, "shear_scale")
+    S = centre_stress_matrix(rectangle(1, 1, 1.0, 1.0, cell="quad"), 1.0, NU, plane, shear_scale)
+    dofmap = fem.condense(n_dofs, fixed)
+    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
+    A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=3.0, e0=1.0, emin=emin), n=dofmap.n_free)
+    if solver is None or (isinstance(solver, str) and solver.lower() in ("gmg", "auto")):
+        from adjopt.solvers import structured_solver
+
+        solver = structured_solver((nelx, nely), 2, dofmap.fixed, solver)
+    b = dofmap.restrict_vector(load)
+    fmap = DensityFilter(c, rmin)
+    pmap = fmap if void.size == 0 else compose(FixedEntries(n, void, 0.0), fmap,
+                                               FixedEntries(n, void, 0.0, reduced=False))
+    design = np.setdiff1d(np.arange(n), void)
+    covered = design  # a passive void carries no stress
+    stress = StressAggregate(conn, S, sigma_max, P, parameter_map=pmap, elements=covered)
+    # the objective gets p and applies the map itself (its rho is the relaxation's density)
+    G = adjopt.ReducedFunctional(A, b, stress, parameter_map=pmap, solver=solver)
+    volumes = mesh.cell_volumes()
+    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), design.size)
+    cons = [(G, 0.0)]
+    if compliance_max > 0:
+        C = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap, solver=solver)
+        cons.append((C, compliance_max))
+
+    def monitor(p):
+        rho = pmap.forward(p)
+        vm = stress.von_mises(G.state(p))
+        return {"grey": grey_level(rho), "max_vm": float(np.max(rho[covered] * vm))}
+
+    meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": pmap,
+            "dofmap": dofmap, "dofs": dofmap, "load": load, "stress": stress, "stress_functional": G,
+            "passive_void": void, "parameter_cells": None if void.size == 0 else _field(n, design),
+            "options": dict(case=case, nelx=nelx, nely=nely, sigma_max=sigma_max, P=P, rmin=rmin, emin=emin,
+                            start=start, compliance_max=compliance_max, load_width=load_width, plane=plane,
+                            shear_scale=shear_scale)}
+    return adjopt.Problem(volume, np.full(design.size, start), bounds=(0.0, 1.0),
+                          constraints=cons, name=f"topology_stress_{case}_{nelx}x{nely}", meta=meta,
+                          mass=volumes[design], monitor=monitor)
+
+
+def _field(n, design):
+    def field(p):
+        out = np.full(n, np.nan)
+        out[design] = p
+        return out
+    return field
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("case", nargs="?", default="cantilever", choices=("cantilever", "lbracket"))
+    args = ap.parse_args(argv)
+    problem = build(args.case, 20, 40) if args.case == "cantilever" else build(args.case, 30, 30)
+    G = problem.constraints[0][0]
+    p = np.clip(problem.p0 - 0.3 * np.abs(np.sin(np.arange(problem.p0.size))), 0.1, 1.0)
+    print(f"{problem.name}: G(p) = {G.value(p):.10g}")
+    print(taylor_test(G, p, order=2).table())
+
+
+if __name__ == "__main__":
+    main()
