@@ -1,6 +1,6 @@
 """adjopt against pyMOTO on the same problem, in the same run: seconds per MMA design iteration and the objective.
 
-Usage: python scripts/bench_pymoto.py [--cases mechanism eigen robust] [--iters 100] [--size NX NY]
+Usage: python scripts/bench_pymoto.py [--cases mechanism eigen robust stress] [--iters 100] [--size NX NY]
        [--pymoto-python /work/pymoto_ref/venv/bin/python] [--pymoto-examples DIR]
        [--out scripts/results/bench_pymoto.json] [--no-pymoto]
 
@@ -69,6 +69,31 @@ back into adjopt's unscaled values):
   f(x_k; beta_{k-1})) and again at the new one, from which MMA takes its next
   step, as pyMOTO does with the new beta alone; those 16 iterations hold two
   factorizations. pyMOTO's size line is ``nx, ny = 100, 40``.
+* ``stress``: ``problems/topology_stress.py``, ``build(shear_scale=2.0)``,
+  the settings of pyMOTO's ``ex_volume_stress.py`` (50 x 100, E 1, nu 0.3,
+  plane strain, Emin 1e-9, density filter r 2, the left edge clamped, a unit
+  upward load at the right edge's middle node, a uniform start at 1, the
+  von Mises stress of each element centre relaxed by the filtered density and
+  P-mean aggregated, P 10, sigma_max 0.4; ``shear_scale=2`` because pyMOTO
+  2.0.1's ``Stress`` module doubles the shear stress). The objective is the
+  volume fraction (mean of the filtered density) subject to the stress
+  aggregate ``<= 0`` and the compliance ``f.u <= 20``. pyMOTO minimises
+  ``g0 = 100 V / V(x0)`` (``Scaling(scaling=100)`` of ``sum(x_filt)``;
+  ``V(x0) = nel`` at the start 1, so the volume fraction is ``g0 / 100``)
+  subject to ``g1`` = the stress aggregate (unscaled) and
+  ``g2 = 10 (u_out - 20) / 20`` (``Scaling(scaling=10, maxval=20)`` of
+  ``u_out = f.u``, so the compliance is ``20 (1 + g2 / 10)``). Recorded on
+  both sides: the volume fraction, the stress constraint and the compliance
+  at x_0 and at x_N (``constraints``; adjopt evaluates its two constraint
+  functionals at p0 and x_N after the run, untimed; pyMOTO's come from its
+  responses, also at every step) and, in the comparison, their relative
+  differences (the start ones must agree, ``constraints_start_agree``). The
+  example's own call has ``maxit=300``; the runner overrides it. adjopt's
+  functional (the volume) has no solver: its phases, factorizations and
+  solves are those of the two constraint functionals (the stress aggregate
+  and the compliance, which share one solver but each assemble and factorize
+  K at every design), measured by a callback after every iteration
+  (``phase_source``). pyMOTO's size line is ``nx, ny = 50, 100``.
 
 How each side is run
 --------------------
@@ -194,6 +219,31 @@ def _robust_volume_fraction(g, sf):
     return 0.5 * (1.0 + g[1] / 10.0)
 
 
+def _stress_volume_fraction(g, sf):
+    """ex_volume_stress.py's ``Scaling(scaling=100)`` of V = sum(x_filt): g0 = 100 V / V(x0), V(x0) = nel (start 1)."""
+    return g[0] / 100.0
+
+
+def _per_element(raw, n_design):
+    """The unscaled input of ex_volume_stress.py's objective Scaling, V = sum(x_filt), as a volume fraction."""
+    return raw / n_design
+
+
+def _stress_aggregate(g, sf):
+    """ex_volume_stress.py's stress response: g1 is the aggregate itself (``ConstraintAggregation``, unscaled)."""
+    return g[1]
+
+
+def _stress_compliance(g, sf):
+    """ex_volume_stress.py's ``Scaling(scaling=10, maxval=20)`` of u_out = f.u: g2 = 10 (u_out - 20) / 20."""
+    return 20.0 * (1.0 + g[2] / 10.0)
+
+
+def _functional_volume_fraction(problem, x):
+    """(volume fraction, bound) when the volume is the objective: the functional's value, no bound."""
+    return float(problem.functional.value(x)), None
+
+
 def _eigen_extra(problem, x, iters) -> dict:
     """adjopt's eigenvalues at x and the lowest angular frequency (rad/s)."""
     lam = np.asarray(problem.functional.eigenvalues(x), dtype=float)
@@ -260,6 +310,33 @@ CASES = {
         pymoto_scale=100.0,
         pymoto_record={"beta": "Continuation"},
         adjopt_extra=_robust_extra,
+    ),
+    "stress": dict(
+        problem="topology_stress",
+        build=dict(shear_scale=2.0),  # pyMOTO 2.0.1's Stress module doubles the shear stress
+        size=(50, 100),
+        size_kwargs=("nelx", "nely"),
+        method="mma",
+        options=dict(move=0.1),
+        pymoto_example="ex_volume_stress.py",
+        pymoto_size_pattern=r"^nx, ny = .*$",
+        pymoto_size_line="nx, ny = {nx}, {ny}",
+        pymoto_objective=_stress_volume_fraction,
+        pymoto_objective_doc="V / nel = g0 / 100 (Scaling(scaling=100) of sum(x_filt), V(x0) = nel)",
+        pymoto_raw_objective=_per_element,  # (Scaling input, n_design) -> f (default: the input itself)
+        pymoto_volume_fraction=_stress_volume_fraction,
+        pymoto_volume_fraction_doc="the objective: V / nel = g0 / 100",
+        pymoto_scale=100.0,
+        pymoto_record={},
+        adjopt_volume_fraction=_functional_volume_fraction,  # (problem, x) -> (value, bound); default constraint 0
+        # the constraints reported on both sides: adjopt's problem.constraints[index], pyMOTO's (g, sf) -> value and
+        # the response whose Scaling input is that value (a conversion check), or None
+        constraints=dict(
+            stress=dict(index=0, pymoto=_stress_aggregate, pymoto_raw=None,
+                        doc="the P-mean aggregate of rho_e (vm_e / 0.4 - 1) <= 0; pyMOTO: g1 (unscaled)"),
+            compliance=dict(index=1, pymoto=_stress_compliance, pymoto_raw=2,
+                            doc="f.u <= 20; pyMOTO: 20 (1 + g2 / 10) (Scaling(scaling=10, maxval=20) of u_out = f.u)"),
+        ),
     ),
 }
 
