@@ -106,7 +106,13 @@ How each side is run
   ``10 (V / nel - 0.5)``): the two MMAs solve differently scaled subproblems,
   not identical ones (the artificial-variable weights a0 = 1, c = 1000, d = 1
   are the same on both sides), so the iterates are close at first and then
-  drift apart.
+  drift apart. ``stress``: adjopt takes the volume fraction as it is
+  (``|f(x0)| = 1``), the stress aggregate unscaled (its bound is 0 and
+  ``|G(x0)| < 1``) and the compliance as ``(c - 20) / 20``; pyMOTO's
+  objective is 100 times that and its compliance response 10 times, the
+  stress alike: the objective weighs 100 times more against the stress
+  constraint in pyMOTO's subproblem, and the iterates part from the first
+  step on.
 * pyMOTO: the example, unmodified, as ``__main__``, with
   ``minimize_mma(..., maxit=N, tolf=0, tolx=0)`` (pyMOTO's stopping tests,
   relative change of the responses and of x below 1e-4, never hold) so that
@@ -621,8 +627,22 @@ def run_pymoto(case: dict, example: str, python: str, size, iters: int, workdir:
     r["f_final_scaled"] = r["g_final"][0]
     r["volume_fraction_final"] = case["pymoto_volume_fraction"](r["g_final"], sf0)
     raw = [row[0] for row in r["raw"]] + [r["raw_final"][0]]
+    if case.get("pymoto_raw_objective"):
+        raw = [case["pymoto_raw_objective"](v, r["n_design"]) for v in raw]
     conv = f + [r["f_final"]]
     r["conversion_max_rel_diff"] = max((abs(a - b) / abs(b) for a, b in zip(conv, raw) if b), default=None)
+    if case.get("constraints"):  # the case's constraints at x_0..x_{N-1} (pyMOTO's steps) and x_N
+        r["constraints"] = {}
+        for name, spec in case["constraints"].items():
+            hist = [spec["pymoto"](g, sf0) for g in r["g"]]
+            c = dict(start=hist[0], final=spec["pymoto"](r["g_final"], sf0), last_evaluated_by_pymoto=hist[-1],
+                     history=hist)
+            i = spec.get("pymoto_raw")
+            if i is not None:  # the value that went into that response's Scaling module
+                raw_c = [row[i] for row in r["raw"]] + [r["raw_final"][i]]
+                c["conversion_max_rel_diff"] = max((abs(a - b) / abs(b) for a, b in zip(hist + [c["final"]], raw_c)
+                                                    if b), default=None)
+            r["constraints"][name] = c
     r.update(iteration_times(r["step_times"]))
     # the recorded module outputs: per analysis x_0..x_{N-1}, then at x_N
     recorded, recorded_final = r.pop("recorded"), r.pop("recorded_final")
@@ -669,6 +689,39 @@ def solver_names(solver) -> dict:
     return out
 
 
+def _phase_sources(problem) -> tuple[list, list]:
+    """(times, stats) of the constraint functionals, unique, when the functional has no phases of its own (its
+    value needs no solve, e.g. the volume of ``stress``); ([], []) otherwise (the history has the phases)."""
+    if getattr(problem.functional, "times", None) is not None:
+        return [], []
+    times, stats = {}, {}
+    for fun, _ in problem.constraints or []:
+        t, st = getattr(fun, "times", None), getattr(fun, "stats", None)
+        if t is not None:
+            times[id(t)] = t
+        if st is not None:
+            stats[id(st)] = st
+    return list(times.values()), list(stats.values())
+
+
+def _snapshot(times, stats) -> dict:
+    """The phase seconds of ``times`` added up, and the factorizations and solves of ``stats``, now."""
+    out = {}
+    for t in times:
+        for k, v in t.items():
+            out[k] = out.get(k, 0.0) + float(v)
+    return dict(times=out, factorizations=sum(int(st.factorizations) for st in stats),
+                solves=sum(int(st.total_solves) for st in stats))
+
+
+def _solver_of(problem):
+    """The linear solver of the functional or, if it has none, of the first constraint functional that has one."""
+    for fun in [problem.functional, *(f for f, _ in problem.constraints or [])]:
+        if getattr(fun, "solver", None) is not None:
+            return fun.solver
+    return None
+
+
 def build_problem(case: dict, size):
     mod = importlib.import_module(case["problem"])
     kw = dict(case["build"])
@@ -678,8 +731,19 @@ def build_problem(case: dict, size):
 
 def run_adjopt(case: dict, problem, iters: int) -> dict:
     """``iters`` iterations of the case's method; times, phases and values."""
+    # a functional without phases (the volume of "stress"): the constraint functionals' phases and solver counts,
+    # snapshot before the run, after the start analysis and after every iteration (a callback; cheap)
+    times, stats = _phase_sources(problem)
+    snaps = []
+
+    def callback(entry):
+        snaps.append(_snapshot(times, stats))
+
+    callback.wants_start = True
+    before = _snapshot(times, stats)
     t0 = time.perf_counter()
-    res = minimize(problem, case["method"], maxiter=iters, gtol=0, xtol=0, **case["options"])
+    res = minimize(problem, case["method"], maxiter=iters, gtol=0, xtol=0, callback=callback if times else None,
+                   **case["options"])
     wall = time.perf_counter() - t0
     hist = res.history
     steps = hist[1:]
@@ -688,20 +752,49 @@ def run_adjopt(case: dict, problem, iters: int) -> dict:
              f_final=float(hist[-1]["f"]))
     r["f_final_scaled"] = case["pymoto_scale"] * r["f_final"] / abs(r["f_start"]) if r["f_start"] else None
     r.update(iteration_times([h["time"] for h in steps]))
+    if times:
+        if len(snaps) != len(hist):
+            raise RuntimeError(f"the phase callback ran {len(snaps)} times for {len(hist)} history entries")
+        phases = []
+        for h, s0, s1 in zip(steps, snaps, snaps[1:]):
+            ph = {k: v - s0["times"].get(k, 0.0) for k, v in s1["times"].items() if v - s0["times"].get(k, 0.0) > 0}
+            ph["update"] = max(h["time"] - sum(ph.values()), 0.0)
+            phases.append(ph)
+        r["phase_source"] = "constraint functionals (callback)"
+        per_iter = [(s1["factorizations"] - s0["factorizations"], s1["solves"] - s0["solves"])
+                    for s0, s1 in zip(snaps, snaps[1:])]
+        r["factorizations_per_iter"] = [a for a, _ in per_iter]
+        r["solves_per_iter"] = [b for _, b in per_iter]
+        factorizations, solves = snaps[-1]["factorizations"] - before["factorizations"], \
+            snaps[-1]["solves"] - before["solves"]
+    else:
+        phases = [h.get("phases", {}) for h in steps]
+        r["phase_source"] = "history"
+        factorizations, solves = int(res.factorizations), int(res.solves)
     timed = steps[1:]
     if timed:
         wall_timed = sum(h["time"] for h in timed)
-        seen = {k for h in timed for k in h.get("phases", {})}
+        seen = {k for ph in phases[1:] for k in ph}
         names = [k for k in PHASE_ORDER if k in seen] + sorted(seen - set(PHASE_ORDER))
-        sums = {k: sum(h.get("phases", {}).get(k, 0.0) for h in timed) for k in names}
+        sums = {k: sum(ph.get(k, 0.0) for ph in phases[1:]) for k in names}
         r["phase_seconds_per_iter"] = {k: v / len(timed) for k, v in sums.items()}
         r["phase_shares"] = {k: v / wall_timed for k, v in sums.items()} if wall_timed > 0 else None
-    vol, bound = problem.constraints[0]
-    r["volume_fraction_final"] = float(vol.value(res.x))
-    r["volume_bound"] = float(bound)
+    if case.get("adjopt_volume_fraction"):
+        vf, bound = case["adjopt_volume_fraction"](problem, res.x)
+    else:
+        vol, bound = problem.constraints[0]
+        vf = vol.value(res.x)
+    r["volume_fraction_final"] = float(vf)
+    r["volume_bound"] = None if bound is None else float(bound)
     r["max_violation_final"] = hist[-1].get("max_violation")
-    r.update(solver_names(problem.functional.solver))
-    r["factorizations"], r["solves"] = int(res.factorizations), int(res.solves)
+    r.update(solver_names(_solver_of(problem)))
+    r["factorizations"], r["solves"] = int(factorizations), int(solves)
+    if case.get("constraints"):  # evaluated after the run (untimed): at x_N, then at the start p0
+        r["constraints"] = {}
+        for name, spec in case["constraints"].items():
+            fun, bound = problem.constraints[spec["index"]]
+            final = float(fun.value(res.x))
+            r["constraints"][name] = dict(bound=float(bound), start=float(fun.value(problem.p0)), final=final)
     r["unknowns"] = int(problem.meta["dofmap"].n_free) if "dofmap" in problem.meta else None
     r["design_variables"] = int(problem.p0.size)
     if case.get("adjopt_extra"):
@@ -733,6 +826,18 @@ def compare(a: dict, p: dict) -> dict:
     out["f_history_max_abs_diff_over_f0"] = float(np.max(np.abs(fa - fp)) / scale) if fa.size and scale else None
     if a.get("omega1_final") and p.get("omega1_final"):
         out["omega1_final_rel_diff"] = (a["omega1_final"] - p["omega1_final"]) / p["omega1_final"]
+    if a.get("constraints") and p.get("constraints"):
+        cons = {}
+        for name, ca in a["constraints"].items():
+            cp = p["constraints"].get(name)
+            if cp is None:
+                continue
+            cons[name] = dict(start_rel_diff=abs(ca["start"] - cp["start"]) / abs(cp["start"]) if cp["start"] else None,
+                              final_diff=ca["final"] - cp["final"],
+                              final_rel_diff=abs(ca["final"] - cp["final"]) / abs(cp["final"]) if cp["final"] else None)
+        out["constraints"] = cons
+        out["constraints_start_agree"] = bool(cons) and all(
+            c["start_rel_diff"] is not None and c["start_rel_diff"] <= START_RTOL for c in cons.values())
     if a.get("beta_schedule") and p.get("beta_history"):
         ba, bp = a["beta_schedule"], p["beta_history"]
         m = min(len(ba), len(bp))
@@ -741,7 +846,7 @@ def compare(a: dict, p: dict) -> dict:
 
 
 def print_table(data) -> None:
-    rows, phase_rows, notes = [], [], []
+    rows, phase_rows, notes, value_rows = [], [], [], []
     phase_names = [k for k in PHASE_ORDER
                    if any(k in (c["adjopt"].get("phase_shares") or {}) for c in data["cases"].values())]
     for name, c in data["cases"].items():
@@ -757,6 +862,14 @@ def print_table(data) -> None:
             rows.append([name, side, fmt(r.get("s_per_iter"), ".4g"), fmt(r.get("s_per_iter_mean"), ".4g"),
                          fmt(r["f_start"], ".10g"), fmt(r["f_final"], ".6g"), fmt(r.get("f_final_scaled"), ".6g"),
                          fmt(r["volume_fraction_final"], ".5f"), solver, "ok"])
+        for side in ("adjopt", "pymoto"):  # the volume fraction and the constraints at x_0 and x_N
+            r = c.get(side) or {}
+            if r.get("status") == "ok" and r.get("constraints"):
+                vf0 = r["f_start"] if CASES[name].get("adjopt_volume_fraction") else None
+                value_rows.append([name, side, "volume fraction", fmt(vf0, ".10g"),
+                                   fmt(r["volume_fraction_final"], ".6g")])
+                for cname, v in r["constraints"].items():
+                    value_rows.append([name, side, cname, fmt(v["start"], ".16g"), fmt(v["final"], ".6g")])
         a = c["adjopt"]
         if a.get("phase_shares"):
             phase_rows.append([name, *(f"{100 * a['phase_shares'][k]:.1f}%" if k in a["phase_shares"] else "-"
@@ -768,7 +881,21 @@ def print_table(data) -> None:
         if a.get("beta_schedule"):
             notes.append(f"{name}: beta at x_N: adjopt {fmt(a['beta_schedule'][-1], '.6g')}, "
                          f"pyMOTO {fmt(p.get('beta_final'), '.6g')}")
+        if a.get("phase_source", "history") != "history":
+            fpi = a.get("factorizations_per_iter") or []
+            notes.append(f"{name}: adjopt's phases and counts are those of its {a['phase_source']}: "
+                         f"{a['factorizations']} factorizations, {a['solves']} solves in all, "
+                         f"{fmt(float(np.median(fpi[1:])) if fpi[1:] else None, '.3g')} factorizations per iteration")
+        if p.get("solver_per_iter"):
+            spi = p["solver_per_iter"]
+            notes.append(f"{name}: pyMOTO solver per iteration: factorize {fmt(spi['factorize'], '.3g')} s, solve "
+                         f"{fmt(spi['solve'], '.3g')} s, {fmt(spi['factorizations'], '.3g')} factorizations, "
+                         f"{fmt(spi['solves'], '.3g')} solves")
         cmp_ = c.get("comparison")
+        if cmp_ and cmp_.get("constraints"):
+            notes.append(f"{name}: constraints start rel diff " + ", ".join(
+                f"{k} {fmt(v['start_rel_diff'], '.2e')}" for k, v in cmp_["constraints"].items())
+                + f" (agree: {fmt(cmp_['constraints_start_agree'])})")
         if cmp_:
             notes.append(f"{name}: f start rel diff {fmt(cmp_['f_start_rel_diff'], '.2e')} "
                          f"(agree: {fmt(cmp_['f_start_agree'])}), adjopt / pyMOTO s/iter "
@@ -782,6 +909,9 @@ def print_table(data) -> None:
           f"scaled = s f / |f start| (pyMOTO's g0; s: {scales})")
     print(table(rows, ["case", "run", "s/iter med", "s/iter mean", "f start", "f final", "scaled", "vol frac",
                        "solver", "status"]))
+    if value_rows:
+        print("\nat x_0 (start) and x_N (after N updates)")
+        print(table(value_rows, ["case", "run", "value", "start", "final"]))
     if phase_rows:
         print("\nadjopt phases (share of the wall time of iterations 2..N)")
         print(table(phase_rows, ["case", *phase_names]))
@@ -874,6 +1004,7 @@ def main(argv=None) -> int:
                                pymoto_example=case["pymoto_example"], pymoto_objective=case["pymoto_objective_doc"],
                                pymoto_volume_fraction=case["pymoto_volume_fraction_doc"],
                                pymoto_scale=case["pymoto_scale"], pymoto_record=case.get("pymoto_record") or {},
+                               constraints={k: v["doc"] for k, v in (case.get("constraints") or {}).items()},
                                pymoto_stop=dict(maxit=args.iters, tolf=0, tolx=0),
                                pymoto_size_patched=sizes[c] != case["size"]))
         row["loadavg"] = dict(before=loadavg())
