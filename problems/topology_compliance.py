@@ -69,7 +69,7 @@ import numpy as np
 
 import adjopt
 from adjopt import fem
-from adjopt.maps import DensityFilter, FixedEntries, HeavisideProjection, TiedEntries, compose
+from adjopt.maps import DensityFilter, FixedEntries, HeavisideProjection, TiedEntries, compose, element_indices
 from adjopt.optimize import BetaContinuation, grey_level
 from adjopt.mesh import box, rectangle
 from adjopt.verify import derivative_report
@@ -185,28 +185,37 @@ def _parse_elements(text: str, name: str) -> np.ndarray:
 
 
 def _elements(value, n: int, name: str) -> np.ndarray:
-    """Element indices (unique, sorted) from an integer array, a boolean mask of length n, or a string of
-    indices and ranges (the command line)."""
+    """Element indices (unique, sorted) from an integer array, a boolean mask of length n, one index, or a
+    string of indices and ranges (the command line): :func:`adjopt.maps.element_indices`."""
     if value is None:
         return np.zeros(0, dtype=np.int64)
     if isinstance(value, str):
         value = _parse_elements(value, name)
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = [value]
-    a = np.asarray(value)
-    if a.dtype == bool:
-        if a.shape != (n,):
-            raise ValueError(f"{name} as a mask must have one entry per element ({n}), got shape {a.shape}")
-        return np.flatnonzero(a)
-    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
-        raise ValueError(f"{name} must be element indices (1-D integers) or a boolean mask, got dtype {a.dtype} "
-                         f"shape {a.shape}")
-    if a.size and (a.min() < 0 or a.max() >= n):
-        raise ValueError(f"{name} must be element indices in [0, {n}), got entries from {a.min()} to {a.max()}")
-    if a.size == n and n > 2 and np.all((a == 0) | (a == 1)):
-        raise ValueError(f"{name} is an integer array of 0s and 1s, one per element: a mask? Give a boolean mask "
-                         "(mask.astype(bool)) or element indices")
-    return np.unique(a.astype(np.int64))
+    return element_indices(value, n, name)
+
+
+def check_material(volfrac, penal, rmin, emin) -> tuple:
+    """The design options every topology problem here takes, checked: ``(volfrac, penal, rmin, emin)`` as
+    floats (volfrac in (0, 1], penal >= 1, rmin > 0, 0 <= emin < 1), or a ValueError."""
+    try:
+        volfrac = float(volfrac)
+    except (TypeError, ValueError):
+        raise ValueError(f"volfrac must be a number in (0, 1], got {volfrac!r}") from None
+    if not 0.0 < volfrac <= 1.0:
+        raise ValueError(f"volfrac must be in (0, 1], got {volfrac!r}")
+    rmin = _positive(rmin, "rmin (filter radius in element units)")
+    penal = _positive(penal, "penal")
+    if penal < 1:
+        raise ValueError(f"penal (SIMP exponent) must be >= 1, got {penal!r}")
+    try:
+        emin = float(emin)
+    except (TypeError, ValueError):
+        raise ValueError(f"emin must be a number with 0 <= emin < 1, got {emin!r}") from None
+    if not 0.0 <= emin < 1.0:
+        raise ValueError(f"emin must satisfy 0 <= emin < 1 (relative to the solid's stiffness), got {emin!r}")
+    return volfrac, penal, rmin, emin
 
 
 def check_projection(projection, beta, eta, beta_max, beta_every) -> tuple:
@@ -409,19 +418,7 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
             raise ValueError(f"nelz is for the 3D case only; case {case!r} is 2D, got nelz={nelz!r}")
     else:
         nelz = _count(dz if nelz is None else nelz, "nelz")
-    try:
-        volfrac = float(volfrac)
-    except (TypeError, ValueError):
-        raise ValueError(f"volfrac must be a number in (0, 1], got {volfrac!r}") from None
-    if not 0.0 < volfrac <= 1.0:
-        raise ValueError(f"volfrac must be in (0, 1], got {volfrac!r}")
-    rmin = _positive(rmin, "rmin (filter radius in element units)")
-    penal = _positive(penal, "penal")
-    if penal < 1:
-        raise ValueError(f"penal (SIMP exponent) must be >= 1, got {penal!r}")
-    emin = float(emin)
-    if not 0.0 <= emin < 1.0:
-        raise ValueError(f"emin must satisfy 0 <= emin < 1 (= E0), got {emin!r}")
+    volfrac, penal, rmin, emin = check_material(volfrac, penal, rmin, emin)
     if not isinstance(filter, (bool, np.bool_)):
         raise ValueError(f"filter must be True or False, got {filter!r}")
     beta, eta, beta_max, beta_every = check_projection(projection, beta, eta, beta_max, beta_every)

@@ -97,16 +97,7 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
     """
     nelx = _tc._count(nelx, "nelx")
     nely = _tc._count(nely, "nely")
-    volfrac = float(volfrac)
-    if not 0.0 < volfrac <= 1.0:
-        raise ValueError(f"volfrac must be in (0, 1], got {volfrac!r}")
-    penal = _tc._positive(penal, "penal")
-    if penal < 1:
-        raise ValueError(f"penal (SIMP exponent) must be >= 1, got {penal!r}")
-    rmin = _tc._positive(rmin, "rmin (filter radius in element units)")
-    emin = float(emin)
-    if not 0.0 <= emin < 1.0:
-        raise ValueError(f"emin must satisfy 0 <= emin < 1 (relative to young), got {emin!r}")
+    volfrac, penal, rmin, emin = _tc.check_material(volfrac, penal, rmin, emin)
     young = _tc._positive(young, "young (Young's modulus)")
     k_in, k_out, f_in = float(k_in), float(k_out), float(f_in)
     if not (np.isfinite(k_in) and k_in >= 0):

@@ -116,14 +116,7 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
     """
     nelx = _tc._count(nelx, "nelx")
     nely = _tc._count(nely, "nely")
-    volfrac = float(volfrac)
-    if not 0.0 < volfrac <= 1.0:
-        raise ValueError(f"volfrac must be in (0, 1], got {volfrac!r}")
-    penal = _tc._positive(penal, "penal")
-    rmin = _tc._positive(rmin, "rmin (filter radius in element units)")
-    emin = float(emin)
-    if not 0.0 <= emin < 1.0:
-        raise ValueError(f"emin must satisfy 0 <= emin < 1, got {emin!r}")
+    volfrac, penal, rmin, emin = _tc.check_material(volfrac, penal, rmin, emin)
     delta = float(delta)
     if not 0.0 < delta < 0.5:
         raise ValueError(f"delta (threshold offset) must be in (0, 0.5), got {delta!r}")

@@ -113,3 +113,16 @@ def test_tied_entries():
         TiedEntries([0, 2], m=2)
     with pytest.raises(PatternError, match="non-empty 1-D integer"):
         TiedEntries([0.0, 1.0])
+
+
+def test_element_indices():
+    from adjopt.maps import element_indices
+
+    np.testing.assert_array_equal(element_indices([5, 1, 5], 6), [1, 5])
+    np.testing.assert_array_equal(element_indices(np.array([True, False, True]), 3), [0, 2])
+    with pytest.raises(PatternError, match="an integer array of 0s and 1s, one per element: a mask"):
+        element_indices([0, 1, 1, 0], 4)
+    with pytest.raises(PatternError, match=r"in \[0, 4\)"):
+        element_indices([4], 4)
+    with pytest.raises(ShapeError, match="one entry per element"):
+        element_indices(np.ones(3, dtype=bool), 4)

@@ -6,10 +6,10 @@ and Hessian actions compose (see :class:`ParameterMap`).
 
 from .base import Compose, IdentityMap, ParameterMap, compose
 from .maps import (DensityFilter, ExpMap, FixedEntries, HeavisideProjection, NodalToElement, SIMPMap,
-                   TiedEntries)
+                   TiedEntries, element_indices)
 
 __all__ = [
     "ParameterMap", "IdentityMap", "Compose", "compose",
     "ExpMap", "SIMPMap", "DensityFilter", "HeavisideProjection", "NodalToElement", "FixedEntries",
-    "TiedEntries",
+    "TiedEntries", "element_indices",
 ]

@@ -468,8 +468,9 @@ def _grid_weights(centers: np.ndarray, radius: float):
     return W
 
 
-def _element_set(value, n: int, name: str) -> np.ndarray:
-    """Indices from integer indices or a boolean mask of length n, checked."""
+def element_indices(value, n: int, name: str = "elements") -> np.ndarray:
+    """Sorted unique indices in [0, n) from integer indices (any order, repeats allowed) or a boolean mask of
+    length n; a clear error for anything else (an integer array of n zeros and ones, probably a mask, too)."""
     a = np.asarray(value)
     if a.dtype == bool:
         if a.shape != (n,):
@@ -480,6 +481,9 @@ def _element_set(value, n: int, name: str) -> np.ndarray:
                            f"shape {a.shape}")
     if a.size and (a.min() < 0 or a.max() >= n):
         raise PatternError(f"{name} must be element indices in [0, {n}), got entries from {a.min()} to {a.max()}")
+    if a.size == n and n > 2 and np.all((a == 0) | (a == 1)):
+        raise PatternError(f"{name} is an integer array of 0s and 1s, one per element: a mask? Give a boolean mask "
+                           "(mask.astype(bool)) or element indices")
     return np.unique(a.astype(np.int64))
 
 
@@ -529,7 +533,7 @@ class DensityFilter(_Linear):
             W = W @ sp.diags_array(volumes)
         sums = np.asarray(W.sum(axis=1)).ravel()
         if void_outside is not None:
-            sums[_element_set(void_outside, len(centers), "void_outside")] = sums.max()
+            sums[element_indices(void_outside, len(centers), "void_outside")] = sums.max()
         W = sp.diags_array(1.0 / sums) @ W
         super().__init__(W, copy=False)
         self.radius = float(radius)
