@@ -30,6 +30,13 @@ Cases
     1/(2 nelz) at the two ends): the edge load of the top3d cantilever,
     normalised to unit total force.
 
+``"mbb3d"``
+    The half MBB beam in 3D: nelx x nely x nelz unit Q1 hexahedra (default
+    24 x 8 x 4), symmetry on the left face (x-dofs fixed) and on the back
+    face z = 0 (z-dofs fixed: the half of a beam twice as deep), a roller
+    line along the bottom-right edge (y-dofs of x = nelx, y = 0), and a
+    downward line load of total magnitude 1 along the top-left edge
+    (x = 0, y = nely), lumped like the cantilever's.
 ``"cantilever_two_loads"``
     Two load cases on a 2D cantilever (the multiple-load example of the
     88-line paper, section 5.2): nelx x nely unit Q1 elements (default
@@ -74,10 +81,10 @@ from adjopt.optimize import BetaContinuation, grey_level
 from adjopt.mesh import box, rectangle
 from adjopt.verify import derivative_report
 
-CASES = ("mbb", "cantilever3d", "cantilever_two_loads", "cantilever_hole")
+CASES = ("mbb", "cantilever3d", "cantilever_two_loads", "cantilever_hole", "mbb3d")
 #: default sizes when nelx / nely / nelz are None
 DEFAULT_SIZES = {"mbb": (60, 20, None), "cantilever3d": (16, 8, 8), "cantilever_two_loads": (60, 30, None),
-                 "cantilever_hole": (45, 30, None)}
+                 "cantilever_hole": (45, 30, None), "mbb3d": (24, 8, 4)}
 NU = 0.3
 
 
@@ -336,6 +343,20 @@ def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bo
             "field": field, "physical": physical, "monitor": monitor}
 
 
+def _mbb3d(nelx: int, nely: int, nelz: int):
+    mesh = box(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron")
+    n_dofs = 3 * mesh.n_nodes
+    roller = _nodes_at(mesh, [(nelx, 0.0, z) for z in range(nelz + 1)])
+    back = np.flatnonzero(np.abs(mesh.points[:, 2]) < 1e-9)
+    fixed = np.union1d(np.union1d(fem.boundary_dofs(mesh, "left", components=0), 3 * back + 2), 3 * roller + 1)
+    nodes = _nodes_at(mesh, [(0.0, nely, z) for z in range(nelz + 1)])
+    w = np.full(nelz + 1, 1.0 / nelz)
+    w[[0, -1]] *= 0.5
+    load = fem.point_load(n_dofs, 3 * nodes + 1, -w)
+    unit = box(1, 1, 1, 1.0, 1.0, 1.0, cell="hexahedron")
+    return mesh, fixed, load, unit
+
+
 def _cantilever3d(nelx: int, nely: int, nelz: int):
     mesh = box(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron")
     n_dofs = 3 * mesh.n_nodes
@@ -358,7 +379,8 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
     Parameters
     ----------
     case
-        ``"mbb"`` (2D half MBB beam) or ``"cantilever3d"``.
+        ``"mbb"`` (2D half MBB beam), ``"cantilever3d"``, ``"mbb3d"``,
+        ``"cantilever_two_loads"`` or ``"cantilever_hole"`` (see the module).
     nelx, nely, nelz
         Elements per direction; ``None`` takes the case's default
         (mbb 60 x 20, cantilever3d 16 x 8 x 8). ``nelz`` is for 3D only.
@@ -428,6 +450,8 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         mesh, fixed, load, unit = _mbb(nelx, nely)
     elif case == "cantilever3d":
         mesh, fixed, load, unit = _cantilever3d(nelx, nely, nelz)
+    elif case == "mbb3d":
+        mesh, fixed, load, unit = _mbb3d(nelx, nely, nelz)
     else:
         mesh, fixed, load, unit, void = _cantilever2d(nelx, nely, case)
     n = mesh.n_cells
