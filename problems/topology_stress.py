@@ -120,24 +120,26 @@ class StressAggregate(Objective):
         """(E, 3) centre stresses (sx, sy, txy) of the covered elements, solid material."""
         return self._u_e(u) @ self.S.T
 
-    def von_mises(self, u) -> np.ndarray:
-        """(E,) von Mises stresses of the covered elements, solid material."""
-        sig = self.stresses(u)
+    @staticmethod
+    def _vm(sig) -> np.ndarray:
         return np.sqrt(np.maximum(np.einsum("ei,ij,ej->e", sig, VM, sig), 0.0))
 
+    def von_mises(self, u) -> np.ndarray:
+        """(E,) von Mises stresses of the covered elements, solid material."""
+        return self._vm(self.stresses(u))
+
     def _parts(self, u, p):
-        rho_all = p if self.map is None else self.map.forward(p)
-        rho = np.asarray(rho_all, dtype=np.float64)[self.elements]
+        rho_all = np.asarray(p if self.map is None else self.map.forward(p), dtype=np.float64)
+        rho = rho_all[self.elements]
         sig = self.stresses(u)
-        vm = np.sqrt(np.maximum(np.einsum("ei,ij,ej->e", sig, VM, sig), 0.0))
+        vm = self._vm(sig)
         s = rho * (vm / self.sigma_max - 1.0)
         y = s + 1.0
         if np.any(y <= 0):  # rho <= 1 keeps y = 1 - rho + rho vm / sigma_max > 0
             raise ValueError("the relaxed stress s_e = rho_e (vm_e / sigma_max - 1) fell to -1 or below: densities "
                            "above 1 (a map that overshoots?)")
-        z = y**self.P
-        mean = float(np.mean(z))
-        return rho, sig, vm, y, z, mean
+        mean = float(np.mean(y**self.P))
+        return rho_all.size, rho, sig, vm, y, mean
 
     def value(self, u, p):
         *_, mean = self._parts(u, p)
@@ -147,7 +149,7 @@ class StressAggregate(Objective):
         return mean ** (1.0 / self.P - 1.0) * y ** (self.P - 1.0) / y.size
 
     def grad_u(self, u, p):
-        rho, sig, vm, y, z, mean = self._parts(u, p)
+        _, rho, sig, vm, y, mean = self._parts(u, p)
         w = self._dG_ds(y, mean) * rho / self.sigma_max  # dG/d(vm_e)
         with np.errstate(divide="ignore", invalid="ignore"):
             w = np.where(vm > 0, w / vm, 0.0)  # d vm / d sigma = VM sigma / vm (0 at a stress-free element)
@@ -156,8 +158,8 @@ class StressAggregate(Objective):
         return np.bincount(self.conn[keep], weights=local[keep], minlength=self.n_state)
 
     def grad_p(self, u, p):
-        rho, sig, vm, y, z, mean = self._parts(u, p)
-        g_rho = np.zeros(np.shape(self.map.forward(p) if self.map is not None else p)[0])
+        n_rho, _, _, vm, y, mean = self._parts(u, p)
+        g_rho = np.zeros(n_rho)
         g_rho[self.elements] = self._dG_ds(y, mean) * (vm / self.sigma_max - 1.0)
         return g_rho if self.map is None else self.map.vjp(p, g_rho)
 

@@ -72,9 +72,9 @@ class HeavisideProjection(_Entrywise):
 
         rho = (tanh(beta eta) + tanh(beta (p - eta))) / (tanh(beta eta) + tanh(beta (1 - eta)))
 
-    ``beta`` may be changed between evaluations (continuation,
-    :class:`~adjopt.optimize.BetaContinuation`); a functional that caches
-    states must then be told (the continuation does it).
+    ``beta`` and ``eta`` may be changed between evaluations (continuation,
+    :class:`~adjopt.optimize.BetaContinuation`): each change bumps
+    ``version``, and the functionals that cache states drop them.
     """
 
     def __init__(self, n: int, beta: float = 1.0, eta: float = 0.5):
@@ -223,10 +223,6 @@ class FixedEntries(ParameterMap):
         out = G.copy()
         out[self.index] = 0.0
         return out
-
-    def embed(self, p) -> np.ndarray:
-        """The whole field of the free values ``p`` (the forward map; for pictures of a reduced design)."""
-        return self.forward(p)
 
     def __repr__(self):
         return f"FixedEntries({self.index.size} of {self.n_out} fixed, reduced={self.reduced})"

@@ -356,12 +356,17 @@ def _violation(problem, x) -> str:
     return text
 
 
+def forget(fn) -> None:
+    """fn.forget() when fn caches states (a reduced functional); nothing otherwise."""
+    drop = getattr(fn, "forget", None)
+    if callable(drop):
+        drop()
+
+
 def _forget_states(problem) -> None:
     """Drop the cached states of the problem's functionals (a continuation changed their parameter map)."""
     for fn in [problem.functional] + [c for c, _ in (problem.constraints or [])]:
-        forget = getattr(fn, "forget", None)
-        if callable(forget):
-            forget()
+        forget(fn)
 
 
 def monitored(problem, x) -> dict:

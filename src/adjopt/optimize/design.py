@@ -493,30 +493,31 @@ class MMA(Driver):
         t = self.inner.norm(pg) ** 2 + float(np.sum((lam * fval) ** 2)) + float(np.sum(np.maximum(fval, 0.0) ** 2))
         return math.sqrt(t)
 
-    def start(self, x0):
-        x = self.project(np.array(x0, dtype=np.float64))
+    def _evaluate(self, x, lam) -> dict:
+        """f, g, the constraints' values and gradients and the KKT residual at x (multipliers ``lam``)."""
         f = self.J.value(x)
         g = self.J.gradient(x)
         fval, dfdx = self._constraints(x)
+        return dict(f=f, g=g, fval=fval, dfdx=dfdx, kkt=self._kkt(x, g, fval, dfdx, lam))
+
+    def start(self, x0):
+        x = self.project(np.array(x0, dtype=np.float64))
+        lam = np.zeros(self.m)
+        ev = self._evaluate(x, lam)
+        f, fval = ev["f"], ev["fval"]
         if self.opts["scale"]:
             fscale = 1.0 / abs(f) if abs(f) > 0 else 1.0
             cscale = np.array([1.0 / abs(u) if u != 0 else 1.0 / max(1.0, abs(v + u)) for (_, u), v in zip(self.cons, fval)])
         else:
             fscale, cscale = 1.0, np.ones(self.m)
-        lam = np.zeros(self.m)
-        return dict(x=x, f=f, g=g, fval=fval, dfdx=dfdx, xold1=x.copy(), xold2=x.copy(), low=x - 1.0, upp=x + 1.0,
-                    k=0, lam=lam, fscale=float(fscale), cscale=cscale, kkt=self._kkt(x, g, fval, dfdx, lam))
+        return dict(x=x, **ev, xold1=x.copy(), xold2=x.copy(), low=x - 1.0, upp=x + 1.0, k=0, lam=lam,
+                    fscale=float(fscale), cscale=cscale)
 
     def refresh(self, state):
         """The objective and constraints changed at the same x (a continuation step): their values and gradients
         again; the asymptotes, the previous iterates and the scaling stay (MMA builds its next approximation from
         the new gradients, as after any step)."""
-        x = state["x"]
-        f = self.J.value(x)
-        g = self.J.gradient(x)
-        fval, dfdx = self._constraints(x)
-        lam = np.asarray(state["lam"], dtype=np.float64).reshape(self.m)
-        state.update(f=f, g=g, fval=fval, dfdx=dfdx, kkt=self._kkt(x, g, fval, dfdx, lam))
+        state.update(self._evaluate(state["x"], np.asarray(state["lam"], dtype=np.float64).reshape(self.m)))
 
     def stationarity(self, state):
         """KKT residual of the original problem with the last subproblem's multipliers (0 for them at the start):

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from ..problem import Problem
+from .base import forget
 
 __all__ = ["minmax_problem", "MinMaxObjective", "BoundConstraint", "DesignConstraint"]
 
@@ -153,9 +154,7 @@ class BoundConstraint:
         return out
 
     def forget(self) -> None:
-        forget = getattr(self.f, "forget", None)
-        if callable(forget):
-            forget()
+        forget(self.f)
 
 
 class DesignConstraint:
@@ -179,9 +178,7 @@ class DesignConstraint:
         return out
 
     def forget(self) -> None:
-        forget = getattr(self.f, "forget", None)
-        if callable(forget):
-            forget()
+        forget(self.f)
 
 
 def minmax_problem(functionals, p0, bounds, constraints=(), scales=None, z_bounds=(0.0, 100.0), name="minmax",
