@@ -123,3 +123,13 @@ def test_cache_and_forget():
     F.forget()
     F.value(p)
     assert F.stats.factorizations == n + 1
+
+
+def test_a_matrix_that_is_not_positive_definite_is_refused():
+    n = 6
+    conn = np.arange(n)[:, None]
+    K = adjopt.ElementCoefficientMatrix(conn, [[1.0]], "identity", n=n)
+    M = adjopt.ElementCoefficientMatrix(conn, [[1e-12]], "identity", n=n, A0=np.eye(n))
+    F = EigenvalueFunctional(K, M, k=1, solver="superlu")
+    with pytest.raises(adjopt.AdjoptError, match="are not positive: K\\(p\\) is not positive definite"):
+        F.value(np.array([-1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))

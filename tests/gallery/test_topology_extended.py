@@ -267,3 +267,10 @@ def test_mbb3d_supports_regression_and_multigrid():
     runs = [minimize(tc.build("mbb3d", 16, 8, 4, solver=s), "mma", maxiter=3, gtol=0, xtol=0) for s in ("superlu",
                                                                                                      "gmg")]
     np.testing.assert_allclose(runs[0].fun, runs[1].fun, rtol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"volfrac": "half"}, "volfrac must be a number in"),
+                                          ({"emin": "small"}, "emin must be a number with 0 <= emin < 1")])
+def test_material_options_must_be_numbers(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tc.build("mbb", 6, 4, **kwargs)

@@ -117,3 +117,15 @@ def test_pymoto_settings_end_near_pymoto():
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ts.build(**{"nelx": 8, "nely": 8, **kwargs})
+
+
+def test_the_aggregate_refuses_densities_above_one():
+    problem = ts.build("cantilever", 8, 12)
+    agg = problem.meta["stress"]
+    G = problem.constraints[0][0]
+    u = G.state(problem.p0)
+    bare = ts.StressAggregate(agg.conn, agg.S, agg.sigma_max, agg.P)  # rho = p: no map to keep it in [0, 1]
+    with pytest.raises(ValueError, match="fell to -1 or below: densities above 1"):
+        bare.value(np.zeros_like(u), np.full(96, 3.0))
+    with pytest.raises(ValueError, match="sigma_max must be a positive stress"):
+        ts.StressAggregate(agg.conn, agg.S, 0.0)

@@ -126,3 +126,9 @@ def test_element_indices():
         element_indices([4], 4)
     with pytest.raises(ShapeError, match="one entry per element"):
         element_indices(np.ones(3, dtype=bool), 4)
+
+
+@pytest.mark.parametrize("n", [5.7, 0, True])
+def test_fixed_entries_length_must_be_a_count(n):
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        FixedEntries(n, [0], 1.0)

@@ -128,3 +128,29 @@ def test_nan_upper_bounds_are_refused():
     f = Shifted([0.0])
     with pytest.raises(ValueError, match="upper bound is NaN"):
         adjopt.Problem(f, np.array([0.5]), bounds=(0.0, 1.0), constraints=[(f, float("nan"))])
+
+
+def test_fields_need_a_source_and_a_failing_constraint_is_reported():
+    from adjopt.optimize.minmax import MinMaxObjective
+
+    J = MinMaxObjective(2)
+    with pytest.raises(AttributeError, match="no functional to take a state from"):
+        J.state(np.zeros(3))
+    with pytest.raises(AttributeError, match="no functional to take an adjoint from"):
+        J.adjoint(np.zeros(3))
+
+    class Breaks(Shifted):
+        broken = False
+
+        def value(self, x):
+            if Breaks.broken:  # fails only after the last iteration, where feasibility is checked
+                raise RuntimeError("the solver failed")
+            return super().value(x)
+
+    import adjopt
+
+    f = Shifted([0.0])
+    problem = adjopt.Problem(f, np.array([0.5]), bounds=(-1.0, 1.0), constraints=[(Breaks([0.0]), 4.0)])
+    res = minimize(problem, "mma", maxiter=50, gtol=0, xtol=0, ftol=1e-1,
+                   callback=lambda info: setattr(Breaks, "broken", True))
+    assert not res.success and "constraint 0 could not be evaluated at the result (RuntimeError" in res.message
