@@ -17,8 +17,16 @@ shift-invert about 0 on a factorization of K, derivatives
 phi^T (dK - lambda dM) phi per eigenvalue, and a clear error where two of the
 k + 1 lowest eigenvalues coincide.
 
-Run ``python problems/topology_eigen.py`` to print the eigenvalues at p0 and a
-Taylor table of J.
+3D (``build(nelz=k)``): the same plate extruded in z, nelx x nely x nelz unit
+Q1 hexahedra (3D elasticity, 3 dofs per node, consistent mass), the left face
+x = 0 clamped, the mass block a column through the whole thickness (the block's
+elements in every z layer), the same density filter on the 3D cell centres
+and the same interpolations (``plane`` plays no part). A plate thin in z has
+out-of-plane bending modes: its lowest eigenvalues are far below those of
+the 2D (in-plane) problem.
+
+Run ``python problems/topology_eigen.py`` (``--nelz k`` for 3D) to print the
+eigenvalues at p0 and a Taylor table of J.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import adjopt
 from adjopt import fem
 from adjopt.eigen import EigenvalueFunctional
 from adjopt.maps import DensityFilter, FixedEntries, compose
-from adjopt.mesh import rectangle
+from adjopt.mesh import box, rectangle
 from adjopt.operators.coefficients import Coefficient
 from adjopt.optimize import grey_level
 from adjopt.verify import taylor_test
@@ -73,7 +81,7 @@ class MassInterpolation(Coefficient):
 
 def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.0, young: float = 68.9e9,
           density: float = 2700.0, emin: float = 1e-9, k: int = 3, plane: str = "strain",
-          solver="auto") -> adjopt.Problem:
+          solver="auto", nelz: int | None = None) -> adjopt.Problem:
     """The eigenfrequency problem as an :class:`adjopt.Problem`.
 
     Parameters
@@ -91,9 +99,20 @@ def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.
     k
         How many of the lowest eigenvalues enter J (3).
     plane
-        ``"strain"`` (pyMOTO's) or ``"stress"``.
+        ``"strain"`` (pyMOTO's) or ``"stress"``; validated but ignored in 3D
+        (3D elasticity has no plane assumption).
     solver
-        The solver that factorizes K for the shift-invert.
+        The solver that factorizes K for the shift-invert (a name or a
+        :class:`~adjopt.solvers.LinearSolver`; ``"auto"``: a sparse
+        factorization, in 2D and 3D alike; above 300 000 free dofs
+        (``adjopt.solvers.auto.DIRECT_LIMIT``) it picks AMG, an iterative
+        solve: pass ``"cholmod"`` or ``"superlu"`` there for an exact
+        shift-invert).
+    nelz
+        ``None`` (the default): the 2D plate above. An integer >= 1: the 3D
+        plate, nelx x nely x nelz unit hexahedra ``adjopt.mesh.box(nelx,
+        nely, nelz, nelx, nely, nelz, cell="hexahedron")``, 3 dofs per node,
+        the face x = 0 clamped, the mass block through all ``nelz`` layers.
 
     Returns
     -------
@@ -102,9 +121,20 @@ def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.
         ``state`` is the fundamental mode), p0 = volfrac on every element
         (the block's design values still reach its neighbours through the
         filter, as in pyMOTO), the volume constraint, the grey-level monitor.
+        Its name is ``topology_eigen_{nelx}x{nely}`` (2D) or
+        ``topology_eigen_{nelx}x{nely}x{nelz}`` (3D); ``meta["nelz"]`` is
+        ``nelz``.
+
+    Raises
+    ------
+    ValueError
+        A count (nelx, nely, nelz) not an integer >= 1, fewer than 4 x 4
+        elements in x and y, or another option out of its range.
     """
     nelx = _tc._count(nelx, "nelx")
     nely = _tc._count(nely, "nely")
+    if nelz is not None:
+        nelz = _tc._count(nelz, "nelz", "number of elements through the thickness; None for the 2D plate")
     if nelx < 4 or nely < 4:
         raise ValueError(f"the mass block needs at least 4 x 4 elements, got {nelx} x {nely}")
     volfrac = float(volfrac)
@@ -119,18 +149,26 @@ def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.
     if plane not in ("strain", "stress"):
         raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
 
-    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
-    fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
-    dofmap = fem.condense(2 * mesh.n_nodes, fixed)
-    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
-    unit = rectangle(1, 1, 1.0, 1.0, cell="quad")
-    KE = fem.q1_elasticity(unit, E=young, nu=NU, plane=plane)[0]
-    ME = np.kron(fem.q1_mass(unit, rho=density)[0], np.eye(2))  # node-major vector dofs
+    if nelz is None:
+        mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+        dim = 2
+        unit = rectangle(1, 1, 1.0, 1.0, cell="quad")
+        KE = fem.q1_elasticity(unit, E=young, nu=NU, plane=plane)[0]
+    else:  # the plate extruded in z: every element is a translate of the unit cube
+        mesh = box(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron")
+        dim = 3
+        unit = box(1, 1, 1, 1.0, 1.0, 1.0, cell="hexahedron")
+        KE = fem.q1_elasticity(unit, E=young, nu=NU)[0]  # 3D elasticity: no plane assumption
+    fixed = fem.boundary_dofs(mesh, "left", components=list(range(dim)))  # the left edge / face clamped
+    dofmap = fem.condense(dim * mesh.n_nodes, fixed)
+    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, dim))
+    ME = np.kron(fem.q1_mass(unit, rho=density)[0], np.eye(dim))  # node-major vector dofs, as KE
     K = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=3.0, e0=1.0, emin=emin), n=dofmap.n_free)
     M = adjopt.ElementCoefficientMatrix(conn, ME, MassInterpolation(), n=dofmap.n_free)
     del conn
     n = mesh.n_cells
-    i, j = np.arange(n) % nelx, np.arange(n) // nelx
+    # cells are numbered x fastest, then y (then z): the block is a column through every z layer
+    i, j = np.arange(n) % nelx, (np.arange(n) // nelx) % nely
     block = np.flatnonzero((i >= 3 * nelx // 4) & (j >= nely // 4) & (j < nely * 3 // 4))
     pmap = compose(DensityFilter(mesh.cell_centers(), rmin), FixedEntries(n, block, 1.0, reduced=False))
     try:
@@ -145,12 +183,15 @@ def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.
         lam = J.eigenvalues(p)[:k]
         return {"grey": grey_level(rho), "f1_hz": float(np.sqrt(lam[0]) / (2 * np.pi))}
 
-    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": pmap, "block": block,
-            "dofmap": dofmap, "dofs": dofmap, "labels": {"displacement": "fundamental mode"},
-            "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, rmin=rmin, young=young, density=density,
-                            emin=emin, k=k, plane=plane)}
+    options = dict(nelx=nelx, nely=nely, volfrac=volfrac, rmin=rmin, young=young, density=density,
+                   emin=emin, k=k, plane=plane)
+    if nelz is not None:  # 2D keeps the options (and checkpoints) it always had
+        options["nelz"] = nelz
+    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap, "block": block,
+            "dofmap": dofmap, "dofs": dofmap, "labels": {"displacement": "fundamental mode"}, "options": options}
+    name = f"topology_eigen_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     return adjopt.Problem(J, np.full(n, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=f"topology_eigen_{nelx}x{nely}", meta=meta, mass=volumes, monitor=monitor)
+                          name=name, meta=meta, mass=volumes, monitor=monitor)
 
 
 def main(argv=None) -> None:
@@ -159,8 +200,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nelx", type=int, default=50)
     ap.add_argument("--nely", type=int, default=30)
+    ap.add_argument("--nelz", type=int, default=None, help="elements through the thickness: the 3D plate")
     args = ap.parse_args(argv)
-    problem = build(args.nelx, args.nely)
+    problem = build(args.nelx, args.nely, nelz=args.nelz)
     J, p = problem.functional, problem.p0
     lam = J.eigenvalues(p)
     print(f"{problem.name}: eigenvalues at p0 {lam}, frequencies {np.sqrt(lam) / (2 * np.pi)} Hz")

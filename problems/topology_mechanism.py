@@ -17,12 +17,29 @@ design variables (their design value is 1 before the filter, as pyMOTO's
 ``SetValue``; the filter smooths them). K(rho) = sum_e young (emin + rho_e^penal
 (1 - emin)) K_e, K_s = diag(k_in, k_out) on the two dofs.
 
+In 3D (``nelz`` given) the inverter is extruded in z: nelx x nely x nelz unit
+Q1 hexahedra (3D elasticity, E = ``young``, nu = 0.3; ``plane`` does not
+apply), the x-dofs of the face x = 0 fixed (the symmetry plane), the face
+x = nelx clamped, and the z-dofs of the face z = 0 fixed: a symmetry plane
+in z, so the model is the half (in z) of a slab 2 nelz deep and has no rigid motion
+in z. The input and the output are the node lines x = 0, y = 0 and x = 0,
+y = nely along z: ``f_in``, ``k_in`` and ``k_out`` are per unit thickness,
+as in the 2D case (whose elements are one unit thick), spread over the
+nelz + 1 nodes of each line as a uniform line load (weights
+w = (1/2, 1, ..., 1, 1/2), totals nelz times the 2D values), and J is the
+weighted mean of the output line's y-displacements (l = w / nelz on the
+line). The solid blocks are ``nondesign`` x ``nondesign`` x nelz columns,
+and the density filter acts on the 3D cell centres. The solution varies
+along z for nu > 0 (Poisson's ratio couples z to x and y and the face
+z = nelz is free); with nu = 0 it is the 2D solution extruded, for any nelz,
+and J and its gradient are those of 2D.
+
 J is linear in u but not the compliance: the adjoint is a second solve with
 the load l = e_out on the same factorization (the general adjoint path, not
 the self-adjoint shortcut of the compliance problems).
 
-Run ``python problems/topology_mechanism.py`` to print J(p0), |grad J(p0)|
-and the Taylor tables of orders 2 and 3.
+Run ``python problems/topology_mechanism.py [--nelz k]`` to print J(p0),
+|grad J(p0)| and the Taylor tables of orders 2 and 3.
 """
 
 from __future__ import annotations
@@ -35,7 +52,7 @@ import scipy.sparse as sp
 
 import adjopt
 from adjopt import fem
-from adjopt.mesh import rectangle
+from adjopt.mesh import box, rectangle
 from adjopt.optimize import BetaContinuation
 from adjopt.verify import derivative_report
 
@@ -54,13 +71,20 @@ RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.01, gtol=0.0, maxiter=300)
 def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3.0, rmin: float = 2.0,
           emin: float = 1e-6, young: float = 100.0, k_in: float = 5.0, k_out: float = 15.0, f_in: float = 1.0,
           nondesign: int = 4, solver=None, plane: str = "strain", projection: bool = False, beta: float = 1.0, eta: float = 0.5,
-          beta_max: float = 32.0, beta_every: int = 50) -> adjopt.Problem:
+          beta_max: float = 32.0, beta_every: int = 50, nelz: int | None = None) -> adjopt.Problem:
     """The inverter as an :class:`adjopt.Problem`.
 
     Parameters
     ----------
     nelx, nely
         Elements along x and y (80 x 80).
+    nelz
+        ``None`` (the default): the 2D inverter. An integer >= 1: the
+        inverter extruded to nelx x nely x nelz unit hexahedra (see the
+        module): the z-dofs of the face z = 0 fixed, ``f_in``, ``k_in`` and
+        ``k_out`` per unit thickness, spread over the nelz + 1 nodes of the
+        input and the output lines as a uniform line load, J the weighted
+        mean y-displacement of the output line.
     volfrac
         Volume fraction bound in (0, 1] and the uniform start (0.3).
     penal, rmin, emin
@@ -75,14 +99,17 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
         The input force (1, != 0).
     nondesign
         Side in elements of the solid squares at the input and the output
-        (4; 0 for none).
+        (4; 0 for none); in 3D the solid blocks are ``nondesign`` x
+        ``nondesign`` x nelz columns.
     solver
         A solver name or object; default ``"auto"`` (the fastest
-        factorization installed). Not ``"gmg"``: its coarse grids do not
-        see the springs.
+        factorization installed), in 2D and 3D. Not ``"gmg"``: geometric
+        multigrid takes no constant part of the matrix (the springs). For
+        large 3D grids ``"amg"`` avoids the fill of a factorization.
     plane
         ``"strain"`` (pyMOTO's default, the reference's setting) or
-        ``"stress"``.
+        ``"stress"``; checked but ignored in 3D (3D elasticity has no plane
+        assumption).
     projection, beta, eta, beta_max, beta_every
         A Heaviside projection after the filter with beta continuation, as in
         :func:`topology_compliance.build`.
@@ -92,11 +119,17 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
     adjopt.Problem
         ``functional`` (u_out), ``p0 = volfrac`` on the design elements,
         bounds (0, 1), the volume constraint, the grey-level monitor, the
-        continuation (with projection) and ``meta`` (mesh, dofmap, load,
-        output dof, design elements, maps).
+        continuation (with projection) and ``meta`` (mesh, nelx, nely, nelz
+        (None in 2D), dofmap, load, the design elements, the maps, and
+        ``input_dof`` / ``output_dof``: the y-dof of the input / output node
+        in 2D (an int), the nelz + 1 y-dofs of the line in 3D, in z order).
+        The name is ``topology_mechanism_{nelx}x{nely}``, with ``x{nelz}``
+        appended in 3D.
     """
     nelx = _tc._count(nelx, "nelx")
     nely = _tc._count(nely, "nely")
+    if nelz is not None:
+        nelz = _tc._count(nelz, "nelz")
     volfrac, penal, rmin, emin = _tc.check_material(volfrac, penal, rmin, emin)
     young = _tc._positive(young, "young (Young's modulus)")
     k_in, k_out, f_in = float(k_in), float(k_out), float(f_in)
@@ -112,23 +145,40 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
         raise ValueError(f"nondesign ({nondesign}) squares do not fit in {nelx} x {nely} elements")
     beta, eta, beta_max, beta_every = _tc.check_projection(projection, beta, eta, beta_max, beta_every)
 
-    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
-    n_dofs = 2 * mesh.n_nodes
-    fixed = np.union1d(fem.boundary_dofs(mesh, "left", components=0),
-                       fem.boundary_dofs(mesh, "right", components=[0, 1]))
-    dof_in = 2 * _tc._node_at(mesh, (0.0, 0.0)) + 1
-    dof_out = 2 * _tc._node_at(mesh, (0.0, float(nely))) + 1
-    load = fem.point_load(n_dofs, [dof_in], f_in)
+    if nelz is None:
+        mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+        dim = 2
+        n_dofs = 2 * mesh.n_nodes
+        fixed = np.union1d(fem.boundary_dofs(mesh, "left", components=0),
+                           fem.boundary_dofs(mesh, "right", components=[0, 1]))
+        dofs_in = np.array([2 * _tc._node_at(mesh, (0.0, 0.0)) + 1])
+        dofs_out = np.array([2 * _tc._node_at(mesh, (0.0, float(nely))) + 1])
+    else:
+        mesh = box(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron")
+        dim = 3
+        n_dofs = 3 * mesh.n_nodes
+        back = np.flatnonzero(np.abs(mesh.points[:, 2]) < 1e-9)  # the face z = 0: a symmetry plane
+        fixed = np.union1d(np.union1d(fem.boundary_dofs(mesh, "left", components=0),
+                                      fem.boundary_dofs(mesh, "right", components=[0, 1, 2])), 3 * back + 2)
+        line = np.arange(nelz + 1, dtype=float)
+        dofs_in = 3 * _tc._nodes_at(mesh, [(0.0, 0.0, z) for z in line]) + 1
+        dofs_out = 3 * _tc._nodes_at(mesh, [(0.0, float(nely), z) for z in line]) + 1
+    # a uniform line load along z per unit thickness ([1] in 2D: every share below is the 2D value itself)
+    w = np.ones(1) if nelz is None else np.r_[0.5, np.ones(nelz - 1), 0.5]
+    load = fem.point_load(n_dofs, dofs_in, f_in * w)
     if plane not in ("strain", "stress"):
         raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
-    KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=young, nu=NU, plane=plane)[0]
+    if nelz is None:
+        KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=young, nu=NU, plane=plane)[0]
+    else:  # 3D elasticity: plane does not apply
+        KE = fem.q1_elasticity(box(1, 1, 1, 1.0, 1.0, 1.0, cell="hexahedron"), E=young, nu=NU)[0]
     dofmap = fem.condense(n_dofs, fixed)
-    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
+    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, dim))
     free_of = np.full(n_dofs, -1)
     free_of[dofmap.free] = np.arange(dofmap.n_free)
-    i_in, i_out = int(free_of[dof_in]), int(free_of[dof_out])
-    springs = sp.csr_array((np.array([k_in, k_out]), (np.array([i_in, i_out]), np.array([i_in, i_out]))),
-                           shape=(dofmap.n_free,) * 2)
+    i_in, i_out = free_of[dofs_in], free_of[dofs_out]  # no support holds a y-dof at x = 0: all free
+    at = np.concatenate([i_in, i_out])
+    springs = sp.csr_array((np.concatenate([k_in * w, k_out * w]), (at, at)), shape=(dofmap.n_free,) * 2)
     A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n=dofmap.n_free,
                                         A0=springs)
     del conn
@@ -137,7 +187,7 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
                          "factorization ('auto', 'superlu', 'cholmod', 'pardiso') or 'amg'")
     b = dofmap.restrict_vector(load)
     out = np.zeros(dofmap.n_free)
-    out[i_out] = 1.0
+    out[i_out] = w / w.sum()  # the weighted mean y-displacement of the output line (in 2D: of the output node)
 
     c = mesh.cell_centers()
     solid = np.flatnonzero((c[:, 0] < nondesign) & ((c[:, 1] < nondesign) | (c[:, 1] > nely - nondesign)))
@@ -150,16 +200,18 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
     volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), design.size)
     cont = BetaContinuation(chain["projection"], beta_max=max(beta_max, beta), every=beta_every) if projection \
         else None
-    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": pmap, "density_filter": chain["filter"],
+    dof_in, dof_out = (int(dofs_in[0]), int(dofs_out[0])) if nelz is None else (dofs_in, dofs_out)
+    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap, "density_filter": chain["filter"],
             "projection": chain["projection"], "design_map": chain["physical"], "design": design,
             "parameter_cells": chain["field"], "passive_solid": solid, "dofmap": dofmap,
             "dofs": dofmap, "load": load, "output_dof": dof_out, "input_dof": dof_in,
-            "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, young=young,
-                            k_in=k_in, k_out=k_out, f_in=f_in, nondesign=int(nondesign), plane=plane,
+            "options": dict(nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin,
+                            young=young, k_in=k_in, k_out=k_out, f_in=f_in, nondesign=int(nondesign), plane=plane,
                             projection=projection,
                             beta=beta, eta=eta, beta_max=beta_max, beta_every=beta_every)}
+    name = f"topology_mechanism_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     return adjopt.Problem(J, np.full(design.size, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=f"topology_mechanism_{nelx}x{nely}", meta=meta, mass=volumes[design],
+                          name=name, meta=meta, mass=volumes[design],
                           continuation=cont, monitor=chain["monitor"])
 
 
@@ -169,8 +221,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nelx", type=int, default=40)
     ap.add_argument("--nely", type=int, default=40)
+    ap.add_argument("--nelz", type=int, default=None, help="3D: elements along z (default: 2D)")
     args = ap.parse_args(argv)
-    problem = build(args.nelx, args.nely)
+    problem = build(args.nelx, args.nely, nelz=args.nelz)
     J, p = problem.functional, problem.p0
     print(f"{problem.name}: {problem.meta['dofmap'].n_free} free dofs, {p.size} design elements")
     print(derivative_report(J, p))

@@ -38,9 +38,9 @@ import numpy as np
 import adjopt
 from adjopt import fem
 from adjopt.maps import DensityFilter, FixedEntries, compose
-from adjopt.mesh import rectangle
+from adjopt.mesh import box, rectangle
 from adjopt.objectives import Objective
-from adjopt.optimize import grey_level
+from adjopt.optimize import AdaptiveNormalization, grey_level
 from adjopt.verify import taylor_test
 
 if __package__:  # imported as problems.topology_stress
@@ -52,38 +52,73 @@ else:  # a script, or loaded by file path (adjopt run): problems/ is (or is put)
 NU = 0.3
 #: the von Mises form of plane stresses (sx, sy, txy): sigma_vm^2 = sigma^T VM sigma
 VM = np.array([[1.0, -0.5, 0.0], [-0.5, 1.0, 0.0], [0.0, 0.0, 3.0]])
+#: the same for 3D stresses in Voigt order (sx, sy, sz, tyz, txz, txy)
+VM3 = np.block([[np.full((3, 3), -0.5) + 1.5 * np.eye(3), np.zeros((3, 3))], [np.zeros((3, 3)), 3.0 * np.eye(3)]])
 
 #: how ``adjopt run topology_stress`` optimizes it unless told otherwise
 RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.0, gtol=0.0, maxiter=300)
 
 
 def centre_stress_matrix(unit_mesh, young: float, nu: float, plane: str, shear_scale: float = 1.0) -> np.ndarray:
-    """(3, 8): sigma = D B_c u_e of a unit Q1 element at its centre, dofs node-major as the element matrices'.
+    """sigma = D B_c u_e of a unit Q1 element at its centre, dofs node-major as the element matrices'.
 
-    ``shear_scale`` multiplies the shear stress (1: the true one)."""
-    pts = unit_mesh.points[unit_mesh.cells[0]]  # (4, 2) corners of the unit square, in the cell's node order
+    (3, 8) for a unit square (sx, sy, txy; ``plane`` strain or stress), (6, 24)
+    for a unit cube (Voigt order sx, sy, sz, tyz, txz, txy; ``plane`` unused).
+    ``shear_scale`` multiplies the shear stresses (1: the true ones)."""
+    dim = unit_mesh.dim
+    pts = unit_mesh.points[unit_mesh.cells[0]]  # corners of the unit element, in the cell's node order
     c = pts.mean(axis=0)
-    dndx = 0.5 * np.sign(pts[:, 0] - c[0])  # bilinear shape functions' gradients at the centre (unit square)
-    dndy = 0.5 * np.sign(pts[:, 1] - c[1])
-    B = np.zeros((3, 8))
-    B[0, 0::2] = dndx
-    B[1, 1::2] = dndy
-    B[2, 0::2] = dndy
-    B[2, 1::2] = dndx
-    S = fem.elasticity_matrix(2, young, nu, plane) @ B
-    S[2] *= shear_scale
+    # multilinear shape functions' gradients at the centre of a unit square (1/2) or cube (1/4)
+    dn = (0.5 if dim == 2 else 0.25) * np.sign(pts - c)
+    k = pts.shape[0]
+    if dim == 2:
+        B = np.zeros((3, 2 * k))
+        B[0, 0::2] = dn[:, 0]
+        B[1, 1::2] = dn[:, 1]
+        B[2, 0::2] = dn[:, 1]
+        B[2, 1::2] = dn[:, 0]
+        shear = [2]
+    else:
+        B = np.zeros((6, 3 * k))
+        for i in range(3):
+            B[i, i::3] = dn[:, i]
+        B[3, 1::3], B[3, 2::3] = dn[:, 2], dn[:, 1]  # gamma_yz
+        B[4, 0::3], B[4, 2::3] = dn[:, 2], dn[:, 0]  # gamma_xz
+        B[5, 0::3], B[5, 1::3] = dn[:, 1], dn[:, 0]  # gamma_xy
+        shear = [3, 4, 5]
+    S = fem.elasticity_matrix(dim, young, nu, plane) @ B
+    S[shear] *= shear_scale
     return S
 
 
 class StressAggregate(Objective):
-    """G(u, p) = ((1/n) sum_e (s_e + 1)^P)^(1/P) - 1,  s_e = rho_e (sigma_vm,e / sigma_max - 1),  rho = M(p).
+    """A P-aggregate of the element von Mises stresses relaxed by the density, rho = M(p).
+
+    ``form="unified"`` (Verbart et al. 2017, pyMOTO's): the P-mean of the relaxed excesses,
+
+        G = ((1/n) sum_e (s_e + 1)^P)^(1/P) - 1,   s_e = rho_e (sigma_vm,e / sigma_max - 1);
+
+    a void element has s_e = 0, a solid one within the bound s_e < 0.
+
+    ``form="pnorm"`` (Le et al. 2010): the P-norm of the relaxed stress ratios,
+
+        G = (sum_e r_e^P)^(1/P) - 1,   r_e = rho_e sigma_vm,e / sigma_max;
+
+    the P-norm lies above max r_e, and an
+    :class:`~adjopt.optimize.AdaptiveNormalization` (offset 1, :meth:`peak`
+    the largest r_e) scales it to the largest relaxed stress. (The unified
+    form cannot be normalized that way: its void elements sit at s_e + 1 = 1,
+    so its aggregate has a floor near 1 that a normalization above 1 puts out
+    of reach.)
 
     Parameters
     ----------
     conn
-        (E, 8) element dofs in the state's numbering, -1 for a fixed dof (zero displacement).
+        (E, 8) (2D) or (E, 24) (3D) element dofs in the state's numbering, -1 for a fixed dof (zero
+        displacement).
     S
-        (3, 8) stress of an element's dofs (:func:`centre_stress_matrix`), the same for every element.
+        (3, 8) or (6, 24) stress of an element's dofs (:func:`centre_stress_matrix`), the same for every
+        element.
     sigma_max
         The allowed von Mises stress.
     P
@@ -92,16 +127,27 @@ class StressAggregate(Objective):
         p -> rho (the relaxation's density), or None for rho = p.
     elements
         The elements the constraint covers (default all; passive voids carry no stress).
+    form
+        ``"unified"`` or ``"pnorm"`` (above).
     """
 
     depends_on_p = True
 
-    def __init__(self, conn, S, sigma_max: float, P: float = 10.0, parameter_map=None, elements=None):
+    def __init__(self, conn, S, sigma_max: float, P: float = 10.0, parameter_map=None, elements=None,
+                 form: str = "unified"):
+        if form not in ("unified", "pnorm"):
+            raise ValueError(f"form must be 'unified' (P-mean of relaxed excesses) or 'pnorm' (P-norm of relaxed "
+                             f"stress ratios), got {form!r}")
+        self.form = form
         conn = np.asarray(conn, dtype=np.int64)
         self.elements = np.arange(conn.shape[0]) if elements is None else np.asarray(elements, dtype=np.int64)
         self.conn = conn[self.elements]
         self.n_state = int(conn.max()) + 1
         self.S = np.asarray(S, dtype=np.float64)
+        if self.S.shape not in ((3, 8), (6, 24)) or self.S.shape[1] != self.conn.shape[1]:
+            raise adjopt.ShapeError(f"S must be (3, 8) (2D Q1) or (6, 24) (3D Q1) with one column per element "
+                                    f"dof ({conn.shape[1]}), got {self.S.shape}")
+        self.VM = VM if self.S.shape[0] == 3 else VM3
         self.sigma_max, self.P = float(sigma_max), float(P)
         if not (self.sigma_max > 0 and np.isfinite(self.sigma_max)):
             raise ValueError(f"sigma_max must be a positive stress, got {sigma_max!r}")
@@ -117,59 +163,81 @@ class StressAggregate(Objective):
         return padded[self.conn]  # (E, 8)
 
     def stresses(self, u) -> np.ndarray:
-        """(E, 3) centre stresses (sx, sy, txy) of the covered elements, solid material."""
+        """(E, 3) centre stresses (sx, sy, txy) of the covered elements, solid material; (E, 6) in 3D."""
         return self._u_e(u) @ self.S.T
 
-    @staticmethod
-    def _vm(sig) -> np.ndarray:
-        return np.sqrt(np.maximum(np.einsum("ei,ij,ej->e", sig, VM, sig), 0.0))
+    def _vm(self, sig) -> np.ndarray:
+        return np.sqrt(np.maximum(np.einsum("ei,ij,ej->e", sig, self.VM, sig), 0.0))
 
     def von_mises(self, u) -> np.ndarray:
         """(E,) von Mises stresses of the covered elements, solid material."""
         return self._vm(self.stresses(u))
 
     def _parts(self, u, p):
+        """(n_rho, rho, sig, vm, y, agg): y the aggregated values (s + 1 or r), agg their P-mean or P-norm."""
         rho_all = np.asarray(p if self.map is None else self.map.forward(p), dtype=np.float64)
         rho = rho_all[self.elements]
         sig = self.stresses(u)
         vm = self._vm(sig)
-        s = rho * (vm / self.sigma_max - 1.0)
-        y = s + 1.0
-        if np.any(y <= 0):  # rho <= 1 keeps y = 1 - rho + rho vm / sigma_max > 0
-            raise ValueError("the relaxed stress s_e = rho_e (vm_e / sigma_max - 1) fell to -1 or below: densities "
-                           "above 1 (a map that overshoots?)")
-        mean = float(np.mean(y**self.P))
-        return rho_all.size, rho, sig, vm, y, mean
+        if self.form == "unified":
+            y = rho * (vm / self.sigma_max - 1.0) + 1.0
+            if np.any(y <= 0):  # rho <= 1 keeps y = 1 - rho + rho vm / sigma_max > 0
+                raise ValueError("the relaxed stress s_e = rho_e (vm_e / sigma_max - 1) fell to -1 or below: "
+                                 "densities above 1 (a map that overshoots?)")
+            agg = float(np.mean(y**self.P)) ** (1.0 / self.P)
+        else:
+            y = rho * vm / self.sigma_max
+            if np.any(y < 0):
+                raise ValueError("a relaxed stress rho_e vm_e / sigma_max is negative: negative densities (a map "
+                                 "that undershoots?)")
+            top = float(np.max(y, initial=0.0))
+            # scaled by the largest value: no overflow of y^P
+            agg = 0.0 if top == 0 else top * float(np.sum((y / top) ** self.P)) ** (1.0 / self.P)
+        return rho_all.size, rho, sig, vm, y, agg
 
     def value(self, u, p):
-        *_, mean = self._parts(u, p)
-        return mean ** (1.0 / self.P) - 1.0
+        *_, agg = self._parts(u, p)
+        return agg - 1.0
 
-    def _dG_ds(self, y, mean):
-        return mean ** (1.0 / self.P - 1.0) * y ** (self.P - 1.0) / y.size
+    def peak(self, u, p) -> float:
+        """The largest of the aggregated values: max (s_e + 1) (unified) or max r_e (pnorm); <= 1 when every
+        relaxed stress is within sigma_max. :class:`~adjopt.optimize.AdaptiveNormalization` scales the
+        P-norm towards it."""
+        *_, y, _ = self._parts(u, p)
+        return float(np.max(y, initial=0.0))
+
+    def _dG_dy(self, y, agg):
+        if agg == 0:
+            return np.zeros_like(y)
+        if self.form == "unified":
+            return agg ** (1.0 - self.P) * y ** (self.P - 1.0) / y.size
+        return (y / agg) ** (self.P - 1.0)
 
     def grad_u(self, u, p):
-        _, rho, sig, vm, y, mean = self._parts(u, p)
-        w = self._dG_ds(y, mean) * rho / self.sigma_max  # dG/d(vm_e)
+        _, rho, sig, vm, y, agg = self._parts(u, p)
+        w = self._dG_dy(y, agg) * rho / self.sigma_max  # dG/d(vm_e), both forms
         with np.errstate(divide="ignore", invalid="ignore"):
             w = np.where(vm > 0, w / vm, 0.0)  # d vm / d sigma = VM sigma / vm (0 at a stress-free element)
-        local = (w[:, None] * (sig @ VM)) @ self.S  # (E, 8)
+        local = (w[:, None] * (sig @ self.VM)) @ self.S  # (E, 8) or (E, 24)
         keep = self.conn >= 0
         return np.bincount(self.conn[keep], weights=local[keep], minlength=self.n_state)
 
     def grad_p(self, u, p):
-        n_rho, _, _, vm, y, mean = self._parts(u, p)
+        n_rho, _, _, vm, y, agg = self._parts(u, p)
         g_rho = np.zeros(n_rho)
-        g_rho[self.elements] = self._dG_ds(y, mean) * (vm / self.sigma_max - 1.0)
+        dy_drho = vm / self.sigma_max - (1.0 if self.form == "unified" else 0.0)
+        g_rho[self.elements] = self._dG_dy(y, agg) * dy_drho
         return g_rho if self.map is None else self.map.vjp(p, g_rho)
 
     def __repr__(self):
-        return f"StressAggregate(sigma_max={self.sigma_max:g}, P={self.P:g}, elements={self.elements.size})"
+        return (f"StressAggregate(form={self.form!r}, sigma_max={self.sigma_max:g}, P={self.P:g}, "
+                f"elements={self.elements.size})")
 
 
 def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = None, sigma_max: float | None = None,
           P: float = 10.0, rmin: float = 2.0, emin: float = 1e-9, start: float = 1.0, compliance_max: float = 20.0,
-          load_width: int = 3, plane: str = "strain", shear_scale: float = 1.0, solver=None) -> adjopt.Problem:
+          load_width: int = 3, plane: str = "strain", shear_scale: float = 1.0, solver=None, nelz: int | None = None,
+          normalization: str | None = None, alpha: float = 0.5) -> adjopt.Problem:
     """The stress-constrained problem as an :class:`adjopt.Problem`.
 
     Parameters
@@ -182,8 +250,9 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
         The allowed von Mises stress (None: 0.4 for the cantilever, 0.8 for
         the L-bracket) and the aggregation exponent (10). The aggregate is a
         P-mean over the elements: it holds the stresses down on average, and
-        single elements (the re-entrant corner) may exceed sigma_max; every
-        history entry records the largest relaxed stress (``max_vm``).
+        single elements (the re-entrant corner) may exceed sigma_max unless
+        the normalization adapts; every history entry records the largest
+        relaxed stress (``max_vm``).
     rmin, emin
         Filter radius in elements (2) and the relative void stiffness (1e-9).
     start
@@ -193,7 +262,7 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
     load_width
         L-bracket: element columns the load spreads over (3).
     plane
-        ``"strain"`` (pyMOTO's) or ``"stress"``.
+        ``"strain"`` (pyMOTO's) or ``"stress"`` (2D only; 3D is 3D elasticity).
     shear_scale
         Multiplies the shear stress in the von Mises measure (1: the true
         stress). pyMOTO 2.0.1's ``Stress`` doubles the shear strain of a B
@@ -201,19 +270,39 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
         true one: ``shear_scale=2`` reproduces its numbers.
     solver
         The solver (default ``"auto"``).
+    nelz
+        None (2D) or the elements along z: the case extruded to an
+        nelx x nely x nelz block of unit hexahedra (3D stresses and von
+        Mises measure; the clamped edge a clamped face, the loads spread
+        along z with trapezoidal weights, the same totals).
+    normalization
+        ``"fixed"`` (the cantilever's default): the unified P-mean of
+        Verbart et al. bounded as it is, pyMOTO's formulation. ``"adaptive"``
+        (the L-bracket's default): the P-norm of the relaxed stress ratios
+        rho_e vm_e / sigma_max, scaled after every design iteration towards
+        their largest value (Le et al. 2010,
+        :class:`~adjopt.optimize.AdaptiveNormalization`), so that the bound
+        holds for the peak relaxed stress without tuning P or sigma_max; the
+        history records the factor (``normalization``).
+    alpha
+        The adaptive normalization's damping (0.5).
 
     Returns
     -------
     adjopt.Problem
         ``functional``: the volume fraction (mean of rho, a :class:`~adjopt.ParameterFunctional`);
-        constraints ``[(stress, 0.0), (compliance, compliance_max)]``;
-        ``meta["stress"]`` (the :class:`StressAggregate`), ``meta["stress_functional"]``.
+        constraints ``[(stress, 0.0), (compliance, compliance_max)]``, the stress an
+        :class:`~adjopt.optimize.AdaptiveNormalization` (also the problem's ``continuation``) when adaptive;
+        ``meta["stress"]`` (the :class:`StressAggregate`), ``meta["stress_functional"]`` (its reduced
+        functional, not normalized).
     """
     if case not in ("cantilever", "lbracket"):
         raise ValueError(f"case must be 'cantilever' or 'lbracket', got {case!r}")
     dx, dy = (50, 100) if case == "cantilever" else (100, 100)
     nelx = _tc._count(dx if nelx is None else nelx, "nelx")
     nely = _tc._count(dy if nely is None else nely, "nely")
+    if nelz is not None:
+        nelz = _tc._count(nelz, "nelz", "number of elements along z; None for the 2D problem")
     sigma_max = _tc._positive((0.4 if case == "cantilever" else 0.8) if sigma_max is None else sigma_max,
                               "sigma_max")
     rmin = _tc._positive(rmin, "rmin (filter radius in element units)")
@@ -229,46 +318,77 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
     if plane not in ("strain", "stress"):
         raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
     load_width = _tc._count(load_width, "load_width", "element columns the load spreads over")
+    if normalization is None:
+        normalization = "fixed" if case == "cantilever" else "adaptive"
+    if normalization not in ("fixed", "adaptive"):
+        raise ValueError(f"normalization must be 'fixed' or 'adaptive', got {normalization!r}")
 
-    mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
-    n_dofs, n = 2 * mesh.n_nodes, mesh.n_cells
+    dim = 2 if nelz is None else 3
+    if dim == 2:
+        mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
+        unit = rectangle(1, 1, 1.0, 1.0, cell="quad")
+        layers = [None]
+        weights = np.ones(1)
+    else:
+        mesh = box(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron")
+        unit = box(1, 1, 1, 1.0, 1.0, 1.0, cell="hexahedron")
+        layers = [float(z) for z in range(nelz + 1)]
+        weights = np.full(nelz + 1, 1.0 / nelz)  # trapezoidal: a line load of total 1 along z
+        weights[[0, -1]] *= 0.5
+
+    def at(x, y):
+        """The nodes at (x, y): one in 2D, the line along z in 3D (its weights: ``weights``)."""
+        pts = [(x, y) if z is None else (x, y, z) for z in layers]
+        return _tc._nodes_at(mesh, pts)
+
+    n_dofs, n = dim * mesh.n_nodes, mesh.n_cells
     c = mesh.cell_centers()
     void = np.zeros(0, dtype=np.int64)
     if case == "cantilever":
-        fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
-        load = fem.point_load(n_dofs, [2 * _tc._node_at(mesh, (nelx, float(nely // 2))) + 1], 1.0)
+        fixed = fem.boundary_dofs(mesh, "left", components=list(range(dim)))
+        load = fem.point_load(n_dofs, dim * at(nelx, float(nely // 2)) + 1, weights)
     else:
         if nelx < 5 or nely < 5:
             raise ValueError(f"the L-bracket needs at least 5 x 5 elements, got {nelx} x {nely}")
         cx, cy = 0.4 * nelx, 0.4 * nely  # the corner: x > 0.4 nelx and y > 0.4 nely is void
         void = np.flatnonzero((c[:, 0] > cx) & (c[:, 1] > cy))
         top = np.flatnonzero((np.abs(mesh.points[:, 1] - nely) < 1e-9) & (mesh.points[:, 0] <= cx + 1e-9))
-        fixed = np.union1d(2 * top, 2 * top + 1)
+        fixed = np.unique((dim * top[:, None] + np.arange(dim)).ravel())
         ycut = float(np.floor(cy))
-        cols = np.flatnonzero((np.abs(mesh.points[:, 1] - ycut) < 1e-9) & (mesh.points[:, 0] >= nelx - load_width - 1e-9))
-        load = fem.point_load(n_dofs, 2 * cols + 1, -1.0 / cols.size)
-    KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=1.0, nu=NU, plane=plane)[0]
+        cols = np.flatnonzero((np.abs(mesh.points[:, 1] - ycut) < 1e-9)
+                              & (mesh.points[:, 0] >= nelx - load_width - 1e-9))
+        if dim == 2:
+            w = np.full(cols.size, 1.0 / cols.size)
+        else:  # each column's line along z carries 1/ncols with trapezoidal weights
+            ncols = np.unique(np.round(mesh.points[cols, 0])).size
+            w = weights[np.round(mesh.points[cols, 2]).astype(np.int64)] / ncols
+        load = fem.point_load(n_dofs, dim * cols + 1, -w)
+    KE = fem.q1_elasticity(unit, E=1.0, nu=NU, plane=plane)[0]
     shear_scale = _tc._positive(shear_scale, "shear_scale")
-    S = centre_stress_matrix(rectangle(1, 1, 1.0, 1.0, cell="quad"), 1.0, NU, plane, shear_scale)
+    S = centre_stress_matrix(unit, 1.0, NU, plane, shear_scale)
     dofmap = fem.condense(n_dofs, fixed)
-    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
+    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, dim))
     A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=3.0, e0=1.0, emin=emin), n=dofmap.n_free)
     if solver is None or (isinstance(solver, str) and solver.lower() in ("gmg", "auto")):
         from adjopt.solvers import structured_solver
 
-        solver = structured_solver((nelx, nely), 2, dofmap.fixed, solver)
+        solver = structured_solver((nelx, nely) if dim == 2 else (nelx, nely, nelz), dim, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
     fmap = DensityFilter(c, rmin)
     pmap = fmap if void.size == 0 else compose(FixedEntries(n, void, 0.0), fmap,
                                                FixedEntries(n, void, 0.0, reduced=False))
     design = np.setdiff1d(np.arange(n), void)
     covered = design  # a passive void carries no stress
-    stress = StressAggregate(conn, S, sigma_max, P, parameter_map=pmap, elements=covered)
+    stress = StressAggregate(conn, S, sigma_max, P, parameter_map=pmap, elements=covered,
+                             form="unified" if normalization == "fixed" else "pnorm")
     # the objective gets p and applies the map itself (its rho is the relaxation's density)
     G = adjopt.ReducedFunctional(A, b, stress, parameter_map=pmap, solver=solver)
+    constraint, continuation = G, None
+    if normalization == "adaptive":
+        constraint = continuation = AdaptiveNormalization(G, lambda p: stress.peak(G.state(p), p), alpha=alpha)
     volumes = mesh.cell_volumes()
     volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), design.size)
-    cons = [(G, 0.0)]
+    cons = [(constraint, 0.0)]
     if compliance_max > 0:
         C = adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=pmap, solver=solver)
         cons.append((C, compliance_max))
@@ -278,15 +398,16 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
         vm = stress.von_mises(G.state(p))
         return {"grey": grey_level(rho), "max_vm": float(np.max(rho[covered] * vm))}
 
-    meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": pmap,
+    size = f"{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
+    meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
             "dofmap": dofmap, "dofs": dofmap, "load": load, "stress": stress, "stress_functional": G,
             "passive_void": void, "parameter_cells": None if void.size == 0 else _field(n, design),
-            "options": dict(case=case, nelx=nelx, nely=nely, sigma_max=sigma_max, P=P, rmin=rmin, emin=emin,
-                            start=start, compliance_max=compliance_max, load_width=load_width, plane=plane,
-                            shear_scale=shear_scale)}
+            "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, sigma_max=sigma_max, P=P, rmin=rmin,
+                            emin=emin, start=start, compliance_max=compliance_max, load_width=load_width,
+                            plane=plane, shear_scale=shear_scale, normalization=normalization, alpha=alpha)}
     return adjopt.Problem(volume, np.full(design.size, start), bounds=(0.0, 1.0),
-                          constraints=cons, name=f"topology_stress_{case}_{nelx}x{nely}", meta=meta,
-                          mass=volumes[design], monitor=monitor)
+                          constraints=cons, name=f"topology_stress_{case}_{size}", meta=meta,
+                          mass=volumes[design], monitor=monitor, continuation=continuation)
 
 
 def _field(n, design):

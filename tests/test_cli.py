@@ -380,3 +380,21 @@ def test_quiet_runs_hide_the_librarys_python_warnings_too(tmp_path):
     loud = adjopt("run", prob, "--method", "lbfgs", "--max-iter", 1, "--no-pictures", "--out", tmp_path / "l",
                   check=1)
     assert "ConvergenceWarning" in loud.stderr and "the Krylov solve stopped at 3 iterations" in loud.stderr
+
+
+def test_run_shows_the_normalization_column_aligned(tmp_path):
+    # the stress L-bracket's adaptive normalization is a continuation with a long name: its column is as wide as
+    # its name, and every value sits under it
+    proc = adjopt("run", "topology_stress", "--case", "lbracket", "--nelx", 20, "--nely", 20, "--compliance_max", 0,
+                  "--max-iter", 3, "--out", tmp_path / "st", timeout=300)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 1: the iteration budget ended the run
+    lines = proc.stdout.splitlines()
+    head = next(line for line in lines if "normalization" in line)
+    end = head.index("normalization") + len("normalization")
+    rows = [line for line in lines if line[:5].strip().isdigit()]
+    assert [int(r[:5]) for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert r[end - 1] != " " and r[end] == " ", (head, r)  # right-aligned under the header
+    hist = json.loads((tmp_path / "st" / "history.json").read_text())
+    cs = [h["normalization"] for h in hist["history"]]
+    assert cs[0] == 1.0 and len(set(cs)) > 1

@@ -234,10 +234,11 @@ class Progress:
                            TimeElapsedColumn(), console=self.console, transient=True)
             self.task = self.bar.add_task(title, total=maxiter)
             step = f" {'step':>9}" if self.show_step else ""
-            extra = "".join(f" {k:>6}" for k in self.extras)
+            extra = "".join(f" {k:>{self._width(k)}}" for k in self.extras)
             cg = f" {'CG':>5}" if self.show_cg else ""
+            # soft_wrap: a row wider than the terminal runs on instead of breaking its columns over two lines
             self.console.print(f"{'it':>5} {'J':>16} {self.measure:>10}{step}{cg} {'solves':>7} "
-                               f"{'total s':>8}{extra}")
+                               f"{'total s':>8}{extra}", soft_wrap=True)
             if self.every > 1:
                 self.console.print(f"(iterations 0-{self.FIRST_LINES}, then one line per {self.every} iterations)")
 
@@ -276,6 +277,11 @@ class Progress:
             if hook:
                 functional.progress = None
 
+    @staticmethod
+    def _width(name: str) -> int:
+        """An extra column's width: its name's, at least 6."""
+        return max(6, len(name))
+
     def __call__(self, info: dict, solves: int | None = None):
         line = dict(nit=info["nit"], f=info["f"], stationarity=info["stationarity"], step=info.get("step", math.nan),
                     cg=info.get("cg_iterations"), solves=solves, time=time.perf_counter() - self.t0,
@@ -290,10 +296,10 @@ class Progress:
             solves = "" if line["solves"] is None else str(line["solves"])
             step = f" {line['step']:>9.3g}" if self.show_step else ""
             if line["nit"] <= self.FIRST_LINES or line["nit"] % self.every == 0:
-                extra = "".join(f" {line[k]:>6.3g}" if isinstance(line[k], (int, float)) else f" {'':>6}"
-                                for k in self.extras)
+                extra = "".join(f" {line[k]:>{self._width(k)}.3g}" if isinstance(line[k], (int, float))
+                                else f" {'':>{self._width(k)}}" for k in self.extras)
                 self.bar.console.print(f"{line['nit']:>5} {line['f']:>16.10g} {line['stationarity']:>10.3g}{step}"
-                                       f"{cg} {solves:>7} {line['time']:>8.2f}{extra}")
+                                       f"{cg} {solves:>7} {line['time']:>8.2f}{extra}", soft_wrap=True)
             self.bar.update(self.task, completed=min(line["nit"], self.maxiter))
 
 

@@ -85,3 +85,148 @@ def test_a_short_run_raises_the_fundamental_frequency():
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         te.build(**{"nelx": 8, "nely": 6, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3D: build(nelz=k), the plate extruded in z (hexahedra, 3 dofs per node, the left face clamped)
+
+
+def _p_nonuniform(n):
+    """A design in [0.2, 0.8]: its filtered densities stay above the kink of the mass interpolation at 0.1."""
+    return 0.5 + 0.3 * np.sin(np.arange(n))
+
+
+def _lowest_reference(problem, p, count):
+    """The ``count`` lowest eigenvalues of the assembled K(rho), M(rho) from scipy's eigsh (its own shift-invert)."""
+    import scipy.sparse.linalg as spla
+
+    J, rho = problem.functional, problem.meta["filter"].forward(p)
+    lam = spla.eigsh(J.K.assemble(rho), k=count, M=J.M.assemble(rho), sigma=0.0, which="LM")[0]
+    return np.sort(lam)
+
+
+def test_3d_problem_layout():
+    problem = te.build(8, 6, nelz=2)
+    m = problem.meta
+    assert problem.name == "topology_eigen_8x6x2" and m["nelz"] == 2 and m["options"]["nelz"] == 2
+    mesh = m["mesh"]
+    assert mesh.dim == 3 and mesh.cell_type == "hexahedron" and mesh.n_cells == 8 * 6 * 2 == problem.p0.size
+    # the face x = 0 clamped: all 3 dofs of its (6 + 1) x (2 + 1) nodes
+    assert m["dofmap"].n_free == 3 * (9 * 7 * 3 - 7 * 3)
+    # the mass block: x index >= 6, y index in [1, 4), through both z layers, solid after the filter
+    c = mesh.cell_centers()[m["block"]]
+    assert m["block"].size == 2 * 3 * 2 and set(c[:, 2]) == {0.5, 1.5}
+    assert np.all(c[:, 0] > 6) and np.all((c[:, 1] > 1) & (c[:, 1] < 4))
+    assert np.all(m["filter"].forward(np.full(96, 0.2))[m["block"]] == 1.0)
+    J = problem.functional
+    np.testing.assert_array_equal(J.state(problem.p0), J.modes(problem.p0)[:, 0])
+    # the 2D problem keeps the options (and so the checkpoints) it always had
+    assert "nelz" not in te.build(8, 6).meta["options"] and te.build(8, 6).meta["nelz"] is None
+
+
+def test_3d_gradient_against_central_differences_of_eigsh():
+    problem = te.build(8, 6, nelz=2)
+    J = problem.functional
+    p = _p_nonuniform(problem.p0.size)
+    lam = J.eigenvalues(p)
+    assert np.all(np.diff(lam) / lam[1:] > 0.3)  # well separated: the functional's gap test is far away
+    np.testing.assert_allclose(_lowest_reference(problem, p, 4), lam, rtol=1e-9)
+
+    def value(q):  # J from scratch: scipy's eigsh on the assembled matrices, not the functional's solve
+        return float(np.sum(1.0 / _lowest_reference(problem, q, J.k + 1)[: J.k]))
+
+    g, h = J.gradient(p), 1e-5
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        d = rng.standard_normal(p.size)
+        fd = (value(p + h * d) - value(p - h * d)) / (2 * h)
+        np.testing.assert_allclose(g @ d, fd, rtol=1e-5)
+
+
+def test_3d_taylor_rates():
+    problem = te.build(8, 6, nelz=2)
+    p = _p_nonuniform(problem.p0.size)
+    r = taylor_test(problem.functional, p, order=2)
+    assert r.rate >= 1.9, r.table()
+    # the volume is linear in p: its second-order remainder is at round-off from the first step ("exact"),
+    # where no rate can be observed (nan); otherwise the rate must be 2
+    r = taylor_test(problem.constraints[0][0], p, order=2)
+    assert r.passed and (r.exact or r.rate >= 1.9), r.table()
+
+
+def test_3d_eigenvalues_against_dense_eigh():
+    import scipy.linalg as sla
+
+    problem = te.build(4, 4, nelz=1)
+    J = problem.functional
+    p = _p_nonuniform(problem.p0.size)
+    rho = problem.meta["filter"].forward(p)
+    K, M = J.K.assemble(rho).toarray(), J.M.assemble(rho).toarray()
+    assert K.shape == (3 * (5 * 5 * 2 - 5 * 2),) * 2
+    lam = sla.eigh(K, M, eigvals_only=True)
+    np.testing.assert_allclose(J.eigenvalues(p), lam[: J.k + 1], rtol=1e-8)
+
+
+def test_3d_element_matrices_and_scaling():
+    from adjopt import fem
+    from adjopt.mesh import box
+
+    density = 2700.0
+    problem = te.build(4, 4, nelz=1, density=density)
+    J = problem.functional
+    ME, KE = J.M.local.reshape(24, 24), J.K.local.reshape(24, 24)
+    # consistent mass of a unit hexahedron, 3 dofs per node: all entries sum to 3 * density * volume (= 1)
+    assert ME.sum() == pytest.approx(3 * density * 1.0, rel=1e-12)
+    unit = box(1, 1, 1, 1.0, 1.0, 1.0, cell="hexahedron")
+    np.testing.assert_array_equal(ME, np.kron(fem.q1_mass(unit, rho=density)[0], np.eye(3)))
+    # both node-major (dof = 3 node + c): the 6 rigid motions are in the kernel of K_e, and a unit
+    # translation along c carries the whole mass along c only
+    x = unit.points[unit.cells[0]]  # (8, 3) in the element's node order
+    rigid = []
+    for c in range(3):
+        t = np.zeros((8, 3))
+        t[:, c] = 1.0
+        rigid.append(t.ravel())
+    for a, b in ((0, 1), (1, 2), (2, 0)):  # rotations in the (a, b) plane
+        r = np.zeros((8, 3))
+        r[:, a], r[:, b] = -x[:, b], x[:, a]
+        rigid.append(r.ravel())
+    R = np.column_stack(rigid)
+    assert np.abs(KE @ R).max() <= 1e-9 * np.abs(KE).max()
+    np.testing.assert_allclose(R[:, :3].T @ ME @ R[:, :3], density * np.eye(3), rtol=1e-12, atol=1e-9)
+    # K scales with young, M with density: the eigenvalues with young / density
+    p = _p_nonuniform(problem.p0.size)
+    lam = J.eigenvalues(p)
+    np.testing.assert_allclose(te.build(4, 4, nelz=1, density=density, young=2 * 68.9e9).functional.eigenvalues(p),
+                               2 * lam, rtol=1e-9)
+    np.testing.assert_allclose(te.build(4, 4, nelz=1, density=2 * density).functional.eigenvalues(p),
+                               lam / 2, rtol=1e-9)
+
+
+def test_3d_regression_value():
+    problem = te.build(8, 6, nelz=2)
+    # measured with this module (aluminium, 8 x 6 x 2 hexahedra, density filter 2, the block column, p0 = 0.5);
+    # the eigenvalues then were 5329.630476481934, 26521.75643783591, 41707.48759196848, 176527.59146925766
+    np.testing.assert_allclose(problem.functional.value(problem.p0), 0.00024931167259270673, rtol=1e-7)
+
+
+def test_3d_a_short_run_improves_the_objective():
+    problem = te.build(12, 8, nelz=2)
+    res = minimize(problem, "mma", move=0.1, maxiter=10, gtol=0, xtol=0)
+    # measured: J from 1.0968e-3 to 4.914e-4, lambda_1 from 1094.7 to 2514.7
+    assert res.fun < 0.7 * res.history[0]["f"]
+    assert problem.functional.eigenvalues(res.x)[0] > 1.5 * problem.functional.eigenvalues(problem.p0)[0]
+    assert problem.constraints[0][0].value(res.x) <= 0.5 * (1 + 1e-3)
+    assert all("f1_hz" in e and "grey" in e for e in res.history)
+
+
+@pytest.mark.parametrize("nelz,match", [
+    (0, r"nelz must be >= 1 \(number of elements through the thickness"),
+    (-1, r"nelz must be >= 1"),
+    (2.5, r"nelz must be an integer >= 1 .*got 2\.5"),
+    ("a", r"nelz must be an integer >= 1 .*got 'a'"),
+    (True, r"nelz must be an integer >= 1 .*got True"),
+])
+def test_bad_nelz_raises(nelz, match):
+    with pytest.raises(ValueError, match=match):
+        te.build(8, 6, nelz=nelz)

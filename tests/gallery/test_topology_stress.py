@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "problems"))
 import topology_stress as ts  # noqa: E402
 
+import adjopt  # noqa: E402
 from adjopt.mesh import rectangle  # noqa: E402
 from adjopt.optimize import minimize  # noqa: E402
 from adjopt.verify import taylor_test  # noqa: E402
@@ -70,7 +71,7 @@ def test_taylor_rates_of_the_constraints(case, size):
 
 
 def test_lbracket_layout_and_regression():
-    problem = ts.build("lbracket", 20, 20)
+    problem = ts.build("lbracket", 20, 20, normalization="fixed")
     m = problem.meta
     c = m["mesh"].cell_centers()
     void = m["passive_void"]
@@ -129,3 +130,101 @@ def test_the_aggregate_refuses_densities_above_one():
         bare.value(np.zeros_like(u), np.full(96, 3.0))
     with pytest.raises(ValueError, match="sigma_max must be a positive stress"):
         ts.StressAggregate(agg.conn, agg.S, 0.0)
+
+
+# -- the P-norm with adaptive normalization, and 3D ------------------------------------------------------------
+def test_the_3d_centre_stress_is_the_true_stress():
+    from adjopt.mesh import box
+
+    unit = box(1, 1, 1, 1.0, 1.0, 1.0, cell="hexahedron")
+    S = ts.centre_stress_matrix(unit, 1.0, 0.3, "strain")
+    assert S.shape == (6, 24)
+    pts = unit.points[unit.cells[0]]
+    mu, lam = 1 / 2.6, 0.3 / (1.3 * 0.4)
+    for i in range(3):  # uniaxial strain along axis i: s_ii = (lam + 2 mu) e, the other normals lam e
+        u = np.zeros(24)
+        u[i::3] = 0.01 * pts[:, i]
+        want = np.zeros(6)
+        want[:3] = lam * 0.01
+        want[i] = (lam + 2 * mu) * 0.01
+        np.testing.assert_allclose(S @ u, want, atol=1e-15)
+    # simple shears: u_x = g y -> t_xy; u_y = g z -> t_yz; u_x = g z -> t_xz (Voigt order sx sy sz tyz txz txy)
+    for comp, coord, row in ((0, 1, 5), (1, 2, 3), (0, 2, 4)):
+        u = np.zeros(24)
+        u[comp::3] = 0.01 * pts[:, coord]
+        want = np.zeros(6)
+        want[row] = mu * 0.01
+        np.testing.assert_allclose(S @ u, want, atol=1e-15)
+    # the 3D von Mises of uniaxial stress is its value, of pure shear sqrt(3) times it
+    agg = ts.StressAggregate(np.arange(24)[None, :], S, 1.0)
+    assert agg._vm(np.array([[2.0, 0, 0, 0, 0, 0]]))[0] == pytest.approx(2.0)
+    assert agg._vm(np.array([[0, 0, 0, 0, 1.0, 0]]))[0] == pytest.approx(np.sqrt(3.0))
+    with pytest.raises(adjopt.ShapeError, match=r"S must be \(3, 8\)"):
+        ts.StressAggregate(np.arange(8)[None, :], S, 1.0)
+
+
+@pytest.mark.parametrize("form", ["unified", "pnorm"])
+@pytest.mark.parametrize("dims", [(8, 12, None), (6, 8, 2)])
+def test_both_forms_against_finite_differences_in_2d_and_3d(form, dims):
+    nelx, nely, nelz = dims
+    problem = ts.build("cantilever", nelx, nely, nelz=nelz, normalization="fixed" if form == "unified" else "adaptive")
+    agg, G = problem.meta["stress"], problem.meta["stress_functional"]
+    assert agg.form == form
+    n = problem.p0.size
+    p = np.clip(1.0 - 0.4 * np.abs(np.sin(np.arange(n))), 0.05, 1.0)
+    u = G.state(p)
+    du = np.random.default_rng(1).standard_normal(u.size) * np.abs(u).max()
+    h = 1e-6
+    fd = (agg.value(u + h * du, p) - agg.value(u - h * du, p)) / (2 * h)
+    np.testing.assert_allclose(agg.grad_u(u, p) @ du, fd, rtol=1e-6)
+    dp = np.random.default_rng(2).standard_normal(n)
+    fd = (agg.value(u, p + h * dp) - agg.value(u, p - h * dp)) / (2 * h)
+    np.testing.assert_allclose(agg.grad_p(u, p) @ dp, fd, rtol=1e-6)
+    r = taylor_test(problem.constraints[0][0], p, order=2)
+    assert r.rate >= 1.9, r.table()
+
+
+def test_the_pnorm_is_the_norm_of_the_relaxed_stress_ratios():
+    problem = ts.build("lbracket", 20, 20)
+    agg, G = problem.meta["stress"], problem.meta["stress_functional"]
+    p = np.clip(1.0 - 0.5 * np.abs(np.cos(np.arange(problem.p0.size))), 0.05, 1.0)
+    rho = problem.meta["filter"].forward(p)[agg.elements]
+    r = rho * agg.von_mises(G.state(p)) / 0.8
+    assert G.value(p) == pytest.approx(np.linalg.norm(r, 10) - 1.0, rel=1e-13)
+    assert agg.peak(G.state(p), p) == pytest.approx(r.max(), rel=1e-14)
+    assert r.max() <= G.value(p) + 1.0  # the P-norm lies above the largest value
+    # measured with this module (adaptive L-bracket: P-norm of rho vm / 0.8, P 10, all solid)
+    np.testing.assert_allclose(G.value(problem.p0), LBRACKET_PNORM0, rtol=1e-8)
+
+
+LBRACKET_PNORM0 = 1.521943845647682
+
+
+def test_3d_lbracket_layout_and_loads():
+    problem = ts.build("lbracket", 10, 10, nelz=2)
+    m = problem.meta
+    assert m["nelz"] == 2 and problem.name == "topology_stress_lbracket_10x10x2"
+    c = m["mesh"].cell_centers()
+    np.testing.assert_array_equal(m["passive_void"], np.flatnonzero((c[:, 0] > 4) & (c[:, 1] > 4)))
+    load = m["load"]
+    np.testing.assert_allclose(load.sum(), -1.0)
+    assert np.all(load[0::3] == 0) and np.all(load[2::3] == 0)
+    # the 3D cantilever's load is a line along z of total 1 (trapezoidal weights)
+    cant = ts.build("cantilever", 6, 8, nelz=4).meta["load"]
+    np.testing.assert_allclose(np.sort(cant[cant != 0]), [0.125, 0.125, 0.25, 0.25, 0.25])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"normalization": "auto"}, "normalization must be 'fixed' or 'adaptive'"),
+    ({"nelz": 0}, "nelz must be >= 1"),
+    ({"nelz": 1.5}, "nelz must be an integer"),
+])
+def test_bad_3d_and_normalization_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ts.build(**{"nelx": 8, "nely": 8, **kwargs})
+
+
+def test_the_aggregate_refuses_an_unknown_form():
+    agg = ts.build("cantilever", 8, 12).meta["stress"]
+    with pytest.raises(ValueError, match="form must be 'unified'"):
+        ts.StressAggregate(agg.conn, agg.S, 1.0, form="ks")

@@ -374,7 +374,7 @@ def monitored(problem, x) -> dict:
     out = {}
     cont = getattr(problem, "continuation", None)
     if cont is not None:
-        out["beta"] = float(cont.beta)
+        out.update(_continuation_record(cont))
     monitor = getattr(problem, "monitor", None)
     if monitor is not None:
         extra = monitor(np.array(x, copy=True))
@@ -382,13 +382,22 @@ def monitored(problem, x) -> dict:
             raise TypeError(f"the problem's monitor must return a dict of numbers, got {type(extra).__name__}")
         for k, v in extra.items():
             k = str(k)
-            if k in _RESERVED:
+            reserved = _RESERVED | set(out) | {f"{n}_next" for n in out}
+            if k in reserved:
                 raise ValueError(f"the problem's monitor returned {k!r}, a name the history uses itself "
-                                 f"({', '.join(sorted(_RESERVED))}); rename it")
+                                 f"({', '.join(sorted(reserved))}); rename it")
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
                 raise TypeError(f"the problem's monitor returned {k!r} = {v!r}; its values must be numbers")
             out[k] = float(v)
     return out
+
+
+def _continuation_record(cont) -> dict:
+    """What a continuation records in every history entry: its ``record()``, or its ``beta``."""
+    record = getattr(cont, "record", None)
+    if not callable(record):
+        return {"beta": float(cont.beta)}
+    return {str(k): float(v) for k, v in record().items()}
 
 
 #: history names a monitor may not use
@@ -431,7 +440,8 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
     """Run ``driver`` from ``x0`` (or from the checkpoint ``resume``) until a stopping test holds."""
     stats = driver.problem.functional.stats if hasattr(driver.problem.functional, "stats") else None
     cont = getattr(driver.problem, "continuation", None)
-    if cont is not None and not callable(getattr(driver.problem.functional, "forget", None)):
+    if cont is not None and getattr(cont, "drops_states", True) and \
+            not callable(getattr(driver.problem.functional, "forget", None)):
         raise MethodSetupError(f"the problem has a beta continuation, but its functional "
                                f"({type(driver.problem.functional).__name__}) cannot drop its cached states when beta "
                                "changes (it has no forget()); run it without the continuation")
@@ -552,12 +562,14 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
             outcome = None
         if cont is not None:
             converged = outcome is not None or gnorm <= gtarget
-            if cont.step(converged):
-                # the same x is another design now: evaluate the method again there, at the new beta; the
-                # entry says so (its f is at the old beta, the state's from now on at the new one)
-                _forget_states(driver.problem)
+            if cont.step(converged, x=np.array(state["x"], copy=True)):
+                # the same x is another design (or another constraint) now: evaluate the method again there;
+                # the entry says so (its f is at the old beta, the state's from now on at the new one)
+                if getattr(cont, "drops_states", True):
+                    _forget_states(driver.problem)
                 driver.refresh(state)
-                entry.update(beta_next=float(cont.beta), f_next=float(state["f"]))
+                entry.update({f"{k}_next": v for k, v in _continuation_record(cont).items()})
+                entry.update(f_next=float(state["f"]))
                 outcome = None
         if checkpoint is not None:
             write_checkpoint(checkpoint, state, checkpoint_meta())

@@ -30,7 +30,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BetaContinuation", "BetaSchedule", "grey_level"]
+__all__ = ["AdaptiveNormalization", "BetaContinuation", "BetaSchedule", "grey_level"]
 
 
 def grey_level(rho, low: float = 0.05, high: float = 0.95) -> float:
@@ -111,9 +111,17 @@ class BetaContinuation:
         for m in self.projections:
             m.beta = beta
 
-    def step(self, converged: bool) -> bool:
+    #: a raise changes the parameter map: the functionals' cached states are stale
+    drops_states = True
+
+    def record(self) -> dict:
+        """What every history entry records: ``beta``."""
+        return {"beta": float(self.beta)}
+
+    def step(self, converged: bool, x=None) -> bool:
         """Count one iteration; raise beta when the run ``converged`` at this beta or it has run ``every``
-        iterations at it (and it is below ``beta_max``). True when beta changed."""
+        iterations at it (and it is below ``beta_max``). True when beta changed. (``x``, the current
+        design, is not needed.)"""
         self.since += 1
         if self.at_max or not (converged or self.since >= self.every):
             return False
@@ -198,7 +206,14 @@ class BetaSchedule:
     def beta(self) -> float:
         return self.projections[0].beta
 
-    def step(self, converged: bool) -> bool:
+    drops_states = True
+    at_max = True  # a stopping test that holds ends the run at whatever beta
+
+    def record(self) -> dict:
+        """What every history entry records: ``beta``."""
+        return {"beta": float(self.beta)}
+
+    def step(self, converged: bool, x=None) -> bool:
         """Count one iteration and set the schedule's beta for the next; True when it changed."""
         self.k += 1
         old, new = self.beta, self._beta_at(self.k)
@@ -228,3 +243,138 @@ class BetaSchedule:
 
     def __repr__(self):
         return f"BetaSchedule(beta={self.beta:g} at iteration {self.k})"
+
+
+class AdaptiveNormalization:
+    """A constraint aggregate whose normalization follows the true maximum: g_c(p) = c (a(p) + offset) - offset.
+
+    An aggregate (a P-norm, a P-mean, a KS function) ``a(p) + offset`` of many
+    local quantities lies below their largest value ``peak(p)`` by a factor
+    that depends on the design, so a fixed bound on it is either too loose
+    or too tight. The adaptive normalization of Le, Norato, Bruns, Ha and
+    Tortorelli (2010) multiplies the aggregate by
+
+        c_k = alpha * peak(p_k) / (a(p_k) + offset) + (1 - alpha) * c_{k-1}
+
+    after every design iteration k (c_0 = ``start``): as the design settles,
+    c (a + offset) tends to the peak itself, and g_c <= 0 bounds the largest
+    local value rather than its mean.
+
+    The object is both the constraint (``value``, ``gradient``: c times the
+    wrapped functional's) and the continuation that updates c: give it to
+    the :class:`~adjopt.Problem` as a constraint ``(norm, 0.0)`` and as
+    ``continuation=norm``. c is constant within an iteration, so every
+    gradient is exact for the current c (the Taylor tests of the wrapped
+    functional hold); between iterations the driver evaluates the constraint
+    again at the same design (no new solves: the states are kept). c changes
+    only when the update differs from it by more than ``rtol`` (relative), so
+    that a settled run can stop; every history entry records c under
+    ``name``, and checkpoints keep it.
+
+    Parameters
+    ----------
+    functional
+        The aggregate a(p), with ``value``, ``gradient`` and ``n_params``
+        (a :class:`~adjopt.ReducedFunctional` of a stress aggregate).
+    peak
+        A callable ``p -> float``: the largest of the aggregated values at p
+        (same units as ``a(p) + offset``, positive).
+    alpha
+        The damping in (0, 1] (0.5; 1: c is the last ratio).
+    offset
+        What makes the aggregate a positive measure: ``a + offset`` is the
+        aggregate of the local values (1 for a constraint written as
+        ``mean - 1 <= 0``; 0 for a plain norm).
+    start
+        The first normalization c_0 (1).
+    rtol
+        The relative change below which c stays (1e-3).
+    name
+        Its column in the history (``"normalization"``).
+    """
+
+    drops_states = False  # c scales the constraint: the states, adjoints and factorizations stay valid
+    at_max = True  # a stopping test that holds may end the run (c settles by rtol)
+
+    def __init__(self, functional, peak, alpha: float = 0.5, offset: float = 1.0, start: float = 1.0,
+                 rtol: float = 1e-3, name: str = "normalization"):
+        if not all(callable(getattr(functional, a, None)) for a in ("value", "gradient")):
+            raise TypeError(f"AdaptiveNormalization needs a functional with value and gradient, got "
+                            f"{type(functional).__name__}")
+        if not callable(peak):
+            raise TypeError(f"peak must be a callable p -> float (the largest local value), got {type(peak).__name__}")
+        self.functional = functional
+        self.peak = peak
+        self.alpha = _number(alpha, "alpha", 0.0)
+        if self.alpha > 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.offset = _number(offset, "offset", -math.inf)
+        self.c0 = _number(start, "start", 0.0)
+        self.rtol = _number(rtol, "rtol", 0.0, strict=False)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.c = self.c0
+
+    @property
+    def n_params(self) -> int:
+        return self.functional.n_params
+
+    # -- the constraint ----------------------------------------------------------
+    def value(self, p) -> float:
+        """c (a(p) + offset) - offset."""
+        return self.c * (float(self.functional.value(p)) + self.offset) - self.offset
+
+    def gradient(self, p, tol=None) -> np.ndarray:
+        """c grad a(p)."""
+        g = self.functional.gradient(p) if tol is None else self.functional.gradient(p, tol=tol)
+        return self.c * np.asarray(g, dtype=np.float64)
+
+    def forget(self) -> None:
+        drop = getattr(self.functional, "forget", None)
+        if callable(drop):
+            drop()
+
+    # -- the continuation ----------------------------------------------------------
+    def ratio(self, p) -> float:
+        """peak(p) / (a(p) + offset): what c would be with alpha = 1."""
+        agg = float(self.functional.value(p)) + self.offset
+        top = float(self.peak(np.array(p, dtype=np.float64, copy=True)))
+        if not (math.isfinite(agg) and math.isfinite(top) and agg > 0 and top > 0):
+            raise ValueError(f"the adaptive normalization needs a positive aggregate and peak, got a + offset = "
+                             f"{agg!r} and peak = {top!r}; check the offset (a + offset must be the aggregate of "
+                             "the local values)")
+        return top / agg
+
+    def record(self) -> dict:
+        return {self.name: float(self.c)}
+
+    def step(self, converged: bool, x=None) -> bool:
+        """Update c at the design ``x`` that the iteration ended at; True when it changed."""
+        if x is None:
+            raise ValueError("the adaptive normalization updates at the current design: step(converged, x)")
+        new = self.alpha * self.ratio(x) + (1.0 - self.alpha) * self.c
+        if abs(new - self.c) <= self.rtol * abs(self.c):
+            return False
+        logger.debug("adaptive normalization: %s %g -> %g", self.name, self.c, new)
+        self.c = new
+        return True
+
+    def state(self) -> dict:
+        return {"normalization": float(self.c)}
+
+    def restore(self, state: dict) -> None:
+        try:
+            c = float(state["normalization"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"an adaptive normalization state needs a number 'normalization', got {state!r}") \
+                from None
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"the checkpoint's normalization {c!r} is not a positive number")
+        self.c = c
+
+    def reset(self) -> None:
+        self.c = self.c0
+
+    def __repr__(self):
+        return f"AdaptiveNormalization(c={self.c:g}, alpha={self.alpha:g}, offset={self.offset:g})"

@@ -1,0 +1,197 @@
+"""The adaptive normalization of an aggregated constraint (Le et al. 2010) inside the shared optimization loop."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "problems"))
+import topology_stress as ts  # noqa: E402
+
+import adjopt  # noqa: E402
+from adjopt.optimize import AdaptiveNormalization, CheckpointError, minimize  # noqa: E402
+from adjopt.verify import taylor_test  # noqa: E402
+
+
+class Quadratic:
+    """a(p) = |p|^2 / 2 - 1 with a counter of evaluations; the peak max p_i^2 / 2 * 3."""
+
+    n_params = 3
+
+    def __init__(self):
+        self.calls = 0
+
+    def value(self, p):
+        self.calls += 1
+        return 0.5 * float(np.dot(p, p)) - 1.0
+
+    def gradient(self, p):
+        return np.array(p, dtype=float)
+
+
+def test_value_gradient_and_the_update_formula():
+    a = Quadratic()
+    norm = AdaptiveNormalization(a, lambda p: 1.5 * float(np.max(p**2)), alpha=0.5)
+    p = np.array([1.0, 2.0, 0.5])
+    agg = 0.5 * p @ p  # a + offset
+    assert norm.value(p) == pytest.approx(agg - 1.0) and norm.c == 1.0
+    ratio = 1.5 * 4.0 / agg
+    assert norm.ratio(p) == pytest.approx(ratio)
+    assert norm.step(False, x=p)
+    assert norm.c == pytest.approx(0.5 * ratio + 0.5)
+    c = norm.c
+    assert norm.value(p) == pytest.approx(c * agg - 1.0)
+    np.testing.assert_allclose(norm.gradient(p), c * p)
+    assert norm.record() == {"normalization": c}
+    # a second step moves half way again; alpha = 1 jumps to the ratio
+    assert norm.step(True, x=p) and norm.c == pytest.approx(0.5 * ratio + 0.5 * c)
+    jump = AdaptiveNormalization(a, lambda p: 1.5 * float(np.max(p**2)), alpha=1.0)
+    jump.step(False, x=p)
+    assert jump.c == pytest.approx(ratio)
+    # at the ratio, the normalized aggregate is the peak itself
+    assert jump.value(p) + 1.0 == pytest.approx(1.5 * 4.0)
+
+
+def test_small_changes_keep_c_so_that_a_settled_run_can_stop():
+    norm = AdaptiveNormalization(Quadratic(), lambda p: 0.5 * float(p @ p) * 1.0005, rtol=1e-3)
+    p = np.ones(3)
+    assert not norm.step(False, x=p) and norm.c == 1.0  # the update would move c by 2.5e-4 < rtol
+    norm = AdaptiveNormalization(Quadratic(), lambda p: 0.5 * float(p @ p) * 1.0005, rtol=0.0)
+    assert norm.step(False, x=p) and norm.c == pytest.approx(1.00025)
+
+
+def test_state_restore_reset():
+    norm = AdaptiveNormalization(Quadratic(), lambda p: 6.0, start=2.0)
+    assert norm.step(False, x=np.ones(3))  # ratio 6 / 1.5 = 4: c = 3
+    st = norm.state()
+    other = AdaptiveNormalization(Quadratic(), lambda p: 6.0, start=2.0)
+    other.restore(st)
+    assert other.c == norm.c != 2.0
+    other.reset()
+    assert other.c == 2.0
+    for bad in ({}, {"normalization": "x"}, {"normalization": -1.0}, {"normalization": float("nan")}):
+        with pytest.raises(ValueError, match="normalization"):
+            other.restore(bad)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(functional=object()), TypeError, "needs a functional with value and gradient"),
+    (dict(peak=3.0), TypeError, "peak must be a callable"),
+    (dict(alpha=0.0), ValueError, "alpha must be a finite number > 0"),
+    (dict(alpha=1.5), ValueError, r"alpha must be in \(0, 1\]"),
+    (dict(start=-1.0), ValueError, "start must be a finite number > 0"),
+    (dict(rtol=-1e-3), ValueError, "rtol must be a finite number >= 0"),
+    (dict(offset=float("inf")), ValueError, "offset must be a finite number"),
+    (dict(name=""), ValueError, "name must be a non-empty string"),
+])
+def test_bad_options(kwargs, exc, match):
+    args = {"functional": Quadratic(), "peak": lambda p: 1.0, **kwargs}
+    with pytest.raises(exc, match=match):
+        AdaptiveNormalization(**args)
+
+
+def test_a_non_positive_aggregate_or_peak_is_refused():
+    norm = AdaptiveNormalization(Quadratic(), lambda p: 1.0)
+    with pytest.raises(ValueError, match="positive aggregate and peak"):
+        norm.step(False, x=np.zeros(3))  # a + offset = 0
+    norm = AdaptiveNormalization(Quadratic(), lambda p: float("nan"))
+    with pytest.raises(ValueError, match="positive aggregate and peak"):
+        norm.step(False, x=np.ones(3))
+    with pytest.raises(ValueError, match=r"step\(converged, x\)"):
+        norm.step(False)
+
+
+# -- the stress problem ------------------------------------------------------------------------------------------
+def _bracket(**kw):
+    return ts.build("lbracket", 20, 20, compliance_max=0.0, **kw)
+
+
+def test_the_normalized_stress_constraint_has_exact_gradients():
+    problem = _bracket()
+    norm = problem.constraints[0][0]
+    assert isinstance(norm, AdaptiveNormalization) and problem.continuation is norm
+    p = np.clip(1.0 - 0.5 * np.abs(np.sin(np.arange(problem.p0.size))), 0.05, 1.0)
+    norm.step(False, x=p)
+    assert norm.c != 1.0
+    G = problem.meta["stress_functional"]
+    np.testing.assert_allclose(norm.gradient(p), norm.c * G.gradient(p), rtol=1e-14)
+    r = taylor_test(norm, p, order=2)
+    assert r.rate >= 1.9, r.table()
+
+
+def test_every_entry_records_c_and_its_update_without_extra_solves():
+    problem = _bracket()
+    norm = problem.constraints[0][0]
+    G, stress = problem.meta["stress_functional"], problem.meta["stress"]
+    seen = []
+
+    def callback(info):
+        x = info["x"]
+        seen.append((info, stress.peak(G.state(x), x) / (G.value(x) + 1.0)))
+
+    res = minimize(problem, "mma", move=0.1, maxiter=8, gtol=0, xtol=0, callback=callback)
+    cs = [e["normalization"] for e in res.history]
+    assert cs[0] == 1.0 and len(set(cs)) > 3
+    for info, ratio in seen:
+        if "normalization_next" in info:  # c_k = alpha ratio(x_k) + (1 - alpha) c_{k-1}
+            assert info["normalization_next"] == pytest.approx(0.5 * ratio + 0.5 * info["normalization"], rel=1e-12)
+    # the constraint MMA saw at the end is the one at the final c
+    last = res.history[-1]
+    assert last.get("normalization_next", last["normalization"]) == norm.c
+    # a change of c evaluates the constraint again on the kept states: the run factorizes once per design,
+    # as the same run with c fixed does
+    fixed = ts.build("lbracket", 20, 20, compliance_max=0.0)
+    ref_G = fixed.meta["stress_functional"]
+    fixed_problem = adjopt.Problem(fixed.functional, fixed.p0, bounds=fixed.bounds,
+                                   constraints=[(fixed.constraints[0][0], 0.0)], name="fixed")
+    minimize(fixed_problem, "mma", move=0.1, maxiter=8, gtol=0, xtol=0)
+    assert G.stats.factorizations == ref_G.stats.factorizations == 9
+    assert G.stats.total_solves == ref_G.stats.total_solves
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_goes_on_with_the_checkpoints_normalization(tmp_path):
+    kw = dict(move=0.1, maxiter=7, gtol=0, xtol=0)
+    full = minimize(_bracket(), "mma", **kw)
+
+    def interrupt(info):
+        if info["nit"] == 4:
+            raise Interrupt
+
+    ckpt = tmp_path / "run.npz"
+    with pytest.raises(Interrupt):
+        minimize(_bracket(), "mma", checkpoint=ckpt, callback=interrupt, **kw)
+    resumed = minimize(_bracket(), "mma", checkpoint=ckpt, resume=ckpt, **kw)
+    assert [e["normalization"] for e in resumed.history] == pytest.approx([e["normalization"] for e in full.history],
+                                                                          rel=1e-12)
+    np.testing.assert_allclose(resumed.x, full.x, rtol=0, atol=1e-12)
+    # a checkpoint of the fixed formulation does not resume the adaptive one
+    other = tmp_path / "fixed.npz"
+    fixed = _bracket(normalization="fixed")
+    minimize(fixed, "mma", maxiter=2, gtol=0, checkpoint=other)
+    with pytest.raises(CheckpointError):
+        minimize(_bracket(), "mma", maxiter=4, gtol=0, resume=other)
+
+
+def test_the_monitor_cannot_take_the_normalizations_name():
+    problem = _bracket()
+    problem.monitor = lambda p: {"normalization": 1.0}
+    with pytest.raises(ValueError, match="a name the history uses itself"):
+        minimize(problem, "mma", maxiter=1)
+
+
+@pytest.mark.slow
+def test_the_adaptive_bracket_holds_the_peak_relaxed_stress():
+    # 50 x 50, 150 MMA designs: the largest relaxed stress ends within 3 % of sigma_max (the fixed P-mean leaves
+    # it well above: measured 1.04 against 0.8 at 60 x 60), and the constraint holds
+    problem = ts.build("lbracket", 50, 50, compliance_max=0.0)
+    res = minimize(problem, "mma", move=0.1, maxiter=150, gtol=0, xtol=0)
+    peak = res.history[-1]["max_vm"] / 0.8
+    assert 0.9 <= peak <= 1.03, peak
+    assert problem.constraints[0][0].value(res.x) <= 1e-3
+    assert res.fun < 0.45
