@@ -61,7 +61,7 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
           emin: float = 1e-5, delta: float = 0.1, beta: float = 1.0, beta_max: float = 32.0, beta_every: int = 40,
           formulation: str = "minmax", volume_on: str = "intermediate", plane: str = "strain",
           pad_filter: bool = True, continuation: str = "double", case: str = "cantilever",
-          solver=None) -> adjopt.Problem:
+          solver=None, nelz: int | None = None) -> adjopt.Problem:
     """The robust cantilever as an :class:`adjopt.Problem`.
 
     Parameters
@@ -106,6 +106,12 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
     solver
         As for :func:`topology_compliance.build` (``"auto"``: multigrid on
         larger grids, else a factorization); one solver object for the three.
+    nelz
+        None (2D) or the elements along z: the 3D cantilever or half MBB
+        beam of :func:`topology_compliance.build` (cases ``"cantilever3d"``,
+        ``"mbb3d"``: unit hexahedra, a unit line load along z), with the
+        same three projections, filter and formulations; ``plane`` does not
+        apply.
 
     Returns
     -------
@@ -116,6 +122,8 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
     """
     nelx = _tc._count(nelx, "nelx")
     nely = _tc._count(nely, "nely")
+    if nelz is not None:
+        nelz = _tc._count(nelz, "nelz", "number of elements along z; None for the 2D problem")
     volfrac, penal, rmin, emin = _tc.check_material(volfrac, penal, rmin, emin)
     delta = float(delta)
     if not 0.0 < delta < 0.5:
@@ -134,23 +142,27 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
     if continuation not in ("double", "pymoto"):
         raise ValueError(f"continuation must be 'double' or 'pymoto', got {continuation!r}")
 
-    if case == "mbb":
-        mesh, fixed, load, _ = _tc._mbb(nelx, nely)
+    dim = 2 if nelz is None else 3
+    if nelz is not None:  # the 3D cases of topology_compliance: "cantilever3d" and "mbb3d"
+        mesh, fixed, load, unit = (_tc._mbb3d if case == "mbb" else _tc._cantilever3d)(nelx, nely, nelz)
+    elif case == "mbb":
+        mesh, fixed, load, unit = _tc._mbb(nelx, nely)
     else:
         mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
         fixed = fem.boundary_dofs(mesh, "left", components=[0, 1])
         tip = _tc._node_at(mesh, (nelx, float(nely // 2)))
         load = fem.point_load(2 * mesh.n_nodes, [2 * tip + 1], 1.0)
-    n_dofs = 2 * mesh.n_nodes
-    KE = fem.q1_elasticity(rectangle(1, 1, 1.0, 1.0, cell="quad"), E=1.0, nu=NU, plane=plane)[0]
+        unit = rectangle(1, 1, 1.0, 1.0, cell="quad")
+    n_dofs = dim * mesh.n_nodes
+    KE = fem.q1_elasticity(unit, E=1.0, nu=NU, plane=plane)[0]
     dofmap = fem.condense(n_dofs, fixed)
-    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, 2))
+    conn = dofmap.restrict(fem.vector_dofs(mesh.cells, dim))
     A = adjopt.ElementCoefficientMatrix(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n=dofmap.n_free)
     del conn
     if solver is None or (isinstance(solver, str) and solver.lower() in ("gmg", "auto")):
         from adjopt.solvers import structured_solver
 
-        solver = structured_solver((nelx, nely), 2, dofmap.fixed, solver)
+        solver = structured_solver((nelx, nely) if nelz is None else (nelx, nely, nelz), dim, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
     n = mesh.n_cells
     centers = mesh.cell_centers()
@@ -177,14 +189,16 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
         return out
 
     designs = {k: maps[k].forward for k in DESIGNS}
-    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": None, "filter": maps["intermediate"],
+    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": maps["intermediate"],
             "density_filter": fmap, "projections": projections, "designs": designs, "functionals": functionals,
             "dofmap": dofmap, "dofs": dofmap, "load": load,
             "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, delta=delta,
                             beta=beta, beta_max=beta_max, beta_every=beta_every, formulation=formulation,
                             volume_on=volume_on, plane=plane, pad_filter=pad_filter, continuation=continuation,
                             case=case)}
-    name = f"topology_robust_{case}_{formulation}_{nelx}x{nely}"
+    if nelz is not None:  # 2D keeps the options (and checkpoints) it always had
+        meta["options"]["nelz"] = nelz
+    name = f"topology_robust_{case}_{formulation}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     p0 = np.full(n, volfrac)
     if formulation == "eroded":
         return adjopt.Problem(functionals["eroded"], p0, bounds=(0.0, 1.0), constraints=[(volume, volfrac)],

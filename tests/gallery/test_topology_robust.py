@@ -147,7 +147,50 @@ REGRESSION = [3334.547559282932, 780.364867076434, 277.8277746057191]
     ({"case": "bridge"}, "case must be 'cantilever' or 'mbb'"),
     ({"beta": 64.0}, r"beta_max \(32\) must be >= beta \(64\)"),
     ({"nelx": 0}, "nelx must be >= 1"),
+    ({"nelz": 0}, "nelz must be >= 1"),
+    ({"nelz": 2.5}, "nelz must be an integer"),
 ])
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tr.build(**{"nelx": 8, "nely": 4, **kwargs})
+
+
+# -- 3D --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["cantilever", "mbb"])
+def test_3d_taylor_rates_and_the_bound_formulation(case):
+    problem = tr.build(8, 4, nelz=2, rmin=1.5, beta=4.0, case=case)
+    n = 8 * 4 * 2
+    assert problem.name == f"topology_robust_{case}_minmax_8x4x2" and problem.p0.size == n + 1
+    assert problem.meta["nelz"] == 2 and problem.meta["options"]["nelz"] == 2
+    F = problem.meta["functionals"]
+    p = _design(n)
+    for k in tr.DESIGNS:
+        r2 = taylor_test(F[k], p, order=2)
+        assert r2.rate >= 1.9, (k, r2.table())
+    r3 = taylor_test(F["eroded"], p, order=3)
+    assert r3.rate >= 2.9, r3.table()
+    xz = np.append(p, 1.3)
+    for con, _ in problem.constraints:
+        assert taylor_test(con, xz, order=2).passed
+    # the 3D designs are ordered as in 2D, and the compliances too
+    ero, mid, dil = (problem.meta["designs"][k](p) for k in tr.DESIGNS)
+    assert np.all(ero <= mid + 1e-15) and np.all(mid <= dil + 1e-15)
+    c = [F[k].value(p) for k in tr.DESIGNS]
+    assert c[0] > c[1] > c[2]
+
+
+def test_3d_matches_the_compliance_problem_and_multigrid():
+    # the intermediate design at beta ~ 0 of a uniform field is the uniform density: the robust 3D cantilever's
+    # compliance is then topology_compliance's cantilever3d at the same density (same mesh, supports, load)
+    import topology_compliance as tc
+
+    robust = tr.build(8, 4, nelz=4, rmin=1.5, beta=1e-6, pad_filter=False, penal=3.0, emin=1e-9, solver="superlu")
+    plain = tc.build("cantilever3d", 8, 4, 4, volfrac=0.5, rmin=1.5, emin=1e-9, solver="superlu")
+    p = np.full(8 * 4 * 4, 0.5)
+    np.testing.assert_allclose(robust.meta["functionals"]["intermediate"].value(p), plain.functional.value(p),
+                               rtol=1e-6)
+    gmg = tr.build(16, 8, nelz=8, rmin=1.5, beta=4.0, solver="gmg")
+    ref = tr.build(16, 8, nelz=8, rmin=1.5, beta=4.0, solver="superlu")
+    q = _design(16 * 8 * 8)
+    np.testing.assert_allclose(gmg.meta["functionals"]["dilated"].value(q), ref.meta["functionals"]["dilated"].value(q),
+                               rtol=1e-6)
