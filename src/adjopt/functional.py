@@ -31,7 +31,8 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse.linalg as sla
@@ -83,6 +84,8 @@ class _State:
     q: np.ndarray | None = None  # rho-gradient of the PDE part, kept for hessp with a nonlinear map
     shared: bool = False  # the factorization serves every p (A does not depend on p): held once, not per entry
     tolerances: dict | None = None  # {kind: default relative tolerance}; None for a direct factorization (exact)
+    #: the adjoints of functionals that share this state (:meth:`ReducedFunctional.with_objective`), by their key
+    adjoints: dict = field(default_factory=dict)
 
     def tolerance(self, kind: str, tol: float | None = None) -> float:
         """The relative residual a ``kind`` solve with ``tol`` reaches (0: direct), without the factorization."""
@@ -97,6 +100,50 @@ class _State:
         fac_bytes = 0 if self.shared or self.factorization is None else self.factorization.nbytes
         # u, b and room for lam
         return a_bytes + fac_bytes + 3 * self.u.nbytes
+
+
+class _SharedView:
+    """A state of another functional as a sibling sees it: that functional's A, factorization, b and u (read
+    through), and the sibling's own adjoint lam, its tolerance and q (kept in the state's ``adjoints``)."""
+
+    __slots__ = ("base", "key")
+
+    def __init__(self, base: _State, key: int):
+        self.base = base
+        self.key = key
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def _slot(self) -> dict:
+        return self.base.adjoints.setdefault(self.key, {"lam": None, "lam_tol": np.inf, "q": None})
+
+    @property
+    def lam(self):
+        return self._slot()["lam"]
+
+    @lam.setter
+    def lam(self, value):
+        self._slot()["lam"] = value
+
+    @property
+    def lam_tol(self):
+        return self._slot()["lam_tol"]
+
+    @lam_tol.setter
+    def lam_tol(self, value):
+        self._slot()["lam_tol"] = value
+
+    @property
+    def q(self):
+        return self._slot()["q"]
+
+    @q.setter
+    def q(self, value):
+        self._slot()["q"] = value
+
+
+_SIBLING_KEYS = itertools.count(1)
 
 
 class ReducedFunctional:
@@ -143,6 +190,9 @@ class ReducedFunctional:
     Hessian action.
     """
 
+    _source = None  # see with_objective
+    _key = None
+
     def __new__(cls, matrix=None, *args, **kwargs):
         # a nonlinear residual R(u, p) gets the Newton-based functional (same API)
         if cls is ReducedFunctional and isinstance(matrix, ParametricResidual):
@@ -171,6 +221,8 @@ class ReducedFunctional:
                 f"the parameter map produces {parameter_map.n_out} values but A(rho) takes {matrix.n_params} parameters"
             )
         self._solver = self._accept(make_solver(solver))
+        #: the functional whose states this one shares (:meth:`with_objective`), and its key in their adjoints
+        self._source, self._key = None, None
         self.cache = StateCache(cache_bytes)
         self._map_version = None  # the parameter map's version the cached states were computed with
         #: (solver, factorization) of a matrix that does not depend on p (``matrix.constant``): one for every p
@@ -239,27 +291,57 @@ class ReducedFunctional:
         if not isinstance(value, Objective):
             raise TypeError(f"objective must be an Objective, got {type(value).__name__}")
         self._objective = value
+        if self._source is not None:
+            for st in self._source.cache.entries():
+                st.adjoints.pop(self._key, None)
         for st in self.cache.entries():
             st.lam, st.lam_tol, st.q = None, np.inf, None
         self._set_self_adjoint()
+
+    def with_objective(self, objective: Objective, self_adjoint: bool | None = None) -> ReducedFunctional:
+        """Another reduced functional of the same A(p), b(p), parameter map and solver, for ``objective``,
+        that shares this one's states.
+
+        A state u(p) and its factorization are made once, by whichever of
+        the two asks first, and serve both: two constraints of one design
+        (a stress aggregate and the compliance) cost one factorization and
+        one forward solve per design, plus one adjoint solve each (none for
+        a self-adjoint objective such as the compliance). Each keeps its own
+        adjoint, gradient and Hessian data. The states live in this
+        functional's cache (its size, its ``keep_factorizations``);
+        ``forget()`` on either drops them for both.
+        """
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective must be an Objective, got {type(objective).__name__}")
+        source = self if self._source is None else self._source
+        other = ReducedFunctional(source.matrix, source.rhs, objective, solver=source.solver,
+                                  parameter_map=source.map, self_adjoint=self_adjoint)
+        other._source, other._key = source, next(_SIBLING_KEYS)
+        return other
 
     def forget(self) -> None:
         """Drop every cached state, adjoint and factorization of a p-dependent matrix.
 
         For a change the cache cannot see: a parameter map changed in place
         (the beta of a :class:`~adjopt.maps.HeavisideProjection` in a
-        continuation), so that the same p now gives another rho.
+        continuation), so that the same p now gives another rho. A functional
+        that shares another's states (:meth:`with_objective`) drops that one's.
         """
+        if self._source is not None:
+            self._source.forget()
         self.cache.clear()
         self._live.clear()
 
     @property
     def solver(self):
         """The :class:`~adjopt.solvers.LinearSolver`. Setting another one (or a name) empties the state cache."""
-        return self._solver
+        return self._solver if self._source is None else self._source.solver
 
     @solver.setter
     def solver(self, value):
+        if self._source is not None:
+            raise AttributeError("this functional shares the states of another (with_objective): set the solver of "
+                                 "that one")
         self._solver = self._accept(make_solver(value))
         self.cache.clear()
         self._live.clear()
@@ -324,6 +406,8 @@ class ReducedFunctional:
 
     def _use(self, st: _State):
         """The factorization of a cached point, made again if it was released; marks it recently used."""
+        if isinstance(st, _SharedView):
+            return self._source._use(st.base)
         if st.factorization is None:
             logger.debug("ReducedFunctional: factorizing a cached point again (its factorization was released)")
             st.factorization, _ = self._factorize(st.A, st.rho)
@@ -343,6 +427,8 @@ class ReducedFunctional:
             self._map_version = v
 
     def _state(self, p: np.ndarray) -> _State:
+        if self._source is not None:
+            return _SharedView(self._source._state(p), self._key)
         self._check_map_version()
         st = self.cache.get(p)
         if st is not None:

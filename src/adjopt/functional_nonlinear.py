@@ -365,6 +365,11 @@ class NonlinearReducedFunctional(ReducedFunctional):
                    "the problem has no solution near the start")
         return f"Newton iteration {it} (||R|| = {nr:.3g}): {what}; {why}"
 
+    def with_objective(self, objective, self_adjoint=None):
+        """Not for a nonlinear state equation yet: build a second functional (its own Newton solves)."""
+        raise TypeError("with_objective (shared states) is for a linear A(p) u = b(p); for a nonlinear residual "
+                        "build a second NonlinearReducedFunctional")
+
     def _state(self, p: np.ndarray) -> _State:
         self._check_map_version()
         st = self.cache.get(p)
