@@ -32,7 +32,7 @@ RUNS = {
     "topology_mechanism": [],
     "topology_robust": [],
     "topology_eigen": [],
-    "topology_stress": ["--case", "lbracket", "--nelx", "60", "--nely", "60", "--compliance_max", "0",
+    "topology_stress": ["--case", "lbracket", "--nelx", "60", "--nely", "60",
                         "--max-iter", "200"],
     "advection_diffusion_source": ["--n", "64"],
     "multi_experiment": ["--n", "48"],

@@ -131,3 +131,7 @@ def test_the_stress_problem_factorizes_once_per_design():
     assert res.nit == 5
     # one factorization and one forward solve per design; the stress adjoint solve; the compliance none
     assert G.stats.factorizations == 6 and G.stats.solves["forward"] == 6 and G.stats.solves["adjoint"] == 6
+    # the run reports them although its objective (the volume) solves nothing: the constraints' solver counts,
+    # each solver once, and their phases
+    assert res.factorizations == 6 and res.solves == 12
+    assert all(e["phases"].get("factorize", 0) > 0 for e in res.history[1:])

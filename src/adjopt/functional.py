@@ -27,11 +27,11 @@ where drho = M' dp drives the tangent and second-adjoint solves.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from collections import Counter, OrderedDict
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np

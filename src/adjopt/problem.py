@@ -56,6 +56,23 @@ class Problem:
     continuation: object = None
     monitor: object = None
 
+    def _check_normalizations(self) -> None:
+        """An AdaptiveNormalization is a constraint and a continuation at once: one without the other is a
+        mistake (a constraint whose c never moves, or a c that scales nothing)."""
+        from .optimize.continuation import AdaptiveNormalization, ContinuationChain
+
+        cont = self.continuation
+        members = cont.members if isinstance(cont, ContinuationChain) else ([] if cont is None else [cont])
+        continuing = {id(m) for m in members if isinstance(m, AdaptiveNormalization)}
+        constraining = {id(c) for c, _ in (self.constraints or []) if isinstance(c, AdaptiveNormalization)}
+        if constraining - continuing:
+            raise ValueError("a constraint is an AdaptiveNormalization but not the problem's continuation: its "
+                             "factor would never move; pass it as continuation= too (with a beta continuation: "
+                             "continuation=[beta_continuation, normalization])")
+        if continuing - constraining:
+            raise ValueError("the continuation is an AdaptiveNormalization that is none of the constraints: its "
+                             "factor would scale nothing; use it as the constraint (constraints=[(norm, 0.0)])")
+
     def __post_init__(self):
         self.p0 = as_parameter(self.p0, self.functional.n_params, "p0").copy()
         if self.bounds is not None:
@@ -78,10 +95,15 @@ class Problem:
         # copies: the optimizers keep them for the whole run, the caller may reuse its arrays
         self.mass = None if self.mass is None else owned_operator(self.mass, "mass")
         self.stiffness = None if self.stiffness is None else owned_operator(self.stiffness, "stiffness")
+        if isinstance(self.continuation, (list, tuple)):
+            from .optimize.continuation import ContinuationChain
+
+            self.continuation = ContinuationChain(self.continuation) if len(self.continuation) > 1 else \
+                (self.continuation[0] if self.continuation else None)
         if self.continuation is not None and not all(callable(getattr(self.continuation, a, None))
                                                      for a in ("step", "state", "restore", "reset")):
-            raise TypeError("continuation must be an adjopt.optimize.BetaContinuation (step, state, restore, reset), "
-                            f"got {type(self.continuation).__name__}")
+            raise TypeError("continuation must be an adjopt.optimize.BetaContinuation, AdaptiveNormalization, ... "
+                            f"(step, state, restore, reset) or a list of them, got {type(self.continuation).__name__}")
         if self.monitor is not None and not callable(self.monitor):
             raise TypeError(f"monitor must be a callable p -> dict of numbers, got {type(self.monitor).__name__}")
         for i, con in enumerate(self.constraints):
@@ -93,3 +115,4 @@ class Problem:
                 raise TypeError(f"constraint {i}'s upper bound must be a number, got {con[1]!r}") from None
             if np.isnan(upper):
                 raise ValueError(f"constraint {i}'s upper bound is NaN; give a number (inf for no bound)")
+        self._check_normalizations()

@@ -71,7 +71,7 @@ def test_taylor_rates_of_the_constraints(case, size):
 
 
 def test_lbracket_layout_and_regression():
-    problem = ts.build("lbracket", 20, 20, normalization="fixed")
+    problem = ts.build("lbracket", 20, 20, normalization="fixed", compliance_max=20.0)
     m = problem.meta
     c = m["mesh"].cell_centers()
     void = m["passive_void"]
@@ -228,3 +228,38 @@ def test_the_aggregate_refuses_an_unknown_form():
     agg = ts.build("cantilever", 8, 12).meta["stress"]
     with pytest.raises(ValueError, match="form must be 'unified'"):
         ts.StressAggregate(agg.conn, agg.S, 1.0, form="ks")
+
+
+def test_the_qp_relaxation_has_exact_derivatives():
+    problem = ts.build("lbracket", 15, 15, q=2.5)
+    agg, G = problem.meta["stress"], problem.meta["stress_functional"]
+    assert agg.q == 2.5 and problem.meta["options"]["q"] == 2.5
+    p = np.clip(1.0 - 0.5 * np.abs(np.sin(np.arange(problem.p0.size))), 0.05, 1.0)
+    rho = problem.meta["filter"].forward(p)[agg.elements]
+    r = rho**2.5 * agg.von_mises(G.state(p)) / 0.8
+    assert G.value(p) == pytest.approx(np.linalg.norm(r, 10) - 1.0, rel=1e-13)
+    u = G.state(p)
+    dp = np.random.default_rng(2).standard_normal(p.size)
+    h = 1e-6
+    fd = (agg.value(u, p + h * dp) - agg.value(u, p - h * dp)) / (2 * h)
+    np.testing.assert_allclose(agg.grad_p(u, p) @ dp, fd, rtol=1e-6)
+    assert taylor_test(G, p, order=2).rate >= 1.9
+
+
+def test_the_bracket_has_no_compliance_bound_by_default():
+    # its all-solid start has a compliance of about 100: pyMOTO's cantilever bound of 20 would be infeasible
+    problem = ts.build("lbracket", 20, 20)
+    assert len(problem.constraints) == 1 and problem.meta["options"]["compliance_max"] == 0.0
+    assert len(ts.build("cantilever", 8, 12).constraints) == 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"alpha": 0.0}, r"alpha .* must be a number in \(0, 1\]"),
+    ({"alpha": -1.0, "normalization": "fixed"}, r"alpha .* must be a number in \(0, 1\]"),
+    ({"alpha": "0.5"}, r"alpha .* must be a number in \(0, 1\]"),
+    ({"q": 0.5}, r"q \(the relaxation exponent\) must be a number >= 1"),
+    ({"q": float("nan")}, r"q \(the relaxation exponent\) must be a number >= 1"),
+])
+def test_bad_relaxation_and_damping(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ts.build(**{"nelx": 8, "nely": 8, **kwargs})

@@ -12,8 +12,7 @@ import topology_compliance as tc  # noqa: E402
 
 import adjopt  # noqa: E402
 from adjopt.maps import HeavisideProjection  # noqa: E402
-from adjopt.optimize import (  # noqa: E402
-    BetaContinuation, BetaSchedule, CheckpointError, MethodSetupError, grey_level, minimize)
+from adjopt.optimize import BetaContinuation, BetaSchedule, CheckpointError, MethodSetupError, grey_level, minimize  # noqa: E402
 
 
 # -- the schedule ------------------------------------------------------------------------------------------
@@ -159,11 +158,11 @@ def _same_problem(with_continuation: bool):
 def test_resume_refuses_a_checkpoint_of_the_other_kind(tmp_path):
     ckpt = tmp_path / "run.npz"
     minimize(_same_problem(False), "mma", maxiter=2, gtol=0, checkpoint=ckpt)
-    with pytest.raises(CheckpointError, match="without a beta continuation and this problem has one"):
+    with pytest.raises(CheckpointError, match=r"without a continuation \(beta, normalization\) and this problem has one"):
         minimize(_same_problem(True), "mma", maxiter=4, gtol=0, resume=ckpt)
     ckpt2 = tmp_path / "run2.npz"
     minimize(_same_problem(True), "mma", maxiter=2, gtol=0, checkpoint=ckpt2)
-    with pytest.raises(CheckpointError, match="with a beta continuation and this problem has none"):
+    with pytest.raises(CheckpointError, match=r"with a continuation \(beta, normalization\) and this problem has none"):
         minimize(_same_problem(False), "mma", maxiter=4, gtol=0, resume=ckpt2)
 
 
@@ -314,3 +313,18 @@ def test_no_overflow_warning_at_a_large_beta():
         warnings.simplefilter("error")
         d = h.jvp(np.array([0.0, 0.5, 1.0]), np.ones(3))
     assert d[0] == 0.0 and d[2] == 0.0 and d[1] > 0
+
+
+def test_a_volume_objective_takes_a_beta_continuation():
+    # a minimum-volume problem: its objective (a ParameterFunctional) caches nothing, so it needs no forget() of
+    # its own; the run raises beta and the constraint's states are dropped
+    base = _projected()
+    volume, vmax = base.constraints[0]
+    proj = base.continuation.projections[0]
+    C = base.functional
+    problem = adjopt.Problem(volume, base.p0, bounds=base.bounds, constraints=[(C, 1.5 * C.value(base.p0))],
+                             continuation=BetaContinuation(proj, beta_max=4.0, every=2), name="minvol")
+    res = minimize(problem, "mma", maxiter=5, gtol=0, xtol=0)
+    assert [e["beta"] for e in res.history] == [1.0, 1.0, 1.0, 2.0, 2.0, 4.0]  # raised after iterations 2, 4
+    fresh = tc.build("mbb", 24, 8, projection=True, beta=4.0).functional
+    assert C.value(res.x) == pytest.approx(fresh.value(res.x), rel=1e-12)

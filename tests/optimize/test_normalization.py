@@ -92,12 +92,15 @@ def test_bad_options(kwargs, exc, match):
         AdaptiveNormalization(**args)
 
 
-def test_a_non_positive_aggregate_or_peak_is_refused():
-    norm = AdaptiveNormalization(Quadratic(), lambda p: 1.0)
-    with pytest.raises(ValueError, match="positive aggregate and peak"):
-        norm.step(False, x=np.zeros(3))  # a + offset = 0
+def test_a_negative_or_nan_aggregate_or_peak_is_refused():
+    norm = AdaptiveNormalization(Quadratic(), lambda p: 1.0, offset=-1.0)
+    with pytest.raises(ValueError, match="finite aggregate and peak >= 0"):
+        norm.step(False, x=np.ones(3))  # a + offset = -0.5
     norm = AdaptiveNormalization(Quadratic(), lambda p: float("nan"))
-    with pytest.raises(ValueError, match="positive aggregate and peak"):
+    with pytest.raises(ValueError, match="finite aggregate and peak >= 0"):
+        norm.step(False, x=np.ones(3))
+    norm = AdaptiveNormalization(Quadratic(), lambda p: -1.0)
+    with pytest.raises(ValueError, match="finite aggregate and peak >= 0"):
         norm.step(False, x=np.ones(3))
     with pytest.raises(ValueError, match=r"step\(converged, x\)"):
         norm.step(False)
@@ -143,9 +146,9 @@ def test_every_entry_records_c_and_its_update_without_extra_solves():
     # a change of c evaluates the constraint again on the kept states: the run factorizes once per design,
     # as the same run with c fixed does
     fixed = ts.build("lbracket", 20, 20, compliance_max=0.0)
-    ref_G = fixed.meta["stress_functional"]
-    fixed_problem = adjopt.Problem(fixed.functional, fixed.p0, bounds=fixed.bounds,
-                                   constraints=[(fixed.constraints[0][0], 0.0)], name="fixed")
+    ref_G = fixed.meta["stress_functional"]  # the same P-norm, c fixed at 1
+    fixed_problem = adjopt.Problem(fixed.functional, fixed.p0, bounds=fixed.bounds, constraints=[(ref_G, 0.0)],
+                                   name="fixed")
     minimize(fixed_problem, "mma", move=0.1, maxiter=8, gtol=0, xtol=0)
     assert G.stats.factorizations == ref_G.stats.factorizations == 9
     assert G.stats.total_solves == ref_G.stats.total_solves
@@ -187,11 +190,87 @@ def test_the_monitor_cannot_take_the_normalizations_name():
 
 @pytest.mark.slow
 def test_the_adaptive_bracket_holds_the_peak_relaxed_stress():
-    # 50 x 50, 150 MMA designs: the largest relaxed stress ends within 3 % of sigma_max (the fixed P-mean leaves
-    # it well above: measured 1.04 against 0.8 at 60 x 60), and the constraint holds
-    problem = ts.build("lbracket", 50, 50, compliance_max=0.0)
-    res = minimize(problem, "mma", move=0.1, maxiter=150, gtol=0, xtol=0)
+    # 70 x 70, 200 MMA designs at the module's move limit 0.05: the largest relaxed stress ends within 3 % of
+    # sigma_max (the fixed P-mean leaves it well above: measured 1.04 against 0.8 at 60 x 60), and the constraint
+    # holds; measured: 0.800, volume 0.233
+    problem = ts.build("lbracket", 70, 70)
+    res = minimize(problem, "mma", move=ts.RUN_DEFAULTS["move"], maxiter=200, gtol=0, xtol=0)
     peak = res.history[-1]["max_vm"] / 0.8
-    assert 0.9 <= peak <= 1.03, peak
+    assert 0.95 <= peak <= 1.03, peak
     assert problem.constraints[0][0].value(res.x) <= 1e-3
-    assert res.fun < 0.45
+    assert res.fun < 0.3
+    # the run counts the stress functional's solves (the objective, a volume, has none): one factorization per
+    # design and the start
+    assert res.factorizations == res.nit + 1
+
+
+# -- chains, misuse ----------------------------------------------------------------------------------------------
+def test_a_normalization_and_a_beta_continuation_in_one_run(tmp_path):
+    from adjopt.maps import HeavisideProjection, compose
+    from adjopt.optimize import BetaContinuation, ContinuationChain
+
+    base = ts.build("cantilever", 12, 16, compliance_max=0.0, normalization="adaptive")
+    G0 = base.meta["stress_functional"]
+    n = G0.map.n_out
+    proj = HeavisideProjection(n, beta=1.0)
+    pmap = compose(base.meta["filter"], proj)
+    stress = ts.StressAggregate(base.meta["stress"].conn, base.meta["stress"].S, 0.4, 10.0, parameter_map=pmap,
+                                form="pnorm")
+    G = adjopt.ReducedFunctional(G0.matrix, G0.rhs, stress, parameter_map=pmap, solver="superlu")
+    norm = AdaptiveNormalization(G, lambda p: stress.peak(G.state(p), p))
+    beta = BetaContinuation(proj, beta_max=4.0, every=3)
+    volume = adjopt.ParameterFunctional(adjopt.Volume(np.ones(n) / n, parameter_map=pmap), base.p0.size)
+    problem = adjopt.Problem(volume, base.p0, bounds=(0, 1), constraints=[(norm, 0.0)], continuation=[beta, norm],
+                             name="chain")
+    assert isinstance(problem.continuation, ContinuationChain)
+    res = minimize(problem, "mma", move=0.05, maxiter=8, gtol=0, xtol=0, checkpoint=tmp_path / "c.npz")
+    betas = [e["beta"] for e in res.history]
+    cs = [e["normalization"] for e in res.history]
+    assert betas[0] == 1.0 and betas[-1] == 4.0 and len(set(cs)) > 2
+    # the constraint at the end is the normalized stress at the final beta and c (fresh states)
+    G.forget()
+    assert norm.value(res.x) == pytest.approx(norm.c * (G.value(res.x) + 1) - 1, rel=1e-12)
+    # the chain's state round-trips through a checkpoint
+    st, c_end = problem.continuation.state(), norm.c
+    assert c_end == res.history[-1].get("normalization_next", cs[-1])
+    problem.continuation.reset()
+    assert proj.beta == 1.0 and norm.c == 1.0
+    problem.continuation.restore(st)
+    assert proj.beta == 4.0 and norm.c == c_end
+    with pytest.raises(ValueError, match="two continuations record 'beta'"):
+        ContinuationChain([beta, BetaContinuation(HeavisideProjection(3))])
+    with pytest.raises(ValueError, match="listed twice"):
+        ContinuationChain([beta, beta])
+    with pytest.raises(ValueError, match="2 members, this problem's 1"):
+        ContinuationChain([norm]).restore(st)
+
+
+def test_a_normalization_must_be_constraint_and_continuation():
+    problem = _bracket()
+    norm = problem.constraints[0][0]
+    with pytest.raises(ValueError, match="not the problem's continuation: its factor would never move"):
+        adjopt.Problem(problem.functional, problem.p0, bounds=(0, 1), constraints=[(norm, 0.0)])
+    G = problem.meta["stress_functional"]
+    with pytest.raises(ValueError, match="none of the constraints: its factor would scale nothing"):
+        adjopt.Problem(problem.functional, problem.p0, bounds=(0, 1), constraints=[(G, 0.0)], continuation=norm)
+
+
+@pytest.mark.parametrize("name", ["f", "nit", "time", "phases", "f_next", "beta", "c_next", "max_violation"])
+def test_names_the_history_uses_are_refused(name):
+    with pytest.raises(ValueError, match="is a history name"):
+        AdaptiveNormalization(Quadratic(), lambda p: 1.0, name=name)
+
+
+@pytest.mark.parametrize("bad", ["2.5", None, 1j, np.ones(2), True])
+def test_a_peak_that_is_not_a_number_is_named(bad):
+    norm = AdaptiveNormalization(Quadratic(), lambda p: bad)
+    with pytest.raises(TypeError, match="the peak callable must return a real number"):
+        norm.step(False, x=np.ones(3))
+
+
+def test_nothing_aggregated_keeps_c():
+    norm = AdaptiveNormalization(Quadratic(), lambda p: 0.0, start=1.5)
+    assert not norm.step(False, x=np.zeros(3)) and norm.c == 1.5  # a + offset = 0 and peak 0
+    with pytest.raises(ValueError, match="one is zero and the other is not"):
+        AdaptiveNormalization(Quadratic(), lambda p: 1.0).step(False, x=np.zeros(3))
+    assert AdaptiveNormalization(Quadratic(), lambda p: np.float64(3.0)).step(False, x=np.ones(3))

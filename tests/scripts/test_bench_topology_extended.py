@@ -107,3 +107,13 @@ def test_bench_topology_extended_bad_arguments(tmp_path, args, message):
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bench_topology_extended_mbb3d_tiny(tmp_path):
+    out = tmp_path / "mbb3d.json"
+    res = run(tmp_path, "--cases", "mbb3d", "--iters", "2", "--size", "mbb3d=8x4x4", "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    assert data["complete"] and list(data["cases"]) == ["mbb3d"] and data["config"]["sizes"] == {"mbb3d": "8x4x4"}
+    r = data["cases"]["mbb3d"]
+    assert r["status"] == "ok" and r["nit"] == 2 and r["free_dofs"] > 0

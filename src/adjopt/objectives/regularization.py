@@ -261,6 +261,9 @@ class ParameterFunctional:
     Use it for constraints (``Volume``) and to Taylor-test a regularization on its own.
     """
 
+    def forget(self) -> None:
+        """Nothing to drop: a parameter functional caches no states (a continuation may call it)."""
+
     def __init__(self, term: ParameterObjective, n_params: int | None = None):
         self.term = term
         n = term.n if n_params is None else n_params

@@ -32,6 +32,7 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -434,20 +435,83 @@ def _json_safe(v):
     return v
 
 
+class _Totals:
+    """The solver counts of several functionals added up (what a run reports as factorizations and solves)."""
+
+    def __init__(self, stats):
+        unique = {id(s): s for s in stats}  # functionals that share a solver share its counts: once each
+        self._stats = list(unique.values())
+
+    def _sum(self, name: str) -> int:
+        return sum(int(getattr(s, name, 0)) for s in self._stats)
+
+    @property
+    def factorizations(self) -> int:
+        return self._sum("factorizations")
+
+    @property
+    def total_solves(self) -> int:
+        return self._sum("total_solves")
+
+    @property
+    def newton_iterations(self) -> int:
+        return self._sum("newton_iterations")
+
+    @property
+    def newton_solves(self) -> int:
+        return self._sum("newton_solves")
+
+
+class _SumTimes(Mapping):
+    """The phase seconds of several functionals added up, live (what a run's history splits by phase)."""
+
+    def __init__(self, counters):
+        unique = {id(c): c for c in counters}
+        self._counters = list(unique.values())
+
+    def _total(self) -> dict:
+        out: dict = {}
+        for c in self._counters:
+            for k, v in c.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def __getitem__(self, key):
+        return self._total()[key]
+
+    def __iter__(self):
+        return iter(self._total())
+
+    def __len__(self):
+        return len(self._total())
+
+
+def _counted(problem) -> tuple:
+    """(stats, times) a run reports: the solver counts and phase seconds of the objective and of the
+    constraints (an :class:`~adjopt.optimize.AdaptiveNormalization`'s wrapped functional), each solver and each
+    functional once; None where none has them (a volume objective alone)."""
+    fns = [problem.functional] + [getattr(c, "functional", c) for c, _ in (problem.constraints or [])]
+    stats = [f.stats for f in fns if getattr(f, "stats", None) is not None]
+    times = [f.times for f in fns if getattr(f, "times", None) is not None]
+    return (None if not stats else stats[0] if len(stats) == 1 else _Totals(stats),
+            None if not times else times[0] if len(times) == 1 else _SumTimes(times))
+
+
 # -- the loop ----------------------------------------------------------------------------
 def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback=None, checkpoint=None,
         resume=None) -> OptimizeResult:
     """Run ``driver`` from ``x0`` (or from the checkpoint ``resume``) until a stopping test holds."""
-    stats = driver.problem.functional.stats if hasattr(driver.problem.functional, "stats") else None
+    stats, times = _counted(driver.problem)
     cont = getattr(driver.problem, "continuation", None)
-    if cont is not None and getattr(cont, "drops_states", True) and \
+    if cont is not None and getattr(cont, "may_drop_states", getattr(cont, "drops_states", True)) and \
             not callable(getattr(driver.problem.functional, "forget", None)):
-        raise MethodSetupError(f"the problem has a beta continuation, but its functional "
-                               f"({type(driver.problem.functional).__name__}) cannot drop its cached states when beta "
-                               "changes (it has no forget()); run it without the continuation")
+        raise MethodSetupError(f"the problem has a continuation that changes the parameter map, but its functional "
+                               f"({type(driver.problem.functional).__name__}) cannot drop its cached states when it "
+                               "does (it has no forget()); give it a forget() or run it without the continuation")
     if cont is not None and getattr(driver, "external_loop", False):
         raise MethodSetupError(f"method {driver.name!r} runs scipy's own loop, which cannot restart when the "
-                               "continuation raises beta; use 'mma', 'oc', 'lbfgs' or 'newton-cg'")
+                               "continuation changes the problem (beta, a normalization); use 'mma', 'oc', 'lbfgs' "
+                               "or 'newton-cg'")
     base_fact = stats.factorizations if stats else 0
     base_solves = stats.total_solves if stats else 0
     t_start = time.perf_counter()
@@ -466,7 +530,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         if (cont is None) != ("continuation" not in meta):
             raise CheckpointError(
                 f"the checkpoint {os.fspath(resume)!r} was written by a run "
-                f"{'with' if cont is None else 'without'} a beta continuation and this problem has "
+                f"{'with' if cont is None else 'without'} a continuation (beta, normalization) and this problem has "
                 f"{'none' if cont is None else 'one'}: build the problem with the same options as that run")
         if cont is not None:
             cont.restore(meta["continuation"])
@@ -498,7 +562,6 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
 
     gtarget = max(options.gatol, options.gtol * g0)
     nit_box = [nit]
-    times = getattr(driver.problem.functional, "times", None)  # phase seconds of a ReducedFunctional
     clock = [time.perf_counter(), dict(times) if times is not None else {}]
     newton = [getattr(stats, "newton_iterations", 0)]
 

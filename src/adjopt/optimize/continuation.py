@@ -30,7 +30,12 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdaptiveNormalization", "BetaContinuation", "BetaSchedule", "grey_level"]
+__all__ = ["AdaptiveNormalization", "BetaContinuation", "BetaSchedule", "ContinuationChain", "grey_level"]
+
+#: history names a continuation may not record under (the loop's own)
+_TAKEN = frozenset({"nit", "f", "stationarity", "step", "nfev", "njev", "nhessp", "time", "phases", "f_next",
+                    "newton_iterations", "factorizations", "solves", "cg_iterations", "max_violation", "kkt",
+                    "change", "multipliers", "subsolver_iterations", "volume", "lam"})
 
 
 def grey_level(rho, low: float = 0.05, high: float = 0.95) -> float:
@@ -313,6 +318,9 @@ class AdaptiveNormalization:
         self.rtol = _number(rtol, "rtol", 0.0, strict=False)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if name in _TAKEN or name == "beta" or name.endswith("_next"):
+            raise ValueError(f"name {name!r} is a history name the optimization loop (or a beta continuation) uses "
+                             "itself; choose another (default 'normalization')")
         self.name = name
         self.c = self.c0
 
@@ -336,14 +344,24 @@ class AdaptiveNormalization:
             drop()
 
     # -- the continuation ----------------------------------------------------------
-    def ratio(self, p) -> float:
-        """peak(p) / (a(p) + offset): what c would be with alpha = 1."""
+    def ratio(self, p) -> float | None:
+        """peak(p) / (a(p) + offset): what c would be with alpha = 1; None when both are zero (nothing to
+        aggregate: a design without stresses keeps its c)."""
         agg = float(self.functional.value(p)) + self.offset
-        top = float(self.peak(np.array(p, dtype=np.float64, copy=True)))
-        if not (math.isfinite(agg) and math.isfinite(top) and agg > 0 and top > 0):
-            raise ValueError(f"the adaptive normalization needs a positive aggregate and peak, got a + offset = "
+        raw = self.peak(np.array(p, dtype=np.float64, copy=True))
+        if isinstance(raw, (bool, np.bool_, str, bytes)) or not (isinstance(raw, numbers.Real) or (
+                isinstance(raw, np.ndarray) and raw.shape == () and np.issubdtype(raw.dtype, np.floating))):
+            raise TypeError(f"the peak callable must return a real number (the largest local value), got {raw!r}")
+        top = float(raw)
+        if not (math.isfinite(agg) and math.isfinite(top) and agg >= 0 and top >= 0):
+            raise ValueError(f"the adaptive normalization needs a finite aggregate and peak >= 0, got a + offset = "
                              f"{agg!r} and peak = {top!r}; check the offset (a + offset must be the aggregate of "
                              "the local values)")
+        if agg == 0 or top == 0:
+            if agg == top:
+                return None
+            raise ValueError(f"the adaptive normalization got a + offset = {agg!r} and peak = {top!r}: one is zero "
+                             "and the other is not; the peak must be the largest of the values a + offset aggregates")
         return top / agg
 
     def record(self) -> dict:
@@ -353,7 +371,11 @@ class AdaptiveNormalization:
         """Update c at the design ``x`` that the iteration ended at; True when it changed."""
         if x is None:
             raise ValueError("the adaptive normalization updates at the current design: step(converged, x)")
-        new = self.alpha * self.ratio(x) + (1.0 - self.alpha) * self.c
+        ratio = self.ratio(x)
+        if ratio is None:
+            logger.debug("adaptive normalization: nothing aggregated at this design; %s stays %g", self.name, self.c)
+            return False
+        new = self.alpha * ratio + (1.0 - self.alpha) * self.c
         if abs(new - self.c) <= self.rtol * abs(self.c):
             return False
         logger.debug("adaptive normalization: %s %g -> %g", self.name, self.c, new)
@@ -378,3 +400,93 @@ class AdaptiveNormalization:
 
     def __repr__(self):
         return f"AdaptiveNormalization(c={self.c:g}, alpha={self.alpha:g}, offset={self.offset:g})"
+
+
+class ContinuationChain:
+    """Several continuations in one run (a beta continuation and an adaptive normalization): each steps after
+    every iteration, the entries record all their names, a checkpoint keeps all their states.
+
+    ``Problem(continuation=[a, b])`` makes one. The run may stop only when
+    every member may (``at_max``); a change of any member evaluates the
+    method again, and drops the cached states when a member that changed
+    needs it (``drops_states``).
+    """
+
+    def __init__(self, members):
+        members = list(members)
+        if len(members) < 1:
+            raise ValueError("a ContinuationChain needs at least one continuation")
+        for m in members:
+            if not all(callable(getattr(m, a, None)) for a in ("step", "state", "restore", "reset")):
+                raise TypeError(f"each continuation needs step, state, restore and reset, got {type(m).__name__}")
+            if isinstance(m, ContinuationChain):
+                raise TypeError("a ContinuationChain cannot hold another; list all members in one")
+        if len({id(m) for m in members}) != len(members):
+            raise ValueError("a continuation is listed twice")
+        names: dict = {}
+        for m in members:
+            for k in _record(m):
+                if k in names:
+                    raise ValueError(f"two continuations record {k!r} ({type(names[k]).__name__} and "
+                                     f"{type(m).__name__}); give one another name")
+                names[k] = m
+        self.members = members
+        self._changed: list = []
+
+    @property
+    def at_max(self) -> bool:
+        return all(getattr(m, "at_max", True) for m in self.members)
+
+    @property
+    def may_drop_states(self) -> bool:
+        """Whether a step of some member may need the cached states dropped (the run checks forget())."""
+        return any(getattr(m, "drops_states", True) for m in self.members)
+
+    @property
+    def drops_states(self) -> bool:
+        """Whether the last step's changes need the cached states dropped."""
+        return any(getattr(m, "drops_states", True) for m in self._changed)
+
+    @property
+    def beta(self) -> float:
+        for m in self.members:
+            if hasattr(m, "beta"):
+                return m.beta
+        raise AttributeError("no member of this chain has a beta")
+
+    def record(self) -> dict:
+        out = {}
+        for m in self.members:
+            out.update(_record(m))
+        return out
+
+    def step(self, converged: bool, x=None) -> bool:
+        self._changed = [m for m in self.members if m.step(converged, x=x)]
+        return bool(self._changed)
+
+    def state(self) -> dict:
+        return {"chain": [m.state() for m in self.members]}
+
+    def restore(self, state: dict) -> None:
+        try:
+            states = list(state["chain"])
+        except (KeyError, TypeError):
+            raise ValueError(f"a continuation chain's state needs a 'chain' list, got {state!r}") from None
+        if len(states) != len(self.members):
+            raise ValueError(f"the checkpoint's continuation chain has {len(states)} members, this problem's "
+                             f"{len(self.members)}")
+        for m, st in zip(self.members, states):
+            m.restore(st)
+
+    def reset(self) -> None:
+        self._changed = []
+        for m in self.members:
+            m.reset()
+
+    def __repr__(self):
+        return f"ContinuationChain({', '.join(map(repr, self.members))})"
+
+
+def _record(cont) -> dict:
+    record = getattr(cont, "record", None)
+    return dict(record()) if callable(record) else {"beta": float(cont.beta)}

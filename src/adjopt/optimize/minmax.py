@@ -16,13 +16,11 @@ constraints of the order of one, as MMA's constants assume.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 from ..errors import ShapeError
 from ..problem import Problem
-from .base import forget
+from .base import _SumTimes, _Totals, forget
 
 __all__ = ["minmax_problem", "MinMaxObjective", "BoundConstraint", "DesignConstraint"]
 
@@ -72,57 +70,6 @@ class MinMaxObjective:
 
     def forget(self) -> None:
         """Nothing to drop: z holds no state (the bound constraints drop theirs)."""
-
-
-class _Totals:
-    """The solver counts of several functionals added up (what a run reports as factorizations and solves)."""
-
-    def __init__(self, stats):
-        unique = {id(s): s for s in stats}  # functionals that share a solver share its counts: once each
-        self._stats = list(unique.values())
-
-    def _sum(self, name: str) -> int:
-        return sum(int(getattr(s, name, 0)) for s in self._stats)
-
-    @property
-    def factorizations(self) -> int:
-        return self._sum("factorizations")
-
-    @property
-    def total_solves(self) -> int:
-        return self._sum("total_solves")
-
-    @property
-    def newton_iterations(self) -> int:
-        return self._sum("newton_iterations")
-
-    @property
-    def newton_solves(self) -> int:
-        return self._sum("newton_solves")
-
-
-class _SumTimes(Mapping):
-    """The phase seconds of several functionals added up, live (what a run's history splits by phase)."""
-
-    def __init__(self, counters):
-        unique = {id(c): c for c in counters}
-        self._counters = list(unique.values())
-
-    def _total(self) -> dict:
-        out: dict = {}
-        for c in self._counters:
-            for k, v in c.items():
-                out[k] = out.get(k, 0.0) + v
-        return out
-
-    def __getitem__(self, key):
-        return self._total()[key]
-
-    def __iter__(self):
-        return iter(self._total())
-
-    def __len__(self):
-        return len(self._total())
 
 
 class BoundConstraint:
