@@ -317,3 +317,40 @@ def test_history_records_time_and_phases_per_iteration():
     J = pb.functional
     assert sum(h["phases"]["factorize"] for h in r.history[1:]) < J.times["factorize"]
     assert J.stats.factorizations == 5 and J.stats.solves["adjoint"] == 0  # compliance: self-adjoint
+
+
+# -- the compiled subproblem solver against its numpy reference -------------------------------------------------------
+def _subproblem(rng, n, m, infeasible=False):
+    """An MMA subproblem as mma_subproblem builds it, from random gradients at a random x."""
+    x = rng.uniform(0.1, 0.9, n)
+    low, upp = x - 0.3, x + 0.3
+    alfa = np.maximum(np.maximum(low + 0.1 * (x - low), x - 0.1), 0)
+    beta = np.minimum(np.minimum(upp - 0.1 * (upp - x), x + 0.1), 1)
+    g0 = rng.standard_normal(n)
+    p0 = (np.maximum(g0, 0) + 1e-3) * (upp - x) ** 2
+    q0 = (np.maximum(-g0, 0) + 1e-3) * (x - low) ** 2
+    G = rng.standard_normal((m, n)) / n
+    P = (np.maximum(G, 0) + 1e-5) * (upp - x) ** 2
+    Q = (np.maximum(-G, 0) + 1e-5) * (x - low) ** 2
+    fval = rng.standard_normal(m) * 0.1 + (5.0 if infeasible else 0.0)  # far outside: the y variables
+    b = P @ (1 / (upp - x)) + Q @ (1 / (x - low)) - fval
+    return low, upp, alfa, beta, p0, q0, P, Q, 1.0, np.zeros(m), b, np.full(m, 1000.0), np.ones(m)
+
+
+@pytest.mark.parametrize("n,m,infeasible", [(5, 1, False), (40, 3, False), (3000, 4, False), (500, 2, True),
+                                            (200, 1, True)])
+def test_the_compiled_subsolver_is_the_numpy_one(n, m, infeasible):
+    from adjopt.optimize.design import subsolv
+
+    args = _subproblem(np.random.default_rng(n + m), n, m, infeasible)
+    ref = subsolv(*args, compiled=False)
+    got = subsolv(*args)
+    assert got[-1] == ref[-1]  # the same Newton steps
+    for r, g, name in zip(ref[:-1], got[:-1], ("x", "y", "z", "lam", "xsi", "eta", "mu", "zet", "s")):
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12 * max(1.0, float(np.max(np.abs(r)))), err_msg=name)
+    if infeasible:
+        assert np.max(got[1]) > 0  # the artificial variables carry the violation
+    # the inputs are not changed
+    again = _subproblem(np.random.default_rng(n + m), n, m, infeasible)
+    for u, v in zip(args, again):
+        np.testing.assert_array_equal(u, v)

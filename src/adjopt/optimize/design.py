@@ -225,7 +225,7 @@ class OC(Driver):
 # =====================================================================================================
 # Method of moving asymptotes
 # =====================================================================================================
-def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, max_newton=200):
+def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, max_newton=200, compiled=True):
     """Svanberg's primal-dual interior-point solver of the MMA subproblem.
 
     minimize   sum_j (p0_j / (upp_j - x_j) + q0_j / (x_j - low_j)) + a0 z + sum_i (c_i y_i + d_i y_i^2 / 2)
@@ -233,10 +233,22 @@ def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, ma
                alfa <= x <= beta, y >= 0, z >= 0.
 
     Vectors are 1-D (n,) or (m,), P and Q are (m, n), a0 and z scalars. Returns
-    ``(x, y, z, lam, xsi, eta, mu, zet, s, newton_iterations)``.
+    ``(x, y, z, lam, xsi, eta, mu, zet, s, newton_iterations)``. With
+    ``compiled`` (the default) and 0 < m < n the compiled form runs
+    (:func:`adjopt.optimize._mma_kernels.subsolv_few`, the same iteration in
+    a few fused passes); this numpy form is its reference.
     """
     n = p0.size
     m = b.size
+    if compiled and 0 < m < n:
+        from ._mma_kernels import subsolv_few
+
+        f64 = np.float64
+        out = subsolv_few(*(np.ascontiguousarray(v, dtype=f64) for v in (low, upp, alfa, beta, p0, q0, P, Q)),
+                          float(a0), *(np.ascontiguousarray(v, dtype=f64) for v in (a, b, c, d)), float(epsimin),
+                          int(max_newton))
+        x, y, z, lam, xsi, eta, mu, zet, s, total = out
+        return x, y, float(z), lam, xsi, eta, mu, float(zet), s, int(total)
     epsi = 1.0
     x = 0.5 * (alfa + beta)
     y = np.ones(m)

@@ -1,0 +1,210 @@
+"""Svanberg's interior-point solver of the MMA subproblem for few constraints (m < n), compiled.
+
+The same iteration as :func:`adjopt.optimize.design.subsolv` (its numpy form
+is the reference), with every vector expression over the n variables fused
+into a few passes: the residual in one pass, a Newton step's linear system
+(the (m + 1) x (m + 1) reduced system) in one pass, the step and its length
+in another, each line-search trial and its residual in one more. The numpy
+form makes some 60 passes over n-vectors per Newton step; at 120k variables
+and 4 constraints it took about 0.6 s per design iteration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True)
+def _residual(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, x, y, z, lam, xsi, eta, mu, zet, s, epsi,
+              gvec):
+    """(||r||_2, max |r|) of the subproblem's KKT residual at the given point (``gvec`` is scratch, (m,))."""
+    n = x.shape[0]
+    m = y.shape[0]
+    ss = 0.0
+    mx = 0.0
+    for i in range(m):
+        gvec[i] = 0.0
+    for j in range(n):
+        iu = 1.0 / (upp[j] - x[j])
+        il = 1.0 / (x[j] - low[j])
+        plam = p0[j]
+        qlam = q0[j]
+        for i in range(m):
+            plam += lam[i] * P[i, j]
+            qlam += lam[i] * Q[i, j]
+            gvec[i] += P[i, j] * iu + Q[i, j] * il
+        r1 = plam * (iu * iu) - qlam * (il * il) - xsi[j] + eta[j]
+        r5 = xsi[j] * (x[j] - alfa[j]) - epsi
+        r6 = eta[j] * (beta[j] - x[j]) - epsi
+        ss += r1 * r1 + r5 * r5 + r6 * r6
+        mx = max(mx, abs(r1), abs(r5), abs(r6))
+    alam = 0.0
+    for i in range(m):
+        alam += a[i] * lam[i]
+        r2 = c[i] + d[i] * y[i] - mu[i] - lam[i]
+        r4 = gvec[i] - a[i] * z - y[i] + s[i] - b[i]
+        r7 = mu[i] * y[i] - epsi
+        r9 = lam[i] * s[i] - epsi
+        ss += r2 * r2 + r4 * r4 + r7 * r7 + r9 * r9
+        mx = max(mx, abs(r2), abs(r4), abs(r7), abs(r9))
+    r3 = a0 - zet - alam
+    r8 = zet * z - epsi
+    ss += r3 * r3 + r8 * r8
+    mx = max(mx, abs(r3), abs(r8))
+    return math.sqrt(ss), mx
+
+
+@numba.njit(cache=True)
+def subsolv_few(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin, max_newton):
+    """The MMA subproblem's solution for m < n constraints: ``(x, y, z, lam, xsi, eta, mu, zet, s, newton)``."""
+    n = p0.shape[0]
+    m = b.shape[0]
+    epsi = 1.0
+    x = 0.5 * (alfa + beta)
+    y = np.ones(m)
+    z = 1.0
+    lam = np.ones(m)
+    xsi = np.empty(n)
+    eta = np.empty(n)
+    for j in range(n):
+        xsi[j] = max(1.0 / (x[j] - alfa[j]), 1.0)
+        eta[j] = max(1.0 / (beta[j] - x[j]), 1.0)
+    mu = np.empty(m)
+    for i in range(m):
+        mu[i] = max(1.0, 0.5 * c[i])
+    zet = 1.0
+    s = np.ones(m)
+    total = 0
+    # scratch
+    gvec = np.empty(m)
+    GG = np.empty((m, n))
+    delx = np.empty(n)
+    diagx = np.empty(n)
+    dx = np.empty(n)
+    dxsi = np.empty(n)
+    deta = np.empty(n)
+    x0 = np.empty(n)
+    xsi0 = np.empty(n)
+    eta0 = np.empty(n)
+    AA = np.empty((m + 1, m + 1))
+    rhs = np.empty(m + 1)
+    gdx = np.empty(m)
+    while epsi > epsimin:
+        resnorm, resmax = _residual(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, x, y, z, lam, xsi, eta,
+                                    mu, zet, s, epsi, gvec)
+        it = 0
+        while resmax > 0.9 * epsi and it < max_newton:
+            it += 1
+            total += 1
+            # one pass: GG, delx, diagx, gvec, GG (delx / diagx) and (GG / diagx) GG^T
+            for i in range(m):
+                gvec[i] = 0.0
+                gdx[i] = 0.0
+                for k in range(m + 1):
+                    AA[i, k] = 0.0
+            for j in range(n):
+                iu = 1.0 / (upp[j] - x[j])
+                il = 1.0 / (x[j] - low[j])
+                iu2 = iu * iu
+                il2 = il * il
+                plam = p0[j]
+                qlam = q0[j]
+                for i in range(m):
+                    plam += lam[i] * P[i, j]
+                    qlam += lam[i] * Q[i, j]
+                    gvec[i] += P[i, j] * iu + Q[i, j] * il
+                    GG[i, j] = P[i, j] * iu2 - Q[i, j] * il2
+                ia = 1.0 / (x[j] - alfa[j])
+                ib = 1.0 / (beta[j] - x[j])
+                dj = plam * iu2 - qlam * il2 - epsi * ia + epsi * ib
+                gj = 2.0 * (plam * (iu2 * iu) + qlam * (il2 * il)) + xsi[j] * ia + eta[j] * ib
+                delx[j] = dj
+                diagx[j] = gj
+                ig = 1.0 / gj
+                t = dj * ig
+                for i in range(m):
+                    gi = GG[i, j]
+                    gdx[i] += gi * t
+                    gig = gi * ig
+                    for k in range(i + 1):
+                        AA[i, k] += gig * GG[k, j]
+            alam = 0.0
+            for i in range(m):
+                alam += a[i] * lam[i]
+            delz = a0 - alam - epsi / z
+            for i in range(m):
+                dely = c[i] + d[i] * y[i] - lam[i] - epsi / y[i]
+                diagy = d[i] + mu[i] / y[i]
+                dellam = gvec[i] - a[i] * z - y[i] - b[i] + epsi / lam[i]
+                rhs[i] = dellam + dely / diagy - gdx[i]
+                AA[i, i] += s[i] / lam[i] + 1.0 / diagy
+                for k in range(i):
+                    AA[k, i] = AA[i, k]
+                AA[i, m] = a[i]
+                AA[m, i] = a[i]
+            AA[m, m] = -zet / z
+            rhs[m] = delz
+            sol = np.linalg.solve(AA, rhs)
+            dz = sol[m]
+            # the step in x and in the bounds' multipliers, and its largest length
+            stm = 1.0
+            for j in range(n):
+                gl = 0.0
+                for i in range(m):
+                    gl += sol[i] * GG[i, j]
+                dxj = -(delx[j] + gl) / diagx[j]
+                ia = 1.0 / (x[j] - alfa[j])
+                ib = 1.0 / (beta[j] - x[j])
+                dx[j] = dxj
+                dxsi[j] = -xsi[j] + epsi * ia - xsi[j] * dxj * ia
+                deta[j] = -eta[j] + epsi * ib + eta[j] * dxj * ib
+                stm = max(stm, -1.01 * dxj * ia, 1.01 * dxj * ib, -1.01 * dxsi[j] / xsi[j], -1.01 * deta[j] / eta[j])
+            dy = np.empty(m)
+            dmu = np.empty(m)
+            ds = np.empty(m)
+            dlam = sol[:m].copy()
+            for i in range(m):
+                diagy = d[i] + mu[i] / y[i]
+                dely = c[i] + d[i] * y[i] - lam[i] - epsi / y[i]
+                dy[i] = -dely / diagy + dlam[i] / diagy
+                dmu[i] = -mu[i] + epsi / y[i] - (mu[i] * dy[i]) / y[i]
+                ds[i] = -s[i] + epsi / lam[i] - (s[i] * dlam[i]) / lam[i]
+                stm = max(stm, -1.01 * dy[i] / y[i], -1.01 * dlam[i] / lam[i], -1.01 * dmu[i] / mu[i],
+                          -1.01 * ds[i] / s[i])
+            dzet = -zet + epsi / z - zet * dz / z
+            stm = max(stm, -1.01 * dz / z, -1.01 * dzet / zet)
+            steg = 1.0 / stm
+            # backtracking on the residual norm
+            x0[:] = x
+            xsi0[:] = xsi
+            eta0[:] = eta
+            y0 = y.copy()
+            lam0 = lam.copy()
+            mu0 = mu.copy()
+            s0 = s.copy()
+            z0 = z
+            zet0 = zet
+            itto = 0
+            resinew = 2.0 * resnorm
+            while resinew > resnorm and itto < 50:
+                itto += 1
+                for j in range(n):
+                    x[j] = x0[j] + steg * dx[j]
+                    xsi[j] = xsi0[j] + steg * dxsi[j]
+                    eta[j] = eta0[j] + steg * deta[j]
+                for i in range(m):
+                    y[i] = y0[i] + steg * dy[i]
+                    lam[i] = lam0[i] + steg * dlam[i]
+                    mu[i] = mu0[i] + steg * dmu[i]
+                    s[i] = s0[i] + steg * ds[i]
+                z = z0 + steg * dz
+                zet = zet0 + steg * dzet
+                resinew, resmax = _residual(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, x, y, z, lam, xsi,
+                                            eta, mu, zet, s, epsi, gvec)
+                steg /= 2.0
+            resnorm = resinew
+        epsi *= 0.1
+    return x, y, z, lam, xsi, eta, mu, zet, s, total
