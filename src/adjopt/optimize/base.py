@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from .._threads import dot
+from .continuation import LOOP_NAMES
+from .continuation import _record as _continuation_record
 from ..errors import AdjoptError, NonFiniteError
 
 logger = logging.getLogger(__name__)
@@ -393,17 +395,8 @@ def monitored(problem, x) -> dict:
     return out
 
 
-def _continuation_record(cont) -> dict:
-    """What a continuation records in every history entry: its ``record()``, or its ``beta``."""
-    record = getattr(cont, "record", None)
-    if not callable(record):
-        return {"beta": float(cont.beta)}
-    return {str(k): float(v) for k, v in record().items()}
-
-
 #: history names a monitor may not use
-_RESERVED = frozenset({"nit", "f", "stationarity", "step", "nfev", "njev", "nhessp", "time", "phases", "beta",
-                       "beta_next", "f_next", "newton_iterations"})
+_RESERVED = LOOP_NAMES | {"beta", "beta_next"}
 
 
 def _plain(v):

@@ -32,10 +32,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AdaptiveNormalization", "BetaContinuation", "BetaSchedule", "ContinuationChain", "grey_level"]
 
-#: history names a continuation may not record under (the loop's own)
-_TAKEN = frozenset({"nit", "f", "stationarity", "step", "nfev", "njev", "nhessp", "time", "phases", "f_next",
-                    "newton_iterations", "factorizations", "solves", "cg_iterations", "max_violation", "kkt",
-                    "change", "multipliers", "subsolver_iterations", "volume", "lam"})
+#: the names of a history entry that the optimization loop writes itself
+LOOP_NAMES = frozenset({"nit", "f", "stationarity", "step", "nfev", "njev", "nhessp", "time", "phases", "f_next",
+                        "newton_iterations"})
+#: history names a continuation may not record under: the loop's and the drivers' own records
+_TAKEN = LOOP_NAMES | {"factorizations", "solves", "cg_iterations", "max_violation", "kkt", "change", "multipliers",
+                       "subsolver_iterations", "volume", "lam"}
 
 
 def grey_level(rho, low: float = 0.05, high: float = 0.95) -> float:
@@ -488,5 +490,8 @@ class ContinuationChain:
 
 
 def _record(cont) -> dict:
+    """What a continuation records in every history entry: its ``record()``, or its ``beta``."""
     record = getattr(cont, "record", None)
-    return dict(record()) if callable(record) else {"beta": float(cont.beta)}
+    if not callable(record):
+        return {"beta": float(cont.beta)}
+    return {str(k): float(v) for k, v in record().items()}
