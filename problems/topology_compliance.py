@@ -76,7 +76,7 @@ import numpy as np
 
 import adjopt
 from adjopt import fem
-from adjopt.maps import DensityFilter, FixedEntries, HeavisideProjection, TiedEntries, compose, element_indices
+from adjopt.maps import Compose, DensityFilter, FixedEntries, HeavisideProjection, TiedEntries, compose, element_indices
 from adjopt.optimize import BetaContinuation, grey_level
 from adjopt.mesh import box, rectangle
 from adjopt.verify import derivative_report
@@ -341,6 +341,46 @@ def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bo
 
     return {"map": pmap, "filter": fmap, "projection": proj, "design": design, "weights": weights,
             "field": field, "physical": physical, "monitor": monitor}
+
+
+def passive_design(mesh, grid, passive_void, passive_solid, symmetry, volfrac=None, own_void=None,
+                   own_name: str = "the case") -> dict:
+    """The passive sets and symmetry of a density design on a structured grid, checked, and the map p -> the
+    design variables on every element (passive values in, mirror images tied) that goes before the filter.
+
+    ``passive_void`` and ``passive_solid`` are as :func:`_elements` takes them (indices, a
+    boolean mask, one index, a string "0:3,7"); ``own_void`` are elements the case itself makes void (united
+    with ``passive_void``, named ``own_name`` in errors). A ValueError for an element both void and solid,
+    every element passive, passive solids filling more than ``volfrac`` (when given), a bad ``symmetry`` or
+    passive sets that are not their own mirror images. Returns a dict with ``void``, ``solid`` (sorted
+    indices), ``symmetry`` ('' for none), ``maps`` (the maps p -> design variables on every element, in order:
+    [:class:`~adjopt.maps.FixedEntries`] [:class:`~adjopt.maps.TiedEntries`]; empty when p is the design), and
+    from :func:`design_chain` without filter and projection: ``design`` (the elements p
+    holds), ``weights`` (each parameter's orbit size) and ``field``.
+    """
+    n = mesh.n_cells
+    own = _elements(own_void, n, f"{own_name}'s voids")
+    void = np.union1d(own, _elements(passive_void, n, "passive_void")).astype(np.int64)
+    solid = _elements(passive_solid, n, "passive_solid")
+    both = np.intersect1d(void, solid)
+    if both.size:
+        where = f"{own_name} makes it void" if np.isin(both[0], own) else "passive_void has it"
+        raise ValueError(f"element {int(both[0])} is both passive void and passive solid ({both.size} such; "
+                         f"{where}); give each passive element once")
+    if void.size + solid.size >= n:
+        raise ValueError("every element is passive: nothing is left to design")
+    if volfrac is not None:
+        cell_volumes = mesh.cell_volumes()
+        solid_fraction = float(cell_volumes[solid].sum() / cell_volumes.sum())
+        if solid_fraction > volfrac:
+            raise ValueError(f"the passive solid elements alone fill {solid_fraction:.4g} of the domain, more than "
+                             f"volfrac = {volfrac:g}: no design meets the volume bound; raise volfrac or fix fewer")
+    sym = check_symmetry(symmetry, mesh.dim)
+    chain = design_chain(mesh, 1.0, False, False, 1.0, 0.5, void, solid, pin=False, grid=grid, symmetry=sym)
+    head = chain["map"]
+    maps = [] if head is None else list(head.maps) if isinstance(head, Compose) else [head]
+    return {"void": void, "solid": solid, "symmetry": sym, "maps": maps, "design": chain["design"],
+            "weights": chain["weights"], "field": chain["field"]}
 
 
 def _mbb3d(nelx: int, nely: int, nelz: int):

@@ -25,6 +25,18 @@ and the same interpolations (``plane`` plays no part). A plate thin in z has
 out-of-plane bending modes: its lowest eigenvalues are far below those of
 the 2D (in-plane) problem.
 
+Passive elements and symmetry, as in ``topology_compliance``: ``passive_void``
+and ``passive_solid`` (element indices, a mask, or a string such as ``"0:3,7"``
+on the command line) are not design variables and their physical density is
+exactly 0 or 1 after the filter; ``symmetry`` ("x", "y", "xy"; "z" in 3D) ties
+each element's design value to its mirror images (p holds one per orbit).
+rho = block(pin(H T(fix(p)))): the user's sets and the mirror images come
+first (``topology_compliance.design_chain``), the mass block is set to 1 last,
+as without them. The block is not tied: it is mirror-symmetric in y only when
+nely is a multiple of 4, and never in x (nor is the clamped left edge), so
+there the symmetry restricts the design without making the physical density
+symmetric in the block's rows.
+
 Run ``python problems/topology_eigen.py`` (``--nelz k`` for 3D) to print the
 eigenvalues at p0 and a Taylor table of J.
 """
@@ -39,7 +51,7 @@ import numpy as np
 import adjopt
 from adjopt import fem
 from adjopt.eigen import EigenvalueFunctional
-from adjopt.maps import DensityFilter, FixedEntries, compose
+from adjopt.maps import Compose, FixedEntries, compose
 from adjopt.mesh import box, rectangle
 from adjopt.operators.coefficients import Coefficient
 from adjopt.optimize import grey_level
@@ -81,7 +93,8 @@ class MassInterpolation(Coefficient):
 
 def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.0, young: float = 68.9e9,
           density: float = 2700.0, emin: float = 1e-9, k: int = 3, plane: str = "strain",
-          solver="auto", nelz: int | None = None) -> adjopt.Problem:
+          solver="auto", nelz: int | None = None, passive_void=None, passive_solid=None,
+          symmetry: str = "none") -> adjopt.Problem:
     """The eigenfrequency problem as an :class:`adjopt.Problem`.
 
     Parameters
@@ -113,23 +126,53 @@ def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.
         plate, nelx x nely x nelz unit hexahedra ``adjopt.mesh.box(nelx,
         nely, nelz, nelx, nely, nelz, cell="hexahedron")``, 3 dofs per node,
         the face x = 0 clamped, the mass block through all ``nelz`` layers.
+    passive_void, passive_solid
+        Elements fixed at density 0 and 1 (indices, a boolean mask over the
+        elements, one index, or a string of indices and ranges such as
+        ``"0:3,7"``; ``None``: none). They are not parameters (p holds the
+        other elements in increasing order), and their physical density is
+        exactly 0 / 1 after the filter. A passive void may not lie in the
+        mass block; a passive solid there is allowed (its design value is
+        then no parameter). Given passive solids, they and the block
+        together must fit in ``volfrac`` (the block alone is not checked,
+        as before).
+    symmetry
+        ``"none"`` (default), or the mirrored axes of the grid (``"x"``,
+        ``"y"``, ``"xy"``; with ``"z"`` in 3D): p holds one design value per
+        orbit of mirror images (:func:`topology_compliance.symmetry_orbits`);
+        the passive sets must be their own mirror images. The mass block is
+        set after the filter and not tied (see the module): it is symmetric
+        in y only for nely a multiple of 4.
 
     Returns
     -------
     adjopt.Problem
         ``functional`` (an :class:`~adjopt.eigen.EigenvalueFunctional`; its
-        ``state`` is the fundamental mode), p0 = volfrac on every element
-        (the block's design values still reach its neighbours through the
-        filter, as in pyMOTO), the volume constraint, the grey-level monitor.
+        ``state`` is the fundamental mode), p0 = volfrac on every design
+        element (by default all elements: the block's design values still
+        reach its neighbours through the filter, as in pyMOTO), the volume
+        constraint, the grey-level monitor.
         Its name is ``topology_eigen_{nelx}x{nely}`` (2D) or
         ``topology_eigen_{nelx}x{nely}x{nelz}`` (3D); ``meta["nelz"]`` is
-        ``nelz``.
+        ``nelz``. ``meta["filter"]`` is the whole map p -> physical density
+        (the one of J, the volume and the monitor), ``meta["design"]`` the
+        elements p holds (the first of each orbit with symmetry),
+        ``meta["passive_void"]`` / ``meta["passive_solid"]`` the user's sets,
+        ``meta["parameter_cells"]`` p -> design values on every element (NaN
+        on passive ones; None without passive sets or symmetry). ``mass`` is
+        the cell volume of each parameter times its orbit's size.
+        ``meta["options"]`` holds ``passive_void`` / ``passive_solid``
+        fingerprints and ``symmetry`` only when given (a checkpoint of other
+        sets is refused; the defaults' options are those of before).
 
     Raises
     ------
     ValueError
         A count (nelx, nely, nelz) not an integer >= 1, fewer than 4 x 4
-        elements in x and y, or another option out of its range.
+        elements in x and y, another option out of its range, an element
+        both void and solid (or void in the mass block), indices out of
+        range, every element passive, passive solids (with the mass block)
+        above ``volfrac``, or passive sets not symmetric under ``symmetry``.
     """
     nelx = _tc._count(nelx, "nelx")
     nely = _tc._count(nely, "nely")
@@ -148,6 +191,7 @@ def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.
         raise ValueError(f"emin must satisfy 0 < emin < 1 (K must stay positive definite), got {emin!r}")
     if plane not in ("strain", "stress"):
         raise ValueError(f"plane must be 'strain' or 'stress', got {plane!r}")
+    sym = _tc.check_symmetry(symmetry, 2 if nelz is None else 3)
 
     if nelz is None:
         mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
@@ -170,13 +214,42 @@ def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.
     # cells are numbered x fastest, then y (then z): the block is a column through every z layer
     i, j = np.arange(n) % nelx, (np.arange(n) // nelx) % nely
     block = np.flatnonzero((i >= 3 * nelx // 4) & (j >= nely // 4) & (j < nely * 3 // 4))
-    pmap = compose(DensityFilter(mesh.cell_centers(), rmin), FixedEntries(n, block, 1.0, reduced=False))
+    grid = (nelx, nely) if nelz is None else (nelx, nely, nelz)
+    void = _tc._elements(passive_void, n, "passive_void")
+    solid = _tc._elements(passive_solid, n, "passive_solid")
+    both = np.intersect1d(void, solid)
+    if both.size:
+        raise ValueError(f"element {int(both[0])} is both passive void and passive solid ({both.size} such); give "
+                         "each passive element once")
+    in_block = np.intersect1d(void, block)
+    if in_block.size:
+        raise ValueError(f"element {int(in_block[0])} is both passive void and in the solid mass block "
+                         f"({in_block.size} such); the block is set to density 1 after the filter")
+    if np.union1d(np.union1d(void, solid), block).size >= n:
+        raise ValueError("every element is passive (passive_void, passive_solid and the mass block): nothing is left "
+                         "to design")
+    volumes = mesh.cell_volumes()  # Volume and the Problem keep their own copies
+    if solid.size:  # exactly 1 after the filter, as the block: no design below their volume meets the bound
+        solid_fraction = float(volumes[np.union1d(solid, block)].sum() / volumes.sum())
+        if solid_fraction > volfrac:
+            raise ValueError(f"the passive solid elements alone fill {solid_fraction:.4g} of the domain (with the mass "
+                             f"block), more than volfrac = {volfrac:g}: no design meets the volume bound; raise "
+                             "volfrac or fix fewer")
+    # the user's sets and the mirror images, the filter, the user's sets pinned again (exact 0 / 1); then the block
+    # set to 1 after the filter, as pyMOTO (without passive sets or symmetry: the filter and the block alone)
+    chain = _tc.design_chain(mesh, rmin, True, False, 1.0, 0.5, void, solid, pin=True, grid=grid, symmetry=sym)
+    design = chain["design"]
+    head = chain["map"].maps if isinstance(chain["map"], Compose) else [chain["map"]]
+    pmap = compose(*head, FixedEntries(n, block, 1.0, reduced=False))
     try:
         J = EigenvalueFunctional(K, M, k=k, parameter_map=pmap, solver=solver)
     except ValueError as exc:
         raise ValueError(f"k: {exc}") from None
-    volumes = mesh.cell_volumes()
-    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), n)
+    m = design.size
+    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), m)
+
+    def physical(p):
+        return pmap.forward(p)
 
     def monitor(p):
         rho = pmap.forward(p)
@@ -187,11 +260,16 @@ def build(nelx: int = 50, nely: int = 30, volfrac: float = 0.5, rmin: float = 2.
                    emin=emin, k=k, plane=plane)
     if nelz is not None:  # 2D keeps the options (and checkpoints) it always had
         options["nelz"] = nelz
-    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap, "block": block,
-            "dofmap": dofmap, "dofs": dofmap, "labels": {"displacement": "fundamental mode"}, "options": options}
+    # the passive sets and symmetry only when given: the defaults keep their options (and checkpoints) too
+    extra = dict(passive_void=_tc._fingerprint(void), passive_solid=_tc._fingerprint(solid), symmetry=sym or None)
+    options.update({key: v for key, v in extra.items() if v is not None})
+    meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap, "density_filter": chain["filter"],
+            "design_map": physical, "design": design, "parameter_cells": chain["field"], "passive_void": void,
+            "passive_solid": solid, "block": block, "dofmap": dofmap, "dofs": dofmap,
+            "labels": {"displacement": "fundamental mode"}, "options": options}
     name = f"topology_eigen_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
-    return adjopt.Problem(J, np.full(n, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=name, meta=meta, mass=volumes, monitor=monitor)
+    return adjopt.Problem(J, np.full(m, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
+                          name=name, meta=meta, mass=volumes[design] * chain["weights"], monitor=monitor)
 
 
 def main(argv=None) -> None:

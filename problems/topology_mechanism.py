@@ -38,6 +38,17 @@ J is linear in u but not the compliance: the adjoint is a second solve with
 the load l = e_out on the same factorization (the general adjoint path, not
 the self-adjoint shortcut of the compliance problems).
 
+Passive elements and symmetry, as in ``topology_compliance``:
+``passive_void`` and ``passive_solid`` (element indices, a mask, or a string
+such as ``"0:3,7"`` on the command line) are not design variables and their
+physical density is exactly 0 or 1 after the filter and the projection (unlike
+the ``nondesign`` blocks, which are 1 before the filter only, as in pyMOTO).
+``symmetry`` ("x", "y", "xy"; "z" in 3D) ties each element to its mirror
+images in the grid: p holds one value per orbit. The inverter's loads are not
+mirror-symmetric (input at the bottom, output at the top; in 3D the face z = 0
+is a symmetry plane and z = nelz free), so a symmetric design is a restriction
+of the design space, not a model reduction.
+
 Run ``python problems/topology_mechanism.py [--nelz k]`` to print J(p0),
 |grad J(p0)| and the Taylor tables of orders 2 and 3.
 """
@@ -52,8 +63,9 @@ import scipy.sparse as sp
 
 import adjopt
 from adjopt import fem
+from adjopt.maps import Compose, FixedEntries, compose
 from adjopt.mesh import box, rectangle
-from adjopt.optimize import BetaContinuation
+from adjopt.optimize import BetaContinuation, grey_level
 from adjopt.verify import derivative_report
 
 if __package__:  # imported as problems.topology_mechanism
@@ -71,7 +83,8 @@ RUN_DEFAULTS = dict(method="mma", move=0.1, xtol=0.01, gtol=0.0, maxiter=300)
 def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3.0, rmin: float = 2.0,
           emin: float = 1e-6, young: float = 100.0, k_in: float = 5.0, k_out: float = 15.0, f_in: float = 1.0,
           nondesign: int = 4, solver=None, plane: str = "strain", projection: bool = False, beta: float = 1.0, eta: float = 0.5,
-          beta_max: float = 32.0, beta_every: int = 50, nelz: int | None = None) -> adjopt.Problem:
+          beta_max: float = 32.0, beta_every: int = 50, nelz: int | None = None, passive_void=None,
+          passive_solid=None, symmetry: str = "none") -> adjopt.Problem:
     """The inverter as an :class:`adjopt.Problem`.
 
     Parameters
@@ -113,6 +126,25 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
     projection, beta, eta, beta_max, beta_every
         A Heaviside projection after the filter with beta continuation, as in
         :func:`topology_compliance.build`.
+    passive_void, passive_solid
+        Elements fixed at density 0 and 1 (indices, a boolean mask over the
+        elements, one index, or a string of indices and ranges such as
+        ``"0:3,7"``; ``None``: none). They are not parameters, and their
+        physical density is exactly 0 / 1 after the filter and the
+        projection. The ``nondesign`` blocks stay as they are (1 before the
+        filter only) and are passive solids too (a block element also in
+        ``passive_solid`` is pinned after the filter as well); a passive
+        void in a block is refused. Only ``passive_solid`` counts in the
+        check against ``volfrac`` (the filter smooths the blocks).
+    symmetry
+        ``"none"`` (default), or the mirrored axes of the grid (``"x"``,
+        ``"y"``, ``"xy"``; with ``"z"`` in 3D): p holds one value per orbit
+        of mirror images (:func:`topology_compliance.symmetry_orbits`), and
+        every passive set, the ``nondesign`` blocks included, must be its
+        own mirror image. The loads are not symmetric (the input at the
+        bottom, the output at the top; in 3D the face z = 0 is a symmetry
+        plane), so this restricts the design and does not reduce the model:
+        ``"y"`` is allowed, ``"x"`` needs ``nondesign=0`` or mirrored solids.
 
     Returns
     -------
@@ -124,7 +156,24 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
         ``input_dof`` / ``output_dof``: the y-dof of the input / output node
         in 2D (an int), the nelz + 1 y-dofs of the line in 3D, in z order).
         The name is ``topology_mechanism_{nelx}x{nely}``, with ``x{nelz}``
-        appended in 3D.
+        appended in 3D. ``meta["design"]`` are the elements p holds (the
+        first of each orbit with symmetry), ``meta["passive_void"]`` the
+        user's voids, ``meta["passive_solid"]`` the ``nondesign`` blocks and
+        the user's solids, ``meta["nondesign_solid"]`` the blocks alone,
+        ``meta["parameter_cells"]`` (p -> design values on every element, NaN
+        on passive ones; None without passive sets or symmetry). ``mass`` is
+        the cell volume of each parameter times its orbit's size.
+        ``meta["options"]`` holds ``passive_void`` / ``passive_solid``
+        fingerprints and ``symmetry`` only when given (a checkpoint of other
+        sets is refused; the defaults' options are those of before).
+
+    Raises
+    ------
+    ValueError
+        An option out of its range, an element both void and solid, indices
+        out of range, every element passive, passive solids alone above
+        ``volfrac``, or passive sets that are not symmetric under
+        ``symmetry``.
     """
     nelx = _tc._count(nelx, "nelx")
     nely = _tc._count(nely, "nely")
@@ -144,6 +193,7 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
     if 2 * nondesign > nely or nondesign > nelx:
         raise ValueError(f"nondesign ({nondesign}) squares do not fit in {nelx} x {nely} elements")
     beta, eta, beta_max, beta_every = _tc.check_projection(projection, beta, eta, beta_max, beta_every)
+    sym = _tc.check_symmetry(symmetry, 2 if nelz is None else 3)
 
     if nelz is None:
         mesh = rectangle(nelx, nely, float(nelx), float(nely), cell="quad")
@@ -190,29 +240,63 @@ def build(nelx: int = 80, nely: int = 80, volfrac: float = 0.3, penal: float = 3
     out[i_out] = w / w.sum()  # the weighted mean y-displacement of the output line (in 2D: of the output node)
 
     c = mesh.cell_centers()
-    solid = np.flatnonzero((c[:, 0] < nondesign) & ((c[:, 1] < nondesign) | (c[:, 1] > nely - nondesign)))
-    chain = _tc.design_chain(mesh, rmin, True, projection, beta, eta, np.zeros(0, dtype=np.int64), solid,
-                             pin=False)
-    pmap, design = chain["map"], chain["design"]
+    block = np.flatnonzero((c[:, 0] < nondesign) & ((c[:, 1] < nondesign) | (c[:, 1] > nely - nondesign)))
+    n = mesh.n_cells
+    void = _tc._elements(passive_void, n, "passive_void")
+    user_solid = _tc._elements(passive_solid, n, "passive_solid")
+    solid = np.union1d(block, user_solid)
+    both = np.intersect1d(void, solid)
+    if both.size:
+        where = "the nondesign blocks make it solid" if np.isin(both[0], block) else "passive_solid has it"
+        raise ValueError(f"element {int(both[0])} is both passive void and passive solid ({both.size} such; {where}); "
+                         "give each passive element once")
+    if void.size + solid.size >= n:
+        raise ValueError("every element is passive (passive_void, passive_solid and the nondesign blocks): nothing is "
+                         "left to design")
+    volumes = mesh.cell_volumes()
+    solid_fraction = float(volumes[user_solid].sum() / volumes.sum())
+    if solid_fraction > volfrac:
+        raise ValueError(f"the passive solid elements alone fill {solid_fraction:.4g} of the domain, more than "
+                         f"volfrac = {volfrac:g}: no design meets the volume bound; raise volfrac or fix fewer")
+    grid = (nelx, nely) if nelz is None else (nelx, nely, nelz)
+    # the nondesign blocks are 1 before the filter only (pin=False, pyMOTO's SetValue); the user's passive elements
+    # are pinned again after the filter and the projection: exactly 0 / 1
+    chain = _tc.design_chain(mesh, rmin, True, projection, beta, eta, void, solid, pin=False, grid=grid,
+                             symmetry=sym)
+    pmap, design, physical, monitor = chain["map"], chain["design"], chain["physical"], chain["monitor"]
+    pinned = np.concatenate([void, user_solid])
+    if pinned.size:
+        maps = pmap.maps if isinstance(pmap, Compose) else [pmap]
+        pmap = compose(*maps, FixedEntries(n, pinned, np.r_[np.zeros(void.size), np.ones(user_solid.size)],
+                                           reduced=False))
+
+        def physical(p):
+            return pmap.forward(p)
+
+        def monitor(p):
+            return {"grey": grey_level(physical(p))}
     J = adjopt.ReducedFunctional(A, b, adjopt.Compliance(out), parameter_map=pmap,
                                  solver="auto" if solver is None else solver)
-    volumes = mesh.cell_volumes()
     volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=pmap), design.size)
     cont = BetaContinuation(chain["projection"], beta_max=max(beta_max, beta), every=beta_every) if projection \
         else None
     dof_in, dof_out = (int(dofs_in[0]), int(dofs_out[0])) if nelz is None else (dofs_in, dofs_out)
+    options = dict(nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin,
+                   young=young, k_in=k_in, k_out=k_out, f_in=f_in, nondesign=int(nondesign), plane=plane,
+                   projection=projection, beta=beta, eta=eta, beta_max=beta_max, beta_every=beta_every)
+    # the new options only when given: the defaults keep the options (and so the checkpoints) they always had
+    extra = dict(passive_void=_tc._fingerprint(void), passive_solid=_tc._fingerprint(user_solid),
+                 symmetry=sym or None)
+    options.update({k: v for k, v in extra.items() if v is not None})
     meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap, "density_filter": chain["filter"],
-            "projection": chain["projection"], "design_map": chain["physical"], "design": design,
-            "parameter_cells": chain["field"], "passive_solid": solid, "dofmap": dofmap,
-            "dofs": dofmap, "load": load, "output_dof": dof_out, "input_dof": dof_in,
-            "options": dict(nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin,
-                            young=young, k_in=k_in, k_out=k_out, f_in=f_in, nondesign=int(nondesign), plane=plane,
-                            projection=projection,
-                            beta=beta, eta=eta, beta_max=beta_max, beta_every=beta_every)}
+            "projection": chain["projection"], "design_map": physical, "design": design,
+            "parameter_cells": chain["field"], "passive_void": void, "passive_solid": solid,
+            "nondesign_solid": block, "dofmap": dofmap, "dofs": dofmap, "load": load, "output_dof": dof_out,
+            "input_dof": dof_in, "options": options}
     name = f"topology_mechanism_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     return adjopt.Problem(J, np.full(design.size, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=name, meta=meta, mass=volumes[design],
-                          continuation=cont, monitor=chain["monitor"])
+                          name=name, meta=meta, mass=volumes[design] * chain["weights"],
+                          continuation=cont, monitor=monitor)
 
 
 def main(argv=None) -> None:

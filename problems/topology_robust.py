@@ -26,6 +26,15 @@ all three on the same matrix pattern, the same solver object and the same
 filter. Every history entry records beta and the grey level of the
 intermediate design.
 
+``passive_void`` / ``passive_solid`` (element indices, a boolean mask or a
+string such as ``"0:3,7"``) fix elements at 0 and 1 as in
+:func:`topology_compliance.build`: they are not parameters, and all three
+designs hold them at exactly 0 and 1 (the same sets in each). ``symmetry``
+(``"x"``, ``"y"``, ``"xy"``, and ``"z"`` in 3D) ties mirror images to one
+parameter. The maps are then p -> passive values -> mirror images -> filter
+-> projection_k -> passive values again; without either option they are
+filter -> projection_k as before.
+
 Run ``python problems/topology_robust.py`` to print the three compliances at
 p0 and the Taylor tables of the eroded one.
 """
@@ -39,7 +48,7 @@ import numpy as np
 
 import adjopt
 from adjopt import fem
-from adjopt.maps import DensityFilter, HeavisideProjection, compose
+from adjopt.maps import Compose, DensityFilter, FixedEntries, HeavisideProjection, compose
 from adjopt.mesh import rectangle
 from adjopt.optimize import BetaContinuation, BetaSchedule, grey_level, minmax_problem
 from adjopt.verify import derivative_report
@@ -61,7 +70,8 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
           emin: float = 1e-5, delta: float = 0.1, beta: float = 1.0, beta_max: float = 32.0, beta_every: int = 40,
           formulation: str = "minmax", volume_on: str = "intermediate", plane: str = "strain",
           pad_filter: bool = True, continuation: str = "double", case: str = "cantilever",
-          solver=None, nelz: int | None = None) -> adjopt.Problem:
+          solver=None, nelz: int | None = None, passive_void=None, passive_solid=None,
+          symmetry: str = "none") -> adjopt.Problem:
     """The robust cantilever as an :class:`adjopt.Problem`.
 
     Parameters
@@ -112,13 +122,35 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
         ``"mbb3d"``: unit hexahedra, a unit line load along z), with the
         same three projections, filter and formulations; ``plane`` does not
         apply.
+    passive_void, passive_solid
+        Elements fixed at density 0 and 1 (indices, a boolean mask over the
+        elements, one index, or a string of indices and ranges such as
+        ``"0:3,7"``); disjoint, not every element, and the solids must not
+        fill more than ``volfrac``. They are not parameters (p holds the other
+        elements in increasing order), and their physical density is exactly
+        0 or 1 in all three designs (pinned after each projection). The volume
+        bound counts the passive solids.
+    symmetry
+        ``"none"``, or the axes the design is mirrored about the middle of
+        the domain (``"x"``, ``"y"``, ``"xy"``; ``"z"`` too in 3D): p holds one
+        value per orbit of mirror images (its first element), and the passive
+        sets must be their own mirror images. A design restriction: the
+        cantilever's load at node row ``nely // 2`` is mirror-symmetric in y
+        up to its sign only for an even ``nely``, and the padded filter
+        (``pad_filter``, not at the clamped edge) is not symmetric in x, so
+        with ``"x"`` only p, not the physical density, is symmetric.
 
     Returns
     -------
     adjopt.Problem
         For ``"minmax"`` the parameters are (p, z); ``meta["functionals"]``
         holds the three reduced functionals of p by design name,
-        ``meta["designs"]`` the maps p -> physical density.
+        ``meta["designs"]`` the maps p -> physical density,
+        ``meta["design"]`` the elements p holds, ``meta["passive_void"]`` and
+        ``meta["passive_solid"]`` the passive sets, ``meta["parameter_cells"]``
+        (p -> the parameters on every element, NaN on passive ones; None
+        without passive sets and symmetry). ``mass`` is the cell volume times
+        the orbit size of each parameter.
     """
     nelx = _tc._count(nelx, "nelx")
     nely = _tc._count(nely, "nely")
@@ -165,15 +197,24 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
         solver = structured_solver((nelx, nely) if nelz is None else (nelx, nely, nelz), dim, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
     n = mesh.n_cells
+    grid = (nelx, nely) if nelz is None else (nelx, nely, nelz)
+    passive = _tc.passive_design(mesh, grid, passive_void, passive_solid, symmetry, volfrac)
+    void, solid, design = passive["void"], passive["solid"], passive["design"]
+    m = design.size
     centers = mesh.cell_centers()
     fmap = DensityFilter(centers, rmin, void_outside=centers[:, 0] > int(rmin) + 1 if pad_filter else None)
     etas = {"eroded": 0.5 + delta, "intermediate": 0.5, "dilated": 0.5 - delta}
     projections = {k: HeavisideProjection(n, beta=beta, eta=eta) for k, eta in etas.items()}
-    maps = {k: compose(fmap, projections[k]) for k in DESIGNS}
+    # p -> [passive values, mirror images] -> filter -> projection -> [passive values again]: the same passive
+    # sets at exactly 0 / 1 in all three designs; without passive sets and symmetry filter -> projection alone
+    index = np.concatenate([void, solid])
+    pins = [FixedEntries(n, index, np.concatenate([np.zeros(void.size), np.ones(solid.size)]), reduced=False)] \
+        if index.size else []
+    maps = {k: compose(*passive["maps"], fmap, projections[k], *pins) for k in DESIGNS}
     functionals = {k: adjopt.ReducedFunctional(A, b, adjopt.Compliance(b), parameter_map=maps[k], solver=solver)
                    for k in DESIGNS}
     volumes = mesh.cell_volumes()
-    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=maps[volume_on]), n)
+    volume = adjopt.ParameterFunctional(adjopt.Volume(volumes, parameter_map=maps[volume_on]), m)
     if continuation == "pymoto":
         def schedule(k, b0=beta, b1=beta_max):
             return b0 if k <= 15 else float(np.clip(b0 + (b1 - b0) / 80 * (5 * ((k - 1) // 5) - 10), b0, b1))
@@ -191,21 +232,24 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
     designs = {k: maps[k].forward for k in DESIGNS}
     meta = {"mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": maps["intermediate"],
             "density_filter": fmap, "projections": projections, "designs": designs, "functionals": functionals,
-            "dofmap": dofmap, "dofs": dofmap, "load": load,
+            "dofmap": dofmap, "dofs": dofmap, "load": load, "design": design, "passive_void": void,
+            "passive_solid": solid, "parameter_cells": passive["field"],
             "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, delta=delta,
                             beta=beta, beta_max=beta_max, beta_every=beta_every, formulation=formulation,
                             volume_on=volume_on, plane=plane, pad_filter=pad_filter, continuation=continuation,
-                            case=case)}
+                            case=case, passive_void=_tc._fingerprint(void), passive_solid=_tc._fingerprint(solid),
+                            symmetry=passive["symmetry"] or "none")}
     if nelz is not None:  # 2D keeps the options (and checkpoints) it always had
         meta["options"]["nelz"] = nelz
     name = f"topology_robust_{case}_{formulation}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
-    p0 = np.full(n, volfrac)
+    p0 = np.full(m, volfrac)
+    mass = volumes[design] * passive["weights"]  # a parameter weighs its orbit's cells
     if formulation == "eroded":
         return adjopt.Problem(functionals["eroded"], p0, bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
-                              name=name, meta=meta, mass=volumes, continuation=cont, monitor=monitor)
-    meta["parameter_view"] = lambda xz: np.asarray(xz)[:n]
+                              name=name, meta=meta, mass=mass, continuation=cont, monitor=monitor)
+    meta["parameter_view"] = lambda xz: np.asarray(xz)[:m]
     return minmax_problem([functionals[k] for k in DESIGNS], p0, (0.0, 1.0), constraints=[(volume, volfrac)],
-                          name=name, meta=meta, mass=volumes, continuation=cont, monitor=monitor,
+                          name=name, meta=meta, mass=mass, continuation=cont, monitor=monitor,
                           fields_from=functionals["intermediate"])
 
 

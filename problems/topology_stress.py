@@ -23,6 +23,15 @@ re-entrant corner concentrates the stress), the top edge of the remaining arm
 clamped, a unit downward force at the right end of the lower arm spread over
 the top nodes of its last ``load_width`` element columns.
 
+``passive_void`` / ``passive_solid`` (element indices, a boolean mask or a
+string such as ``"0:3,7"``) fix elements at 0 and 1 as in
+:func:`topology_compliance.build` (the voids united with the L-bracket's
+own): they are not parameters and their density is exactly 0 or 1 after the
+filter. A passive void carries no stress (the aggregate leaves it out); a
+passive solid does (it stays in the aggregate). ``symmetry`` (``"x"``,
+``"y"``, ``"xy"``; ``"z"`` in 3D) ties mirror images to one parameter: a
+design restriction (see :func:`build`).
+
 :class:`StressAggregate` is the objective (value, derivatives in u and p; no
 Hessian); the problem's constraint is a :class:`adjopt.ReducedFunctional` of
 it, so each design iteration takes one solve and one adjoint solve.
@@ -252,7 +261,8 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
           P: float = 10.0, rmin: float = 2.0, emin: float = 1e-9, start: float = 1.0,
           compliance_max: float | None = None,
           load_width: int = 3, plane: str = "strain", shear_scale: float = 1.0, solver=None, nelz: int | None = None,
-          normalization: str | None = None, alpha: float = 0.5, q: float | None = None) -> adjopt.Problem:
+          normalization: str | None = None, alpha: float = 0.5, q: float | None = None, passive_void=None,
+          passive_solid=None, symmetry: str = "none") -> adjopt.Problem:
     """The stress-constrained problem as an :class:`adjopt.Problem`.
 
     Parameters
@@ -309,6 +319,25 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
         (2008); on the adaptive L-bracket q = 2.5 collapsed into a grey,
         overstressed design (the relaxed stress of a grey element grows as
         its density falls), so 1 is the default.
+    passive_void, passive_solid
+        Elements fixed at density 0 and 1 (indices, a boolean mask over the
+        elements, one index, or a string of indices and ranges such as
+        ``"0:3,7"``); the voids are added to the L-bracket's own. Disjoint
+        (also from the L-bracket's voids) and not every element. They are
+        not parameters (p holds the other elements in increasing order) and
+        their density is exactly 0 or 1 after the filter. The stress
+        aggregate covers every element but the voids: a passive solid carries
+        stress. The volume counts the passive solids.
+    symmetry
+        ``"none"``, or the axes the design is mirrored about the middle of
+        the domain (``"x"``, ``"y"``, ``"xy"``; ``"z"`` too in 3D): p holds one
+        value per orbit of mirror images (its first element), and the passive
+        sets must be their own mirror images (the L-bracket's void is not
+        mirror-symmetric: it takes ``"none"`` only, or ``"z"`` in 3D). A
+        design restriction, not a reduction of a symmetric problem: the
+        cantilever's load at node row ``nely // 2`` is the mirror image in y
+        of its own reversal (the same von Mises stresses and compliance) only
+        for an even ``nely``; its supports are not symmetric in x.
 
     Returns
     -------
@@ -317,7 +346,11 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
         constraints ``[(stress, 0.0), (compliance, compliance_max)]``, the stress an
         :class:`~adjopt.optimize.AdaptiveNormalization` (also the problem's ``continuation``) when adaptive;
         ``meta["stress"]`` (the :class:`StressAggregate`), ``meta["stress_functional"]`` (its reduced
-        functional, not normalized).
+        functional, not normalized), ``meta["design"]`` (the elements p holds), ``meta["passive_void"]``
+        (the L-bracket's and the given voids), ``meta["passive_solid"]``, ``meta["covered"]`` (the elements
+        the stress aggregate covers), ``meta["parameter_cells"]`` (p -> the parameters on every element, NaN
+        on passive ones; None without passive elements and symmetry). ``mass`` is the cell volume times the
+        orbit size of each parameter.
     """
     if case not in ("cantilever", "lbracket"):
         raise ValueError(f"case must be 'cantilever' or 'lbracket', got {case!r}")
@@ -404,11 +437,17 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
 
         solver = structured_solver((nelx, nely) if dim == 2 else (nelx, nely, nelz), dim, dofmap.fixed, solver)
     b = dofmap.restrict_vector(load)
+    grid = (nelx, nely) if dim == 2 else (nelx, nely, nelz)
+    passive = _tc.passive_design(mesh, grid, passive_void, passive_solid, symmetry, own_void=void,
+                                 own_name=f"the case {case!r}")
+    void, solid, design = passive["void"], passive["solid"], passive["design"]
     fmap = DensityFilter(c, rmin)
-    pmap = fmap if void.size == 0 else compose(FixedEntries(n, void, 0.0), fmap,
-                                               FixedEntries(n, void, 0.0, reduced=False))
-    design = np.setdiff1d(np.arange(n), void)
-    covered = design  # a passive void carries no stress
+    # p -> [passive values, mirror images] -> filter -> [passive values again]; the filter alone without them
+    index = np.concatenate([void, solid])
+    values = np.concatenate([np.zeros(void.size), np.ones(solid.size)])
+    pins = [FixedEntries(n, index, values, reduced=False)] if index.size else []
+    pmap = compose(*passive["maps"], fmap, *pins)
+    covered = np.setdiff1d(np.arange(n), void)  # a passive void carries no stress, a passive solid does
     stress = StressAggregate(conn, S, sigma_max, P, parameter_map=pmap, elements=covered,
                              form="unified" if normalization == "fixed" else "pnorm", q=q)
     # the objective gets p and applies the map itself (its rho is the relaxation's density)
@@ -429,24 +468,20 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
         return {"grey": grey_level(rho), "max_vm": float(np.max(stress._eta(rho[covered]) * vm))}
 
     size = f"{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
+    # the options fingerprint the given passive voids only: the L-bracket's own follow from nelx and nely, so a
+    # default run keeps passive_void None (and its checkpoints)
     meta = {"case": case, "mesh": mesh, "nelx": nelx, "nely": nely, "nelz": nelz, "filter": pmap,
             "dofmap": dofmap, "dofs": dofmap, "load": load, "stress": stress, "stress_functional": G,
-            "passive_void": void, "parameter_cells": None if void.size == 0 else _field(n, design),
+            "passive_void": void, "passive_solid": solid, "design": design, "covered": covered,
+            "parameter_cells": passive["field"],
             "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, sigma_max=sigma_max, P=P, rmin=rmin,
                             emin=emin, start=start, compliance_max=compliance_max, load_width=load_width,
                             plane=plane, shear_scale=shear_scale, normalization=normalization, alpha=alpha,
-                            q=q)}
+                            q=q, passive_void=_tc._fingerprint(_tc._elements(passive_void, n, "passive_void")),
+                            passive_solid=_tc._fingerprint(solid), symmetry=passive["symmetry"] or "none")}
     return adjopt.Problem(volume, np.full(design.size, start), bounds=(0.0, 1.0),
                           constraints=cons, name=f"topology_stress_{case}_{size}", meta=meta,
-                          mass=volumes[design], monitor=monitor, continuation=continuation)
-
-
-def _field(n, design):
-    def field(p):
-        out = np.full(n, np.nan)
-        out[design] = p
-        return out
-    return field
+                          mass=volumes[design] * passive["weights"], monitor=monitor, continuation=continuation)
 
 
 def main(argv=None) -> None:

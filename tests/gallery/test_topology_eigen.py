@@ -230,3 +230,146 @@ def test_3d_a_short_run_improves_the_objective():
 def test_bad_nelz_raises(nelz, match):
     with pytest.raises(ValueError, match=match):
         te.build(8, 6, nelz=nelz)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# passive elements and symmetry (the options of topology_compliance), on top of the mass block
+
+#: meta["options"] of the defaults before the passive sets and symmetry existed (checkpoints must stay resumable)
+OPTIONS_BEFORE = {"nelx": 12, "nely": 8, "volfrac": 0.5, "rmin": 2.0, "young": 68900000000.0, "density": 2700.0,
+                  "emin": 1e-09, "k": 3, "plane": "strain"}
+
+
+def _mirror_y(grid):
+    """For each element of a structured grid (x fastest), the index of its mirror image about y = nely / 2."""
+    n = int(np.prod(grid))
+    ijk = list(np.unravel_index(np.arange(n), grid[::-1])[::-1])
+    ijk[1] = grid[1] - 1 - ijk[1]
+    return np.ravel_multi_index(tuple(ijk[::-1]), grid[::-1])
+
+
+@pytest.mark.parametrize("nelz,void,solid", [
+    (None, [0, 1, 13], "40:42,57"),  # 12 x 8; a command-line string for the solids; 57 is in the mass block
+    (2, [0, 50], [20, 70]),  # 8 x 6 x 2: 96 elements; 70 is in the mass block
+])
+def test_passive_sets_are_no_parameters_and_exactly_0_or_1(nelz, void, solid):
+    nelx, nely = (12, 8) if nelz is None else (8, 6)
+    problem = te.build(nelx, nely, nelz=nelz, passive_void=void, passive_solid=solid)
+    m, J = problem.meta, problem.functional
+    n = m["mesh"].n_cells
+    void, solid = np.asarray(void), te._tc._elements(solid, n, "passive_solid")
+    np.testing.assert_array_equal(m["passive_void"], void)
+    np.testing.assert_array_equal(m["passive_solid"], solid)
+    assert problem.p0.size == n - void.size - solid.size == problem.mass.size
+    np.testing.assert_array_equal(m["design"], np.setdiff1d(np.arange(n), np.union1d(void, solid)))
+    np.testing.assert_array_equal(problem.mass, m["mesh"].cell_volumes()[m["design"]])
+    assert solid[-1] in m["block"]  # a passive solid in the block: allowed, no parameter
+    p = np.random.default_rng(1).uniform(0.0, 1.0, problem.p0.size)
+    rho = m["filter"].forward(p)
+    assert np.all(rho[void] == 0.0) and np.all(rho[solid] == 1.0) and np.all(rho[m["block"]] == 1.0)
+    np.testing.assert_array_equal(m["design_map"](p), rho)
+    field = m["parameter_cells"](p)
+    assert np.all(np.isnan(field[np.union1d(void, solid)])) and np.array_equal(field[m["design"]], p)
+    # J, the volume and the monitor see the same physical density: the volume counts the passive solids at 1
+    volume, vmax = problem.constraints[0]
+    np.testing.assert_allclose(volume.value(p), rho.mean(), rtol=1e-14)
+    np.testing.assert_allclose(J.eigenvalues(p), np.sort(_lowest_reference(problem, p, J.k + 1)), rtol=1e-9)
+    assert problem.monitor(p)["grey"] == np.mean((rho > 0.05) & (rho < 0.95))
+    q = np.random.default_rng(2).uniform(0.2, 0.8, problem.p0.size)  # above the mass interpolation's kink
+    r = taylor_test(J, q, order=2)
+    assert r.rate >= 1.9, r.table()
+    # the volume is linear in p: "exact" (no rate observable) or a rate of 2
+    rv = taylor_test(volume, q, order=2)
+    assert rv.passed and (rv.exact or rv.rate >= 1.9), rv.table()
+    d = np.random.default_rng(3).standard_normal(q.size)
+    np.testing.assert_allclose(volume.value(q + 1e-3 * d) - volume.value(q), 1e-3 * volume.gradient(q) @ d, rtol=1e-9)
+
+
+def test_defaults_are_the_old_problem():
+    # no passive sets, no symmetry: the filter and the block pin alone, every element a parameter (as pyMOTO)
+    problem = te.build(12, 8)
+    m = problem.meta
+    assert problem.p0.size == 96 and m["parameter_cells"] is None and m["passive_void"].size == 0
+    assert [type(x).__name__ for x in m["filter"].maps] == ["DensityFilter", "FixedEntries"]
+    np.testing.assert_array_equal(m["design"], np.arange(96))
+
+
+@pytest.mark.parametrize("nelz", [None, 2])
+def test_symmetry_y_ties_mirror_images(nelz):
+    nelx, nely = (12, 8) if nelz is None else (8, 4)  # nely a multiple of 4: the mass block is symmetric in y
+    grid = (nelx, nely) if nelz is None else (nelx, nely, nelz)
+    n = int(np.prod(grid))
+    mirror = _mirror_y(grid)
+    void = np.union1d([2, 3], mirror[[2, 3]])
+    sym = te.build(nelx, nely, nelz=nelz, symmetry="y", passive_void=void)
+    full = te.build(nelx, nely, nelz=nelz, passive_void=void)
+    orbit = te._tc.symmetry_orbits(grid, "y")
+    assert sym.p0.size == orbit.max() + 1 - 2 == n // 2 - 2
+    assert sym.meta["options"]["symmetry"] == "y"
+    q = np.random.default_rng(4).uniform(0.0, 1.0, sym.p0.size)
+    rho = sym.meta["filter"].forward(q)
+    np.testing.assert_allclose(rho, rho[mirror], rtol=0, atol=1e-14)
+    assert np.all(rho[void] == 0.0) and np.all(rho[sym.meta["block"]] == 1.0)
+    # the same problem as the full one at the symmetric design
+    x = np.random.default_rng(5).uniform(0.2, 0.8, sym.p0.size)
+    p = sym.meta["parameter_cells"](x)[full.meta["design"]]
+    np.testing.assert_allclose(sym.functional.value(x), full.functional.value(p), rtol=1e-9)
+    g = np.zeros(n)
+    g[full.meta["design"]] = full.functional.gradient(p)
+    np.testing.assert_allclose(sym.functional.gradient(x), np.bincount(orbit, g)[orbit[sym.meta["design"]]],
+                               rtol=1e-6, atol=1e-9 * np.abs(g).max())
+    np.testing.assert_allclose(sym.mass, 2 * sym.meta["mesh"].cell_volumes()[sym.meta["design"]], rtol=1e-15)
+    r = taylor_test(sym.functional, x, order=2)
+    assert r.rate >= 1.9, r.table()
+
+
+def test_symmetry_leaves_the_block_as_it_is():
+    # nely = 6: the block's rows 1..3 have no mirror 4 (the block is pyMOTO's, not tied); everything else is mirrored
+    problem = te.build(8, 6, symmetry="y")
+    rho = problem.meta["filter"].forward(np.random.default_rng(6).uniform(0, 1, problem.p0.size))
+    mirror = _mirror_y((8, 6))
+    block = problem.meta["block"]
+    odd = np.union1d(np.setdiff1d(block, mirror[block]), np.setdiff1d(mirror[block], block))
+    assert odd.size == 2 * 2
+    keep = np.setdiff1d(np.arange(48), odd)
+    np.testing.assert_allclose(rho[keep], rho[mirror[keep]], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"passive_void": [5], "passive_solid": [5]}, r"element 5 is both passive void and passive solid"),
+    ({"passive_void": [33]}, r"element 33 is both passive void and in the solid mass block"),
+    ({"passive_void": [96]}, r"passive_void must be element indices in \[0, 96\)"),
+    ({"passive_solid": "3,x"}, r"passive_solid must be element indices such as '3,7,12'"),
+    ({"passive_solid": np.arange(96)}, r"every element is passive"),
+    ({"passive_void": np.setdiff1d(np.arange(96), [33, 34, 35, 45, 46, 47, 57, 58, 59, 69, 70, 71])},
+     r"every element is passive"),
+    ({"passive_solid": np.arange(48)}, r"passive solid elements alone fill 0.5625 of the domain \(with the mass block\)"),
+    ({"symmetry": "y", "passive_void": [5]}, r"not symmetric under symmetry='y'"),
+    ({"symmetry": "z"}, r"symmetry must be 'none' or mirrored axes from 'xy'"),
+    ({"symmetry": 1}, r"symmetry must be 'none' or mirrored axes from 'xy'"),
+])
+def test_bad_passive_sets_and_symmetry_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        te.build(12, 8, **kwargs)
+
+
+def test_options_identify_the_passive_sets():
+    assert te.build(12, 8).meta["options"] == OPTIONS_BEFORE  # no new keys at the defaults: old checkpoints resume
+    assert te.build(8, 6, nelz=2).meta["options"] == {**OPTIONS_BEFORE, "nelx": 8, "nely": 6, "nelz": 2}
+    assert te.build(12, 8, symmetry="none", passive_void=None).meta["options"] == OPTIONS_BEFORE
+    a = te.build(12, 8, passive_void=[2, 3]).meta["options"]
+    b = te.build(12, 8, passive_void=[2, 4]).meta["options"]
+    assert a["passive_void"] != b["passive_void"] and a != b
+    assert {k: v for k, v in a.items() if k != "passive_void"} == OPTIONS_BEFORE
+    assert te.build(12, 8, passive_void="2:4").meta["options"] == a  # the command line's string: the same set
+    assert te.build(12, 8, passive_solid=[2, 3]).meta["options"]["passive_solid"] == a["passive_void"]
+    assert te.build(12, 8, symmetry="y").meta["options"] == {**OPTIONS_BEFORE, "symmetry": "y"}
+
+
+def test_resume_with_other_passive_elements_is_refused(tmp_path):
+    from adjopt.optimize import CheckpointError
+
+    ckpt = tmp_path / "run.npz"
+    minimize(te.build(12, 8, passive_void=[2, 3]), "mma", maxiter=2, gtol=0, xtol=0, checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="passive_void"):
+        minimize(te.build(12, 8, passive_void=[2, 4]), "mma", maxiter=4, resume=ckpt)

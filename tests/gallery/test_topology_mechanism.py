@@ -260,3 +260,155 @@ def test_3d_plane_is_checked_but_ignored():
     assert a.functional.value(a.p0) == b.functional.value(b.p0)
     with pytest.raises(ValueError, match="plane must be 'strain' or 'stress'"):
         tm.build(6, 6, nondesign=2, nelz=1, plane="3d")
+
+
+# -- passive elements and symmetry (the options of topology_compliance) -------------------------------------------
+#: meta["options"] of the defaults before the passive sets and symmetry existed (checkpoints must stay resumable)
+OPTIONS_BEFORE = {"nelx": 12, "nely": 10, "nelz": None, "volfrac": 0.3, "penal": 3.0, "rmin": 2.0, "emin": 1e-06,
+                  "young": 100.0, "k_in": 5.0, "k_out": 15.0, "f_in": 1.0, "nondesign": 2, "plane": "strain",
+                  "projection": False, "beta": 1.0, "eta": 0.5, "beta_max": 32.0, "beta_every": 50}
+
+
+def _mirror_y(grid):
+    """For each element of a structured grid (x fastest), the index of its mirror image about y = nely / 2."""
+    n = int(np.prod(grid))
+    ijk = list(np.unravel_index(np.arange(n), grid[::-1])[::-1])
+    ijk[1] = grid[1] - 1 - ijk[1]
+    return np.ravel_multi_index(tuple(ijk[::-1]), grid[::-1])
+
+
+@pytest.mark.parametrize("nelz,void,solid", [
+    (None, [5, 6, 17], "60:63,90"),  # a command-line string for the solids
+    (2, [40, 41], [50, 51]),  # 6 x 6 x 2: 72 elements, the second layer
+])
+def test_passive_sets_are_no_parameters_and_exactly_0_or_1(nelz, void, solid):
+    nelx, nely = (12, 10) if nelz is None else (6, 6)
+    problem = tm.build(nelx, nely, nondesign=2, nelz=nelz, projection=True, beta=4.0, passive_void=void,
+                       passive_solid=solid)
+    m, J = problem.meta, problem.functional
+    n = m["mesh"].n_cells
+    void, user_solid = np.asarray(void), tm._tc._elements(solid, n, "passive_solid")
+    block = m["nondesign_solid"]
+    assert block.size == 8 * (1 if nelz is None else nelz)
+    np.testing.assert_array_equal(m["passive_void"], void)
+    np.testing.assert_array_equal(m["passive_solid"], np.union1d(block, user_solid))
+    passive = np.concatenate([void, user_solid, block])
+    assert problem.p0.size == n - passive.size == problem.mass.size
+    np.testing.assert_array_equal(m["design"], np.setdiff1d(np.arange(n), passive))
+    np.testing.assert_array_equal(problem.mass, m["mesh"].cell_volumes()[m["design"]])
+    p = np.random.default_rng(1).uniform(0.0, 1.0, problem.p0.size)
+    rho = m["filter"].forward(p)
+    assert np.all(rho[void] == 0.0) and np.all(rho[user_solid] == 1.0)
+    np.testing.assert_array_equal(m["design_map"](p), rho)
+    # the nondesign blocks keep their pyMOTO meaning: 1 before the filter only (the filter smooths them at the edges)
+    assert np.any(rho[block] < 0.99)
+    field = m["parameter_cells"](p)
+    assert np.all(np.isnan(field[passive])) and np.array_equal(field[m["design"]], p)
+    # the volume constraint counts the passive solids (at 1) and the voids (at 0): the mean physical density
+    volume, vmax = problem.constraints[0]
+    np.testing.assert_allclose(volume.value(p), rho.mean(), rtol=1e-14)
+    assert problem.monitor(p)["grey"] == np.mean((rho > 0.05) & (rho < 0.95))
+    q = np.random.default_rng(2).uniform(0.2, 0.9, problem.p0.size)
+    r2, r3 = taylor_test(J, q, order=2), taylor_test(J, q, order=3)
+    assert r2.rate >= 1.9, r2.table()
+    assert r3.rate >= 2.9, r3.table()  # the Hessian action through the pinned map
+    rv = taylor_test(volume, q, order=2)  # nonlinear with the projection: a rate must be observed
+    assert not rv.exact and rv.rate >= 1.9, rv.table()
+
+
+def test_passive_sets_without_projection_and_the_hessian():
+    problem = tm.build(12, 10, nondesign=2, passive_void=[30, 31], passive_solid=[70])
+    J = problem.functional
+    p = np.random.default_rng(3).uniform(0.2, 0.9, problem.p0.size)
+    assert problem.p0.size == 120 - 8 - 3
+    r3 = taylor_test(J, p, order=3)
+    assert r3.rate >= 2.9, r3.table()
+    assert check_hessian_symmetry(J, p) < 1e-8
+    rv = taylor_test(problem.constraints[0][0], p, order=2)  # linear in p: exact
+    assert rv.passed and (rv.exact or rv.rate >= 1.9), rv.table()
+
+
+@pytest.mark.parametrize("nelz", [None, 2])
+def test_symmetry_y_ties_mirror_images(nelz):
+    nelx, nely = (12, 10) if nelz is None else (6, 6)
+    grid = (nelx, nely) if nelz is None else (nelx, nely, nelz)
+    n = int(np.prod(grid))
+    mirror = _mirror_y(grid)
+    void = np.array([33, 40])  # (i, j) = (9, 2), (4, 3) in 2D; (3, 5) and (4, 0) of layer 1 in 3D; with mirrors
+    void = np.union1d(void, mirror[void])
+    kw = dict(nondesign=2, nelz=nelz, passive_void=void)
+    sym, full = tm.build(nelx, nely, symmetry="y", **kw), tm.build(nelx, nely, **kw)
+    orbit = tm._tc.symmetry_orbits(grid, "y")
+    passive_orbits = np.unique(orbit[np.union1d(void, sym.meta["passive_solid"])])
+    assert sym.p0.size == orbit.max() + 1 - passive_orbits.size == n // 2 - passive_orbits.size
+    assert sym.meta["options"]["symmetry"] == "y"
+    q = np.random.default_rng(4).uniform(0.0, 1.0, sym.p0.size)
+    rho = sym.meta["filter"].forward(q)
+    np.testing.assert_allclose(rho, rho[mirror], rtol=0, atol=1e-14)
+    assert np.all(rho[void] == 0.0)
+    # the same problem as the full one at the symmetric design (the loads are not symmetric: only the design is)
+    cells = sym.meta["parameter_cells"](q)
+    p = cells[full.meta["design"]]
+    assert not np.any(np.isnan(p))
+    np.testing.assert_allclose(sym.functional.value(q), full.functional.value(p), rtol=1e-12)
+    g = np.zeros(n)
+    g[full.meta["design"]] = full.functional.gradient(p)
+    np.testing.assert_allclose(sym.functional.gradient(q), np.bincount(orbit, g)[orbit[sym.meta["design"]]],
+                               rtol=1e-10, atol=1e-14 * np.abs(g).max())
+    volumes = sym.meta["mesh"].cell_volumes()  # 1 up to round-off
+    np.testing.assert_allclose(sym.mass, volumes[sym.meta["design"]] * 2, rtol=1e-15)  # every orbit is a pair
+    x = np.random.default_rng(5).uniform(0.2, 0.9, sym.p0.size)
+    r = taylor_test(sym.functional, x, order=2)
+    assert r.rate >= 1.9, r.table()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"passive_void": [20], "passive_solid": [20]}, r"element 20 is both passive void and passive solid .*passive_solid"),
+    ({"passive_void": [0]}, r"element 0 is both passive void and passive solid .*the nondesign blocks make it solid"),
+    ({"passive_void": [100]}, r"passive_void must be element indices in \[0, 100\)"),
+    ({"passive_solid": "3,x"}, r"passive_solid must be element indices such as '3,7,12'"),
+    ({"passive_void": np.ones(7, dtype=bool)}, r"passive_void as a mask must have one entry per element \(100\)"),
+    ({"passive_void": np.setdiff1d(np.arange(100), [0, 1, 10, 11, 80, 81, 90, 91])}, r"every element is passive"),
+    ({"passive_solid": np.arange(40, 75)}, r"passive solid elements alone fill 0.35 of the domain, more than volfrac"),
+    ({"symmetry": "y", "passive_void": [44]}, r"not symmetric under symmetry='y'"),
+    ({"symmetry": "x"}, r"not symmetric under symmetry='x'"),  # the nondesign blocks are at x = 0 only
+    ({"symmetry": "z"}, r"symmetry must be 'none' or mirrored axes from 'xy'"),
+    ({"symmetry": "yy"}, r"symmetry must be 'none' or mirrored axes from 'xy'"),
+])
+def test_bad_passive_sets_and_symmetry_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tm.build(10, 10, nondesign=2, **kwargs)
+
+
+def test_symmetry_x_without_blocks_and_z_in_3d_are_allowed():
+    assert tm.build(10, 10, nondesign=0, symmetry="x").p0.size == 50
+    problem = tm.build(6, 6, nondesign=2, nelz=2, symmetry="z")
+    assert problem.p0.size == (72 - 16) // 2 and problem.meta["options"]["symmetry"] == "z"
+
+
+def test_options_identify_the_passive_sets():
+    default = tm.build(12, 10, nondesign=2)
+    assert default.meta["options"] == OPTIONS_BEFORE  # no new keys at the defaults: old checkpoints still resume
+    np.testing.assert_array_equal(default.meta["passive_void"], [])
+    assert tm.build(8, 8, nondesign=2, nelz=2).meta["options"] == {**OPTIONS_BEFORE, "nelx": 8, "nely": 8, "nelz": 2}
+    a = tm.build(12, 10, nondesign=2, passive_void=[5, 6]).meta["options"]
+    b = tm.build(12, 10, nondesign=2, passive_void=[5, 7]).meta["options"]
+    c = tm.build(12, 10, nondesign=2, passive_solid=[5, 6]).meta["options"]
+    assert a["passive_void"] != b["passive_void"] and a != b
+    assert "passive_solid" not in a and c["passive_solid"] == a["passive_void"] and "passive_void" not in c
+    assert {k: v for k, v in a.items() if k != "passive_void"} == OPTIONS_BEFORE
+    # a mask, a list and a command-line string of the same set: the same options, the same problem
+    mask = np.zeros(120, dtype=bool)
+    mask[[5, 6]] = True
+    assert tm.build(12, 10, nondesign=2, passive_void=mask).meta["options"] == a
+    assert tm.build(12, 10, nondesign=2, passive_void="5:7").meta["options"] == a
+    assert tm.build(12, 10, nondesign=2, symmetry="none").meta["options"] == OPTIONS_BEFORE
+
+
+def test_resume_with_other_passive_elements_is_refused(tmp_path):
+    from adjopt.optimize import CheckpointError
+
+    ckpt = tmp_path / "run.npz"
+    minimize(tm.build(12, 10, nondesign=2, passive_void=[5, 6]), "mma", maxiter=2, gtol=0, xtol=0, checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="passive_void"):
+        minimize(tm.build(12, 10, nondesign=2, passive_void=[5, 7]), "mma", maxiter=4, resume=ckpt)

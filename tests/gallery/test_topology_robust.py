@@ -194,3 +194,119 @@ def test_3d_matches_the_compliance_problem_and_multigrid():
     q = _design(16 * 8 * 8)
     np.testing.assert_allclose(gmg.meta["functionals"]["dilated"].value(q), ref.meta["functionals"]["dilated"].value(q),
                                rtol=1e-6)
+
+
+# -- passive elements and symmetry ------------------------------------------------------------------------------
+def _random(m, seed=5):
+    return np.random.default_rng(seed).uniform(0.05, 0.95, m)
+
+
+@pytest.mark.parametrize("kw,void,solid", [
+    # 2D: voids at the bottom-left corner, solids at the loaded middle of the right edge (a command-line string)
+    (dict(nelx=16, nely=8, rmin=2.0), [0, 1, 16], "63,79"),
+    # 3D, 6 x 4 x 2: a void at the origin, the two solids through the depth at the loaded bottom-right edge
+    (dict(nelx=6, nely=4, nelz=2, rmin=1.5), [0], [5, 29]),
+])
+def test_passive_elements_are_exact_in_all_three_designs(kw, void, solid):
+    problem = tr.build(**kw, beta=4.0, passive_void=void, passive_solid=solid)
+    m = problem.meta
+    n = m["mesh"].n_cells
+    solid = [63, 79] if isinstance(solid, str) else solid
+    np.testing.assert_array_equal(m["passive_void"], void)
+    np.testing.assert_array_equal(m["passive_solid"], solid)
+    np.testing.assert_array_equal(m["design"], np.setdiff1d(np.arange(n), void + solid))
+    k = n - len(void) - len(solid)
+    assert problem.p0.size == k + 1 and problem.mass.shape == (k + 1,)  # (p, z)
+    F = m["functionals"]
+    assert all(J.n_params == k for J in F.values())
+    p = _random(k)
+    designs = {d: m["designs"][d](p) for d in tr.DESIGNS}
+    for d, rho in designs.items():
+        assert np.all(rho[void] == 0.0) and np.all(rho[solid] == 1.0), d  # exactly, in every design
+        free = rho[m["design"]]
+        assert np.all((free > 0) & (free < 1)), d
+    # the volume bound (on the intermediate design) counts the passive solids
+    volume, vmax = problem.constraints[-1]
+    xz = np.append(p, 1.3)
+    assert vmax == 0.5 and volume.value(xz) == pytest.approx(designs["intermediate"].mean(), rel=1e-12)
+    assert volume.value(np.zeros(k + 1)) >= len(solid) / n
+    for d in tr.DESIGNS:
+        r = taylor_test(F[d], p, order=2)
+        assert r.rate >= 1.9, (d, r.table())
+    for con, _ in problem.constraints:
+        r = taylor_test(con, xz, order=2)
+        assert r.rate >= 1.9, r.table()
+    # the eroded formulation has the same reduced design
+    eroded = tr.build(**kw, beta=4.0, formulation="eroded", passive_void=void, passive_solid=solid)
+    assert eroded.p0.size == k and eroded.constraints[0][0].value(p) == pytest.approx(volume.value(xz), rel=1e-14)
+
+
+def test_passive_elements_in_the_result_fields():
+    problem = tr.build(**SMALL, passive_void=[0], passive_solid=[63, 79])
+    xz = np.append(_random(125), 1.0)
+    cd = fields(problem, xz)["cell_data"]
+    assert np.isnan(cd["parameter"][[0, 63, 79]]).all() and np.isfinite(np.delete(cd["parameter"], [0, 63, 79])).all()
+    np.testing.assert_array_equal(cd["density_eroded"][[0, 63, 79]], [0.0, 1.0, 1.0])
+
+
+def _mirror_y(nelx, nely):
+    j, i = np.divmod(np.arange(nelx * nely), nelx)
+    return (nely - 1 - j) * nelx + i
+
+
+def test_symmetric_designs():
+    # the void pair and the solid pair are each other's mirror images about the horizontal centre line
+    problem = tr.build(**SMALL, symmetry="y", passive_void=[0, 112], passive_solid=[63, 79])
+    m = problem.meta
+    assert m["options"]["symmetry"] == "y"
+    assert problem.p0.size == 128 // 2 - 2 + 1  # orbits minus the passive ones, and z
+    np.testing.assert_allclose(problem.mass[:-1], 2.0)  # each parameter weighs its two cells
+    p = _random(62)
+    mirror = _mirror_y(16, 8)
+    for d in tr.DESIGNS:
+        rho = m["designs"][d](p)
+        assert np.max(np.abs(rho - rho[mirror])) <= 1e-14, d
+        assert np.all(rho[[0, 112]] == 0.0) and np.all(rho[[63, 79]] == 1.0)
+        r = taylor_test(m["functionals"][d], p, order=2)
+        assert r.rate >= 1.9, (d, r.table())
+    field = m["parameter_cells"](p)
+    assert np.isnan(field[[0, 112, 63, 79]]).all()
+    np.testing.assert_array_equal(field, field[mirror])
+    np.testing.assert_array_equal(field[m["design"]], p)  # the first element of each orbit
+    for con, _ in problem.constraints:
+        assert taylor_test(con, np.append(p, 1.3), order=2).rate >= 1.9
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"passive_void": [3], "passive_solid": [3]}, r"element 3 is both passive void and passive solid"),
+    ({"passive_void": [32]}, r"passive_void must be element indices in \[0, 32\)"),
+    ({"passive_solid": "-1:2"}, r"passive_solid must be element indices in \[0, 32\)"),
+    ({"passive_void": "1,x"}, r"element indices such as '3,7,12'"),
+    ({"symmetry": "y", "passive_solid": [0]}, r"not symmetric under symmetry='y'"),
+    ({"passive_void": "0:16", "passive_solid": "16:32"}, r"every element is passive"),
+    ({"passive_solid": "0:20"}, r"passive solid elements alone fill 0.625 of the domain, more than volfrac = 0.5"),
+    ({"symmetry": "z"}, r"symmetry must be 'none' or mirrored axes from 'xy'"),
+    ({"symmetry": "yy"}, r"symmetry must be 'none' or mirrored axes"),
+])
+def test_bad_passive_sets_and_symmetry_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tr.build(**{"nelx": 8, "nely": 4, **kwargs})
+
+
+def test_options_fingerprint_the_passive_sets(tmp_path):
+    from adjopt.optimize import CheckpointError
+
+    default = tr.build(8, 4)
+    assert default.meta["options"] == dict(
+        nelx=8, nely=4, volfrac=0.5, penal=3.0, rmin=5.0, emin=1e-5, delta=0.1, beta=1.0, beta_max=32.0,
+        beta_every=40, formulation="minmax", volume_on="intermediate", plane="strain", pad_filter=True,
+        continuation="double", case="cantilever", passive_void=None, passive_solid=None, symmetry="none")
+    assert tr.build(8, 4, symmetry=None).meta["options"]["symmetry"] == "none"
+    a, b = tr.build(8, 4, passive_void=[0]), tr.build(8, 4, passive_void=[1])
+    assert a.meta["options"]["passive_void"] != b.meta["options"]["passive_void"]
+    assert a.meta["options"]["passive_void"].startswith("1 elements, sha1 ")
+    assert tr.build(8, 4, passive_void=np.arange(32) == 0).meta["options"] == a.meta["options"]  # a mask: the same
+    ckpt = tmp_path / "run.npz"
+    minimize(a, "mma", maxiter=1, gtol=0, xtol=0, checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="passive"):  # the same size, another set
+        minimize(b, "mma", maxiter=2, gtol=0, xtol=0, resume=ckpt)

@@ -263,3 +263,122 @@ def test_the_bracket_has_no_compliance_bound_by_default():
 def test_bad_relaxation_and_damping(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ts.build(**{"nelx": 8, "nely": 8, **kwargs})
+
+
+# -- passive elements and symmetry ------------------------------------------------------------------------------
+def _random(m, seed=5):
+    return np.random.default_rng(seed).uniform(0.05, 0.95, m)
+
+
+def _taylor_rates(problem, p):
+    """Order-2 Taylor rates of every constraint and of the raw (not normalized) stress functional; the volume
+    (affine: its remainder is round-off) passes."""
+    for f in [con for con, _ in problem.constraints] + [problem.meta["stress_functional"]]:
+        r = taylor_test(f, p, order=2)
+        assert r.rate >= 1.9, (f, r.table())
+    r = taylor_test(problem.functional, p, order=2)
+    assert r.passed, r.table()
+
+
+@pytest.mark.parametrize("case,size,void,solid", [
+    # cantilever 8 x 12: two voids inside, the two elements at the loaded node solid (a command-line string)
+    ("cantilever", (8, 12), [43, 44], "47,55"),
+    # L-bracket 15 x 15 (adaptive P-norm): a void at the clamped corner besides its own, solids at the load
+    ("lbracket", (15, 15), [210], [88, 89]),
+])
+def test_passive_elements_are_exact_and_solids_carry_stress(case, size, void, solid):
+    problem = ts.build(case, *size, passive_void=void, passive_solid=solid, compliance_max=5.0)
+    m = problem.meta
+    n = size[0] * size[1]
+    solid = [47, 55] if isinstance(solid, str) else solid
+    c = m["mesh"].cell_centers()
+    own = np.flatnonzero((c[:, 0] > 0.4 * size[0]) & (c[:, 1] > 0.4 * size[1]) & (case == "lbracket"))
+    all_void = np.union1d(own, void)
+    np.testing.assert_array_equal(m["passive_void"], all_void)
+    np.testing.assert_array_equal(m["passive_solid"], solid)
+    assert problem.p0.size == n - all_void.size - len(solid) == m["design"].size
+    # the aggregate covers every element but the voids: the passive solids too
+    np.testing.assert_array_equal(m["covered"], np.setdiff1d(np.arange(n), all_void))
+    np.testing.assert_array_equal(m["stress"].elements, m["covered"])
+    assert np.isin(solid, m["stress"].elements).all() and not np.isin(void, m["stress"].elements).any()
+    p = _random(problem.p0.size)
+    rho = m["filter"].forward(p)
+    assert np.all(rho[all_void] == 0.0) and np.all(rho[solid] == 1.0)
+    free = rho[m["design"]]
+    assert np.all((free > 0) & (free < 1))
+    # the objective (the volume fraction) counts the passive solids
+    assert problem.functional.value(p) == pytest.approx(rho.mean(), rel=1e-12)
+    assert problem.functional.value(np.zeros(problem.p0.size)) >= len(solid) / n
+    assert isinstance(problem.constraints[0][0], ts.AdaptiveNormalization) == (case == "lbracket")
+    _taylor_rates(problem, p)
+
+
+def test_symmetric_designs():
+    # void pairs and the solid pair (the loaded node's two elements) are mirror images about y = nely / 2
+    void, solid = [43, 44, 51, 52], [47, 55]
+    problem = ts.build("cantilever", 8, 12, symmetry="y", passive_void=void, passive_solid=solid)
+    m = problem.meta
+    assert m["options"]["symmetry"] == "y"
+    assert problem.p0.size == 96 // 2 - 3  # orbits minus the passive ones
+    np.testing.assert_allclose(problem.mass, 2.0)
+    j, i = np.divmod(np.arange(96), 8)
+    mirror = (11 - j) * 8 + i
+    p = _random(problem.p0.size)
+    rho = m["filter"].forward(p)
+    assert np.max(np.abs(rho - rho[mirror])) <= 1e-14
+    assert np.all(rho[void] == 0.0) and np.all(rho[solid] == 1.0)
+    field = m["parameter_cells"](p)
+    assert np.isnan(field[void + solid]).all()
+    np.testing.assert_array_equal(field, field[mirror])
+    _taylor_rates(problem, p)
+    # with the adaptive normalization too
+    adaptive = ts.build("cantilever", 8, 12, symmetry="y", normalization="adaptive", passive_solid=solid)
+    assert adaptive.p0.size == 47 and isinstance(adaptive.constraints[0][0], ts.AdaptiveNormalization)
+    _taylor_rates(adaptive, _random(47))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"passive_void": [3], "passive_solid": [3]}, r"element 3 is both passive void and passive solid .*passive_void"),
+    ({"case": "lbracket", "passive_solid": [63]}, r"element 63 is both .*the case 'lbracket' makes it void"),
+    ({"passive_void": [64]}, r"passive_void must be element indices in \[0, 64\)"),
+    ({"passive_solid": np.ones(3, dtype=bool)}, r"passive_solid as a mask must have one entry per element \(64\)"),
+    ({"passive_void": "1,x"}, r"element indices such as '3,7,12'"),
+    ({"symmetry": "y", "passive_solid": [0]}, r"not symmetric under symmetry='y'"),
+    ({"case": "lbracket", "symmetry": "x"}, r"not symmetric under symmetry='x'"),
+    ({"passive_void": "0:40", "passive_solid": "40:64"}, r"every element is passive"),
+    ({"symmetry": "xz"}, r"symmetry must be 'none' or mirrored axes from 'xy'"),
+])
+def test_bad_passive_sets_and_symmetry_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ts.build(**{"nelx": 8, "nely": 8, **kwargs})
+
+
+def test_options_fingerprint_the_passive_sets():
+    default = ts.build("lbracket", 15, 15)  # its own voids are not an option: passive_void stays None
+    assert default.meta["options"] == dict(
+        case="lbracket", nelx=15, nely=15, nelz=None, sigma_max=0.8, P=10.0, rmin=2.0, emin=1e-9, start=1.0,
+        compliance_max=0.0, load_width=3, plane="strain", shear_scale=1.0, normalization="adaptive", alpha=0.5,
+        q=1.0, passive_void=None, passive_solid=None, symmetry="none")
+    opts = ts.build("cantilever", 8, 12).meta["options"]
+    assert (opts["passive_void"], opts["passive_solid"], opts["symmetry"]) == (None, None, "none")
+    a = ts.build("cantilever", 8, 12, passive_solid=[47])
+    b = ts.build("cantilever", 8, 12, passive_solid=[55])
+    assert a.meta["options"]["passive_solid"] != b.meta["options"]["passive_solid"]
+    assert a.meta["options"]["passive_solid"].startswith("1 elements, sha1 ")
+    assert ts.build("cantilever", 8, 12, passive_solid="47").meta["options"] == a.meta["options"]
+
+
+def test_passive_solids_from_the_command_line(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "adjopt.cli", "run", "topology_stress", "--case", "lbracket",
+                           "--nelx", "20", "--nely", "20", "--passive_solid", "0:5", "--max-iter", "2", "--out",
+                           str(out)], capture_output=True, text=True, timeout=120)
+    # exit status 1: two iterations do not converge; the run's results are written all the same
+    assert proc.returncode == 1 and "maximum number of iterations (2) reached" in proc.stdout, proc.stdout + proc.stderr
+    options = json.loads((out / "history.json").read_text())["options"]
+    assert options["passive_solid"].startswith("5 elements, sha1 ") and options["passive_void"] is None
+    x = np.load(out / "result.npz")["x"]
+    assert x.shape == (400 - 144 - 5,)
