@@ -181,11 +181,16 @@ def _parse_elements(text: str, name: str) -> np.ndarray:
             continue
         try:
             if ":" in part:
-                a, b = part.split(":")
-                out.extend(range(int(a), int(b)))
+                a, b = (int(v) for v in part.split(":"))
+                if b <= a:
+                    raise ValueError(f"{name}: the range {part!r} is empty (its end must be above its start; "
+                                     "'0:10' is 0 to 9)")
+                out.extend(range(a, b))
             else:
                 out.append(int(part))
-        except ValueError:
+        except ValueError as exc:
+            if "is empty" in str(exc):
+                raise
             raise ValueError(f"{name} must be element indices such as '3,7,12' or a range '0:10', got {text!r}") \
                 from None
     return np.array(out, dtype=np.int64)
@@ -200,6 +205,8 @@ def _elements(value, n: int, name: str) -> np.ndarray:
         value = _parse_elements(value, name)
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = [value]
+    elif isinstance(value, (set, frozenset)):
+        value = sorted(value)
     return element_indices(value, n, name)
 
 
@@ -304,8 +311,9 @@ def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bo
         state = np.full(n, np.nan)
         state[index] = values
         if not np.array_equal(np.isnan(full), np.isnan(state)) or not np.allclose(full[index], values):
-            raise ValueError(f"the passive elements are not symmetric under symmetry={symmetry!r}: give passive_void "
-                             "and passive_solid that are their own mirror images")
+            raise ValueError(f"the passive elements are not symmetric under symmetry={symmetry!r}: the problem's own "
+                             "fixed elements (its holes, blocks or void corner) and passive_void / passive_solid "
+                             "must be their own mirror images; give symmetric sets or another symmetry")
         o_index = np.flatnonzero(~np.isnan(fixed))
         head = [FixedEntries(m_orb, o_index, fixed[o_index])] if o_index.size else []
         chain = head + [TiedEntries(orbit, m_orb)] + chain + pins
@@ -543,7 +551,8 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
             "dofmap": dofmap, "dofs": dofmap, "load": load, "volfrac": volfrac, "penal": penal, "rmin": rmin,
             "emin": emin, "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal,
                                           rmin=rmin, emin=emin, filter=filter, projection=projection, beta=beta,
-                                          eta=eta, beta_max=beta_max, beta_every=beta_every, symmetry=symmetry,
+                                          eta=eta, beta_max=beta_max, beta_every=beta_every,
+                                          symmetry=check_symmetry(symmetry, mesh.dim) or "none",
                                           passive_void=_fingerprint(void), passive_solid=_fingerprint(solid))}
     return adjopt.Problem(J, np.full(m, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)],
                           name=name, meta=meta, mass=volumes[design] * chain["weights"], continuation=cont,

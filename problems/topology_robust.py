@@ -237,10 +237,12 @@ def build(nelx: int = 100, nely: int = 40, volfrac: float = 0.5, penal: float = 
             "options": dict(nelx=nelx, nely=nely, volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, delta=delta,
                             beta=beta, beta_max=beta_max, beta_every=beta_every, formulation=formulation,
                             volume_on=volume_on, plane=plane, pad_filter=pad_filter, continuation=continuation,
-                            case=case, passive_void=_tc._fingerprint(void), passive_solid=_tc._fingerprint(solid),
-                            symmetry=passive["symmetry"] or "none")}
-    if nelz is not None:  # 2D keeps the options (and checkpoints) it always had
-        meta["options"]["nelz"] = nelz
+                            case=case)}
+    # the options added since the first version enter only where they make another problem, so that a
+    # checkpoint of the same problem from before them still resumes
+    added = dict(nelz=nelz, passive_void=_tc._fingerprint(void), passive_solid=_tc._fingerprint(solid),
+                 symmetry=passive["symmetry"] or None)
+    meta["options"].update({k: v for k, v in added.items() if v is not None})
     name = f"topology_robust_{case}_{formulation}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
     p0 = np.full(m, volfrac)
     mass = volumes[design] * passive["weights"]  # a parameter weighs its orbit's cells

@@ -474,11 +474,16 @@ def build(case: str = "cantilever", nelx: int | None = None, nely: int | None = 
             "dofmap": dofmap, "dofs": dofmap, "load": load, "stress": stress, "stress_functional": G,
             "passive_void": void, "passive_solid": solid, "design": design, "covered": covered,
             "parameter_cells": passive["field"],
-            "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, sigma_max=sigma_max, P=P, rmin=rmin,
+            "options": dict(case=case, nelx=nelx, nely=nely, sigma_max=sigma_max, P=P, rmin=rmin,
                             emin=emin, start=start, compliance_max=compliance_max, load_width=load_width,
-                            plane=plane, shear_scale=shear_scale, normalization=normalization, alpha=alpha,
-                            q=q, passive_void=_tc._fingerprint(_tc._elements(passive_void, n, "passive_void")),
-                            passive_solid=_tc._fingerprint(solid), symmetry=passive["symmetry"] or "none")}
+                            plane=plane, shear_scale=shear_scale)}
+    # the options added since the first version enter only where they make another problem, so that a
+    # checkpoint of the same problem from before them still resumes
+    added = dict(nelz=nelz, normalization=None if normalization == "fixed" else normalization,
+                 alpha=alpha if normalization == "adaptive" else None, q=None if q == 1.0 else q,
+                 passive_void=_tc._fingerprint(_tc._elements(passive_void, n, "passive_void")),
+                 passive_solid=_tc._fingerprint(solid), symmetry=passive["symmetry"] or None)
+    meta["options"].update({k: v for k, v in added.items() if v is not None})
     return adjopt.Problem(volume, np.full(design.size, start), bounds=(0.0, 1.0),
                           constraints=cons, name=f"topology_stress_{case}_{size}", meta=meta,
                           mass=volumes[design] * passive["weights"], monitor=monitor, continuation=continuation)

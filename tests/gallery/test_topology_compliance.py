@@ -161,3 +161,17 @@ def test_script_runs():
                           "--nelx", "12", "--nely", "4"], capture_output=True, text=True, check=True, env=env).stdout
     assert "J(p0)" in out and "|grad J(p0)|" in out and "volume(p0)   = 0.5" in out
     assert out.count("PASS") == 4 and "Hessian action: PASS" in out  # order 2; order 3 on J, on grad J, verdict
+
+
+def test_passive_ranges_sets_and_the_stored_symmetry():
+    import topology_compliance as tcm
+
+    with pytest.raises(ValueError, match=r"passive_void: the range '3:1' is empty"):
+        tcm.build("mbb", 12, 4, passive_void="3:1")
+    a = tcm.build("mbb", 12, 4, passive_void={5, 1, 3})  # a Python set: its elements
+    b = tcm.build("mbb", 12, 4, passive_void="1,3,5")
+    np.testing.assert_array_equal(a.meta["passive_void"], [1, 3, 5])
+    assert a.meta["options"] == b.meta["options"]
+    # the symmetry is stored as checked: the same mirror axes in any order or spelling of "none" are one problem
+    assert tcm.build("mbb", 12, 4, symmetry="yx").meta["options"]["symmetry"] == "xy"
+    assert tcm.build("mbb", 12, 4, symmetry=None).meta["options"] == tcm.build("mbb", 12, 4).meta["options"]

@@ -354,3 +354,75 @@ def test_the_compiled_subsolver_is_the_numpy_one(n, m, infeasible):
     again = _subproblem(np.random.default_rng(n + m), n, m, infeasible)
     for u, v in zip(args, again):
         np.testing.assert_array_equal(u, v)
+
+
+class _SumSquares:
+    """f(x) = |x|^2 (or a NaN gradient entry from call ``nan_after`` on)."""
+
+    def __init__(self, n, nan_after=None):
+        self.n_params = n
+        self.calls = 0
+        self.nan_after = nan_after
+
+    def value(self, x):
+        return float(np.dot(x, x))
+
+    def gradient(self, x):
+        self.calls += 1
+        g = 2 * np.asarray(x, dtype=float)
+        if self.nan_after is not None and self.calls > self.nan_after:
+            g[1] = np.nan
+        return g
+
+
+class _Linear:
+    def __init__(self, w):
+        self.w = np.asarray(w, dtype=float)
+        self.n_params = self.w.size
+
+    def value(self, x):
+        return float(self.w @ x)
+
+    def gradient(self, x):
+        return self.w.copy()
+
+
+@pytest.mark.parametrize("n,extra", [(3, 0), (3, 2), (40, 0)])
+def test_mma_keeps_fixed_variables_and_finds_the_optimum(n, extra):
+    # min |x|^2 s.t. sum x >= 1 with x_0 fixed at 0.3 (equal bounds): the others share 0.7 equally;
+    # ``extra`` inactive constraints make m >= n (the numpy subproblem) for n = 3
+    lo, hi = np.zeros(n), np.ones(n)
+    lo[0] = hi[0] = 0.3
+    cons = [(_Linear(-np.ones(n)), -1.0)] + [(_Linear(np.eye(n)[1]), 2.0)] * extra
+    problem = Problem(_SumSquares(n), np.full(n, 0.5), bounds=(lo, hi), constraints=cons)
+    res = adjopt.minimize(problem, "mma", maxiter=300, gtol=1e-9, xtol=0)
+    want = np.r_[0.3, np.full(n - 1, 0.7 / (n - 1))]
+    np.testing.assert_allclose(res.x, want, atol=1e-5)
+    assert res.x[0] == 0.3
+
+
+def test_mma_refuses_only_fixed_variables_and_names_a_nan_gradient():
+    n = 4
+    with pytest.raises(ValueError, match="every variable has equal lower and upper bounds"):
+        adjopt.minimize(Problem(_SumSquares(n), np.full(n, 0.3), bounds=(0.3, 0.3),
+                                constraints=[(_Linear(-np.ones(n)), -1.0)]), "mma", maxiter=3)
+    problem = Problem(_SumSquares(n, nan_after=2), np.full(n, 0.5), bounds=(0.0, 1.0),
+                      constraints=[(_Linear(-np.ones(n)), -1.0)])
+    with pytest.raises(adjopt.optimize.OptimizationError, match=r"the objective's gradient is nan .* \(entry 1\)"):
+        adjopt.minimize(problem, "mma", maxiter=10, gtol=0, xtol=0)
+
+
+def test_many_constraints_take_the_numpy_subsolver(monkeypatch):
+    from adjopt.optimize import _mma_kernels
+    from adjopt.optimize.design import COMPILED_MAX_CONSTRAINTS, subsolv
+
+    def refuse(*args):
+        raise AssertionError("the compiled subsolver ran")
+
+    monkeypatch.setattr(_mma_kernels, "subsolv_few", refuse)
+    m = COMPILED_MAX_CONSTRAINTS + 1
+    args = _subproblem(np.random.default_rng(1), 60, m)
+    x = subsolv(*args)[0]  # the numpy form, no AssertionError
+    assert np.all(np.isfinite(x))
+    with pytest.raises(AssertionError, match="compiled subsolver ran"):
+        subsolv(*_subproblem(np.random.default_rng(1), 60, COMPILED_MAX_CONSTRAINTS))

@@ -225,6 +225,11 @@ class OC(Driver):
 # =====================================================================================================
 # Method of moving asymptotes
 # =====================================================================================================
+#: the most constraints the compiled subproblem solver takes: its O(n m^2) loop of the reduced system lost to
+#: numpy's BLAS products above some 50 (n = 600: 1.6x slower at m = 100, 3.7x at 599)
+COMPILED_MAX_CONSTRAINTS = 16
+
+
 def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, max_newton=200, compiled=True):
     """Svanberg's primal-dual interior-point solver of the MMA subproblem.
 
@@ -234,13 +239,15 @@ def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, ma
 
     Vectors are 1-D (n,) or (m,), P and Q are (m, n), a0 and z scalars. Returns
     ``(x, y, z, lam, xsi, eta, mu, zet, s, newton_iterations)``. With
-    ``compiled`` (the default) and 0 < m < n the compiled form runs
-    (:func:`adjopt.optimize._mma_kernels.subsolv_few`, the same iteration in
-    a few fused passes); this numpy form is its reference.
+    ``compiled`` (the default) and 0 < m < n, m <= COMPILED_MAX_CONSTRAINTS,
+    the compiled form runs (:func:`adjopt.optimize._mma_kernels.subsolv_few`,
+    the same iteration in a few fused passes); this numpy form is its
+    reference, and the faster one for many constraints (its (m, n) products
+    go to BLAS).
     """
     n = p0.size
     m = b.size
-    if compiled and 0 < m < n:
+    if compiled and 0 < m <= COMPILED_MAX_CONSTRAINTS and m < n:
         from ._mma_kernels import subsolv_few
 
         f64 = np.float64
@@ -474,6 +481,11 @@ class MMA(Driver):
     def __init__(self, problem, inner, options, counts):
         super().__init__(problem, inner, options, counts)
         self.lo, self.hi = _finite_bounds(self, "mma")
+        #: the variables MMA moves: a variable with equal bounds stays at them (its asymptotes would coincide)
+        self.free = self.hi > self.lo
+        if self.lo.size and not np.any(self.free):
+            raise ValueError("method 'mma': every variable has equal lower and upper bounds; there is nothing to "
+                             "optimize")
         self.cons = [(f, float(u)) for f, u in (problem.constraints or [])]
         self.m = len(self.cons)
         o = self.opts
@@ -537,22 +549,40 @@ class MMA(Driver):
         grad L = grad f + sum lam_i grad g_i, g_i = value_i - upper_i."""
         return float(state["kkt"])
 
+    def _check_finite(self, state) -> None:
+        """A clear error for NaN or Inf in what the subproblem is built from (it would fail deep inside)."""
+        bad = [("the objective's gradient", state["g"])]
+        bad += [(f"constraint {i}'s value", state["fval"][i:i + 1]) for i in range(self.m)]
+        bad += [(f"constraint {i}'s gradient", state["dfdx"][i]) for i in range(self.m)]
+        for what, v in bad:
+            v = np.asarray(v, dtype=np.float64)
+            if not np.all(np.isfinite(v)):
+                j = int(np.flatnonzero(~np.isfinite(v))[0])
+                raise OptimizationError(f"MMA: {what} is {v[j]} at the current design (entry {j}); check the "
+                                        "functional there (a NaN in data, a map or a solve)")
+
     def iterate(self, state):
         o = self.opts
+        self._check_finite(state)
         x = state["x"]
         k = int(state["k"]) + 1
         sf = float(state["fscale"])
         sc = np.asarray(state["cscale"], dtype=np.float64).reshape(self.m)
         fval = np.asarray(state["fval"], dtype=np.float64).reshape(self.m)
         dfdx = np.asarray(state["dfdx"], dtype=np.float64).reshape(self.m, x.size)
+        f = self.free  # fixed variables (equal bounds) are left out of the subproblem: they stay where they are
+        low, upp = np.array(state["low"], dtype=np.float64), np.array(state["upp"], dtype=np.float64)
         with one_blas_thread():  # many small (m, n) products: BLAS threads spin more than they work
-            xmma, y, _z, lam_s, low, upp, nsub = mma_subproblem(
-                k, x, self.lo, self.hi, state["xold1"], state["xold2"], sf * state["g"], sc * fval, sc[:, None] * dfdx,
-                state["low"], state["upp"], move=o["move"], asyinit=o["asyinit"], asyincr=o["asyincr"],
-                asydecr=o["asydecr"], asymin=o["asymin"], asymax=o["asymax"], albefa=o["albefa"], raa0=o["raa0"],
-                a0=float(o["a0"]), a=np.zeros(self.m), c=np.full(self.m, float(o["c"])), d=np.full(self.m, float(o["d"])), epsimin=o["epsimin"])
-        if not np.all(np.isfinite(xmma)):
+            xsub, y, _z, lam_s, low[f], upp[f], nsub = mma_subproblem(
+                k, x[f], self.lo[f], self.hi[f], state["xold1"][f], state["xold2"][f], sf * state["g"][f], sc * fval,
+                sc[:, None] * dfdx[:, f], low[f], upp[f], move=o["move"], asyinit=o["asyinit"],
+                asyincr=o["asyincr"], asydecr=o["asydecr"], asymin=o["asymin"], asymax=o["asymax"],
+                albefa=o["albefa"], raa0=o["raa0"], a0=float(o["a0"]), a=np.zeros(self.m),
+                c=np.full(self.m, float(o["c"])), d=np.full(self.m, float(o["d"])), epsimin=o["epsimin"])
+        if not np.all(np.isfinite(xsub)):
             raise OptimizationError("MMA: the subproblem solver returned a non-finite point")
+        xmma = np.array(x, dtype=np.float64, copy=True)
+        xmma[f] = xsub
         xmma = np.clip(xmma, self.lo, self.hi)
         lam = lam_s * sc / sf  # multipliers of value_i - upper_i <= 0 for f itself
         xmma, f, g = _evaluate_or_back_off(self.J, x, xmma, "mma")
