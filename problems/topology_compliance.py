@@ -351,21 +351,11 @@ def design_chain(mesh, rmin, filter, projection, beta, eta, void, solid, pin: bo
             "field": field, "physical": physical, "monitor": monitor}
 
 
-def passive_design(mesh, grid, passive_void, passive_solid, symmetry, volfrac=None, own_void=None,
-                   own_name: str = "the case") -> dict:
-    """The passive sets and symmetry of a density design on a structured grid, checked, and the map p -> the
-    design variables on every element (passive values in, mirror images tied) that goes before the filter.
-
-    ``passive_void`` and ``passive_solid`` are as :func:`_elements` takes them (indices, a
-    boolean mask, one index, a string "0:3,7"); ``own_void`` are elements the case itself makes void (united
-    with ``passive_void``, named ``own_name`` in errors). A ValueError for an element both void and solid,
-    every element passive, passive solids filling more than ``volfrac`` (when given), a bad ``symmetry`` or
-    passive sets that are not their own mirror images. Returns a dict with ``void``, ``solid`` (sorted
-    indices), ``symmetry`` ('' for none), ``maps`` (the maps p -> design variables on every element, in order:
-    [:class:`~adjopt.maps.FixedEntries`] [:class:`~adjopt.maps.TiedEntries`]; empty when p is the design), and
-    from :func:`design_chain` without filter and projection: ``design`` (the elements p
-    holds), ``weights`` (each parameter's orbit size) and ``field``.
-    """
+def check_passive(mesh, passive_void, passive_solid, volfrac=None, own_void=None,
+                  own_name: str = "the case") -> tuple[np.ndarray, np.ndarray]:
+    """(void, solid): the passive sets as sorted element indices, ``own_void`` (elements the case itself makes
+    void, named ``own_name`` in errors) united with ``passive_void``; a ValueError for an element both void and
+    solid, every element passive, or passive solids filling more than ``volfrac`` (when given)."""
     n = mesh.n_cells
     own = _elements(own_void, n, f"{own_name}'s voids")
     void = np.union1d(own, _elements(passive_void, n, "passive_void")).astype(np.int64)
@@ -383,6 +373,25 @@ def passive_design(mesh, grid, passive_void, passive_solid, symmetry, volfrac=No
         if solid_fraction > volfrac:
             raise ValueError(f"the passive solid elements alone fill {solid_fraction:.4g} of the domain, more than "
                              f"volfrac = {volfrac:g}: no design meets the volume bound; raise volfrac or fix fewer")
+    return void, solid
+
+
+def passive_design(mesh, grid, passive_void, passive_solid, symmetry, volfrac=None, own_void=None,
+                   own_name: str = "the case") -> dict:
+    """The passive sets and symmetry of a density design on a structured grid, checked, and the map p -> the
+    design variables on every element (passive values in, mirror images tied) that goes before the filter.
+
+    ``passive_void`` and ``passive_solid`` are as :func:`_elements` takes them (indices, a
+    boolean mask, one index, a string "0:3,7"); ``own_void`` are elements the case itself makes void (united
+    with ``passive_void``, named ``own_name`` in errors). A ValueError for an element both void and solid,
+    every element passive, passive solids filling more than ``volfrac`` (when given), a bad ``symmetry`` or
+    passive sets that are not their own mirror images. Returns a dict with ``void``, ``solid`` (sorted
+    indices), ``symmetry`` ('' for none), ``maps`` (the maps p -> design variables on every element, in order:
+    [:class:`~adjopt.maps.FixedEntries`] [:class:`~adjopt.maps.TiedEntries`]; empty when p is the design), and
+    from :func:`design_chain` without filter and projection: ``design`` (the elements p
+    holds), ``weights`` (each parameter's orbit size) and ``field``.
+    """
+    void, solid = check_passive(mesh, passive_void, passive_solid, volfrac, own_void, own_name)
     sym = check_symmetry(symmetry, mesh.dim)
     chain = design_chain(mesh, 1.0, False, False, 1.0, 0.5, void, solid, pin=False, grid=grid, symmetry=sym)
     head = chain["map"]
@@ -502,22 +511,8 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
         mesh, fixed, load, unit = _mbb3d(nelx, nely, nelz)
     else:
         mesh, fixed, load, unit, void = _cantilever2d(nelx, nely, case)
-    n = mesh.n_cells
-    own = _elements(void, n, "the case's voids")
-    void = np.union1d(own, _elements(passive_void, n, "passive_void"))
-    solid = _elements(passive_solid, n, "passive_solid")
-    both = np.intersect1d(void, solid)
-    if both.size:
-        where = f"the case {case!r} makes it void (its hole)" if np.isin(both[0], own) else "passive_void has it"
-        raise ValueError(f"element {int(both[0])} is both passive void and passive solid ({both.size} such; {where}); "
-                         "give each passive element once")
-    if void.size + solid.size >= n:
-        raise ValueError("every element is passive: nothing is left to design")
-    cell_volumes = mesh.cell_volumes()
-    solid_fraction = float(cell_volumes[solid].sum() / cell_volumes.sum())
-    if solid_fraction > volfrac:
-        raise ValueError(f"the passive solid elements alone fill {solid_fraction:.4g} of the domain, more than "
-                         f"volfrac = {volfrac:g}: no design meets the volume bound; raise volfrac or fix fewer")
+    void, solid = check_passive(mesh, passive_void, passive_solid, volfrac, own_void=void,
+                                own_name=f"the case {case!r}")
     dim = mesh.dim
     # every element is a translate of the unit cell: one shared local matrix
     KE = fem.q1_elasticity(unit, E=1.0, nu=NU)[0]

@@ -482,10 +482,12 @@ class MMA(Driver):
         super().__init__(problem, inner, options, counts)
         self.lo, self.hi = _finite_bounds(self, "mma")
         #: the variables MMA moves: a variable with equal bounds stays at them (its asymptotes would coincide)
-        self.free = self.hi > self.lo
-        if self.lo.size and not np.any(self.free):
+        free = self.hi > self.lo
+        if self.lo.size and not np.any(free):
             raise ValueError("method 'mma': every variable has equal lower and upper bounds; there is nothing to "
                              "optimize")
+        # all free (the usual case): a slice, whose x[free] are views, not copies of every n-vector per iteration
+        self.free = slice(None) if np.all(free) else free
         self.cons = [(f, float(u)) for f, u in (problem.constraints or [])]
         self.m = len(self.cons)
         o = self.opts
