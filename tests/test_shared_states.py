@@ -135,3 +135,16 @@ def test_the_stress_problem_factorizes_once_per_design():
     # each solver once, and their phases
     assert res.factorizations == 6 and res.solves == 12
     assert all(e["phases"].get("factorize", 0) > 0 for e in res.history[1:])
+
+
+def test_a_nonlinear_functional_refuses_shared_states():
+    from adjopt import fem
+    from adjopt import mesh as meshes
+
+    msh = meshes.unit_square(6, cell="triangle")
+    dm = fem.condense(msh.n_nodes, fem.boundary_dofs(msh, "all"))
+    R = fem.diffusion_reaction_residual(msh, dm, source=dm.restrict_vector(fem.body_force(msh, 1.0)),
+                                        diffusion="exp", beta=1.0)
+    J = adjopt.ReducedFunctional(R, objective=adjopt.SquaredMisfit(np.zeros(R.n)), solver="superlu")
+    with pytest.raises(TypeError, match="with_objective .* is for a linear A"):
+        J.with_objective(adjopt.Compliance(np.ones(R.n)))

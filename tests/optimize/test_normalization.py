@@ -274,3 +274,18 @@ def test_nothing_aggregated_keeps_c():
     with pytest.raises(ValueError, match="one is zero and the other is not"):
         AdaptiveNormalization(Quadratic(), lambda p: 1.0).step(False, x=np.zeros(3))
     assert AdaptiveNormalization(Quadratic(), lambda p: np.float64(3.0)).step(False, x=np.ones(3))
+
+
+def test_bad_chains_are_refused():
+    from adjopt.maps import HeavisideProjection
+    from adjopt.optimize import BetaContinuation, ContinuationChain
+
+    beta = BetaContinuation(HeavisideProjection(3))
+    with pytest.raises(ValueError, match="at least one continuation"):
+        ContinuationChain([])
+    with pytest.raises(TypeError, match="needs step, state, restore and reset"):
+        ContinuationChain([beta, object()])
+    with pytest.raises(TypeError, match="cannot hold another"):
+        ContinuationChain([ContinuationChain([beta])])
+    with pytest.raises(ValueError, match="a continuation chain's state needs a 'chain' list"):
+        ContinuationChain([beta]).restore({"beta": 1.0})
