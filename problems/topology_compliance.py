@@ -554,6 +554,116 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
                           monitor=chain["monitor"])
 
 
+#: the cases :func:`build_distributed` builds rank by rank
+DISTRIBUTED_CASES = ("mbb", "mbb3d")
+
+
+def _slab_filter(part, shape, rmin: float) -> "scipy.sparse.csr_array":
+    """This rank's rows of the serial DensityFilter on the cell centres of the unit grid ``shape``: built on the
+    slab's cells and ceil(rmin) layers of cells on either side (every neighbour within rmin), columns global."""
+    import scipy.sparse as sp
+
+    k0, k1 = part.layers
+    n_layers, per_layer = shape[-1], int(np.prod(shape[:-1]))
+    g = int(np.ceil(rmin))
+    e0, e1 = max(0, k0 - g), min(n_layers, k1 + g)
+    axes = [np.arange(n, dtype=np.float64) + 0.5 for n in shape[:-1]] + [np.arange(e0, e1, dtype=np.float64) + 0.5]
+    grids = np.meshgrid(*axes[::-1], indexing="ij")  # the last axis slowest, x fastest (the generators' order)
+    centers = np.column_stack([a.ravel() for a in grids[::-1]])
+    W = DensityFilter(centers, rmin).L
+    rows = W[(k0 - e0) * per_layer:(k1 - e0) * per_layer]
+    return sp.csr_array((rows.data, rows.indices + e0 * per_layer, rows.indptr),
+                        shape=(rows.shape[0], n_layers * per_layer))
+
+
+def build_distributed(case: str = "mbb", nelx: int | None = None, nely: int | None = None, nelz: int | None = None,
+                      volfrac: float = 0.5, penal: float = 3.0, rmin: float = 1.5, emin: float = 1e-9,
+                      filter: bool = True, comm=None, **solver_options) -> adjopt.Problem:
+    """The minimum-compliance problem built rank by rank on PETSc: no rank forms the global mesh or operator.
+
+    The same problem as :func:`build` (cases ``"mbb"`` and ``"mbb3d"``, the
+    density filter on or off; no projection, passive sets or symmetry), for
+    ``mpiexec``: each rank builds its slab of the mesh
+    (:func:`adjopt.mesh.rectangle_part` / :func:`~adjopt.mesh.box_part`,
+    slabs along y in 2D and z in 3D), its element connectivity in the global
+    free-dof numbering, its rows of the density filter, its part of the load
+    and of the rigid body modes, and the functional is
+    :meth:`DistributedReducedFunctional.from_parts
+    <adjopt.backends.petsc.DistributedReducedFunctional.from_parts>` with
+    ``solver_options`` (``rtol``, ``pc_type``, ...). The numbering of nodes,
+    dofs, elements and parameters is the serial one, so results compare entry
+    by entry with :func:`build`.
+
+    The returned problem's functional and volume constraint take the full
+    parameter vector on every rank (the serial interface): p0 and the
+    drivers' vectors are still replicated (m doubles per rank).
+    """
+    from mpi4py import MPI
+
+    from adjopt.backends.petsc import DistributedReducedFunctional
+    from adjopt.backends.petsc.parts import DistributedVolume, LocalCompliance, LocalSystem, free_numbering
+    from adjopt.fem.nullspace import rigid_body_modes
+    from adjopt.mesh import box_part, rectangle_part
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(case, str) or case not in DISTRIBUTED_CASES:
+        raise ValueError(f"build_distributed builds the cases {', '.join(map(repr, DISTRIBUTED_CASES))}, got {case!r}; "
+                         "build the others serially (build(), then adjopt.backends.petsc.distribute)")
+    dx, dy, dz = DEFAULT_SIZES[case]
+    nelx = _count(dx if nelx is None else nelx, "nelx")
+    nely = _count(dy if nely is None else nely, "nely")
+    if dz is None and nelz is not None:
+        raise ValueError(f"nelz is for the 3D case only; case {case!r} is 2D, got nelz={nelz!r}")
+    nelz = None if dz is None else _count(dz if nelz is None else nelz, "nelz")
+    volfrac, penal, rmin, emin = check_material(volfrac, penal, rmin, emin)
+    if not isinstance(filter, (bool, np.bool_)):
+        raise ValueError(f"filter must be True or False, got {filter!r}")
+    if nelz is None:
+        shape, dim = (nelx, nely), 2
+        part = rectangle_part(nelx, nely, float(nelx), float(nely), cell="quad", comm=comm)
+        unit = rectangle(1, 1, 1.0, 1.0, cell="quad")
+    else:
+        shape, dim = (nelx, nely, nelz), 3
+        part = box_part(nelx, nely, nelz, float(nelx), float(nely), float(nelz), cell="hexahedron", comm=comm)
+        unit = box(1, 1, 1, 1.0, 1.0, 1.0, cell="hexahedron")
+    x = part.mesh.points
+    n_local, n_owned = x.shape[0], part.n_owned
+    fixed = np.zeros((n_local, dim), dtype=bool)  # (node, component), the serial _mbb / _mbb3d supports
+    load = np.zeros((n_local, dim))
+    fixed[x[:, 0] == 0.0, 0] = True  # symmetry plane x = 0
+    roller = (x[:, 0] == nelx) & (x[:, 1] == 0.0)
+    fixed[roller, 1] = True
+    top = (x[:, 0] == 0.0) & (x[:, 1] == nely)
+    if dim == 2:
+        load[top, 1] = -1.0
+    else:
+        fixed[x[:, 2] == 0.0, 2] = True  # the back face z = 0: symmetry
+        w = np.where((x[:, 2] == 0.0) | (x[:, 2] == nelz), 0.5, 1.0) / nelz
+        load[top, 1] = -w[top]
+    ids = dim * part.node_start + np.arange(dim * n_local)
+    free, n_free = free_numbering(comm, ids, fixed.ravel(), dim * n_owned)
+    owned_free = np.flatnonzero(free[:dim * n_owned] >= 0)
+    conn = free[fem.vector_dofs(part.mesh.cells, dim)]
+    b = load.ravel()[owned_free]
+    KE = fem.q1_elasticity(unit, E=1.0, nu=NU)[0]
+    L = _slab_filter(part, shape, rmin) if filter else None
+    n_el = part.mesh.n_cells
+    system = LocalSystem(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n_free, b, [LocalCompliance(b)],
+                         parameter_matrix=L, n_owned_params=n_el if filter else None,
+                         near_nullspace=rigid_body_modes(x[:n_owned], owned_free, center=np.array(shape) / 2.0))
+    del conn, load, fixed, free
+    J = DistributedReducedFunctional.from_parts(system, comm=comm, **solver_options)
+    m = part.n_global_cells
+    volume = DistributedVolume(comm, np.ones(n_el), L, n_params=m, first=part.cell_start)
+    name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
+    meta = {"case": case, "nelx": nelx, "nely": nely, "nelz": nelz, "part": part, "volfrac": volfrac,
+            "penal": penal, "rmin": rmin, "emin": emin, "distributed": True,
+            "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal, rmin=rmin,
+                            emin=emin, filter=bool(filter))}
+    return adjopt.Problem(J, np.full(m, volfrac), bounds=(0.0, 1.0), constraints=[(volume, volfrac)], name=name,
+                          meta=meta)
+
+
 def main(argv=None) -> None:
     import argparse
 

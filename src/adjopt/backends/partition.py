@@ -178,6 +178,40 @@ class Numbering:
     def from_owner(cls, owner: np.ndarray, n_ranks: int) -> Numbering:
         return cls(*_contiguous(np.asarray(owner), n_ranks))
 
+    @classmethod
+    def contiguous(cls, ranges) -> ContiguousNumbering:
+        """The numbering in which rank r already owns ``ranges[r]:ranges[r+1]`` of the serial order."""
+        return ContiguousNumbering(ranges)
+
+
+class ContiguousNumbering(Numbering):
+    """The identity numbering over contiguous ownership ranges (a rank-local build's): no global arrays.
+
+    ``order`` and ``perm`` are made on demand (they are the identity), so a
+    rank holds nothing of global length until it gathers a whole vector.
+    """
+
+    def __init__(self, ranges):
+        r = np.asarray(ranges, dtype=np.int64)
+        if r.ndim != 1 or r.size < 2 or r[0] != 0 or np.any(np.diff(r) < 0):
+            raise PartitionError(f"ownership ranges must start at 0 and not decrease, got {r.tolist()}")
+        self.ranges = r
+
+    @property
+    def order(self) -> np.ndarray:
+        return np.arange(self.size)
+
+    @property
+    def perm(self) -> np.ndarray:
+        return np.arange(self.size)
+
+    @property
+    def size(self) -> int:
+        return int(self.ranges[-1])
+
+    def owned(self, rank: int) -> np.ndarray:
+        return np.arange(self.ranges[rank], self.ranges[rank + 1])
+
 
 @dataclass
 class Layout:

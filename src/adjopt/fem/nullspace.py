@@ -8,7 +8,7 @@ from .._validate import check_finite
 from ..errors import ShapeError
 
 
-def rigid_body_modes(points, free=None) -> np.ndarray:
+def rigid_body_modes(points, free=None, center=None) -> np.ndarray:
     """The rigid body modes of a linear elasticity problem, for ``AMGSolver(near_nullspace=...)``.
 
     Parameters
@@ -18,6 +18,10 @@ def rigid_body_modes(points, free=None) -> np.ndarray:
     free
         Optional dof indices (e.g. ``DofMap.free``) to keep: the rows of the
         condensed system.
+    center
+        The point the rotations turn about (default: the mean of ``points``).
+        A distributed build passes the global centroid, so that every rank's
+        rows are rows of the same global modes.
 
     Returns
     -------
@@ -30,7 +34,7 @@ def rigid_body_modes(points, free=None) -> np.ndarray:
         raise ShapeError(f"points must have shape (N, 2) or (N, 3), got {x.shape}")
     check_finite(x, "the node coordinates")
     n, dim = x.shape
-    x = x - x.mean(axis=0)
+    x = x - (x.mean(axis=0) if center is None else np.asarray(center, dtype=np.float64))
     if dim == 2:
         B = np.zeros((n, 2, 3))
         B[:, 0, 0] = B[:, 1, 1] = 1.0

@@ -11,17 +11,23 @@ from ._mesh import Mesh
 from ._reference import SUPPORTED as CELL_TYPES
 from .generators import box, rectangle, unit_cube, unit_square
 from .io import read, write_vtu
+from .parts import MeshPart, box_part, rectangle_part, unit_cube_part, unit_square_part
 
 __all__ = [
     "CELL_TYPES",
     "InvalidElementError",
     "Mesh",
     "MeshError",
+    "MeshPart",
     "UnknownBoundaryError",
     "box",
+    "box_part",
     "read",
     "rectangle",
+    "rectangle_part",
     "unit_cube",
+    "unit_cube_part",
     "unit_square",
+    "unit_square_part",
     "write_vtu",
 ]

@@ -53,7 +53,8 @@ from ...operators.element import ElementCoefficientMatrix
 from ...operators.residual import ParametricResidual
 from ...operators.vectors import as_vector
 from ...solvers.base import SolverStats
-from ..partition import Layout, Numbering, make_layout, partition_elements
+from ..partition import ContiguousNumbering, Layout, Numbering, make_layout, partition_elements
+from .parts import LocalCompliance, LocalMisfit, LocalQuadratic, LocalSystem
 
 logger = logging.getLogger(__name__)
 
@@ -112,18 +113,55 @@ def _vec(comm, numbering: Numbering, rank: int, full=None) -> PETSc.Vec:
     return v
 
 
-def _mat(comm, S, rows: Numbering, cols: Numbering, rank: int) -> PETSc.Mat:
-    """A distributed AIJ Mat from a (replicated) scipy sparse S: this rank's rows, columns renumbered."""
-    S = sp.csr_array(S)
-    mine = S[rows.owned(rank)]
-    mine = sp.csr_array((mine.data, cols.perm[mine.indices], mine.indptr), shape=mine.shape)
-    mine.sort_indices()
+def _check_solver_options(rtol, max_it) -> None:
+    if not (isinstance(rtol, float) and 0 < rtol < 1) or isinstance(max_it, bool) or not isinstance(max_it, int) or max_it < 1:
+        raise ValueError(f"rtol must be a float in (0, 1) and max_it an integer >= 1, got rtol={rtol!r}, max_it={max_it!r}")
+
+
+def _orthonormal(comm, Z: np.ndarray) -> np.ndarray:
+    """This rank's rows of an orthonormal basis of the distributed columns of Z (Cholesky QR, twice)."""
+    for _ in range(2):
+        G = comm.allreduce(Z.T @ Z)
+        R = np.linalg.cholesky(G).T
+        Z = np.linalg.solve(R.T, Z.T).T
+    return Z
+
+
+def _vec_local(comm, numbering: Numbering, mine) -> PETSc.Vec:
+    """A distributed Vec in ``numbering`` holding this rank's entries ``mine`` (copied)."""
+    v = PETSc.Vec().createMPI((numbering.local_size(comm.rank), numbering.size), comm=comm)
+    v.setArray(np.asarray(mine, dtype=np.float64))
+    return v
+
+
+def _mat_rows(comm, S: sp.csr_array, cols: Numbering, rows_global: int) -> PETSc.Mat:
+    """A distributed AIJ Mat from this rank's rows ``S`` (CSR, sorted, columns already global)."""
+    rank = comm.rank
     M = PETSc.Mat().createAIJ(
-        size=((rows.local_size(rank), rows.size), (cols.local_size(rank), cols.size)),
-        csr=(mine.indptr.astype(_INT), mine.indices.astype(_INT), mine.data.astype(np.float64)), comm=comm,
+        size=((S.shape[0], rows_global), (cols.local_size(rank), cols.size)),
+        csr=(S.indptr.astype(_INT), S.indices.astype(_INT), S.data.astype(np.float64)), comm=comm,
     )
     M.assemble()
     return M
+
+
+def _local_rows(S, rows: np.ndarray, cols: Numbering) -> sp.csr_array:
+    """Rows ``rows`` of a replicated sparse S, columns renumbered by ``cols.perm``, sorted."""
+    mine = sp.csr_array(S)[rows]
+    mine = sp.csr_array((mine.data, cols.perm[mine.indices], mine.indptr), shape=(mine.shape[0], cols.size))
+    mine.sort_indices()
+    return mine
+
+
+def _mat(comm, S, rows: Numbering, cols: Numbering, rank: int) -> PETSc.Mat:
+    """A distributed AIJ Mat from a (replicated) scipy sparse S: this rank's rows, columns renumbered."""
+    return _mat_rows(comm, _local_rows(S, rows.owned(rank), cols), cols, rows.size)
+
+
+def _ranges(comm, n_local: int) -> ContiguousNumbering:
+    """The contiguous numbering in which rank r owns ``n_local`` of rank r entries after those of ranks < r."""
+    counts = comm.allgather(int(n_local))
+    return ContiguousNumbering(np.concatenate([[0], np.cumsum(counts)]))
 
 
 def _flatten(objective: Objective, c: float = 1.0):
@@ -135,30 +173,61 @@ def _flatten(objective: Objective, c: float = 1.0):
     return [(c, objective)]
 
 
-class _StateTerm:
-    """c f(u) with f a misfit or a linear form, on distributed state vectors."""
-
-    def __init__(self, c: float, term, comm, dofs: Numbering, rank: int, n: int):
-        self.c = float(c)
-        self.linear = None
+def _local_terms(objective: Objective, comm, lay: Layout, n: int, n_params: int) -> list:
+    """The serial objective's terms as this rank's :mod:`~adjopt.backends.petsc.parts` terms (layout numbering)."""
+    rank, dofs = comm.rank, lay.dofs.owned(comm.rank)
+    out = []
+    for c, term in _flatten(objective):
         if isinstance(term, Compliance):
             if term.load.shape != (n,):
                 raise ShapeError(f"the PETSc backend takes one load case: Compliance load must have shape ({n},), "
                                  f"got {term.load.shape}")
-            self.linear = _vec(comm, dofs, rank, term.load)
+            out.append(LocalCompliance(term.load[dofs], c))
+        elif isinstance(term, SquaredMisfit):
+            d = term.d
+            if d.ndim != 1:
+                raise ShapeError(f"the PETSc backend takes one experiment: the data must be (n_obs,), got {d.shape}")
+            if term.W is not None and not isinstance(term.W, np.ndarray):
+                raise NotImplementedError("the PETSc backend takes SquaredMisfit weights as a vector, not a matrix")
+            if (term.B is None and d.shape != (n,)) or (term.B is not None and term.B.shape[1] != n):
+                raise ShapeError(f"the misfit observes a state of length "
+                                 f"{term.B.shape[1] if term.B is not None else d.shape[0]} but A(p) has {n} rows")
+            if term.B is None:
+                rows, B = dofs, None
+            else:
+                rows = _block_numbering(d.shape[0], comm.size).owned(rank)
+                B = _local_rows(term.B, rows, lay.dofs)
+            out.append(LocalMisfit(d[rows], B, None if term.W is None else term.W[rows], c))
+        elif isinstance(term, _Quadratic):
+            mine, M = lay.params.owned(rank), term.M
+            Q = (None if M is None else M[mine] if isinstance(M, np.ndarray) else _local_rows(M, mine, lay.params))
+            p_ref = None if term.p_ref is None else np.broadcast_to(term.p_ref, (n_params,))[mine]
+            out.append(LocalQuadratic(Q, p_ref, c))
+        else:
+            raise NotImplementedError(f"the PETSc backend supports objectives made of {SUPPORTED_TERMS}; "
+                                      f"got a {type(term).__name__} term")
+    return out
+
+
+class _StateTerm:
+    """A :class:`LocalMisfit` or :class:`LocalCompliance` on distributed state vectors."""
+
+    def __init__(self, term, comm, dofs: Numbering):
+        self.c = float(term.c)
+        self.linear = None
+        if isinstance(term, LocalCompliance):
+            self.linear = _vec_local(comm, dofs, term.load)
             return
-        d = term.d
-        if d.ndim != 1:
-            raise ShapeError(f"the PETSc backend takes one experiment: the data must be (n_obs,), got {d.shape}")
-        if term.W is not None and not isinstance(term.W, np.ndarray):
-            raise NotImplementedError("the PETSc backend takes SquaredMisfit weights as a vector, not a matrix")
-        if (term.B is None and d.shape != (n,)) or (term.B is not None and term.B.shape[1] != n):
-            raise ShapeError(f"the misfit observes a state of length {term.B.shape[1] if term.B is not None else d.shape[0]}"
-                             f" but A(p) has {n} rows")
-        obs = _block_numbering(d.shape[0], comm.size) if term.B is not None else dofs
-        self.B = None if term.B is None else _mat(comm, sp.csr_array(term.B), obs, dofs, rank)
-        self.d = _vec(comm, obs, rank, d)
-        self.w = None if term.W is None else _vec(comm, obs, rank, term.W)
+        if term.B is None:
+            obs = dofs
+            self.B = None
+        else:
+            if term.B.shape[1] != dofs.size:
+                raise ShapeError(f"the misfit observes a state of length {term.B.shape[1]} but A(p) has {dofs.size} rows")
+            obs = _ranges(comm, term.d.size)
+            self.B = _mat_rows(comm, term.B, dofs, obs.size)
+        self.d = _vec_local(comm, obs, term.d)
+        self.w = None if term.w is None else _vec_local(comm, obs, term.w)
         self.r, self.wr = self.d.duplicate(), self.d.duplicate()
         self.t = None if self.B is None else self.B.createVecRight()
 
@@ -208,20 +277,32 @@ class _StateTerm:
 
 
 class _ParameterTerm:
-    """c 0.5 (p - p_ref)^T Q (p - p_ref) on distributed parameter vectors."""
+    """A :class:`LocalQuadratic`, c 0.5 (p - p_ref)^T Q (p - p_ref), on distributed parameter vectors."""
 
-    def __init__(self, c: float, term: _Quadratic, comm, params: Numbering, rank: int):
-        self.c = float(c)
-        M = term.M
+    def __init__(self, term: LocalQuadratic, comm, params: Numbering):
+        self.c = float(term.c)
+        n_mine = params.local_size(comm.rank)
+        Q = term.Q
         self.Q = self.q = None
-        if M is not None and isinstance(M, np.ndarray):
-            self.q = _vec(comm, params, rank, M)
-        elif M is not None:
-            self.Q = _mat(comm, M, params, params, rank)
+        if Q is None:
+            gram = sp.eye_array(n_mine, params.size, k=int(params.ranges[comm.rank]), format="csr")
+        elif isinstance(Q, np.ndarray) or np.isscalar(Q):
+            q = np.broadcast_to(np.asarray(Q, dtype=np.float64), (n_mine,))
+            self.q = _vec_local(comm, params, q)
+            gram = sp.csr_array((q, params.ranges[comm.rank] + np.arange(n_mine), np.arange(n_mine + 1)),
+                                shape=(n_mine, params.size))
+        else:
+            gram = sp.csr_array(Q)
+            if gram.shape != (n_mine, params.size):
+                raise ShapeError(f"LocalQuadratic.Q must have shape ({n_mine}, {params.size}) (this rank's rows of "
+                                 f"the parameters' matrix), got {gram.shape}")
+            self.Q = _mat_rows(comm, gram, params, params.size)
+        #: this rank's rows of c Q (for the regularization Hessian)
+        self.gram = self.c * gram
         if term.p_ref is None:
             self.p_ref = None
         else:
-            self.p_ref = _vec(comm, params, rank, np.broadcast_to(term.p_ref, (params.size,)))
+            self.p_ref = _vec_local(comm, params, np.broadcast_to(np.asarray(term.p_ref, dtype=np.float64), (n_mine,)))
 
     def _apply(self, v, out) -> None:
         if self.Q is not None:
@@ -355,8 +436,7 @@ class DistributedReducedFunctional:
                             f"got {type(matrix).__name__}; run other ParametricMatrix kinds with the serial functional")
         if not isinstance(objective, Objective):
             raise TypeError(f"objective must be an Objective, got {type(objective).__name__}")
-        if not (isinstance(rtol, float) and 0 < rtol < 1) or isinstance(max_it, bool) or not isinstance(max_it, int) or max_it < 1:
-            raise ValueError(f"rtol must be a float in (0, 1) and max_it an integer >= 1, got rtol={rtol!r}, max_it={max_it!r}")
+        _check_solver_options(rtol, max_it)
         n = matrix.shape[0]
         b = as_vector(rhs)
         if b.depends_on_p:
@@ -377,49 +457,110 @@ class DistributedReducedFunctional:
 
         # -- the layout: the same on every rank (computed from the same replicated inputs) --
         part = partition_elements(matrix.n_params, self.size, partition, coordinates, parts, conn=matrix.conn)
-        self.layout: Layout = make_layout(matrix.conn, n, part, self.size, L)
-        lay, rank = self.layout, self.rank
+        lay = make_layout(matrix.conn, n, part, self.size, L)
         if L is None:
             # one parameter per element: the parameter and element numberings coincide
             lay.params = lay.elements
+        rank = self.rank
+        mine = lay.dofs.owned(rank)
 
-        # -- this rank's elements as a serial operator on its local (owned + ghost) dofs --
+        # -- this rank's part of the problem, in the layout's numbering --
         own = lay.elements.owned(rank)
         conn = matrix.conn[own].astype(np.int64)
         conn = np.where(conn >= 0, lay.dofs.perm[np.maximum(conn, 0)], -1)
-        self._ghosts = np.unique(conn[conn >= 0])
-        conn_loc = np.where(conn >= 0, np.searchsorted(self._ghosts, np.maximum(conn, 0)), -1)
         k = matrix.k
         local = matrix.local.reshape(-1, k, k)
         local = local[0] if local.shape[0] == 1 and matrix._estride == 0 else local[own]
-        self._ecm = ElementCoefficientMatrix(conn_loc, local, matrix.coefficient, n=self._ghosts.size)
-        self.symmetric = bool(matrix.symmetric)
+        a0 = None
+        if matrix._base.size:
+            A0 = sp.csr_array((matrix._base, matrix.indices, matrix.indptr), shape=matrix.shape)[mine].tocoo()
+            a0 = (lay.dofs.ranges[rank] + A0.row, lay.dofs.perm[A0.col], A0.data)
+        Z = None
+        if near_nullspace is not None:
+            Z = np.asarray(near_nullspace, dtype=np.float64)
+            if Z.ndim != 2 or Z.shape[0] != n or not np.all(np.isfinite(Z)):
+                raise ShapeError(f"near_nullspace must be a finite ({n}, k) array (one row per dof), got shape {Z.shape}")
+            Z = Z[mine]
+        system = LocalSystem(conn, local, matrix.coefficient, lay.dofs.local_size(rank), b[mine],
+                             _local_terms(objective, comm, lay, n, self.n_params),
+                             None if L is None else _local_rows(L, own, lay.params),
+                             None if L is None else lay.params.local_size(rank), Z)
+        self._build(system, lay, a0, ksp_type=ksp_type, pc_type=pc_type, rtol=rtol, max_it=max_it,
+                    self_adjoint=self_adjoint, warm_start=warm_start)
+
+    @classmethod
+    def from_parts(cls, system: LocalSystem, *, comm=None, ksp_type: str | None = None, pc_type: str = "gamg",
+                   rtol: float = 1e-10, max_it: int = 10000, self_adjoint: bool | None = None,
+                   warm_start: bool = False) -> DistributedReducedFunctional:
+        """The functional from every rank's own part (a rank-local build; collective).
+
+        ``system`` is this rank's :class:`~adjopt.backends.petsc.parts.LocalSystem`:
+        its elements, owned dofs and parameters, and its part of the objective,
+        numbered so that the ranks own contiguous ranges in rank order (see
+        :mod:`adjopt.backends.petsc.parts`). No rank holds anything of global
+        length; :meth:`to_numpy`, :meth:`state` and the serial interface
+        gather on demand. The solver options are those of the constructor.
+        """
+        comm = MPI.COMM_WORLD if comm is None else comm
+        agree(comm, isinstance(system, LocalSystem), f"system must be a LocalSystem, got {type(system).__name__}",
+              TypeError)
+        self = cls.__new__(cls)
+        self.comm, self.rank, self.size = comm, comm.rank, comm.size
+        _share_cores(comm)
+        _check_solver_options(rtol, max_it)
+        elements = _ranges(comm, system.conn.shape[0])
+        params = elements if system.parameter_matrix is None else _ranges(comm, system.n_owned_params)
+        lay = Layout(comm.size, None, elements, _ranges(comm, system.n_owned_dofs), params)
+        top = int(system.conn.max(initial=-1))
+        agree(comm, top < lay.dofs.size, f"conn names dof {top}, but the ranks own {lay.dofs.size} dofs in all",
+              PatternError)
+        if system.parameter_matrix is not None:
+            top = int(system.parameter_matrix.indices.max(initial=-1))
+            agree(comm, system.parameter_matrix.shape[1] == params.size,
+                  f"parameter_matrix has {system.parameter_matrix.shape[1]} columns but the ranks own {params.size} "
+                  "parameters in all (n_owned_params summed): one column per global parameter", PatternError)
+        self.matrix = self.objective = self.map = None
+        self.n_params = params.size
+        self._build(system, lay, None, ksp_type=ksp_type, pc_type=pc_type, rtol=rtol, max_it=max_it,
+                    self_adjoint=self_adjoint, warm_start=warm_start)
+        return self
+
+    def _build(self, system: LocalSystem, lay: Layout, a0, *, ksp_type, pc_type, rtol, max_it, self_adjoint,
+               warm_start) -> None:
+        """Everything from this rank's part: A's pattern, the vectors, the scatter, the terms, the KSP."""
+        comm, rank = self.comm, self.rank
+        self.layout = lay
+
+        # -- this rank's elements as a serial operator on its local (owned + ghost) dofs --
+        conn = system.conn
+        self._ghosts = np.unique(conn[conn >= 0])
+        conn_loc = np.where(conn >= 0, np.searchsorted(self._ghosts, np.maximum(conn, 0)), -1)
+        self._ecm = ElementCoefficientMatrix(conn_loc, system.local, system.coefficient, n=self._ghosts.size)
+        self.symmetric = bool(comm.allreduce(bool(self._ecm.symmetric), op=MPI.LAND))
 
         # -- A(p): COO pattern of this rank's element entries (+ its rows of A0), preallocated once --
         ecm = self._ecm
         rows = self._ghosts[np.repeat(np.arange(ecm.shape[0]), np.diff(ecm.indptr))]
         cols = self._ghosts[ecm.indices]
         self._a0 = np.zeros(0)
-        if matrix._base.size:
-            A0 = sp.csr_array((matrix._base, matrix.indices, matrix.indptr), shape=matrix.shape)[lay.dofs.owned(rank)].tocoo()
-            rows = np.concatenate([rows, lay.dofs.ranges[rank] + A0.row])
-            cols = np.concatenate([cols, lay.dofs.perm[A0.col]])
-            self._a0 = A0.data
+        if a0 is not None:
+            rows, cols = np.concatenate([rows, a0[0]]), np.concatenate([cols, a0[1]])
+            self._a0 = a0[2]
         nloc, N = lay.dofs.local_size(rank), lay.dofs.size
         A = PETSc.Mat().create(comm=comm)
         A.setSizes(((nloc, N), (nloc, N)))
         A.setType(PETSc.Mat.Type.AIJ)
         A.setPreallocationCOO(rows.astype(_INT), cols.astype(_INT))
+        del rows, cols
         if self.symmetric:
             A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         self.A = A
-        self.b = _vec(comm, lay.dofs, rank, b)
-        if near_nullspace is not None:
-            Z = np.asarray(near_nullspace, dtype=np.float64)
-            if Z.ndim != 2 or Z.shape[0] != n or not np.all(np.isfinite(Z)):
-                raise ShapeError(f"near_nullspace must be a finite ({n}, k) array (one row per dof), got shape {Z.shape}")
-            Q = np.linalg.qr(Z)[0]
-            A.setNearNullSpace(PETSc.NullSpace().create(vectors=[_vec(comm, lay.dofs, rank, q) for q in Q.T], comm=comm))
+        self.b = _vec_local(comm, lay.dofs, system.rhs)
+        if system.near_nullspace is not None:
+            k = comm.allgather(system.near_nullspace.shape[1])
+            agree(comm, len(set(k)) == 1, f"near_nullspace has {k} columns on the ranks: the same on every rank", ShapeError)
+            Q = _orthonormal(comm, system.near_nullspace)
+            A.setNearNullSpace(PETSc.NullSpace().create(vectors=[_vec_local(comm, lay.dofs, q) for q in Q.T], comm=comm))
 
         # -- the ghost scatter (global state -> this rank's element dofs), built once --
         self._wloc = PETSc.Vec().createSeq(self._ghosts.size, comm=PETSc.COMM_SELF)
@@ -427,23 +568,19 @@ class DistributedReducedFunctional:
         self._scatter = PETSc.Scatter().create(self.b, gis, self._wloc, None)
 
         # -- parameter map, objective terms --
-        self.L = None if L is None else _mat(comm, L, lay.elements, lay.params, rank)
+        Lr = system.parameter_matrix
+        self.L = None if Lr is None else _mat_rows(comm, Lr, lay.params, lay.elements.size)
         self._rho = _vec(comm, lay.elements, rank)
-        self._state_terms, self._param_terms, self._param_gram = [], [], []
-        for c, term in _flatten(objective):
-            if isinstance(term, (SquaredMisfit, Compliance)):
-                self._state_terms.append((term, _StateTerm(c, term, comm, lay.dofs, rank, n)))
-            elif isinstance(term, _Quadratic):
-                self._param_terms.append(_ParameterTerm(c, term, comm, lay.params, rank))
-                M = term.M
-                self._param_gram.append(c * (sp.eye_array(self.n_params) if M is None else
-                                             sp.diags_array(M) if isinstance(M, np.ndarray) else sp.csr_array(M)))
+        self._state_terms, self._param_terms = [], []
+        for term in system.terms:
+            if isinstance(term, LocalQuadratic):
+                self._param_terms.append(_ParameterTerm(term, comm, lay.params))
             else:
-                raise NotImplementedError(f"the PETSc backend supports objectives made of {SUPPORTED_TERMS}; "
-                                          f"got a {type(term).__name__} term")
-        detected = (self.symmetric and len(self._state_terms) == 1 and not self._param_terms
-                    and isinstance(self._state_terms[0][0], Compliance)
-                    and np.array_equal(self._state_terms[0][0].load, b))
+                self._state_terms.append((term, _StateTerm(term, comm, lay.dofs)))
+        single = len(self._state_terms) == 1 and not self._param_terms
+        mine = single and isinstance(self._state_terms[0][0], LocalCompliance)
+        mine = mine and np.array_equal(self._state_terms[0][0].load, system.rhs)
+        detected = self.symmetric and bool(comm.allreduce(bool(mine), op=MPI.LAND))
         if self_adjoint is True and not detected:
             raise ValueError("self_adjoint=True needs f = b^T u (Compliance with the right-hand side) and a symmetric A")
         self.self_adjoint = detected if self_adjoint is None else bool(self_adjoint)
@@ -471,7 +608,7 @@ class DistributedReducedFunctional:
             raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
         self.warm_start, self._last = bool(warm_start), {}
         logger.info("DistributedReducedFunctional on %d rank(s): %d elements, %d dofs, %d parameters; %s",
-                    self.size, matrix.n_params, N, self.n_params, self.solver.name)
+                    self.size, lay.elements.size, N, self.n_params, self.solver.name)
 
     # -- bookkeeping ----------------------------------------------------------------
     @classmethod
@@ -663,10 +800,13 @@ class DistributedReducedFunctional:
         the regularization, which dominates the reduced Hessian's high
         frequencies).
         """
-        if not self._param_gram:
+        if not self._param_terms:
             return None
-        S = sp.csr_array(sum(self._param_gram[1:], self._param_gram[0]))
-        return _mat(self.comm, S, self.layout.params, self.layout.params, self.rank)
+        grams = [t.gram for t in self._param_terms]
+        S = sp.csr_array(sum(grams[1:], grams[0]))
+        S.sum_duplicates()
+        S.sort_indices()
+        return _mat_rows(self.comm, S, self.layout.params, self.layout.params.size)
 
     def _to_parameters(self, h_rho: np.ndarray, out: PETSc.Vec) -> None:
         """out = L^T h_rho (h_rho: this rank's element values)."""

@@ -1,0 +1,326 @@
+"""One rank's part of a distributed problem, built without the global problem.
+
+A :class:`LocalSystem` is what :meth:`DistributedReducedFunctional.from_parts
+<adjopt.backends.petsc.DistributedReducedFunctional.from_parts>` needs from
+each rank: its elements (connectivity in global dof numbers, local matrices,
+coefficient), the right-hand side on the dofs it owns, the rows of the
+parameter map for its elements, and its part of every objective term. The
+global numbering is one in which every rank owns a contiguous range of dofs,
+of parameters, of elements and of observations, in rank order: rank r owns
+``[start_r, start_r + n_owned_r)`` with ``start_r`` the sum of the counts of
+the ranks before it. The slabs of :mod:`adjopt.mesh.parts` number nodes and
+cells that way, so the serial numbering of a structured mesh is this one.
+
+Nothing in a :class:`LocalSystem` has the global length: a rank holds its
+elements, its owned dofs and parameters and the ghost values its elements
+touch. The objective terms:
+
+* :class:`LocalMisfit`: c/2 sum_i w_i ((B u)_i - d_i)^2 over this rank's observations;
+* :class:`LocalCompliance`: c load^T u on the owned dofs;
+* :class:`LocalQuadratic`: c/2 (p - p_ref)^T Q (p - p_ref), this rank's rows of Q.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from ...errors import NonFiniteError, ShapeError
+
+
+def _count(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _finite(a, name: str, shape=None) -> np.ndarray:
+    a = np.array(a, dtype=np.float64, copy=True)  # a copy: the caller may change its array afterwards
+    if shape is not None and a.shape != shape:
+        raise ShapeError(f"{name} must have shape {shape}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise NonFiniteError(f"{name} holds NaN or Inf")
+    return a
+
+
+def _rows(S, name: str, n_rows: int) -> sp.csr_array:
+    """A copy of S as CSR with sorted, summed entries and ``n_rows`` rows (columns: global indices)."""
+    if not sp.issparse(S):
+        raise TypeError(f"{name} must be a scipy sparse matrix (this rank's rows, global columns), got {type(S).__name__}")
+    S = sp.csr_array(S, dtype=np.float64, copy=True)
+    if S.shape[0] != n_rows:
+        raise ShapeError(f"{name} must have {n_rows} rows (this rank's), got {S.shape[0]}")
+    S.sum_duplicates()
+    S.sort_indices()
+    if not np.all(np.isfinite(S.data)):
+        raise NonFiniteError(f"{name} holds NaN or Inf")
+    return S
+
+
+@dataclass
+class LocalMisfit:
+    """c/2 sum_i w_i ((B u)_i - d_i)^2 over this rank's observations i.
+
+    ``B``: this rank's rows of the observation operator, columns in global
+    dof numbers (``None``: every owned dof is observed, d has one value per
+    owned dof). ``w``: weights (``None``: 1).
+    """
+
+    d: np.ndarray
+    B: object = None
+    w: np.ndarray | None = None
+    c: float = 1.0
+
+    def __post_init__(self):
+        self.d = _finite(self.d, "LocalMisfit.d")
+        if self.d.ndim != 1:
+            raise ShapeError(f"LocalMisfit.d must be one-dimensional, got shape {self.d.shape}")
+        if self.B is not None:
+            self.B = _rows(self.B, "LocalMisfit.B", self.d.size)
+        if self.w is not None:
+            self.w = _finite(self.w, "LocalMisfit.w", self.d.shape)
+        self.c = float(self.c)
+
+
+@dataclass
+class LocalCompliance:
+    """c load^T u, ``load`` on this rank's owned dofs."""
+
+    load: np.ndarray
+    c: float = 1.0
+
+    def __post_init__(self):
+        self.load = _finite(self.load, "LocalCompliance.load")
+        self.c = float(self.c)
+
+
+@dataclass
+class LocalQuadratic:
+    """c/2 (p - p_ref)^T Q (p - p_ref) with Q this rank's rows (global columns), a weight per owned
+    parameter (a vector), or the identity (``None``); ``p_ref`` on the owned parameters (or a scalar)."""
+
+    Q: object = None
+    p_ref: object = None
+    c: float = 1.0
+
+    def __post_init__(self):
+        self.c = float(self.c)
+
+
+@dataclass
+class LocalSystem:
+    """This rank's part of A(rho) u = b, rho = L p, and J (see the module docstring).
+
+    Parameters
+    ----------
+    conn
+        (E_local, k) dof numbers of this rank's elements in the global
+        numbering; negative entries are condensed (Dirichlet) dofs.
+    local
+        The element matrices: (k, k) shared by every element, or (E_local, k, k).
+    coefficient
+        phi(rho) of :class:`~adjopt.ElementCoefficientMatrix` (a name such as
+        ``"exp"`` or a coefficient object such as :class:`~adjopt.SIMP`).
+    n_owned_dofs
+        How many dofs this rank owns; its elements may touch dofs of other ranks.
+    rhs
+        b on the owned dofs, shape (n_owned_dofs,).
+    terms
+        The objective: :class:`LocalMisfit`, :class:`LocalCompliance` and
+        :class:`LocalQuadratic` terms (their sum).
+    parameter_matrix, n_owned_params
+        This rank's rows of L (one per element, global parameter columns) and
+        how many parameters it owns; ``None``: one parameter per element (p = rho).
+    near_nullspace
+        (n_owned_dofs, k) rows of the near-nullspace of A (rigid body modes).
+    """
+
+    conn: np.ndarray
+    local: np.ndarray
+    coefficient: object
+    n_owned_dofs: int
+    rhs: np.ndarray
+    terms: list = field(default_factory=list)
+    parameter_matrix: object = None
+    n_owned_params: int | None = None
+    near_nullspace: np.ndarray | None = None
+
+    def __post_init__(self):
+        conn = np.asarray(self.conn)
+        if conn.ndim != 2 or (conn.size and conn.dtype.kind not in "iu"):
+            raise ShapeError(f"conn must be an integer array (elements, dofs per element), got {conn.dtype} {conn.shape}")
+        self.conn = conn.astype(np.int64)
+        self.n_owned_dofs = _count(self.n_owned_dofs, "n_owned_dofs")
+        self.rhs = _finite(self.rhs, "rhs", (self.n_owned_dofs,))
+        for t in self.terms:
+            if not isinstance(t, (LocalMisfit, LocalCompliance, LocalQuadratic)):
+                raise TypeError(f"terms are LocalMisfit, LocalCompliance or LocalQuadratic, got {type(t).__name__}")
+            if isinstance(t, LocalCompliance) and t.load.shape != (self.n_owned_dofs,):
+                raise ShapeError(f"LocalCompliance.load must have one value per owned dof ({self.n_owned_dofs}), "
+                                 f"got shape {t.load.shape}")
+            if isinstance(t, LocalMisfit) and t.B is None and t.d.shape != (self.n_owned_dofs,):
+                raise ShapeError(f"a LocalMisfit without B observes the owned dofs: d must have length "
+                                 f"{self.n_owned_dofs}, got {t.d.shape[0]}")
+        if self.parameter_matrix is None:
+            if self.n_owned_params is not None and self.n_owned_params != self.conn.shape[0]:
+                raise ValueError("without a parameter_matrix every element is a parameter: n_owned_params must be "
+                                 f"None or {self.conn.shape[0]}, got {self.n_owned_params!r}")
+            self.n_owned_params = self.conn.shape[0]
+        else:
+            self.parameter_matrix = _rows(self.parameter_matrix, "parameter_matrix", self.conn.shape[0])
+            if self.n_owned_params is None:
+                raise ValueError("with a parameter_matrix, say how many parameters this rank owns (n_owned_params)")
+            self.n_owned_params = _count(self.n_owned_params, "n_owned_params")
+        if self.near_nullspace is not None:
+            Z = _finite(self.near_nullspace, "near_nullspace")
+            if Z.ndim != 2 or Z.shape[0] != self.n_owned_dofs:
+                raise ShapeError(f"near_nullspace must be (n_owned_dofs={self.n_owned_dofs}, k), got {Z.shape}")
+            self.near_nullspace = Z
+
+
+# -- helpers of rank-local builds (collective: every rank calls them) --------------------------------------------
+def ownership(comm, start: int, n_owned: int) -> np.ndarray:
+    """The ownership ranges (size + 1,) from every rank's first owned global id and count (contiguous, in order)."""
+    got = comm.allgather((int(start), int(n_owned)))
+    starts = np.array([s for s, _ in got] + [got[-1][0] + got[-1][1]], dtype=np.int64)
+    ends = np.array([s + n for s, n in got], dtype=np.int64)
+    if starts[0] != 0 or np.any(ends != starts[1:]):
+        raise ValueError(f"the owned ranges (start, count) {got} are not contiguous in rank order from 0")
+    return starts
+
+
+def _owner(ranges: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    return np.searchsorted(ranges, ids, side="right") - 1
+
+
+def free_numbering(comm, ids, fixed, n_owned: int):
+    """Global numbers of the free (not fixed) entries of a condensed system.
+
+    ``ids`` are the global ids of this rank's local entries (dofs), the
+    first ``n_owned`` its own contiguous range, the rest ghosts owned by
+    other ranks; ``fixed`` marks the Dirichlet ones. The free entries are
+    numbered in global id order (the serial :func:`~adjopt.fem.condense`
+    order). Returns (the free number of every local entry, -1 where fixed;
+    how many free entries this rank owns). The ghosts' numbers come from
+    their owners (one exchange).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    fixed = np.asarray(fixed, dtype=bool)
+    if fixed.shape != ids.shape:
+        raise ShapeError(f"fixed must have one flag per local id ({ids.size}), got shape {fixed.shape}")
+    ranges = ownership(comm, ids[0] if n_owned else 0, n_owned) if comm.size > 1 or n_owned else None
+    free_owned = ~fixed[:n_owned]
+    count = int(free_owned.sum())
+    offset = comm.exscan(count) if comm.size > 1 else 0
+    offset = 0 if offset is None else int(offset)
+    out = np.full(ids.size, -1, dtype=np.int64)
+    out[:n_owned][free_owned] = offset + np.arange(count)
+    ghosts = ids[n_owned:]
+    if comm.size > 1:
+        who = _owner(ranges, ghosts)
+        asked = comm.alltoall([ghosts[who == r] for r in range(comm.size)])
+        start = ranges[comm.rank]
+        answers = comm.alltoall([out[q - start] for q in asked])
+        for r in range(comm.size):
+            out[n_owned:][who == r] = answers[r]
+    elif ghosts.size:
+        raise ValueError("one rank owns everything: there can be no ghosts")
+    return out, count
+
+
+def sum_to_owners(comm, ids, values, ranges) -> np.ndarray:
+    """This rank's owned entries of the global vector sum_k values[k] e_{ids[k]}, summed over all ranks.
+
+    Each rank contributes values at any global ids (its elements' load at
+    ghost nodes, say); the owners (``ranges``) receive and sum them.
+    """
+    ids, values = np.asarray(ids, dtype=np.int64), np.asarray(values, dtype=np.float64)
+    ranges = np.asarray(ranges, dtype=np.int64)
+    lo, hi = ranges[comm.rank], ranges[comm.rank + 1]
+    out = np.zeros(hi - lo)
+    who = _owner(ranges, ids)
+    got = comm.alltoall([(ids[who == r], values[who == r]) for r in range(comm.size)])
+    for i, v in got:
+        np.add.at(out, i - lo, v)
+    return out
+
+
+def rows_to_owners(comm, S, row_ids, ranges) -> sp.csr_array:
+    """This rank's owned rows of sum_ranks P^T S: the rows of a local sparse S (global ids ``row_ids``, global
+    columns) summed on the ranks that own them (``ranges``). A rank's elements add to rows of its ghost nodes:
+    this completes the owners' rows (a stiffness or mass matrix of a nodal field, say)."""
+    S = sp.coo_array(S)
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    ranges = np.asarray(ranges, dtype=np.int64)
+    rows = row_ids[S.row]
+    who = _owner(ranges, rows)
+    got = comm.alltoall([(rows[who == r], S.col[who == r], S.data[who == r]) for r in range(comm.size)])
+    lo, hi = ranges[comm.rank], ranges[comm.rank + 1]
+    r = np.concatenate([g[0] for g in got]) - lo
+    c = np.concatenate([g[1] for g in got])
+    v = np.concatenate([g[2] for g in got])
+    out = sp.csr_array((v, (r, c)), shape=(hi - lo, S.shape[1]))
+    out.sum_duplicates()
+    out.sort_indices()
+    return out
+
+
+class DistributedVolume:
+    """The volume fraction sum_e v_e rho_e / sum_e v_e of rho = L p, each rank holding its elements' rows.
+
+    The serial interface of a constraint (``value``, ``gradient``, ``hessp``
+    of the full p, the same on every rank; collective): a rank computes its
+    elements' part and one allreduce sums them.
+
+    Parameters
+    ----------
+    comm
+        The communicator.
+    volumes
+        This rank's element volumes.
+    parameter_matrix
+        This rank's rows of L (global parameter columns); ``None``: p = rho,
+        this rank's elements being parameters ``first + arange(len(volumes))``.
+    n_params
+        The global number of parameters.
+    first
+        With ``parameter_matrix=None``: the global number of this rank's first element.
+    """
+
+    def __init__(self, comm, volumes, parameter_matrix=None, *, n_params: int, first: int = 0):
+        self.comm = comm
+        v = _finite(volumes, "volumes")
+        total = comm.allreduce(float(v.sum()))
+        if not total > 0:
+            raise ValueError(f"the element volumes sum to {total}: they must be positive")
+        self.n_params = _count(n_params, "n_params")
+        if parameter_matrix is None:
+            L = sp.csr_array((np.ones(v.size), first + np.arange(v.size), np.arange(v.size + 1)),
+                             shape=(v.size, self.n_params))
+        else:
+            L = _rows(parameter_matrix, "parameter_matrix", v.size)
+        #: d(volume fraction)/dp, the same on every rank (the constraint is linear)
+        self._grad = comm.allreduce(L.T @ (v / total))
+
+    def forget(self) -> None:
+        """Nothing is cached per p (the constraint is linear)."""
+
+    def _p(self, p) -> np.ndarray:
+        p = np.asarray(p, dtype=np.float64)
+        if p.shape != (self.n_params,):
+            raise ShapeError(f"p must have length {self.n_params}, got shape {p.shape}")
+        return p
+
+    def value(self, p) -> float:
+        return float(self._grad @ self._p(p))
+
+    def gradient(self, p) -> np.ndarray:
+        self._p(p)
+        return self._grad.copy()
+
+    def hessp(self, p, dp) -> np.ndarray:
+        self._p(p)
+        return np.zeros(self.n_params)
