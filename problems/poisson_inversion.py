@@ -41,6 +41,7 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
 import adjopt
@@ -192,6 +193,107 @@ def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha
     mass, stiffness = assemble(mesh.cells, p1_mass(mesh), N), assemble(mesh.cells, p1_stiffness(mesh), N)
     return adjopt.Problem(J, np.zeros(N), name=f"poisson_inversion_{dim}d_{regularization}", meta=meta,
                           mass=mass, stiffness=stiffness)
+
+
+def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha: float | None = None,
+                      regularization: str = "h1", seed: int = 0, comm=None, **solver_options) -> adjopt.Problem:
+    """The inversion built rank by rank on PETSc: no rank forms the global mesh, operator or data.
+
+    The same problem as :func:`build` (``regularization="h1"``; TV and the
+    Bayesian prior are built serially), for ``mpiexec``: each rank builds its
+    slab of the mesh (:func:`adjopt.mesh.unit_square_part` /
+    :func:`~adjopt.mesh.unit_cube_part`), its elements in the global free-dof
+    numbering, its rows of the nodal-to-element map, of the stiffness and mass
+    matrices of the regularization and of the load (the contributions of its
+    elements to nodes owned by the next rank sent to it), and the observation
+    points inside its slab (all ranks draw the same ``n_obs`` points from
+    ``seed``, as :func:`build` does, and keep theirs). The synthetic data comes
+    from the distributed solver at m_true, with the noise of :func:`build`.
+    ``solver_options`` go to :meth:`DistributedReducedFunctional.from_parts
+    <adjopt.backends.petsc.DistributedReducedFunctional.from_parts>`.
+
+    The numbering of nodes (the parameters) and of the free dofs is the
+    serial one; the observations are ordered by rank (``meta["observation_index"]``
+    holds this rank's points' numbers in :func:`build`'s order). The
+    functional takes the full parameter vector on every rank (the serial
+    interface); p0 is replicated.
+    """
+    from mpi4py import MPI
+
+    from adjopt.backends.petsc import DistributedReducedFunctional
+    from adjopt.backends.petsc.parts import (LocalMisfit, LocalQuadratic, LocalSystem, free_numbering,
+                                             ownership, rows_to_owners, sum_to_owners)
+    from adjopt.mesh import unit_cube_part, unit_square_part
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    n = _check_int(n, "n (cells per side)", 2)
+    if isinstance(dim, bool) or dim not in (2, 3):
+        raise ValueError(f"dim must be 2 (unit square, triangles) or 3 (unit cube, tetrahedra), got {dim!r}")
+    if regularization != "h1":
+        raise NotImplementedError(f"build_distributed builds the 'h1' regularization; {regularization!r} is built "
+                                  "serially (build(), then adjopt.backends.petsc.distribute)")
+    n_obs = _check_int(n_obs, "n_obs", 1)
+    noise = _check_nonneg(noise, "noise")
+    alpha = _check_nonneg(10.0 if alpha is None else alpha, "alpha")
+    part = unit_square_part(n, comm=comm) if dim == 2 else unit_cube_part(n, comm=comm)
+    mesh, nodes, n_own = part.mesh, part.nodes, part.n_owned
+    node_ranges = ownership(comm, part.node_start, n_own)
+    free, n_free = free_numbering(comm, nodes, np.isin(np.arange(mesh.n_nodes), mesh.boundary("all")), n_own)
+    owned_free = free[:n_own] >= 0
+
+    # operator, parameter map (rows of this rank's elements, global node columns), load
+    k = dim + 1
+    E = mesh.n_cells
+    L = sp.csr_array((np.full(E * k, 1.0 / k), nodes[mesh.cells].ravel(), np.arange(0, E * k + 1, k)),
+                     shape=(E, part.n_global_nodes))
+    b = sum_to_owners(comm, nodes, body_force(mesh, 1.0), node_ranges)[owned_free]
+
+    # regularization: this rank's rows of alpha (K + 0.1 M), completed with the next rank's contributions
+    def rows(local):
+        S = assemble(mesh.cells, local, mesh.n_nodes).tocoo()
+        S = sp.coo_array((S.data, (S.row, nodes[S.col])), shape=(mesh.n_nodes, part.n_global_nodes))
+        return rows_to_owners(comm, S, nodes, node_ranges)
+
+    terms = [LocalQuadratic(rows(p1_stiffness(mesh)), c=alpha), LocalQuadratic(rows(p1_mass(mesh)), c=L2_WEIGHT * alpha)]
+
+    # observations: every rank draws the points of build() and keeps those in its slab [y_k0, y_k1)
+    rng = np.random.default_rng(seed)
+    pts = observation_points(rng, n_obs, dim)
+    lo, hi = mesh.points[0, -1], mesh.points[-1, -1]
+    last = part.rank == part.size - 1
+    mine = np.flatnonzero((pts[:, -1] >= lo) & ((pts[:, -1] <= hi) if last else (pts[:, -1] < hi)))
+    B = observation_operator(mesh, pts[mine]).tocoo()
+    keep = free[B.col] >= 0  # u = 0 on the boundary
+    B = sp.csr_array((B.data[keep], (B.row[keep], free[B.col[keep]])), shape=(mine.size, n_free_total(comm, n_free)))
+    terms.insert(0, LocalMisfit(np.zeros(mine.size), B, np.ones(mine.size)))
+    system = LocalSystem(free[mesh.cells], p1_stiffness(mesh), "exp", n_free, b, terms, parameter_matrix=L,
+                         n_owned_params=n_own)
+    J = DistributedReducedFunctional.from_parts(system, comm=comm, **solver_options)
+
+    # the synthetic data: the distributed state at m_true, then build()'s noise
+    mt = m_true(mesh.points[:n_own])
+    v = J.create_parameter_vec()
+    v.setArray(mt)
+    J.value_vec(v)
+    u = J._st.u_ghost[np.searchsorted(J._ghosts, B.indices)]
+    d_clean = np.add.reduceat(B.data * u, B.indptr[:-1]) if B.nnz else np.zeros(mine.size)
+    d_clean[np.diff(B.indptr) == 0] = 0.0
+    top = comm.allreduce(float(np.max(np.abs(d_clean), initial=0.0)), op=MPI.MAX)
+    normals = rng.standard_normal(n_obs)[mine]
+    data = d_clean + noise * top * normals
+    sigma = noise * top if noise * top > 0 else 1.0
+    J.set_misfit(data, np.full(mine.size, sigma**-2))
+    meta = {"part": part, "observation_index": mine, "observation_points": pts[mine], "data": data,
+            "data_clean": d_clean, "m_true": mt, "distributed": True,
+            "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization,
+                            seed=seed, grading=1.0)}
+    return adjopt.Problem(J, np.zeros(part.n_global_nodes), name=f"poisson_inversion_{dim}d_{regularization}",
+                          meta=meta)
+
+
+def n_free_total(comm, n_owned_free: int) -> int:
+    """The global number of free dofs (a sum over the ranks)."""
+    return int(comm.allreduce(int(n_owned_free)))
 
 
 def main(argv=None) -> None:

@@ -558,7 +558,7 @@ def build(case: str = "mbb", nelx: int | None = None, nely: int | None = None, n
 DISTRIBUTED_CASES = ("mbb", "mbb3d")
 
 
-def _slab_filter(part, shape, rmin: float) -> "scipy.sparse.csr_array":
+def _slab_filter(part, shape, rmin: float):
     """This rank's rows of the serial DensityFilter on the cell centres of the unit grid ``shape``: built on the
     slab's cells and ceil(rmin) layers of cells on either side (every neighbour within rmin), columns global."""
     import scipy.sparse as sp

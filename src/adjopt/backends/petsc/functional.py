@@ -621,6 +621,28 @@ class DistributedReducedFunctional:
         self.stats.reset()
         self.times.clear()
 
+    def set_misfit(self, d, w=None, which: int = 0) -> None:
+        """Replace this rank's data ``d`` (and weights ``w``, if given) of the ``which``-th misfit term.
+
+        For a rank-local build that computes its synthetic data with this
+        functional (the state at the true parameters), then sets it: the
+        operator, the preconditioner and a cached state stay valid.
+        """
+        misfits = [t for _, t in self._state_terms if t.linear is None]
+        if not 0 <= which < len(misfits):
+            raise IndexError(f"the objective has {len(misfits)} misfit term(s), asked for number {which}")
+        t = misfits[which]
+        n = t.d.getLocalSize()
+        for name, v, target in (("d", d, t.d), ("w", w, t.w)):
+            if v is None:
+                continue
+            if target is None:
+                raise ValueError("this misfit has no weights to replace: build it with weights (w=) to set them")
+            v = np.asarray(v, dtype=np.float64)
+            agree(self.comm, v.shape == (n,), f"{name} must have this rank's {n} values, got shape {v.shape}", ShapeError)
+            agree(self.comm, bool(np.all(np.isfinite(v))), f"{name} holds NaN or Inf", NonFiniteError)
+            target.setArray(v)
+
     def create_parameter_vec(self) -> PETSc.Vec:
         """A zero parameter Vec in the distributed numbering."""
         return _vec(self.comm, self.layout.params, self.rank)
