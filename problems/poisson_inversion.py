@@ -254,7 +254,8 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
         S = sp.coo_array((S.data, (S.row, nodes[S.col])), shape=(mesh.n_nodes, part.n_global_nodes))
         return rows_to_owners(comm, S, nodes, node_ranges)
 
-    terms = [LocalQuadratic(rows(p1_stiffness(mesh)), c=alpha), LocalQuadratic(rows(p1_mass(mesh)), c=L2_WEIGHT * alpha)]
+    K, M = rows(p1_stiffness(mesh)), rows(p1_mass(mesh))
+    terms = [LocalQuadratic(K, c=alpha), LocalQuadratic(M, c=L2_WEIGHT * alpha)]
 
     # observations: every rank draws the points of build() and keeps those in its slab [y_k0, y_k1)
     rng = np.random.default_rng(seed)
@@ -267,7 +268,8 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     B = sp.csr_array((B.data[keep], (B.row[keep], free[B.col[keep]])), shape=(mine.size, n_free_total(comm, n_free)))
     terms.insert(0, LocalMisfit(np.zeros(mine.size), B, np.ones(mine.size)))
     system = LocalSystem(free[mesh.cells], p1_stiffness(mesh), "exp", n_free, b, terms, parameter_matrix=L,
-                         n_owned_params=n_own)
+                         n_owned_params=n_own, gram={"mass": M, "stiffness": K})  # build()'s mass and stiffness
+    del K, M
     J = DistributedReducedFunctional.from_parts(system, comm=comm, **solver_options)
 
     # the synthetic data: the distributed state at m_true, then build()'s noise

@@ -650,7 +650,8 @@ def build_distributed(case: str = "mbb", nelx: int | None = None, nely: int | No
     n_el = part.mesh.n_cells
     system = LocalSystem(conn, KE, adjopt.SIMP(q=penal, e0=1.0, emin=emin), n_free, b, [LocalCompliance(b)],
                          parameter_matrix=L, n_owned_params=n_el if filter else None,
-                         near_nullspace=rigid_body_modes(x[:n_owned], owned_free, center=np.array(shape) / 2.0))
+                         near_nullspace=rigid_body_modes(x[:n_owned], owned_free, center=np.array(shape) / 2.0),
+                         gram={"mass": np.ones(n_el)})  # build()'s mass: the (unit) element volumes
     del conn, load, fixed, free
     J = DistributedReducedFunctional.from_parts(system, comm=comm, **solver_options)
     m = part.n_global_cells

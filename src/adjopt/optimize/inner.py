@@ -141,6 +141,8 @@ def make_inner_product(spec, problem) -> InnerProduct:
     mass, or a 1-D array of lumped weights); ``"l2-lumped"`` (the row sums of
     ``problem.mass``); ``"h1"`` (``problem.stiffness + problem.mass``).
     ``None`` is ``"l2"`` when the problem has a mass and ``"euclidean"`` otherwise.
+    A problem without a mass whose functional has Gram matrices (``functional.grams``: a distributed
+    functional built rank by rank) gets ``functional.inner_product(spec)``, its matrices kept distributed.
     """
     n = problem.functional.n_params
     if isinstance(spec, InnerProduct):
@@ -148,6 +150,12 @@ def make_inner_product(spec, problem) -> InnerProduct:
             raise ShapeError(f"the inner product acts on {spec.n} parameters, the problem has {n}")
         return spec
     mass = getattr(problem, "mass", None)
+    grams = getattr(problem.functional, "grams", None)
+    if mass is None and grams:
+        # a distributed functional built with its parameter space's Gram matrices (a rank-local build)
+        if spec is None:
+            spec = "l2" if "mass" in grams else "euclidean"
+        return problem.functional.inner_product(spec)
     if spec is None:
         spec = "l2" if mass is not None else "euclidean"
     if not isinstance(spec, str) or spec.lower() not in INNER_PRODUCTS:

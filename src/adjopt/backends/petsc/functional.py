@@ -50,6 +50,7 @@ from ...objectives.base import Objective, Scaled, Sum
 from ...objectives.regularization import _Quadratic
 from ...objectives.state import Compliance, SquaredMisfit
 from ...operators.element import ElementCoefficientMatrix
+from ...optimize.inner import INNER_PRODUCTS, Euclidean, InnerProduct
 from ...operators.residual import ParametricResidual
 from ...operators.vectors import as_vector
 from ...solvers.base import SolverStats
@@ -568,6 +569,9 @@ class DistributedReducedFunctional:
         self._scatter = PETSc.Scatter().create(self.b, gis, self._wloc, None)
 
         # -- parameter map, objective terms --
+        #: this rank's rows of the parameter space's Gram matrices (LocalSystem.gram)
+        self._gram = dict(system.gram or {})
+        self.grams = tuple(sorted(self._gram))
         Lr = system.parameter_matrix
         self.L = None if Lr is None else _mat_rows(comm, Lr, lay.params, lay.elements.size)
         self._rho = _vec(comm, lay.elements, rank)
@@ -814,6 +818,28 @@ class DistributedReducedFunctional:
             st.lam_ghost, st.lam_tol = self._ghosted(st.lam), want
         return st.lam
 
+    def inner_product(self, spec: str):
+        """The parameter space's inner product ``spec`` from the Gram matrices this rank was built with.
+
+        ``"l2"`` (the mass), ``"l2-lumped"`` (its row sums), ``"h1"``
+        (stiffness + mass) or ``"euclidean"``: an
+        :class:`~adjopt.optimize.InnerProduct` on full parameter vectors
+        (the serial interface) whose matrix stays distributed; its Riesz map
+        is a CG solve (GAMG for ``"h1"``, Jacobi for the mass) to 1e-12.
+        What :func:`adjopt.optimize.make_inner_product` uses for a problem
+        without ``Problem(mass=)`` whose functional has Gram matrices.
+        """
+        if not isinstance(spec, str) or spec.lower() not in INNER_PRODUCTS:
+            raise ValueError(f"unknown inner product {spec!r}; use one of {INNER_PRODUCTS}")
+        spec = spec.lower()
+        if spec == "euclidean":
+            return Euclidean(self.n_params)
+        need = ("mass", "stiffness") if spec == "h1" else ("mass",)
+        missing = [k for k in need if k not in self._gram]
+        agree(self.comm, not missing, f"inner product {spec!r} needs the Gram matrices {need}; this functional was "
+              f"built with {self.grams or 'none'} (LocalSystem(gram=...))", ValueError)
+        return _DistributedGram(self, spec)
+
     def regularization_hessian(self) -> PETSc.Mat | None:
         """f_pp, the Hessian of the objective's quadratic parameter terms (sum c M), as a distributed Mat.
 
@@ -947,6 +973,64 @@ class DistributedReducedFunctional:
     def __repr__(self):
         return (f"DistributedReducedFunctional({self.matrix!r}, ranks={self.size}, solver={self.solver.name}, "
                 f"objective={self.objective!r})")
+
+
+class _DistributedGram(InnerProduct):
+    """An inner product a^T M b on full parameter vectors with M a distributed Mat (see ``inner_product``)."""
+
+    def __init__(self, F: DistributedReducedFunctional, spec: str):
+        super().__init__(F.n_params)
+        self.name, self.F = spec, F
+        comm, params = F.comm, F.layout.params
+        n_mine = params.local_size(F.rank)
+
+        def rows(G):
+            if sp.issparse(G):
+                return sp.csr_array(G)
+            return sp.csr_array((G, params.ranges[F.rank] + np.arange(n_mine), np.arange(n_mine + 1)),
+                                shape=(n_mine, params.size))
+
+        G = rows(F._gram["mass"])
+        if spec == "h1":
+            G = G + rows(F._gram["stiffness"])
+        if spec == "l2-lumped":
+            G = rows(np.asarray(abs(G).sum(axis=1)).ravel())
+        G.sum_duplicates()
+        G.sort_indices()
+        self._mine_diag = np.asarray(abs(G).sum(axis=1)).ravel()
+        agree(comm, bool(np.all(self._mine_diag > 0)), f"the Gram matrix of the {spec} inner product has an empty row: "
+              "it is not positive definite", ValueError)
+        self.M = _mat_rows(comm, G, params, params.size)
+        self.M.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+        self.ksp = PETSc.KSP().create(comm=comm)
+        self.ksp.setOperators(self.M)
+        self.ksp.setType("cg")
+        self.ksp.getPC().setType("gamg" if spec == "h1" else "jacobi")
+        self.ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+        self.ksp.setTolerances(rtol=1e-12, atol=0.0, max_it=10000)
+        self._x, self._y = self.M.createVecs()
+        self._diag = None
+
+    def apply(self, v):
+        self.F.to_vec(v, "v").copy(self._x)
+        self.M.mult(self._x, self._y)
+        return self.F.to_numpy(self._y)
+
+    def riesz(self, g):
+        self.F.to_vec(g, "g").copy(self._x)
+        self._y.set(0.0)
+        self.ksp.solve(self._x, self._y)
+        reason = self.ksp.getConvergedReason()
+        if reason < 0:
+            raise SolverDidNotConverge(f"the Riesz map of the {self.name} inner product did not converge "
+                                       f"({_REASONS.get(reason, reason)} after {self.ksp.getIterationNumber()} iterations)")
+        return self.F.to_numpy(self._y)
+
+    def diagonal(self):
+        if self._diag is None:
+            v = _vec_local(self.F.comm, self.F.layout.params, self._mine_diag)
+            self._diag = self.F.to_numpy(v)
+        return self._diag
 
 
 def distribute(problem, comm=None, partition: str | None = None, **options):

@@ -136,6 +136,14 @@ class LocalSystem:
         how many parameters it owns; ``None``: one parameter per element (p = rho).
     near_nullspace
         (n_owned_dofs, k) rows of the near-nullspace of A (rigid body modes).
+    gram
+        Optional Gram matrices of the parameter space, ``{"mass": ..., "stiffness": ...}``:
+        this rank's rows (sparse, global columns) or a weight per owned
+        parameter (a lumped mass). The drivers' inner products (``"l2"``,
+        ``"l2-lumped"``, ``"h1"``) and Newton-CG's preconditioner use them
+        (:meth:`DistributedReducedFunctional.inner_product
+        <adjopt.backends.petsc.DistributedReducedFunctional.inner_product>`),
+        as the serial drivers use ``Problem(mass=, stiffness=)``.
     """
 
     conn: np.ndarray
@@ -147,6 +155,7 @@ class LocalSystem:
     parameter_matrix: object = None
     n_owned_params: int | None = None
     near_nullspace: np.ndarray | None = None
+    gram: dict | None = None
 
     def __post_init__(self):
         conn = np.asarray(self.conn)
@@ -179,6 +188,18 @@ class LocalSystem:
             if Z.ndim != 2 or Z.shape[0] != self.n_owned_dofs:
                 raise ShapeError(f"near_nullspace must be (n_owned_dofs={self.n_owned_dofs}, k), got {Z.shape}")
             self.near_nullspace = Z
+        gram = {} if self.gram is None else dict(self.gram)
+        unknown = sorted(set(gram) - {"mass", "stiffness"})
+        if unknown:
+            raise ValueError(f"gram takes 'mass' and 'stiffness', got {unknown}")
+        for name, G in gram.items():
+            if sp.issparse(G):
+                gram[name] = _rows(G, f"gram[{name!r}]", self.n_owned_params)
+            else:
+                gram[name] = _finite(G, f"gram[{name!r}]", (self.n_owned_params,))
+        if "stiffness" in gram and "mass" not in gram:
+            raise ValueError("gram: a stiffness needs a mass as well (H1 = stiffness + mass)")
+        self.gram = gram
 
 
 # -- helpers of rank-local builds (collective: every rank calls them) --------------------------------------------
