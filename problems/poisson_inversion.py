@@ -285,7 +285,15 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     data = d_clean + noise * top * normals
     sigma = noise * top if noise * top > 0 else 1.0
     J.set_misfit(data, np.full(mine.size, sigma**-2))
-    meta = {"part": part, "observation_index": mine, "observation_points": pts[mine], "data": data,
+    node_free = free.copy()
+
+    def local_fields(F, x):
+        """This rank's piece of fields.pvtu: m, m_true, state and adjoint on its nodes (ghosts included)."""
+        x = np.asarray(x, dtype=np.float64)
+        return ({"parameter": x[nodes], "m_true": m_true(mesh.points), "state": F.local_values(x, "state", node_free),
+                 "adjoint": F.local_values(x, "adjoint", node_free)}, {})
+
+    meta = {"part": part, "local_fields": local_fields, "observation_index": mine, "observation_points": pts[mine], "data": data,
             "data_clean": d_clean, "m_true": mt, "distributed": True,
             "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization,
                             seed=seed, grading=1.0)}

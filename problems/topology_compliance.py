@@ -606,8 +606,10 @@ def build_distributed(case: str = "mbb", nelx: int | None = None, nely: int | No
     from adjopt.mesh import box_part, rectangle_part
 
     comm = MPI.COMM_WORLD if comm is None else comm
-    if not isinstance(case, str) or case not in DISTRIBUTED_CASES:
-        raise ValueError(f"build_distributed builds the cases {', '.join(map(repr, DISTRIBUTED_CASES))}, got {case!r}; "
+    if not isinstance(case, str) or case not in CASES:
+        raise ValueError(f"unknown case {case!r}; known cases: {', '.join(map(repr, CASES))}")
+    if case not in DISTRIBUTED_CASES:
+        raise NotImplementedError(f"build_distributed builds the cases {', '.join(map(repr, DISTRIBUTED_CASES))}, got {case!r}; "
                          "build the others serially (build(), then adjopt.backends.petsc.distribute)")
     dx, dy, dz = DEFAULT_SIZES[case]
     nelx = _count(dx if nelx is None else nelx, "nelx")
@@ -652,12 +654,21 @@ def build_distributed(case: str = "mbb", nelx: int | None = None, nely: int | No
                          parameter_matrix=L, n_owned_params=n_el if filter else None,
                          near_nullspace=rigid_body_modes(x[:n_owned], owned_free, center=np.array(shape) / 2.0),
                          gram={"mass": np.ones(n_el)})  # build()'s mass: the (unit) element volumes
+    dof_free = free.reshape(n_local, dim)
     del conn, load, fixed, free
+
+    def local_fields(F, x):
+        """This rank's piece of fields.pvtu: the displacement on its nodes, the physical density of its cells."""
+        u = F.local_values(x, "state", dof_free.ravel()).reshape(n_local, dim)
+        if dim == 2:
+            u = np.column_stack([u, np.zeros(n_local)])
+        return {"displacement": u}, {"density": F.local_values(x, "rho")}
     J = DistributedReducedFunctional.from_parts(system, comm=comm, **solver_options)
     m = part.n_global_cells
     volume = DistributedVolume(comm, np.ones(n_el), L, n_params=m, first=part.cell_start)
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")
-    meta = {"case": case, "nelx": nelx, "nely": nely, "nelz": nelz, "part": part, "volfrac": volfrac,
+    meta = {"case": case, "nelx": nelx, "nely": nely, "nelz": nelz, "part": part, "local_fields": local_fields,
+            "volfrac": volfrac,
             "penal": penal, "rmin": rmin, "emin": emin, "distributed": True,
             "options": dict(case=case, nelx=nelx, nely=nely, nelz=nelz, volfrac=volfrac, penal=penal, rmin=rmin,
                             emin=emin, filter=bool(filter))}

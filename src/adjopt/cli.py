@@ -470,7 +470,11 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     elif args.solver:
         _check_solver(args.solver)
     _compile_notice(args)
-    problem = make_problem(module, prob_opts)
+    problem = None
+    if getattr(args, "backend", "serial") == "petsc":
+        problem = _build_distributed(module, prob_opts)
+    if problem is None:
+        problem = make_problem(module, prob_opts)
     if method is None:
         method = "oc" if len(problem.constraints) == 1 else ("mma" if problem.constraints else "lbfgs")
         _, meth_opts = split_options(extra, popts, _method_defaults(method))
@@ -556,7 +560,9 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
     finally:
         if log_json is not None:
             log_json.close()
+    pieces = None
     if comm is not None:
+        pieces = _write_pieces(out, problem, result.x, comm)
         # state and adjoint at the result are collective: every rank computes them, then rank 0 writes
         problem = replace(problem, functional=_Fields(problem.functional, result.x))
         if not rank0:
@@ -566,6 +572,8 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
     except ResultsWriteError as exc:
         raise UsageError(f"{exc}; the checkpoint is kept: once that is fixed, run again with --resume to write the "
                          "results") from exc
+    if pieces is not None:
+        written[pieces.name] = pieces
     summary = str(result)
     if args.quiet:
         print(summary.splitlines()[0])
@@ -600,21 +608,84 @@ class _Fields:
         return self._get("adjoint")
 
 
+def _build_distributed(module, options: dict):
+    """module.build_distributed(**options) under --backend petsc: every rank builds only its part.
+
+    ``None`` (the caller builds the whole problem on every rank, then
+    distributes it) when the module has no ``build_distributed``, when an
+    option is one it does not take, or when it raises NotImplementedError for
+    these options (a case or regularization it does not build rank by rank);
+    the reason is logged.
+    """
+    import inspect
+
+    import adjopt
+
+    stem = Path(module.__file__).stem
+    build = getattr(module, "build_distributed", None)
+    if build is None:
+        logger.info("%s has no build_distributed: every rank builds the whole problem", stem)
+        return None
+    accepted = inspect.signature(build).parameters
+    others = sorted(k for k in options if k not in accepted)
+    if others:
+        logger.warning("%s: every rank builds the whole problem (build_distributed does not take %s)", stem,
+                       ", ".join(f"--{k.replace('_', '-')}" for k in others))
+        return None
+    call = f"{stem}.build_distributed({', '.join(f'{k}={v!r}' for k, v in options.items())})"
+    try:
+        from .backends.petsc import DistributedReducedFunctional  # noqa: F401  (a clear error when PETSc is missing)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        problem = build(**options)
+    except NotImplementedError as exc:
+        logger.warning("%s: every rank builds the whole problem (%s)", stem, exc)
+        return None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{call} rejected the options: {exc}") from exc
+    if not isinstance(problem, adjopt.Problem):
+        raise UsageError(f"{stem}.build_distributed returned a {type(problem).__name__}, not an adjopt.Problem")
+    logger.info("%s built rank by rank (no rank holds the whole mesh or operator)", stem)
+    return problem
+
+
+def _write_pieces(out: Path, problem, x, comm):
+    """fields.pvtu and one fields_<rank>.vtu per rank, for a problem built rank by rank (collective); else None."""
+    from .mesh import write_pvtu
+
+    meta = problem.meta if isinstance(problem.meta, dict) else {}
+    local, part = meta.get("local_fields"), meta.get("part")
+    if local is None or part is None:
+        return None
+    point_data, cell_data = local(problem.functional, x)
+    try:
+        return write_pvtu(out / "fields.pvtu", part.mesh, point_data, cell_data, comm=comm)
+    except OSError as exc:
+        raise UsageError(f"{exc}; the checkpoint is kept: once that is fixed, run again with --resume to write the "
+                         "results") from exc
+
+
 def _distribute(problem, args):
     """(problem on PETSc, its communicator) for --backend petsc; a UsageError names what is missing."""
     try:
-        from .backends.petsc import distribute
+        from .backends.petsc import DistributedReducedFunctional, distribute
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
+    if isinstance(problem.functional, DistributedReducedFunctional):  # built rank by rank already
+        return _quiet_ranks(problem, problem.functional.comm)
     try:
         distributed = distribute(problem)
     except NotImplementedError as exc:  # what the backend does not distribute (a nonlinear residual, ...)
         raise UsageError(str(exc)) from exc
-    comm = distributed.functional.comm
+    return _quiet_ranks(distributed, distributed.functional.comm)
+
+
+def _quiet_ranks(problem, comm):
     lib = logging.getLogger("adjopt")
     if comm.rank != 0 and lib.getEffectiveLevel() < logging.WARNING:  # a higher level set by the user stays
         lib.setLevel(logging.WARNING)
-    return distributed, comm
+    return problem, comm
 
 
 def cmd_demo(args, extra) -> int:
@@ -677,7 +748,11 @@ def cmd_check(args, extra) -> int:
     module = load_module(args.problem)
     prob_opts, _ = split_options(extra, build_options(module), {})
     _compile_notice(args)
-    problem = make_problem(module, prob_opts)
+    problem = None
+    if getattr(args, "backend", "serial") == "petsc":
+        problem = _build_distributed(module, prob_opts)
+    if problem is None:
+        problem = make_problem(module, prob_opts)
     J = problem.functional
     rng = np.random.default_rng(args.seed)
     p = problem.p0.copy()
@@ -835,7 +910,11 @@ def cmd_uq(args, extra) -> int:
     run_defaults.pop("method", None)
     prob_opts, meth_opts = split_options(extra, build_options(module), _method_defaults(method))
     _compile_notice(args)
-    problem = make_problem(module, prob_opts)
+    problem = None
+    if getattr(args, "backend", "serial") == "petsc":
+        problem = _build_distributed(module, prob_opts)
+    if problem is None:
+        problem = make_problem(module, prob_opts)
     J = problem.functional
     if args.solver:
         from .solvers import make_solver

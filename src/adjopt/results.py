@@ -196,7 +196,10 @@ def _fields(problem, x, u, lam, reasons):
     point, cell, skipped = {}, {}, list(reasons)
     mesh, why = _mesh_of(problem)
     if mesh is None:
-        logger.warning("fields: nothing placed on a mesh: %s", why)
+        if isinstance(problem.meta, dict) and "local_fields" in problem.meta:
+            logger.info("fields: a problem built rank by rank; its ranks write fields.pvtu")
+        else:
+            logger.warning("fields: nothing placed on a mesh: %s", why)
         return {"point_data": point, "cell_data": cell}
     meta = problem.meta or {}
     x = np.asarray(x, dtype=np.float64).ravel()

@@ -77,8 +77,10 @@ def test_poisson_local_build_equals_the_serial_build(dim, n):
 
 
 def test_build_distributed_refuses_what_it_does_not_build():
-    with pytest.raises(ValueError, match="build_distributed builds the cases"):
+    with pytest.raises(NotImplementedError, match="build_distributed builds the cases"):
         topology_compliance.build_distributed("cantilever3d")
+    with pytest.raises(ValueError, match="unknown case"):
+        topology_compliance.build_distributed("bridge")
     with pytest.raises(ValueError, match="nelz is for the 3D case only"):
         topology_compliance.build_distributed("mbb", nelz=4)
     with pytest.raises(NotImplementedError, match="'h1' regularization"):

@@ -10,7 +10,7 @@ from ._errors import InvalidElementError, MeshError, UnknownBoundaryError
 from ._mesh import Mesh
 from ._reference import SUPPORTED as CELL_TYPES
 from .generators import box, rectangle, unit_cube, unit_square
-from .io import read, write_vtu
+from .io import read, write_pvtu, write_vtu
 from .parts import MeshPart, box_part, rectangle_part, unit_cube_part, unit_square_part
 
 __all__ = [
@@ -29,5 +29,6 @@ __all__ = [
     "unit_cube_part",
     "unit_square",
     "unit_square_part",
+    "write_pvtu",
     "write_vtu",
 ]

@@ -241,3 +241,91 @@ def write_vtu(path, mesh: Mesh, point_data=None, cell_data=None) -> Path:
     logger.info("wrote '%s' (%d nodes, %d cells, point data %s, cell data %s)", path, mesh.n_nodes,
                 mesh.n_cells, sorted(pdata), sorted(cdata))
     return path
+
+
+_VTK_TYPES = {"f8": "Float64", "f4": "Float32", "i8": "Int64", "i4": "Int32", "u8": "UInt64", "u4": "UInt32",
+              "i2": "Int16", "u2": "UInt16", "i1": "Int8", "u1": "UInt8"}
+
+
+def _pdata(tag: str, fields: dict) -> str:
+    lines = []
+    for name, v in fields.items():
+        kind = _VTK_TYPES.get(v.dtype.str[1:])
+        if kind is None:
+            raise MeshError(f"field {name!r} has dtype {v.dtype}, which VTK files do not hold; convert it to float64")
+        comps = 1 if v.ndim == 1 else int(np.prod(v.shape[1:]))
+        lines.append(f'      <PDataArray type="{kind}" Name="{name}" NumberOfComponents="{comps}"/>')
+    return f"    <{tag}>\n" + "\n".join(lines) + ("\n" if lines else "") + f"    </{tag}>\n"
+
+
+def write_pvtu(path, mesh: Mesh, point_data=None, cell_data=None, *, comm) -> Path:
+    """Write a distributed mesh and its fields as a parallel VTU: one piece per rank and an index (collective).
+
+    Every rank writes its part (``mesh``: its local mesh, ghost nodes
+    included; its fields on it) to ``<stem>_<rank>.vtu`` beside ``path``
+    (with :func:`write_vtu`, atomically), and rank 0 then writes the index
+    ``path`` (``.pvtu``), which ParaView opens as one dataset. Nothing of
+    global length is formed. The fields must have the same names, types and
+    components on every rank. If any rank fails, every rank raises (the
+    index is not written, so a half-written result is never announced);
+    pieces of an earlier run with more ranks are removed.
+
+    Returns the index path on every rank.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".pvtu":
+        raise MeshError(f"write_pvtu writes a '.pvtu' index; give a path ending in '.pvtu', got '{path}'")
+    pdata = _check_fields(point_data, mesh.n_nodes, "point_data", "node")
+    cdata = _check_fields(cell_data, mesh.n_cells, "cell_data", "cell")
+    piece = path.with_name(f"{path.stem}_{comm.rank}.vtu")
+    error = None
+    try:
+        write_vtu(piece, mesh, pdata, cdata)
+    except Exception as exc:  # reported on every rank below
+        error = f"{type(exc).__name__}: {exc}"
+    signature = (sorted((k, v.dtype.str, v.shape[1:]) for k, v in pdata.items()),
+                 sorted((k, v.dtype.str, v.shape[1:]) for k, v in cdata.items()))
+    got = comm.allgather((error, signature))
+    bad = [(r, e) for r, (e, _) in enumerate(got) if e is not None]
+    if bad:
+        raise OSError(f"write_pvtu: rank {bad[0][0]} could not write its piece ({bad[0][1]}); nothing announced in "
+                      f"'{path}'")
+    if any(s != got[0][1] for _, s in got):
+        raise MeshError("write_pvtu: the ranks' fields differ in names, types or components; give every rank the same")
+    error = None
+    if comm.rank == 0:
+        try:
+            _write_index(path, comm.size, pdata, cdata)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    error = comm.bcast(error)
+    if error is not None:
+        raise OSError(f"write_pvtu: rank 0 could not write the index '{path}' ({error})")
+    return path
+
+
+def _write_index(path: Path, size: int, pdata: dict, cdata: dict) -> None:
+    """The .pvtu index of ``size`` pieces, atomically; stale pieces of a larger earlier run removed."""
+    pieces = "".join(f'    <Piece Source="{path.stem}_{r}.vtu"/>\n' for r in range(size))
+    text = ('<?xml version="1.0"?>\n'
+            '<VTKFile type="PUnstructuredGrid" version="0.1" byte_order="LittleEndian">\n'
+            '  <PUnstructuredGrid GhostLevel="0">\n'
+            + _pdata("PPointData", pdata) + _pdata("PCellData", cdata)
+            + '    <PPoints>\n      <PDataArray type="Float64" NumberOfComponents="3"/>\n    </PPoints>\n'
+            + pieces + "  </PUnstructuredGrid>\n</VTKFile>\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    k = size
+    while (stale := path.with_name(f"{path.stem}_{k}.vtu")).exists():
+        stale.unlink()
+        k += 1
+    logger.info("wrote '%s' (%d pieces)", path, size)

@@ -967,6 +967,29 @@ class DistributedReducedFunctional:
         st = self._state(self.to_vec(p))
         return self.to_numpy(self._adjoint(st), self.layout.dofs)
 
+    def local_values(self, p, what: str = "state", dofs=None) -> np.ndarray:
+        """The state (``what="state"``), adjoint (``"adjoint"``) or element values rho (``"rho"``) at p, this
+        rank's part only (collective): at the global dof numbers ``dofs`` (any that this rank's elements touch,
+        owned or ghost; negative = a condensed dof, value 0), or rho of this rank's elements (``dofs`` unused).
+        What a rank-local build writes into its piece of a parallel VTU; nothing of global length is gathered.
+        """
+        if what not in ("state", "adjoint", "rho"):
+            raise ValueError(f"what must be 'state', 'adjoint' or 'rho', got {what!r}")
+        st = self._state(self.to_vec(p))
+        if what == "rho":
+            return st.rho.copy()
+        if what == "adjoint":
+            self._adjoint(st)
+        values = st.u_ghost if what == "state" else st.lam_ghost
+        dofs = np.asarray(dofs, dtype=np.int64)
+        where = np.searchsorted(self._ghosts, np.maximum(dofs, 0))
+        where = np.minimum(where, max(self._ghosts.size - 1, 0))
+        known = (dofs < 0) | ((self._ghosts.size > 0) & (self._ghosts[where] == dofs))
+        if not np.all(known):
+            raise ValueError(f"dof {int(dofs[~known][0])} is not touched by this rank's elements: ask for the dofs of "
+                             "this rank's elements (owned or ghost)")
+        return np.where(dofs < 0, 0.0, values[where] if values.size else 0.0)
+
     def __call__(self, p) -> float:
         return self.value(p)
 
