@@ -288,10 +288,10 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     node_free = free.copy()
 
     def local_fields(F, x):
-        """This rank's piece of fields.pvtu: m, m_true, state and adjoint on its nodes (ghosts included)."""
-        x = np.asarray(x, dtype=np.float64)
-        return ({"parameter": x[nodes], "m_true": m_true(mesh.points), "state": F.local_values(x, "state", node_free),
-                 "adjoint": F.local_values(x, "adjoint", node_free)}, {})
+        """This rank's piece of fields.pvtu: m, m_true, state and adjoint on its nodes (ghosts included); F the
+        functional (x the full vector) or its block view (x this rank's block)."""
+        return ({"parameter": F.parameter_values(x, nodes), "m_true": m_true(mesh.points),
+                 "state": F.local_values(x, "state", node_free), "adjoint": F.local_values(x, "adjoint", node_free)}, {})
 
     meta = {"part": part, "local_fields": local_fields, "observation_index": mine, "observation_points": pts[mine], "data": data,
             "data_clean": d_clean, "m_true": mt, "distributed": True,

@@ -489,6 +489,7 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     comm = None
     if getattr(args, "backend", "serial") == "petsc":
         problem, comm = _distribute(problem, args)
+        problem = _blocks_if_possible(problem, method)
     out = Path(args.out or os.path.join("adjopt-results", problem.name))
     args.out_used = out  # for the --resume hint after Ctrl-C
     lock = None
@@ -523,7 +524,10 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
 
     rank0 = comm is None or comm.rank == 0
     checkpoint = out / "checkpoint.npz"
-    resume = checkpoint if args.resume and checkpoint.exists() else None
+    blocks = getattr(getattr(problem.functional, "space", None), "distributed", False)
+    # parameters in blocks: every rank writes its own checkpoint (<stem>.rank<r>.npz beside checkpoint.npz)
+    exists = (out / "checkpoint.rank0.npz").exists() if blocks else checkpoint.exists()
+    resume = checkpoint if args.resume and exists else None
     if args.resume and resume is None:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", out)
     log_json = None
@@ -547,7 +551,7 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
 
             callback.wants_start = True  # the table starts with iteration 0 (the starting point)
 
-            result = adjopt.minimize(problem, method=method, checkpoint=checkpoint if rank0 else None, resume=resume,
+            result = adjopt.minimize(problem, method=method, checkpoint=checkpoint if rank0 or blocks else None, resume=resume,
                                      callback=callback, **stop, **meth_opts)
     except CheckpointError as exc:
         raise UsageError(f"{exc}; to start afresh instead, run without --resume and with --force (or choose another "
@@ -564,7 +568,16 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
     if comm is not None:
         pieces = _write_pieces(out, problem, result.x, comm)
         # state and adjoint at the result are collective: every rank computes them, then rank 0 writes
-        problem = replace(problem, functional=_Fields(problem.functional, result.x))
+        fields = _Fields(problem.functional, result.x)
+        if blocks:  # the result's vectors on rank 0 only, for result.npz (bounds and constraints are not written)
+            F = problem.functional
+            x_full, g_full, p0 = F.gather(result.x), F.gather(result.jac), F.gather(problem.p0)
+            if not rank0:
+                return 0 if result.success else 1
+            result = replace(result, x=x_full, jac=g_full)
+            problem = replace(problem, functional=fields, p0=p0, bounds=None, constraints=[])
+        else:
+            problem = replace(problem, functional=fields)
         if not rank0:
             return 0 if result.success else 1
     try:
@@ -587,7 +600,7 @@ class _Fields:
     """What the results writer asks of a functional, evaluated at x by every rank of a distributed one."""
 
     def __init__(self, F, x):
-        self.n_params, self.stats = F.n_params, F.stats
+        self.n_params, self.stats = getattr(F, "n_global", F.n_params), F.stats
         self._fields = {}
         for what in ("state", "adjoint"):
             try:
@@ -650,6 +663,24 @@ def _build_distributed(module, options: dict):
     return problem
 
 
+def _blocks_if_possible(problem, method: str):
+    """A problem built rank by rank with its parameters in blocks over the ranks when ``method`` runs on blocks
+    (OC, L-BFGS, Newton-CG); else unchanged (p replicated on every rank)."""
+    from .backends.petsc import in_blocks
+    from .optimize.minimize import methods
+
+    meta = problem.meta if isinstance(problem.meta, dict) else {}
+    if not meta.get("distributed") or not getattr(methods().get(method), "takes_blocks", False):
+        return problem
+    try:
+        problem = in_blocks(problem)
+    except NotImplementedError as exc:
+        logger.info("parameters replicated on every rank: %s", exc)
+        return problem
+    logger.info("parameters in blocks over the ranks (no rank holds the whole p)")
+    return problem
+
+
 def _write_pieces(out: Path, problem, x, comm):
     """fields.pvtu and one fields_<rank>.vtu per rank, for a problem built rank by rank (collective); else None."""
     from .mesh import write_pvtu
@@ -683,8 +714,9 @@ def _distribute(problem, args):
 
 def _quiet_ranks(problem, comm):
     lib = logging.getLogger("adjopt")
-    if comm.rank != 0 and lib.getEffectiveLevel() < logging.WARNING:  # a higher level set by the user stays
-        lib.setLevel(logging.WARNING)
+    # rank 0 says what every rank would say; the others speak of errors only (a higher level set by the user stays)
+    if comm.rank != 0 and lib.getEffectiveLevel() < logging.ERROR:
+        lib.setLevel(logging.ERROR)
     return problem, comm
 
 

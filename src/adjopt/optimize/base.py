@@ -200,6 +200,11 @@ class Driver:
         self.inner = inner
         self.opts = {**self.defaults, **options}
         self.J = Counted(problem.functional, counts)
+        #: where x lives (one process, or blocks over MPI ranks): the reductions of the method
+        self.space = inner.space
+        if self.space.distributed and not getattr(self, "takes_blocks", False):
+            raise ValueError(f"method {self.name!r} runs on the whole parameter vector; with the parameters in blocks "
+                             "over the ranks use 'oc', 'lbfgs' or 'newton-cg' (or the replicated interface)")
         self.bounds = problem.bounds
         self.warnings: list[str] = []
 
@@ -243,7 +248,7 @@ class Driver:
             return self.inner.dual_norm(g)
         d = self.inner.diagonal()
         v = x - self.project(x - g / d)
-        return math.sqrt(max(dot(v, d * v), 0.0))
+        return math.sqrt(max(self.space.dot(v, d * v), 0.0))
 
 
 # -- checkpoints ---------------------------------------------------------------------
@@ -491,6 +496,55 @@ def _counted(problem) -> tuple:
 
 
 # -- the loop ----------------------------------------------------------------------------
+def _write(checkpoint, state: dict, meta: dict) -> None:
+    if isinstance(checkpoint, _RankCheckpoint):
+        checkpoint.write(state, meta)
+    else:
+        write_checkpoint(checkpoint, state, meta)
+
+
+class _RankCheckpoint:
+    """The checkpoint of a run whose parameters are in blocks over MPI ranks: one file per rank.
+
+    Rank r writes ``<stem>.rank<r>.npz``, after moving its previous one to
+    ``<stem>.rank<r>.prev.npz``. A run killed while the ranks write leaves
+    some ranks one iteration ahead; a resume takes the latest iteration that
+    every rank has (its current file or the previous one).
+    """
+
+    def __init__(self, path, comm):
+        path = os.fspath(path)
+        stem = path[:-4] if path.endswith(".npz") else path
+        self.comm = comm
+        self.current = f"{stem}.rank{comm.rank}.npz"
+        self.previous = f"{stem}.rank{comm.rank}.prev.npz"
+        self.path = path
+
+    def write(self, state: dict, meta: dict) -> None:
+        if os.path.exists(self.current):
+            os.replace(self.current, self.previous)
+        write_checkpoint(self.current, state, meta)
+
+    @staticmethod
+    def _nit(path):
+        try:
+            return int(read_checkpoint(path)[1]["nit"])
+        except (OSError, CheckpointError, KeyError, TypeError, ValueError):
+            return None
+
+    def latest_common(self) -> str:
+        """The file of this rank at the latest iteration every rank has (collective); CheckpointError if none."""
+        mine = {self._nit(p): p for p in (self.previous, self.current) if os.path.exists(p)}
+        mine.pop(None, None)
+        everyone = self.comm.allgather(sorted(mine))
+        common = set(everyone[0]).intersection(*everyone[1:]) if everyone else set()
+        if not common:
+            raise CheckpointError(f"the ranks' checkpoints {self.path!r} (.rank<r>.npz) hold no iteration that every "
+                                  f"one of the {self.comm.size} ranks has (iterations {everyone}): were they written "
+                                  "by a run on as many ranks? Start afresh without resume")
+        return mine[max(common)]
+
+
 def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback=None, checkpoint=None,
         resume=None) -> OptimizeResult:
     """Run ``driver`` from ``x0`` (or from the checkpoint ``resume``) until a stopping test holds."""
@@ -508,10 +562,15 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
     base_fact = stats.factorizations if stats else 0
     base_solves = stats.total_solves if stats else 0
     t_start = time.perf_counter()
-    ident = identity(driver.problem, driver.name, x0.size)
+    space = driver.space
+    ident = identity(driver.problem, driver.name, space.size(x0))
+    if space.distributed:
+        # every rank its own block in its own file, the previous iteration's kept beside it (see _rank_files)
+        checkpoint = None if checkpoint is None else _RankCheckpoint(checkpoint, space.comm)
+        resume = None if resume is None else _RankCheckpoint(resume, space.comm).latest_common()
     if resume is not None:
         state, meta = read_checkpoint(resume)
-        meta.setdefault("n_params", int(state["x"].size))  # version 1 did not record it
+        meta.setdefault("n_params", space.size(state["x"]))  # version 1 did not record it
         check_identity(resume, meta, ident)
         if state["x"].shape != x0.shape:
             raise CheckpointError(f"the checkpoint holds {state['x'].size} parameters, the problem has {x0.size}")
@@ -602,7 +661,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         """Book-keeping of one finished iteration: history, log, continuation, checkpoint, callback, step tests."""
         nit_box[0] += 1
         nit = nit_box[0]
-        step = float(np.max(np.abs(state["x"] - x_old))) if state["x"].size else 0.0
+        step = space.max(np.abs(state["x"] - x_old), initial=0.0)
         gnorm = driver.stationarity(state)
         entry = dict(nit=nit, f=float(state["f"]), stationarity=gnorm, step=step, **dict(counts))
         entry.update({k: _json_safe(v) for k, v in (record or {}).items()})
@@ -628,7 +687,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
                 entry.update(f_next=float(state["f"]))
                 outcome = None
         if checkpoint is not None:
-            write_checkpoint(checkpoint, state, checkpoint_meta())
+            _write(checkpoint, state, checkpoint_meta())
         if callback is not None:
             callback(dict(entry, x=state["x"].copy()))
         return outcome if outcome is not None else before_iteration()
@@ -676,7 +735,7 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
     if checkpoint is not None and not finished and not budget[0]:
         # the end of a run that stopped by itself (converged, or could not go on) goes into the checkpoint
         # too, so that a resume of it returns this result instead of taking another step
-        write_checkpoint(checkpoint, state, checkpoint_meta(finished=dict(success=bool(success), message=message)))
+        _write(checkpoint, state, checkpoint_meta(finished=dict(success=bool(success), message=message)))
     nit = nit_box[0]
     fact, solves = totals()
     result = OptimizeResult(

@@ -122,6 +122,7 @@ class OC(Driver):
     """
 
     name = "oc"
+    takes_blocks = True
     defaults = {"move": 0.2, "eta": 0.5, "l1": 0.0, "l2": 1e9, "bisection_tol": 1e-3, "max_bisections": 200}
     takes_bounds = True
     takes_constraints = True
@@ -169,21 +170,22 @@ class OC(Driver):
     def iterate(self, state):
         x = state["x"]
         dc = state["g"]
+        space = self.space
         dv = np.asarray(self.con.gradient(x), dtype=np.float64)
-        if not np.all(dv > 0):
+        if not space.all(dv > 0):
             raise OptimizationError(
-                f"OC needs a constraint increasing in every variable (dv > 0, like a volume); {int(np.sum(dv <= 0))} "
+                f"OC needs a constraint increasing in every variable (dv > 0, like a volume); {space.count(dv <= 0)} "
                 "entries of its gradient are <= 0; use method 'mma'"
             )
-        if np.any(dc > 0):
+        if space.any(dc > 0):
             note = "oc: the objective gradient has positive entries"
             if not any(w.startswith(note) for w in self.warnings):
-                msg = (f"{note} ({int(np.sum(dc > 0))} of {dc.size} at the first such iterate); they are "
+                msg = (f"{note} ({space.count(dc > 0)} of {space.size(dc)} at the first such iterate); they are "
                        "clipped at 0 as in the 88-line code (OC assumes an objective decreasing in every variable, "
                        "like compliance; use 'mma' otherwise)")
                 self.warnings.append(msg)
                 logger.warning(msg)
-        scale = float(np.mean(dv))  # dv / scale has mean 1: the 88-line dv for a filtered volume fraction
+        scale = space.sum(dv) / space.size(dv)  # dv / scale has mean 1: the 88-line dv for a filtered volume fraction
         dvn = dv / scale
         step = self.move * (self.hi - self.lo)
         xlo = np.maximum(self.lo, x - step)
@@ -206,7 +208,7 @@ class OC(Driver):
                 l2 = lmid
         xnew, f, g = _evaluate_or_back_off(self.J, x, xnew.copy(), "oc")
         volume = float(self.con.value(xnew))
-        change = float(np.max(np.abs(xnew - x))) if x.size else 0.0
+        change = space.max(np.abs(xnew - x), initial=0.0)
         if volume > self.upper * (1 + 1e-6) + 1e-12 and lmid >= 0.99 * self.l2:
             note = "oc: the constraint cannot be met within the bisection bracket"
             if not any(w.startswith(note) for w in self.warnings):

@@ -17,10 +17,10 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
-from .._threads import dot
 from .._validate import check_symmetric
 
 from ..errors import ShapeError
+from .space import SERIAL
 
 INNER_PRODUCTS = ("euclidean", "l2", "l2-lumped", "h1")
 
@@ -30,8 +30,10 @@ class InnerProduct:
 
     name = "abstract"
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, space=None):
         self.n = int(n)
+        #: where the vectors live (:mod:`adjopt.optimize.space`): ``n`` is this process's part of them
+        self.space = SERIAL if space is None else space
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """M v (primal -> dual)."""
@@ -46,14 +48,14 @@ class InnerProduct:
         raise NotImplementedError
 
     def inner(self, a: np.ndarray, b: np.ndarray) -> float:
-        return dot(a, self.apply(b))
+        return self.space.dot(a, self.apply(b))
 
     def norm(self, v: np.ndarray) -> float:
         return math.sqrt(max(self.inner(v, v), 0.0))
 
     def dual_norm(self, g: np.ndarray) -> float:
         """sqrt(g^T M^{-1} g), the norm of a gradient."""
-        return math.sqrt(max(dot(g, self.riesz(g)), 0.0))
+        return math.sqrt(max(self.space.dot(g, self.riesz(g)), 0.0))
 
     def __repr__(self):
         return f"{type(self).__name__}(n={self.n})"
@@ -79,11 +81,11 @@ class Diagonal(InnerProduct):
 
     name = "l2-lumped"
 
-    def __init__(self, d):
+    def __init__(self, d, space=None):
         d = np.asarray(d, dtype=np.float64)
         if d.ndim != 1 or not np.all(np.isfinite(d)) or not np.all(d > 0):
             raise ValueError("a diagonal inner product needs a 1-D array of positive finite weights")
-        super().__init__(d.size)
+        super().__init__(d.size, space)
         self.d = d
 
     def apply(self, v):
@@ -162,7 +164,7 @@ def make_inner_product(spec, problem) -> InnerProduct:
         raise ValueError(f"unknown inner product {spec!r}; use one of {INNER_PRODUCTS} or an InnerProduct instance")
     spec = spec.lower()
     if spec == "euclidean":
-        return Euclidean(n)
+        return Euclidean(n, getattr(problem.functional, "space", None))
     if mass is None:
         raise ValueError(f"inner product {spec!r} needs the problem's parameter-space mass (Problem(mass=...))")
     if spec == "h1":

@@ -23,7 +23,6 @@ import math
 
 import numpy as np
 
-from .._threads import dot
 from .base import Driver, Stop
 from .linesearch import backtrack, safe_gradient, safe_value
 
@@ -40,6 +39,7 @@ class LBFGS(Driver):
     name = "lbfgs"
     defaults = dict(memory=10, c1=1e-4, max_backtracks=30)
     takes_bounds = True
+    takes_blocks = True
 
     def start(self, x0):
         x, f, g = self.first_point(x0)
@@ -48,12 +48,13 @@ class LBFGS(Driver):
     def direction(self, state) -> np.ndarray:
         """-H g by the two-loop recursion with H0 = gamma M^{-1}; fixed variables held at zero."""
         g, S, Y = state["g"], state["S"], state["Y"]
+        dot = self.space.dot
         fixed = _active(state["x"], g, self.bounds) if self.bounds is not None else None
         q = g.copy()
         if fixed is not None:
             q[fixed] = 0.0
         k = S.shape[0]
-        rho = 1.0 / np.einsum("ij,ij->i", S, Y) if k else np.zeros(0)
+        rho = 1.0 / self.space.rows(S, Y) if k else np.zeros(0)
         alpha = np.zeros(k)
         for i in range(k - 1, -1, -1):
             alpha[i] = rho[i] * dot(S[i], q)
@@ -75,6 +76,7 @@ class LBFGS(Driver):
 
     def iterate(self, state):
         x, f, g = state["x"], state["f"], state["g"]
+        dot = self.space.dot
         d = self.direction(state)
         restarted = False
         if not dot(g, d) < 0:  # not a descent direction (bounds cut it): restart from steepest descent
@@ -84,7 +86,7 @@ class LBFGS(Driver):
             if not dot(g, d) < 0:
                 raise Stop("no descent direction: the projected gradient vanishes", success=True)
         t, x_new, f_new, trials = backtrack(self.J, x, f, g, d, self.project, 1.0, self.opts["c1"],
-                                            self.opts["max_backtracks"])
+                                            self.opts["max_backtracks"], space=self.space)
         g_new = self.J.gradient(x_new)
         s, y = x_new - x, g_new - g
         sy = dot(s, y)

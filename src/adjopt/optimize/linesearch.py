@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from .._threads import dot
 from ..errors import AdjoptError
 from .base import Stop
+from .space import SERIAL
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,15 @@ def safe_gradient(J, x):
         return None
 
 
-def backtrack(J, x, f, g, d, project, t0: float = 1.0, c1: float = 1e-4, max_steps: int = 30):
+def backtrack(J, x, f, g, d, project, t0: float = 1.0, c1: float = 1e-4, max_steps: int = 30, space=SERIAL):
     """The first t in t0, ~t0/2, ... with f(P(x + t d)) <= f + c1 g^T (P(x + t d) - x).
 
     Returns ``(t, x_new, f_new, trials)``. Steps shrink by safeguarded
     quadratic interpolation (to within [0.1, 0.5] of the last one). Raises
-    :class:`~adjopt.optimize.base.Stop` when no step decreases f.
+    :class:`~adjopt.optimize.base.Stop` when no step decreases f. ``space``: where x lives
+    (:mod:`adjopt.optimize.space`; its reductions).
     """
+    dot = space.dot
     t = t0
     nan_seen = False
     predicted = -dot(g, project(x + t0 * d) - x)
@@ -60,7 +62,7 @@ def backtrack(J, x, f, g, d, project, t0: float = 1.0, c1: float = 1e-4, max_ste
         xt = project(x + t * d)
         s = xt - x
         slope = dot(g, s)
-        if slope >= 0 and not np.any(s):
+        if slope >= 0 and not space.any(s):
             break  # the projected step vanished
         ft = safe_value(J, xt)
         if not math.isnan(ft) and ft <= f + c1 * min(slope, 0.0):

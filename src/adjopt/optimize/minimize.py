@@ -87,13 +87,14 @@ def _setup(problem, method, inner_product, x0, resume, options):
     x = np.array(problem.p0 if x0 is None else x0, dtype=np.float64)
     if x.shape != problem.p0.shape:
         raise ValueError(f"x0 must have shape {problem.p0.shape}, got {x.shape}")
-    if not np.all(np.isfinite(x)):
+    space = driver.space
+    if not space.all(np.isfinite(x)):
         raise ValueError("x0 has NaN or Inf entries")
     if problem.bounds is not None and resume is None:
         lo, hi = problem.bounds
-        outside = int(np.count_nonzero((x < lo) | (x > hi)))
+        outside = space.count((x < lo) | (x > hi))
         if outside:
-            msg = f"the start violated the bounds at {outside} of {x.size} entries; it was projected onto them"
+            msg = f"the start violated the bounds at {outside} of {space.size(x)} entries; it was projected onto them"
             logger.warning("%s", msg)
             driver.warnings.append(msg)
             x = np.clip(x, lo, hi)

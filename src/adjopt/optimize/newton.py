@@ -42,7 +42,6 @@ import math
 
 import numpy as np
 
-from .._threads import dot
 from .base import Driver, Stop
 from .inner import Diagonal, InnerProduct, Matrix
 from .lbfgs import _active
@@ -93,6 +92,12 @@ class _NewtonBase(Driver):
         else:
             raise ValueError("preconditioner must be None (the inner product's Riesz map), the name of an inner product "
                              f"('h1' suits H1-regularized problems), an InnerProduct, or an SPD ({inner.n}, {inner.n}) matrix")
+        if self.P is not None and self.P.space.distributed != self.space.distributed:
+            raise ValueError("the preconditioner works on the whole parameter vector but the parameters are in blocks "
+                             "over the ranks: give it by name ('h1', 'l2'), which the distributed functional makes")
+        if self._lowrank and self.space.distributed:
+            raise ValueError("preconditioner='lowrank' works on the whole parameter vector; with the parameters in "
+                             "blocks over the ranks use 'h1'")
         if not 0 < self.opts["eta_max"] < 1:
             raise ValueError(f"eta_max must be in (0, 1), got {self.opts['eta_max']}")
 
@@ -136,6 +141,7 @@ class NewtonCG(_NewtonBase):
 
     name = "newton-cg"
     takes_bounds = True
+    takes_blocks = True
 
     def iterate(self, state):
         self.refresh(state)
@@ -144,17 +150,17 @@ class NewtonCG(_NewtonBase):
         P = self.P
         if self.bounds is not None:
             free = ~_active(x, g, self.bounds)
-            P = Diagonal(P.diagonal())  # a diagonal preconditioner restricts to the free variables exactly
+            P = Diagonal(P.diagonal(), P.space)  # a diagonal preconditioner restricts to the free variables exactly
         gf = g if free is None else np.where(free, g, 0.0)
         gnorm = P.dual_norm(gf)
         eta = self.forcing(state, gnorm)
         H = self.hess(state, eta)
         Hf = H if free is None else (lambda v: np.where(free, H(np.where(free, v, 0.0)), 0.0))
         d, cg_its, neg = _pcg(Hf, gf, P, eta * gnorm, self.opts["cg_maxiter"])
-        if not dot(g, d) < 0:
+        if not self.space.dot(g, d) < 0:
             d = -P.riesz(gf)
         t, x_new, f_new, trials = backtrack(self.J, x, f, g, d, self.project, 1.0, self.opts["c1"],
-                                            self.opts["max_backtracks"])
+                                            self.opts["max_backtracks"], space=self.space)
         state.update(x=x_new, f=f_new, g=self.J.gradient(x_new), k=state["k"] + 1)
         return dict(cg_iterations=cg_its, eta=eta, t=t, negative_curvature=neg, gauss_newton=state["k"] <= self.opts["gauss_newton_iters"])
 
@@ -179,7 +185,7 @@ class NewtonTR(_NewtonBase):
         H = self.hess(state, eta)
         for _ in range(60):
             d, Hd, cg_its, hit = _steihaug(H, g, self.P, eta * gnorm, state["radius"], self.opts["cg_maxiter"])
-            pred = -(dot(g, d) + 0.5 * dot(d, Hd))
+            pred = -(self.space.dot(g, d) + 0.5 * self.space.dot(d, Hd))
             if 0 <= pred <= ROUNDOFF * max(abs(f), np.finfo(float).tiny):
                 raise Stop(f"stopped at round-off short of the gradient tolerance: the predicted decrease {pred:.3g} "
                            f"is below the precision of f = {f:.6g} (loosen gtol, or scale the objective)", success=False)
@@ -205,6 +211,7 @@ class NewtonTR(_NewtonBase):
 
 def _pcg(H, g, P, tol, maxiter):
     """Preconditioned CG for H d = -g; (d, iterations, negative curvature met)."""
+    dot = P.space.dot
     d = np.zeros_like(g)
     r = -g.copy()
     z = P.riesz(r)
@@ -237,6 +244,7 @@ def _to_boundary(P, d, p, radius):
 
 def _steihaug(H, g, P, tol, radius, maxiter):
     """Steihaug-Toint CG: (d, H d, iterations, on the boundary)."""
+    dot = P.space.dot
     d = np.zeros_like(g)
     Hd = np.zeros_like(g)
     r = -g.copy()

@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "steps that build PETSc from PyPI, and how to use a cluster's own PETSc instead)"
     ) from exc
 
-from .functional import DistributedReducedFunctional, distribute  # noqa: E402
+from .functional import BlockFunctional, DistributedReducedFunctional, distribute, in_blocks  # noqa: E402
 from .tao import TAO_METHODS, minimize_tao  # noqa: E402
 
-__all__ = ["DistributedReducedFunctional", "distribute", "minimize_tao", "TAO_METHODS"]
+__all__ = ["BlockFunctional", "DistributedReducedFunctional", "distribute", "in_blocks", "minimize_tao", "TAO_METHODS"]

@@ -51,6 +51,7 @@ from ...objectives.regularization import _Quadratic
 from ...objectives.state import Compliance, SquaredMisfit
 from ...operators.element import ElementCoefficientMatrix
 from ...optimize.inner import INNER_PRODUCTS, Euclidean, InnerProduct
+from ...optimize.space import Blocks
 from ...operators.residual import ParametricResidual
 from ...operators.vectors import as_vector
 from ...solvers.base import SolverStats
@@ -840,6 +841,10 @@ class DistributedReducedFunctional:
               f"built with {self.grams or 'none'} (LocalSystem(gram=...))", ValueError)
         return _DistributedGram(self, spec)
 
+    def blocks(self) -> BlockFunctional:
+        """This functional on this rank's block of p (the parameters never replicated): see :class:`BlockFunctional`."""
+        return BlockFunctional(self)
+
     def regularization_hessian(self) -> PETSc.Mat | None:
         """f_pp, the Hessian of the objective's quadratic parameter terms (sum c M), as a distributed Mat.
 
@@ -967,7 +972,20 @@ class DistributedReducedFunctional:
         st = self._state(self.to_vec(p))
         return self.to_numpy(self._adjoint(st), self.layout.dofs)
 
-    def local_values(self, p, what: str = "state", dofs=None) -> np.ndarray:
+    def parameter_values(self, p, ids, block: bool = False) -> np.ndarray:
+        """The parameters with global numbers ``ids`` at p (full vector, or this rank's block with ``block=True``;
+        collective: the values other ranks own come by one scatter)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not block:
+            return np.asarray(p, dtype=np.float64)[ids]
+        v = self.create_parameter_vec()
+        v.setArray(_block(p, self.layout.params.local_size(self.rank), "p"))
+        out = PETSc.Vec().createSeq(ids.size, comm=PETSc.COMM_SELF)
+        sc = PETSc.Scatter().create(v, PETSc.IS().createGeneral(ids.astype(_INT), comm=PETSc.COMM_SELF), out, None)
+        sc.scatter(v, out, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+        return out.getArray(readonly=True).copy()
+
+    def local_values(self, p, what: str = "state", dofs=None, block: bool = False) -> np.ndarray:
         """The state (``what="state"``), adjoint (``"adjoint"``) or element values rho (``"rho"``) at p, this
         rank's part only (collective): at the global dof numbers ``dofs`` (any that this rank's elements touch,
         owned or ghost; negative = a condensed dof, value 0), or rho of this rank's elements (``dofs`` unused).
@@ -975,7 +993,12 @@ class DistributedReducedFunctional:
         """
         if what not in ("state", "adjoint", "rho"):
             raise ValueError(f"what must be 'state', 'adjoint' or 'rho', got {what!r}")
-        st = self._state(self.to_vec(p))
+        if block:
+            v = self.create_parameter_vec()
+            v.setArray(_block(p, self.layout.params.local_size(self.rank), "p"))
+        else:
+            v = self.to_vec(p)
+        st = self._state(v)
         if what == "rho":
             return st.rho.copy()
         if what == "adjoint":
@@ -1001,9 +1024,10 @@ class DistributedReducedFunctional:
 class _DistributedGram(InnerProduct):
     """An inner product a^T M b on full parameter vectors with M a distributed Mat (see ``inner_product``)."""
 
-    def __init__(self, F: DistributedReducedFunctional, spec: str):
-        super().__init__(F.n_params)
-        self.name, self.F = spec, F
+    def __init__(self, F: DistributedReducedFunctional, spec: str, blocks: bool = False):
+        params = F.layout.params
+        super().__init__(params.local_size(F.rank) if blocks else F.n_params, Blocks(F.comm) if blocks else None)
+        self.name, self.F, self.blocks = spec, F, blocks
         comm, params = F.comm, F.layout.params
         n_mine = params.local_size(F.rank)
 
@@ -1034,26 +1058,153 @@ class _DistributedGram(InnerProduct):
         self._x, self._y = self.M.createVecs()
         self._diag = None
 
+    def _load(self, v, name):
+        if self.blocks:
+            self._x.setArray(_block(v, self.n, name))
+        else:
+            self.F.to_vec(v, name).copy(self._x)
+
+    def _out(self, v):
+        return v.getArray(readonly=True).copy() if self.blocks else self.F.to_numpy(v)
+
     def apply(self, v):
-        self.F.to_vec(v, "v").copy(self._x)
+        self._load(v, "v")
         self.M.mult(self._x, self._y)
-        return self.F.to_numpy(self._y)
+        return self._out(self._y)
 
     def riesz(self, g):
-        self.F.to_vec(g, "g").copy(self._x)
+        self._load(g, "g")
         self._y.set(0.0)
         self.ksp.solve(self._x, self._y)
         reason = self.ksp.getConvergedReason()
         if reason < 0:
             raise SolverDidNotConverge(f"the Riesz map of the {self.name} inner product did not converge "
                                        f"({_REASONS.get(reason, reason)} after {self.ksp.getIterationNumber()} iterations)")
-        return self.F.to_numpy(self._y)
+        return self._out(self._y)
 
     def diagonal(self):
         if self._diag is None:
             v = _vec_local(self.F.comm, self.F.layout.params, self._mine_diag)
-            self._diag = self.F.to_numpy(v)
+            self._diag = self._out(v)
         return self._diag
+
+
+def _block(v, n: int, name: str) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    if v.shape != (n,):
+        raise ShapeError(f"{name} must be this rank's block of {n} parameters, got shape {v.shape}")
+    return v
+
+
+class BlockFunctional:
+    """A :class:`DistributedReducedFunctional` on this rank's block of p (see :meth:`DistributedReducedFunctional.blocks`).
+
+    ``value(p)``, ``gradient(p)`` and ``hessp(p, dp)`` take and return this
+    rank's contiguous block of the parameter vector (``n_params`` entries; the
+    global vector is never formed), collectively. ``space`` tells the drivers
+    to sum their reductions over the ranks (:class:`adjopt.optimize.space.Blocks`).
+    """
+
+    def __init__(self, F: DistributedReducedFunctional):
+        self.F = F
+        self.comm = F.comm
+        self.space = Blocks(F.comm)
+        self.range = (int(F.layout.params.ranges[F.rank]), int(F.layout.params.ranges[F.rank + 1]))
+        self.n_params = self.range[1] - self.range[0]
+        self.n_global = F.n_params
+        self.grams = F.grams
+        self.stats, self.times, self.solver = F.stats, F.times, F.solver
+        self._p, self._dp = F.create_parameter_vec(), F.create_parameter_vec()
+
+    def _vec(self, v, name, target):
+        target.setArray(_block(v, self.n_params, name))
+        return target
+
+    def value(self, p) -> float:
+        return self.F.value_vec(self._vec(p, "p", self._p))
+
+    def gradient(self, p, tol: float | None = None) -> np.ndarray:
+        return self.F.gradient_vec(self._vec(p, "p", self._p), tol=tol).getArray(readonly=True).copy()
+
+    def value_and_gradient(self, p, tol: float | None = None):
+        return self.value(p), self.gradient(p, tol=tol)
+
+    def hessp(self, p, dp, tol: float | None = None, gauss_newton: bool = False) -> np.ndarray:
+        if gauss_newton:
+            raise NotImplementedError("the PETSc backend computes the full Hessian action; gauss_newton runs serially")
+        out = self.F.hessp_vec(self._vec(p, "p", self._p), self._vec(dp, "dp", self._dp), tol=tol)
+        return out.getArray(readonly=True).copy()
+
+    def inner_product(self, spec: str):
+        """The inner product ``spec`` on blocks (see :meth:`DistributedReducedFunctional.inner_product`)."""
+        if isinstance(spec, str) and spec.lower() == "euclidean":
+            return Euclidean(self.n_params, self.space)
+        self.F.inner_product(spec)  # the checks
+        return _DistributedGram(self.F, spec.lower(), blocks=True)
+
+    def forget(self) -> None:
+        """Nothing to drop: the parameter map is fixed."""
+
+    def _gathered(self, v: PETSc.Vec, root: int):
+        parts = self.comm.gather(v.getArray(readonly=True).copy(), root=root)
+        return None if parts is None else np.concatenate(parts)
+
+    def state(self, p, root: int = 0):
+        """u(p) on the free dofs, the whole vector on rank ``root`` only (None elsewhere; collective)."""
+        return self._gathered(self.F._state(self._vec(p, "p", self._p)).u, root)
+
+    def adjoint(self, p, root: int = 0):
+        """lam(p), the whole vector on rank ``root`` only (None elsewhere; collective)."""
+        st = self.F._state(self._vec(p, "p", self._p))
+        return self._gathered(self.F._adjoint(st), root)
+
+    def local_values(self, p, what: str = "state", dofs=None) -> np.ndarray:
+        """As :meth:`DistributedReducedFunctional.local_values`, p this rank's block."""
+        return self.F.local_values(p, what, dofs, block=True)
+
+    def parameter_values(self, p, ids) -> np.ndarray:
+        """The parameters with global numbers ``ids`` (owned or not) from the ranks' blocks p (collective)."""
+        return self.F.parameter_values(p, ids, block=True)
+
+    def gather(self, p, root: int = 0):
+        """The whole vector on rank ``root`` (None elsewhere), for writing results."""
+        parts = self.comm.gather(np.asarray(p, dtype=np.float64), root=root)
+        return None if parts is None else np.concatenate(parts)
+
+    def __repr__(self):
+        return f"BlockFunctional({self.F!r}, block {self.range})"
+
+
+def in_blocks(problem):
+    """A copy of a problem built rank by rank whose parameters stay in blocks over the ranks.
+
+    The functional becomes its :class:`BlockFunctional`, p0 and the bounds
+    this rank's block, and each constraint its block form (``blocks()``).
+    adjopt's OC, L-BFGS and Newton-CG then run with p, the gradient and their
+    memory distributed (each rank its block; reductions by allreduce).
+    """
+    F = problem.functional
+    if not isinstance(F, DistributedReducedFunctional):
+        raise TypeError(f"in_blocks takes a problem whose functional is a DistributedReducedFunctional, got "
+                        f"{type(F).__name__}")
+    view = BlockFunctional(F)
+    lo, hi = view.range
+
+    def mine(a):
+        a = np.asarray(a)
+        return a if a.ndim == 0 else a[lo:hi]
+
+    cons = []
+    for c, upper in problem.constraints or []:
+        if not callable(getattr(c, "blocks", None)):
+            raise NotImplementedError(f"the constraint {c!r} has no block form (blocks()): run on the replicated "
+                                      "parameter vector")
+        cons.append((c.blocks(), upper))
+    bounds = None if problem.bounds is None else tuple(mine(b) for b in problem.bounds)
+    if problem.continuation is not None or problem.monitor is not None:
+        raise NotImplementedError("a continuation or monitor works on the whole parameter vector")
+    return replace(problem, functional=view, p0=mine(problem.p0), bounds=bounds, constraints=cons, mass=None,
+                   stiffness=None)
 
 
 def distribute(problem, comm=None, partition: str | None = None, **options):

@@ -292,9 +292,12 @@ def rows_to_owners(comm, S, row_ids, ranges) -> sp.csr_array:
 class DistributedVolume:
     """The volume fraction sum_e v_e rho_e / sum_e v_e of rho = L p, each rank holding its elements' rows.
 
-    The serial interface of a constraint (``value``, ``gradient``, ``hessp``
-    of the full p, the same on every rank; collective): a rank computes its
-    elements' part and one allreduce sums them.
+    The interface of a constraint (``value``, ``gradient``, ``hessp``;
+    collective) on the full p, the same on every rank (the serial interface),
+    and, from :meth:`blocks`, on this rank's block of p. A rank computes its
+    elements' part and one reduction sums them; the gradient (constant: the
+    constraint is linear) is summed on the ranks that own the parameters
+    (:func:`sum_to_owners`) and gathered only for the serial interface.
 
     Parameters
     ----------
@@ -304,44 +307,68 @@ class DistributedVolume:
         This rank's element volumes.
     parameter_matrix
         This rank's rows of L (global parameter columns); ``None``: p = rho,
-        this rank's elements being parameters ``first + arange(len(volumes))``.
+        this rank's elements being the parameters it owns.
     n_params
         The global number of parameters.
     first
-        With ``parameter_matrix=None``: the global number of this rank's first element.
+        The global number of this rank's first owned parameter.
+    n_owned
+        How many parameters this rank owns (default: one per element).
     """
 
-    def __init__(self, comm, volumes, parameter_matrix=None, *, n_params: int, first: int = 0):
+    def __init__(self, comm, volumes, parameter_matrix=None, *, n_params: int, first: int = 0,
+                 n_owned: int | None = None):
         self.comm = comm
         v = _finite(volumes, "volumes")
         total = comm.allreduce(float(v.sum()))
         if not total > 0:
             raise ValueError(f"the element volumes sum to {total}: they must be positive")
         self.n_params = _count(n_params, "n_params")
+        n_owned = v.size if n_owned is None else _count(n_owned, "n_owned")
+        self.range = (int(first), int(first) + n_owned)
         if parameter_matrix is None:
-            L = sp.csr_array((np.ones(v.size), first + np.arange(v.size), np.arange(v.size + 1)),
-                             shape=(v.size, self.n_params))
+            if n_owned != v.size:
+                raise ValueError(f"with p = rho a rank owns its {v.size} elements' parameters, got n_owned={n_owned}")
+            self._block = v / total
         else:
-            L = _rows(parameter_matrix, "parameter_matrix", v.size)
-        #: d(volume fraction)/dp, the same on every rank (the constraint is linear)
-        self._grad = comm.allreduce(L.T @ (v / total))
+            L = sp.coo_array(_rows(parameter_matrix, "parameter_matrix", v.size))
+            self._block = sum_to_owners(comm, L.col, L.data * v[L.row] / total, ownership(comm, first, n_owned))
+        self._full = None
+        self.distributed = False
+
+    def blocks(self) -> DistributedVolume:
+        """The same constraint on this rank's block of p."""
+        out = object.__new__(DistributedVolume)
+        out.__dict__.update(self.__dict__)
+        out.distributed = True
+        return out
+
+    @property
+    def _grad(self) -> np.ndarray:
+        if self.distributed:
+            return self._block
+        if self._full is None:
+            self._full = np.concatenate(self.comm.allgather(self._block))
+        return self._full
 
     def forget(self) -> None:
         """Nothing is cached per p (the constraint is linear)."""
 
     def _p(self, p) -> np.ndarray:
         p = np.asarray(p, dtype=np.float64)
-        if p.shape != (self.n_params,):
-            raise ShapeError(f"p must have length {self.n_params}, got shape {p.shape}")
+        n = self.range[1] - self.range[0] if self.distributed else self.n_params
+        if p.shape != (n,):
+            raise ShapeError(f"p must have length {n}{' (this rank' + chr(39) + 's block)' if self.distributed else ''}"
+                             f", got shape {p.shape}")
         return p
 
     def value(self, p) -> float:
-        return float(self._grad @ self._p(p))
+        local = float(self._grad @ self._p(p))
+        return float(self.comm.allreduce(local)) if self.distributed else local
 
     def gradient(self, p) -> np.ndarray:
         self._p(p)
         return self._grad.copy()
 
     def hessp(self, p, dp) -> np.ndarray:
-        self._p(p)
-        return np.zeros(self.n_params)
+        return np.zeros_like(self._p(p))
