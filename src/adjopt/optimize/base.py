@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .._threads import dot
 from .continuation import LOOP_NAMES
 from .continuation import _record as _continuation_record
 from ..errors import AdjoptError, NonFiniteError

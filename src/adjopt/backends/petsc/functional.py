@@ -1117,7 +1117,10 @@ class BlockFunctional:
         self._p, self._dp = F.create_parameter_vec(), F.create_parameter_vec()
 
     def _vec(self, v, name, target):
-        target.setArray(_block(v, self.n_params, name))
+        v = np.asarray(v, dtype=np.float64)
+        agree(self.comm, v.shape == (self.n_params,), f"{name} must be this rank's block of {self.n_params} "
+              f"parameters, got shape {v.shape}", ShapeError)
+        target.setArray(v)
         return target
 
     def value(self, p) -> float:
