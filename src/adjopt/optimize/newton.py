@@ -56,6 +56,9 @@ class _NewtonBase(Driver):
         super().__init__(problem, inner, options, counts)
         P = self.opts["preconditioner"]
         self._lowrank = isinstance(P, str) and P.lower() == "lowrank"
+        if self._lowrank and self.space.distributed:
+            raise ValueError("preconditioner='lowrank' works on the whole parameter vector; with the parameters in "
+                             "blocks over the ranks use 'h1'")
         gn = self.opts["gauss_newton_iters"]
         if gn is None:  # the low-rank preconditioner comes from the Gauss-Newton Hessian: so do the first steps
             gn = 5 if self._lowrank else 0
@@ -95,9 +98,6 @@ class _NewtonBase(Driver):
         if self.P is not None and self.P.space.distributed != self.space.distributed:
             raise ValueError("the preconditioner works on the whole parameter vector but the parameters are in blocks "
                              "over the ranks: give it by name ('h1', 'l2'), which the distributed functional makes")
-        if self._lowrank and self.space.distributed:
-            raise ValueError("preconditioner='lowrank' works on the whole parameter vector; with the parameters in "
-                             "blocks over the ranks use 'h1'")
         if not 0 < self.opts["eta_max"] < 1:
             raise ValueError(f"eta_max must be in (0, 1), got {self.opts['eta_max']}")
 
