@@ -271,6 +271,7 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
                          n_owned_params=n_own, gram={"mass": M, "stiffness": K})  # build()'s mass and stiffness
     del K, M
     J = DistributedReducedFunctional.from_parts(system, comm=comm, **solver_options)
+    del system, terms, L  # PETSc holds its copies: free the scipy ones before the data solve (its GAMG setup)
 
     # the synthetic data: the distributed state at m_true, then build()'s noise
     mt = m_true(mesh.points[:n_own])

@@ -664,6 +664,7 @@ def build_distributed(case: str = "mbb", nelx: int | None = None, nely: int | No
             u = np.column_stack([u, np.zeros(n_local)])
         return {"displacement": u}, {"density": F.local_values(x, "rho")}
     J = DistributedReducedFunctional.from_parts(system, comm=comm, **solver_options)
+    del system
     m = part.n_global_cells
     volume = DistributedVolume(comm, np.ones(n_el), L, n_params=m, first=part.cell_start)
     name = f"topology_compliance_{case}_{nelx}x{nely}" + ("" if nelz is None else f"x{nelz}")

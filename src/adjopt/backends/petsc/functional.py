@@ -278,33 +278,62 @@ class _StateTerm:
             out.axpy(self.c, self.t)
 
 
+def _diagonal_mat(comm, params: Numbering, values) -> PETSc.Mat:
+    """The distributed diagonal matrix of this rank's ``values``."""
+    n = params.local_size(comm.rank)
+    d = np.broadcast_to(np.asarray(values, dtype=np.float64), (n,))
+    S = sp.csr_array((d, params.ranges[comm.rank] + np.arange(n), np.arange(n + 1)), shape=(n, params.size))
+    return _mat_rows(comm, S, params, params.size)
+
+
+class _Mats:
+    """PETSc Mats of this rank's sparse rows, made once per scipy object (a term's Q and a Gram matrix that are
+    the same object share one Mat)."""
+
+    def __init__(self, comm, params: Numbering):
+        self.comm, self.params, self._made = comm, params, {}
+
+    def __call__(self, G) -> PETSc.Mat:
+        key = id(G)
+        if key not in self._made:
+            if sp.issparse(G):
+                S = sp.csr_array(G)
+                n = self.params.local_size(self.comm.rank)
+                if S.shape != (n, self.params.size):
+                    raise ShapeError(f"a matrix of the parameters must have shape ({n}, {self.params.size}) (this "
+                                     f"rank's rows), got {S.shape}")
+                self._made[key] = (G, _mat_rows(self.comm, S, self.params, self.params.size))
+            else:
+                self._made[key] = (G, _diagonal_mat(self.comm, self.params, 1.0 if G is None else G))
+        return self._made[key][1]
+
+
 class _ParameterTerm:
     """A :class:`LocalQuadratic`, c 0.5 (p - p_ref)^T Q (p - p_ref), on distributed parameter vectors."""
 
-    def __init__(self, term: LocalQuadratic, comm, params: Numbering):
+    def __init__(self, term: LocalQuadratic, comm, params: Numbering, mats: _Mats):
         self.c = float(term.c)
         n_mine = params.local_size(comm.rank)
         Q = term.Q
         self.Q = self.q = None
-        if Q is None:
-            gram = sp.eye_array(n_mine, params.size, k=int(params.ranges[comm.rank]), format="csr")
-        elif isinstance(Q, np.ndarray) or np.isscalar(Q):
-            q = np.broadcast_to(np.asarray(Q, dtype=np.float64), (n_mine,))
+        self._mats, self._given = mats, Q
+        if isinstance(Q, np.ndarray) or np.isscalar(Q):
+            try:
+                q = np.broadcast_to(np.asarray(Q, dtype=np.float64), (n_mine,))
+            except ValueError:
+                raise ShapeError(f"LocalQuadratic.Q as weights must have one per owned parameter ({n_mine}), got "
+                                 f"shape {np.shape(Q)}") from None
             self.q = _vec_local(comm, params, q)
-            gram = sp.csr_array((q, params.ranges[comm.rank] + np.arange(n_mine), np.arange(n_mine + 1)),
-                                shape=(n_mine, params.size))
-        else:
-            gram = sp.csr_array(Q)
-            if gram.shape != (n_mine, params.size):
-                raise ShapeError(f"LocalQuadratic.Q must have shape ({n_mine}, {params.size}) (this rank's rows of "
-                                 f"the parameters' matrix), got {gram.shape}")
-            self.Q = _mat_rows(comm, gram, params, params.size)
-        #: this rank's rows of c Q (for the regularization Hessian)
-        self.gram = self.c * gram
+        elif Q is not None:
+            self.Q = mats(Q)
         if term.p_ref is None:
             self.p_ref = None
         else:
             self.p_ref = _vec_local(comm, params, np.broadcast_to(np.asarray(term.p_ref, dtype=np.float64), (n_mine,)))
+
+    def matrix(self) -> PETSc.Mat:
+        """Q as a distributed Mat (a diagonal one for weights or the identity; shared, do not change it)."""
+        return self.Q if self.Q is not None else self._mats(self._given)
 
     def _apply(self, v, out) -> None:
         if self.Q is not None:
@@ -517,7 +546,6 @@ class DistributedReducedFunctional:
         agree(comm, top < lay.dofs.size, f"conn names dof {top}, but the ranks own {lay.dofs.size} dofs in all",
               PatternError)
         if system.parameter_matrix is not None:
-            top = int(system.parameter_matrix.indices.max(initial=-1))
             agree(comm, system.parameter_matrix.shape[1] == params.size,
                   f"parameter_matrix has {system.parameter_matrix.shape[1]} columns but the ranks own {params.size} "
                   "parameters in all (n_owned_params summed): one column per global parameter", PatternError)
@@ -570,8 +598,10 @@ class DistributedReducedFunctional:
         self._scatter = PETSc.Scatter().create(self.b, gis, self._wloc, None)
 
         # -- parameter map, objective terms --
-        #: this rank's rows of the parameter space's Gram matrices (LocalSystem.gram)
-        self._gram = dict(system.gram or {})
+        # the parameters' matrices as PETSc Mats, one per distinct scipy object (terms and Gram matrices share)
+        mats = _Mats(comm, lay.params)
+        #: the parameter space's Gram matrices (LocalSystem.gram) as distributed Mats
+        self._gram = {name: mats(G) for name, G in (system.gram or {}).items()}
         self.grams = tuple(sorted(self._gram))
         Lr = system.parameter_matrix
         self.L = None if Lr is None else _mat_rows(comm, Lr, lay.params, lay.elements.size)
@@ -579,7 +609,7 @@ class DistributedReducedFunctional:
         self._state_terms, self._param_terms = [], []
         for term in system.terms:
             if isinstance(term, LocalQuadratic):
-                self._param_terms.append(_ParameterTerm(term, comm, lay.params))
+                self._param_terms.append(_ParameterTerm(term, comm, lay.params, mats))
             else:
                 self._state_terms.append((term, _StateTerm(term, comm, lay.dofs)))
         single = len(self._state_terms) == 1 and not self._param_terms
@@ -855,11 +885,14 @@ class DistributedReducedFunctional:
         """
         if not self._param_terms:
             return None
-        grams = [t.gram for t in self._param_terms]
-        S = sp.csr_array(sum(grams[1:], grams[0]))
-        S.sum_duplicates()
-        S.sort_indices()
-        return _mat_rows(self.comm, S, self.layout.params, self.layout.params.size)
+        H = None
+        for t in self._param_terms:
+            if H is None:
+                H = t.matrix().copy()
+                H.scale(t.c)
+            else:
+                H.axpy(t.c, t.matrix(), structure=PETSc.Mat.Structure.DIFFERENT_NONZERO_PATTERN)
+        return H
 
     def _to_parameters(self, h_rho: np.ndarray, out: PETSc.Vec) -> None:
         """out = L^T h_rho (h_rho: this rank's element values)."""
@@ -1031,23 +1064,17 @@ class _DistributedGram(InnerProduct):
         comm, params = F.comm, F.layout.params
         n_mine = params.local_size(F.rank)
 
-        def rows(G):
-            if sp.issparse(G):
-                return sp.csr_array(G)
-            return sp.csr_array((G, params.ranges[F.rank] + np.arange(n_mine), np.arange(n_mine + 1)),
-                                shape=(n_mine, params.size))
-
-        G = rows(F._gram["mass"])
+        G = F._gram["mass"].copy()
         if spec == "h1":
-            G = G + rows(F._gram["stiffness"])
+            G.axpy(1.0, F._gram["stiffness"], structure=PETSc.Mat.Structure.DIFFERENT_NONZERO_PATTERN)
+        indptr, _, values = G.getValuesCSR()
+        lumped = np.bincount(np.repeat(np.arange(n_mine), np.diff(indptr)), weights=np.abs(values), minlength=n_mine)
         if spec == "l2-lumped":
-            G = rows(np.asarray(abs(G).sum(axis=1)).ravel())
-        G.sum_duplicates()
-        G.sort_indices()
-        self._mine_diag = np.asarray(abs(G).sum(axis=1)).ravel()
+            G = _diagonal_mat(comm, params, lumped)
+        self._mine_diag = lumped
         agree(comm, bool(np.all(self._mine_diag > 0)), f"the Gram matrix of the {spec} inner product has an empty row: "
               "it is not positive definite", ValueError)
-        self.M = _mat_rows(comm, G, params, params.size)
+        self.M = G
         self.M.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         self.ksp = PETSc.KSP().create(comm=comm)
         self.ksp.setOperators(self.M)

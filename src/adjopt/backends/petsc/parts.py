@@ -108,6 +108,12 @@ class LocalQuadratic:
 
     def __post_init__(self):
         self.c = float(self.c)
+        #: the identity of the Q given: a Gram matrix that is the same object shares the copy
+        self.given = id(self.Q)
+        if sp.issparse(self.Q):
+            self.Q = _rows(self.Q, "LocalQuadratic.Q", self.Q.shape[0])
+        elif self.Q is not None:
+            self.Q = _finite(self.Q, "LocalQuadratic.Q")
 
 
 @dataclass
@@ -192,8 +198,11 @@ class LocalSystem:
         unknown = sorted(set(gram) - {"mass", "stiffness"})
         if unknown:
             raise ValueError(f"gram takes 'mass' and 'stiffness', got {unknown}")
+        shared = {t.given: t.Q for t in self.terms if isinstance(t, LocalQuadratic) and sp.issparse(t.Q)}
         for name, G in gram.items():
-            if sp.issparse(G):
+            if id(G) in shared and shared[id(G)].shape[0] == self.n_owned_params:
+                gram[name] = shared[id(G)]  # the matrix of a regularization term too: one copy for both
+            elif sp.issparse(G):
                 gram[name] = _rows(G, f"gram[{name!r}]", self.n_owned_params)
             else:
                 gram[name] = _finite(G, f"gram[{name!r}]", (self.n_owned_params,))
