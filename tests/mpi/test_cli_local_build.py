@@ -47,6 +47,10 @@ def test_oc_run_built_rank_by_rank_follows_the_serial_run(tmp_path, caplog):
         assert abs(a["f"] - b["f"]) <= 1e-8 * abs(b["f"])
     x = np.load(f"{out}/result.npz")["x"]
     assert np.abs(x - np.load(f"{serial}/result.npz")["x"]).max() <= 1e-8
+    # p stayed in blocks: every rank checkpointed its own block, and the blocks make up x
+    blocks = [np.load(f"{out}/checkpoint.rank{r}.npz")["state__x"] for r in range(COMM.size)]
+    assert all(b.size < 300 for b in blocks) or COMM.size == 1
+    assert np.array_equal(np.concatenate(blocks), x)
     # one piece per rank; together they hold every cell's physical density once per owning rank
     pieces = _pieces(out)
     assert len(pieces) == COMM.size
@@ -67,6 +71,7 @@ def test_newton_cg_run_built_rank_by_rank_ends_where_the_serial_run_ends(tmp_pat
     assert abs(f_dist - f_ser) <= 1e-8 * abs(f_ser)
     x = np.load(f"{out}/result.npz")["x"]
     assert np.linalg.norm(x - np.load(f"{serial}/result.npz")["x"]) <= 1e-6 * np.linalg.norm(x)
+    assert sum(np.load(f"{out}/checkpoint.rank{r}.npz")["state__x"].size for r in range(COMM.size)) == x.size
     # the pieces' parameter field is the result at their nodes (points of the 13 x 13 grid)
     for piece in _pieces(out):
         m = meshio.read(piece)

@@ -237,3 +237,19 @@ def test_distributed_volume():
         vol.value(np.ones(m + 1))
     with pytest.raises(ValueError, match="must be positive"):
         DistributedVolume(COMM, np.zeros(3), None, n_params=m)
+
+
+def test_a_failing_solver_setup_is_a_clear_error():
+    from petsc4py import PETSc
+
+    from adjopt.errors import SolverDidNotConverge
+
+    problem = topology_compliance.build_distributed("mbb", nelx=12, nely=4)
+    opts = PETSc.Options()
+    opts["matptap_via"] = "nonsense"  # GAMG's Galerkin product fails in its setup, on every rank
+    try:
+        with pytest.raises(SolverDidNotConverge, match="solver setup .* failed with PETSc error"):
+            problem.functional.value(problem.p0)
+    finally:
+        opts.delValue("matptap_via")
+    assert problem.functional.value(problem.p0) > 0  # and it recovers once the option is gone

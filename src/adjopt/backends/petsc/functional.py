@@ -807,17 +807,21 @@ class DistributedReducedFunctional:
     def _setup(self) -> None:
         """KSPSetUp; the first one (which creates the multigrid smoothers from the options) with this
         functional's preconditioner defaults in the options database, wherever the user has not set them."""
-        if self._set_up or not self._pc_defaults:
-            self.ksp.setUp()
-            self._set_up = True
-            return
+        added = []
         opts = PETSc.Options()
-        added = [k for k in self._pc_defaults if not opts.hasName("adjopt_" + k)]
-        for k in added:
-            opts["adjopt_" + k] = self._pc_defaults[k]
+        if not self._set_up and self._pc_defaults:
+            added = [k for k in self._pc_defaults if not opts.hasName("adjopt_" + k)]
+            for k in added:
+                opts["adjopt_" + k] = self._pc_defaults[k]
         try:
             self.ksp.setUp()
             self._set_up = True
+        except PETSc.Error as exc:
+            self.ksp.reset()  # the half-made preconditioner goes; the next p sets it up afresh
+            self._set_up = False
+            raise SolverDidNotConverge(
+                f"the solver setup ({self.solver.name}) failed with PETSc error {exc.ierr} (its message is above); "
+                "check the PETSc options (PETSC_OPTIONS, -adjopt_...) or pick another preconditioner") from exc
         finally:
             for k in added:
                 opts.delValue("adjopt_" + k)
