@@ -169,6 +169,9 @@ def test_from_parts_validates_its_input():
         LocalSystem(**dict(args, conn=args["conn"].astype(float)))
     with pytest.raises(PatternError, match="conn names dof"):
         DistributedReducedFunctional.from_parts(LocalSystem(**dict(args, conn=args["conn"] + 100)))
+    empty = dict(args, conn=args["conn"][:0]) if COMM.rank == COMM.size - 1 else args  # one rank without elements
+    with pytest.raises(PatternError, match="has no elements"):
+        DistributedReducedFunctional.from_parts(LocalSystem(**empty))
     with pytest.raises(TypeError, match="must be a LocalSystem"):
         DistributedReducedFunctional.from_parts(args)
     with pytest.raises(PatternError, match="one column per global parameter"):

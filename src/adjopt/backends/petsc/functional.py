@@ -539,6 +539,8 @@ class DistributedReducedFunctional:
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
         _check_solver_options(rtol, max_it)
+        agree(comm, system.conn.shape[0] > 0, "this rank's LocalSystem has no elements: give every rank at least one "
+              "(use fewer ranks than element layers)", PatternError)
         elements = _ranges(comm, system.conn.shape[0])
         params = elements if system.parameter_matrix is None else _ranges(comm, system.n_owned_params)
         lay = Layout(comm.size, None, elements, _ranges(comm, system.n_owned_dofs), params)
