@@ -148,6 +148,20 @@ def test_per_rank_checkpoints_resume_at_the_latest_iteration_every_rank_has(mbb,
     assert resumed.nit == 6 and len(resumed.history) == 7
     assert [h["f"] for h in resumed.history] == pytest.approx([h["f"] for h in straight.history], rel=1e-9)
     assert np.allclose(resumed.x, straight.x, rtol=0, atol=1e-9)
+    # rank 0's file from a run on another number of ranks (another block size): every rank stops, none waits
+    from adjopt.optimize.base import read_checkpoint, write_checkpoint
+
+    COMM.Barrier()
+    if COMM.rank == 0:
+        for name in ("checkpoint.rank0.npz", "checkpoint.rank0.prev.npz"):
+            if not os.path.exists(os.path.join(folder, name)):
+                continue
+            state, meta = read_checkpoint(os.path.join(folder, name))
+            state = {k: (np.append(v, 0.5) if k in ("x", "g") else v) for k, v in state.items()}
+            write_checkpoint(os.path.join(folder, name), state, meta)
+    COMM.Barrier()
+    with pytest.raises(CheckpointError, match="another number of ranks|rank 0"):
+        adjopt.minimize(blocked, method="oc", maxiter=8, resume=path)
     # files of another run: no iteration in common
     COMM.Barrier()
     if COMM.rank == 0:

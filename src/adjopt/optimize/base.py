@@ -568,11 +568,24 @@ def run(driver: Driver, x0: np.ndarray, options: Options, counts: dict, callback
         checkpoint = None if checkpoint is None else _RankCheckpoint(checkpoint, space.comm)
         resume = None if resume is None else _RankCheckpoint(resume, space.comm).latest_common()
     if resume is not None:
-        state, meta = read_checkpoint(resume)
-        meta.setdefault("n_params", space.size(state["x"]))  # version 1 did not record it
-        check_identity(resume, meta, ident)
-        if state["x"].shape != x0.shape:
-            raise CheckpointError(f"the checkpoint holds {state['x'].size} parameters, the problem has {x0.size}")
+        error, state, meta = None, None, None
+        try:
+            state, meta = read_checkpoint(resume)
+            meta.setdefault("n_params", int(state["x"].size) if not space.distributed else ident["n_params"])
+            check_identity(resume, meta, ident)
+            if state["x"].shape != x0.shape:
+                raise CheckpointError(f"the checkpoint holds {state['x'].size} parameters, the problem has "
+                                      f"{x0.size}" + (" on this rank: was it written by a run on another number of "
+                                                      "ranks? Resume with that many" if space.distributed else ""))
+        except CheckpointError as exc:
+            error = exc
+        if space.distributed:  # every rank stops when one cannot resume (else the others would wait for it)
+            said = space.comm.allgather(None if error is None else str(error))
+            first = next(((r, e) for r, e in enumerate(said) if e is not None), None)
+            if first is not None and error is None:
+                error = CheckpointError(f"rank {first[0]}: {first[1]}")
+        if error is not None:
+            raise error
         nit, history, elapsed0, g0 = meta["nit"], meta["history"], meta["elapsed"], meta["g0"]
         prev = meta["counts"]
         for k in counts:
