@@ -196,7 +196,8 @@ def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha
 
 
 def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha: float | None = None,
-                      regularization: str = "h1", seed: int = 0, comm=None, **solver_options) -> adjopt.Problem:
+                      regularization: str = "h1", seed: int = 0, grading: float = 1.0, comm=None,
+                      **solver_options) -> adjopt.Problem:
     """The inversion built rank by rank on PETSc: no rank forms the global mesh, operator or data.
 
     The same problem as :func:`build` (``regularization="h1"``; TV and the
@@ -229,6 +230,9 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     n = _check_int(n, "n (cells per side)", 2)
     if isinstance(dim, bool) or dim not in (2, 3):
         raise ValueError(f"dim must be 2 (unit square, triangles) or 3 (unit cube, tetrahedra), got {dim!r}")
+    if grading != 1.0:
+        raise NotImplementedError(f"build_distributed builds the uniform mesh (grading 1); grading={grading!r} is "
+                                  "built serially (build(), then adjopt.backends.petsc.distribute)")
     if regularization != "h1":
         raise NotImplementedError(f"build_distributed builds the 'h1' regularization; {regularization!r} is built "
                                   "serially (build(), then adjopt.backends.petsc.distribute)")

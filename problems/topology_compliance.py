@@ -595,8 +595,10 @@ def build_distributed(case: str = "mbb", nelx: int | None = None, nely: int | No
     by entry with :func:`build`.
 
     The returned problem's functional and volume constraint take the full
-    parameter vector on every rank (the serial interface): p0 and the
-    drivers' vectors are still replicated (m doubles per rank).
+    parameter vector on every rank (the serial interface) and p0 is the full
+    vector; ``adjopt.backends.petsc.in_blocks(problem)`` keeps p in blocks over
+    the ranks instead (what ``adjopt run --backend petsc`` does for OC, L-BFGS
+    and Newton-CG).
     """
     from mpi4py import MPI
 

@@ -385,7 +385,8 @@ def _prepare_out(out: Path, force: bool, resume: bool, resumable: bool = True, c
             # an overwritten folder must not mix the old run's files with the new one's if the new run is killed
             from .results import RESULT_FILES, UQ_FILES
 
-            for name in RESULT_FILES + UQ_FILES + ("checkpoint.npz",):
+            parallel = [p.name for p in out.glob("checkpoint.rank*.npz")] + [p.name for p in out.glob("fields_*.vtu")]
+            for name in RESULT_FILES + UQ_FILES + ("checkpoint.npz", "fields.pvtu", *parallel):
                 with contextlib.suppress(FileNotFoundError):
                     (out / name).unlink()
     except BaseException:
@@ -438,6 +439,14 @@ def _compile_notice(args) -> None:
     """Say so on stderr when numba starts compiling (a kernel not in its cache yet), unless -q."""
     from ._compile import announce_compiles
 
+    if getattr(args, "backend", "serial") == "petsc":
+        try:
+            from mpi4py import MPI
+
+            if MPI.COMM_WORLD.rank != 0:
+                return  # rank 0 says it for every rank
+        except ImportError:
+            pass
     if not getattr(args, "quiet", False) and not getattr(_compile_notice, "registered", False):
         _compile_notice.registered = announce_compiles(lambda text: print(text, file=sys.stderr, flush=True))
 
@@ -472,6 +481,7 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     _compile_notice(args)
     problem = None
     if getattr(args, "backend", "serial") == "petsc":
+        _quiet_other_ranks()
         problem = _build_distributed(module, prob_opts)
     if problem is None:
         problem = make_problem(module, prob_opts)
@@ -713,11 +723,22 @@ def _distribute(problem, args):
 
 
 def _quiet_ranks(problem, comm):
+    _quiet_other_ranks(comm)
+    return problem, comm
+
+
+def _quiet_other_ranks(comm=None) -> None:
+    """Rank 0 says what every rank would say; the others speak of errors only (a higher level set by the user
+    stays)."""
+    if comm is None:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            return
+        comm = MPI.COMM_WORLD
     lib = logging.getLogger("adjopt")
-    # rank 0 says what every rank would say; the others speak of errors only (a higher level set by the user stays)
     if comm.rank != 0 and lib.getEffectiveLevel() < logging.ERROR:
         lib.setLevel(logging.ERROR)
-    return problem, comm
 
 
 def cmd_demo(args, extra) -> int:
@@ -782,6 +803,7 @@ def cmd_check(args, extra) -> int:
     _compile_notice(args)
     problem = None
     if getattr(args, "backend", "serial") == "petsc":
+        _quiet_other_ranks()
         problem = _build_distributed(module, prob_opts)
     if problem is None:
         problem = make_problem(module, prob_opts)
@@ -944,6 +966,7 @@ def cmd_uq(args, extra) -> int:
     _compile_notice(args)
     problem = None
     if getattr(args, "backend", "serial") == "petsc":
+        _quiet_other_ranks()
         problem = _build_distributed(module, prob_opts)
     if problem is None:
         problem = make_problem(module, prob_opts)
@@ -1221,7 +1244,8 @@ def main(argv=None) -> int:
         hint = ""
         if args.command in ("run", "demo"):
             out = getattr(args, "out_used", None)
-            if out is not None and (Path(out) / "checkpoint.npz").exists():
+            if out is not None and any((Path(out) / name).exists()
+                                       for name in ("checkpoint.npz", "checkpoint.rank0.npz")):
                 hint = "; continue with --resume: " + _resume_command(argv, out)
             else:
                 hint = " before the first iteration finished; nothing was written"

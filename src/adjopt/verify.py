@@ -55,7 +55,11 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
+
+from .optimize.space import SERIAL
 
 logger = logging.getLogger(__name__)
 
@@ -290,19 +294,27 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
     if h0 is not None and not (np.isfinite(h0) and h0 > 0):
         raise ValueError(f"h0 must be a positive step, got {h0!r}")
     p = np.array(p, dtype=float)
-    dp = _default_direction(p, seed) if dp is None else np.array(dp, dtype=float)
+    # a functional on blocks of p over MPI ranks (BlockFunctional) sums its reductions over the ranks
+    space = getattr(J, "space", None) or SERIAL
+    dp = _default_direction(p, seed + (space.comm.rank if space.distributed else 0)) if dp is None else \
+        np.array(dp, dtype=float)
     if dp.shape != p.shape:
         raise ValueError(f"dp has shape {dp.shape} but p has shape {p.shape}")
-    dnorm = np.abs(dp).max()
+    dot = space.dot
+
+    def norm(v):
+        return math.sqrt(max(space.dot(v, v), 0.0))
+
+    dnorm = space.max(np.abs(dp), initial=0.0)
     if not dnorm > 0 or not np.isfinite(dnorm):
         raise ValueError("dp is zero or not finite; give a nonzero, finite direction")
     with independent_evaluations(J):
         J0 = J.value(p)
         g0 = np.asarray(J.gradient(p), dtype=float) if order >= 2 else None
-        gdp = float(np.dot(g0, dp)) if order >= 2 else 0.0
+        gdp = dot(g0, dp) if order >= 2 else 0.0
         Hdp = np.asarray(J.hessp(p, dp), dtype=float) if order == 3 else None
-        dHd = float(np.dot(dp, Hdp)) if order == 3 else 0.0
-        h = 0.1 * max(1.0, np.abs(p).max()) / dnorm if h0 is None else float(h0)
+        dHd = dot(dp, Hdp) if order == 3 else 0.0
+        h = 0.1 * max(1.0, space.max(np.abs(p), initial=0.0)) / dnorm if h0 is None else float(h0)
         deltas = 1e-12 * h * np.array([1.0, 2.0, 3.0])
         sigma = max(abs(J.value(p + d * dp) - J0 - d * gdp) for d in deltas)
         err = getattr(J, "value_error", None)
@@ -329,16 +341,15 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
             def central(h):
                 return np.asarray(J.gradient(p + h * dp), dtype=float) - np.asarray(J.gradient(p - h * dp), dtype=float)
 
-            sigma_g = max(float(np.linalg.norm(central(d) - 2 * d * Hdp)) for d in deltas)
-            g_scale = float(np.linalg.norm(g0))
+            sigma_g = max(norm(central(d) - 2 * d * Hdp) for d in deltas)
+            g_scale = norm(g0)
 
             def g_remainder(h):
                 diff = central(h)
-                return (float(np.linalg.norm(diff - 2 * h * Hdp)), float(np.linalg.norm(diff)),
-                        2 * h * float(np.linalg.norm(Hdp)), 2 * g_scale + 2 * h * float(np.linalg.norm(Hdp)))
+                return (norm(diff - 2 * h * Hdp), norm(diff), 2 * h * norm(Hdp), 2 * g_scale + 2 * h * norm(Hdp))
 
             gseries = _series(g_remainder, h, max_steps, lambda scale: max(noise * scale, 100.0 * sigma_g))
-            g_exact = max(noise * g_scale, 100.0 * sigma_g) + noise * gseries[0] * float(np.linalg.norm(Hdp))
+            g_exact = max(noise * g_scale, 100.0 * sigma_g) + noise * gseries[0] * norm(Hdp)
             res.gradient_check = _judge(*gseries, window, 3, tol, sigma_g, 3.0, "grad J", g_exact)
     logger.debug("%s", res.table())
     return res
@@ -347,11 +358,12 @@ def taylor_test(J, p, dp=None, order: int = 2, h0: float | None = None, max_step
 def check_hessian_symmetry(J, p, v=None, w=None, seed: int = 1) -> float:
     """Relative asymmetry ``|v.Hw - w.Hv| / max(|v.Hw|, |w.Hv|)`` of the Hessian action (round-off for a correct H)."""
     p = np.asarray(p, dtype=float)
-    rng = np.random.default_rng(seed)
+    space = getattr(J, "space", None) or SERIAL
+    rng = np.random.default_rng(seed + (space.comm.rank if space.distributed else 0))
     v = rng.standard_normal(p.shape[0]) if v is None else np.asarray(v, dtype=float)
     w = rng.standard_normal(p.shape[0]) if w is None else np.asarray(w, dtype=float)
-    a = float(np.dot(v, J.hessp(p, w)))
-    b = float(np.dot(w, J.hessp(p, v)))
+    a = space.dot(v, J.hessp(p, w))
+    b = space.dot(w, J.hessp(p, v))
     scale = max(abs(a), abs(b))
     return abs(a - b) / scale if scale > 0 else 0.0
 

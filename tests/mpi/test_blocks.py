@@ -184,3 +184,14 @@ def test_spaces_reduce_over_the_ranks():
     S, Y = np.vstack([x, 2 * x]), np.vstack([x, x])
     assert np.allclose(b.rows(S, Y), [whole @ whole, 2 * whole @ whole])
     assert b.max(np.zeros(0), initial=-1.0) >= -1.0
+
+
+def test_taylor_test_of_the_block_functional_sums_over_the_ranks(poisson):
+    from adjopt.verify import check_hessian_symmetry, taylor_test
+
+    B = poisson[0].functional.blocks()
+    p = 0.1 * np.ones(B.n_params)
+    r2, r3 = taylor_test(B, p, order=2), taylor_test(B, p, order=3)
+    assert r2.passed and abs(r2.rates[-1] - 2) < 0.1
+    assert r3.passed and abs(r3.rates[-1] - 3) < 0.1 and r3.gradient_check.passed
+    assert check_hessian_symmetry(B, p) < 1e-9

@@ -94,7 +94,7 @@ def test_options_not_built_rank_by_rank_fall_back_to_the_replicated_build(tmp_pa
         assert cli.main(["run", "poisson_inversion", "--n", "6", "--grading", "1.5", "--max-iter", "2", "-q",
                          "--no-pictures", "--backend", "petsc", "--out", out2]) in (0, 1)
     if COMM.rank == 0:
-        assert "--grading" in caplog.text
+        assert "grading" in caplog.text
 
 
 def test_resume_under_mpiexec_continues_a_run_built_rank_by_rank(tmp_path):

@@ -273,14 +273,29 @@ def write_pvtu(path, mesh: Mesh, point_data=None, cell_data=None, *, comm) -> Pa
     Returns the index path on every rank.
     """
     path = Path(path)
-    if path.suffix.lower() != ".pvtu":
-        raise MeshError(f"write_pvtu writes a '.pvtu' index; give a path ending in '.pvtu', got '{path}'")
-    pdata = _check_fields(point_data, mesh.n_nodes, "point_data", "node")
-    cdata = _check_fields(cell_data, mesh.n_cells, "cell_data", "cell")
+    # this rank's checks: a failure stops every rank with its reason (none is left waiting for the others)
+    error, kind, pdata, cdata = None, MeshError, {}, {}
+    try:
+        if path.suffix.lower() != ".pvtu":
+            raise MeshError(f"write_pvtu writes a '.pvtu' index; give a path ending in '.pvtu', got '{path}'")
+        pdata = _check_fields(point_data, mesh.n_nodes, "point_data", "node")
+        cdata = _check_fields(cell_data, mesh.n_cells, "cell_data", "cell")
+    except (MeshError, ShapeError, ValueError, TypeError) as exc:
+        error, kind = f"{exc}", type(exc) if isinstance(exc, (MeshError, ShapeError)) else MeshError
+    said = comm.allgather(error)
+    first = next(((r, e) for r, e in enumerate(said) if e is not None), None)
+    if first is not None:
+        raise (kind if error is not None else MeshError)(
+            first[1] if comm.size == 1 else f"write_pvtu: {first[1]} (on rank {first[0]} of {comm.size})")
     piece = path.with_name(f"{path.stem}_{comm.rank}.vtu")
-    error = None
+    if comm.rank == 0 and path.exists():
+        path.unlink()  # an index of an earlier run must not announce this run's pieces mixed with the old ones
+    comm.Barrier()
     try:
         write_vtu(piece, mesh, pdata, cdata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(piece, 0o666 & ~umask)  # as an ordinary file (write_vtu's temporary file was private)
     except Exception as exc:  # reported on every rank below
         error = f"{type(exc).__name__}: {exc}"
     signature = (sorted((k, v.dtype.str, v.shape[1:]) for k, v in pdata.items()),
@@ -317,6 +332,9 @@ def _write_index(path: Path, size: int, pdata: dict, cdata: dict) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
         os.replace(tmp, path)
     except BaseException:
         try:

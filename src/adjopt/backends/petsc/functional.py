@@ -56,7 +56,7 @@ from ...operators.residual import ParametricResidual
 from ...operators.vectors import as_vector
 from ...solvers.base import SolverStats
 from ..partition import ContiguousNumbering, Layout, Numbering, make_layout, partition_elements
-from .parts import LocalCompliance, LocalMisfit, LocalQuadratic, LocalSystem
+from .parts import LocalCompliance, LocalMisfit, LocalQuadratic, LocalSystem, agree, raise_first
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +67,6 @@ WARM_KINDS = ("forward", "adjoint")
 #: options of the default preconditioner (prefix adjopt_; set by the user first, PETSC_OPTIONS, they win)
 GAMG_DEFAULTS = {"mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor"}
 SUPPORTED_TERMS = "SquaredMisfit (weights a vector), Compliance, TikhonovL2 and TikhonovH1, scaled and summed"
-
-
-def agree(comm, ok: bool, message: str, exc=ValueError) -> None:
-    """Raise ``exc`` on every rank when ``ok`` is False on any rank (the first failing rank's message).
-
-    The ranks exchange one flag each, so a check that fails on one rank only
-    (a NaN in its part of p, a vector of another length) stops all of them
-    instead of leaving the others waiting in the next collective call.
-    """
-    flags = comm.allgather(None if ok else str(message))
-    bad = [(r, m) for r, m in enumerate(flags) if m is not None]
-    if bad:
-        r, m = bad[0]
-        raise exc(m if comm.size == 1 else f"{m} (on rank {r} of {comm.size})")
 
 
 def _share_cores(comm) -> None:
@@ -113,6 +99,42 @@ def _vec(comm, numbering: Numbering, rank: int, full=None) -> PETSc.Vec:
     else:
         v.setArray(np.asarray(full, dtype=np.float64)[numbering.owned(rank)])
     return v
+
+
+def _local_problems(system: LocalSystem, lay: Layout, rank: int):
+    """(ok, message, exception class) of this rank's pieces against the global sizes (no communication)."""
+    n_dofs, n_params = lay.dofs.size, lay.params.size
+    mine = lay.params.local_size(rank)
+    try:
+        k = system.conn.shape[1]
+        local = np.asarray(system.local)
+        if local.shape not in ((k, k), (system.conn.shape[0], k, k)):
+            return False, (f"local must be ({k}, {k}) or (elements, {k}, {k}) for elements of {k} dofs, got "
+                           f"{local.shape}"), ShapeError
+        if not np.all(np.isfinite(local)):
+            return False, "local (the element matrices) holds NaN or Inf", NonFiniteError
+        for t in system.terms:
+            if isinstance(t, LocalMisfit) and t.B is not None and t.B.shape[1] != n_dofs:
+                return False, (f"LocalMisfit.B has {t.B.shape[1]} columns but the ranks own {n_dofs} dofs in all "
+                               "(one column per global dof)"), ShapeError
+            if isinstance(t, LocalQuadratic):
+                Q = t.Q
+                if sp.issparse(Q) and Q.shape != (mine, n_params):
+                    return False, (f"LocalQuadratic.Q must have shape ({mine}, {n_params}) (this rank's rows of the "
+                                   f"parameters' matrix), got {Q.shape}"), ShapeError
+                if Q is not None and not sp.issparse(Q) and np.shape(Q) not in ((), (mine,)):
+                    return False, (f"LocalQuadratic.Q as weights must have one per owned parameter ({mine}), got "
+                                   f"shape {np.shape(Q)}"), ShapeError
+                if t.p_ref is not None and np.shape(t.p_ref) not in ((), (mine,)):
+                    return False, (f"LocalQuadratic.p_ref must be a scalar or have one value per owned parameter "
+                                   f"({mine}), got shape {np.shape(t.p_ref)}"), ShapeError
+        for name, G in system.gram.items():
+            if sp.issparse(G) and G.shape != (mine, n_params):
+                return False, (f"gram[{name!r}] must have shape ({mine}, {n_params}) (this rank's rows), got "
+                               f"{G.shape}"), ShapeError
+    except Exception as exc:  # anything else that this rank alone would raise
+        return False, f"{type(exc).__name__}: {exc}", ValueError
+    return True, "", ValueError
 
 
 def _check_solver_options(rtol, max_it) -> None:
@@ -551,6 +573,18 @@ class DistributedReducedFunctional:
             agree(comm, system.parameter_matrix.shape[1] == params.size,
                   f"parameter_matrix has {system.parameter_matrix.shape[1]} columns but the ranks own {params.size} "
                   "parameters in all (n_owned_params summed): one column per global parameter", PatternError)
+        # the same kinds of pieces on every rank, and this rank's pieces of the right sizes: checked here, where a
+        # rank can still stop every rank, before the collective construction (where it would leave them waiting)
+        kinds = [(type(t).__name__, getattr(t, "B", None) is not None, getattr(t, "w", None) is not None,
+                  type(getattr(t, "Q", None)).__name__ if isinstance(t, LocalQuadratic) else None) for t in system.terms]
+        kinds.append(("parameter_matrix", system.parameter_matrix is not None, system.near_nullspace is not None,
+                      tuple(sorted(system.gram))))
+        got = comm.allgather(kinds)
+        agree(comm, all(k == got[0] for k in got), "the ranks' LocalSystems differ in their terms or optional pieces "
+              f"(rank 0: {got[0]}; this rank: {kinds}): every rank gives the same kinds, each with its own part",
+              ValueError)
+        ok, message, kind = _local_problems(system, lay, comm.rank)
+        raise_first(comm, None if ok else kind(message))
         self.matrix = self.objective = self.map = None
         self.n_params = params.size
         self._build(system, lay, None, ksp_type=ksp_type, pc_type=pc_type, rtol=rtol, max_it=max_it,
@@ -567,7 +601,12 @@ class DistributedReducedFunctional:
         conn = system.conn
         self._ghosts = np.unique(conn[conn >= 0])
         conn_loc = np.where(conn >= 0, np.searchsorted(self._ghosts, np.maximum(conn, 0)), -1)
-        self._ecm = ElementCoefficientMatrix(conn_loc, system.local, system.coefficient, n=self._ghosts.size)
+        error = None
+        try:
+            self._ecm = ElementCoefficientMatrix(conn_loc, system.local, system.coefficient, n=self._ghosts.size)
+        except Exception as exc:  # this rank's element matrices or coefficient: every rank stops with the reason
+            error = exc
+        raise_first(comm, error)
         self.symmetric = bool(comm.allreduce(bool(self._ecm.symmetric), op=MPI.LAND))
 
         # -- A(p): COO pattern of this rank's element entries (+ its rows of A0), preallocated once --
@@ -1011,14 +1050,25 @@ class DistributedReducedFunctional:
         st = self._state(self.to_vec(p))
         return self.to_numpy(self._adjoint(st), self.layout.dofs)
 
+    def _block_vec(self, p, name: str = "p") -> PETSc.Vec:
+        """A parameter Vec holding this rank's block ``p`` (a wrong shape on any rank stops every rank)."""
+        n = self.layout.params.local_size(self.rank)
+        p = np.asarray(p, dtype=np.float64)
+        agree(self.comm, p.shape == (n,), f"{name} must be this rank's block of {n} parameters, got shape {p.shape}",
+              ShapeError)
+        v = self.create_parameter_vec()
+        v.setArray(p)
+        return v
+
     def parameter_values(self, p, ids, block: bool = False) -> np.ndarray:
         """The parameters with global numbers ``ids`` at p (full vector, or this rank's block with ``block=True``;
         collective: the values other ranks own come by one scatter)."""
         ids = np.asarray(ids, dtype=np.int64)
+        agree(self.comm, bool(np.all((ids >= 0) & (ids < self.n_params))),
+              f"ids must be parameter numbers in [0, {self.n_params})", ValueError)
         if not block:
             return np.asarray(p, dtype=np.float64)[ids]
-        v = self.create_parameter_vec()
-        v.setArray(_block(p, self.layout.params.local_size(self.rank), "p"))
+        v = self._block_vec(p)
         out = PETSc.Vec().createSeq(ids.size, comm=PETSc.COMM_SELF)
         sc = PETSc.Scatter().create(v, PETSc.IS().createGeneral(ids.astype(_INT), comm=PETSc.COMM_SELF), out, None)
         sc.scatter(v, out, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
@@ -1033,8 +1083,7 @@ class DistributedReducedFunctional:
         if what not in ("state", "adjoint", "rho"):
             raise ValueError(f"what must be 'state', 'adjoint' or 'rho', got {what!r}")
         if block:
-            v = self.create_parameter_vec()
-            v.setArray(_block(p, self.layout.params.local_size(self.rank), "p"))
+            v = self._block_vec(p)
         else:
             v = self.to_vec(p)
         st = self._state(v)
@@ -1047,9 +1096,8 @@ class DistributedReducedFunctional:
         where = np.searchsorted(self._ghosts, np.maximum(dofs, 0))
         where = np.minimum(where, max(self._ghosts.size - 1, 0))
         known = (dofs < 0) | ((self._ghosts.size > 0) & (self._ghosts[where] == dofs))
-        if not np.all(known):
-            raise ValueError(f"dof {int(dofs[~known][0])} is not touched by this rank's elements: ask for the dofs of "
-                             "this rank's elements (owned or ghost)")
+        agree(self.comm, bool(np.all(known)), f"dof {int(dofs[~known][0]) if not np.all(known) else -1} is not "
+              "touched by this rank's elements: ask for the dofs of this rank's elements (owned or ghost)", ValueError)
         return np.where(dofs < 0, 0.0, values[where] if values.size else 0.0)
 
     def __call__(self, p) -> float:
@@ -1080,6 +1128,12 @@ class _DistributedGram(InnerProduct):
         self._mine_diag = lumped
         agree(comm, bool(np.all(self._mine_diag > 0)), f"the Gram matrix of the {spec} inner product has an empty row: "
               "it is not positive definite", ValueError)
+        diagonal = G.getDiagonal().getArray(readonly=True)
+        agree(comm, bool(np.all(diagonal > 0)), f"the Gram matrix of the {spec} inner product has a diagonal entry <= 0: "
+              "it is not positive definite; give a mass (and stiffness) that is symmetric positive definite", ValueError)
+        if not G.isSymmetric(tol=1e-10 * comm.allreduce(float(np.max(np.abs(diagonal), initial=1.0)), op=MPI.MAX)):
+            raise ValueError(f"the Gram matrix of the {spec} inner product is not symmetric: an inner product is "
+                             "symmetric; give a symmetric mass (and stiffness)")
         self.M = G
         self.M.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         self.ksp = PETSc.KSP().create(comm=comm)
@@ -1093,7 +1147,7 @@ class _DistributedGram(InnerProduct):
 
     def _load(self, v, name):
         if self.blocks:
-            self._x.setArray(_block(v, self.n, name))
+            self.F._block_vec(v, name).copy(self._x)
         else:
             self.F.to_vec(v, name).copy(self._x)
 
@@ -1120,13 +1174,6 @@ class _DistributedGram(InnerProduct):
             v = _vec_local(self.F.comm, self.F.layout.params, self._mine_diag)
             self._diag = self._out(v)
         return self._diag
-
-
-def _block(v, n: int, name: str) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    if v.shape != (n,):
-        raise ShapeError(f"{name} must be this rank's block of {n} parameters, got shape {v.shape}")
-    return v
 
 
 class BlockFunctional:

@@ -31,6 +31,48 @@ import scipy.sparse as sp
 from ...errors import NonFiniteError, ShapeError
 
 
+def agree(comm, ok: bool, message: str, exc=ValueError) -> None:
+    """Raise ``exc`` on every rank when ``ok`` is False on any rank (the first failing rank's message).
+
+    The ranks exchange one flag each, so a check that fails on one rank only
+    (a NaN in its part of p, a vector of another length) stops all of them
+    instead of leaving the others waiting in the next collective call.
+    """
+    flags = comm.allgather(None if ok else str(message))
+    bad = [(r, m) for r, m in enumerate(flags) if m is not None]
+    if bad:
+        r, m = bad[0]
+        raise exc(m if comm.size == 1 else f"{m} (on rank {r} of {comm.size})")
+
+
+def raise_first(comm, error: Exception | None) -> None:
+    """Raise on every rank the first failing rank's exception (its class and message), if any rank has one."""
+    said = comm.allgather(None if error is None else (type(error), str(error)))
+    first = next(((r, x) for r, x in enumerate(said) if x is not None), None)
+    if first is None:
+        return
+    r, (kind, message) = first
+    text = message if comm.size == 1 else f"{message} (on rank {r} of {comm.size})"
+    try:
+        exc = kind(text)
+    except Exception:  # an exception class that wants other arguments
+        exc = ValueError(f"{kind.__name__}: {text}")
+    if error is not None and r == comm.rank:
+        raise exc from error
+    raise exc
+
+
+def _collective(comm, build):
+    """build() on every rank; if it raises on any rank, every rank raises (the first failing rank's error)."""
+    error, out = None, None
+    try:
+        out = build()
+    except (ValueError, TypeError, IndexError, ArithmeticError) as exc:
+        error = exc
+    raise_first(comm, error)
+    return out
+
+
 def _count(value, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -83,6 +125,8 @@ class LocalMisfit:
         if self.w is not None:
             self.w = _finite(self.w, "LocalMisfit.w", self.d.shape)
         self.c = float(self.c)
+        if not np.isfinite(self.c):
+            raise NonFiniteError(f"LocalMisfit.c must be finite, got {self.c}")
 
 
 @dataclass
@@ -95,6 +139,8 @@ class LocalCompliance:
     def __post_init__(self):
         self.load = _finite(self.load, "LocalCompliance.load")
         self.c = float(self.c)
+        if not np.isfinite(self.c):
+            raise NonFiniteError(f"LocalCompliance.c must be finite, got {self.c}")
 
 
 @dataclass
@@ -108,6 +154,10 @@ class LocalQuadratic:
 
     def __post_init__(self):
         self.c = float(self.c)
+        if not np.isfinite(self.c):
+            raise NonFiniteError(f"LocalQuadratic.c must be finite, got {self.c}")
+        if self.p_ref is not None:
+            self.p_ref = _finite(self.p_ref, "LocalQuadratic.p_ref")
         #: the identity of the Q given: a Gram matrix that is the same object shares the copy
         self.given = id(self.Q)
         if sp.issparse(self.Q):
@@ -168,6 +218,7 @@ class LocalSystem:
         if conn.ndim != 2 or (conn.size and conn.dtype.kind not in "iu"):
             raise ShapeError(f"conn must be an integer array (elements, dofs per element), got {conn.dtype} {conn.shape}")
         self.conn = conn.astype(np.int64)
+        self.local = _finite(self.local, "local (the element matrices)")
         self.n_owned_dofs = _count(self.n_owned_dofs, "n_owned_dofs")
         self.rhs = _finite(self.rhs, "rhs", (self.n_owned_dofs,))
         for t in self.terms:
@@ -239,8 +290,8 @@ def free_numbering(comm, ids, fixed, n_owned: int):
     """
     ids = np.asarray(ids, dtype=np.int64)
     fixed = np.asarray(fixed, dtype=bool)
-    if fixed.shape != ids.shape:
-        raise ShapeError(f"fixed must have one flag per local id ({ids.size}), got shape {fixed.shape}")
+    agree(comm, fixed.shape == ids.shape and 0 <= n_owned <= ids.size, f"fixed must have one flag per local id "
+          f"({ids.size}) and n_owned at most that many, got shape {fixed.shape} and n_owned={n_owned}", ShapeError)
     ranges = ownership(comm, ids[0] if n_owned else 0, n_owned) if comm.size > 1 or n_owned else None
     free_owned = ~fixed[:n_owned]
     count = int(free_owned.sum())
@@ -250,6 +301,9 @@ def free_numbering(comm, ids, fixed, n_owned: int):
     out[:n_owned][free_owned] = offset + np.arange(count)
     ghosts = ids[n_owned:]
     if comm.size > 1:
+        agree(comm, bool(np.all((ghosts >= 0) & (ghosts < ranges[-1]))) and not np.any(
+            (ghosts >= ranges[comm.rank]) & (ghosts < ranges[comm.rank + 1])), "free_numbering: a ghost id is outside "
+            f"[0, {ranges[-1]}) or owned by this rank itself: the ghosts are other ranks' ids", ValueError)
         who = _owner(ranges, ghosts)
         asked = comm.alltoall([ghosts[who == r] for r in range(comm.size)])
         start = ranges[comm.rank]
@@ -269,6 +323,9 @@ def sum_to_owners(comm, ids, values, ranges) -> np.ndarray:
     """
     ids, values = np.asarray(ids, dtype=np.int64), np.asarray(values, dtype=np.float64)
     ranges = np.asarray(ranges, dtype=np.int64)
+    agree(comm, ids.shape == values.shape and bool(np.all((ids >= 0) & (ids < ranges[-1]))),
+          f"sum_to_owners: ids ({ids.shape}) and values ({values.shape}) must have one entry each, ids in "
+          f"[0, {ranges[-1]})", ValueError)
     lo, hi = ranges[comm.rank], ranges[comm.rank + 1]
     out = np.zeros(hi - lo)
     who = _owner(ranges, ids)
@@ -285,6 +342,9 @@ def rows_to_owners(comm, S, row_ids, ranges) -> sp.csr_array:
     S = sp.coo_array(S)
     row_ids = np.asarray(row_ids, dtype=np.int64)
     ranges = np.asarray(ranges, dtype=np.int64)
+    agree(comm, row_ids.shape == (S.shape[0],) and bool(np.all((row_ids >= 0) & (row_ids < ranges[-1]))),
+          f"rows_to_owners: row_ids must give one row number in [0, {ranges[-1]}) per row of S ({S.shape[0]}), got "
+          f"shape {row_ids.shape}", ValueError)
     rows = row_ids[S.row]
     who = _owner(ranges, rows)
     got = comm.alltoall([(rows[who == r], S.col[who == r], S.data[who == r]) for r in range(comm.size)])
@@ -328,7 +388,7 @@ class DistributedVolume:
     def __init__(self, comm, volumes, parameter_matrix=None, *, n_params: int, first: int = 0,
                  n_owned: int | None = None):
         self.comm = comm
-        v = _finite(volumes, "volumes")
+        v = _collective(comm, lambda: _finite(volumes, "volumes"))
         total = comm.allreduce(float(v.sum()))
         if not total > 0:
             raise ValueError(f"the element volumes sum to {total}: they must be positive")
@@ -366,9 +426,11 @@ class DistributedVolume:
     def _p(self, p) -> np.ndarray:
         p = np.asarray(p, dtype=np.float64)
         n = self.range[1] - self.range[0] if self.distributed else self.n_params
-        if p.shape != (n,):
-            raise ShapeError(f"p must have length {n}{' (this rank' + chr(39) + 's block)' if self.distributed else ''}"
-                             f", got shape {p.shape}")
+        what = f"p must have length {n}{' (this rank' + chr(39) + 's block)' if self.distributed else ''}"
+        if self.distributed:
+            agree(self.comm, p.shape == (n,), f"{what}, got shape {p.shape}", ShapeError)
+        elif p.shape != (n,):
+            raise ShapeError(f"{what}, got shape {p.shape}")
         return p
 
     def value(self, p) -> float:
