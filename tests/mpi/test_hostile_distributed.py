@@ -165,3 +165,17 @@ def test_force_removes_the_per_rank_files_of_an_earlier_run(tmp_path):
     assert f"checkpoint.rank{COMM.size}.npz" not in names and f"fields_{COMM.size}.vtu" not in names
     assert f"checkpoint.rank{COMM.rank}.npz" in names and "fields.pvtu" in names
 
+
+
+def test_a_singular_system_without_dirichlet_conditions_says_so():
+    """A pure Neumann chain (no dof fixed): the solve fails and the message points at the boundary conditions."""
+    from adjopt.errors import SolverDidNotConverge
+
+    r, R = COMM.rank, COMM.size
+    nodes = 4 * r + np.arange(5)
+    n_owned = 4 if r < R - 1 else 5
+    F = DistributedReducedFunctional.from_parts(LocalSystem(
+        np.column_stack([nodes[:-1], nodes[1:]]), np.array([[1.0, -1.0], [-1.0, 1.0]]), "exp", n_owned,
+        np.ones(n_owned), [LocalCompliance(np.ones(n_owned))]))
+    with pytest.raises(SolverDidNotConverge, match="singular .* Dirichlet"):
+        F.value(np.zeros(4 * R))

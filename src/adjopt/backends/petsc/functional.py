@@ -229,7 +229,7 @@ def _local_terms(objective: Objective, comm, lay: Layout, n: int, n_params: int)
             out.append(LocalQuadratic(Q, p_ref, c))
         else:
             raise NotImplementedError(f"the PETSc backend supports objectives made of {SUPPORTED_TERMS}; "
-                                      f"got a {type(term).__name__} term")
+                                      f"got a {type(term).__name__} term; run it serially (drop --backend petsc)")
     return out
 
 
@@ -798,10 +798,17 @@ class DistributedReducedFunctional:
         self.times["solve"] += dt
         if reason < 0:
             self._last.pop(kind, None)
+            name = _REASONS.get(reason, reason)
+            # a residual that grows, a breakdown or an indefinite matrix: most often a singular A (a body free to
+            # move, a region without Dirichlet condition), which no iteration limit cures
+            singular = name in ("DIVERGED_DTOL", "DIVERGED_BREAKDOWN", "DIVERGED_INDEFINITE_MAT", "DIVERGED_NANORINF")
+            advice = ("Is A(p) singular (a part of the domain without a Dirichlet condition, a rigid body mode left "
+                      "free)? Check the boundary conditions; else pick another preconditioner" if singular else
+                      "Raise max_it, loosen rtol or pick another preconditioner")
             raise SolverDidNotConverge(
-                f"the {kind} solve ({self.solver.name}) did not converge: {_REASONS.get(reason, reason)} after {its} "
-                f"iterations at relative tolerance {rtol:g}. Raise max_it, loosen rtol or pick another "
-                "preconditioner (pc_type=, or PETSC_OPTIONS='-adjopt_pc_type ...')"
+                f"the {kind} solve ({self.solver.name}) did not converge: {name} after {its} "
+                f"iterations at relative tolerance {rtol:g}. {advice} "
+                "(pc_type=, or PETSC_OPTIONS='-adjopt_pc_type ...')"
             )
         if self.warm_start and kind in WARM_KINDS:
             self._last[kind] = x
