@@ -801,12 +801,7 @@ def cmd_check(args, extra) -> int:
     module = load_module(args.problem)
     prob_opts, _ = split_options(extra, build_options(module), {})
     _compile_notice(args)
-    problem = None
-    if getattr(args, "backend", "serial") == "petsc":
-        _quiet_other_ranks()
-        problem = _build_distributed(module, prob_opts)
-    if problem is None:
-        problem = make_problem(module, prob_opts)
+    problem = make_problem(module, prob_opts)
     J = problem.functional
     rng = np.random.default_rng(args.seed)
     p = problem.p0.copy()

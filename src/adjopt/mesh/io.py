@@ -165,6 +165,26 @@ def _named_node_sets(m, top: int) -> dict[str, np.ndarray]:
     return {k: np.unique(np.concatenate(v)).astype(np.int64) for k, v in out.items()}
 
 
+def _replace_atomically(path: Path, suffix: str, write) -> None:
+    """write(temporary path) beside ``path``, then os.replace it there: an existing file is replaced whole or not
+    at all, and a failed write leaves no temporary file. The file gets the permissions of an ordinary new file
+    (0666 less the umask; mkstemp's are private)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def _check_fields(fields, rows: int, kind: str, what: str) -> dict[str, np.ndarray]:
     out = {}
     for name, val in dict(fields or {}).items():
@@ -227,17 +247,7 @@ def write_vtu(path, mesh: Mesh, point_data=None, cell_data=None) -> Path:
         pts = np.column_stack([pts, np.zeros(pts.shape[0])])
     m = meshio.Mesh(pts, [(mesh.cell_type, mesh.cells)], point_data=pdata,
                     cell_data={k: [v] for k, v in cdata.items()})
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp.vtu")
-    os.close(fd)
-    try:
-        meshio.write(tmp, m, file_format="vtu")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    _replace_atomically(path, ".tmp.vtu", lambda tmp: meshio.write(tmp, m, file_format="vtu"))
     logger.info("wrote '%s' (%d nodes, %d cells, point data %s, cell data %s)", path, mesh.n_nodes,
                 mesh.n_cells, sorted(pdata), sorted(cdata))
     return path
@@ -293,9 +303,6 @@ def write_pvtu(path, mesh: Mesh, point_data=None, cell_data=None, *, comm) -> Pa
     comm.Barrier()
     try:
         write_vtu(piece, mesh, pdata, cdata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(piece, 0o666 & ~umask)  # as an ordinary file (write_vtu's temporary file was private)
     except Exception as exc:  # reported on every rank below
         error = f"{type(exc).__name__}: {exc}"
     signature = (sorted((k, v.dtype.str, v.shape[1:]) for k, v in pdata.items()),
@@ -328,20 +335,7 @@ def _write_index(path: Path, size: int, pdata: dict, cdata: dict) -> None:
             + _pdata("PPointData", pdata) + _pdata("PCellData", cdata)
             + '    <PPoints>\n      <PDataArray type="Float64" NumberOfComponents="3"/>\n    </PPoints>\n'
             + pieces + "  </PUnstructuredGrid>\n</VTKFile>\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    _replace_atomically(path, ".tmp", lambda tmp: Path(tmp).write_text(text))
     k = size
     while (stale := path.with_name(f"{path.stem}_{k}.vtu")).exists():
         stale.unlink()
