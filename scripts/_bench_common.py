@@ -318,3 +318,63 @@ def gallery():
     finally:
         sys.path.remove(folder)
     return poisson_inversion
+
+
+# -- MPI drivers (scripts/bench_mpi.py, scripts/bench_mpi_memory.py) -------------------------------------------
+#: set to 1 in every launched rank: one thread per rank
+MPI_THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def launch_mpi(mpiexec: str, ranks: int, script: str, worker_args: list[str], out_json: str, timeout: float,
+               cwd: str) -> dict:
+    """``mpiexec -n ranks python script worker_args --json out_json``, its output streamed with an ``[R=n]``
+    prefix; killed (with its ranks) after ``timeout`` seconds. A record of the launch (command, returncode,
+    seconds, the last 40 lines, error)."""
+    import sys
+    import threading
+
+    cmd = [mpiexec, "-n", str(ranks), sys.executable, script, *worker_args, "--json", out_json]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_"))}  # no handshake of this process
+    env.update({v: "1" for v in MPI_THREAD_VARS})
+    rec = dict(ranks=ranks, command=cmd, returncode=None, seconds=None, tail=[])
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+
+    def pump():
+        for line in proc.stdout:
+            rec["tail"] = (rec["tail"] + [line.rstrip()])[-40:]
+            print(f"[R={ranks}] {line}", end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rec["returncode"] = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the session this launch created: mpiexec and its ranks
+        rec["returncode"] = proc.wait()
+        rec["error"] = f"timed out after {timeout:g} s"
+    reader.join(timeout=10)
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def run_rank_counts(rank_counts, launch, prefix: str) -> tuple[list, list]:
+    """``launch(R, json_path)`` for each R in turn; (the runs their JSON holds, one record per launch)."""
+    runs, launches = [], []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for R in rank_counts:
+            print(f"== mpiexec -n {R} (load average {loadavg()})", flush=True)
+            path = os.path.join(tmp, f"ranks{R}.json")
+            rec = launch(R, path)
+            if rec["returncode"] == 0 and os.path.isfile(path):
+                with open(path) as fh:
+                    part = json.load(fh)
+                run = part["runs"][0]
+                run["info"] = part["info"]
+                runs.append(run)
+            else:
+                rec.setdefault("error", f"exit status {rec['returncode']}" + ("" if os.path.isfile(path) else ", no JSON"))
+                print(f"== R={R} failed: {rec['error']}", flush=True)
+            launches.append({k: v for k, v in rec.items() if k != "tail" or "error" in rec})
+    return runs, launches

@@ -105,14 +105,22 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 
 import numpy as np
-from _bench_common import loadavg, machine_info, peak_rss_gib, release_memory, reset_peak, table, write_json
+from _bench_common import (
+    MPI_THREAD_VARS,
+    launch_mpi,
+    loadavg,
+    machine_info,
+    peak_rss_gib,
+    release_memory,
+    reset_peak,
+    run_rank_counts,
+    table,
+    write_json,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -121,7 +129,7 @@ SCRIPT = os.path.abspath(__file__)
 RESULTS = os.path.join(ROOT, "scripts", "results")
 PROBLEMS = ("poisson_inversion", "topology_compliance")
 CASES = ("strong", "weak")
-THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARS = MPI_THREAD_VARS
 KINDS = ("forward", "adjoint", "tangent", "second_adjoint")
 #: the timed quantities of a round (median over the rounds in the case record)
 TIMES = ("value_s", "gradient_s", "hessp_s", "setup_s", "forward_solve_s", "numpy_value_s", "numpy_gradient_s",
@@ -727,30 +735,7 @@ def worker_argv(args) -> list[str]:
 
 def launch(args, ranks: int, out_json: str) -> dict:
     """``mpiexec -n ranks`` this script; its output streamed with a prefix. A record of the launch."""
-    cmd = [args.mpiexec, "-n", str(ranks), sys.executable, SCRIPT, *worker_argv(args), "--json", out_json]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_"))}  # no handshake of this process
-    env.update({v: "1" for v in THREAD_VARS})
-    rec = dict(ranks=ranks, command=cmd, returncode=None, seconds=None, tail=[])
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
-
-    def pump():
-        for line in proc.stdout:
-            rec["tail"] = (rec["tail"] + [line.rstrip()])[-40:]
-            print(f"[R={ranks}] {line}", end="", flush=True)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        rec["returncode"] = proc.wait(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the session this launch created: mpiexec and its ranks
-        rec["returncode"] = proc.wait()
-        rec["error"] = f"timed out after {args.timeout:g} s"
-    reader.join(timeout=10)
-    rec["seconds"] = time.perf_counter() - t0
-    return rec
+    return launch_mpi(args.mpiexec, ranks, SCRIPT, worker_argv(args), out_json, args.timeout, ROOT)
 
 
 def driver(args, argv: list[str]) -> int:
@@ -760,22 +745,7 @@ def driver(args, argv: list[str]) -> int:
     if cpus and max(args.ranks) > cpus:
         print(f"note: {max(args.ranks)} ranks on {cpus} cores: the larger rank counts are oversubscribed")
     t0 = time.perf_counter()
-    runs, launches = [], []
-    with tempfile.TemporaryDirectory(prefix="bench_mpi_") as tmp:
-        for R in args.ranks:
-            print(f"== mpiexec -n {R} (load average {loadavg()})", flush=True)
-            path = os.path.join(tmp, f"ranks{R}.json")
-            rec = launch(args, R, path)
-            if rec["returncode"] == 0 and os.path.isfile(path):
-                with open(path) as fh:
-                    part = json.load(fh)
-                run = part["runs"][0]
-                run["info"] = part["info"]
-                runs.append(run)
-            else:
-                rec.setdefault("error", f"exit status {rec['returncode']}" + ("" if os.path.isfile(path) else ", no JSON"))
-                print(f"== R={R} failed: {rec['error']}", flush=True)
-            launches.append({k: v for k, v in rec.items() if k != "tail" or "error" in rec})
+    runs, launches = run_rank_counts(args.ranks, lambda R, path: launch(args, R, path), "bench_mpi_")
     info["loadavg_after"] = loadavg()
     failed = [x for x in launches if "error" in x]
     data = assemble_output(info, config_of(args), runs, launches=launches, failed=failed, complete=not failed,

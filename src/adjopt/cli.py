@@ -959,12 +959,7 @@ def cmd_uq(args, extra) -> int:
     run_defaults.pop("method", None)
     prob_opts, meth_opts = split_options(extra, build_options(module), _method_defaults(method))
     _compile_notice(args)
-    problem = None
-    if getattr(args, "backend", "serial") == "petsc":
-        _quiet_other_ranks()
-        problem = _build_distributed(module, prob_opts)
-    if problem is None:
-        problem = make_problem(module, prob_opts)
+    problem = make_problem(module, prob_opts)
     J = problem.functional
     if args.solver:
         from .solvers import make_solver
