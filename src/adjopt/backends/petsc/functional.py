@@ -44,6 +44,7 @@ import scipy.sparse as sp
 from mpi4py import MPI
 from petsc4py import PETSc
 
+from ..._memory import return_freed_memory
 from ...errors import NonFiniteError, PatternError, ShapeError, SingularMatrixError, SolverDidNotConverge
 from ...fem.nullspace import rigid_body_modes
 from ...objectives.base import Objective, Scaled, Sum
@@ -329,6 +330,11 @@ class _Mats:
                 self._made[key] = (G, _diagonal_mat(self.comm, self.params, 1.0 if G is None else G))
         return self._made[key][1]
 
+    def release(self) -> None:
+        """Forget the scipy objects (the Mats made stay with whoever holds them): the construction is over, and
+        the rows of the regularization and Gram matrices need not live twice for the run."""
+        self._made.clear()
+
 
 class _ParameterTerm:
     """A :class:`LocalQuadratic`, c 0.5 (p - p_ref)^T Q (p - p_ref), on distributed parameter vectors."""
@@ -348,6 +354,7 @@ class _ParameterTerm:
             self.q = _vec_local(comm, params, q)
         elif Q is not None:
             self.Q = mats(Q)
+            self._given = None  # the Mat is all that is needed from here on
         if term.p_ref is None:
             self.p_ref = None
         else:
@@ -471,6 +478,13 @@ class DistributedReducedFunctional:
     in :attr:`stats` by kind, as in the serial solvers; :attr:`times` holds
     the phase seconds (filter, assembly, factorize = preconditioner setup,
     solve, sensitivity).
+
+    Memory: each call starts with a collective ``PETSc.garbage_cleanup`` (petsc4py
+    queues the parallel objects Python drops until one), GAMG frees the
+    intermediate data of its Galerkin products as it makes them (unless
+    ``-adjopt_pc_gamg_reuse_interpolation`` is set), and building one fixes
+    glibc's mmap threshold so that freed arrays return to the system
+    (:mod:`adjopt._memory`; ``ADJOPT_MALLOC=keep`` leaves it alone).
     """
 
     def __init__(self, matrix, rhs, objective, parameter_map=None, *, comm=None, partition: str = "block",
@@ -480,6 +494,7 @@ class DistributedReducedFunctional:
         comm = MPI.COMM_WORLD if comm is None else comm
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
+        return_freed_memory()  # a rank's arrays of a few MiB go back to the system when freed (adjopt._memory)
         if isinstance(matrix, ParametricResidual):
             raise NotImplementedError(
                 "the PETSc backend distributes linear state equations A(p) u = b(p); a nonlinear residual R(u, p) "
@@ -560,6 +575,7 @@ class DistributedReducedFunctional:
         self = cls.__new__(cls)
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
+        return_freed_memory()  # a rank's arrays of a few MiB go back to the system when freed (adjopt._memory)
         _check_solver_options(rtol, max_it)
         agree(comm, system.conn.shape[0] > 0, "this rank's LocalSystem has no elements: give every rank at least one "
               "(use fewer ranks than element layers)", PatternError)
@@ -653,6 +669,7 @@ class DistributedReducedFunctional:
                 self._param_terms.append(_ParameterTerm(term, comm, lay.params, mats))
             else:
                 self._state_terms.append((term, _StateTerm(term, comm, lay.dofs)))
+        mats.release()
         single = len(self._state_terms) == 1 and not self._param_terms
         mine = single and isinstance(self._state_terms[0][0], LocalCompliance)
         mine = mine and np.array_equal(self._state_terms[0][0].load, system.rhs)
@@ -816,6 +833,9 @@ class DistributedReducedFunctional:
 
     # -- the state at p, cached for the last p ------------------------------------------
     def _state(self, p: PETSc.Vec) -> _State:
+        # petsc4py defers the destruction of parallel objects that Python drops (the temporaries of the last calls)
+        # to a collective cleanup: without one the memory of every rank grows with each call
+        PETSc.garbage_cleanup(self.comm)
         if p.getSize() != self.n_params:
             raise ShapeError(f"p must be a Vec of global size {self.n_params}, got {p.getSize()}")
         mine = p.getArray(readonly=True)
@@ -858,9 +878,17 @@ class DistributedReducedFunctional:
         added = []
         opts = PETSc.Options()
         if not self._set_up and self._pc_defaults:
-            added = [k for k in self._pc_defaults if not opts.hasName("adjopt_" + k)]
+            added = ["adjopt_" + k for k in self._pc_defaults if not opts.hasName("adjopt_" + k)]
             for k in added:
-                opts["adjopt_" + k] = self._pc_defaults[k]
+                opts[k] = self._pc_defaults[k[len("adjopt_"):]]
+        # GAMG keeps the intermediate products of every Galerkin product P^T A P for a numeric redo that it does
+        # not do (each new A gets a fresh hierarchy): free them as they are made (0.2 GiB per rank at 1M dofs on
+        # 2 ranks), unless the user reuses the interpolation (whose redo needs them) or decides it
+        clear = (self.ksp.getPC().getType() == "gamg" and not opts.hasName("mat_product_clear")
+                 and not opts.getBool("adjopt_pc_gamg_reuse_interpolation", False))
+        if clear:  # read while the products are made, in this setup: no prefix reaches them
+            opts["mat_product_clear"] = None
+            added.append("mat_product_clear")
         try:
             self.ksp.setUp()
             self._set_up = True
@@ -872,7 +900,7 @@ class DistributedReducedFunctional:
                 "check the PETSc options (PETSC_OPTIONS, -adjopt_...) or pick another preconditioner") from exc
         finally:
             for k in added:
-                opts.delValue("adjopt_" + k)
+                opts.delValue(k)
 
     def _check_matrix(self, vals: np.ndarray) -> None:
         """NaN/Inf entries or a zero diagonal stop every rank here, before a solve (where PETSc would
