@@ -77,7 +77,10 @@ class Problem:
         self.p0 = as_parameter(self.p0, self.functional.n_params, "p0").copy()
         if self.bounds is not None:
             try:
-                lo, hi = (np.broadcast_to(np.asarray(b, dtype=float), self.p0.shape).copy() for b in self.bounds)
+                # a scalar bound is a read-only broadcast view (no memory: a distributed problem holds p0 and its
+                # bounds on every rank), a vector bound a copy (the caller may reuse its array)
+                lo, hi = (np.broadcast_to(np.asarray(b, dtype=float), self.p0.shape) if np.ndim(b) == 0 else
+                          np.broadcast_to(np.asarray(b, dtype=float), self.p0.shape).copy() for b in self.bounds)
             except ValueError as exc:
                 raise ShapeError(f"bounds must be a (lower, upper) pair of scalars or vectors of length {self.p0.size}") from exc
             for name, v in (("lower", lo), ("upper", hi)):

@@ -46,3 +46,18 @@ def test_nan_bounds_are_named_as_bounds():
         adjopt.Problem(J, np.zeros(3), bounds=(0.0, np.array([1.0, 1.0, np.nan])))
     with pytest.raises(ValueError, match="the lower bound is NaN"):
         adjopt.Problem(J, np.zeros(3), bounds=(np.nan, 1.0))
+
+
+def test_scalar_bounds_cost_no_memory_and_vector_bounds_are_copies():
+    J = Quadratic(0.0, m=1000)
+    lower = np.full(1000, -1.0)
+    problem = adjopt.Problem(J, np.zeros(1000), bounds=(lower, 2.0))
+    lo, hi = problem.bounds
+    assert hi.shape == (1000,) and np.all(hi == 2.0)
+    assert hi.strides == (0,) and not hi.flags.writeable  # one number, read-only: no one changes it in place
+    lower[:] = 5.0  # the caller reuses its array: the problem's bound stays
+    assert np.all(lo == -1.0)
+    with pytest.raises(ValueError, match="the upper bound is NaN"):
+        adjopt.Problem(J, np.zeros(1000), bounds=(0.0, None))
+    res = adjopt.minimize(adjopt.Problem(J, np.full(1000, 1.0), bounds=(0.5, 2.0)), method="lbfgs", maxiter=50)
+    assert np.allclose(res.x, 0.5)
