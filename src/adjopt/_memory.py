@@ -47,11 +47,13 @@ def return_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
     global _done
     if isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 <= threshold <= MAX_THRESHOLD:
         raise ValueError(f"threshold must be an int of bytes in [0, {MAX_THRESHOLD}] (glibc's range), got {threshold!r}")
+    given = os.environ.get("ADJOPT_MALLOC", "")
+    keep = given.strip().lower()
+    if keep not in ("", "keep"):
+        raise ValueError(f"the environment variable ADJOPT_MALLOC must be 'keep' (leave the allocator alone) or "
+                         f"unset, got {given!r}")
     if _done is not None and _done == threshold:
         return True
-    keep = os.environ.get("ADJOPT_MALLOC", "").strip().lower()
-    if keep not in ("", "keep"):
-        raise ValueError(f"ADJOPT_MALLOC must be 'keep' (leave the allocator alone) or unset, got {keep!r}")
     if keep == "keep" or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
     try:

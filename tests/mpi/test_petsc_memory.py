@@ -85,3 +85,28 @@ def test_garbage_stays_bounded_in_a_block_newton_cg_run():
     assert res.nit >= 3
     assert len(seen) >= 3
     assert max(seen) < 60 and seen[-1] <= max(seen[:2]) + 5, seen
+
+
+def test_conversions_and_riesz_maps_between_calls_do_not_pile_up():
+    F = poisson_inversion.build_distributed(n=12, rtol=1e-10).functional
+    full, blocks = F.inner_product("h1"), F.blocks().inner_product("h1")
+    p = np.linspace(0.0, 1.0, F.n_params)
+    n_mine = F.layout.params.local_size(COMM.rank)
+    counts = []
+    for k in range(40):
+        F.to_vec(p + k)
+        full.riesz(full.apply(p))
+        blocks.riesz(blocks.apply(np.full(n_mine, float(k))))
+        if k in (2, 39):
+            counts.append(garbage_entries(COMM))
+    assert counts[1] <= counts[0] and counts[1] < 30, counts
+
+
+def test_an_adjopt_malloc_one_rank_refuses_stops_every_rank(monkeypatch):
+    if COMM.rank == 1:
+        monkeypatch.setenv("ADJOPT_MALLOC", "Bogus")
+    else:
+        monkeypatch.delenv("ADJOPT_MALLOC", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with pytest.raises(ValueError, match=r"environment variable ADJOPT_MALLOC must be 'keep'.*'Bogus' \(on rank 1"):
+        poisson_inversion.build_distributed(n=8)

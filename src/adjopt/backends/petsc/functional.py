@@ -70,6 +70,17 @@ GAMG_DEFAULTS = {"mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor"}
 SUPPORTED_TERMS = "SquaredMisfit (weights a vector), Compliance, TikhonovL2 and TikhonovH1, scaled and summed"
 
 
+def _return_freed_memory(comm) -> None:
+    """adjopt._memory.return_freed_memory on every rank: a rank's arrays of a few MiB go back to the system when
+    freed; an ADJOPT_MALLOC that one rank refuses stops every rank."""
+    error = None
+    try:
+        return_freed_memory()
+    except ValueError as exc:
+        error = exc
+    raise_first(comm, error)
+
+
 def _share_cores(comm) -> None:
     """Split the numba threads among the ranks of a node (unless NUMBA_NUM_THREADS says otherwise).
 
@@ -494,7 +505,7 @@ class DistributedReducedFunctional:
         comm = MPI.COMM_WORLD if comm is None else comm
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
-        return_freed_memory()  # a rank's arrays of a few MiB go back to the system when freed (adjopt._memory)
+        _return_freed_memory(comm)
         if isinstance(matrix, ParametricResidual):
             raise NotImplementedError(
                 "the PETSc backend distributes linear state equations A(p) u = b(p); a nonlinear residual R(u, p) "
@@ -575,7 +586,7 @@ class DistributedReducedFunctional:
         self = cls.__new__(cls)
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
-        return_freed_memory()  # a rank's arrays of a few MiB go back to the system when freed (adjopt._memory)
+        _return_freed_memory(comm)
         _check_solver_options(rtol, max_it)
         agree(comm, system.conn.shape[0] > 0, "this rank's LocalSystem has no elements: give every rank at least one "
               "(use fewer ranks than element layers)", PatternError)
@@ -742,6 +753,7 @@ class DistributedReducedFunctional:
 
     def to_vec(self, p, name: str = "p") -> PETSc.Vec:
         """The full serial-order vector p (the same on every rank) as a distributed parameter Vec."""
+        PETSc.garbage_cleanup(self.comm)  # the Vecs of earlier conversions (see _state)
         p = np.asarray(p, dtype=np.float64)
         shapes = self.comm.allgather(p.shape)
         if len(set(shapes)) > 1:
@@ -1087,6 +1099,7 @@ class DistributedReducedFunctional:
 
     def _block_vec(self, p, name: str = "p") -> PETSc.Vec:
         """A parameter Vec holding this rank's block ``p`` (a wrong shape on any rank stops every rank)."""
+        PETSc.garbage_cleanup(self.comm)  # the Vecs of earlier conversions (see _state)
         n = self.layout.params.local_size(self.rank)
         p = np.asarray(p, dtype=np.float64)
         agree(self.comm, p.shape == (n,), f"{name} must be this rank's block of {n} parameters, got shape {p.shape}",
