@@ -675,7 +675,7 @@ def _build_distributed(module, options: dict):
 
 def _blocks_if_possible(problem, method: str):
     """A problem built rank by rank with its parameters in blocks over the ranks when ``method`` runs on blocks
-    (OC, L-BFGS, Newton-CG); else unchanged (p replicated on every rank)."""
+    (OC, MMA, L-BFGS, Newton-CG); else unchanged (p replicated on every rank)."""
     from .backends.petsc import in_blocks
     from .optimize.minimize import methods
 

@@ -117,9 +117,44 @@ def test_block_functional_matches_the_replicated_interface(poisson):
         B.hessp(p[lo:hi], dp[lo:hi], gauss_newton=True)
 
 
+def test_mma_on_blocks_follows_the_serial_run(mbb, no_full_vectors):
+    dist, serial = mbb
+    blocked = in_blocks(dist)
+    callback, seen = _sizes_checked(blocked)
+    r = adjopt.minimize(blocked, method="mma", maxiter=15, callback=callback)
+    s = adjopt.minimize(serial, method="mma", maxiter=15)
+    assert len(seen) == 15 and r.x.size == blocked.functional.n_params
+    for a, b in zip(r.history, s.history):
+        assert abs(a["f"] - b["f"]) <= 1e-7 * abs(b["f"])
+        assert a.get("subsolver_iterations") == b.get("subsolver_iterations")
+    assert np.abs(_gather(r.x) - s.x).max() <= 1e-6
+    assert r.history[-1]["max_violation"] == pytest.approx(s.history[-1]["max_violation"], abs=1e-9)
+
+
+def test_the_mma_subproblem_in_blocks_is_the_whole_one():
+    from adjopt.optimize.design import subsolv
+
+    rng = np.random.default_rng(3)
+    n, m = 60, 3
+    x = rng.uniform(0.2, 0.8, n)
+    low, upp = x - 0.5, x + 0.5
+    alfa, beta = np.maximum(x - 0.2, 0.0), np.minimum(x + 0.2, 1.0)
+    p0, q0 = rng.uniform(0.1, 1.0, n), rng.uniform(0.1, 1.0, n)
+    P, Q = rng.uniform(0.0, 1.0, (m, n)), rng.uniform(0.0, 1.0, (m, n))
+    b = rng.uniform(1.0, 10.0, m)
+    a, c, d = np.zeros(m), np.full(m, 1000.0), np.ones(m)
+    whole = subsolv(low, upp, alfa, beta, p0, q0, P, Q, 1.0, a, b, c, d)
+    lo, hi = COMM.rank * n // COMM.size, (COMM.rank + 1) * n // COMM.size
+    mine = subsolv(*(v[lo:hi] for v in (low, upp, alfa, beta, p0, q0)), P[:, lo:hi], Q[:, lo:hi], 1.0, a, b, c, d,
+                   space=Blocks(COMM))
+    assert mine[-1] == whole[-1]  # the same Newton steps
+    np.testing.assert_allclose(_gather(mine[0]), whole[0], rtol=1e-10)
+    for k in (1, 3, 6):  # y, lam, mu: the same on every rank
+        np.testing.assert_allclose(mine[k], whole[k], rtol=1e-9, atol=1e-12)
+    assert COMM.allgather(mine[3].tobytes()) == [mine[3].tobytes()] * COMM.size
+
+
 def test_methods_that_need_the_whole_vector_refuse_blocks(mbb, poisson):
-    with pytest.raises(MethodSetupError, match="'mma' runs on the whole parameter vector"):
-        adjopt.minimize(in_blocks(mbb[0]), method="mma", maxiter=1)
     with pytest.raises(MethodSetupError, match="'lbfgsb' runs on the whole parameter vector"):
         adjopt.minimize(in_blocks(poisson[0]), method="lbfgsb", maxiter=1)
     with pytest.raises(MethodSetupError, match="lowrank"):
@@ -195,3 +230,33 @@ def test_taylor_test_of_the_block_functional_sums_over_the_ranks(poisson):
     assert r2.passed and abs(r2.rates[-1] - 2) < 0.1
     assert r3.passed and abs(r3.rates[-1] - 3) < 0.1 and r3.gradient_check.passed
     assert check_hessian_symmetry(B, p) < 1e-9
+
+
+class _NaNOnLastRank:
+    """A block functional whose gradient has a NaN on the last rank's block from the second call on."""
+
+    def __init__(self, F):
+        self._F, self.calls = F, 0
+
+    def __getattr__(self, name):
+        return getattr(self._F, name)
+
+    def gradient(self, p, *args, **kwargs):
+        g = np.array(self._F.gradient(p, *args, **kwargs))
+        self.calls += 1
+        if self.calls > 1 and COMM.rank == COMM.size - 1 and g.size:
+            g[0] = np.nan
+        return g
+
+
+def test_a_nan_in_one_ranks_gradient_block_stops_mma_on_every_rank(mbb):
+    from dataclasses import replace
+
+    from adjopt.errors import SolverDidNotConverge
+    from adjopt.optimize.base import OptimizationError
+
+    blocked = in_blocks(mbb[0])
+    broken = replace(blocked, functional=_NaNOnLastRank(blocked.functional))
+    # every rank raises (none waits for the others): the KKT measure's Riesz map or MMA's own check sees the NaN
+    with pytest.raises((OptimizationError, SolverDidNotConverge), match="not finite|NANORINF"):
+        adjopt.minimize(broken, method="mma", maxiter=5)

@@ -60,6 +60,27 @@ def test_oc_run_built_rank_by_rank_follows_the_serial_run(tmp_path, caplog):
     assert all(d.shape[1] == 3 for d in disp) and max(np.abs(d).max() for d in disp) > 0
 
 
+def test_mma_run_built_rank_by_rank_keeps_p_in_blocks_and_follows_the_serial_run(tmp_path, caplog):
+    out = _shared(tmp_path, "mma")
+    args = ["run", "topology_compliance", "--nelx", "30", "--nely", "10", "--method", "mma", "--max-iter", "10",
+            "--no-pictures", "-q"]
+    with caplog.at_level(logging.INFO, logger="adjopt.cli"):
+        assert cli.main([*args, "--backend", "petsc", "--out", out]) in (0, 1)
+    if COMM.rank == 0 and COMM.size > 1:
+        assert "parameters in blocks" in caplog.text
+    serial = str(tmp_path / f"serial{COMM.rank}")
+    assert cli.main([*args, "--out", serial]) in (0, 1)
+    COMM.Barrier()
+    dist, ser = _history(out), _history(serial)
+    assert len(dist) == len(ser) == 11
+    for a, b in zip(dist, ser):
+        assert abs(a["f"] - b["f"]) <= 1e-7 * abs(b["f"])
+    x = np.load(f"{out}/result.npz")["x"]
+    assert np.abs(x - np.load(f"{serial}/result.npz")["x"]).max() <= 1e-6
+    blocks = [np.load(f"{out}/checkpoint.rank{r}.npz")["state__x"] for r in range(COMM.size)]
+    assert np.array_equal(np.concatenate(blocks), x)
+
+
 def test_newton_cg_run_built_rank_by_rank_ends_where_the_serial_run_ends(tmp_path):
     out = _shared(tmp_path, "poisson")
     args = ["run", "poisson_inversion", "--n", "12", "--no-pictures", "-q"]

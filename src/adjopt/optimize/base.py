@@ -203,7 +203,7 @@ class Driver:
         self.space = inner.space
         if self.space.distributed and not getattr(self, "takes_blocks", False):
             raise ValueError(f"method {self.name!r} runs on the whole parameter vector; with the parameters in blocks "
-                             "over the ranks use 'oc', 'lbfgs' or 'newton-cg' (or the replicated interface)")
+                             "over the ranks use 'oc', 'mma', 'lbfgs' or 'newton-cg' (or the replicated interface)")
         self.bounds = problem.bounds
         self.warnings: list[str] = []
 

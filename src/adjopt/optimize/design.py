@@ -42,6 +42,7 @@ import numpy as np
 from ..solvers.base import one_blas_thread
 from .base import Driver, OptimizationError, Stop
 from .linesearch import safe_gradient, safe_value
+from .space import SERIAL
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ class OC(Driver):
 COMPILED_MAX_CONSTRAINTS = 16
 
 
-def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, max_newton=200, compiled=True):
+def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, max_newton=200, compiled=True,
+            space=SERIAL):
     """Svanberg's primal-dual interior-point solver of the MMA subproblem.
 
     minimize   sum_j (p0_j / (upp_j - x_j) + q0_j / (x_j - low_j)) + a0 z + sum_i (c_i y_i + d_i y_i^2 / 2)
@@ -245,10 +247,23 @@ def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, ma
     the compiled form runs (:func:`adjopt.optimize._mma_kernels.subsolv_few`,
     the same iteration in a few fused passes); this numpy form is its
     reference, and the faster one for many constraints (its (m, n) products
-    go to BLAS).
+    go to BLAS). With ``space`` a :class:`~adjopt.optimize.space.Blocks` the
+    vectors of length n are this rank's blocks and the same passes run with
+    their sums reduced over the ranks
+    (:func:`adjopt.optimize._mma_kernels.subsolv_blocks`, collective).
     """
     n = p0.size
     m = b.size
+    if space.distributed:
+        from ._mma_kernels import subsolv_blocks
+
+        f64 = np.float64
+        out = subsolv_blocks(*(np.ascontiguousarray(v, dtype=f64) for v in (low, upp, alfa, beta, p0, q0)),
+                             *(np.ascontiguousarray(v, dtype=f64).reshape(m, n) for v in (P, Q)), float(a0),
+                             *(np.ascontiguousarray(v, dtype=f64) for v in (a, b, c, d)), float(epsimin),
+                             int(max_newton), space)
+        x, y, z, lam, xsi, eta, mu, zet, s, total = out
+        return x, y, float(z), lam, xsi, eta, mu, float(zet), s, int(total)
     if compiled and 0 < m <= COMPILED_MAX_CONSTRAINTS and m < n:
         from ._mma_kernels import subsolv_few
 
@@ -379,13 +394,14 @@ def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, ma
 
 def mma_subproblem(k, x, xmin, xmax, xold1, xold2, df0dx, fval, dfdx, low, upp, *, move=0.5, asyinit=0.5,
                    asyincr=1.2, asydecr=0.7, asymin=0.01, asymax=10.0, albefa=0.1, raa0=1e-5, a0=1.0, a=None, c=None,
-                   d=None, epsimin=1e-7):
+                   d=None, epsimin=1e-7, space=SERIAL):
     """One MMA step (Svanberg's ``mmasub``): new asymptotes and the subproblem's solution.
 
     ``k`` is the 1-based iteration number (the asymptotes are reset in the
     first two), ``fval`` (m,) the constraint values g_i(x) (<= 0 wanted),
     ``dfdx`` (m, n) their gradients. Returns ``(xmma, y, z, lam, low, upp,
-    newton_iterations)``.
+    newton_iterations)``. ``space``: where the n-vectors live (this rank's
+    blocks for :class:`~adjopt.optimize.space.Blocks`; collective then).
     """
     n = x.size
     m = fval.size
@@ -426,9 +442,9 @@ def mma_subproblem(k, x, xmin, xmax, xold1, xold2, df0dx, fval, dfdx, low, upp, 
     PQ = 0.001 * (P + Q) + raa0 / xmami
     P = (P + PQ) * ux2
     Q = (Q + PQ) * xl2
-    b = P @ (1.0 / ux1) + Q @ (1.0 / xl1) - fval
+    b = space.sum_array(P @ (1.0 / ux1) + Q @ (1.0 / xl1)) - fval
     xmma, y, z, lam, _xsi, _eta, _mu, _zet, _s, nit = subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d,
-                                                               epsimin=epsimin)
+                                                               epsimin=epsimin, space=space)
     return xmma, y, z, lam, low, upp, nit
 
 
@@ -479,13 +495,14 @@ class MMA(Driver):
     takes_bounds = True
     takes_constraints = True
     needs_constraints = False
+    takes_blocks = True
 
     def __init__(self, problem, inner, options, counts):
         super().__init__(problem, inner, options, counts)
         self.lo, self.hi = _finite_bounds(self, "mma")
         #: the variables MMA moves: a variable with equal bounds stays at them (its asymptotes would coincide)
         free = self.hi > self.lo
-        if self.lo.size and not np.any(free):
+        if self.space.size(self.lo) and not self.space.any(free):
             raise ValueError("method 'mma': every variable has equal lower and upper bounds; there is nothing to "
                              "optimize")
         # all free (the usual case): a slice, whose x[free] are views, not copies of every n-vector per iteration
@@ -560,10 +577,13 @@ class MMA(Driver):
         bad += [(f"constraint {i}'s gradient", state["dfdx"][i]) for i in range(self.m)]
         for what, v in bad:
             v = np.asarray(v, dtype=np.float64)
-            if not np.all(np.isfinite(v)):
-                j = int(np.flatnonzero(~np.isfinite(v))[0])
-                raise OptimizationError(f"MMA: {what} is {v[j]} at the current design (entry {j}); check the "
-                                        "functional there (a NaN in data, a map or a solve)")
+            if not self.space.all(np.isfinite(v)):  # on every rank, when one has it (a block of the gradient)
+                local = np.flatnonzero(~np.isfinite(v))
+                where = (f"{v[local[0]]} at the current design (entry {int(local[0])}"
+                         f"{' of this rank' if self.space.distributed else ''})" if local.size else
+                         "not finite at the current design (on another rank)")
+                raise OptimizationError(f"MMA: {what} is {where}; check the functional there (a NaN in data, a map "
+                                        "or a solve)")
 
     def iterate(self, state):
         o = self.opts
@@ -582,15 +602,16 @@ class MMA(Driver):
                 sc[:, None] * dfdx[:, f], low[f], upp[f], move=o["move"], asyinit=o["asyinit"],
                 asyincr=o["asyincr"], asydecr=o["asydecr"], asymin=o["asymin"], asymax=o["asymax"],
                 albefa=o["albefa"], raa0=o["raa0"], a0=float(o["a0"]), a=np.zeros(self.m),
-                c=np.full(self.m, float(o["c"])), d=np.full(self.m, float(o["d"])), epsimin=o["epsimin"])
-        if not np.all(np.isfinite(xsub)):
+                c=np.full(self.m, float(o["c"])), d=np.full(self.m, float(o["d"])), epsimin=o["epsimin"],
+                space=self.space)
+        if not self.space.all(np.isfinite(xsub)):
             raise OptimizationError("MMA: the subproblem solver returned a non-finite point")
         xmma = np.array(x, dtype=np.float64, copy=True)
         xmma[f] = xsub
         xmma = np.clip(xmma, self.lo, self.hi)
         lam = lam_s * sc / sf  # multipliers of value_i - upper_i <= 0 for f itself
         xmma, f, g = _evaluate_or_back_off(self.J, x, xmma, "mma")
-        change = float(np.max(np.abs(xmma - x))) if x.size else 0.0
+        change = self.space.max(np.abs(xmma - x), initial=0.0)
         fval_new, dfdx_new = self._constraints(xmma)
         kkt = self._kkt(xmma, g, fval_new, dfdx_new, lam)
         state.update(xold2=np.array(state["xold1"], copy=True), xold1=np.array(x, copy=True), x=xmma, f=f, g=g,

@@ -56,6 +56,10 @@ class Space:
         """The inner products of the rows of two (k, n) arrays, shape (k,)."""
         return np.einsum("ij,ij->i", S, Y)
 
+    def sum_array(self, a) -> np.ndarray:
+        """A small array of partial sums (one per entry) summed over the processes: here, the array itself."""
+        return np.asarray(a, dtype=np.float64)
+
     def __repr__(self):
         return "Space()"
 
@@ -100,6 +104,11 @@ class Blocks(Space):
     def rows(self, S, Y) -> np.ndarray:
         out = np.empty(S.shape[0])
         self.comm.Allreduce(np.ascontiguousarray(np.einsum("ij,ij->i", S, Y)), out)
+        return out
+
+    def sum_array(self, a) -> np.ndarray:
+        out = np.empty(np.shape(a))
+        self.comm.Allreduce(np.ascontiguousarray(a, dtype=np.float64), out)
         return out
 
     def __repr__(self):

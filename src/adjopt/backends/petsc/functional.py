@@ -1311,7 +1311,7 @@ def in_blocks(problem):
 
     The functional becomes its :class:`BlockFunctional`, p0 and the bounds
     this rank's block, and each constraint its block form (``blocks()``).
-    adjopt's OC, L-BFGS and Newton-CG then run with p, the gradient and their
+    adjopt's OC, MMA, L-BFGS and Newton-CG then run with p, the gradient and their
     memory distributed (each rank its block; reductions by allreduce).
     """
     F = problem.functional
