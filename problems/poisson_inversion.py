@@ -49,6 +49,7 @@ from adjopt.fem import assemble, body_force, condense, observation_operator, p1_
 from adjopt.fem.observation import p1_gradient_operator
 from adjopt.maps import NodalToElement
 from adjopt.mesh import Mesh, unit_cube, unit_square
+from adjopt.mesh import read as read_mesh
 from adjopt.verify import derivative_report
 
 REGULARIZATIONS = ("h1", "tv", "bilaplacian")
@@ -84,6 +85,14 @@ def _check_nonneg(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (np.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def _checked(mesh, mesh_file):
+    """A mesh from ``mesh_file`` that this problem can run on (P1 triangles or tetrahedra)."""
+    if mesh.cell_type not in ("triangle", "tetra"):
+        raise ValueError(f"mesh_file {mesh_file!r} has {mesh.cell_type} cells; this problem needs triangles (2D) or "
+                         "tetrahedra (3D)")
+    return mesh
 
 
 def make_mesh(n: int, dim: int, grading: float = 1.0):
@@ -152,8 +161,14 @@ def noisy(rng, clean: np.ndarray, noise: float) -> np.ndarray:
 
 
 def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha: float | None = None,
-          regularization: str = "h1", seed: int = 0, grading: float = 1.0) -> adjopt.Problem:
+          regularization: str = "h1", seed: int = 0, grading: float = 1.0, mesh_file: str | None = None
+          ) -> adjopt.Problem:
     """The Poisson log-conductivity inversion as an :class:`adjopt.Problem` (see the module docstring).
+
+    ``mesh_file``: a triangle or tetrahedron mesh file (read by
+    :func:`adjopt.mesh.read`) instead of the unit square or cube of ``n``,
+    ``dim`` and ``grading``; u = 0 on its whole boundary, the observation
+    points must lie inside it.
 
     ``alpha`` (the weight of the regularization) defaults to 10 for ``"h1"`` and ``"tv"`` and to 1 for
     ``"bilaplacian"`` (the prior as it is: J is the negative log-posterior).
@@ -164,7 +179,11 @@ def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha
         ``n < 2``, ``dim`` not 2 or 3, an unknown ``regularization``, ``n_obs < 1``,
         negative ``noise`` or ``alpha``.
     """
-    mesh = make_mesh(n, dim, grading)
+    if mesh_file is None:
+        mesh = make_mesh(n, dim, grading)
+    else:
+        mesh = _checked(read_mesh(mesh_file), mesh_file)
+        dim = mesh.dim
     n_obs = _check_int(n_obs, "n_obs", 1)
     noise = _check_nonneg(noise, "noise")
     alpha = _check_nonneg((1.0 if regularization == "bilaplacian" else 10.0) if alpha is None else alpha, "alpha")
@@ -187,7 +206,7 @@ def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha
         "mesh": mesh, "m_true": mt, "observation_points": pts, "data": data, "data_clean": d_clean,
         "observation_operator": B, "regularization": reg, "dofs": dofs,
         "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization, seed=seed,
-                        grading=grading),
+                        grading=grading, mesh_file=mesh_file),
     }
     N = mesh.n_nodes
     mass, stiffness = assemble(mesh.cells, p1_mass(mesh), N), assemble(mesh.cells, p1_stiffness(mesh), N)
@@ -196,8 +215,8 @@ def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha
 
 
 def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha: float | None = None,
-                      regularization: str = "h1", seed: int = 0, grading: float = 1.0, comm=None,
-                      **solver_options) -> adjopt.Problem:
+                      regularization: str = "h1", seed: int = 0, grading: float = 1.0, mesh_file: str | None = None,
+                      partition: str = "slab", comm=None, **solver_options) -> adjopt.Problem:
     """The inversion built rank by rank on PETSc: no rank forms the global mesh, operator or data.
 
     The same problem as :func:`build` (``regularization="h1"``; TV and the
@@ -218,13 +237,30 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     holds this rank's points' numbers in :func:`build`'s order). The
     functional takes the full parameter vector on every rank (the serial
     interface); p0 is replicated.
+
+    ``mesh_file``: as in :func:`build`; rank 0 reads it, partitions the cells
+    (``partition``: ``"slab"`` or ``"graph"``, see
+    :func:`adjopt.mesh.read_part`) and sends each rank its part. The global
+    numbering is then :func:`~adjopt.mesh.read_part`'s renumbering of the
+    file's (``meta["part"].source_nodes`` maps back); an observation point
+    belongs to the lowest rank whose cells hold it.
     """
     from mpi4py import MPI
 
     from adjopt.backends.petsc import DistributedReducedFunctional
-    from adjopt.backends.petsc.parts import (LocalMisfit, LocalQuadratic, LocalSystem, free_numbering,
-                                             ownership, rows_to_owners, sum_to_owners)
-    from adjopt.mesh import unit_cube_part, unit_square_part
+    from adjopt.backends.petsc.parts import (
+        LocalMisfit,
+        LocalQuadratic,
+        LocalSystem,
+        agree,
+        free_numbering,
+        ownership,
+        raise_first,
+        rows_to_owners,
+        sum_to_owners,
+    )
+    from adjopt.fem.observation import locate_points
+    from adjopt.mesh import read_part, unit_cube_part, unit_square_part
 
     comm = MPI.COMM_WORLD if comm is None else comm
     n = _check_int(n, "n (cells per side)", 2)
@@ -239,7 +275,17 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     n_obs = _check_int(n_obs, "n_obs", 1)
     noise = _check_nonneg(noise, "noise")
     alpha = _check_nonneg(10.0 if alpha is None else alpha, "alpha")
-    part = unit_square_part(n, comm=comm) if dim == 2 else unit_cube_part(n, comm=comm)
+    if mesh_file is None:
+        part = unit_square_part(n, comm=comm) if dim == 2 else unit_cube_part(n, comm=comm)
+    else:
+        part = read_part(mesh_file, comm=comm, partition=partition)
+        error = None
+        try:
+            _checked(part.mesh, mesh_file)
+        except ValueError as exc:
+            error = exc
+        raise_first(comm, error)
+        dim = part.mesh.dim
     mesh, nodes, n_own = part.mesh, part.nodes, part.n_owned
     node_ranges = ownership(comm, part.node_start, n_own)
     free, n_free = free_numbering(comm, nodes, np.isin(np.arange(mesh.n_nodes), mesh.boundary("all")), n_own)
@@ -261,12 +307,21 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     K, M = rows(p1_stiffness(mesh)), rows(p1_mass(mesh))
     terms = [LocalQuadratic(K, c=alpha), LocalQuadratic(M, c=L2_WEIGHT * alpha)]
 
-    # observations: every rank draws the points of build() and keeps those in its slab [y_k0, y_k1)
+    # observations: every rank draws the points of build() and keeps those in its slab [y_k0, y_k1), or (a mesh
+    # file's part) those that the lowest rank whose cells hold them is this one
     rng = np.random.default_rng(seed)
     pts = observation_points(rng, n_obs, dim)
-    lo, hi = mesh.points[0, -1], mesh.points[-1, -1]
-    last = part.rank == part.size - 1
-    mine = np.flatnonzero((pts[:, -1] >= lo) & ((pts[:, -1] <= hi) if last else (pts[:, -1] < hi)))
+    if part.layers is None:
+        holder = np.where(locate_points(mesh, pts) >= 0, part.rank, part.size).astype(np.int64)
+        lowest = np.empty_like(holder)
+        comm.Allreduce(holder, lowest, op=MPI.MIN)
+        agree(comm, bool(np.all(lowest < part.size)), f"observation points {np.flatnonzero(lowest == part.size)[:10].tolist()} "
+              f"are outside the mesh {mesh_file!r} (they are drawn in [0.1, 0.9]^{dim})", ValueError)
+        mine = np.flatnonzero(lowest == part.rank)
+    else:
+        lo, hi = mesh.points[0, -1], mesh.points[-1, -1]
+        last = part.rank == part.size - 1
+        mine = np.flatnonzero((pts[:, -1] >= lo) & ((pts[:, -1] <= hi) if last else (pts[:, -1] < hi)))
     B = observation_operator(mesh, pts[mine]).tocoo()
     keep = free[B.col] >= 0  # u = 0 on the boundary
     B = sp.csr_array((B.data[keep], (B.row[keep], free[B.col[keep]])), shape=(mine.size, n_free_total(comm, n_free)))
@@ -301,7 +356,7 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     meta = {"part": part, "local_fields": local_fields, "observation_index": mine, "observation_points": pts[mine], "data": data,
             "data_clean": d_clean, "m_true": mt, "distributed": True,
             "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization,
-                            seed=seed, grading=1.0)}
+                            seed=seed, grading=1.0, mesh_file=mesh_file)}
     return adjopt.Problem(J, np.zeros(part.n_global_nodes), name=f"poisson_inversion_{dim}d_{regularization}",
                           meta=meta)
 

@@ -579,6 +579,7 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
         pieces = _write_pieces(out, problem, result.x, comm)
         # state and adjoint at the result are collective: every rank computes them, then rank 0 writes
         fields = _Fields(problem.functional, result.x)
+        order = _file_order(problem, comm)
         if blocks:  # the result's vectors on rank 0 only, for result.npz (bounds and constraints are not written)
             F = problem.functional
             x_full, g_full, p0 = F.gather(result.x), F.gather(result.jac), F.gather(problem.p0)
@@ -590,6 +591,9 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
             problem = replace(problem, functional=fields)
         if not rank0:
             return 0 if result.success else 1
+        if order is not None:  # a mesh file's parts: result.npz in the file's node order, as a serial run writes it
+            result = replace(result, x=_to_file(result.x, order), jac=_to_file(result.jac, order))
+            problem = replace(problem, p0=_to_file(problem.p0, order), bounds=None)
     try:
         written = write_results(out, problem, result, force=True, pictures=not args.no_pictures)
     except ResultsWriteError as exc:
@@ -604,6 +608,35 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
         print(summary)
         print(f"results in {out}/: " + ", ".join(sorted(Path(p).name for p in written.values())))
     return 0 if result.success else 1
+
+
+def _file_order(problem, comm):
+    """For a problem built on a mesh file's parts (adjopt.mesh.read_part) with one parameter per node: the file's
+    node number of every global parameter, on rank 0 (None elsewhere and for other problems). Collective."""
+    meta = problem.meta if isinstance(problem.meta, dict) else {}
+    part = meta.get("part")
+    source = getattr(part, "source_nodes", None)
+    nodal = source is not None and getattr(problem.functional, "n_global",
+                                           getattr(problem.functional, "n_params", -1)) == part.n_global_nodes
+    if not comm.allreduce(bool(nodal), op=_mpi_min()):
+        return None
+    got = comm.gather(np.asarray(source[:part.n_owned]), root=0)
+    return None if comm.rank else np.concatenate(got)
+
+
+def _mpi_min():
+    from mpi4py import MPI
+
+    return MPI.MIN
+
+
+def _to_file(v, order):
+    """A vector in the distributed numbering, in the file's order (v[i] at order[i])."""
+    if v is None or np.shape(v) != order.shape:
+        return v
+    out = np.empty_like(np.asarray(v))
+    out[order] = v
+    return out
 
 
 class _Fields:

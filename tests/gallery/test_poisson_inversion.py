@@ -143,3 +143,24 @@ def test_truth_fits_better_than_the_start():
     J = problem.functional
     assert J.value(problem.meta["m_true"]) < 0.1 * J.value(problem.p0)
     assert J.value(problem.meta["m_true"]) < 3 * 30 / 2
+
+
+def test_a_mesh_file_builds_the_same_problem_as_its_generator(tmp_path):
+    pytest.importorskip("meshio")
+    from adjopt.mesh import unit_square, write_vtu
+
+    write_vtu(tmp_path / "square.vtu", unit_square(10))
+    from_file = poisson_inversion.build(mesh_file=str(tmp_path / "square.vtu"), n_obs=20)
+    generated = poisson_inversion.build(n=10, n_obs=20)
+    p = np.linspace(-0.3, 0.3, generated.p0.size)
+    assert from_file.functional.value(p) == pytest.approx(generated.functional.value(p), rel=1e-12)
+    np.testing.assert_allclose(from_file.functional.gradient(p), generated.functional.gradient(p), rtol=1e-10,
+                               atol=1e-12)
+    assert from_file.meta["options"]["mesh_file"] == str(tmp_path / "square.vtu")
+    with pytest.raises(FileNotFoundError, match="mesh file not found"):
+        poisson_inversion.build(mesh_file=str(tmp_path / "missing.vtu"))
+    from adjopt.mesh import rectangle
+
+    write_vtu(tmp_path / "quads.vtu", rectangle(3, 3, cell="quad"))
+    with pytest.raises(ValueError, match="needs triangles"):
+        poisson_inversion.build(mesh_file=str(tmp_path / "quads.vtu"))

@@ -38,6 +38,55 @@ def _inverse_jacobians(mesh: Mesh):
     return np.linalg.inv(T), x0
 
 
+def _locate(mesh: Mesh, pts: np.ndarray, tol: float, k: int | None, most: int):
+    """(cell of each point, -1 where none of its ``most`` nearest cells (by centre) holds it; its barycentric
+    coordinates there)."""
+    d = mesh.dim
+    n_pts, n_cells = pts.shape[0], mesh.n_cells
+    cell_of = np.full(n_pts, -1, dtype=np.int64)
+    bary = np.zeros((n_pts, d + 1))
+    if n_pts == 0 or n_cells == 0:
+        return cell_of, bary
+    Tinv, x0 = _inverse_jacobians(mesh)
+    tree = cKDTree(mesh.cell_centers())
+    most = min(n_cells, most)
+    todo = np.arange(n_pts)
+    kk = min(most, k if k is not None else (8 if d == 2 else 24))
+    while todo.size:
+        _, cand = tree.query(pts[todo], k=kk)
+        cand = np.asarray(cand, dtype=np.int64).reshape(todo.size, kk)  # (P, kk)
+        rel = pts[todo][:, None, :] - x0[cand]  # (P, kk, d)
+        lam = np.einsum("pkij,pkj->pki", Tinv[cand], rel)  # (P, kk, d)
+        lam = np.concatenate([1.0 - lam.sum(axis=2, keepdims=True), lam], axis=2)  # (P, kk, d+1)
+        inside = np.all(lam >= -tol, axis=2)  # (P, kk)
+        found = inside.any(axis=1)
+        first = np.argmax(inside, axis=1)
+        hit = np.flatnonzero(found)
+        cell_of[todo[hit]] = cand[hit, first[hit]]
+        bary[todo[hit]] = lam[hit, first[hit]]
+        todo = todo[~found]
+        if kk == most:
+            break
+        kk = min(most, 2 * kk)
+    return cell_of, bary
+
+
+def locate_points(mesh: Mesh, points, tol: float = 1e-12, most: int = 256) -> np.ndarray:
+    """The cell holding each point (barycentric coordinates ``>= -tol``), -1 for a point outside ``mesh``.
+
+    For a rank's part of a distributed mesh: which observation points are its
+    own. Candidates are the cells with the nearest centres, up to ``most`` of
+    them (all cells when ``most >= mesh.n_cells``): a point in a cell that is
+    not among its ``most`` nearest centres (very stretched cells) counts as
+    outside.
+    """
+    _require_simplex(mesh, "locate_points")
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != mesh.dim or not np.all(np.isfinite(pts)):
+        raise ShapeError(f"points must be a finite (n_points, {mesh.dim}) array, got shape {pts.shape}")
+    return _locate(mesh, pts, tol, None, int(most))[0]
+
+
 def observation_operator(mesh: Mesh, points, tol: float = 1e-12, k: int | None = None) -> sp.csr_array:
     """P1 interpolation at ``points``: a CSR matrix of shape (n_points, n_nodes).
 
@@ -79,33 +128,13 @@ def observation_operator(mesh: Mesh, points, tol: float = 1e-12, k: int | None =
     if not np.all(np.isfinite(pts)):
         bad = int(np.flatnonzero(~np.all(np.isfinite(pts), axis=1))[0])
         raise FemError(f"point {bad} has a NaN or Inf coordinate")
-    n_pts, n_cells = pts.shape[0], mesh.n_cells
-    Tinv, x0 = _inverse_jacobians(mesh)
-    tree = cKDTree(mesh.cell_centers())
-
-    cell_of = np.full(n_pts, -1, dtype=np.int64)
-    bary = np.zeros((n_pts, d + 1))
-    todo = np.arange(n_pts)
-    kk = min(n_cells, k if k is not None else (8 if d == 2 else 24))
-    while todo.size:
-        _, cand = tree.query(pts[todo], k=kk)
-        cand = np.asarray(cand, dtype=np.int64).reshape(todo.size, kk)  # (P, kk)
-        rel = pts[todo][:, None, :] - x0[cand]  # (P, kk, d)
-        lam = np.einsum("pkij,pkj->pki", Tinv[cand], rel)  # (P, kk, d)
-        lam = np.concatenate([1.0 - lam.sum(axis=2, keepdims=True), lam], axis=2)  # (P, kk, d+1)
-        inside = np.all(lam >= -tol, axis=2)  # (P, kk)
-        found = inside.any(axis=1)
-        first = np.argmax(inside, axis=1)
-        hit = np.flatnonzero(found)
-        cell_of[todo[hit]] = cand[hit, first[hit]]
-        bary[todo[hit]] = lam[hit, first[hit]]
-        todo = todo[~found]
-        if todo.size and kk == n_cells:
-            i = int(todo[0])
-            raise FemError(f"point {i} at {pts[i].tolist()} is outside the mesh"
-                           + (f" ({todo.size} points in all, indices {todo[:10].tolist()}...)" if todo.size > 1 else ""))
-        kk = min(n_cells, 2 * kk)
-
+    n_pts = pts.shape[0]
+    cell_of, bary = _locate(mesh, pts, tol, k, mesh.n_cells)
+    todo = np.flatnonzero(cell_of < 0)
+    if todo.size:
+        i = int(todo[0])
+        raise FemError(f"point {i} at {pts[i].tolist()} is outside the mesh"
+                       + (f" ({todo.size} points in all, indices {todo[:10].tolist()}...)" if todo.size > 1 else ""))
     rows = np.repeat(np.arange(n_pts), d + 1)
     cols = mesh.cells[cell_of].ravel()
     B = sp.coo_array((bary.ravel(), (rows, cols)), shape=(n_pts, mesh.n_nodes))

@@ -11,7 +11,7 @@ from ._mesh import Mesh
 from ._reference import SUPPORTED as CELL_TYPES
 from .generators import box, rectangle, unit_cube, unit_square
 from .io import read, write_pvtu, write_vtu
-from .parts import MeshPart, box_part, rectangle_part, unit_cube_part, unit_square_part
+from .parts import MeshPart, box_part, read_part, rectangle_part, unit_cube_part, unit_square_part
 
 __all__ = [
     "CELL_TYPES",
@@ -22,6 +22,7 @@ __all__ = [
     "UnknownBoundaryError",
     "box",
     "box_part",
+    "read_part",
     "read",
     "rectangle",
     "rectangle_part",

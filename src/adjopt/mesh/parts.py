@@ -57,7 +57,7 @@ from .generators import _KUHN, _count, _length
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MeshPart", "box_part", "rectangle_part", "unit_cube_part", "unit_square_part"]
+__all__ = ["MeshPart", "box_part", "read_part", "rectangle_part", "unit_cube_part", "unit_square_part"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,7 +76,10 @@ class MeshPart:
         Global node id of each local node, strictly increasing.
     n_owned : int
         Local nodes ``[0, n_owned)`` are owned by this rank; the rest are
-        ghosts, owned by ``rank + 1``.
+        ghosts, owned by other ranks (``rank + 1`` for the structured slabs;
+        any lower or higher rank for a mesh file's part, :func:`read_part`,
+        where ``nodes`` is increasing on the owned nodes and on the ghosts
+        separately).
     cell_start : int
         The local cells are the global cells ``cell_start + arange(mesh.n_cells)``,
         in this order.
@@ -86,8 +89,14 @@ class MeshPart:
         Sizes of the global mesh.
     rank, size : int
         This rank and the number of ranks.
-    layers : tuple of int
-        The cell layers ``[k0, k1)`` of this slab along the last axis.
+    layers : tuple of int or None
+        The cell layers ``[k0, k1)`` of this slab along the last axis (None for
+        a mesh file's part).
+    source_nodes, source_cells : int64 ndarray or None
+        For a mesh file's part (:func:`read_part`): the file's node number of
+        each local node and the file's cell number of each local cell (the
+        global numbering is a renumbering of the file's). None for the slabs,
+        whose numbering is the generator's.
     """
 
     mesh: Mesh
@@ -99,7 +108,9 @@ class MeshPart:
     n_global_cells: int
     rank: int
     size: int
-    layers: tuple[int, int]
+    layers: tuple[int, int] | None
+    source_nodes: np.ndarray | None = None
+    source_cells: np.ndarray | None = None
 
     @property
     def owned_nodes(self) -> np.ndarray:
@@ -108,7 +119,7 @@ class MeshPart:
 
     @property
     def n_ghosts(self) -> int:
-        """Number of ghost nodes (0 on the last rank)."""
+        """Number of ghost nodes (0 on the last rank of a slab partition)."""
         return int(self.nodes.shape[0]) - self.n_owned
 
     def global_cells(self) -> np.ndarray:
@@ -336,3 +347,150 @@ def unit_cube_part(n: int, cell: str = "tetra", *,
                    rank: int | None = None, size: int | None = None, comm=None) -> MeshPart:
     """``box_part(n, n, n, 1, 1, 1, cell, ...)``: one rank's slab of ``unit_cube(n, cell)``."""
     return box_part(n, n, n, 1.0, 1.0, 1.0, cell, rank=rank, size=size, comm=comm)
+
+
+# ------------------------------------------------------------- mesh files
+PARTITIONS = ("slab", "graph")
+
+
+def read_part(path, *, comm=None, partition: str = "slab", parts=None, root: int = 0) -> MeshPart:
+    """This rank's part of a mesh file: read on one rank, partitioned there, and scattered (collective).
+
+    Rank ``root`` reads the file (:func:`adjopt.mesh.read`: meshio's
+    formats are read whole, so no rank reads in parallel), splits its cells
+    over the ranks, renumbers, and sends each rank its part; the other ranks
+    never hold the whole mesh (``root`` holds it while it splits).
+
+    Numbering (the global one of the distributed run): cells are ordered by
+    rank, keeping the file's order within a rank; a node belongs to the
+    lowest rank among its cells, and nodes are ordered by that owner, keeping
+    the file's order within an owner. So each rank owns a contiguous range of
+    nodes (``node_start + arange(n_owned)``) and of cells, as
+    :class:`MeshPart` promises, and its ghosts are the nodes of its cells that
+    other ranks own. ``source_nodes`` and ``source_cells`` map back to the
+    file's numbers (to compare with a serial run, or to write results in the
+    file's order).
+
+    Parameters
+    ----------
+    path
+        The mesh file (any format meshio reads; read on ``root`` only).
+    comm
+        An mpi4py communicator (default ``MPI.COMM_WORLD``).
+    partition
+        ``"slab"`` (default): equal-count slabs across the longest extent of
+        the cell centres; ``"graph"``: METIS (pymetis, the ``mpi`` extra) on
+        the graph of cells that share a node, for unstructured meshes (fewer
+        shared nodes). The partition is computed on ``root``.
+    parts
+        An explicit partition instead: one rank per cell of the file (on
+        ``root``; ignored elsewhere).
+    root
+        The rank that reads.
+
+    Returns
+    -------
+    MeshPart
+        The local mesh (points in the file's coordinates, cells in local node
+        indices, every boundary of the file as the local indices of its nodes
+        this rank holds, point and cell data of the file restricted to the
+        part) and the numbering above.
+
+    Raises
+    ------
+    FileNotFoundError, MeshError, PartitionError
+        On every rank, with the reading rank's message (a missing file, a
+        file meshio cannot read, more ranks than cells, an unknown
+        ``partition``, pymetis missing for ``"graph"``).
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    rank, size = comm.rank, comm.size
+    if not (isinstance(root, numbers.Integral) and 0 <= root < size):
+        raise MeshError(f"root must be a rank in [0, {size}), got {root!r}")
+    pieces, error = None, None
+    if rank == root:
+        try:
+            if partition not in PARTITIONS:
+                raise MeshError(f"unknown partition {partition!r}; use one of {PARTITIONS} or parts=")
+            from .io import read
+
+            pieces = _split(read(path), size, partition, parts)
+        except Exception as exc:  # every rank raises the reading rank's error, none waits for a part
+            error = exc
+    said = comm.bcast(None if error is None else (type(error), str(error)), root=root)
+    if said is not None:
+        if error is not None:
+            raise error
+        kind, message = said
+        try:
+            exc = kind(f"{message} (on rank {root}, which reads the mesh)")
+        except Exception:  # an exception class that wants other arguments
+            exc = MeshError(f"{kind.__name__}: {message} (on rank {root}, which reads the mesh)")
+        raise exc
+    if rank == root:
+        for r in range(size):
+            if r != root:
+                comm.send(pieces[r], dest=r, tag=7101)
+        mine = pieces[root]
+        del pieces
+    else:
+        mine = comm.recv(source=root, tag=7101)
+    mesh = Mesh(mine["points"], mine["cells"], mine["cell_type"], mine["boundaries"],
+                point_data=mine["point_data"], cell_data=mine["cell_data"])
+    logger.debug("read_part %d/%d: %d nodes (%d owned), %d cells", rank, size, mesh.n_nodes, mine["n_owned"],
+                 mesh.n_cells)
+    return MeshPart(mesh=mesh, nodes=mine["nodes"], n_owned=mine["n_owned"], cell_start=mine["cell_start"],
+                    node_start=mine["node_start"], n_global_nodes=mine["n_global_nodes"],
+                    n_global_cells=mine["n_global_cells"], rank=rank, size=size, layers=None,
+                    source_nodes=mine["source_nodes"], source_cells=mine["source_cells"])
+
+
+def _split(mesh: Mesh, size: int, partition: str, parts) -> list[dict]:
+    """Every rank's piece of ``mesh`` (on the reading rank): the renumbering of :func:`read_part`."""
+    from ..backends.partition import partition_elements
+
+    conn = mesh.cells
+    n_cells, k = conn.shape
+    n_nodes = mesh.n_nodes
+    if parts is not None:
+        rank_of = partition_elements(n_cells, size, parts=parts)
+    elif partition == "graph":
+        rank_of = partition_elements(n_cells, size, "graph", conn=conn)
+    else:
+        rank_of = partition_elements(n_cells, size, "slab", coordinates=mesh.cell_centers())
+    rank_of = np.asarray(rank_of, dtype=np.int64)
+    cell_order = np.argsort(rank_of, kind="stable")
+    cell_starts = np.concatenate([[0], np.cumsum(np.bincount(rank_of, minlength=size))])
+    owner = np.full(n_nodes, size, dtype=np.int64)
+    np.minimum.at(owner, conn.ravel(), np.repeat(rank_of, k))
+    owner[owner == size] = 0  # a node of no cell (read() removes them): rank 0 keeps it
+    node_order = np.lexsort((np.arange(n_nodes), owner))  # new number -> file number
+    new_of_old = np.empty(n_nodes, dtype=np.int64)
+    new_of_old[node_order] = np.arange(n_nodes)
+    node_starts = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=size))])
+    cells = new_of_old[conn[cell_order]]
+    marks = {}
+    for name in mesh.boundary_names:
+        m = np.zeros(n_nodes, dtype=bool)
+        m[mesh.boundary(name)] = True
+        marks[name] = m
+    out = []
+    for r in range(size):
+        c = cells[cell_starts[r]:cell_starts[r + 1]]
+        lo, hi = int(node_starts[r]), int(node_starts[r + 1])
+        used = np.unique(c)
+        ghosts = used[(used < lo) | (used >= hi)]
+        nodes = np.concatenate([np.arange(lo, hi, dtype=np.int64), ghosts])
+        local = np.where((c >= lo) & (c < hi), c - lo, (hi - lo) + np.searchsorted(ghosts, c))
+        old = node_order[nodes]
+        src_cells = cell_order[cell_starts[r]:cell_starts[r + 1]]
+        out.append(dict(
+            points=mesh.points[old], cells=local, cell_type=mesh.cell_type,
+            boundaries={name: np.flatnonzero(m[old]) for name, m in marks.items()},
+            point_data={name: np.asarray(v)[old] for name, v in (mesh.point_data or {}).items()},
+            cell_data={name: np.asarray(v)[src_cells] for name, v in (mesh.cell_data or {}).items()},
+            nodes=nodes, n_owned=hi - lo, node_start=lo, cell_start=int(cell_starts[r]), n_global_nodes=n_nodes,
+            n_global_cells=n_cells, source_nodes=old, source_cells=src_cells))
+    return out

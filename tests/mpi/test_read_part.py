@@ -1,0 +1,124 @@
+"""Meshes from files in distributed runs: read on one rank, partitioned there, scattered (adjopt.mesh.read_part).
+
+Run under ``mpiexec -n 2`` (CI) and on one rank.
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("petsc4py")
+MPI = pytest.importorskip("mpi4py.MPI")
+pytest.importorskip("meshio")
+
+from problems import poisson_inversion  # noqa: E402
+
+from adjopt.backends.petsc.parts import ownership  # noqa: E402
+from adjopt.mesh import Mesh, MeshError, read, read_part, unit_square, write_vtu  # noqa: E402
+
+COMM = MPI.COMM_WORLD
+
+
+@pytest.fixture(scope="module")
+def mesh_file(tmp_path_factory):
+    """An unordered mesh of the unit square: nodes and cells shuffled, interior nodes moved a little."""
+    path = None
+    if COMM.rank == 0:
+        m = unit_square(14)
+        rng = np.random.default_rng(5)
+        pts = m.points.copy()
+        inner = np.ones(m.n_nodes, dtype=bool)
+        inner[m.boundary("all")] = False
+        pts[inner] += rng.uniform(-0.015, 0.015, (int(inner.sum()), 2))
+        perm = rng.permutation(m.n_nodes)  # file node perm[i] is node i
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(m.n_nodes)
+        cells = inv[m.cells][rng.permutation(m.n_cells)]
+        shuffled = Mesh(pts[perm], cells, "triangle")
+        path = str(tmp_path_factory.mktemp("meshes") / "square.vtu")
+        write_vtu(path, shuffled, point_data={"x": pts[perm][:, 0]})
+    return COMM.bcast(path)
+
+
+def _gathered(a):
+    return np.concatenate(COMM.allgather(np.asarray(a)))
+
+
+@pytest.mark.parametrize("partition", ["slab", "graph"])
+def test_the_parts_make_up_the_file(mesh_file, partition):
+    if partition == "graph":
+        pytest.importorskip("pymetis")
+    whole = read(mesh_file)
+    part = read_part(mesh_file, comm=COMM, partition=partition)
+    m = part.mesh
+    # every node of the file is owned once, in contiguous ranges in rank order; cells likewise
+    owned = _gathered(part.source_nodes[:part.n_owned])
+    assert np.array_equal(np.sort(owned), np.arange(whole.n_nodes))
+    ranges = ownership(COMM, part.node_start, part.n_owned)
+    assert np.array_equal(part.nodes[:part.n_owned], part.node_start + np.arange(part.n_owned))
+    ghosts = part.nodes[part.n_owned:]
+    assert not np.any((ghosts >= ranges[COMM.rank]) & (ghosts < ranges[COMM.rank + 1]))
+    assert np.array_equal(np.sort(_gathered(part.source_cells)), np.arange(whole.n_cells))
+    assert part.cell_start == sum(COMM.allgather(m.n_cells)[:COMM.rank])
+    # the same points, cells, boundary and data as the file, through the maps back
+    assert np.array_equal(m.points, whole.points[part.source_nodes])
+    assert np.array_equal(part.source_nodes[m.cells], whole.cells[part.source_cells])
+    on_boundary = np.isin(part.source_nodes, whole.boundary("all"))
+    assert np.array_equal(m.boundary("all"), np.flatnonzero(on_boundary))
+    assert np.array_equal(m.point_data["x"], whole.point_data["x"][part.source_nodes])
+    # a node is owned by the lowest rank among its cells: every rank's cells use all its owned nodes
+    assert np.array_equal(np.unique(m.cells[m.cells < part.n_owned]), np.arange(part.n_owned))
+    assert part.layers is None and part.n_global_nodes == whole.n_nodes and part.n_global_cells == whole.n_cells
+
+
+def test_errors_of_the_reading_rank_stop_every_rank(mesh_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="mesh file not found"):
+        read_part(str(tmp_path / "missing.msh"), comm=COMM)
+    with pytest.raises(MeshError, match="unknown partition 'metis'"):
+        read_part(mesh_file, comm=COMM, partition="metis")
+    with pytest.raises(MeshError, match="root must be a rank"):
+        read_part(mesh_file, comm=COMM, root=COMM.size)
+
+
+def test_poisson_on_a_mesh_file_is_the_serial_problem(mesh_file):
+    dist = poisson_inversion.build_distributed(mesh_file=mesh_file, n_obs=30, rtol=1e-12)
+    serial = poisson_inversion.build(mesh_file=mesh_file, n_obs=30)
+    part = dist.meta["part"]
+    order = _gathered(part.source_nodes[:part.n_owned])  # global (distributed) number -> the file's
+    F, S = dist.functional, serial.functional
+    x = read(mesh_file).points
+    p = 0.3 * np.sin(3 * x[:, 0]) * np.cos(2 * x[:, 1])
+    dp = np.cos(5 * x[:, 0] + x[:, 1])
+    assert F.n_params == S.n_params == x.shape[0]
+    assert F.value(p[order]) == pytest.approx(S.value(p), rel=1e-9)
+    np.testing.assert_allclose(F.gradient(p[order]), S.gradient(p)[order], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(F.hessp(p[order], dp[order]), S.hessp(p, dp)[order], rtol=1e-7, atol=1e-9)
+    assert COMM.allreduce(len(dist.meta["observation_index"])) == 30  # each point on one rank
+    assert np.array_equal(np.sort(_gathered(dist.meta["observation_index"])), np.arange(30))
+
+
+def test_a_mesh_file_of_quads_is_refused_on_every_rank(tmp_path):
+    from adjopt.mesh import rectangle
+
+    path = COMM.bcast(str(tmp_path / "quads.vtu") if COMM.rank == 0 else None)
+    if COMM.rank == 0:
+        write_vtu(path, rectangle(4, 4, cell="quad"))
+    COMM.Barrier()
+    with pytest.raises(ValueError, match="needs triangles"):
+        poisson_inversion.build_distributed(mesh_file=path)
+
+
+def test_adjopt_run_on_a_mesh_file_writes_x_in_the_files_order(mesh_file, tmp_path):
+    from adjopt import cli
+
+    out = COMM.bcast(str(tmp_path / "dist") if COMM.rank == 0 else None)
+    args = ["run", "poisson_inversion", "--mesh-file", mesh_file, "--n-obs", "30", "--method", "newton-cg",
+            "--max-iter", "60", "--gtol", "1e-7", "--no-pictures", "-q"]
+    assert cli.main([*args, "--backend", "petsc", "--out", out]) in (0, 1)
+    serial = str(tmp_path / f"serial{COMM.rank}")
+    assert cli.main([*args, "--out", serial]) in (0, 1)
+    COMM.Barrier()
+    x, xs = np.load(f"{out}/result.npz")["x"], np.load(f"{serial}/result.npz")["x"]
+    assert x.shape == xs.shape == (read(mesh_file).n_nodes,)
+    # both converged (the distributed solves are iterative, the serial ones direct): the same minimiser
+    assert np.linalg.norm(x - xs) <= 1e-4 * np.linalg.norm(xs)
+    assert np.linalg.norm(np.roll(x, 1) - xs) > 1e-2 * np.linalg.norm(xs)  # the order matters
