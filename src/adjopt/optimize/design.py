@@ -53,13 +53,18 @@ __all__ = ["OC", "MMA", "mma_subproblem", "subsolv"]
 MAX_BACKOFF = 10
 
 
-def _evaluate_or_back_off(J, x: np.ndarray, xnew: np.ndarray, method: str):
+def _evaluate_or_back_off(J, x: np.ndarray, xnew: np.ndarray, method: str, space=SERIAL):
     """(xnew, f, g) with f and g evaluated at xnew, or at x + 2^-k (xnew - x) for the first k where they evaluate
     (a failed PDE solve, a Newton that does not converge, NaN): the update is shortened, as a line search would.
-    Raises :class:`Stop` when none of ``MAX_BACKOFF`` halvings evaluates."""
+    Raises :class:`Stop` when none of ``MAX_BACKOFF`` halvings evaluates. With the parameters in blocks
+    (``space``) the ranks decide together: one rank's failure shortens the step on every rank."""
     for k in range(MAX_BACKOFF + 1):
         f = safe_value(J, xnew)
-        g = safe_gradient(J, xnew) if math.isfinite(f) else None
+        ok = space.all(np.array([math.isfinite(f)])) if space.distributed else math.isfinite(f)
+        g = safe_gradient(J, xnew) if ok else None
+        if space.distributed and ok:
+            ok = space.all(np.array([g is not None]))
+            g = g if ok else None
         if g is not None:
             if k:
                 logger.info("%s: the objective failed at the update; took %g of it", method, 0.5**k)
@@ -207,7 +212,7 @@ class OC(Driver):
                 l1 = lmid
             else:
                 l2 = lmid
-        xnew, f, g = _evaluate_or_back_off(self.J, x, xnew.copy(), "oc")
+        xnew, f, g = _evaluate_or_back_off(self.J, x, xnew.copy(), "oc", space)
         volume = float(self.con.value(xnew))
         change = space.max(np.abs(xnew - x), initial=0.0)
         if volume > self.upper * (1 + 1e-6) + 1e-12 and lmid >= 0.99 * self.l2:
@@ -254,6 +259,10 @@ def subsolv(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin=1e-7, ma
     """
     n = p0.size
     m = b.size
+    finite = all(np.all(np.isfinite(v)) for v in (low, upp, alfa, beta, p0, q0, P, Q, a, b, c, d)) and np.isfinite(a0)
+    if not (space.all(np.array([finite])) if space.distributed else finite):
+        raise ValueError("subsolv: NaN or Inf in the subproblem's data (low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, "
+                         "c or d)")
     if space.distributed:
         from ._mma_kernels import subsolv_blocks
 
@@ -500,8 +509,9 @@ class MMA(Driver):
     def __init__(self, problem, inner, options, counts):
         super().__init__(problem, inner, options, counts)
         self.lo, self.hi = _finite_bounds(self, "mma")
-        #: the variables MMA moves: a variable with equal bounds stays at them (its asymptotes would coincide)
-        free = self.hi > self.lo
+        #: the variables MMA moves: a variable with equal bounds stays at them (its asymptotes would coincide), and
+        #: so does one whose bounds differ by round-off (its subproblem interval [alfa, beta] would be empty)
+        free = (self.hi - self.lo) > 1e-10 * np.maximum(1.0, np.maximum(np.abs(self.lo), np.abs(self.hi)))
         if self.space.size(self.lo) and not self.space.any(free):
             raise ValueError("method 'mma': every variable has equal lower and upper bounds; there is nothing to "
                              "optimize")
@@ -543,6 +553,7 @@ class MMA(Driver):
         f = self.J.value(x)
         g = self.J.gradient(x)
         fval, dfdx = self._constraints(x)
+        self._check_finite(dict(g=g, fval=fval, dfdx=dfdx))  # before the KKT measure's Riesz map sees a NaN
         return dict(f=f, g=g, fval=fval, dfdx=dfdx, kkt=self._kkt(x, g, fval, dfdx, lam))
 
     def start(self, x0):
@@ -610,9 +621,10 @@ class MMA(Driver):
         xmma[f] = xsub
         xmma = np.clip(xmma, self.lo, self.hi)
         lam = lam_s * sc / sf  # multipliers of value_i - upper_i <= 0 for f itself
-        xmma, f, g = _evaluate_or_back_off(self.J, x, xmma, "mma")
+        xmma, f, g = _evaluate_or_back_off(self.J, x, xmma, "mma", self.space)
         change = self.space.max(np.abs(xmma - x), initial=0.0)
         fval_new, dfdx_new = self._constraints(xmma)
+        self._check_finite(dict(g=g, fval=fval_new, dfdx=dfdx_new))
         kkt = self._kkt(xmma, g, fval_new, dfdx_new, lam)
         state.update(xold2=np.array(state["xold1"], copy=True), xold1=np.array(x, copy=True), x=xmma, f=f, g=g,
                      fval=fval_new, dfdx=dfdx_new, low=low, upp=upp, k=k, lam=lam, kkt=kkt)
