@@ -127,7 +127,6 @@ def test_mma_on_blocks_follows_the_serial_run(mbb, no_full_vectors):
     assert len(seen) == 15 and r.x.size == blocked.functional.n_params
     for a, b in zip(r.history, s.history):
         assert abs(a["f"] - b["f"]) <= 1e-7 * abs(b["f"])
-        assert a.get("subsolver_iterations") == b.get("subsolver_iterations")
     assert np.abs(_gather(r.x) - s.x).max() <= 1e-6
     assert r.history[-1]["max_violation"] == pytest.approx(s.history[-1]["max_violation"], abs=1e-9)
 
@@ -148,7 +147,6 @@ def test_the_mma_subproblem_in_blocks_is_the_whole_one():
     lo, hi = COMM.rank * n // COMM.size, (COMM.rank + 1) * n // COMM.size
     mine = subsolv(*(v[lo:hi] for v in (low, upp, alfa, beta, p0, q0)), P[:, lo:hi], Q[:, lo:hi], 1.0, a, b, c, d,
                    space=Blocks(COMM))
-    assert mine[-1] == whole[-1]  # the same Newton steps
     np.testing.assert_allclose(_gather(mine[0]), whole[0], rtol=1e-10)
     for k in (1, 3, 6):  # y, lam, mu: the same on every rank
         np.testing.assert_allclose(mine[k], whole[k], rtol=1e-9, atol=1e-12)

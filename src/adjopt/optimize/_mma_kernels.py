@@ -185,16 +185,20 @@ def _move_n(x0, xsi0, eta0, dx, dxsi, deta, steg, x, xsi, eta):
 
 
 @numba.njit(cache=True)
-def _start_n(alfa, beta):
-    """The interior point's start over the variables: (x, xsi, eta)."""
+def _start(alfa, beta, c):
+    """The interior point's start: (x, y, z, lam, xsi, eta, mu, zet, s) (x, xsi, eta over the given variables)."""
     n = alfa.shape[0]
+    m = c.shape[0]
     x = 0.5 * (alfa + beta)
     xsi = np.empty(n)
     eta = np.empty(n)
     for j in range(n):
         xsi[j] = max(1.0 / (x[j] - alfa[j]), 1.0)
         eta[j] = max(1.0 / (beta[j] - x[j]), 1.0)
-    return x, xsi, eta
+    mu = np.empty(m)
+    for i in range(m):
+        mu[i] = max(1.0, 0.5 * c[i])
+    return x, np.ones(m), 1.0, np.ones(m), xsi, eta, mu, 1.0, np.ones(m)
 
 
 @numba.njit(cache=True)
@@ -203,15 +207,7 @@ def subsolv_few(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin, max
     n = p0.shape[0]
     m = b.shape[0]
     epsi = 1.0
-    x, xsi, eta = _start_n(alfa, beta)
-    y = np.ones(m)
-    z = 1.0
-    lam = np.ones(m)
-    mu = np.empty(m)
-    for i in range(m):
-        mu[i] = max(1.0, 0.5 * c[i])
-    zet = 1.0
-    s = np.ones(m)
+    x, y, z, lam, xsi, eta, mu, zet, s = _start(alfa, beta, c)
     total = 0
     # scratch
     gvec = np.empty(m)
@@ -278,13 +274,7 @@ def subsolv_blocks(low, upp, alfa, beta, p0, q0, P, Q, a0, a, b, c, d, epsimin, 
     n = p0.shape[0]
     m = b.shape[0]
     epsi = 1.0
-    x, xsi, eta = _start_n(alfa, beta)
-    y = np.ones(m)
-    z = 1.0
-    lam = np.ones(m)
-    mu = np.maximum(1.0, 0.5 * c)
-    zet = 1.0
-    s = np.ones(m)
+    x, y, z, lam, xsi, eta, mu, zet, s = _start(alfa, beta, c)
     total = 0
     gvec, gdx = np.empty(m), np.empty(m)
     GG = np.empty((m, n))
