@@ -7,7 +7,7 @@ import scipy.sparse as sp
 from adjopt.errors import ShapeError
 from adjopt.fem import observation_operator
 from adjopt.fem.observation import p1_gradient_operator
-from adjopt.mesh import unit_cube, unit_square
+from adjopt.mesh import Mesh, unit_cube, unit_square
 
 MESHES = {"triangle": lambda: unit_square(6), "tetra": lambda: unit_cube(3)}
 
@@ -71,3 +71,21 @@ def test_gradient_operator_is_exact_for_linear_fields(mesh):
     np.testing.assert_allclose(g, np.broadcast_to(a, g.shape), atol=1e-12)
     # constants are in the kernel
     np.testing.assert_allclose(G @ np.ones(mesh.n_nodes), 0.0, atol=1e-12)
+
+
+def test_locate_points_finds_points_in_long_thin_cells_and_none_outside():
+    from scipy.spatial import Delaunay
+
+    from adjopt.fem.observation import locate_points
+
+    # a cluster of 10^4 nodes near the top: the rest of the square is long fan triangles whose centres are far
+    g = np.linspace(0.0, 1.0, 100)
+    X, Y = np.meshgrid(0.45 + 0.1 * g, 0.86 + 0.1 * g)
+    P = np.r_[[[0, 0], [1, 0], [1, 1], [0, 1.0]], np.c_[X.ravel(), Y.ravel()]]
+    mesh = Mesh(P, Delaunay(P).simplices, "triangle")
+    q = np.array([[0.5, 0.84], [0.5, 0.5], [0.2, 0.8], [0.9, 0.1], [1.2, 0.5], [-0.1, -0.1]])
+    cells = locate_points(mesh, q)
+    assert np.all(cells[:4] >= 0) and np.all(cells[4:] == -1)
+    B = observation_operator(mesh, q[:4])  # the serial operator finds them too: the same interpolation
+    for i, c in enumerate(cells[:4]):
+        assert set(B[[i]].indices) <= set(mesh.cells[c])

@@ -187,3 +187,13 @@ def test_read_returns_checkable_mesh(tmp_path):
     with pytest.raises(MeshError, match="inverted"):
         r.check()
     r.oriented().check()
+
+
+@pytest.mark.parametrize("name, content", [("empty.vtu", b""), ("corrupt.vtu", b"<VTKFile type='Unstr"),
+                                           ("garbage.msh", b"\x00\x01 not a mesh")])
+def test_a_file_meshio_gives_up_on_is_a_mesh_error(tmp_path, name, content):
+    pytest.importorskip("meshio")
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(MeshError, match="meshio could not read"):  # meshio calls sys.exit for some of them
+        read(path)

@@ -77,6 +77,15 @@ def test_errors_of_the_reading_rank_stop_every_rank(mesh_file, tmp_path):
         read_part(mesh_file, comm=COMM, partition="metis")
     with pytest.raises(MeshError, match="root must be a rank"):
         read_part(mesh_file, comm=COMM, root=COMM.size)
+    with pytest.raises(MeshError, match="root must be a rank"):
+        read_part(mesh_file, comm=COMM, root=True)
+    corrupt = COMM.bcast(str(tmp_path / "corrupt.vtu") if COMM.rank == 0 else None)
+    if COMM.rank == 0:
+        with open(corrupt, "w") as fh:
+            fh.write("<VTKFile type='Unstr")  # meshio exits the process on it: every rank must still raise
+    COMM.Barrier()
+    with pytest.raises(MeshError, match="meshio could not read"):
+        read_part(corrupt, comm=COMM)
 
 
 def test_poisson_on_a_mesh_file_is_the_serial_problem(mesh_file):

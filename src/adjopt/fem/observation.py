@@ -71,20 +71,40 @@ def _locate(mesh: Mesh, pts: np.ndarray, tol: float, k: int | None, most: int):
     return cell_of, bary
 
 
-def locate_points(mesh: Mesh, points, tol: float = 1e-12, most: int = 256) -> np.ndarray:
+def locate_points(mesh: Mesh, points, tol: float = 1e-12) -> np.ndarray:
     """The cell holding each point (barycentric coordinates ``>= -tol``), -1 for a point outside ``mesh``.
 
     For a rank's part of a distributed mesh: which observation points are its
-    own. Candidates are the cells with the nearest centres, up to ``most`` of
-    them (all cells when ``most >= mesh.n_cells``): a point in a cell that is
-    not among its ``most`` nearest centres (very stretched cells) counts as
-    outside.
+    own. The cells with the 256 nearest centres are tried first; a point
+    inside the mesh's bounding box that none of them holds (stretched cells)
+    is then tested against every cell, in chunks (memory bounded).
     """
     _require_simplex(mesh, "locate_points")
     pts = np.asarray(points, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != mesh.dim or not np.all(np.isfinite(pts)):
         raise ShapeError(f"points must be a finite (n_points, {mesh.dim}) array, got shape {pts.shape}")
-    return _locate(mesh, pts, tol, None, int(most))[0]
+    cell_of = _locate(mesh, pts, tol, None, 256)[0]
+    if mesh.n_cells == 0:
+        return cell_of
+    lo, hi = mesh.points.min(axis=0), mesh.points.max(axis=0)
+    span = np.maximum(hi - lo, 1e-300)
+    boxed = np.all((pts >= lo - tol * span) & (pts <= hi + tol * span), axis=1)
+    rest = np.flatnonzero((cell_of < 0) & boxed)
+    if rest.size:
+        Tinv, x0 = _inverse_jacobians(mesh)
+        chunk = max(1, 2**22 // (rest.size * (mesh.dim + 1)))  # about 32 MiB of coordinates per chunk
+        for start in range(0, mesh.n_cells, chunk):
+            if not rest.size:
+                break
+            cells = np.arange(start, min(start + chunk, mesh.n_cells))
+            rel = pts[rest][:, None, :] - x0[cells][None, :, :]  # (P, C, d)
+            lam = np.einsum("cij,pcj->pci", Tinv[cells], rel)
+            lam = np.concatenate([1.0 - lam.sum(axis=2, keepdims=True), lam], axis=2)
+            inside = np.all(lam >= -tol, axis=2)  # (P, C)
+            found = inside.any(axis=1)
+            cell_of[rest[found]] = cells[np.argmax(inside[found], axis=1)]
+            rest = rest[~found]
+    return cell_of
 
 
 def observation_operator(mesh: Mesh, points, tol: float = 1e-12, k: int | None = None) -> sp.csr_array:

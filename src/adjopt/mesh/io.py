@@ -79,7 +79,7 @@ def read(path) -> Mesh:
     meshio = _meshio()
     try:
         m = meshio.read(str(path))
-    except Exception as exc:  # meshio raises ReadError, ValueError, ... on bad files
+    except (Exception, SystemExit) as exc:  # meshio raises ReadError, ValueError, ... and calls sys.exit on some
         raise MeshError(
             f"meshio could not read '{path}' ({type(exc).__name__}: {exc}); check that the file is "
             f"complete and in a format meshio knows (by its extension)"

@@ -407,7 +407,7 @@ def read_part(path, *, comm=None, partition: str = "slab", parts=None, root: int
 
     comm = MPI.COMM_WORLD if comm is None else comm
     rank, size = comm.rank, comm.size
-    if not (isinstance(root, numbers.Integral) and 0 <= root < size):
+    if isinstance(root, bool) or not (isinstance(root, numbers.Integral) and 0 <= root < size):
         raise MeshError(f"root must be a rank in [0, {size}), got {root!r}")
     pieces, error = None, None
     if rank == root:
@@ -417,8 +417,8 @@ def read_part(path, *, comm=None, partition: str = "slab", parts=None, root: int
             from .io import read
 
             pieces = _split(read(path), size, partition, parts)
-        except Exception as exc:  # every rank raises the reading rank's error, none waits for a part
-            error = exc
+        except (Exception, SystemExit) as exc:  # every rank raises the reading rank's error, none waits for a part
+            error = exc if isinstance(exc, Exception) else MeshError(f"reading {path!r} exited ({exc!r})")
     said = comm.bcast(None if error is None else (type(error), str(error)), root=root)
     if said is not None:
         if error is not None:
