@@ -179,3 +179,22 @@ def test_a_singular_system_without_dirichlet_conditions_says_so():
         np.ones(n_owned), [LocalCompliance(np.ones(n_owned))]))
     with pytest.raises(SolverDidNotConverge, match="singular .* Dirichlet"):
         F.value(np.zeros(4 * R))
+
+
+def test_a_full_vector_that_differs_between_ranks_is_refused_on_every_rank():
+    from problems import poisson_inversion
+
+    F = poisson_inversion.build_distributed(n=8, rtol=1e-10).functional
+    p = np.linspace(0.0, 0.5, F.n_params)
+    J = F.value(p)
+    nudged = p.copy()
+    if COMM.rank == COMM.size - 1:
+        nudged[3] = np.nextafter(nudged[3], 1.0)  # round-off in one rank's own computation of p: accepted
+    assert F.value(nudged) == pytest.approx(J, rel=1e-12)
+    if COMM.size == 1:
+        return
+    mixed = p + 0.1 * COMM.rank  # each rank its own vector: would have been cut and mixed silently
+    with pytest.raises(ValueError, match=r"p differs between the ranks \(ranks \[1"):
+        F.value(mixed)
+    with pytest.raises(ValueError, match="dp differs between the ranks"):
+        F.hessp(p, np.full(F.n_params, float(COMM.rank)))

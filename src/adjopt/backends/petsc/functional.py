@@ -70,6 +70,23 @@ GAMG_DEFAULTS = {"mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor"}
 SUPPORTED_TERMS = "SquaredMisfit (weights a vector), Compliance, TikhonovL2 and TikhonovH1, scaled and summed"
 
 
+def _same_on_every_rank(comm, p: np.ndarray, name: str) -> None:
+    """Refuse (on every rank) a full vector that differs between the ranks, which each rank would otherwise cut
+    its own part from, silently mixing them. Compared: 1024 evenly spaced entries, the sum and the sum of
+    squares, to 1e-10 relative (round-off in a rank's own computation of p passes)."""
+    idx = np.linspace(0, p.size - 1, min(p.size, 1024)).astype(np.int64) if p.size else np.zeros(0, np.int64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        probe = np.concatenate([p[idx], [np.sum(p), np.sum(np.square(p))]])
+    probes = comm.allgather(probe)
+    ref = probes[0]
+    scale = 1e-10 * (1.0 + float(np.max(np.abs(ref[np.isfinite(ref)]), initial=0.0)))
+    differ = [r for r, q in enumerate(probes) if not np.allclose(q, ref, rtol=1e-10, atol=scale, equal_nan=True)]
+    if differ:
+        raise ValueError(f"{name} differs between the ranks (ranks {differ} hold another vector than rank 0): the "
+                         "full-vector interface takes the same p on every rank; give each rank its own block "
+                         "through F.blocks() (or in_blocks(problem)) instead")
+
+
 def _return_freed_memory(comm) -> None:
     """adjopt._memory.return_freed_memory on every rank: a rank's arrays of a few MiB go back to the system when
     freed; an ADJOPT_MALLOC that one rank refuses stops every rank."""
@@ -761,6 +778,9 @@ class DistributedReducedFunctional:
                              f"full vector of length {self.n_params}")
         if shapes[0] != (self.n_params,):
             raise ShapeError(f"{name} must have length {self.n_params} (one value per parameter), got shape {shapes[0]}")
+        if self.size > 1:
+            agree(self.comm, bool(np.all(np.isfinite(p))), f"{name} holds NaN or Inf", NonFiniteError)
+            _same_on_every_rank(self.comm, p, name)
         v = self.create_parameter_vec()
         v.setArray(p[self.layout.params.owned(self.rank)])
         return v
