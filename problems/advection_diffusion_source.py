@@ -128,6 +128,112 @@ def build(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_obs: int = 60
                           **(dict(mass=M, stiffness=K) if regularization == "bilaplacian" else {}))
 
 
+def build_distributed(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_obs: int = 60, noise: float = 0.01,
+                      alpha: float | None = None, seed: int = 0, regularization: str = "h1", comm=None,
+                      **solver_options) -> adjopt.Problem:
+    """The source recovery built rank by rank on PETSc: no rank forms the global mesh, operator or data.
+
+    The problem of :func:`build` (``regularization="h1"``; the Bayesian prior is
+    built serially), for ``mpiexec``: each rank builds its slab of the mesh
+    (:func:`adjopt.mesh.unit_square_part`), the SUPG matrices of its elements
+    (A is constant: the element coefficient is exp(0) = 1 with a zero
+    parameter map), its rows of the load matrix (b(m) = R m:
+    ``LocalSystem.rhs_matrix``) and of the regularization, and the observed
+    nodes it owns (every rank draws build()'s nodes and keeps its own). The
+    synthetic data come from the distributed solver at the true source, with
+    build()'s noise. A is nonsymmetric: GMRES with GAMG, transposed solves for
+    the adjoints; the preconditioner is additive Schwarz (``pc_type="asm"``)
+    unless ``solver_options`` say otherwise (GAMG does not converge on the
+    transposed operator). The numbering of nodes and free dofs is the serial one.
+    """
+    from mpi4py import MPI
+
+    from adjopt.backends.petsc import DistributedReducedFunctional
+    from adjopt.backends.petsc.parts import LocalMisfit, LocalQuadratic, LocalSystem, free_numbering, ownership, rows_to_owners
+
+    if regularization != "h1":
+        raise NotImplementedError(f"build_distributed builds the 'h1' regularization; {regularization!r} is built "
+                                  "serially (build(), then adjopt.backends.petsc.distribute)")
+    alpha = 1e-4 if alpha is None else alpha
+    if not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if int(n) != n or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n}")
+    if not kappa > 0:
+        raise ValueError(f"kappa must be positive, got {kappa}")
+    velocity = np.asarray(velocity, dtype=float)
+    if velocity.shape != (2,):
+        raise ValueError(f"velocity must be a 2-vector, got shape {velocity.shape}")
+    n = int(n)
+    n_free_global = (n - 1) ** 2  # the interior nodes of the unit square
+    if not 1 <= n_obs <= n_free_global:
+        raise ValueError(f"n_obs must be between 1 and {n_free_global} (the free nodes), got {n_obs}")
+    # A is nonsymmetric (SUPG): GAMG took 386 GMRES iterations for the forward solve at n = 24 and its transposed
+    # application did not converge in 2000 for the adjoint; additive Schwarz (ILU blocks) took 12 and 13 (144 and
+    # 165 at n = 128, on 2 ranks)
+    solver_options.setdefault("pc_type", "asm")
+    comm = MPI.COMM_WORLD if comm is None else comm
+    part = meshes.unit_square_part(n, comm=comm)
+    msh, nodes, n_own = part.mesh, part.nodes, part.n_owned
+    node_ranges = ownership(comm, part.node_start, n_own)
+    free, n_free = free_numbering(comm, nodes, np.isin(np.arange(msh.n_nodes), msh.boundary("all")), n_own)
+    free_ranges = ownership(comm, int(free[:n_own][free[:n_own] >= 0][0]) if n_free else
+                            int(comm.exscan(n_free) or 0), n_free)
+    N = part.n_global_nodes
+
+    def node_rows(S):
+        """This rank's rows of an assembled local node matrix, in global node numbers (rows and columns)."""
+        S = sp.coo_array(S)
+        S = sp.coo_array((S.data, (S.row, nodes[S.col])), shape=(msh.n_nodes, N))
+        return rows_to_owners(comm, S, nodes, node_ranges)
+
+    # b(m) = R m: the SUPG load's rows of the free dofs (completed by the next rank), columns the nodal source
+    S = sp.coo_array(supg_load_matrix(msh, velocity, kappa))
+    keep = free[S.row] >= 0
+    S = sp.coo_array((S.data[keep], (S.row[keep], nodes[S.col[keep]])), shape=(msh.n_nodes, N))
+    R = rows_to_owners(comm, S, np.where(free >= 0, free, 0), free_ranges)
+    K = node_rows(fem.assemble(msh.cells, fem.p1_stiffness(msh), msh.n_nodes))
+    M = node_rows(fem.assemble(msh.cells, fem.p1_mass(msh), msh.n_nodes))
+
+    # the observed nodes of build(): the same draw on every rank; free index k is interior node k (global id order)
+    rng = np.random.default_rng(seed)
+    obs = np.sort(rng.choice(n_free_global, size=n_obs, replace=False))
+    lo, hi = free_ranges[comm.rank], free_ranges[comm.rank + 1]
+    mine = np.flatnonzero((obs >= lo) & (obs < hi))
+    B = sp.csr_array((np.ones(mine.size), (np.arange(mine.size), obs[mine])), shape=(mine.size, n_free_global))
+    terms = [LocalMisfit(np.zeros(mine.size), B), LocalQuadratic(K, c=alpha), LocalQuadratic(M, c=0.1 * alpha)]
+    zero = sp.csr_array((msh.n_cells, N))  # A does not depend on m: coefficient exp(0 m) = 1
+    system = LocalSystem(free[msh.cells], fem.advection_diffusion(msh, velocity, kappa), "exp", n_free,
+                         np.zeros(n_free), terms, parameter_matrix=zero, n_owned_params=n_own, rhs_matrix=R,
+                         gram={"mass": M, "stiffness": K})
+    J = DistributedReducedFunctional.from_parts(system, comm=comm, **solver_options)
+    del system, terms, S, R
+
+    # the synthetic data: the distributed state at the true source, then build()'s noise
+    m_true = true_source(msh.points[:n_own])
+    v = J.create_parameter_vec()
+    v.setArray(m_true)
+    J.value_vec(v)
+    u = J._st.u.getArray(readonly=True)
+    clean = u[obs[mine] - lo]
+    top = comm.allreduce(float(np.max(np.abs(clean), initial=0.0)), op=MPI.MAX)
+    data = clean + noise * top * rng.standard_normal(n_obs)[mine]
+    J.set_misfit(data)
+    node_free = free.copy()
+
+    def local_fields(F, x):
+        """This rank's piece of fields.pvtu: the source, the true source, state and adjoint on its nodes."""
+        return ({"source": F.parameter_values(x, nodes), "m_true": true_source(msh.points),
+                 "state": F.local_values(x, "state", node_free), "adjoint": F.local_values(x, "adjoint", node_free)},
+                {})
+
+    meta = dict(part=part, local_fields=local_fields, m_true=m_true, observed=obs[mine], velocity=velocity,
+                kappa=kappa, distributed=True,
+                options=dict(n=n, kappa=kappa, velocity=tuple(velocity), n_obs=n_obs, noise=noise, alpha=alpha,
+                             seed=seed, regularization=regularization))
+    return adjopt.Problem(J, np.zeros(N), name="advection_diffusion_source", meta=meta)
+
+
 def main() -> None:
     problem = build()
     J, p = problem.functional, problem.p0

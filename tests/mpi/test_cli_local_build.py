@@ -81,6 +81,21 @@ def test_mma_run_built_rank_by_rank_keeps_p_in_blocks_and_follows_the_serial_run
     assert np.array_equal(np.concatenate(blocks), x)
 
 
+def test_advection_source_run_built_rank_by_rank_ends_where_the_serial_run_ends(tmp_path, caplog):
+    out = _shared(tmp_path, "adv")
+    args = ["run", "advection_diffusion_source", "--n", "16", "--no-pictures", "-q"]  # newton-cg to gtol 1e-8
+    with caplog.at_level(logging.INFO, logger="adjopt.cli"):
+        assert cli.main([*args, "--backend", "petsc", "--out", out]) == 0
+    if COMM.rank == 0:
+        assert "built rank by rank" in caplog.text
+    serial = str(tmp_path / f"serial{COMM.rank}")
+    assert cli.main([*args, "--out", serial]) == 0
+    COMM.Barrier()
+    x, xs = np.load(f"{out}/result.npz")["x"], np.load(f"{serial}/result.npz")["x"]
+    assert np.linalg.norm(x - xs) <= 1e-6 * np.linalg.norm(xs)
+    assert len(_pieces(out)) == COMM.size
+
+
 def test_newton_cg_run_built_rank_by_rank_ends_where_the_serial_run_ends(tmp_path):
     out = _shared(tmp_path, "poisson")
     args = ["run", "poisson_inversion", "--n", "12", "--no-pictures", "-q"]

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 petsc4py = pytest.importorskip("petsc4py")
 MPI = pytest.importorskip("mpi4py.MPI")
 
-from problems import poisson_inversion, topology_compliance  # noqa: E402
+from problems import advection_diffusion_source, poisson_inversion, topology_compliance  # noqa: E402
 
 from adjopt.backends.partition import ContiguousNumbering, Numbering  # noqa: E402
 from adjopt.backends.petsc import DistributedReducedFunctional  # noqa: E402
@@ -74,6 +74,42 @@ def test_poisson_local_build_equals_the_serial_build(dim, n):
     p = 0.3 * rng.standard_normal(serial.p0.size)
     _compare(local.functional, serial.functional, p, rng.standard_normal(p.size))
     assert np.array_equal(local.p0, serial.p0)
+
+
+def test_advection_source_local_build_equals_the_serial_build():
+    from adjopt.verify import taylor_test
+
+    local = advection_diffusion_source.build_distributed(n=14, n_obs=40, rtol=1e-13)
+    serial = advection_diffusion_source.build(n=14, n_obs=40)
+    F = local.functional
+    assert not F.symmetric and F.R is not None and not F.self_adjoint  # SUPG: transposed solves; b(m) = R m
+    observed = np.concatenate(COMM.allgather(local.meta["observed"]))
+    assert np.array_equal(observed, np.flatnonzero(np.isin(serial.meta["dofs"].free, serial.meta["observed"])))
+    rng = np.random.default_rng(4)
+    p = 0.5 * rng.standard_normal(serial.p0.size)
+    _compare(F, serial.functional, p, rng.standard_normal(p.size))
+    for order in (2, 3):  # gradient and Hessian action of the distributed functional itself
+        res = taylor_test(F, p, order=order, seed=1)
+        assert res.passed, (order, res.rate, res.exact)
+
+
+def test_a_rhs_matrix_is_checked_on_every_rank():
+    args, _ = _tiny_system()
+    n_params = 4 * COMM.size
+    good = sp.csr_array(np.ones((args["n_owned_dofs"], n_params)))
+    with pytest.raises(ShapeError, match="rhs_matrix must have"):
+        LocalSystem(**dict(args, rhs_matrix=sp.csr_array(np.ones((args["n_owned_dofs"] + 1, n_params)))))
+    with pytest.raises(NonFiniteError, match="rhs_matrix holds NaN"):
+        LocalSystem(**dict(args, rhs_matrix=sp.csr_array(np.full((args["n_owned_dofs"], n_params), np.nan))))
+    with pytest.raises(TypeError, match="rhs_matrix must be a scipy sparse"):
+        LocalSystem(**dict(args, rhs_matrix=np.ones((args["n_owned_dofs"], n_params))))
+    wide = sp.csr_array(np.ones((args["n_owned_dofs"], n_params + 1)))
+    with pytest.raises(PatternError, match="rhs_matrix has .* columns"):
+        DistributedReducedFunctional.from_parts(LocalSystem(**dict(args, rhs_matrix=wide)), pc_type="jacobi")
+    one = dict(args, rhs_matrix=good) if COMM.rank == 0 else args  # a rhs_matrix on one rank only
+    if COMM.size > 1:
+        with pytest.raises(ValueError, match="the ranks' LocalSystems differ"):
+            DistributedReducedFunctional.from_parts(LocalSystem(**one), pc_type="jacobi")
 
 
 def test_build_distributed_refuses_what_it_does_not_build():

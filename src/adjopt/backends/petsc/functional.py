@@ -607,6 +607,16 @@ class DistributedReducedFunctional:
         _check_solver_options(rtol, max_it)
         agree(comm, system.conn.shape[0] > 0, "this rank's LocalSystem has no elements: give every rank at least one "
               "(use fewer ranks than element layers)", PatternError)
+        # the same kinds of pieces on every rank, and this rank's pieces of the right sizes: checked here, where a
+        # rank can still stop every rank, before the collective construction (where it would leave them waiting)
+        kinds = [(type(t).__name__, getattr(t, "B", None) is not None, getattr(t, "w", None) is not None,
+                  type(getattr(t, "Q", None)).__name__ if isinstance(t, LocalQuadratic) else None) for t in system.terms]
+        kinds.append(("parameter_matrix", system.parameter_matrix is not None, system.near_nullspace is not None,
+                      tuple(sorted(system.gram)), system.rhs_matrix is not None))
+        got = comm.allgather(kinds)
+        agree(comm, all(k == got[0] for k in got), "the ranks' LocalSystems differ in their terms or optional pieces "
+              f"(rank 0: {got[0]}; this rank: {kinds}): every rank gives the same kinds, each with its own part",
+              ValueError)
         elements = _ranges(comm, system.conn.shape[0])
         params = elements if system.parameter_matrix is None else _ranges(comm, system.n_owned_params)
         lay = Layout(comm.size, None, elements, _ranges(comm, system.n_owned_dofs), params)
@@ -617,16 +627,10 @@ class DistributedReducedFunctional:
             agree(comm, system.parameter_matrix.shape[1] == params.size,
                   f"parameter_matrix has {system.parameter_matrix.shape[1]} columns but the ranks own {params.size} "
                   "parameters in all (n_owned_params summed): one column per global parameter", PatternError)
-        # the same kinds of pieces on every rank, and this rank's pieces of the right sizes: checked here, where a
-        # rank can still stop every rank, before the collective construction (where it would leave them waiting)
-        kinds = [(type(t).__name__, getattr(t, "B", None) is not None, getattr(t, "w", None) is not None,
-                  type(getattr(t, "Q", None)).__name__ if isinstance(t, LocalQuadratic) else None) for t in system.terms]
-        kinds.append(("parameter_matrix", system.parameter_matrix is not None, system.near_nullspace is not None,
-                      tuple(sorted(system.gram))))
-        got = comm.allgather(kinds)
-        agree(comm, all(k == got[0] for k in got), "the ranks' LocalSystems differ in their terms or optional pieces "
-              f"(rank 0: {got[0]}; this rank: {kinds}): every rank gives the same kinds, each with its own part",
-              ValueError)
+        if system.rhs_matrix is not None:
+            agree(comm, system.rhs_matrix.shape[1] == params.size,
+                  f"rhs_matrix has {system.rhs_matrix.shape[1]} columns but the ranks own {params.size} parameters in "
+                  "all: one column per global parameter", PatternError)
         ok, message, kind = _local_problems(system, lay, comm.rank)
         raise_first(comm, None if ok else kind(message))
         self.matrix = self.objective = self.map = None
@@ -671,6 +675,10 @@ class DistributedReducedFunctional:
             A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         self.A = A
         self.b = _vec_local(comm, lay.dofs, system.rhs)
+        # b(p) = b + R p (LocalSystem.rhs_matrix): R's rows as a Mat, and the Vec b(p) is made in
+        R = getattr(system, "rhs_matrix", None)
+        self.R = None if R is None else _mat_rows(comm, R, lay.params, lay.dofs.size)
+        self._bp = None if R is None else self.b.duplicate()
         if system.near_nullspace is not None:
             k = comm.allgather(system.near_nullspace.shape[1])
             agree(comm, len(set(k)) == 1, f"near_nullspace has {k} columns on the ranks: the same on every rank", ShapeError)
@@ -700,7 +708,7 @@ class DistributedReducedFunctional:
         mats.release()
         single = len(self._state_terms) == 1 and not self._param_terms
         mine = single and isinstance(self._state_terms[0][0], LocalCompliance)
-        mine = mine and np.array_equal(self._state_terms[0][0].load, system.rhs)
+        mine = mine and self.R is None and np.array_equal(self._state_terms[0][0].load, system.rhs)
         detected = self.symmetric and bool(comm.allreduce(bool(mine), op=MPI.LAND))
         if self_adjoint is True and not detected:
             raise ValueError("self_adjoint=True needs f = b^T u (Compliance with the right-hand side) and a symmetric A")
@@ -900,7 +908,7 @@ class DistributedReducedFunctional:
         times["filter"] += t1 - t0
         times["assembly"] += t2 - t1
         times["factorize"] += t3 - t2
-        u = self._solve(self.b, "forward")
+        u = self._solve(self._rhs(p, self._bp), "forward")
         self._st = st = _State(p=mine.copy(), rho=rho, u=u, u_ghost=self._ghosted(u))
         return st
 
@@ -1031,6 +1039,8 @@ class DistributedReducedFunctional:
         t0 = time.perf_counter()
         q = -self._ecm.contract(st.rho, st.lam_ghost, st.u_ghost)
         self._to_parameters(q, out)
+        if self.R is not None:  # + R^T lam
+            self.R.multTransposeAdd(st.lam, out, out)
         for t in self._param_terms:
             t.add_grad_p(p, out)
         self.times["sensitivity"] += time.perf_counter() - t0
@@ -1059,8 +1069,11 @@ class DistributedReducedFunctional:
         rhs = st.u.duplicate()
         rhs.set(0.0)
         self._accumulate(-ecm.tangent(rho, drho, st.u_ghost), rhs)
+        if self.R is not None:  # + R dp
+            self.R.multAdd(dp, rhs, rhs)
         du = self._solve(rhs, "tangent", tol=tol)
         du_ghost = self._ghosted(du)
+        dl = du
         if self.self_adjoint:
             dl_ghost = du_ghost
         else:
@@ -1068,12 +1081,15 @@ class DistributedReducedFunctional:
             for _, t in self._state_terms:
                 t.add_hess_uu(du, rhs)
             self._accumulate(-ecm.tangent_transpose(rho, drho, st.lam_ghost), rhs)
-            dl_ghost = self._ghosted(self._solve(rhs, "second_adjoint", transpose=True, tol=tol))
+            dl = self._solve(rhs, "second_adjoint", transpose=True, tol=tol)
+            dl_ghost = self._ghosted(dl)
         h = -ecm.contract(rho, dl_ghost, st.u_ghost) - ecm.contract(rho, st.lam_ghost, du_ghost)
         if not ecm.affine:
             h -= ecm.second(rho, st.lam_ghost, st.u_ghost, drho)
         out = self.create_parameter_vec() if out is None else out
         self._to_parameters(h, out)
+        if self.R is not None:  # + R^T dl
+            self.R.multTransposeAdd(dl, out, out)
         for t in self._param_terms:
             t.add_hess_pp(dp, out)
         self.times["sensitivity"] += clock() - t_start - (self.times["solve"] - solve0)
@@ -1098,14 +1114,24 @@ class DistributedReducedFunctional:
             raise NotImplementedError("the PETSc backend computes the full Hessian action; gauss_newton runs serially")
         return self.to_numpy(self.hessp_vec(self.to_vec(p), self.to_vec(dp, "dp"), tol=tol))
 
+    def _rhs(self, p: PETSc.Vec, out: PETSc.Vec | None) -> PETSc.Vec:
+        """b(p): b itself, or b + R p into ``out`` with a ``rhs_matrix`` R."""
+        if self.R is None:
+            return self.b
+        self.R.mult(p, out)
+        out.axpy(1.0, self.b)
+        return out
+
     def value_error(self, p) -> float:
         """An estimate of |value(p) - J(p)| from the Krylov forward solve: the dual-weighted residual
-        |lam^T (b - A u)| (see ``ReducedFunctional.value_error``; collective)."""
-        st = self._state(self.to_vec(p))
+        |lam^T (b(p) - A u)| (see ``ReducedFunctional.value_error``; collective)."""
+        pv = self.to_vec(p)
+        st = self._state(pv)
         lam = self._adjoint(st)
         r = self.b.duplicate()
+        b = self._rhs(pv, r.duplicate())
         self.A.mult(st.u, r)
-        r.aypx(-1.0, self.b)  # r = b - A u
+        r.aypx(-1.0, b)  # r = b(p) - A u
         return abs(float(lam.dot(r)))
 
     def state(self, p) -> np.ndarray:

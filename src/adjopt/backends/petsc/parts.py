@@ -200,6 +200,11 @@ class LocalSystem:
         (:meth:`DistributedReducedFunctional.inner_product
         <adjopt.backends.petsc.DistributedReducedFunctional.inner_product>`),
         as the serial drivers use ``Problem(mass=, stiffness=)``.
+    rhs_matrix
+        Optional: b depends on p, b(p) = rhs + R p, with ``rhs_matrix`` this
+        rank's rows of R (sparse, one row per owned dof, global parameter
+        columns): a source to recover, say. The gradient gains R^T lam, the
+        tangent's right-hand side R dp and the Hessian action R^T dl.
     """
 
     conn: np.ndarray
@@ -212,6 +217,7 @@ class LocalSystem:
     n_owned_params: int | None = None
     near_nullspace: np.ndarray | None = None
     gram: dict | None = None
+    rhs_matrix: object = None
 
     def __post_init__(self):
         conn = np.asarray(self.conn)
@@ -260,6 +266,8 @@ class LocalSystem:
         if "stiffness" in gram and "mass" not in gram:
             raise ValueError("gram: a stiffness needs a mass as well (H1 = stiffness + mass)")
         self.gram = gram
+        if self.rhs_matrix is not None:
+            self.rhs_matrix = _rows(self.rhs_matrix, "rhs_matrix", self.n_owned_dofs)
 
 
 # -- helpers of rank-local builds (collective: every rank calls them) --------------------------------------------
