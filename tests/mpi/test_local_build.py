@@ -93,6 +93,19 @@ def test_advection_source_local_build_equals_the_serial_build():
         assert res.passed, (order, res.rate, res.exact)
 
 
+@pytest.mark.parametrize("options, error, match", [
+    (dict(regularization="bilaplacian"), NotImplementedError, "built serially"),
+    (dict(n=1), ValueError, "n must be an integer >= 2"),
+    (dict(kappa=0.0), ValueError, "kappa must be positive"),
+    (dict(velocity=(1.0, 0.0, 0.0)), ValueError, "velocity must be a 2-vector"),
+    (dict(n=4, n_obs=10), ValueError, r"n_obs must be between 1 and 9"),
+    (dict(alpha=-1.0), ValueError, "alpha must be a finite number"),
+])
+def test_the_advection_source_local_build_checks_its_options(options, error, match):
+    with pytest.raises(error, match=match):
+        advection_diffusion_source.build_distributed(**options)
+
+
 def test_a_rhs_matrix_is_checked_on_every_rank():
     args, _ = _tiny_system()
     n_params = 4 * COMM.size

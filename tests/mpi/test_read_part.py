@@ -131,3 +131,14 @@ def test_adjopt_run_on_a_mesh_file_writes_x_in_the_files_order(mesh_file, tmp_pa
     # both converged (the distributed solves are iterative, the serial ones direct): the same minimiser
     assert np.linalg.norm(x - xs) <= 1e-4 * np.linalg.norm(xs)
     assert np.linalg.norm(np.roll(x, 1) - xs) > 1e-2 * np.linalg.norm(xs)  # the order matters
+
+
+def test_observation_points_outside_a_mesh_file_are_named_on_every_rank(tmp_path):
+    from adjopt.mesh import rectangle
+
+    path = COMM.bcast(str(tmp_path / "small.vtu") if COMM.rank == 0 else None)
+    if COMM.rank == 0:
+        write_vtu(path, rectangle(6, 6, 0.5, 0.5))  # [0, 0.5]^2: most of the points in [0.1, 0.9]^2 are outside
+    COMM.Barrier()
+    with pytest.raises(ValueError, match=r"observation points \[.*\] are outside the mesh"):
+        poisson_inversion.build_distributed(mesh_file=path, n_obs=20)
