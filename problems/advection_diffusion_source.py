@@ -141,7 +141,7 @@ def build_distributed(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_o
     ``LocalSystem.rhs_matrix``) and of the regularization, and the observed
     nodes it owns (every rank draws build()'s nodes and keeps its own). The
     synthetic data come from the distributed solver at the true source, with
-    build()'s noise. A is nonsymmetric: GMRES with GAMG, transposed solves for
+    build()'s noise. A is nonsymmetric: GMRES, transposed solves for
     the adjoints; the preconditioner is additive Schwarz (``pc_type="asm"``)
     unless ``solver_options`` say otherwise (GAMG does not converge on the
     transposed operator). The numbering of nodes and free dofs is the serial one.
@@ -172,13 +172,13 @@ def build_distributed(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_o
     # application did not converge in 2000 for the adjoint; additive Schwarz (ILU blocks) took 12 and 13 (144 and
     # 165 at n = 128, on 2 ranks)
     solver_options.setdefault("pc_type", "asm")
+    solver_options.setdefault("ksp_type", "gmres")  # restricted ASM is not symmetric: no CG even for velocity 0
     comm = MPI.COMM_WORLD if comm is None else comm
     part = meshes.unit_square_part(n, comm=comm)
     msh, nodes, n_own = part.mesh, part.nodes, part.n_owned
     node_ranges = ownership(comm, part.node_start, n_own)
     free, n_free = free_numbering(comm, nodes, np.isin(np.arange(msh.n_nodes), msh.boundary("all")), n_own)
-    free_ranges = ownership(comm, int(free[:n_own][free[:n_own] >= 0][0]) if n_free else
-                            int(comm.exscan(n_free) or 0), n_free)
+    free_ranges = ownership(comm, int(comm.exscan(n_free) or 0), n_free)  # every rank: one may own no free node
     N = part.n_global_nodes
 
     def node_rows(S):

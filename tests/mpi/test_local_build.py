@@ -93,6 +93,17 @@ def test_advection_source_local_build_equals_the_serial_build():
         assert res.passed, (order, res.rate, res.exact)
 
 
+@pytest.mark.parametrize("options", [dict(n=3, n_obs=2), dict(n=8, n_obs=20, velocity=(0.0, 0.0)),
+                                     dict(n=8, n_obs=20, kappa=1e-3)])
+def test_advection_source_local_build_on_small_meshes_and_extreme_flows(options):
+    # n = 3: some rank owns no free node; velocity 0: a symmetric A (GMRES with additive Schwarz all the same)
+    local = advection_diffusion_source.build_distributed(rtol=1e-13, **options)
+    serial = advection_diffusion_source.build(**options)
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(serial.p0.size)
+    _compare(local.functional, serial.functional, p, rng.standard_normal(p.size))
+
+
 @pytest.mark.parametrize("options, error, match", [
     (dict(regularization="bilaplacian"), NotImplementedError, "built serially"),
     (dict(n=1), ValueError, "n must be an integer >= 2"),
