@@ -57,6 +57,24 @@ PRIOR_LENGTH = 0.2
 PRIOR_STD = 1.0
 
 
+def _checked_options(n, kappa, velocity, alpha, regularization):
+    """(n, kappa, velocity as an array, alpha with its default) of :func:`build`, checked."""
+    if regularization not in REGULARIZATIONS:
+        raise ValueError(f"unknown regularization {regularization!r}; known: {', '.join(REGULARIZATIONS)}")
+    if alpha is None:
+        alpha = 1.0 if regularization == "bilaplacian" else 1e-4
+    if not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if int(n) != n or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n}")
+    if not kappa > 0:
+        raise ValueError(f"kappa must be positive, got {kappa}")
+    velocity = np.asarray(velocity, dtype=float)
+    if velocity.shape != (2,):
+        raise ValueError(f"velocity must be a 2-vector, got shape {velocity.shape}")
+    return int(n), kappa, velocity, alpha
+
+
 def build(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_obs: int = 60, noise: float = 0.01,
           alpha: float | None = None, seed: int = 0, regularization: str = "h1") -> adjopt.Problem:
     """The source-recovery problem on an n x n triangle mesh.
@@ -78,20 +96,8 @@ def build(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_obs: int = 60
     regularization
         ``"h1"`` (Tikhonov H1 + L2) or ``"bilaplacian"`` (the Gaussian prior, noise-weighted misfit).
     """
-    if regularization not in REGULARIZATIONS:
-        raise ValueError(f"unknown regularization {regularization!r}; known: {', '.join(REGULARIZATIONS)}")
-    if alpha is None:
-        alpha = 1.0 if regularization == "bilaplacian" else 1e-4
-    if not (np.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-    if int(n) != n or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n}")
-    if not kappa > 0:
-        raise ValueError(f"kappa must be positive, got {kappa}")
-    velocity = np.asarray(velocity, dtype=float)
-    if velocity.shape != (2,):
-        raise ValueError(f"velocity must be a 2-vector, got shape {velocity.shape}")
-    msh = meshes.unit_square(int(n), cell="triangle")
+    n, kappa, velocity, alpha = _checked_options(n, kappa, velocity, alpha, regularization)
+    msh = meshes.unit_square(n, cell="triangle")
     N = msh.n_nodes
     dofs = fem.condense(N, msh.boundary("all"))
     free = dofs.free
@@ -154,17 +160,7 @@ def build_distributed(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_o
     if regularization != "h1":
         raise NotImplementedError(f"build_distributed builds the 'h1' regularization; {regularization!r} is built "
                                   "serially (build(), then adjopt.backends.petsc.distribute)")
-    alpha = 1e-4 if alpha is None else alpha
-    if not (np.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-    if int(n) != n or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n}")
-    if not kappa > 0:
-        raise ValueError(f"kappa must be positive, got {kappa}")
-    velocity = np.asarray(velocity, dtype=float)
-    if velocity.shape != (2,):
-        raise ValueError(f"velocity must be a 2-vector, got shape {velocity.shape}")
-    n = int(n)
+    n, kappa, velocity, alpha = _checked_options(n, kappa, velocity, alpha, regularization)
     n_free_global = (n - 1) ** 2  # the interior nodes of the unit square
     if not 1 <= n_obs <= n_free_global:
         raise ValueError(f"n_obs must be between 1 and {n_free_global} (the free nodes), got {n_obs}")
