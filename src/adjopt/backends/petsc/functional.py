@@ -675,8 +675,8 @@ class DistributedReducedFunctional:
             A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         self.A = A
         self.b = _vec_local(comm, lay.dofs, system.rhs)
-        # b(p) = b + R p (LocalSystem.rhs_matrix): R's rows as a Mat, and the Vec b(p) is made in
-        R = getattr(system, "rhs_matrix", None)
+        # b(p) = b + R p (LocalSystem.rhs_matrix): R's rows as a Mat, and the Vec that _rhs makes b(p) in
+        R = system.rhs_matrix
         self.R = None if R is None else _mat_rows(comm, R, lay.params, lay.dofs.size)
         self._bp = None if R is None else self.b.duplicate()
         if system.near_nullspace is not None:
