@@ -85,6 +85,7 @@ import time
 import numpy as np
 from _bench_common import (
     MPI_THREAD_VARS,
+    blas_info,
     fmt,
     launch_mpi,
     loadavg,
@@ -604,8 +605,8 @@ def progress_line(rec: dict) -> str:
 
 
 def driver(args, argv: list[str]) -> int:
-    info = machine_info(script="scripts/bench_mpi_memory.py", argv=argv, thread_env_of_runs={v: "1" for v in THREAD_VARS},
-                        mpiexec=args.mpiexec, mode="driver")
+    info = machine_info(script="scripts/bench_mpi_memory.py", argv=argv, blas=blas_info(),
+                        thread_env_of_runs={v: "1" for v in THREAD_VARS}, mpiexec=args.mpiexec, mode="driver")
     cpus = os.cpu_count() or 0
     if cpus and max(args.ranks) > cpus:
         print(f"note: {max(args.ranks)} ranks on {cpus} cores: the larger rank counts are oversubscribed "
@@ -629,7 +630,8 @@ def single(args, argv: list[str]) -> int:
     rec = run_here(args)
     if comm.rank != 0:
         return 0
-    info = machine_info(script="scripts/bench_mpi_memory.py", argv=argv, thread_env=thread_env(), mode="mpiexec")
+    info = machine_info(script="scripts/bench_mpi_memory.py", argv=argv, thread_env=thread_env(), mode="mpiexec",
+                        blas=blas_info())
     data = assemble_output(info, config_of(args), [rec], complete=True)
     write_json(args.json, data)
     if args.from_driver:

@@ -42,6 +42,7 @@ def test_driver_one_and_two_ranks(tmp_path, problem, size, dofs):
     assert data["complete"] and data["failed"] == [] and data["ranks"] == [1, 2]
     assert data["config"]["problem"] == problem and data["config"]["build"] == "local"
     assert data["info"]["cpus"] >= 1 and "git" in data["info"]
+    assert "threadpools" in data["info"]["blas"]  # which BLAS ran
     runs = {r["ranks"]: r for r in data["runs"]}
     assert sorted(runs) == [1, 2]
     for R, run in runs.items():
