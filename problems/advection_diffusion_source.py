@@ -155,8 +155,19 @@ def build_distributed(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_o
     from mpi4py import MPI
 
     from adjopt.backends.petsc import DistributedReducedFunctional
-    from adjopt.backends.petsc.parts import LocalMisfit, LocalQuadratic, LocalSystem, free_numbering, ownership, rows_to_owners
+    from adjopt.backends.petsc.parts import (
+        LocalMisfit,
+        LocalQuadratic,
+        LocalSystem,
+        free_numbering,
+        ownership,
+        rows_to_owners,
+        same_options,
+    )
 
+    comm = MPI.COMM_WORLD if comm is None else comm
+    same_options(comm, "advection_diffusion_source.build_distributed", n=n, kappa=kappa, velocity=velocity,
+                 n_obs=n_obs, noise=noise, alpha=alpha, seed=seed, regularization=regularization, **solver_options)
     if regularization != "h1":
         raise NotImplementedError(f"build_distributed builds the 'h1' regularization; {regularization!r} is built "
                                   "serially (build(), then adjopt.backends.petsc.distribute)")
@@ -169,7 +180,6 @@ def build_distributed(n: int = 32, kappa: float = 0.01, velocity=(1.0, 0.5), n_o
     # 165 at n = 128, on 2 ranks)
     solver_options.setdefault("pc_type", "asm")
     solver_options.setdefault("ksp_type", "gmres")  # restricted ASM is not symmetric: no CG even for velocity 0
-    comm = MPI.COMM_WORLD if comm is None else comm
     part = meshes.unit_square_part(n, comm=comm)
     msh, nodes, n_own = part.mesh, part.nodes, part.n_owned
     node_ranges = ownership(comm, part.node_start, n_own)

@@ -257,12 +257,16 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
         ownership,
         raise_first,
         rows_to_owners,
+        same_options,
         sum_to_owners,
     )
     from adjopt.fem.observation import locate_points
     from adjopt.mesh import read_part, unit_cube_part, unit_square_part
 
     comm = MPI.COMM_WORLD if comm is None else comm
+    same_options(comm, "poisson_inversion.build_distributed", n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha,
+                 regularization=regularization, seed=seed, grading=grading, mesh_file=mesh_file, partition=partition,
+                 **solver_options)
     n = _check_int(n, "n (cells per side)", 2)
     if isinstance(dim, bool) or dim not in (2, 3):
         raise ValueError(f"dim must be 2 (unit square, triangles) or 3 (unit cube, tetrahedra), got {dim!r}")

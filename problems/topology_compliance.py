@@ -77,8 +77,8 @@ import numpy as np
 import adjopt
 from adjopt import fem
 from adjopt.maps import Compose, DensityFilter, FixedEntries, HeavisideProjection, TiedEntries, compose, element_indices
-from adjopt.optimize import BetaContinuation, grey_level
 from adjopt.mesh import box, rectangle
+from adjopt.optimize import BetaContinuation, grey_level
 from adjopt.verify import derivative_report
 
 CASES = ("mbb", "cantilever3d", "cantilever_two_loads", "cantilever_hole", "mbb3d")
@@ -603,11 +603,13 @@ def build_distributed(case: str = "mbb", nelx: int | None = None, nely: int | No
     from mpi4py import MPI
 
     from adjopt.backends.petsc import DistributedReducedFunctional
-    from adjopt.backends.petsc.parts import DistributedVolume, LocalCompliance, LocalSystem, free_numbering
+    from adjopt.backends.petsc.parts import DistributedVolume, LocalCompliance, LocalSystem, free_numbering, same_options
     from adjopt.fem.nullspace import rigid_body_modes
     from adjopt.mesh import box_part, rectangle_part
 
     comm = MPI.COMM_WORLD if comm is None else comm
+    same_options(comm, "topology_compliance.build_distributed", case=case, nelx=nelx, nely=nely, nelz=nelz,
+                 volfrac=volfrac, penal=penal, rmin=rmin, emin=emin, filter=filter, **solver_options)
     if not isinstance(case, str) or case not in CASES:
         raise ValueError(f"unknown case {case!r}; known cases: {', '.join(map(repr, CASES))}")
     if case not in DISTRIBUTED_CASES:

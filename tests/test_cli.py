@@ -34,6 +34,18 @@ def test_list_shows_the_gallery_with_options():
     for name in ("poisson_inversion", "optimal_control", "topology_compliance", "advection_diffusion_source"):
         assert name in out
     assert "--alpha none" in out and "--nelx none" in out  # alpha: 10 for h1 and tv, 1 for the Bayesian prior
+    # the options only the rank-by-rank build takes, on the line after the problem's own
+    lines = out.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("poisson_inversion:")))
+    assert lines[at + 2] == "    with --backend petsc also: --partition slab"
+    assert not any("with --backend petsc" in line for line in lines[lines.index(
+        next(line for line in lines if line.startswith("seed_toy:"))):][:3])
+
+
+def test_a_rank_by_rank_option_without_the_petsc_backend_says_what_to_add(tmp_path):
+    proc = adjopt("run", "poisson_inversion", "--n", 6, "--partition", "graph", "--out", tmp_path / "x", check=2)
+    assert "--partition is an option of the rank-by-rank build: add --backend petsc" in proc.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_run_writes_a_complete_results_folder(tmp_path):

@@ -118,6 +118,17 @@ def build_options(module) -> dict:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def distributed_options(module) -> dict:
+    """{name: default} of the keyword options that only ``build_distributed`` takes (``--backend petsc``), such as
+    ``partition``; not the communicator or the solver options."""
+    build = getattr(module, "build_distributed", None)
+    if build is None:
+        return {}
+    serial = build_options(module)
+    return {k: p.default for k, p in inspect.signature(build).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k not in serial and k != "comm"}
+
+
 def _convert(name: str, text: str, default):
     """The value of --name text, typed like the default."""
     try:
@@ -462,6 +473,15 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     method = args.method or run_defaults.pop("method", None)
     run_defaults.pop("method", None)
     popts = build_options(module)
+    petsc = getattr(args, "backend", "serial") == "petsc"
+    only_distributed = distributed_options(module) if petsc else {}
+    if not petsc:
+        asked = sorted({t[2:].split("=", 1)[0].replace("-", "_") for t in extra if t.startswith("--")}
+                       & set(distributed_options(module)))
+        if asked:
+            raise UsageError(f"{', '.join('--' + k for k in asked)} is an option of the rank-by-rank build: add "
+                             "--backend petsc (and run under mpiexec)")
+    popts = {**popts, **only_distributed}
     prob_opts, meth_opts = split_options(extra, popts, _method_defaults(method) if method else {})
     prob_opts = {**(preset or {}), **prob_opts}
     stop = {k: run_defaults.pop(k) for k in list(run_defaults) if k in ("gtol", "gatol", "xtol", "ftol", "maxiter")}
@@ -483,6 +503,10 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     if getattr(args, "backend", "serial") == "petsc":
         _quiet_other_ranks()
         problem = _build_distributed(module, prob_opts)
+        given = sorted(k for k in prob_opts if k in only_distributed)
+        if problem is None and given:
+            raise UsageError(f"{', '.join('--' + k for k in given)} applies to a rank-by-rank build, which these options "
+                             "do not allow (the reason is logged above); leave it out")
     if problem is None:
         problem = make_problem(module, prob_opts)
     if method is None:
@@ -801,6 +825,9 @@ def cmd_list(args, extra) -> int:
         doc = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
         opts = ", ".join(f"--{k} {_as_typed(v)}" for k, v in build_options(module).items())
         print(f"{name}: {doc}\n    options: {opts or '(none)'}")
+        dist = ", ".join(f"--{k} {_as_typed(v)}" for k, v in distributed_options(module).items())
+        if dist:
+            print(f"    with --backend petsc also: {dist}")
     return 0
 
 

@@ -116,13 +116,16 @@ def test_a_mesh_file_of_quads_is_refused_on_every_rank(tmp_path):
         poisson_inversion.build_distributed(mesh_file=path)
 
 
-def test_adjopt_run_on_a_mesh_file_writes_x_in_the_files_order(mesh_file, tmp_path):
+@pytest.mark.parametrize("partition", ["slab", "graph"])
+def test_adjopt_run_on_a_mesh_file_writes_x_in_the_files_order(mesh_file, tmp_path, partition):
     from adjopt import cli
 
+    if partition == "graph":
+        pytest.importorskip("pymetis")
     out = COMM.bcast(str(tmp_path / "dist") if COMM.rank == 0 else None)
     args = ["run", "poisson_inversion", "--mesh-file", mesh_file, "--n-obs", "30", "--method", "newton-cg",
             "--max-iter", "60", "--gtol", "1e-7", "--no-pictures", "-q"]
-    assert cli.main([*args, "--backend", "petsc", "--out", out]) in (0, 1)
+    assert cli.main([*args, "--backend", "petsc", "--partition", partition, "--out", out]) in (0, 1)
     serial = str(tmp_path / f"serial{COMM.rank}")
     assert cli.main([*args, "--out", serial]) in (0, 1)
     COMM.Barrier()
@@ -131,6 +134,27 @@ def test_adjopt_run_on_a_mesh_file_writes_x_in_the_files_order(mesh_file, tmp_pa
     # both converged (the distributed solves are iterative, the serial ones direct): the same minimiser
     assert np.linalg.norm(x - xs) <= 1e-4 * np.linalg.norm(xs)
     assert np.linalg.norm(np.roll(x, 1) - xs) > 1e-2 * np.linalg.norm(xs)  # the order matters
+
+
+def test_partition_is_an_option_of_the_rank_by_rank_build_only(mesh_file, tmp_path, capsys):
+    from adjopt import cli
+
+    out = COMM.bcast(str(tmp_path / "p") if COMM.rank == 0 else None)
+    # serial: the option is refused with what to add
+    assert cli.main(["run", "poisson_inversion", "--mesh-file", mesh_file, "--partition", "graph", "--out",
+                     str(tmp_path / f"s{COMM.rank}")]) == 2
+    assert "--partition is an option of the rank-by-rank build: add --backend petsc" in capsys.readouterr().err
+    # a value build_distributed refuses
+    assert cli.main(["run", "poisson_inversion", "--mesh-file", mesh_file, "--partition", "metis", "--backend",
+                     "petsc", "--no-pictures", "-q", "--out", out]) == 2
+    if COMM.rank == 0:
+        assert "partition" in capsys.readouterr().err
+    # options that build serially on every rank cannot honour a partition
+    assert cli.main(["run", "poisson_inversion", "--n", "6", "--grading", "1.5", "--partition", "graph", "--backend",
+                     "petsc", "--no-pictures", "-q", "--out", out + "g"]) == 2
+    if COMM.rank == 0:
+        assert "--partition applies to a rank-by-rank build" in capsys.readouterr().err
+    COMM.Barrier()
 
 
 def test_observation_points_outside_a_mesh_file_are_named_on_every_rank(tmp_path):

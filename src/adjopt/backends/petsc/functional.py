@@ -57,7 +57,7 @@ from ...operators.residual import ParametricResidual
 from ...operators.vectors import as_vector
 from ...solvers.base import SolverStats
 from ..partition import ContiguousNumbering, Layout, Numbering, make_layout, partition_elements
-from .parts import LocalCompliance, LocalMisfit, LocalQuadratic, LocalSystem, agree, raise_first
+from .parts import LocalCompliance, LocalMisfit, LocalQuadratic, LocalSystem, agree, raise_first, same_options
 
 logger = logging.getLogger(__name__)
 
@@ -598,6 +598,8 @@ class DistributedReducedFunctional:
         gather on demand. The solver options are those of the constructor.
         """
         comm = MPI.COMM_WORLD if comm is None else comm
+        same_options(comm, "DistributedReducedFunctional.from_parts", ksp_type=ksp_type, pc_type=pc_type, rtol=rtol,
+                     max_it=max_it, self_adjoint=self_adjoint, warm_start=warm_start)
         agree(comm, isinstance(system, LocalSystem), f"system must be a LocalSystem, got {type(system).__name__}",
               TypeError)
         self = cls.__new__(cls)

@@ -45,6 +45,47 @@ def agree(comm, ok: bool, message: str, exc=ValueError) -> None:
         raise exc(m if comm.size == 1 else f"{m} (on rank {r} of {comm.size})")
 
 
+def _fingerprint(value):
+    """What :func:`same_options` compares of one option: the value of a plain one (numbers, strings, None and
+    sequences of them), the shape, dtype and a digest of an array's bytes, else only the type (an object's
+    repr may hold its address, which differs between processes)."""
+    import hashlib
+
+    if value is None or isinstance(value, (bool, numbers.Number, str, bytes)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__ + "(" + ", ".join(_fingerprint(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_fingerprint(v)}" for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))) + "}"
+    if isinstance(value, np.ndarray):
+        a = np.ascontiguousarray(value)
+        return f"array(shape={a.shape}, dtype={a.dtype}, sha1={hashlib.sha1(a.view(np.uint8).ravel()).hexdigest()[:16]})"
+    return f"<{type(value).__name__}>"
+
+
+def same_options(comm, where: str, **options) -> None:
+    """Raise ValueError on every rank when an option of ``where`` differs between the ranks.
+
+    A rank-by-rank build is a collective call: ranks called with different
+    sizes, seeds or solver options would build parts of different problems, or
+    wait for each other forever in the first exchange whose sizes disagree.
+    The ranks exchange a fingerprint of each option (arrays by a digest of
+    their bytes) and all stop with the names and values that differ; call it
+    before any check that could fail on some ranks only.
+    """
+    mine = {k: _fingerprint(v) for k, v in options.items()}
+    every = comm.allgather(mine)
+    names = sorted(set().union(*every))
+    differ = [k for k in names if len({o.get(k, "(not given)") for o in every}) > 1]
+    if not differ:
+        return
+    shown = "; ".join(
+        f"{k}: " + ", ".join(f"rank {r} {o.get(k, '(not given)')}" for r, o in enumerate(every)) for k in differ[:4])
+    more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+    raise ValueError(f"{where} was called with options that differ between the ranks ({shown}{more}): every rank "
+                     "must pass the same options (it is a collective call)")
+
+
 def raise_first(comm, error: Exception | None) -> None:
     """Raise on every rank the first failing rank's exception (its class and message), if any rank has one."""
     said = comm.allgather(None if error is None else (type(error), str(error)))

@@ -1,0 +1,103 @@
+"""Rank-by-rank builds refuse options that differ between the ranks (instead of building parts of different
+problems, or waiting forever in an exchange whose sizes disagree).
+
+Under ``mpiexec -n 2`` the ranks pass different values and every rank must raise the same error; on one rank
+the fingerprints are checked against a stand-in communicator that plays the other ranks.
+"""
+
+import numpy as np
+import pytest
+
+petsc4py = pytest.importorskip("petsc4py")
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from problems import advection_diffusion_source, poisson_inversion, topology_compliance  # noqa: E402
+
+from adjopt.backends.petsc import DistributedReducedFunctional  # noqa: E402
+from adjopt.backends.petsc.parts import LocalCompliance, LocalSystem, same_options  # noqa: E402
+
+COMM = MPI.COMM_WORLD
+
+
+class Ranks:
+    """A communicator whose allgather answers as ranks that called with ``others`` (this process is rank 0)."""
+
+    def __init__(self, *others):
+        self.others = others
+
+    def allgather(self, mine):
+        from adjopt.backends.petsc.parts import _fingerprint
+
+        return [mine] + [{k: _fingerprint(v) for k, v in o.items()} for o in self.others]
+
+
+def test_equal_options_pass_and_differing_ones_are_named():
+    same_options(Ranks(dict(n=8, seed=0)), "f", n=8, seed=0)
+    with pytest.raises(ValueError, match=r"f was called with options that differ between the ranks \(n: rank 0 8, "
+                                         r"rank 1 9\): every rank must pass the same options"):
+        same_options(Ranks(dict(n=9, seed=0)), "f", n=8, seed=0)
+
+
+def test_an_option_given_on_one_rank_only_differs():
+    with pytest.raises(ValueError, match=r"pc_type: rank 0 \(not given\), rank 1 'jacobi'"):
+        same_options(Ranks(dict(n=8, pc_type="jacobi")), "f", n=8)
+
+
+def test_arrays_compare_by_their_bytes_shape_and_dtype():
+    a = np.arange(6.0)
+    same_options(Ranks(dict(v=a.copy())), "f", v=a)
+    b = a.copy()
+    b[3] += 1e-12
+    for other in (b, a.reshape(2, 3), a.astype(np.float32), a[::-1].copy()):
+        with pytest.raises(ValueError, match="v: rank 0 array"):
+            same_options(Ranks(dict(v=other)), "f", v=a)
+
+
+def test_nested_values_and_nan_compare_by_value():
+    same_options(Ranks(dict(v=(1.0, [2, "x"]), d={"a": 1}, x=float("nan"))), "f",
+                 v=(1.0, [2, "x"]), d={"a": 1}, x=float("nan"))
+    with pytest.raises(ValueError, match="v: "):
+        same_options(Ranks(dict(v=(1.0, 2.0))), "f", v=(1.0, 3.0))
+    with pytest.raises(ValueError, match="v: "):
+        same_options(Ranks(dict(v=[1.0, 2.0])), "f", v=(1.0, 2.0))  # a list is not a tuple
+
+
+def test_objects_compare_by_type_only():
+    # an object's repr holds its address, which differs between processes: equal types pass
+    same_options(Ranks(dict(f=lambda x: x)), "f", f=lambda x: 2 * x)
+    with pytest.raises(ValueError, match=r"f: rank 0 <function>, rank 1 1\)"):
+        same_options(Ranks(dict(f=1)), "f", f=lambda x: x)
+
+
+def test_at_most_four_options_are_listed():
+    mine = {f"o{i}": i for i in range(6)}
+    with pytest.raises(ValueError, match=r"and 2 more\)"):
+        same_options(Ranks({k: v + 1 for k, v in mine.items()}), "f", **mine)
+
+
+@pytest.mark.skipif(COMM.size < 2, reason="needs ranks that differ (mpiexec -n 2)")
+@pytest.mark.parametrize("build, options, name", [
+    (poisson_inversion.build_distributed, lambda r: dict(n=8 + r), "n"),
+    (poisson_inversion.build_distributed, lambda r: dict(n=8, seed=r), "seed"),
+    (poisson_inversion.build_distributed, lambda r: dict(n=8, rtol=10.0 ** -(8 + r)), "rtol"),
+    (topology_compliance.build_distributed, lambda r: dict(case="mbb", nelx=12, nely=4 + r), "nely"),
+    (topology_compliance.build_distributed, lambda r: dict(case="mbb", nelx=12, nely=4, filter=bool(r)), "filter"),
+    (advection_diffusion_source.build_distributed, lambda r: dict(n=8, velocity=(1.0, 0.5 * r)), "velocity"),
+    # a value that one rank alone would refuse: the comparison comes first, so no rank waits for the others
+    (advection_diffusion_source.build_distributed, lambda r: dict(n=8, n_obs=10 + 10**6 * r), "n_obs"),
+])
+def test_rank_by_rank_builds_refuse_differing_options_on_every_rank(build, options, name):
+    with pytest.raises(ValueError, match=rf"build_distributed was called with options that differ between the "
+                                         rf"ranks \({name}: rank 0 "):
+        build(comm=COMM, **options(COMM.rank))
+
+
+@pytest.mark.skipif(COMM.size < 2, reason="needs ranks that differ (mpiexec -n 2)")
+def test_from_parts_refuses_differing_solver_options():
+    ke = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    r = COMM.rank
+    conn = np.array([[r, r + 1]]) if r + 1 < COMM.size else np.array([[r, -1]])
+    system = LocalSystem(conn, ke[None], None, 1, np.ones(1), [LocalCompliance(np.ones(1))])
+    with pytest.raises(ValueError, match=r"from_parts was called with options that differ between the ranks "
+                                         r"\(pc_type: rank 0 'jacobi', rank 1 'none'"):
+        DistributedReducedFunctional.from_parts(system, comm=COMM, pc_type=("jacobi", "none")[min(r, 1)])
