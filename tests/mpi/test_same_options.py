@@ -62,6 +62,14 @@ def test_nested_values_and_nan_compare_by_value():
         same_options(Ranks(dict(v=[1.0, 2.0])), "f", v=(1.0, 2.0))  # a list is not a tuple
 
 
+def test_numpy_scalars_equal_the_python_numbers_they_are():
+    same_options(Ranks(dict(n=np.int64(8), x=np.float32(0.5), b=True)), "f", n=8, x=0.5, b=True)
+    with pytest.raises(ValueError, match="n: rank 0 8, rank 1 8.0"):
+        same_options(Ranks(dict(n=8.0)), "f", n=np.int32(8))
+    with pytest.raises(ValueError, match="b: rank 0 True, rank 1 1"):
+        same_options(Ranks(dict(b=1)), "f", b=True)
+
+
 def test_objects_compare_by_type_only():
     # an object's repr holds its address, which differs between processes: equal types pass
     same_options(Ranks(dict(f=lambda x: x)), "f", f=lambda x: 2 * x)
@@ -101,3 +109,10 @@ def test_from_parts_refuses_differing_solver_options():
     with pytest.raises(ValueError, match=r"from_parts was called with options that differ between the ranks "
                                          r"\(pc_type: rank 0 'jacobi', rank 1 'none'"):
         DistributedReducedFunctional.from_parts(system, comm=COMM, pc_type=("jacobi", "none")[min(r, 1)])
+
+
+def test_a_graph_partition_needs_a_mesh_file():
+    with pytest.raises(ValueError, match="partitions a mesh file"):
+        poisson_inversion.build_distributed(n=6, partition="graph", comm=COMM)
+    with pytest.raises(ValueError, match="partition must be 'slab' or 'graph', got 'metis'"):
+        poisson_inversion.build_distributed(n=6, partition="metis", comm=COMM)

@@ -51,8 +51,14 @@ def _fingerprint(value):
     repr may hold its address, which differs between processes)."""
     import hashlib
 
-    if value is None or isinstance(value, (bool, numbers.Number, str, bytes)):
+    if value is None or isinstance(value, (bool, str, bytes)):
         return repr(value)
+    if isinstance(value, numbers.Integral):  # numpy's integers and floats as the Python ones they equal
+        return repr(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))
+    if isinstance(value, numbers.Number):
+        return repr(complex(value))
     if isinstance(value, (tuple, list)):
         return type(value).__name__ + "(" + ", ".join(_fingerprint(v) for v in value) + ")"
     if isinstance(value, dict):
