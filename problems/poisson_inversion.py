@@ -364,8 +364,15 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
 
     meta = {"part": part, "local_fields": local_fields, "observation_index": mine, "observation_points": pts[mine], "data": data,
             "data_clean": d_clean, "m_true": mt, "distributed": True,
+            # a mesh file's part: the file's node of each free dof this rank owns, in the free dofs' order (the
+            # state and adjoint go back to the serial numbering: the file's free nodes in ascending order)
+            "free_source_nodes": (None if part.source_nodes is None else
+                                  part.source_nodes[:n_own][owned_free][np.argsort(free[:n_own][owned_free])]),
+            # the partition of a mesh file decides the numbering of p (and of the per-rank checkpoints): a resume
+            # with another one would read each block into other nodes
             "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization,
-                            seed=seed, grading=1.0, mesh_file=mesh_file)}
+                            seed=seed, grading=1.0, mesh_file=mesh_file,
+                            **({} if mesh_file is None else {"partition": partition}))}
     return adjopt.Problem(J, np.zeros(part.n_global_nodes), name=f"poisson_inversion_{dim}d_{regularization}",
                           meta=meta)
 

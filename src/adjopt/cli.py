@@ -604,6 +604,7 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
         # state and adjoint at the result are collective: every rank computes them, then rank 0 writes
         fields = _Fields(problem.functional, result.x)
         order = _file_order(problem, comm)
+        fields.reorder(_file_order(problem, comm, "free_source_nodes"))
         if blocks:  # the result's vectors on rank 0 only, for result.npz (bounds and constraints are not written)
             F = problem.functional
             x_full, g_full, p0 = F.gather(result.x), F.gather(result.jac), F.gather(problem.p0)
@@ -634,10 +635,25 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
     return 0 if result.success else 1
 
 
-def _file_order(problem, comm):
+def _file_order(problem, comm, free: str | None = None):
     """For a problem built on a mesh file's parts (adjopt.mesh.read_part) with one parameter per node: the file's
-    node number of every global parameter, on rank 0 (None elsewhere and for other problems). Collective."""
+    node number of every global parameter, on rank 0 (None elsewhere and for other problems). Collective.
+
+    ``free``: the name of the meta entry with the file's node of each free dof a rank owns (in the order of
+    those dofs); then the serial position of every global free dof instead (the file's free nodes in ascending
+    order, the numbering of the serial build's state), or None when a rank has no such entry."""
     meta = problem.meta if isinstance(problem.meta, dict) else {}
+    if free is not None:
+        mine = meta.get(free)
+        if not comm.allreduce(mine is not None, op=_mpi_min()):
+            return None
+        got = comm.gather(np.asarray(mine), root=0)
+        if comm.rank:
+            return None
+        src = np.concatenate(got)
+        order = np.empty(src.size, dtype=np.int64)
+        order[np.argsort(src, kind="stable")] = np.arange(src.size)
+        return order
     part = meta.get("part")
     source = getattr(part, "source_nodes", None)
     nodal = source is not None and getattr(problem.functional, "n_global",
@@ -674,6 +690,14 @@ class _Fields:
                 self._fields[what] = (getattr(F, what)(x), None)
             except Exception as exc:  # the same failure on every rank; the writer records it
                 self._fields[what] = (None, exc)
+
+    def reorder(self, order) -> None:
+        """The state and adjoint in the serial numbering (entry i goes to order[i]); None leaves them."""
+        if order is None:
+            return
+        for what, (value, exc) in self._fields.items():
+            if value is not None:
+                self._fields[what] = (_to_file(value, order), exc)
 
     def _get(self, what):
         value, exc = self._fields[what]

@@ -3,6 +3,7 @@
 Run under ``mpiexec -n 2`` (CI) and on one rank.
 """
 
+import json
 import numpy as np
 import pytest
 
@@ -134,6 +135,11 @@ def test_adjopt_run_on_a_mesh_file_writes_x_in_the_files_order(mesh_file, tmp_pa
     # both converged (the distributed solves are iterative, the serial ones direct): the same minimiser
     assert np.linalg.norm(x - xs) <= 1e-4 * np.linalg.norm(xs)
     assert np.linalg.norm(np.roll(x, 1) - xs) > 1e-2 * np.linalg.norm(xs)  # the order matters
+    # the state and the adjoint in the serial free-dof numbering too (they were in the parts' numbering)
+    for name in ("state", "adjoint"):
+        v, vs = np.load(f"{out}/result.npz")[name], np.load(f"{serial}/result.npz")[name]
+        assert v.shape == vs.shape
+        assert np.linalg.norm(v - vs) <= 1e-4 * np.linalg.norm(vs), name
 
 
 def test_partition_is_an_option_of_the_rank_by_rank_build_only(mesh_file, tmp_path, capsys):
@@ -155,6 +161,28 @@ def test_partition_is_an_option_of_the_rank_by_rank_build_only(mesh_file, tmp_pa
     if COMM.rank == 0:
         assert "--partition applies to a rank-by-rank build" in capsys.readouterr().err
     COMM.Barrier()
+
+
+def test_resume_with_another_partition_of_a_mesh_file_is_refused(mesh_file, tmp_path, capsys):
+    """The partition decides which nodes each rank's checkpoint block holds: a resume with another one read the
+    blocks into other nodes (a scrambled x when the ranks' counts happened to agree)."""
+    from adjopt import cli
+
+    pytest.importorskip("pymetis")
+    out = COMM.bcast(str(tmp_path / "r") if COMM.rank == 0 else None)
+    args = ["run", "poisson_inversion", "--mesh-file", mesh_file, "--n-obs", "30", "--method", "lbfgs",
+            "--no-pictures", "-q", "--backend", "petsc", "--out", out]
+    assert cli.main([*args, "--partition", "graph", "--max-iter", "3"]) in (0, 1)
+    capsys.readouterr()
+    for other in (["--partition", "slab"], []):  # slab, also as the default
+        assert cli.main([*args, *other, "--max-iter", "6", "--resume"]) == 2
+        if COMM.rank == 0:
+            err = capsys.readouterr().err
+            assert "partition" in err and "graph" in err and "slab" in err, err
+    assert cli.main([*args, "--partition", "graph", "--max-iter", "6", "--resume"]) in (0, 1)
+    COMM.Barrier()
+    with open(f"{out}/history.json") as fh:
+        assert len(json.load(fh)["history"]) == 7
 
 
 def test_observation_points_outside_a_mesh_file_are_named_on_every_rank(tmp_path):

@@ -58,16 +58,48 @@ def test_nested_values_and_nan_compare_by_value():
                  v=(1.0, [2, "x"]), d={"a": 1}, x=float("nan"))
     with pytest.raises(ValueError, match="v: "):
         same_options(Ranks(dict(v=(1.0, 2.0))), "f", v=(1.0, 3.0))
-    with pytest.raises(ValueError, match="v: "):
-        same_options(Ranks(dict(v=[1.0, 2.0])), "f", v=(1.0, 2.0))  # a list is not a tuple
+    same_options(Ranks(dict(v=[1.0, 2.0])), "f", v=(1.0, np.float64(2.0)))  # a list as the tuple it equals
 
 
 def test_numpy_scalars_equal_the_python_numbers_they_are():
-    same_options(Ranks(dict(n=np.int64(8), x=np.float32(0.5), b=True)), "f", n=8, x=0.5, b=True)
+    same_options(Ranks(dict(n=np.int64(8), x=np.float32(0.5), b=True, s="graph")), "f", n=8, x=0.5, b=np.True_,
+                 s=np.str_("graph"))
+    # numpy's booleans by their value (they were compared by type: True on one rank, False on another passed)
+    with pytest.raises(ValueError, match="warm_start: rank 0 True, rank 1 False"):
+        same_options(Ranks(dict(warm_start=np.False_)), "f", warm_start=np.True_)
     with pytest.raises(ValueError, match="n: rank 0 8, rank 1 8.0"):
         same_options(Ranks(dict(n=8.0)), "f", n=np.int32(8))
     with pytest.raises(ValueError, match="b: rank 0 True, rank 1 1"):
         same_options(Ranks(dict(b=1)), "f", b=True)
+
+
+def test_paths_compare_as_the_strings_they_name():
+    from pathlib import Path
+
+    same_options(Ranks(dict(mesh_file="sq.vtu")), "f", mesh_file=Path("sq.vtu"))
+    with pytest.raises(ValueError, match="mesh_file: rank 0 'sq.vtu', rank 1 'other.vtu'"):
+        same_options(Ranks(dict(mesh_file=Path("other.vtu"))), "f", mesh_file=Path("sq.vtu"))
+
+
+def test_object_arrays_compare_by_their_entries_and_0d_arrays_keep_their_shape():
+    v = np.array([1.0, 0.5], dtype=object)
+    same_options(Ranks(dict(v=np.array([1.0, 0.5], dtype=object))), "f", v=v)
+    with pytest.raises(ValueError, match=r"v: rank 0 array\(\(1.0, 0.5\)\), rank 1 array\(\(1.0, 0.25\)\)"):
+        same_options(Ranks(dict(v=np.array([1.0, 0.25], dtype=object))), "f", v=v)
+    with pytest.raises(ValueError, match=r"shape=\(\), dtype=int64"):
+        same_options(Ranks(dict(n=np.array(9))), "f", n=np.array(8))
+
+
+def test_a_value_that_cannot_be_read_compares_by_its_type_instead_of_raising():
+    import os
+
+    class Broken(os.PathLike):
+        def __fspath__(self):
+            raise RuntimeError("no path")
+
+    same_options(Ranks(dict(f=Broken())), "f", f=Broken())  # on every rank alike: nothing to raise here
+    with pytest.raises(ValueError, match="f: rank 0 <Broken>, rank 1 'x.vtu'"):
+        same_options(Ranks(dict(f="x.vtu")), "f", f=Broken())
 
 
 def test_objects_compare_by_type_only():
@@ -116,3 +148,26 @@ def test_a_graph_partition_needs_a_mesh_file():
         poisson_inversion.build_distributed(n=6, partition="graph", comm=COMM)
     with pytest.raises(ValueError, match="partition must be 'slab' or 'graph', got 'metis'"):
         poisson_inversion.build_distributed(n=6, partition="metis", comm=COMM)
+
+
+@pytest.mark.skipif(COMM.size < 2, reason="needs ranks that differ (mpiexec -n 2)")
+@pytest.mark.parametrize("options, name", [
+    (lambda r: dict(partition=("slab", "graph")[min(r, 1)]), "partition"),
+    (lambda r: dict(rtol=10.0 ** -(8 + r)), "rtol"),
+    (lambda r: dict(pc_type=("gamg", "jacobi")[min(r, 1)]), "pc_type"),
+    (lambda r: dict(warm_start=np.bool_(r == 0)), "warm_start"),
+    (lambda r: dict(partition=("slab", "bogus")[min(r, 1)]), "partition"),  # a value one rank alone refuses
+])
+def test_distribute_refuses_differing_options_on_every_rank(options, name):
+    # they crashed (a double free), hung or ended in an MPI error before
+    from adjopt.backends.petsc import distribute
+
+    problem = poisson_inversion.build(n=8)
+    with pytest.raises(ValueError, match=rf"distribute was called with options that differ between the ranks "
+                                         rf"\({name}: rank 0 "):
+        distribute(problem, comm=COMM, **options(COMM.rank))
+    # the constructor compares what it is given, too
+    with pytest.raises(ValueError, match=rf"DistributedReducedFunctional was called with options that differ "
+                                         rf"between the ranks \({name}: rank 0 "):
+        DistributedReducedFunctional(problem.functional.matrix, problem.functional.rhs, problem.functional.objective,
+                                     problem.functional.map, comm=COMM, **options(COMM.rank))

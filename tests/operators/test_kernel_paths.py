@@ -8,6 +8,7 @@ path, still used by the multigrid solver), ``element_bilinear`` (the multi-colum
 dense matrices and numpy's coefficient methods.
 """
 
+import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -172,6 +173,38 @@ def test_coefficients_in_the_kernels_match_numpy(coefficient):
     out = np.empty(2)
     bad = _kernels.coefficient_values(*Exp().kernel_spec(), 0, np.array([0.0, 1e4]), out)
     assert bad == 1 and out[1] == np.inf
+
+
+@numba.njit(cache=False)
+def _coef_eval_loop(spec, order, p, out):
+    for e in range(p.shape[0]):
+        out[e] = _kernels.coef_eval(spec[0], spec[1], spec[2], spec[3], spec[4], order, p[e])
+
+
+@pytest.mark.parametrize("q", [1.0, 2.0, 3.0, 5.0, 8.0, 9.0, 2.5])
+@pytest.mark.parametrize("n", [1, 7, 1023, 1024, 1025, 3000])
+def test_simp_factors_by_products_equal_coef_eval_bit_for_bit(q, n):
+    """SIMP with an integer exponent has a vectorised loop of its own (coefficient values and the contractions'
+    factors); it makes coef_eval's products in coef_eval's order, also across chunk ends and for the exponents
+    that go through pow (above MAX_INT_POWER, not an integer, or below the order)."""
+    c = SIMP(q=q, emin=1e-3, e0=2.0)
+    spec = c.kernel_spec()
+    p0 = np.random.default_rng(int(q * 10) + n).uniform(0.01, 1.5, n)
+    for order in (0, 1, 2):
+        p = p0.copy()
+        if order <= q:
+            p[:: max(2, n // 5)] = 0.0  # 0 ** 0 = 1 and 0 ** k = 0 as in coef_eval (0 ** -1 is inf: not there)
+        want = np.empty(n)
+        _coef_eval_loop(spec, order, p, want)
+        out = np.full(n, np.nan)
+        assert _kernels.coefficient_values(*spec, order, p, out) == 0
+        np.testing.assert_array_equal(out, want)
+        # the contraction's factors: f_e * (w_e^T K z_e) with K = [[1]] and w = z = 1, one dof per element
+        conn = np.arange(n).reshape(n, 1)
+        forms = np.empty(n)
+        _kernels.element_forms(conn, np.ones((1, 1)), 0, np.ones(n), np.ones(n), *spec, order, p, np.zeros(0), 3,
+                               forms)
+        np.testing.assert_array_equal(forms, want * 1.0)
 
 
 def test_subclasses_go_through_numpy():

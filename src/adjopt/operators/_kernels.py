@@ -257,14 +257,48 @@ def coef_eval(code, iq, q, e0, emin, order, x):
     return x
 
 
+@numba.njit(inline="always")
+def simp_factors(iq, q, e0, emin, order, p, start, count, out):
+    """out[j] = phi^(order)(p[start + j]) for j < count, for SIMP with the integer exponent iq >= order: the
+    products of :func:`coef_eval` (r = 1, then r *= x, iq - order times) in loops over j that LLVM vectorises
+    (in coef_eval the product loop sits inside each element's branches). The same operations in the same
+    order: bit-identical to coef_eval."""
+    d = e0 - emin
+    for j in range(count):
+        out[j] = 1.0
+    for _ in range(iq - order):
+        for j in range(count):
+            out[j] *= p[start + j]
+    if order == 0:
+        for j in range(count):
+            out[j] = emin + out[j] * d
+    elif order == 1:
+        for j in range(count):
+            out[j] = q * out[j] * d
+    else:
+        c = q * (q - 1.0)
+        for j in range(count):
+            out[j] = c * out[j] * d
+
+
+#: elements per chunk of the vectorised SIMP factors in coefficient_values (in L1 while they are multiplied)
+SIMP_CHUNK = 1024
+
+
 @numba.njit(parallel=True, cache=True)
 def coefficient_values(code, iq, q, e0, emin, order, p, out):
-    """out[e] = phi^(order)(p[e]); returns the number of non-finite results. exp has a loop of its own (the
-    code branches of coef_eval inside the loop keep LLVM from vectorising it)."""
+    """out[e] = phi^(order)(p[e]); returns the number of non-finite results. exp and SIMP with an integer
+    exponent have loops of their own (the code branches of coef_eval inside the loop keep LLVM from
+    vectorising it)."""
     n = p.shape[0]
     if code == COEF_EXP:
         for e in numba.prange(n):
             out[e] = exp_fast(p[e])
+    elif code == COEF_SIMP and order <= iq <= MAX_INT_POWER:
+        nch = (n + SIMP_CHUNK - 1) // SIMP_CHUNK
+        for ch in numba.prange(nch):
+            s = ch * SIMP_CHUNK
+            simp_factors(iq, q, e0, emin, order, p, s, min(SIMP_CHUNK, n - s), out[s:])
     else:
         for e in numba.prange(n):
             out[e] = coef_eval(code, iq, q, e0, emin, order, p[e])
@@ -763,6 +797,8 @@ def element_forms(conn, local, estride, w, z, code, iq, q, e0, emin, order, p, s
             if code == COEF_EXP and has_p:  # a loop of its own: vectorised
                 for j in range(nb):
                     F[j] = exp_fast(p[b0 + j])
+            elif code == COEF_SIMP and has_p and order <= iq <= MAX_INT_POWER:
+                simp_factors(iq, q, e0, emin, order, p, b0, nb, F)
             else:
                 for j in range(nb):
                     F[j] = coef_eval(code, iq, q, e0, emin, order, p[b0 + j] if has_p else 0.0)

@@ -520,6 +520,9 @@ class DistributedReducedFunctional:
                  rtol: float = 1e-10, max_it: int = 10000, self_adjoint: bool | None = None, near_nullspace=None,
                  warm_start: bool = False):
         comm = MPI.COMM_WORLD if comm is None else comm
+        same_options(comm, "DistributedReducedFunctional", partition=partition, coordinates=coordinates, parts=parts,
+                     ksp_type=ksp_type, pc_type=pc_type, rtol=rtol, max_it=max_it, self_adjoint=self_adjoint,
+                     near_nullspace=near_nullspace, warm_start=warm_start)
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
         _return_freed_memory(comm)
@@ -1398,6 +1401,7 @@ def distribute(problem, comm=None, partition: str | None = None, **options):
     constraints, mass and stiffness are kept: they act on the full parameter
     vector, which the serial interface replicates.
     """
+    same_options(MPI.COMM_WORLD if comm is None else comm, "distribute", partition=partition, **options)
     meta = problem.meta if isinstance(problem.meta, dict) else {}
     mesh, dofmap = meta.get("mesh"), meta.get("dofmap")
     J = problem.functional

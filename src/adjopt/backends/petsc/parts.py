@@ -45,14 +45,30 @@ def agree(comm, ok: bool, message: str, exc=ValueError) -> None:
         raise exc(m if comm.size == 1 else f"{m} (on rank {r} of {comm.size})")
 
 
-def _fingerprint(value):
-    """What :func:`same_options` compares of one option: the value of a plain one (numbers, strings, None and
-    sequences of them), the shape, dtype and a digest of an array's bytes, else only the type (an object's
-    repr may hold its address, which differs between processes)."""
-    import hashlib
+def _fingerprint(value) -> str:
+    """What :func:`same_options` compares of one option: the value of a plain one (numbers and booleans as the
+    Python ones they equal, numpy's too; strings and paths as str; None; tuples and lists alike, element by
+    element), the shape, dtype and a digest of a numeric array's bytes, else only the type (an object's repr
+    may hold its address, which differs between processes). Never raises: a value it cannot read compares by
+    its type."""
+    try:
+        return _fingerprint_of(value)
+    except Exception:  # a fingerprint that fails on one rank only would leave the others waiting
+        return f"<{type(value).__name__}>"
 
-    if value is None or isinstance(value, (bool, str, bytes)):
-        return repr(value)
+
+def _fingerprint_of(value) -> str:
+    import hashlib
+    import os
+
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, np.bool_)):
+        return repr(bool(value))
+    if isinstance(value, (str, os.PathLike)):
+        return repr(str(os.fspath(value)))
+    if isinstance(value, bytes):
+        return repr(bytes(value))
     if isinstance(value, numbers.Integral):  # numpy's integers and floats as the Python ones they equal
         return repr(int(value))
     if isinstance(value, numbers.Real):
@@ -60,12 +76,15 @@ def _fingerprint(value):
     if isinstance(value, numbers.Number):
         return repr(complex(value))
     if isinstance(value, (tuple, list)):
-        return type(value).__name__ + "(" + ", ".join(_fingerprint(v) for v in value) + ")"
+        return "(" + ", ".join(_fingerprint(v) for v in value) + ")"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k!r}: {_fingerprint(v)}" for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))) + "}"
     if isinstance(value, np.ndarray):
-        a = np.ascontiguousarray(value)
-        return f"array(shape={a.shape}, dtype={a.dtype}, sha1={hashlib.sha1(a.view(np.uint8).ravel()).hexdigest()[:16]})"
+        if value.dtype.hasobject:
+            return "array(" + _fingerprint(value.tolist()) + ")"
+        a = np.ascontiguousarray(value)  # at least 1-d: the shape shown is the value's
+        return (f"array(shape={value.shape}, dtype={a.dtype}, "
+                f"sha1={hashlib.sha1(a.view(np.uint8).ravel()).hexdigest()[:16]})")
     return f"<{type(value).__name__}>"
 
 
