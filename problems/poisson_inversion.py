@@ -282,7 +282,7 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
     if partition not in ("slab", "graph"):
         raise ValueError(f"partition must be 'slab' or 'graph', got {partition!r}")
     if mesh_file is None and partition != "slab":
-        raise ValueError(f"partition={partition!r} partitions a mesh file (mesh_file=); the built-in mesh is split in "
+        raise ValueError(f"partition={partition!r} partitions a mesh file (mesh_file=, --mesh-file); the built-in mesh is split in "
                          "slabs of cell layers: leave partition out, or give a mesh file")
     if mesh_file is None:
         part = unit_square_part(n, comm=comm) if dim == 2 else unit_cube_part(n, comm=comm)

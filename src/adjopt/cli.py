@@ -560,7 +560,18 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
     checkpoint = out / "checkpoint.npz"
     blocks = getattr(getattr(problem.functional, "space", None), "distributed", False)
     # parameters in blocks: every rank writes its own checkpoint (<stem>.rank<r>.npz beside checkpoint.npz)
-    exists = (out / "checkpoint.rank0.npz").exists() if blocks else checkpoint.exists()
+    from .optimize.base import _RankCheckpoint
+
+    # a rank killed while it rotated its files may have only its .prev.npz: that counts (the resume takes the
+    # latest iteration every rank has)
+    ranks_written = _RankCheckpoint.ranks_written(checkpoint)
+    exists = ranks_written > 0 if blocks else checkpoint.exists()
+    if comm is not None:  # what the ranks see of one folder, decided together
+        exists = bool(comm.allreduce(bool(exists), op=_mpi_max()))
+    if args.resume and not blocks and not exists and ranks_written:
+        raise UsageError(f"{out} holds the checkpoints of a run with its parameters in blocks over {ranks_written} "
+                         f"MPI ranks (checkpoint.rank<r>.npz): resume it as it ran, under mpiexec -n {ranks_written} "
+                         "with --backend petsc and the same method")
     resume = checkpoint if args.resume and exists else None
     if args.resume and resume is None:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", out)
@@ -670,6 +681,12 @@ def _mpi_min():
     return MPI.MIN
 
 
+def _mpi_max():
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
 def _to_file(v, order):
     """A vector in the distributed numbering, in the file's order (v[i] at order[i])."""
     if v is None or np.shape(v) != order.shape:
@@ -748,6 +765,9 @@ def _build_distributed(module, options: dict):
         return None
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{call} rejected the options: {exc}") from exc
+    except Exception as exc:  # a missing mesh file, say: one line on every rank, as the serial build gives
+        raise UsageError(f"{call} raised {type(exc).__name__}: {exc}; fix the problem file {module.__file__} or its "
+                         "options (--debug shows the traceback)") from exc
     if not isinstance(problem, adjopt.Problem):
         raise UsageError(f"{stem}.build_distributed returned a {type(problem).__name__}, not an adjopt.Problem")
     logger.info("%s built rank by rank (no rank holds the whole mesh or operator)", stem)
@@ -1318,8 +1338,10 @@ def main(argv=None) -> int:
         hint = ""
         if args.command in ("run", "demo"):
             out = getattr(args, "out_used", None)
-            if out is not None and any((Path(out) / name).exists()
-                                       for name in ("checkpoint.npz", "checkpoint.rank0.npz")):
+            from .optimize.base import _RankCheckpoint
+
+            if out is not None and ((Path(out) / "checkpoint.npz").exists()
+                                    or _RankCheckpoint.ranks_written(Path(out) / "checkpoint.npz") > 0):
                 hint = "; continue with --resume: " + _resume_command(argv, out)
             else:
                 hint = " before the first iteration finished; nothing was written"

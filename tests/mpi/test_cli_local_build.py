@@ -147,6 +147,44 @@ def test_resume_under_mpiexec_continues_a_run_built_rank_by_rank(tmp_path):
     assert abs(a[-1]["f"] - b[-1]["f"]) <= 1e-10 * abs(b[-1]["f"])
 
 
+def test_resume_after_a_kill_while_rank_0_rotated_its_checkpoint(tmp_path, capsys):
+    """Rank 0 moved its newest file to .prev and was killed before it wrote the next one: it has no
+    checkpoint.rank0.npz, yet every rank has iteration 4 (the command said "no checkpoint" and started afresh)."""
+    import os
+
+    out = _shared(tmp_path, "rotated")
+    base = ["run", "topology_compliance", "--nelx", "24", "--nely", "8", "--no-pictures", "-q", "--backend", "petsc",
+            "--out", out]
+    assert cli.main([*base, "--max-iter", "4"]) in (0, 1)
+    COMM.Barrier()
+    if COMM.rank == 0:
+        os.replace(f"{out}/checkpoint.rank0.npz", f"{out}/checkpoint.rank0.prev.npz")
+    COMM.Barrier()
+    log = out + ".jsonl"
+    assert cli.main([*base, "--max-iter", "8", "--resume", "--log-json", log]) in (0, 1)
+    COMM.Barrier()
+    with open(log) as fh:  # rank 0 logs the iterations this invocation made: from the checkpoint's on
+        assert [json.loads(line)["nit"] for line in fh][0] >= 4
+    straight = _shared(tmp_path, "straight8")
+    assert cli.main([*base[:-1], straight, "--max-iter", "8"]) in (0, 1)
+    COMM.Barrier()
+    a, b = _history(out), _history(straight)
+    assert len(a) == len(b) == 9
+    assert abs(a[-1]["f"] - b[-1]["f"]) <= 1e-10 * abs(b[-1]["f"])
+    if COMM.rank == 0:
+        assert "no checkpoint" not in capsys.readouterr().err
+    # the per-rank checkpoints are not resumed by a run with p on every rank (the serial command): it says how
+    COMM.Barrier()
+    if COMM.rank == 0:
+        capsys.readouterr()
+        assert cli.main(["run", "topology_compliance", "--nelx", "24", "--nely", "8", "--no-pictures", "-q", "--out",
+                         out, "--max-iter", "10", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"mpiexec -n {COMM.size} with --backend petsc" in err, err
+        assert not os.path.exists(f"{out}/checkpoint.npz")
+    COMM.Barrier()
+
+
 def test_write_pvtu_checks_its_input(tmp_path):
     folder = _shared(tmp_path, "pv")
     if COMM.rank == 0:

@@ -4,6 +4,7 @@ Run under ``mpiexec -n 2`` (CI) and on one rank.
 """
 
 import json
+
 import numpy as np
 import pytest
 
@@ -155,6 +156,11 @@ def test_partition_is_an_option_of_the_rank_by_rank_build_only(mesh_file, tmp_pa
                      "petsc", "--no-pictures", "-q", "--out", out]) == 2
     if COMM.rank == 0:
         assert "partition" in capsys.readouterr().err
+    # a missing mesh file: one line and exit 2 on every rank (a traceback and exit 1 before)
+    assert cli.main(["run", "poisson_inversion", "--mesh-file", out + "-missing.vtu", "--backend", "petsc",
+                     "--no-pictures", "-q", "--out", out + "m"]) == 2
+    err = capsys.readouterr().err
+    assert "FileNotFoundError" in err and "missing.vtu" in err and "Traceback" not in err
     # options that build serially on every rank cannot honour a partition
     assert cli.main(["run", "poisson_inversion", "--n", "6", "--grading", "1.5", "--partition", "graph", "--backend",
                      "petsc", "--no-pictures", "-q", "--out", out + "g"]) == 2

@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from ..errors import AdjoptError, NonFiniteError
 from .continuation import LOOP_NAMES
 from .continuation import _record as _continuation_record
-from ..errors import AdjoptError, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -525,6 +525,19 @@ class _RankCheckpoint:
         write_checkpoint(self.current, state, meta)
 
     @staticmethod
+    def ranks_written(path) -> int:
+        """How many ranks wrote checkpoints beside ``path`` (its ``.rank<r>.npz`` or ``.rank<r>.prev.npz``): one
+        more than the largest r found, 0 if none."""
+        import glob
+        import re
+
+        path = os.fspath(path)
+        stem = path[:-4] if path.endswith(".npz") else path
+        found = [re.fullmatch(r"\.rank(\d+)(\.prev)?\.npz", name[len(stem):])
+                 for name in glob.glob(glob.escape(stem) + ".rank*.npz")]
+        return max((int(m.group(1)) + 1 for m in found if m), default=0)
+
+    @staticmethod
     def _nit(path):
         try:
             return int(read_checkpoint(path)[1]["nit"])
@@ -538,9 +551,11 @@ class _RankCheckpoint:
         everyone = self.comm.allgather(sorted(mine))
         common = set(everyone[0]).intersection(*everyone[1:]) if everyone else set()
         if not common:
+            written = self.ranks_written(self.path)
+            hint = (f"they were written by a run on {written} ranks: resume on {written} ranks (mpiexec -n {written})"
+                    if written and written != self.comm.size else "were they written by a run on as many ranks?")
             raise CheckpointError(f"the ranks' checkpoints {self.path!r} (.rank<r>.npz) hold no iteration that every "
-                                  f"one of the {self.comm.size} ranks has (iterations {everyone}): were they written "
-                                  "by a run on as many ranks? Start afresh without resume")
+                                  f"one of the {self.comm.size} ranks has (iterations {everyone}): {hint}")
         return mine[max(common)]
 
 
