@@ -42,6 +42,12 @@ def test_list_shows_the_gallery_with_options():
         next(line for line in lines if line.startswith("seed_toy:"))):][:3])
 
 
+def test_an_option_without_its_value_is_named(tmp_path):
+    proc = adjopt("run", "poisson_inversion", "--n", "--n-obs", 5, "--out", tmp_path / "x", check=2)
+    assert "option --n has no value (the next word, --n-obs, is another option)" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_rank_by_rank_option_without_the_petsc_backend_says_what_to_add(tmp_path):
     proc = adjopt("run", "poisson_inversion", "--n", 6, "--partition", "graph", "--out", tmp_path / "x", check=2)
     assert "--partition is an option of the rank-by-rank build: add --backend petsc" in proc.stderr

@@ -170,6 +170,9 @@ def split_options(tokens: list[str], problem_opts: dict, method_opts: dict) -> t
             continue
         if not tok.startswith("--") or i + 1 >= len(tokens):
             raise UsageError(f"expected --option value pairs after the problem, got {' '.join(tokens[i:])!r}")
+        if tokens[i + 1].startswith("--"):
+            raise UsageError(f"option {tok} has no value (the next word, {tokens[i + 1]}, is another option); give it "
+                             f"one: {tok} VALUE or {tok}=VALUE")
         pairs.append((tok, tokens[i + 1]))
         i += 2
     seen = set()
