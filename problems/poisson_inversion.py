@@ -160,6 +160,20 @@ def noisy(rng, clean: np.ndarray, noise: float) -> np.ndarray:
     return clean + noise * np.max(np.abs(clean)) * rng.standard_normal(clean.shape)
 
 
+def _file_digest(path) -> dict:
+    """{"mesh_sha1": digest of the file's bytes} for a mesh file, {} without one: a resume checks that the file
+    it continues on is the one the run started on (its nodes' order is p's), not only its name."""
+    if path is None:
+        return {}
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"mesh_sha1": h.hexdigest()[:16]}
+
+
 def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha: float | None = None,
           regularization: str = "h1", seed: int = 0, grading: float = 1.0, mesh_file: str | None = None
           ) -> adjopt.Problem:
@@ -206,7 +220,7 @@ def build(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float = 0.01, alpha
         "mesh": mesh, "m_true": mt, "observation_points": pts, "data": data, "data_clean": d_clean,
         "observation_operator": B, "regularization": reg, "dofs": dofs,
         "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization, seed=seed,
-                        grading=grading, mesh_file=mesh_file),
+                        grading=grading, mesh_file=mesh_file, **_file_digest(mesh_file)),
     }
     N = mesh.n_nodes
     mass, stiffness = assemble(mesh.cells, p1_mass(mesh), N), assemble(mesh.cells, p1_stiffness(mesh), N)
@@ -372,7 +386,8 @@ def build_distributed(n: int = 32, dim: int = 2, n_obs: int = 50, noise: float =
             # with another one would read each block into other nodes
             "options": dict(n=n, dim=dim, n_obs=n_obs, noise=noise, alpha=alpha, regularization=regularization,
                             seed=seed, grading=1.0, mesh_file=mesh_file,
-                            **({} if mesh_file is None else {"partition": partition}))}
+                            **({} if mesh_file is None else {"partition": partition}),
+                            **comm.bcast(_file_digest(mesh_file) if comm.rank == 0 else None))}
     return adjopt.Problem(J, np.zeros(part.n_global_nodes), name=f"poisson_inversion_{dim}d_{regularization}",
                           meta=meta)
 

@@ -42,6 +42,12 @@ def test_list_shows_the_gallery_with_options():
         next(line for line in lines if line.startswith("seed_toy:"))):][:3])
 
 
+def test_a_missing_mesh_file_says_to_check_the_path(tmp_path):
+    proc = adjopt("run", "poisson_inversion", "--mesh-file", tmp_path / "nope.vtu", "--out", tmp_path / "x", check=2)
+    assert "could not read a file (FileNotFoundError" in proc.stderr and "check the path" in proc.stderr
+    assert "fix the problem file" not in proc.stderr and not (tmp_path / "x").exists()
+
+
 def test_an_option_without_its_value_is_named(tmp_path):
     proc = adjopt("run", "poisson_inversion", "--n", "--n-obs", 5, "--out", tmp_path / "x", check=2)
     assert "option --n has no value (the next word, --n-obs, is another option)" in proc.stderr

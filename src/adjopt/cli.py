@@ -202,6 +202,8 @@ def make_problem(module, options: dict):
         problem = module.build(**options)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{call} rejected the options: {exc}") from exc
+    except OSError as exc:  # a missing or unreadable mesh file, say
+        raise UsageError(f"{call} could not read a file ({type(exc).__name__}: {exc}); check the path") from exc
     except Exception as exc:
         raise UsageError(f"{call} raised {type(exc).__name__}: {exc}; fix the problem file {module.__file__} or its "
                          "options (--debug shows the traceback)") from exc
@@ -618,7 +620,7 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
         # state and adjoint at the result are collective: every rank computes them, then rank 0 writes
         fields = _Fields(problem.functional, result.x)
         order = _file_order(problem, comm)
-        fields.reorder(_file_order(problem, comm, "free_source_nodes"))
+        fields.reorder(_free_order(problem, comm))
         if blocks:  # the result's vectors on rank 0 only, for result.npz (bounds and constraints are not written)
             F = problem.functional
             x_full, g_full, p0 = F.gather(result.x), F.gather(result.jac), F.gather(problem.p0)
@@ -649,25 +651,28 @@ def _run_in(out: Path, args, problem, method: str, stop: dict, meth_opts: dict, 
     return 0 if result.success else 1
 
 
-def _file_order(problem, comm, free: str | None = None):
-    """For a problem built on a mesh file's parts (adjopt.mesh.read_part) with one parameter per node: the file's
-    node number of every global parameter, on rank 0 (None elsewhere and for other problems). Collective.
-
-    ``free``: the name of the meta entry with the file's node of each free dof a rank owns (in the order of
-    those dofs); then the serial position of every global free dof instead (the file's free nodes in ascending
-    order, the numbering of the serial build's state), or None when a rank has no such entry."""
+def _free_order(problem, comm):
+    """For a problem built on a mesh file's parts whose meta has ``free_source_nodes`` (the file's node of each
+    free dof a rank owns, in those dofs' order): the serial position of every global free dof (the file's free
+    nodes in ascending order, the numbering of the serial build's state), on rank 0; None elsewhere and for
+    other problems. Collective."""
     meta = problem.meta if isinstance(problem.meta, dict) else {}
-    if free is not None:
-        mine = meta.get(free)
-        if not comm.allreduce(mine is not None, op=_mpi_min()):
-            return None
-        got = comm.gather(np.asarray(mine), root=0)
-        if comm.rank:
-            return None
-        src = np.concatenate(got)
-        order = np.empty(src.size, dtype=np.int64)
-        order[np.argsort(src, kind="stable")] = np.arange(src.size)
-        return order
+    mine = meta.get("free_source_nodes")
+    if not comm.allreduce(mine is not None, op=_mpi_min()):
+        return None
+    got = comm.gather(np.asarray(mine), root=0)
+    if comm.rank:
+        return None
+    src = np.concatenate(got)
+    order = np.empty(src.size, dtype=np.int64)
+    order[np.argsort(src, kind="stable")] = np.arange(src.size)
+    return order
+
+
+def _file_order(problem, comm):
+    """For a problem built on a mesh file's parts (adjopt.mesh.read_part) with one parameter per node: the file's
+    node number of every global parameter, on rank 0 (None elsewhere and for other problems). Collective."""
+    meta = problem.meta if isinstance(problem.meta, dict) else {}
     part = meta.get("part")
     source = getattr(part, "source_nodes", None)
     nodal = source is not None and getattr(problem.functional, "n_global",
@@ -768,7 +773,9 @@ def _build_distributed(module, options: dict):
         return None
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{call} rejected the options: {exc}") from exc
-    except Exception as exc:  # a missing mesh file, say: one line on every rank, as the serial build gives
+    except OSError as exc:  # a missing mesh file, say: one line on every rank, as the serial build gives
+        raise UsageError(f"{call} could not read a file ({type(exc).__name__}: {exc}); check the path") from exc
+    except Exception as exc:
         raise UsageError(f"{call} raised {type(exc).__name__}: {exc}; fix the problem file {module.__file__} or its "
                          "options (--debug shows the traceback)") from exc
     if not isinstance(problem, adjopt.Problem):

@@ -164,3 +164,26 @@ def test_a_mesh_file_builds_the_same_problem_as_its_generator(tmp_path):
     write_vtu(tmp_path / "quads.vtu", rectangle(3, 3, cell="quad"))
     with pytest.raises(ValueError, match="needs triangles"):
         poisson_inversion.build(mesh_file=str(tmp_path / "quads.vtu"))
+
+
+def test_a_resume_on_a_mesh_file_that_changed_is_refused(tmp_path):
+    """The options hold a digest of the file: the same name with other contents (here the nodes in another
+    order, which is p's order) is another problem, and --resume says so instead of continuing on it."""
+    pytest.importorskip("meshio")
+    from adjopt import cli
+    from adjopt.mesh import Mesh, unit_square, write_vtu
+
+    path = str(tmp_path / "square.vtu")
+    m = unit_square(8)
+    write_vtu(path, m)
+    assert poisson_inversion.build(mesh_file=path, n_obs=10).meta["options"]["mesh_sha1"] == \
+        poisson_inversion.build(mesh_file=path, n_obs=10).meta["options"]["mesh_sha1"]
+    out = str(tmp_path / "run")
+    args = ["run", "poisson_inversion", "--mesh-file", path, "--n-obs", "10", "--method", "lbfgs", "--no-pictures",
+            "-q", "--out", out]
+    assert cli.main([*args, "--max-iter", "2"]) in (0, 1)
+    perm = np.random.default_rng(0).permutation(m.n_nodes)
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(m.n_nodes)
+    write_vtu(path, Mesh(m.points[perm], inv[m.cells], "triangle"))
+    assert cli.main([*args, "--max-iter", "4", "--resume"]) == 2

@@ -51,13 +51,22 @@ from ...objectives.base import Objective, Scaled, Sum
 from ...objectives.regularization import _Quadratic
 from ...objectives.state import Compliance, SquaredMisfit
 from ...operators.element import ElementCoefficientMatrix
-from ...optimize.inner import INNER_PRODUCTS, Euclidean, InnerProduct
-from ...optimize.space import Blocks
 from ...operators.residual import ParametricResidual
 from ...operators.vectors import as_vector
+from ...optimize.inner import INNER_PRODUCTS, Euclidean, InnerProduct
+from ...optimize.space import Blocks
 from ...solvers.base import SolverStats
 from ..partition import ContiguousNumbering, Layout, Numbering, make_layout, partition_elements
-from .parts import LocalCompliance, LocalMisfit, LocalQuadratic, LocalSystem, agree, raise_first, same_options
+from .parts import (
+    LocalCompliance,
+    LocalMisfit,
+    LocalQuadratic,
+    LocalSystem,
+    agree,
+    content_digest,
+    raise_first,
+    same_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -523,6 +532,12 @@ class DistributedReducedFunctional:
         same_options(comm, "DistributedReducedFunctional", partition=partition, coordinates=coordinates, parts=parts,
                      ksp_type=ksp_type, pc_type=pc_type, rtol=rtol, max_it=max_it, self_adjoint=self_adjoint,
                      near_nullspace=near_nullspace, warm_start=warm_start)
+        # every rank holds the whole serial problem here: the same one (a rank built with another size crashed
+        # in the exchanges below, one with another seed gave a J that is neither's)
+        digests = comm.allgather(content_digest(matrix, rhs, objective, parameter_map))
+        agree(comm, len(set(digests)) == 1, "the ranks hold different serial problems (the arrays or sizes of the "
+              f"matrix, right-hand side, objective or parameter map differ: digests {digests}); build the same "
+              "problem on every rank (the same options and seed) before distributing it")
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         _share_cores(comm)
         _return_freed_memory(comm)

@@ -57,9 +57,15 @@ def _fingerprint(value) -> str:
         return f"<{type(value).__name__}>"
 
 
+#: a sequence longer than this compares by a digest of its entries as an array (not entry by entry)
+_SHORT = 16
+
+
 def _fingerprint_of(value) -> str:
     import hashlib
     import os
+
+    import scipy.sparse as sps
 
     if value is None:
         return "None"
@@ -75,17 +81,65 @@ def _fingerprint_of(value) -> str:
         return repr(float(value))
     if isinstance(value, numbers.Number):
         return repr(complex(value))
-    if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_fingerprint(v) for v in value) + ")"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {_fingerprint(v)}" for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))) + "}"
-    if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            return "array(" + _fingerprint(value.tolist()) + ")"
-        a = np.ascontiguousarray(value)  # at least 1-d: the shape shown is the value's
-        return (f"array(shape={value.shape}, dtype={a.dtype}, "
-                f"sha1={hashlib.sha1(a.view(np.uint8).ravel()).hexdigest()[:16]})")
-    return f"<{type(value).__name__}>"
+        return "{" + ", ".join(f"{_fingerprint(k)}: {_fingerprint(v)}"
+                               for k, v in sorted(value.items(), key=lambda kv: _fingerprint(kv[0]))) + "}"
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(_fingerprint(v) for v in value)) + "}"
+    if sps.issparse(value):
+        c = sps.csr_array(value)
+        c.sum_duplicates()
+        return f"sparse(shape={c.shape}, {_fingerprint(c.indptr)}, {_fingerprint(c.indices)}, {_fingerprint(c.data)})"
+    if isinstance(value, (tuple, list)) and len(value) <= _SHORT:
+        return "(" + ", ".join(_fingerprint(v) for v in value) + ")"
+    if not isinstance(value, np.ndarray):
+        # array-likes (long lists, range, array.array, memoryview): by their entries as an array
+        if not isinstance(value, (tuple, list, range, memoryview)) and not hasattr(value, "__array__") \
+                and not hasattr(value, "__buffer__") and type(value).__module__ != "array":
+            return f"<{type(value).__name__}>"
+        value = np.asarray(value)
+    if isinstance(value, np.ma.MaskedArray):
+        return f"masked({_fingerprint(np.ma.getdata(value))}, {_fingerprint(np.ma.getmaskarray(value))})"
+    if value.ndim == 0:
+        return _fingerprint(value.item())  # a 0-d array as the scalar it holds
+    if value.dtype.hasobject:
+        return "array(" + _fingerprint(value.tolist()) + ")"
+    a = np.ascontiguousarray(value)
+    return f"array(shape={value.shape}, dtype={a.dtype}, sha1={hashlib.sha1(a.view(np.uint8).ravel()).hexdigest()[:16]})"
+
+
+def content_digest(*objects, depth: int = 5) -> str:
+    """A digest of what the objects hold: their class and, ``depth`` levels down, their public attributes
+    (arrays and sparse matrices by their entries, numbers and strings by value, lists and dicts entry by
+    entry; names that start with an underscore, caches among them, are left out). Equal on every rank for the
+    same serial problem built from the same options; different when a size, a seed or the data differ."""
+    import hashlib
+
+    h = hashlib.sha1()
+    seen: set[int] = set()
+
+    def walk(o, level):
+        h.update(type(o).__name__.encode())
+        if id(o) in seen:
+            return
+        seen.add(id(o))
+        if isinstance(o, (list, tuple)) and len(o) <= _SHORT and level < depth:  # terms of a sum, say
+            for v in o:
+                walk(v, level + 1)
+            return
+        leaf = _fingerprint(o)
+        if not leaf.startswith("<") or level >= depth:
+            h.update(leaf.encode())
+            return
+        attrs = getattr(o, "__dict__", None)
+        if isinstance(attrs, dict):
+            for k in sorted(a for a in attrs if not a.startswith("_")):
+                h.update(k.encode())
+                walk(attrs[k], level + 1)
+
+    for o in objects:
+        walk(o, 0)
+    return h.hexdigest()[:16]
 
 
 def same_options(comm, where: str, **options) -> None:
@@ -104,8 +158,12 @@ def same_options(comm, where: str, **options) -> None:
     differ = [k for k in names if len({o.get(k, "(not given)") for o in every}) > 1]
     if not differ:
         return
+    def brief(text: str) -> str:  # a long option (a list of thousands of entries) is not printed whole
+        return text if len(text) <= 80 else text[:60] + " ... " + text[-15:]
+
     shown = "; ".join(
-        f"{k}: " + ", ".join(f"rank {r} {o.get(k, '(not given)')}" for r, o in enumerate(every)) for k in differ[:4])
+        f"{k}: " + ", ".join(f"rank {r} {brief(o.get(k, '(not given)'))}" for r, o in enumerate(every))
+        for k in differ[:4])
     more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
     raise ValueError(f"{where} was called with options that differ between the ranks ({shown}{more}): every rank "
                      "must pass the same options (it is a collective call)")
