@@ -389,3 +389,26 @@ def test_design_methods_through_minimize():
     assert r.history[-1]["volume"] <= 0.5 + 1e-3
     with pytest.raises(ValueError, match="does not take inequality constraints"):
         adjopt.minimize(pb, method="lbfgs")
+
+
+def test_per_rank_checkpoint_files_say_how_many_ranks_wrote_them(tmp_path):
+    """A resume on another number of ranks than wrote the per-rank checkpoints says how many did."""
+    from adjopt.optimize import CheckpointError
+    from adjopt.optimize.base import _RankCheckpoint
+
+    path = tmp_path / "checkpoint.npz"
+    assert _RankCheckpoint.ranks_written(path) == 0
+    for name in ("checkpoint.rank0.prev.npz", "checkpoint.rank1.npz", "checkpoint.rank2.prev.npz", "other.rank7.npz",
+                 "checkpoint.rank3.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    assert _RankCheckpoint.ranks_written(path) == 3  # rank 2's .prev counts, other stems and names do not
+
+    class OneRank:  # a communicator of one rank, as mpi4py's answers
+        rank, size = 0, 1
+
+        def allgather(self, x):
+            return [x]
+
+    # rank 0 of the writers has no readable iteration (empty files): nothing in common, and the message names 3
+    with pytest.raises(CheckpointError, match=r"written by a run on 3 ranks: resume on 3 ranks \(mpiexec -n 3\)"):
+        _RankCheckpoint(path, OneRank()).latest_common()
