@@ -470,7 +470,8 @@ def _compile_notice(args) -> None:
 def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None = None) -> int:
     from .solvers import make_solver
 
-    if getattr(args, "backend", "serial") == "petsc" and args.solver:
+    petsc = getattr(args, "backend", "serial") == "petsc"
+    if petsc and args.solver:
         raise UsageError("--solver picks a serial solver; with --backend petsc choose the Krylov method and "
                          "preconditioner with PETSc options, e.g. PETSC_OPTIONS='-adjopt_ksp_type gmres -adjopt_pc_type hypre'")
     module = load_module(name or args.problem)
@@ -478,7 +479,6 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     method = args.method or run_defaults.pop("method", None)
     run_defaults.pop("method", None)
     popts = build_options(module)
-    petsc = getattr(args, "backend", "serial") == "petsc"
     only_distributed = distributed_options(module) if petsc else {}
     if not petsc:
         asked = sorted({t[2:].split("=", 1)[0].replace("-", "_") for t in extra if t.startswith("--")}
@@ -505,7 +505,7 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
         _check_solver(args.solver)
     _compile_notice(args)
     problem = None
-    if getattr(args, "backend", "serial") == "petsc":
+    if petsc:
         _quiet_other_ranks()
         problem = _build_distributed(module, prob_opts)
         given = sorted(k for k in prob_opts if k in only_distributed)
@@ -526,7 +526,7 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
             raise UsageError(str(exc)) from exc
         problem.functional.cache.clear()
     comm = None
-    if getattr(args, "backend", "serial") == "petsc":
+    if petsc:
         problem, comm = _distribute(problem, args)
         problem = _blocks_if_possible(problem, method)
     out = Path(args.out or os.path.join("adjopt-results", problem.name))

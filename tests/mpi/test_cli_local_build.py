@@ -133,18 +133,23 @@ def test_options_not_built_rank_by_rank_fall_back_to_the_replicated_build(tmp_pa
         assert "grading" in caplog.text
 
 
+def _ends_as_a_straight_run(tmp_path, base, out, name):
+    """The resumed run in ``out`` has the history of 8 iterations made in one go (``base`` ends in --out)."""
+    straight = _shared(tmp_path, name)
+    assert cli.main([*base[:-1], straight, "--max-iter", "8"]) in (0, 1)
+    COMM.Barrier()
+    a, b = _history(out), _history(straight)
+    assert len(a) == len(b) == 9
+    assert abs(a[-1]["f"] - b[-1]["f"]) <= 1e-10 * abs(b[-1]["f"])
+
+
 def test_resume_under_mpiexec_continues_a_run_built_rank_by_rank(tmp_path):
     out = _shared(tmp_path, "resume")
     base = ["run", "topology_compliance", "--nelx", "24", "--nely", "8", "--no-pictures", "-q", "--backend", "petsc",
             "--out", out]
     assert cli.main([*base, "--max-iter", "4"]) in (0, 1)
     assert cli.main([*base, "--max-iter", "8", "--resume"]) in (0, 1)
-    straight = _shared(tmp_path, "straight")
-    assert cli.main([*base[:-1], straight, "--max-iter", "8"]) in (0, 1)
-    COMM.Barrier()
-    a, b = _history(out), _history(straight)
-    assert len(a) == len(b) == 9
-    assert abs(a[-1]["f"] - b[-1]["f"]) <= 1e-10 * abs(b[-1]["f"])
+    _ends_as_a_straight_run(tmp_path, base, out, "straight")
 
 
 def test_resume_after_a_kill_while_rank_0_rotated_its_checkpoint(tmp_path, capsys):
@@ -165,12 +170,7 @@ def test_resume_after_a_kill_while_rank_0_rotated_its_checkpoint(tmp_path, capsy
     COMM.Barrier()
     with open(log) as fh:  # rank 0 logs the iterations this invocation made: from the checkpoint's on
         assert [json.loads(line)["nit"] for line in fh][0] >= 4
-    straight = _shared(tmp_path, "straight8")
-    assert cli.main([*base[:-1], straight, "--max-iter", "8"]) in (0, 1)
-    COMM.Barrier()
-    a, b = _history(out), _history(straight)
-    assert len(a) == len(b) == 9
-    assert abs(a[-1]["f"] - b[-1]["f"]) <= 1e-10 * abs(b[-1]["f"])
+    _ends_as_a_straight_run(tmp_path, base, out, "straight8")
     if COMM.rank == 0:
         assert "no checkpoint" not in capsys.readouterr().err
     # the per-rank checkpoints are not resumed by a run with p on every rank (the serial command): it says how

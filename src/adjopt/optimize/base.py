@@ -502,6 +502,12 @@ def _write(checkpoint, state: dict, meta: dict) -> None:
         write_checkpoint(checkpoint, state, meta)
 
 
+def _stem(path) -> str:
+    """A checkpoint path without its ``.npz``: the stem of the per-rank files ``<stem>.rank<r>.npz``."""
+    path = os.fspath(path)
+    return path[:-4] if path.endswith(".npz") else path
+
+
 class _RankCheckpoint:
     """The checkpoint of a run whose parameters are in blocks over MPI ranks: one file per rank.
 
@@ -513,7 +519,7 @@ class _RankCheckpoint:
 
     def __init__(self, path, comm):
         path = os.fspath(path)
-        stem = path[:-4] if path.endswith(".npz") else path
+        stem = _stem(path)
         self.comm = comm
         self.current = f"{stem}.rank{comm.rank}.npz"
         self.previous = f"{stem}.rank{comm.rank}.prev.npz"
@@ -531,8 +537,7 @@ class _RankCheckpoint:
         import glob
         import re
 
-        path = os.fspath(path)
-        stem = path[:-4] if path.endswith(".npz") else path
+        stem = _stem(path)
         found = [re.fullmatch(r"\.rank(\d+)(\.prev)?\.npz", name[len(stem):])
                  for name in glob.glob(glob.escape(stem) + ".rank*.npz")]
         return max((int(m.group(1)) + 1 for m in found if m), default=0)
