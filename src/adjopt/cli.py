@@ -473,7 +473,7 @@ def cmd_run(args, extra: list[str], name: str | None = None, preset: dict | None
     petsc = getattr(args, "backend", "serial") == "petsc"
     if petsc and args.solver:
         raise UsageError("--solver picks a serial solver; with --backend petsc choose the Krylov method and "
-                         "preconditioner with PETSc options, e.g. PETSC_OPTIONS='-adjopt_ksp_type gmres -adjopt_pc_type hypre'")
+                         "preconditioner with PETSc options, e.g. PETSC_OPTIONS='-adjopt_ksp_type gmres -adjopt_pc_type bjacobi'")
     module = load_module(name or args.problem)
     run_defaults = dict(getattr(module, "RUN_DEFAULTS", {}))
     method = args.method or run_defaults.pop("method", None)

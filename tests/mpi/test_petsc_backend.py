@@ -445,3 +445,50 @@ def test_taylor_test_at_the_default_tolerance_with_warm_starts():
     # the dual-weighted residual estimates the Krylov error of J
     serial = problem.functional.value(p)
     assert abs(F.value(p) - serial) <= 10 * F.value_error(p) + 1e-12 * abs(serial)
+
+
+def _singular_blocks(nb=8):
+    """A(p) = blockdiag of [[1, 1], [1, 1]] (p = 1): singular with a nonzero diagonal, which passes the
+    zero-diagonal check and makes every factorization meet an exact zero pivot."""
+    A = adjopt.ElementCoefficientMatrix(np.arange(2 * nb).reshape(nb, 2), np.ones((2, 2)), n=2 * nb)
+    b = np.ones(2 * nb)
+    return adjopt.Problem(adjopt.ReducedFunctional(A, b, adjopt.Compliance(b)), np.ones(nb))
+
+
+def test_a_preconditioner_that_meets_a_zero_pivot_says_so_not_to_raise_max_it():
+    problem = _singular_blocks()
+    F = distribute(problem, pc_type="bjacobi").functional  # a factorization of each rank's block
+    with pytest.raises(SolverDidNotConverge) as info:
+        F.value(problem.p0)
+    msg = str(info.value)
+    assert "DIVERGED_PCSETUP_FAILED after 0 iterations" in msg
+    assert "could not be built" in msg and "FACTOR_NUMERIC_ZEROPIVOT" in msg and "boundary conditions" in msg
+    assert "max_it" not in msg  # no iteration was made: more of them cannot help
+
+
+@pytest.mark.skipif(COMM.size < 2, reason="PETSc's own LU factors a matrix on one rank (mpiexec -n 2)")
+def test_a_factorization_petsc_cannot_make_in_parallel_names_what_to_use_instead():
+    problem = poisson_inversion.build(n=8, n_obs=5)
+    F = distribute(problem, pc_type="lu").functional
+    with pytest.raises(SolverDidNotConverge, match=r"no factorization for pc_type='lu' of a matrix distributed over "
+                                                   r"\d ranks .*MUMPS.*Use pc_type='gamg'"):
+        F.value(problem.p0)
+    F2 = distribute(problem, pc_type="bjacobi").functional  # the advice works
+    J0 = problem.functional.value(problem.p0)
+    assert abs(F2.value(problem.p0) - J0) <= 1e-8 * abs(J0)
+
+
+def test_a_preconditioner_petsc_does_not_have_is_refused_with_what_to_use():
+    problem = poisson_inversion.build(n=8, n_obs=5)
+    with pytest.raises(ValueError, match=r"PETSc does not know .*pc_type='gammg'.*misspelling.*pc_type='gamg'"):
+        distribute(problem, pc_type="gammg")
+    opts = petsc4py.PETSc.Options()
+    opts["adjopt_ksp_type"] = "cgg"  # the same through the options database (PETSC_OPTIONS)
+    try:
+        with pytest.raises(ValueError, match=r"-adjopt_ksp_type/-adjopt_pc_type in PETSC_OPTIONS"):
+            distribute(problem)
+    finally:
+        opts.delValue("adjopt_ksp_type")
+    F = distribute(problem).functional  # nothing left behind
+    J0 = problem.functional.value(problem.p0)
+    assert abs(F.value(problem.p0) - J0) <= 1e-8 * abs(J0)

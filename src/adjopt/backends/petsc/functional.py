@@ -72,11 +72,30 @@ logger = logging.getLogger(__name__)
 
 _INT = PETSc.IntType
 _REASONS = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
+_PC_FAILURES = {v: k for k, v in vars(PETSc.PC.FailedReason).items() if isinstance(v, int)}
+#: PETSC_ERR_MISSING_FACTOR: no package for the factorization asked for (LU of an MPIAIJ matrix without MUMPS)
+_ERR_MISSING_FACTOR = 92
+#: PETSC_ERR_UNKNOWN_TYPE: a KSP or PC type this PETSc does not have (misspelt, or its package not built in)
+_ERR_UNKNOWN_TYPE = 86
 #: solve kinds that start from the previous solution of the same kind (tangents change direction every call)
 WARM_KINDS = ("forward", "adjoint")
 #: options of the default preconditioner (prefix adjopt_; set by the user first, PETSC_OPTIONS, they win)
 GAMG_DEFAULTS = {"mg_levels_ksp_type": "richardson", "mg_levels_pc_type": "sor"}
 SUPPORTED_TERMS = "SquaredMisfit (weights a vector), Compliance, TikhonovL2 and TikhonovH1, scaled and summed"
+
+
+def _pc_failure(pc) -> str:
+    """Why PETSc says ``pc`` failed (``FACTOR_NUMERIC_ZEROPIVOT``, ...), looking into the first block of a block
+    Jacobi or additive Schwarz preconditioner when the failure is there (``SUBPC_ERROR``); this rank's view."""
+    reason = int(pc.getFailedReason())
+    if _PC_FAILURES.get(reason) == "SUBPC_ERROR":
+        try:
+            subs = pc.getBJacobiSubKSP() if pc.getType() == "bjacobi" else pc.getASMSubKSP()
+            inner = [int(k.getPC().getFailedReason()) for k in subs]
+            reason = next((r for r in inner if r > 0), reason)
+        except PETSc.Error:  # another kind of preconditioner: its own reason stands
+            pass
+    return _PC_FAILURES.get(reason, f"failed reason {reason}")
 
 
 def _same_on_every_rank(comm, p: np.ndarray, name: str) -> None:
@@ -743,11 +762,22 @@ class DistributedReducedFunctional:
         self._set_up = False
         ksp = PETSc.KSP().create(comm=comm)
         ksp.setOptionsPrefix("adjopt_")
-        ksp.setType(ksp_type or ("cg" if self.symmetric else "gmres"))
-        ksp.getPC().setType(pc_type)
-        ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
-        ksp.setTolerances(rtol=rtol, atol=0.0, max_it=max_it)
-        ksp.setFromOptions()
+        try:
+            ksp.setType(ksp_type or ("cg" if self.symmetric else "gmres"))
+            ksp.getPC().setType(pc_type)
+            ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+            ksp.setTolerances(rtol=rtol, atol=0.0, max_it=max_it)
+            ksp.setFromOptions()
+        except PETSc.Error as exc:
+            if exc.ierr != _ERR_UNKNOWN_TYPE:
+                raise
+            # every rank reads the same arguments and options, so every rank stops here
+            raise ValueError(
+                f"PETSc does not know the Krylov method or preconditioner asked for (ksp_type={ksp_type!r}, "
+                f"pc_type={pc_type!r}, or an -adjopt_ksp_type/-adjopt_pc_type in PETSC_OPTIONS; PETSc's message is "
+                "above): a misspelling, or a package this PETSc was built without (the PyPI build has neither hypre "
+                "nor MUMPS). Use pc_type='gamg' (the default), 'bjacobi', 'jacobi' or 'sor', or a PETSc configured "
+                "with --download-hypre") from exc
         self.ksp, self.rtol = ksp, rtol
         self.stats = SolverStats()
         self.times = Counter()
@@ -879,9 +909,18 @@ class DistributedReducedFunctional:
             # a residual that grows, a breakdown or an indefinite matrix: most often a singular A (a body free to
             # move, a region without Dirichlet condition), which no iteration limit cures
             singular = name in ("DIVERGED_DTOL", "DIVERGED_BREAKDOWN", "DIVERGED_INDEFINITE_MAT", "DIVERGED_NANORINF")
-            advice = ("Is A(p) singular (a part of the domain without a Dirichlet condition, a rigid body mode left "
-                      "free)? Check the boundary conditions; else pick another preconditioner" if singular else
-                      "Raise max_it, loosen rtol or pick another preconditioner")
+            if name == "DIVERGED_PCSETUP_FAILED":
+                # no iteration was made: more iterations or a looser tolerance cannot help
+                advice = (f"The preconditioner could not be built at this p ({_pc_failure(self.ksp.getPC())}): a zero "
+                          "pivot in a factorization or in a smoother's diagonal block, where A(p) is singular or "
+                          "nearly so (a part of the domain without a Dirichlet condition, a coefficient that "
+                          "vanishes) or the preconditioner does not suit A. Check the boundary conditions; else pick "
+                          "another preconditioner")
+            elif singular:
+                advice = ("Is A(p) singular (a part of the domain without a Dirichlet condition, a rigid body mode "
+                          "left free)? Check the boundary conditions; else pick another preconditioner")
+            else:
+                advice = "Raise max_it, loosen rtol or pick another preconditioner"
             raise SolverDidNotConverge(
                 f"the {kind} solve ({self.solver.name}) did not converge: {name} after {its} "
                 f"iterations at relative tolerance {rtol:g}. {advice} "
@@ -955,6 +994,18 @@ class DistributedReducedFunctional:
         except PETSc.Error as exc:
             self.ksp.reset()  # the half-made preconditioner goes; the next p sets it up afresh
             self._set_up = False
+            pc_type = self.ksp.getPC().getType()
+            if exc.ierr == _ERR_MISSING_FACTOR:
+                where = (f"of a matrix distributed over {self.comm.size} ranks (PETSc's own LU, Cholesky, ILU and ICC "
+                         "factor a matrix on one rank only; in parallel they need an external package such as MUMPS "
+                         "or SuperLU_dist, which PETSc builds when configured with --download-mumps or "
+                         "--download-superlu_dist)" if self.comm.size > 1 else
+                         "with the solver package asked for (-adjopt_pc_factor_mat_solver_type?), which this PETSc "
+                         "was not built with")
+                raise SolverDidNotConverge(
+                    f"the solver setup ({self.solver.name}) failed: this PETSc has no factorization for pc_type="
+                    f"{pc_type!r} {where}. Use pc_type='gamg' (the default) or 'bjacobi' (a factorization of each "
+                    "rank's block)") from exc
             raise SolverDidNotConverge(
                 f"the solver setup ({self.solver.name}) failed with PETSc error {exc.ierr} (its message is above); "
                 "check the PETSc options (PETSC_OPTIONS, -adjopt_...) or pick another preconditioner") from exc
