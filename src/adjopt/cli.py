@@ -766,13 +766,20 @@ def _build_distributed(module, options: dict):
         from .backends.petsc import DistributedReducedFunctional  # noqa: F401  (a clear error when PETSc is missing)
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
+    from .backends.petsc import PetscOptionsError
+    from .errors import AdjoptError
+
     try:
         problem = build(**options)
     except NotImplementedError as exc:
         logger.warning("%s: every rank builds the whole problem (%s)", stem, exc)
         return None
+    except PetscOptionsError as exc:  # PETSC_OPTIONS, not the problem's options
+        raise UsageError(f"the PETSc solver options were refused: {exc}") from exc
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{call} rejected the options: {exc}") from exc
+    except AdjoptError as exc:  # a solve of the build (the synthetic data) failed: the solver, not the problem file
+        raise UsageError(f"{call} failed in a solve: {exc}") from exc
     except OSError as exc:  # a missing mesh file, say: one line on every rank, as the serial build gives
         raise UsageError(f"{call} could not read a file ({type(exc).__name__}: {exc}); check the path") from exc
     except Exception as exc:
@@ -821,7 +828,7 @@ def _write_pieces(out: Path, problem, x, comm):
 def _distribute(problem, args):
     """(problem on PETSc, its communicator) for --backend petsc; a UsageError names what is missing."""
     try:
-        from .backends.petsc import DistributedReducedFunctional, distribute
+        from .backends.petsc import DistributedReducedFunctional, PetscOptionsError, distribute
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
     if isinstance(problem.functional, DistributedReducedFunctional):  # built rank by rank already
@@ -830,6 +837,8 @@ def _distribute(problem, args):
         distributed = distribute(problem)
     except NotImplementedError as exc:  # what the backend does not distribute (a nonlinear residual, ...)
         raise UsageError(str(exc)) from exc
+    except PetscOptionsError as exc:
+        raise UsageError(f"the PETSc solver options were refused: {exc}") from exc
     return _quiet_ranks(distributed, distributed.functional.comm)
 
 

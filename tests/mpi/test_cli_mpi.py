@@ -45,3 +45,21 @@ def test_the_petsc_backend_refuses_a_serial_solver_and_a_non_empty_folder(tmp_pa
     # rank 0 finds the folder taken; every rank stops with the same message (none waits for the others)
     assert cli.main([*base, "--out", out]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_petsc_options_that_do_not_solve_or_that_petsc_refuses_stop_the_run_with_exit_2(tmp_path, capsys):
+    from petsc4py import PETSc
+
+    out = COMM.bcast(str(tmp_path / "opts") if COMM.rank == 0 else None)
+    base = ["run", "poisson_inversion", "--n", "6", "--backend", "petsc", "-q", "--no-pictures", "--max-iter", "2"]
+    opts = PETSc.Options()
+    for key, value, said in (("adjopt_ksp_type", "preonly", "failed in a solve: the forward solve (petsc:preonly+gamg) "
+                                                            "stopped with CONVERGED_ITS"),
+                             ("adjopt_pc_type", "hypree", "the PETSc solver options were refused: PETSc does not know")):
+        opts[key] = value  # as PETSC_OPTIONS='-adjopt_ksp_type preonly' sets it
+        try:
+            assert cli.main([*base, "--out", f"{out}-{value}"]) == 2
+        finally:
+            opts.delValue(key)
+        err = capsys.readouterr().err
+        assert said in err and "fix the problem file" not in err  # the solver options, not the problem, are at fault

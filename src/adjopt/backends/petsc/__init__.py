@@ -30,7 +30,14 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "steps that build PETSc from PyPI, and how to use a cluster's own PETSc instead)"
     ) from exc
 
-from .functional import BlockFunctional, DistributedReducedFunctional, distribute, in_blocks  # noqa: E402
+from .functional import (  # noqa: E402
+    BlockFunctional,
+    DistributedReducedFunctional,
+    PetscOptionsError,
+    distribute,
+    in_blocks,
+)
 from .tao import TAO_METHODS, minimize_tao  # noqa: E402
 
-__all__ = ["BlockFunctional", "DistributedReducedFunctional", "distribute", "in_blocks", "minimize_tao", "TAO_METHODS"]
+__all__ = ["BlockFunctional", "DistributedReducedFunctional", "PetscOptionsError", "distribute", "in_blocks",
+           "minimize_tao", "TAO_METHODS"]

@@ -33,6 +33,7 @@ Two interfaces, both collective (every rank calls them):
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import time
 from collections import Counter
@@ -77,6 +78,14 @@ _PC_FAILURES = {v: k for k, v in vars(PETSc.PC.FailedReason).items() if isinstan
 _ERR_MISSING_FACTOR = 92
 #: PETSC_ERR_UNKNOWN_TYPE: a KSP or PC type this PETSc does not have (misspelt, or its package not built in)
 _ERR_UNKNOWN_TYPE = 86
+#: PETSC_ERR_SUP: an operation the object does not support (SOR applied transposed, say)
+_ERR_SUPPORT = 56
+#: Krylov methods that apply the preconditioner transposed in an ordinary solve
+TRANSPOSED_PC_KSPS = ("bicg", "cgne", "lsqr")
+#: preconditioners without a transposed application (PCApplyTranspose)
+NO_TRANSPOSE_PCS = {"sor", "eisenstat"}
+#: a converged solve must leave |b - A x| <= RESIDUAL_SLACK rtol |b| (round-off and CG's recurrence drift allowed)
+RESIDUAL_SLACK = 100.0
 #: solve kinds that start from the previous solution of the same kind (tangents change direction every call)
 WARM_KINDS = ("forward", "adjoint")
 #: options of the default preconditioner (prefix adjopt_; set by the user first, PETSC_OPTIONS, they win)
@@ -195,8 +204,36 @@ def _local_problems(system: LocalSystem, lay: Layout, rank: int):
 
 
 def _check_solver_options(rtol, max_it) -> None:
-    if not (isinstance(rtol, float) and 0 < rtol < 1) or isinstance(max_it, bool) or not isinstance(max_it, int) or max_it < 1:
+    ok_rtol = isinstance(rtol, numbers.Real) and not isinstance(rtol, (bool, np.bool_)) and 0 < rtol < 1
+    ok_max_it = isinstance(max_it, numbers.Integral) and not isinstance(max_it, (bool, np.bool_)) and max_it >= 1
+    if not (ok_rtol and ok_max_it):
         raise ValueError(f"rtol must be a float in (0, 1) and max_it an integer >= 1, got rtol={rtol!r}, max_it={max_it!r}")
+
+
+class PetscOptionsError(ValueError):
+    """PETSc refused the Krylov method, the preconditioner or one of their options (arguments or
+    ``PETSC_OPTIONS``), on every rank."""
+
+
+def _petsc_message(exc) -> str:
+    """The last line of a petsc4py error: PETSc's own words (``Unable to find requested PC type hypre``)."""
+    lines = [ln.split("] ", 1)[-1].strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else f"error code {getattr(exc, 'ierr', '?')}"
+
+
+def _options_message(exc, ksp_type, pc_type) -> str:
+    """What to tell a user whose solver options PETSc refused while the KSP was made."""
+    opts = PETSc.Options()
+    asked = ", ".join(f"{k}={v!r}" for k, v in (("ksp_type", opts.getString("adjopt_ksp_type", "") or ksp_type),
+                                                ("pc_type", opts.getString("adjopt_pc_type", "") or pc_type)) if v)
+    said = _petsc_message(exc)
+    if exc.ierr == _ERR_UNKNOWN_TYPE:
+        return (f"PETSc does not know a Krylov method or preconditioner asked for ({asked or 'the defaults'}, from the "
+                f"arguments or -adjopt_... in PETSC_OPTIONS; PETSc says: {said}): a misspelling, or a package this "
+                "PETSc was built without (the PyPI build has neither hypre nor MUMPS). Use pc_type='gamg' (the "
+                "default), 'bjacobi' or 'jacobi', or a PETSc configured with --download-hypre")
+    return (f"PETSc refused the solver options ({asked or 'the defaults'} and -adjopt_... in PETSC_OPTIONS) with error "
+            f"{exc.ierr}: {said}. Check PETSC_OPTIONS and the values given to -adjopt_ksp_* and -adjopt_pc_*")
 
 
 def _orthonormal(comm, Z: np.ndarray) -> np.ndarray:
@@ -760,8 +797,13 @@ class DistributedReducedFunctional:
         # which KSPSolveTranspose needs.
         self._pc_defaults = dict(GAMG_DEFAULTS) if pc_type == "gamg" and self.symmetric else {}
         self._set_up = False
+        self._broken: str | None = None  # why the KSP cannot be used again (a PETSc error inside a solve)
+        for name, value in (("ksp_type", ksp_type), ("pc_type", pc_type)):
+            if value is not None and not isinstance(value, str) or (name == "pc_type" and value is None):
+                raise ValueError(f"{name} must be the name of a PETSc {name[:-5].upper()} type (a str), got {value!r}")
         ksp = PETSc.KSP().create(comm=comm)
         ksp.setOptionsPrefix("adjopt_")
+        refused = None
         try:
             ksp.setType(ksp_type or ("cg" if self.symmetric else "gmres"))
             ksp.getPC().setType(pc_type)
@@ -769,15 +811,32 @@ class DistributedReducedFunctional:
             ksp.setTolerances(rtol=rtol, atol=0.0, max_it=max_it)
             ksp.setFromOptions()
         except PETSc.Error as exc:
-            if exc.ierr != _ERR_UNKNOWN_TYPE:
-                raise
-            # every rank reads the same arguments and options, so every rank stops here
-            raise ValueError(
-                f"PETSc does not know the Krylov method or preconditioner asked for (ksp_type={ksp_type!r}, "
-                f"pc_type={pc_type!r}, or an -adjopt_ksp_type/-adjopt_pc_type in PETSC_OPTIONS; PETSc's message is "
-                "above): a misspelling, or a package this PETSc was built without (the PyPI build has neither hypre "
-                "nor MUMPS). Use pc_type='gamg' (the default), 'bjacobi', 'jacobi' or 'sor', or a PETSc configured "
-                "with --download-hypre") from exc
+            refused = _options_message(exc, ksp_type, pc_type)
+        # an option may fail on one rank only (a monitor file that rank 0 cannot open): all ranks stop together,
+        # and the half-configured KSP goes now (left to PETSc's finalization, it crashed the process at exit)
+        try:
+            agree(comm, refused is None, refused or "", PetscOptionsError)
+        except PetscOptionsError:
+            ksp.destroy()
+            raise
+        rtol = ksp.getTolerances()[0]  # -adjopt_ksp_rtol in PETSC_OPTIONS overrides the argument
+        agree(comm, 0.0 < rtol < 1.0, f"-adjopt_ksp_rtol must be in (0, 1), got {rtol!r}", PetscOptionsError)
+        # a preconditioner without a transposed application under a solve that applies it transposed fails inside
+        # PETSc's solve, after which the process cannot go on (it crashes at the next call or at exit): refused here
+        transposed = ksp.getType() in TRANSPOSED_PC_KSPS or not self.symmetric
+        used = {ksp.getPC().getType(), PETSc.Options().getString("adjopt_mg_levels_pc_type", ""),
+                PETSc.Options().getString("adjopt_sub_pc_type", "")}
+        bad = sorted(t for t in used & NO_TRANSPOSE_PCS)
+        agree(comm, not (transposed and bad),
+              f"the preconditioner {' and '.join(map(repr, bad))} has no transposed application, which "
+              + (f"ksp_type={ksp.getType()!r} needs" if ksp.getType() in TRANSPOSED_PC_KSPS else
+                 "the adjoint and second-adjoint solves with A^T of a nonsymmetric A need")
+              + ": use pc_type='gamg', 'jacobi' or 'bjacobi' (or ksp_type='cg'/'gmres')", PetscOptionsError)
+        agree(comm, not (comm.size > 1 and "eisenstat" in used),
+              "pc_type 'eisenstat' needs the matrix on one rank (PETSc has no Eisenstat for a distributed matrix): "
+              "use pc_type='gamg', 'jacobi' or 'bjacobi'", PetscOptionsError)
+        if ksp.getType() in TRANSPOSED_PC_KSPS:
+            self._pc_defaults = {}  # GAMG's own smoothers (Chebyshev/Jacobi), which apply transposed, not SOR
         self.ksp, self.rtol = ksp, rtol
         self.stats = SolverStats()
         self.times = Counter()
@@ -873,6 +932,9 @@ class DistributedReducedFunctional:
         return tol
 
     def _solve(self, rhs: PETSc.Vec, kind: str, transpose: bool = False, tol: float | None = None) -> PETSc.Vec:
+        if self._broken is not None:
+            raise SolverDidNotConverge(f"an earlier solve of this functional failed inside PETSc ({self._broken}); "
+                                       "build it again with other solver options")
         x = rhs.duplicate()
         last = self._last.get(kind) if self.warm_start else None
         if last is not None:
@@ -891,10 +953,22 @@ class DistributedReducedFunctional:
         rtol = self._rtol(tol)
         self.ksp.setTolerances(rtol=rtol)
         t0 = time.perf_counter()
-        if transpose and not self.symmetric:
-            self.ksp.solveTranspose(rhs, x)
-        else:
-            self.ksp.solve(rhs, x)
+        failed = None
+        try:
+            if transpose and not self.symmetric:
+                self.ksp.solveTranspose(rhs, x)
+            else:
+                self.ksp.solve(rhs, x)
+        except PETSc.Error as exc:  # an option PETSc accepted but cannot apply (SOR transposed, say)
+            failed = self._solve_error(exc, kind)
+        try:
+            agree(self.comm, failed is None, failed or "", SolverDidNotConverge)
+        except SolverDidNotConverge as exc:
+            self._last.pop(kind, None)
+            # PETSc left this KSP half-way through a solve, where another call on it crashes the process: it is
+            # not touched again; every later solve of this functional raises this error
+            self._broken = str(exc)
+            raise
         dt = time.perf_counter() - t0
         reason, its = self.ksp.getConvergedReason(), self.ksp.getIterationNumber()
         s = self.stats
@@ -916,6 +990,9 @@ class DistributedReducedFunctional:
                           "nearly so (a part of the domain without a Dirichlet condition, a coefficient that "
                           "vanishes) or the preconditioner does not suit A. Check the boundary conditions; else pick "
                           "another preconditioner")
+            elif name == "DIVERGED_INDEFINITE_PC":
+                advice = ("The preconditioner is not symmetric positive definite, which CG (and ksp_type 'cr' or "
+                          "'minres') needs: use a symmetric one (gamg, jacobi, bjacobi with icc) or ksp_type='gmres'")
             elif singular:
                 advice = ("Is A(p) singular (a part of the domain without a Dirichlet condition, a rigid body mode "
                           "left free)? Check the boundary conditions; else pick another preconditioner")
@@ -926,6 +1003,7 @@ class DistributedReducedFunctional:
                 f"iterations at relative tolerance {rtol:g}. {advice} "
                 "(pc_type=, or PETSC_OPTIONS='-adjopt_pc_type ...')"
             )
+        self._check_residual(x, rhs, kind, transpose, rtol, _REASONS.get(reason, reason), its)
         if self.warm_start and kind in WARM_KINDS:
             self._last[kind] = x
         return x
@@ -971,6 +1049,40 @@ class DistributedReducedFunctional:
         self._st = st = _State(p=mine.copy(), rho=rho, u=u, u_ghost=self._ghosted(u))
         return st
 
+    def _check_residual(self, x, rhs, kind, transpose, rtol, reason, its) -> None:
+        """|b - A x| <= RESIDUAL_SLACK rtol |b| after a solve that says it converged: a stopping test other than
+        the relative residual (ksp_type preonly applies the preconditioner once; -adjopt_ksp_atol stops at an
+        absolute residual) would otherwise hand back a solution that is not one. One product with A."""
+        r = rhs.duplicate()
+        (self.A.multTranspose if transpose and not self.symmetric else self.A.mult)(x, r)
+        r.aypx(-1.0, rhs)
+        res, scale = r.norm(), rhs.norm()
+        r.destroy()
+        if scale == 0.0 or res <= RESIDUAL_SLACK * rtol * scale:
+            return
+        self._last.pop(kind, None)
+        rel = res / scale
+        ksp_type = self.ksp.getType()
+        why = ("ksp_type='preonly' applies the preconditioner once, which solves A x = b only when it is an exact "
+               "factorization" if ksp_type == "preonly" else
+               f"its stopping test is not the relative residual (atol {self.ksp.getTolerances()[1]:g}, "
+               "-adjopt_ksp_atol, -adjopt_ksp_norm_type or a convergence test set in PETSC_OPTIONS?)")
+        raise SolverDidNotConverge(
+            f"the {kind} solve ({self.solver.name}) stopped with {reason} after {its} iterations but left a relative "
+            f"residual |b - A x| / |b| = {rel:.2g}, above its tolerance {rtol:g}: {why}. Use a Krylov method "
+            "(ksp_type='cg' for a symmetric A, 'gmres' otherwise) and leave the stopping test to rtol")
+
+    def _solve_error(self, exc, kind: str) -> str:
+        """The message for a PETSc error raised inside a solve (options PETSc accepted but cannot apply)."""
+        said = _petsc_message(exc)
+        hint = ("a preconditioner without a transposed application under a solve that applies it transposed: use "
+                "ksp_type='cg' or 'gmres', pc_type='gamg' with -adjopt_mg_levels_pc_type jacobi, or "
+                "pc_type='jacobi'/'bjacobi'" if exc.ierr == _ERR_SUPPORT and "transpose" in said.lower() else
+                "PETSc does not support this combination of solver, preconditioner and matrix: pick another "
+                "preconditioner (pc_type='gamg', 'bjacobi' or 'jacobi')" if exc.ierr == _ERR_SUPPORT else
+                "check the PETSc options (PETSC_OPTIONS, -adjopt_...) or pick another preconditioner")
+        return (f"the {kind} solve ({self.solver.name}) failed with PETSc error {exc.ierr} ({said}): {hint}")
+
     def _setup(self) -> None:
         """KSPSetUp; the first one (which creates the multigrid smoothers from the options) with this
         functional's preconditioner defaults in the options database, wherever the user has not set them."""
@@ -996,16 +1108,15 @@ class DistributedReducedFunctional:
             self._set_up = False
             pc_type = self.ksp.getPC().getType()
             if exc.ierr == _ERR_MISSING_FACTOR:
-                where = (f"of a matrix distributed over {self.comm.size} ranks (PETSc's own LU, Cholesky, ILU and ICC "
-                         "factor a matrix on one rank only; in parallel they need an external package such as MUMPS "
-                         "or SuperLU_dist, which PETSc builds when configured with --download-mumps or "
-                         "--download-superlu_dist)" if self.comm.size > 1 else
-                         "with the solver package asked for (-adjopt_pc_factor_mat_solver_type?), which this PETSc "
-                         "was not built with")
+                where = ("PETSc's own LU, Cholesky, ILU and ICC factor a matrix on one rank only; on "
+                         f"{self.comm.size} ranks they need an external package such as MUMPS or SuperLU_dist, which "
+                         "PETSc builds when configured with --download-mumps or --download-superlu_dist"
+                         if self.comm.size > 1 else "the package asked for is not in this PETSc")
                 raise SolverDidNotConverge(
-                    f"the solver setup ({self.solver.name}) failed: this PETSc has no factorization for pc_type="
-                    f"{pc_type!r} {where}. Use pc_type='gamg' (the default) or 'bjacobi' (a factorization of each "
-                    "rank's block)") from exc
+                    f"the solver setup ({self.solver.name}) failed: this PETSc cannot make a factorization that "
+                    f"pc_type={pc_type!r} or a preconditioner inside it (-adjopt_sub_pc_type, -adjopt_mg_levels_pc_type, "
+                    f"-adjopt_pc_factor_mat_solver_type) asks for ({_petsc_message(exc)}; {where}). Use "
+                    "pc_type='gamg' (the default) or 'bjacobi' (a factorization of each rank's block)") from exc
             raise SolverDidNotConverge(
                 f"the solver setup ({self.solver.name}) failed with PETSc error {exc.ierr} (its message is above); "
                 "check the PETSc options (PETSC_OPTIONS, -adjopt_...) or pick another preconditioner") from exc
