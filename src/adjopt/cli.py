@@ -763,10 +763,9 @@ def _build_distributed(module, options: dict):
         return None
     call = f"{stem}.build_distributed({', '.join(f'{k}={v!r}' for k, v in options.items())})"
     try:
-        from .backends.petsc import DistributedReducedFunctional  # noqa: F401  (a clear error when PETSc is missing)
+        from .backends.petsc import PetscOptionsError  # a clear error when PETSc is missing
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
-    from .backends.petsc import PetscOptionsError
     from .errors import AdjoptError
 
     try:

@@ -798,8 +798,8 @@ class DistributedReducedFunctional:
         self._pc_defaults = dict(GAMG_DEFAULTS) if pc_type == "gamg" and self.symmetric else {}
         self._set_up = False
         self._broken: str | None = None  # why the KSP cannot be used again (a PETSc error inside a solve)
-        for name, value in (("ksp_type", ksp_type), ("pc_type", pc_type)):
-            if value is not None and not isinstance(value, str) or (name == "pc_type" and value is None):
+        for name, value, optional in (("ksp_type", ksp_type, True), ("pc_type", pc_type, False)):
+            if not (isinstance(value, str) or (optional and value is None)):
                 raise ValueError(f"{name} must be the name of a PETSc {name[:-5].upper()} type (a str), got {value!r}")
         ksp = PETSc.KSP().create(comm=comm)
         ksp.setOptionsPrefix("adjopt_")
