@@ -834,8 +834,8 @@ def _distribute(problem, args):
         return _quiet_ranks(problem, problem.functional.comm)
     try:
         distributed = distribute(problem)
-    except NotImplementedError as exc:  # what the backend does not distribute (a nonlinear residual, ...)
-        raise UsageError(str(exc)) from exc
+    except (NotImplementedError, TypeError) as exc:  # what the backend does not distribute (a nonlinear residual,
+        raise UsageError(str(exc)) from exc           # a ConstantMatrix, ...)
     except PetscOptionsError as exc:
         raise UsageError(f"the PETSc solver options were refused: {exc}") from exc
     return _quiet_ranks(distributed, distributed.functional.comm)

@@ -63,3 +63,28 @@ def test_petsc_options_that_do_not_solve_or_that_petsc_refuses_stop_the_run_with
             opts.delValue(key)
         err = capsys.readouterr().err
         assert said in err and "fix the problem file" not in err  # the solver options, not the problem, are at fault
+
+
+def test_petsc_options_refused_when_a_serially_built_problem_is_distributed(tmp_path, capsys):
+    from petsc4py import PETSc
+
+    out = COMM.bcast(str(tmp_path / "heat") if COMM.rank == 0 else None)
+    opts = PETSc.Options()
+    opts["adjopt_pc_type"] = "hypree"
+    try:  # the cantilever3d case is not built rank by rank: built whole, then distributed
+        code = cli.main(["run", "topology_compliance", "--case", "cantilever3d", "--nelx", "4", "--nely", "2", "--nelz", "2",
+                         "--backend", "petsc", "-q", "--no-pictures", "--max-iter", "1", "--out", out])
+    finally:
+        opts.delValue("adjopt_pc_type")
+    assert code == 2
+    assert "the PETSc solver options were refused: PETSc does not know" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["optimal_control", "heat_source_inversion", "topology_eigen"])
+def test_a_problem_the_backend_does_not_distribute_stops_with_exit_2(name, tmp_path, capsys):
+    # a ConstantMatrix (TypeError), a time-dependent and an eigenvalue functional (AttributeError tracebacks before)
+    out = COMM.bcast(str(tmp_path / name) if COMM.rank == 0 else None)
+    code = cli.main(["run", name, "--backend", "petsc", "-q", "--no-pictures", "--max-iter", "1", "--out", out])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the PETSc backend" in err and "serial functional" in err and "Traceback" not in err

@@ -615,3 +615,19 @@ def test_a_petsc_error_inside_a_solve_becomes_a_clear_error_and_the_ksp_is_not_u
     F._broken = msg
     with pytest.raises(SolverDidNotConverge, match="an earlier solve of this functional failed inside PETSc"):
         F.value(problem.p0)
+
+
+def test_a_factorization_this_petsc_cannot_make_is_named_on_any_number_of_ranks():
+    problem = poisson_inversion.build(n=8, n_obs=5)
+    F = distribute(problem, pc_type="qr").functional  # QR needs SuiteSparse's SPQR, not in the PyPI build
+    where = "on \\d ranks they need an external package" if COMM.size > 1 else "the package asked for is not in this PETSc"
+    with pytest.raises(SolverDidNotConverge, match=rf"cannot make a factorization that pc_type='qr' .*{where}"):
+        F.value(problem.p0)
+
+
+@pytest.mark.skipif(COMM.size < 2, reason="Eisenstat works on one rank (mpiexec -n 2)")
+def test_eisenstat_on_several_ranks_is_refused_before_petsc_fails_inside_a_solve():
+    from adjopt.backends.petsc import PetscOptionsError
+
+    with pytest.raises(PetscOptionsError, match="'eisenstat' needs the matrix on one rank"):
+        distribute(poisson_inversion.build(n=8, n_obs=5), pc_type="eisenstat")

@@ -1582,6 +1582,11 @@ def distribute(problem, comm=None, partition: str | None = None, **options):
     meta = problem.meta if isinstance(problem.meta, dict) else {}
     mesh, dofmap = meta.get("mesh"), meta.get("dofmap")
     J = problem.functional
+    if not all(hasattr(J, a) for a in ("matrix", "rhs", "objective", "map")):
+        # a time-dependent or eigenvalue functional, or a user's own: nothing the backend's A(p) u = b(p) describes
+        raise NotImplementedError(
+            f"the PETSc backend distributes stationary state equations A(p) u = b(p) (an adjopt.ReducedFunctional); "
+            f"{type(J).__name__} runs with the serial functional: drop --backend petsc")
     if (mesh is not None and dofmap is not None and "near_nullspace" not in options and mesh.dim > 1
             and getattr(dofmap, "n_dofs", None) == mesh.dim * mesh.n_nodes and dofmap.n_free == J.matrix.shape[0]):
         # a vector problem (elasticity) on the mesh: the rigid body modes let GAMG coarsen it well
