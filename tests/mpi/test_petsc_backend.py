@@ -482,13 +482,9 @@ def test_a_preconditioner_petsc_does_not_have_is_refused_with_what_to_use():
     problem = poisson_inversion.build(n=8, n_obs=5)
     with pytest.raises(ValueError, match=r"PETSc does not know .*pc_type='gammg'.*misspelling.*pc_type='gamg'"):
         distribute(problem, pc_type="gammg")
-    opts = petsc4py.PETSc.Options()
-    opts["adjopt_ksp_type"] = "cgg"  # the same through the options database (PETSC_OPTIONS)
-    try:
+    with _Options(ksp_type="cgg"):  # the same through the options database (PETSC_OPTIONS)
         with pytest.raises(ValueError, match=r"ksp_type='cgg'.*Unable to find requested KSP type cgg"):
             distribute(problem)
-    finally:
-        opts.delValue("adjopt_ksp_type")
     F = distribute(problem).functional  # nothing left behind
     J0 = problem.functional.value(problem.p0)
     assert abs(F.value(problem.p0) - J0) <= 1e-8 * abs(J0)
@@ -565,7 +561,7 @@ def test_solver_options_petsc_refuses_stop_every_rank_with_petscs_reason():
 def test_bicg_with_gamg_smooths_with_what_applies_transposed():
     # bicg applies the preconditioner transposed: adjopt's SOR smoothers (which cannot) gave PETSc error 56 and
     # a crash at the next call; now GAMG keeps its own smoothers under bicg
-    problem, _ = poisson_inversion.build(n=12, n_obs=10), None
+    problem = poisson_inversion.build(n=12, n_obs=10)
     F = distribute(problem, ksp_type="bicg", rtol=RTOL).functional
     p = _point(problem)
     J = problem.functional

@@ -940,10 +940,7 @@ class DistributedReducedFunctional:
         if last is not None:
             # the previous p's solution (consecutive iterates are close), unless it is worse than zero:
             # |b - A x0| >= |b| after a far jump (a rejected line-search trial) would even trip KSP's divergence test
-            r = rhs.duplicate()
-            (self.A.multTranspose if transpose and not self.symmetric else self.A.mult)(last, r)
-            r.aypx(-1.0, rhs)
-            if not r.norm() < rhs.norm():  # also when NaN
+            if not self._residual_norm(last, rhs, transpose) < rhs.norm():  # also when NaN
                 last = None
         if last is not None:
             last.copy(x)
@@ -1049,15 +1046,20 @@ class DistributedReducedFunctional:
         self._st = st = _State(p=mine.copy(), rho=rho, u=u, u_ghost=self._ghosted(u))
         return st
 
+    def _residual_norm(self, x, rhs, transpose: bool) -> float:
+        """|rhs - A x| (A^T for a transposed solve of a nonsymmetric A): one product with A."""
+        r = rhs.duplicate()
+        (self.A.multTranspose if transpose and not self.symmetric else self.A.mult)(x, r)
+        r.aypx(-1.0, rhs)
+        out = r.norm()
+        r.destroy()
+        return out
+
     def _check_residual(self, x, rhs, kind, transpose, rtol, reason, its) -> None:
         """|b - A x| <= RESIDUAL_SLACK rtol |b| after a solve that says it converged: a stopping test other than
         the relative residual (ksp_type preonly applies the preconditioner once; -adjopt_ksp_atol stops at an
         absolute residual) would otherwise hand back a solution that is not one. One product with A."""
-        r = rhs.duplicate()
-        (self.A.multTranspose if transpose and not self.symmetric else self.A.mult)(x, r)
-        r.aypx(-1.0, rhs)
-        res, scale = r.norm(), rhs.norm()
-        r.destroy()
+        res, scale = self._residual_norm(x, rhs, transpose), rhs.norm()
         if scale == 0.0 or res <= RESIDUAL_SLACK * rtol * scale:
             return
         self._last.pop(kind, None)
